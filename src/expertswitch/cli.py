@@ -1,0 +1,157 @@
+"""The `expertswitch` command: argument parsing over the library's typed functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from expertswitch.errors import ExpertSwitchError
+
+
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="compress a fine-tuned checkpoint into a delta archive")
+    p.add_argument("--base", required=True, help="base model directory (HF checkpoint)")
+    p.add_argument("--expert", required=True, help="fine-tuned model directory (HF checkpoint)")
+    p.add_argument("--out", required=True, help="archive directory to write")
+    p.add_argument("--method", default="mixed", help="mixed (ME-Switch), rtn or bitdelta")
+    p.add_argument("--bits", type=int, default=2, help="bits per weight: 1, 2, 3, 4 or 8")
+    p.add_argument(
+        "--salient", type=float, default=0.01, help="fp16 input channels: fraction < 1 or count"
+    )
+    p.add_argument("--group-size", type=int, default=128, help="input channels per step size")
+    p.add_argument(
+        "--symmetric",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="symmetric levels without zero points (default: at 1 bit only)",
+    )
+    p.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl 'text')")
+    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
+    p.add_argument(
+        "--tune-steps",
+        type=int,
+        default=None,
+        help="step-size tuning steps (mixed; default 0 = off); 0 turns BitDelta's distillation off",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="print an archive's size, bits/param and per-layer SQNR")
+    p.add_argument("archive")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+
+
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser("reconstruct", help="base + archive → a normal HF checkpoint")
+    p.add_argument("--base", required=True)
+    p.add_argument("--delta", required=True, help="archive directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="expertswitch", description="Hold and serve many expert LLMs on one GPU."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="the whole idea in one run, on the built-in expert family")
+    _add_compress(sub)
+    _add_inspect(sub)
+    _add_reconstruct(sub)
+    return parser
+
+
+def cmd_compress(args) -> None:
+    from expertswitch.compress import CompressOptions, compress_expert, make_method
+    from expertswitch.compress.calibration import CalibOptions
+    from expertswitch.compress.report import archive_report
+    from expertswitch.io.archive import open_archive
+    from expertswitch.utils.imports import resolve_device
+
+    extra = {}
+    if args.method == "bitdelta" and args.tune_steps == 0:
+        extra["distill"] = False
+    method = make_method(
+        args.method,
+        bits=args.bits,
+        group_size=args.group_size,
+        salient=args.salient,
+        symmetric=args.symmetric,
+        tune_steps=args.tune_steps,
+        **extra,
+    )
+    options = CompressOptions(
+        calib_file=args.calib,
+        calib=CalibOptions(tokens=args.calib_tokens, seq_len=args.seq_len),
+        device=resolve_device(args.device),
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    out = compress_expert(args.base, args.expert, args.out, method, options)
+    rep = archive_report(open_archive(out, verify=False))
+    print(
+        f"wrote {out}: {rep['archive_bytes'] / 2**20:,.2f} MiB, {rep['ratio_to_fp16']}× smaller "
+        f"than the fp16 expert, {rep['bits_per_param_quantized']} bits/param in linear layers"
+    )
+
+
+def cmd_inspect(args) -> None:
+    from expertswitch.compress.report import archive_report, format_report
+    from expertswitch.io.archive import open_archive
+
+    rep = archive_report(open_archive(args.archive, verify=not args.no_verify))
+    print(json.dumps(rep, indent=1) if args.json else format_report(rep))
+
+
+def cmd_reconstruct(args) -> None:
+    from expertswitch.compress import reconstruct
+    from expertswitch.utils.imports import resolve_device
+
+    out = reconstruct(
+        args.base,
+        args.delta,
+        args.out,
+        device=resolve_device(args.device),
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out}")
+
+
+def cmd_demo(args) -> None:
+    print(
+        "expertswitch demo\n"
+        "  Available now: compress / inspect / reconstruct fine-tuned checkpoints as ME-Switch\n"
+        "  deltas (see README). Coming next: the built-in small expert family, quality tables,\n"
+        "  routing and serving, which this demo will run end to end."
+    )
+
+
+COMMANDS = {
+    "compress": cmd_compress,
+    "inspect": cmd_inspect,
+    "reconstruct": cmd_reconstruct,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except ExpertSwitchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

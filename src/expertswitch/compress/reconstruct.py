@@ -1,0 +1,128 @@
+"""Base checkpoint + expert archive → the expert as a plain Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from expertswitch.compress.packed import PackedDelta
+from expertswitch.errors import ArchiveError, CompatibilityError
+from expertswitch.io.archive import Archive, open_archive
+from expertswitch.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, open_checkpoint
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_base(archive: Archive, base: Checkpoint) -> None:
+    """Raise CompatibilityError when `base` is not the checkpoint the archive was made against."""
+    found = base.fingerprint()
+    if found != archive.base_fingerprint:
+        made = archive.manifest["base"].get("path", "?")
+        raise CompatibilityError(
+            f"archive {archive.path} is a delta against a different base: it was made from "
+            f"{made} (fingerprint {archive.base_fingerprint[:24]}…) but {base.path} has "
+            f"fingerprint {found[:24]}…; pass the base the expert was compressed against"
+        )
+
+
+def expert_tensor(archive: Archive, base: Checkpoint, name: str, device: str = "cpu"):
+    """The expert's tensor `name`: base + dequantized delta, the stored exact value, or the
+    base's own when the expert left it unchanged."""
+    entry = archive.entries.get(name)
+    if entry is None:
+        return base.get(name)
+    parts = archive.parts(name)
+    if entry.kind == "exact":
+        return parts["value"]
+    if entry.kind != "quantized":
+        raise ArchiveError(f"tensor {name} has unknown kind {entry.kind!r} in {archive.path}")
+    delta = PackedDelta.from_parts(entry.meta, parts).dequantize(device)
+    dtype = _DTYPES.get(entry.meta["dtype"], torch.float32)
+    return (base.get(name).to(device).float() + delta).to(dtype).cpu()
+
+
+def reconstruct(
+    base_dir: str | Path,
+    archive_dir: str | Path,
+    out_dir: str | Path,
+    device: str = "cpu",
+    progress: bool = True,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
+    """Write the expert as a safetensors checkpoint (sharded above `max_shard_bytes`)."""
+    from tqdm.auto import tqdm
+
+    archive = open_archive(archive_dir)
+    base = open_checkpoint(base_dir)
+    check_base(archive, base)
+    out = Path(out_dir)
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise ArchiveError(f"{out} exists and is not empty; choose another --out or remove it")
+    names = base.names() + [n for n in archive.entries if n not in base]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        files: list[str] = []
+        size = 0
+
+        def flush():
+            files.append(f"model-{len(files) + 1:05d}.safetensors")
+            save_file(shards[-1], str(tmp / files[-1]), metadata={"format": "pt"})
+            shards[-1] = {}
+
+        for name in tqdm(names, desc="reconstructing", unit="tensor", disable=not progress):
+            t = expert_tensor(archive, base, name, device).contiguous()
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                flush()
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        flush()
+        _finish_layout(tmp, files)
+        aux = {**base.aux_files(), **archive.aux_files()}  # the expert's own files win
+        for fname, src in aux.items():
+            shutil.copyfile(src, tmp / fname)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _finish_layout(tmp: Path, files: list[str]) -> None:
+    """One shard → model.safetensors; several → model-0000i-of-0000N + index."""
+    if len(files) == 1:
+        os.replace(tmp / files[0], tmp / SINGLE_FILE)
+        return
+    from safetensors import safe_open
+
+    weight_map, total = {}, 0
+    for i, f in enumerate(files, 1):
+        final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        os.replace(tmp / f, tmp / final)
+        with safe_open(str(tmp / final), framework="pt") as h:
+            for key in h.keys():  # noqa: SIM118
+                weight_map[key] = final
+                s = h.get_slice(key)
+                total += _nbytes(s.get_shape(), s.get_dtype())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _nbytes(shape, dtype: str) -> int:
+    per = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2}.get(dtype, 1)
+    n = per
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,214 @@
+"""Read a Hugging Face checkpoint directory tensor by tensor.
+
+Single-file (`model.safetensors`) and sharded (`model.safetensors.index.json` + shards) layouts.
+Tensors are read one at a time through safetensors' memory map, so compressing a 7B pair holds
+one tensor of each model in RAM, never two whole models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from expertswitch.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+# Files besides the weights that make a checkpoint usable: carried into archives and outputs.
+AUX_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "vocab.json", "merges.txt",
+)  # fmt: skip
+
+
+class Checkpoint:
+    """A checkpoint directory: `config` (dict), tensor names, shapes, dtypes and lazy reads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = _read_config(self.path)
+        self._file_of = _tensor_files(self.path)
+        self._handles: dict[Path, object] = {}
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self._file_of)} tensors)"
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def _handle(self, name: str):
+        file = self._file_of[name]
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(
+                    f"{file} is not a readable safetensors file ({e}); it may be truncated or "
+                    "corrupt: re-download or re-save the checkpoint"
+                ) from None
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._handle(name).get_slice(name).get_dtype()
+        if code not in _DTYPES:
+            raise CheckpointError(f"tensor {name} in {self.path} has unsupported dtype {code}")
+        return _DTYPES[code]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise CheckpointError(f"tensor {name} is not in checkpoint {self.path}")
+        try:
+            return self._handle(name).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(
+                f"could not read tensor {name} from {self._file_of[name]} ({e}); the file may "
+                "be truncated or corrupt"
+            ) from None
+
+    def numel(self) -> int:
+        return sum(_prod(self.shape(n)) for n in self._file_of)
+
+    def fingerprint(self) -> str:
+        """Identity of this checkpoint's weights, cheap to compute: sha256 over every tensor's
+        name, dtype and shape plus the bytes of its first, middle and last row (slices read
+        from disk, never whole tensors). Two different fine-tunes differ in nearly every row, so
+        a wrong base is caught without hashing gigabytes."""
+        h = hashlib.sha256()
+        for name in sorted(self._file_of):
+            shape = self.shape(name)
+            h.update(f"{name}|{self.dtype(name)}|{shape}".encode())
+            sl = self._handle(name).get_slice(name)
+            rows = sorted({0, shape[0] // 2, shape[0] - 1}) if shape and shape[0] else []
+            for r in rows:
+                h.update(_tensor_bytes(sl[r : r + 1]))
+            if not shape:
+                h.update(_tensor_bytes(self.get(name)))
+        return "sha256-rows:" + h.hexdigest()
+
+    def aux_files(self) -> dict[str, Path]:
+        return {f: self.path / f for f in AUX_FILES if (self.path / f).is_file()}
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _read_config(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint's directory")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(
+            f"{path} has no config.json: pass a Hugging Face checkpoint directory "
+            "(as written by save_pretrained)"
+        )
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg} is not valid JSON ({e})") from None
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(
+                f"{path} is missing shard(s) {', '.join(missing)} listed in {INDEX_FILE}; "
+                "copy or download the complete checkpoint"
+            )
+        return {name: path / f for name, f in weight_map.items()}
+    single = path / SINGLE_FILE
+    files = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [f for f in _PICKLE_FILES if (path / f).exists()]
+        if pickles:
+            raise CheckpointError(
+                f"{path} holds a PyTorch pickle checkpoint ({pickles[0]}); expertswitch reads "
+                "safetensors only: load it with transformers and save_pretrained(dir, "
+                "safe_serialization=True)"
+            )
+        raise CheckpointError(f"{path} contains no *.safetensors weights")
+    out: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                out.update((k, f) for k in h.keys())  # noqa: SIM118 (safe_open is no dict)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{f} is not a readable safetensors file ({e}); it may be truncated or corrupt"
+            ) from None
+    return out
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    return Checkpoint(path)
+
+
+# Config keys that fix the shapes of the shared weights; an expert may differ only elsewhere
+# (vocab_size may grow with added tokens: embeddings and lm_head are then stored exactly).
+_ARCH_KEYS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "num_local_experts", "num_experts", "moe_intermediate_size",
+)  # fmt: skip
+
+
+def check_compatible(base: Checkpoint, expert: Checkpoint) -> None:
+    """Raise CompatibilityError unless `expert` is a fine-tune of `base`'s architecture."""
+    from expertswitch.errors import CompatibilityError
+
+    for key in _ARCH_KEYS:
+        b, e = base.config.get(key), expert.config.get(key)
+        if b is not None and e is not None and b != e:
+            raise CompatibilityError(
+                f"base and expert have different architectures: {key} is {b} in {base.path} but "
+                f"{e} in {expert.path}; an expert must be a fine-tune of this base"
+            )
+    only_base = sorted(set(base.names()) - set(expert.names()))
+    if only_base:
+        raise CompatibilityError(
+            f"expert {expert.path} lacks {len(only_base)} tensor(s) of the base, e.g. "
+            f"{only_base[0]}; an expert must be a fine-tune of this base"
+        )
+    for name in expert.names():
+        if name not in base:
+            continue
+        bs, es = base.shape(name), expert.shape(name)
+        if bs == es:
+            continue
+        grew_vocab = len(bs) == 2 and bs[1:] == es[1:] and es[0] > bs[0]
+        if not grew_vocab:
+            raise CompatibilityError(
+                f"tensor {name} has shape {list(es)} in expert {expert.path} but {list(bs)} in "
+                f"base {base.path}; an expert must be a fine-tune of this base"
+            )

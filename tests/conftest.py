@@ -1,0 +1,82 @@
+"""Tiny real Hugging Face checkpoints built in code: a base and a perturbed "fine-tune"."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+_LINEAR = re.compile(r"(q|k|v|o|gate|up|down)_proj\.weight$|\.w[123]\.weight$")
+
+
+def tiny_config(arch: str = "llama", vocab: int = 256):
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig
+
+    common = dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=64)
+    if arch == "mixtral":
+        return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    raise ValueError(arch)
+
+
+def model_class(arch: str):
+    from transformers import LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM
+
+    classes = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM}
+    return {**classes, "mixtral": MixtralForCausalLM}[arch]
+
+
+def finetune_like(model, seed: int, scale: float = 0.05) -> None:
+    """Perturb every linear weight the way fine-tuning does: a low-rank shift plus small dense
+    noise, with a few input channels moved much more (the outliers salient channels catch)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2 or "embed" in name or "lm_head" in name:
+                continue
+            *lead, n, k = p.shape
+            std = p.float().std().item()
+            u = torch.randn(*lead, n, 4, generator=g)
+            v = torch.randn(*lead, 4, k, generator=g)
+            d = (u @ v) / 2 + torch.randn(*lead, n, k, generator=g)
+            d[..., torch.randperm(k, generator=g)[:2]] *= 8
+            p += (scale * std * d / d.std()).to(p.dtype)
+
+
+def save_pair(root: Path, arch: str = "llama", dtype=torch.float32, seed: int = 0, **kw):
+    """Write base/ and expert/ under root; returns (base_dir, expert_dir)."""
+    torch.manual_seed(seed)
+    cls = model_class(arch)
+    base = cls(tiny_config(arch)).to(dtype)
+    base_dir, expert_dir = root / "base", root / "expert"
+    base.save_pretrained(base_dir, **kw)
+    finetune_like(base, seed + 1)
+    base.save_pretrained(expert_dir, **kw)
+    return base_dir, expert_dir
+
+
+@pytest.fixture(scope="session")
+def llama_pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("llama"), "llama")
+
+
+def logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits

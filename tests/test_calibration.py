@@ -1,0 +1,79 @@
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from expertswitch.compress.calib_text import default_calibration_texts, load_calibration_file
+from expertswitch.compress.calibration import CalibOptions, collect_calibration, tokenize
+from expertswitch.errors import ConfigError
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "Q: What is 2 + 3 * 4?\nA: 14", "A quick fox."] * 40
+
+
+def test_statistics_match_a_direct_computation(llama_pair):
+    base_dir, _ = llama_pair
+    opts = CalibOptions(tokens=256, seq_len=32, batch_size=2, sample_rows=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calib = collect_calibration(base_dir, TEXTS, opts, progress=False)
+        ids = tokenize(base_dir, TEXTS, 256, 256)
+    model = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(calib) == linears - {"lm_head.weight"}
+    with torch.no_grad():
+        layer0 = model.model.layers[0]
+        x = layer0.input_layernorm(model.model.embed_tokens(torch.tensor(ids).view(-1, 32)))
+    got = calib["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.allclose(got.mean_sq, x.reshape(-1, 64).square().mean(0), rtol=1e-4)
+    assert got.sample.shape == (50, 64)
+    assert calib["model.layers.1.mlp.down_proj.weight"].mean_sq.shape == (160,)
+
+
+def test_uses_the_checkpoints_tokenizer(tmp_path, llama_pair):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    base_dir, _ = llama_pair
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"]))
+    model_dir = tmp_path / "with-tok"
+    LlamaForCausalLM.from_pretrained(base_dir).save_pretrained(model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no tokenizer" fallback warning
+        ids = tokenize(model_dir, TEXTS, 256, 64)
+        opts = CalibOptions(tokens=64, seq_len=16)
+        calib = collect_calibration(model_dir, TEXTS, opts, progress=False)
+    first = tok.encode(TEXTS[0]).ids
+    assert ids[: len(first)] == first
+    assert max(ids) < 120 and len(ids) == 64
+    assert "model.layers.0.mlp.up_proj.weight" in calib
+
+
+def test_default_text_mixes_prose_code_and_math():
+    docs = default_calibration_texts()
+    head = "\n".join(docs[:6])
+    assert "def " in head and "Q: " in head and len(docs) > 50
+    assert docs == default_calibration_texts()  # deterministic
+
+
+def test_calibration_file_formats_and_errors(tmp_path):
+    txt = tmp_path / "c.txt"
+    txt.write_text("first doc\n\nsecond doc\n", encoding="utf-8")
+    assert load_calibration_file(txt) == ["first doc", "second doc\n"]
+    jl = tmp_path / "c.jsonl"
+    jl.write_text('{"text": "a"}\n\n{"text": "b"}\n', encoding="utf-8")
+    assert load_calibration_file(jl) == ["a", "b"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_calibration_file(tmp_path / "nope.txt")
+    (tmp_path / "bin.txt").write_bytes(b"ok\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_calibration_file(tmp_path / "bin.txt")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ConfigError, match="no text"):
+        load_calibration_file(tmp_path / "empty.txt")
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: .*\"text\""):
+        load_calibration_file(tmp_path / "bad.jsonl")

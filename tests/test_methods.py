@@ -1,0 +1,143 @@
+import pytest
+import torch
+
+from expertswitch.compress.calibration import LayerCalib
+from expertswitch.compress.methods import bitdelta_alpha, compress_delta, make_method
+from expertswitch.compress.metrics import output_sqnr_db, sqnr_db
+from expertswitch.compress.packed import PackedDelta
+from expertswitch.errors import ConfigError
+
+
+def outlier_layer(n=256, k=512, rows=1024, seed=0):
+    """Delta with heavy tails and activations with a few large input channels (as LLM
+    activations have), split into calibration and held-out inputs."""
+    torch.manual_seed(seed)  # StudentT samples from the global generator
+    g = torch.Generator().manual_seed(seed)
+    delta = torch.distributions.StudentT(3.0).sample((n, k)) * 1e-4
+    x = torch.randn(rows, k, generator=g)
+    outliers = torch.randperm(k, generator=g)[:6]
+    x[:, outliers] *= 40.0
+    half = rows // 2
+    calib = LayerCalib(mean_sq=x[:half].square().mean(0), sample=x[:half])
+    return delta, calib, x[half:], outliers
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_mixed_beats_rtn_in_output_error(bits):
+    delta, calib, held_out, _ = outlier_layer(seed=bits)
+    mixed = compress_delta(delta, calib, make_method("mixed", bits=bits)).dequantize()
+    rtn = compress_delta(delta, calib, make_method("rtn", bits=bits)).dequantize()
+    db_mixed = output_sqnr_db(held_out, delta, mixed)
+    db_rtn = output_sqnr_db(held_out, delta, rtn)
+    assert db_mixed > db_rtn + 3.0, f"{bits} bits: mixed {db_mixed:.2f} dB, rtn {db_rtn:.2f} dB"
+
+
+def test_salient_channels_are_the_activation_outliers():
+    delta, calib, _, outliers = outlier_layer()
+    packed = compress_delta(delta, calib, make_method("mixed", bits=2, salient=6))
+    assert set(packed.salient_idx.tolist()) == set(outliers.tolist())
+
+
+def test_salient_columns_reconstruct_exactly():
+    delta, calib, _, _ = outlier_layer()
+    packed = compress_delta(delta, calib, make_method("mixed", bits=1, salient=0.02))
+    idx = packed.salient_idx.long()
+    approx = packed.dequantize()
+    # only fp16 rounding of the residual remains: relative error ~ 2^-11
+    assert sqnr_db(delta[:, idx], approx[:, idx]) > 60
+
+
+def test_salient_fraction_and_count():
+    delta, calib, _, _ = outlier_layer(k=512)
+    assert compress_delta(delta, calib, make_method("mixed", salient=0.01)).n_salient == 5
+    assert compress_delta(delta, calib, make_method("mixed", salient=7)).n_salient == 7
+    assert compress_delta(delta, calib, make_method("mixed", salient=0)).salient_idx is None
+
+
+def test_bitdelta_matches_definition_without_distillation():
+    delta, _, _, _ = outlier_layer()
+    cfg = make_method("bitdelta", distill=False)
+    packed = compress_delta(delta, None, cfg)
+    alpha = delta.abs().mean()
+    expected = alpha * torch.where(delta > 0, 1.0, -1.0)
+    assert packed.bits == 1 and packed.scales.shape == (delta.shape[0], 1)
+    assert torch.allclose(packed.dequantize(), expected, rtol=2e-3)  # α held in fp16
+
+
+def test_bitdelta_distillation_minimises_layer_output_error():
+    delta, calib, _, _ = outlier_layer()
+    plain = compress_delta(delta, calib, make_method("bitdelta", distill=False)).dequantize()
+    distilled = compress_delta(delta, calib, make_method("bitdelta")).dequantize()
+    alpha = bitdelta_alpha(delta, calib.sample)
+    assert torch.allclose(distilled.abs().mean(), alpha, rtol=2e-3)
+    # α* is the least-squares optimum on the calibration inputs: perturbing it only hurts
+    sign = torch.where(delta > 0, 1.0, -1.0)
+    for f in (0.9, 1.1):
+        assert output_sqnr_db(calib.sample, delta, alpha * sign) > output_sqnr_db(
+            calib.sample, delta, f * alpha * sign
+        )
+    assert output_sqnr_db(calib.sample, delta, distilled) >= output_sqnr_db(
+        calib.sample, delta, plain
+    )
+
+
+def test_step_size_tuning_never_worse_on_calibration():
+    delta, calib, _, _ = outlier_layer(n=64, k=256)
+    plain = compress_delta(delta, calib, make_method("mixed", bits=2, clip_steps=1)).dequantize()
+    tuned = compress_delta(
+        delta, calib, make_method("mixed", bits=2, clip_steps=1, tune_steps=60)
+    ).dequantize()
+    before = output_sqnr_db(calib.sample, delta, plain)
+    after = output_sqnr_db(calib.sample, delta, tuned)
+    assert after >= before - 1e-3
+    assert after > before + 0.3, f"tuning from min/max steps should help: {before} → {after}"
+
+
+def test_stacked_experts_match_per_expert():
+    deltas = torch.randn(3, 32, 64) * 1e-3
+    deltas[1] *= 50  # experts of very different magnitude share one exponent
+    cfg = make_method("mixed", bits=3, salient=2)
+    stacked = compress_delta(deltas, None, cfg)
+    assert stacked.shape == (3, 32, 64) and stacked.salient_idx.shape == (3, 2)
+    dense = stacked.dequantize()
+    for e in range(3):
+        single = compress_delta(deltas[e], None, cfg).dequantize()
+        assert torch.allclose(dense[e], single, rtol=1e-3, atol=1e-3 * single.abs().max())
+
+
+def test_tiny_deltas_keep_precision():
+    """|Δ| ~ 1e-7 would be fp16 subnormals; the per-tensor exponent keeps them exact-ish."""
+    delta, calib, _, _ = outlier_layer(n=64, k=128)
+    cfg = make_method("mixed", bits=4)
+    big = compress_delta(delta, calib, cfg)
+    small = compress_delta(delta * 1e-3, calib, cfg)
+    assert small.scale_exp < big.scale_exp
+    assert abs(sqnr_db(delta * 1e-3, small.dequantize()) - sqnr_db(delta, big.dequantize())) < 0.05
+
+
+def test_parts_round_trip():
+    delta, calib, _, _ = outlier_layer(n=32, k=96)
+    packed = compress_delta(delta, calib, make_method("mixed", bits=3, salient=3))
+    again = PackedDelta.from_parts(packed.meta(), packed.parts())
+    assert torch.equal(again.dequantize(), packed.dequantize())
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        ("mixed", {"bits": 5}, "bits=5"),
+        ("mixed", {"group_size": 100}, "multiple of 32"),
+        ("mixed", {"salient": -1}, "salient"),
+        ("rtn", {"bits": 0}, "bits=0"),
+        ("gptq", {}, "unknown method"),
+    ],
+)
+def test_config_errors(name, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        make_method(name, **kwargs)
+
+
+def test_one_bit_defaults_to_symmetric():
+    assert make_method("mixed", bits=1).symmetric is True
+    assert make_method("mixed", bits=2).symmetric is False
+    assert make_method("rtn", bits=1, symmetric=False).symmetric is False
