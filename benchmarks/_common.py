@@ -25,7 +25,9 @@ def commit() -> str:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        )
         return out + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -40,7 +42,8 @@ def run_info(device: str) -> dict:
     }
 
 
-def write_results(stem: str, payload: dict, markdown: str, out_dir: Path = RESULTS) -> Path:
+def write_results(stem: str, payload: dict, markdown: str, out_dir: Path | None = None) -> Path:
+    out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown + "\n")

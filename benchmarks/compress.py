@@ -129,7 +129,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tune-steps", type=int, default=100)
     ap.add_argument("--tune-bits", type=int, nargs="*", default=[2])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", type=Path, default=None, help="results dir (default benchmarks/results)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results dir (default benchmarks/results)"
+    )
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     mats = build_layer(args.scale, args.rows)
@@ -165,7 +167,7 @@ def main(argv=None) -> None:
         )
     tag = "gpu" if device.startswith("cuda") else "cpu"
     suffix = "" if args.scale == 1.0 else f"-scale{args.scale}"
-    path = write_results(f"compress-{tag}{suffix}", payload, "\n".join(md), args.out or None)
+    path = write_results(f"compress-{tag}{suffix}", payload, "\n".join(md), args.out)
     print("\n".join(md))
     print(f"wrote {path}")
 

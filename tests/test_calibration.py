@@ -77,3 +77,25 @@ def test_calibration_file_formats_and_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:1: .*\"text\""):
         load_calibration_file(tmp_path / "bad.jsonl")
+
+
+def test_moe_experts_get_per_expert_statistics(tmp_path):
+    from conftest import save_pair
+
+    from expertswitch.compress.calibration import LayerCalib, calib_for
+
+    base_dir, _ = save_pair(tmp_path, "mixtral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calib = collect_calibration(base_dir, TEXTS, CalibOptions(tokens=256, seq_len=32))
+    w1 = calib_for("model.layers.1.block_sparse_moe.experts.2.w1.weight", (160, 64), calib)
+    w2 = calib_for("model.layers.1.block_sparse_moe.experts.2.w2.weight", (64, 160), calib)
+    assert isinstance(w1, LayerCalib) and w1.mean_sq.shape == (64,)
+    assert w2.mean_sq.shape == (160,)  # inputs of down: act(gate)·up, intermediate-sized
+    assert not torch.equal(
+        w1.mean_sq,
+        calib_for("model.layers.1.block_sparse_moe.experts.3.w1.weight", (160, 64), calib).mean_sq,
+    )
+    stacked = calib_for("model.layers.0.mlp.experts.down_proj", (4, 64, 160), calib)
+    assert len(stacked) == 4 and stacked[0].mean_sq.shape == (160,)
+    assert calib_for("model.layers.0.block_sparse_moe.gate.weight", (4, 64), calib) is None

@@ -60,6 +60,9 @@ def test_mixtral_expert_weights_are_quantized(tmp_path):
     entries = open_archive(archive).entries
     assert entries["model.layers.0.block_sparse_moe.experts.3.w2.weight"].kind == "quantized"
     assert entries["model.layers.0.block_sparse_moe.gate.weight"].kind == "exact"  # the router
+    # each expert calibrated on the rows routed to it (fused experts in transformers ≥ 5)
+    experts = [e for name, e in entries.items() if ".experts." in name]
+    assert len(experts) == 2 * 4 * 3 and all(e.meta["calibrated"] for e in experts)
     assert delta_error(base_dir, expert_dir, rec) < 0.25
 
 

@@ -1,14 +1,18 @@
 """Per-linear input statistics of the base model on calibration text.
 
 For every `nn.Linear` of the base (lm_head excluded: it is stored exactly, never quantized) we
-record E[x_i²] per input channel i and a random sample of input rows. The base is run once with
-transformers; its weights are freed before the deltas are streamed.
+record E[x_i²] per input channel i and a random sample of input rows. Fused MoE experts
+(transformers ≥ 5 keeps each layer's experts as stacked `gate_up_proj` [E, 2I, H] and
+`down_proj` [E, H, I] parameters, not Linear modules) get the same per expert, from the rows
+routed to that expert: the expert input for gate/up, and act(gate)·up for down. The base is run
+once with transformers; its weights are freed before the deltas are streamed.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,100 @@ class CalibOptions:
     batch_size: int = 4
     sample_rows: int = 256
     seed: int = 0
+
+
+class _Accumulator:
+    """Running Σx² and row count per key, plus a bounded random sample of rows."""
+
+    def __init__(self, rows_per_call: int, seed: int):
+        self.rows_per_call = rows_per_call
+        self.gen = torch.Generator().manual_seed(seed)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # [rows, K]
+        if x.shape[0] == 0:
+            return
+        sq = x.square().sum(0).cpu()
+        self.sums[key] = sq if key not in self.sums else self.sums[key] + sq
+        self.counts[key] = self.counts.get(key, 0) + x.shape[0]
+        pick = torch.randperm(x.shape[0], generator=self.gen)[: self.rows_per_call]
+        self.samples.setdefault(key, []).append(x[pick.to(x.device)].cpu())
+
+    def result(self, sample_rows: int) -> dict[str, LayerCalib]:
+        return {
+            key: LayerCalib(
+                mean_sq=self.sums[key] / self.counts[key],
+                sample=torch.cat(self.samples[key])[:sample_rows] if sample_rows else None,
+            )
+            for key in self.sums
+        }
+
+
+# --- fused MoE experts ------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
+_EXPERT_2D = re.compile(
+    r"^(?P<layer>.*\.layers\.\d+)\..*experts\.(?P<e>\d+)\."
+    r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+)
+_EXPERT_3D = re.compile(
+    r"^(?P<layer>.*\.layers\.\d+)\..*experts\.(?P<proj>gate_up_proj|down_proj)$"
+)
+_ROLE = {"w1": "in", "w3": "in", "gate_proj": "in", "up_proj": "in", "gate_up_proj": "in",
+         "w2": "mid", "down_proj": "mid"}  # fmt: skip
+
+
+def _expert_key(layer: str, e: int, role: str) -> str:
+    return f"{layer}.experts.{e}.{role}"
+
+
+def _fused_experts(module) -> bool:
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (
+        isinstance(gu, torch.Tensor) and gu.dim() == 3
+        and isinstance(down, torch.Tensor) and down.dim() == 3
+        and callable(getattr(module, "act_fn", None))
+    )  # fmt: skip
+
+
+def _expert_hook(layer: str, acc: _Accumulator):
+    def fn(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        x = x.reshape(-1, x.shape[-1])
+        idx = idx.reshape(x.shape[0], -1)
+        w = module.gate_up_proj  # [E, 2I, H] (HF layout) or [E, H, 2I]
+        for e in range(w.shape[0]):
+            xe = x[(idx == e).any(-1)]
+            if xe.shape[0] == 0:
+                continue
+            h = xe @ (w[e].T if w.shape[-1] == x.shape[-1] else w[e])
+            gate, up = h.chunk(2, dim=-1)
+            acc.add(_expert_key(layer, e, "in"), xe)
+            acc.add(_expert_key(layer, e, "mid"), module.act_fn(gate) * up)
+
+    return fn
+
+
+def calib_for(name: str, shape: tuple[int, ...], calib: dict[str, LayerCalib]):
+    """Statistics for checkpoint tensor `name`: a LayerCalib, a per-expert list for a stacked
+    [E, N, K] tensor, or None when the calibration run did not see its inputs."""
+    if name in calib:
+        return calib[name]
+    m = _EXPERT_2D.match(name)
+    if m:
+        return calib.get(_expert_key(m["layer"], int(m["e"]), _ROLE[m["proj"]]))
+    m = _EXPERT_3D.match(name)
+    if m and len(shape) == 3:
+        per = [calib.get(_expert_key(m["layer"], e, _ROLE[m["proj"]])) for e in range(shape[0])]
+        return per if any(c is not None for c in per) else None
+    return None
+
+
+# --- running the base -------------------------------------------------------------------------
 
 
 def tokenize(model_dir: Path, texts: list[str], vocab_size: int, total: int) -> list[int]:
@@ -74,6 +172,18 @@ def _load_model(model_dir: Path, device: str):
     return model.to(device).eval(), config
 
 
+def _register_hooks(model, acc: _Accumulator) -> list:
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
+            key = f"{name}.weight"
+            handles.append(mod.register_forward_pre_hook(lambda _m, a, k=key: acc.add(k, a[0])))
+        elif _fused_experts(mod) and _LAYER.match(name):
+            hook = _expert_hook(_LAYER.match(name)[1], acc)
+            handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
 def collect_calibration(
     model_dir: str | Path,
     texts: list[str],
@@ -81,7 +191,8 @@ def collect_calibration(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, LayerCalib]:
-    """Run the base on `texts`; returns {"<module>.weight": LayerCalib} for every nn.Linear."""
+    """Run the base on `texts`. Keys: "<module>.weight" for every nn.Linear, and
+    "<layer>.experts.<e>.in|mid" for fused MoE experts (look tensors up with `calib_for`)."""
     from tqdm.auto import tqdm
 
     opts = options or CalibOptions()
@@ -94,29 +205,8 @@ def collect_calibration(
     seq = min(opts.seq_len, len(ids))
     windows = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)  # [B_total, T]
     n_batches = math.ceil(windows.shape[0] / opts.batch_size)
-    rows_per_batch = math.ceil(opts.sample_rows / n_batches)
-    gen = torch.Generator().manual_seed(opts.seed)
-
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    samples: dict[str, list[torch.Tensor]] = {}
-
-    def hook(name):
-        def fn(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [rows, K]
-            sq = x.square().sum(0).cpu()
-            sums[name] = sq if name not in sums else sums[name] + sq
-            counts[name] = counts.get(name, 0) + x.shape[0]
-            pick = torch.randperm(x.shape[0], generator=gen)[:rows_per_batch]
-            samples.setdefault(name, []).append(x[pick.to(x.device)].cpu())
-
-        return fn
-
-    handles = [
-        mod.register_forward_pre_hook(hook(f"{name}.weight"))
-        for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")
-    ]
+    acc = _Accumulator(math.ceil(opts.sample_rows / n_batches), opts.seed)
+    handles = _register_hooks(model, acc)
     try:
         with torch.inference_mode():
             batches = windows.split(opts.batch_size)
@@ -129,10 +219,4 @@ def collect_calibration(
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    return {
-        name: LayerCalib(
-            mean_sq=sums[name] / counts[name],
-            sample=torch.cat(samples[name])[: opts.sample_rows] if opts.sample_rows else None,
-        )
-        for name in sums
-    }
+    return acc.result(opts.sample_rows)

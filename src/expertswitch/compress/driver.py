@@ -18,7 +18,12 @@ from pathlib import Path
 import torch
 
 from expertswitch.compress.calib_text import default_calibration_texts, load_calibration_file
-from expertswitch.compress.calibration import CalibOptions, LayerCalib, collect_calibration
+from expertswitch.compress.calibration import (
+    CalibOptions,
+    LayerCalib,
+    calib_for,
+    collect_calibration,
+)
 from expertswitch.compress.methods import MethodConfig, compress_delta
 from expertswitch.compress.metrics import output_sqnr_db, sqnr_db
 from expertswitch.io.archive import ArchiveEntry, write_archive
@@ -73,7 +78,7 @@ def _compress_tensor(
             return None
         if is_linear_delta(name, tuple(value.shape)):
             delta = value.to(device).float() - ref.to(device).float()
-            lc = calib.get(name)
+            lc = calib_for(name, tuple(value.shape), calib)
             packed = compress_delta(delta, lc, method)
             approx = packed.dequantize(device)
             meta = {
@@ -82,7 +87,7 @@ def _compress_tensor(
                 "calibrated": lc is not None,
                 "sqnr_db": _finite(sqnr_db(delta, approx)),
             }
-            if lc is not None and lc.sample is not None and delta.dim() == 2:
+            if isinstance(lc, LayerCalib) and lc.sample is not None and delta.dim() == 2:
                 meta["out_sqnr_db"] = _finite(output_sqnr_db(lc.sample.to(device), delta, approx))
             parts = packed.parts()
             return ArchiveEntry(name, "quantized", meta, list(parts)), parts
