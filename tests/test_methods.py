@@ -141,3 +141,16 @@ def test_one_bit_defaults_to_symmetric():
     assert make_method("mixed", bits=1).symmetric is True
     assert make_method("mixed", bits=2).symmetric is False
     assert make_method("rtn", bits=1, symmetric=False).symmetric is False
+
+
+@pytest.mark.parametrize("method", ["mixed", "rtn", "bitdelta"])
+def test_kernel_formula_matches_dense_reconstruction(method):
+    """y = 2^e·(x·codesᵀ + x[:, idx]·colsᵀ) — the serving formula of docs/archive.md — equals
+    x·Δ̂ᵀ with Δ̂ reconstructed densely."""
+    delta, calib, held_out, _ = outlier_layer(n=48, k=200)
+    packed = compress_delta(delta, calib, make_method(method, bits=2))
+    x = held_out[:5]
+    dense = x @ packed.dequantize().T
+    assert torch.allclose(
+        packed.matmul_reference(x), dense, rtol=1e-4, atol=1e-4 * dense.abs().max()
+    )

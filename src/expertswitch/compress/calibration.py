@@ -167,8 +167,10 @@ def _load_model(model_dir: Path, device: str):
             f"transformers could not load {model_dir} for calibration ({e}); pass a checkpoint of "
             "a causal-LM architecture transformers supports, or use --method rtn (no calibration)"
         ) from None
-    if device == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
-        model = model.float()  # half-precision matmuls on CPU are slow or missing
+    n_params = sum(p.numel() for p in model.parameters())
+    if device == "cpu" and model.dtype in (torch.float16, torch.bfloat16) and n_params < 2e9:
+        # half-precision matmuls on CPU are slow; above 2B parameters fp32 would not fit in RAM
+        model = model.float()
     return model.to(device).eval(), config
 
 

@@ -107,6 +107,20 @@ class PackedDelta:
             w.scatter_add_(-1, idx, dev(self.salient_cols).float() * mult)
         return w
 
+    def matmul_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] → x·Δ̂ᵀ [T, N] the way a serving kernel computes it (docs/archive.md): the
+        k-bit codes times x, plus the salient fp16 columns times the gathered x[:, idx], with
+        the shared 2**scale_exp applied once to the sum. 2-D deltas only."""
+        if len(self.shape) != 2:
+            raise ValueError("matmul_reference takes a 2-D delta; index a stacked one first")
+        codes = unpack_codes(self.planes, self.bits)
+        body = dequantize_groups(codes, self.scales.float(), self.zeros, self.bits,
+                                 self.group_size, self.k)  # fmt: skip
+        y = x.float() @ body.T  # [T, N]
+        if self.salient_idx is not None:
+            y = y + x.float()[:, self.salient_idx.long()] @ self.salient_cols.float().T
+        return y * 2.0**self.scale_exp
+
     # --- archive round trip: parts are named tensors, meta is JSON ---------------------------
 
     def parts(self) -> dict[str, torch.Tensor]:
