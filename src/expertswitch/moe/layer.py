@@ -1,0 +1,153 @@
+"""The MoE layer: DeepSpeed's `MoE` signature and semantics, sort-based dispatch underneath.
+
+    out, l_aux, exp_counts = MoE(hidden_size, expert, num_experts, k=...)(hidden_states)
+
+A DeepSpeed user switches by changing the import (`convert_deepspeed_state_dict` maps a
+checkpoint's keys). `MoE.stacked(...)` builds the fast variant: experts as stacked [E, ...]
+weights run by one grouped kernel (kernels/fused_moe.py) instead of a module per expert.
+
+Residual-MoE (DeepSpeed-MoE §4.1, `use_residual=True`): a dense MLP runs beside the experts and
+a learned per-token softmax coefficient mixes them: out = moe(x)·c₀ + mlp(x)·c₁ with
+c = softmax(Linear(hidden → 2)(x)).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertswitch.errors import ConfigError
+from expertswitch.kernels.fused_moe import fused_moe
+from expertswitch.moe.dispatch import make_dispatch, permute, unpermute
+from expertswitch.moe.experts import DenseMLP, ModuleExperts, StackedExperts
+from expertswitch.moe.gate import TopKGate
+
+
+class MoE(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        expert: nn.Module | None = None,
+        num_experts: int = 1,
+        ep_size: int = 1,
+        k: int = 1,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float = 1.0,
+        min_capacity: int = 4,
+        use_residual: bool = False,
+        noisy_gate_policy: str | None = None,
+        drop_tokens: bool = True,
+        use_rts: bool = True,
+        use_tutel: bool = False,
+        enable_expert_tensor_parallelism: bool = False,
+        top2_2nd_expert_sampling: bool = True,
+        *,
+        experts: StackedExperts | None = None,
+        residual_mlp: nn.Module | None = None,
+        z_loss_coef: float = 0.0,
+    ):
+        super().__init__()
+        if ep_size != 1:
+            raise ConfigError(
+                f"ep_size={ep_size}: expert parallelism comes with the parallel/ package; "
+                "use ep_size=1 (all experts on this rank)"
+            )
+        if enable_expert_tensor_parallelism:
+            raise ConfigError("expert tensor parallelism is not supported yet; leave it False")
+        if (expert is None) == (experts is None):
+            raise ConfigError("pass exactly one of expert= (a module, copied per expert) or "
+                              "experts= (StackedExperts; see MoE.stacked)")  # fmt: skip
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts if experts is None else experts.num_experts
+        self.ep_size = ep_size
+        self.use_residual = use_residual
+        self.z_loss_coef = z_loss_coef
+        self.gate = TopKGate(
+            hidden_size, self.num_experts, k, capacity_factor, eval_capacity_factor,
+            min_capacity, noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling,
+        )  # fmt: skip
+        self.experts = experts if experts is not None else ModuleExperts(expert, num_experts)
+        if use_residual:
+            if residual_mlp is None and expert is None:
+                raise ConfigError("use_residual with stacked experts needs residual_mlp=")
+            self.mlp = residual_mlp if residual_mlp is not None else copy.deepcopy(expert)
+            self.coefficient = nn.Linear(hidden_size, 2)
+        self.exp_counts: torch.Tensor | None = None
+
+    @classmethod
+    def stacked(
+        cls,
+        hidden_size: int,
+        ffn_size: int,
+        num_experts: int,
+        k: int = 1,
+        activation: str = "swiglu",
+        bias: bool = False,
+        use_residual: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **gate_kwargs,
+    ) -> MoE:
+        """Experts as stacked weights [E, ...] (SwiGLU or GELU/ReLU/SiLU MLPs), run by the
+        grouped kernel. gate_kwargs: capacity_factor, eval_capacity_factor, min_capacity,
+        noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling, z_loss_coef."""
+        experts = StackedExperts(num_experts, hidden_size, ffn_size, activation, bias, dtype,
+                                 device)  # fmt: skip
+        residual = (
+            DenseMLP(hidden_size, ffn_size, activation, bias, dtype, device)
+            if use_residual
+            else None
+        )
+        return cls(hidden_size, k=k, use_residual=use_residual, experts=experts,
+                   residual_mlp=residual, **gate_kwargs).to(device=device)  # fmt: skip
+
+    def _experts_forward(self, x: torch.Tensor, gate) -> torch.Tensor:
+        ex = self.experts
+        if isinstance(ex, StackedExperts):
+            return fused_moe(x, ex.w_in, ex.w_out, gate.expert_idx, gate.weights, ex.activation,
+                             ex.b_in, ex.b_out)  # fmt: skip
+        d = make_dispatch(gate, self.num_experts)
+        return unpermute(ex(permute(x, d), d), d)
+
+    def forward(
+        self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states [..., H] → (output [..., H], l_aux scalar, exp_counts int64 [E])."""
+        if used_token is not None:
+            raise ConfigError("used_token is not supported; drop padding tokens before the layer")
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ConfigError(f"MoE expects hidden size {self.hidden_size}, got input of shape "
+                              f"{tuple(hidden_states.shape)}")  # fmt: skip
+        x = hidden_states.reshape(-1, self.hidden_size)
+        gate = self.gate(x)
+        out = self._experts_forward(x, gate).reshape(hidden_states.shape)
+        if self.use_residual:
+            coef = F.softmax(self.coefficient(hidden_states), dim=-1)
+            mlp_out = self.mlp(hidden_states)
+            mlp_out = mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out
+            out = out * coef[..., 0:1] + mlp_out * coef[..., 1:]
+        l_aux = gate.l_aux + self.z_loss_coef * gate.z_loss if self.z_loss_coef else gate.l_aux
+        self.exp_counts = gate.exp_counts
+        return out, l_aux, gate.exp_counts
+
+
+_DS_KEYS = (
+    (re.compile(r"^deepspeed_moe\.gate\.wg\."), "gate.wg."),
+    (re.compile(r"^deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\."), r"experts.experts.\1."),
+)
+
+
+def convert_deepspeed_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys of a DeepSpeed `MoE` state dict → keys of `MoE(expert=...)` (mlp and coefficient of
+    a Residual-MoE keep their names)."""
+    out = {}
+    for key, value in state.items():
+        new = key
+        for pattern, repl in _DS_KEYS:
+            new = pattern.sub(repl, new)
+        out[new] = value
+    return out

@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+
+from expertswitch.errors import ConfigError
+from expertswitch.moe.gate import TopKGate, capacity_for, topk_gating
+
+
+def logits(t, e, seed=0):
+    return torch.randn(t, e, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_counts_sum_to_tokens_times_k_and_dropless_keeps_all(k):
+    g = topk_gating(logits(50, 6), k=k, drop_tokens=False)
+    assert int(g.exp_counts.sum()) == 50 * k
+    assert bool((g.expert_idx >= 0).all())
+    assert g.capacity == int(g.exp_counts.max())
+    # no token routed twice to one expert
+    assert all(len(set(row.tolist())) == k for row in g.expert_idx)
+    if k > 1:
+        torch.testing.assert_close(g.weights.sum(-1), torch.ones(50))
+
+
+def test_top1_weight_is_the_probability():
+    lg = logits(20, 4)
+    g = topk_gating(lg, k=1, drop_tokens=False)
+    p = lg.softmax(-1)
+    torch.testing.assert_close(g.weights[:, 0], p.max(-1).values)
+    assert torch.equal(g.expert_idx[:, 0], p.argmax(-1))
+
+
+@pytest.mark.parametrize("k, factor", [(1, 1.0), (2, 0.5), (3, 0.7)])
+def test_capacity_drops_by_position(k, factor):
+    lg = logits(64, 4, seed=k)
+    g = topk_gating(lg, k=k, capacity_factor=factor, min_capacity=1)
+    cap = capacity_for(64, 4, k, factor, 1)
+    assert g.capacity == cap == max(math.ceil(64 / 4 * k * factor), 1)
+    kept = torch.bincount(g.expert_idx[g.expert_idx >= 0], minlength=4)
+    assert torch.equal(kept, g.exp_counts.clamp(max=cap))
+    # position priority: within each choice rank, a kept route is never later than a dropped one
+    full = topk_gating(lg, k=k, drop_tokens=False).expert_idx
+    for r in range(k):
+        for e in range(4):
+            routed = (full[:, r] == e).nonzero().flatten()
+            kept_r = g.expert_idx[routed, r] >= 0
+            if (~kept_r).any() and kept_r.any():
+                assert routed[kept_r].max() < routed[~kept_r].min()
+    # slots are unique per expert and below capacity
+    locs = g.locations[g.expert_idx >= 0]
+    assert int(locs.max()) < cap
+    pairs = set(zip(g.expert_idx[g.expert_idx >= 0].tolist(), locs.tolist()))
+    assert len(pairs) == int((g.expert_idx >= 0).sum())
+
+
+def test_dropped_second_choice_renormalises_first():
+    lg = logits(40, 2, seed=3)
+    g = topk_gating(lg, k=2, capacity_factor=0.5, min_capacity=0)
+    one_left = (g.expert_idx >= 0).sum(-1) == 1
+    assert one_left.any()
+    torch.testing.assert_close(g.weights[one_left].sum(-1), torch.ones(int(one_left.sum())))
+
+
+def test_rts_keeps_same_number_but_not_always_the_first():
+    lg = torch.zeros(200, 2)
+    lg[:, 0] = 5.0  # all tokens want expert 0
+    torch.manual_seed(0)
+    g = topk_gating(lg, k=1, capacity_factor=0.25, min_capacity=1, use_rts=True, training=True)
+    kept = (g.expert_idx[:, 0] >= 0).nonzero().flatten()
+    assert kept.numel() == g.capacity == 25
+    assert int(kept.max()) > 25  # not just the first 25 tokens
+    positional = topk_gating(lg, k=1, capacity_factor=0.25, min_capacity=1)
+    assert torch.equal((positional.expert_idx[:, 0] >= 0).nonzero().flatten(), torch.arange(25))
+
+
+def test_aux_loss_definitions():
+    lg = logits(30, 5)
+    p = lg.softmax(-1)
+    first = torch.nn.functional.one_hot(p.argmax(-1), 5).float()
+    expected = 5 * (p.mean(0) * first.mean(0)).sum()
+    for k in (1, 2):
+        torch.testing.assert_close(topk_gating(lg, k=k, drop_tokens=False).l_aux, expected)
+    top3 = torch.nn.functional.one_hot(p.topk(3).indices, 5).sum(1).float()
+    expected3 = 5 * (p.mean(0) * top3.mean(0)).sum() / 3
+    torch.testing.assert_close(topk_gating(lg, k=3, drop_tokens=False).l_aux, expected3)
+    z = torch.logsumexp(lg, -1).square().mean()
+    torch.testing.assert_close(topk_gating(lg, k=1).z_loss, z)
+
+
+def test_fewer_tokens_than_min_capacity_and_empty_batch():
+    g = topk_gating(logits(1, 8), k=2, min_capacity=4, drop_tokens=False)
+    assert g.capacity == 1 and bool((g.expert_idx >= 0).all())
+    g = topk_gating(logits(2, 8), k=1, min_capacity=4)  # DeepSpeed asserts here
+    assert g.capacity == 4 and bool((g.expert_idx >= 0).all())
+    g = topk_gating(torch.zeros(0, 8), k=2)
+    assert g.expert_idx.shape == (0, 2) and int(g.exp_counts.sum()) == 0
+
+
+def test_noise_only_in_training():
+    gate = TopKGate(16, 4, k=1, noisy_gate_policy="RSample", drop_tokens=False)
+    x = torch.randn(64, 16)
+    gate.eval()
+    assert torch.equal(gate(x).expert_idx, gate(x).expert_idx)
+    gate.train()
+    torch.manual_seed(1)
+    a = gate(x).expert_idx
+    b = gate(x).expert_idx
+    assert not torch.equal(a, b)
+    jitter = TopKGate(16, 4, k=2, noisy_gate_policy="Jitter", drop_tokens=False).train()
+    assert jitter(x).expert_idx.shape == (64, 2)
+
+
+def test_bad_configs():
+    with pytest.raises(ConfigError, match="k=5"):
+        topk_gating(logits(3, 4), k=5)
+    with pytest.raises(ConfigError, match="noisy_gate_policy"):
+        TopKGate(8, 4, noisy_gate_policy="Gaussian")
+    with pytest.raises(ConfigError, match="tokens, experts"):
+        topk_gating(torch.zeros(2, 3, 4))
