@@ -118,3 +118,16 @@ def test_bad_configs():
         TopKGate(8, 4, noisy_gate_policy="Gaussian")
     with pytest.raises(ConfigError, match="tokens, experts"):
         topk_gating(torch.zeros(2, 3, 4))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_inference_fast_path_equals_general_gating(k):
+    from expertswitch.moe.gate import dropless_inference_gating
+
+    lg = logits(33, 7, seed=k)
+    fast = dropless_inference_gating(lg, k)
+    ref = topk_gating(lg, k=k, drop_tokens=False)
+    assert torch.equal(fast.expert_idx, ref.expert_idx)
+    assert torch.equal(fast.exp_counts, ref.exp_counts) and fast.capacity == ref.capacity
+    torch.testing.assert_close(fast.weights, ref.weights)
+    torch.testing.assert_close(fast.l_aux, ref.l_aux)

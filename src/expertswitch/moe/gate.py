@@ -158,6 +158,27 @@ def _empty_output(logits: torch.Tensor, k: int) -> GateOutput:
     return GateOutput(idx, logits.new_zeros(0, k), idx, 0, zero, zero, counts, logits.softmax(-1))
 
 
+def dropless_inference_gating(logits: torch.Tensor, k: int) -> GateOutput:
+    """`topk_gating` for inference without capacity or noise, in few launches: the fused
+    softmax + top-k kernel on GPU (kernels/topk_softmax.py), no slot bookkeeping
+    (`locations` is the choice rank, unused by dispatch)."""
+    from expertswitch.kernels.topk_softmax import topk_softmax
+
+    t, num_e = logits.shape
+    if not 1 <= k <= num_e:
+        raise ConfigError(f"k={k} must be between 1 and the number of experts ({num_e})")
+    if t == 0:
+        return _empty_output(logits.float(), k)
+    idx, weights, probs = topk_softmax(logits, k, renormalize=k > 1)
+    exp_counts = torch.bincount(idx.reshape(-1), minlength=num_e)
+    first = torch.bincount(idx[:, 0], minlength=num_e).float() / t
+    chosen = first if k <= 2 else exp_counts.float() / (t * k)
+    l_aux = num_e * (probs.mean(dim=0) * chosen).sum()
+    z_loss = torch.logsumexp(logits.float(), dim=-1).square().mean()
+    ranks = torch.arange(k, device=logits.device).expand(t, k)
+    return GateOutput(idx, weights, ranks, int(exp_counts.max()), l_aux, z_loss, exp_counts, probs)
+
+
 class TopKGate(torch.nn.Module):
     """The gate: a bias-free Linear(hidden → E) (named `wg`, as in DeepSpeed) + `topk_gating`."""
 
@@ -199,6 +220,8 @@ class TopKGate(torch.nn.Module):
         if self.training and self.noisy_gate_policy == "Jitter":
             x32 = multiplicative_jitter(x32)
         logits = F.linear(x32, self.wg.weight.float())  # [T, E]
+        if not self.training and not self.drop_tokens:
+            return dropless_inference_gating(logits, self.k)
         return topk_gating(
             logits,
             self.k,
