@@ -20,8 +20,9 @@ from expertswitch.kernels.topk_softmax import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# fp32 in the interpreter is exact fp32 math; fp16 operands with fp32 accumulation ~3e-4 relative
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+# fp32 in the interpreter is exact fp32 math, on a GPU tl.dot takes fp32 operands as tf32
+# (10-bit mantissa, ~3e-4 relative); fp16 operands with fp32 accumulation ~3e-4 relative
+TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 2e-3, torch.float16: 2e-3}
 
 
 def weights(e, h, f, activation, dtype, seed=0):
@@ -71,7 +72,7 @@ def test_all_tokens_to_one_expert_and_empty_experts():
     idx = torch.full((t, 1), 4, device=DEVICE)
     ones = torch.ones(t, 1, device=DEVICE)
     out, ref = run_both(x, *weights(e, h, f, "swiglu", torch.float32), idx, ones, "swiglu")
-    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, ref) < TOL[torch.float32]
 
 
 def test_dropped_routes_contribute_nothing():
@@ -82,7 +83,7 @@ def test_dropped_routes_contribute_nothing():
     idx[::3] = -1  # every third token fully dropped
     w = torch.rand(t, 2, device=DEVICE)
     out, ref = run_both(x, *weights(e, h, f, "swiglu", torch.float32), idx, w, "swiglu")
-    assert rel_err(out, ref) < 1e-5
+    assert rel_err(out, ref) < TOL[torch.float32]
     assert torch.count_nonzero(out[::3]) == 0
     none = torch.full((t, 2), -1, device=DEVICE)
     assert (
@@ -101,7 +102,7 @@ def test_output_rows_all_written():
     w = torch.rand(t, 1, device=DEVICE)
     out, ref = run_both(x, *weights(e, h, f, "gelu", torch.float32), idx, w, "gelu",
                         blocks=(16, 32, 16))  # fmt: skip
-    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-5
+    assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float32]
 
 
 def test_align_block_size_invariants():
