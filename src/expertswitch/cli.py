@@ -35,6 +35,11 @@ def _add_compress(sub) -> None:
         default=None,
         help="step-size tuning steps (mixed; default 0 = off); 0 turns BitDelta's distillation off",
     )
+    p.add_argument(
+        "--quantize-embeddings",
+        action="store_true",
+        help="quantize the embedding and lm_head deltas too (default: stored exactly)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -57,15 +62,47 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole idea in one run, on the built-in expert family")
+    p.add_argument("--preset", default="tiny", help="expert family: micro, tiny (default), small")
+    p.add_argument("--bits", type=int, default=2, help="bits of the compressed deltas")
+    p.add_argument("--items", type=int, default=60, help="task items per domain")
+    p.add_argument("--device", default="cpu")
+
+
+def _add_zoo(sub) -> None:
+    p = sub.add_parser("zoo", help="the built-in expert family")
+    zsub = p.add_subparsers(dest="zoo_command", required=True)
+    b = zsub.add_parser("build", help="train the base and the domain experts (cached)")
+    b.add_argument("--preset", default="tiny", help="micro, tiny or small (~90M, for a GPU)")
+    b.add_argument("--out", default=None, help="directory (default: the user cache)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="per-domain task scores and held-out perplexity")
+    p.add_argument("model", nargs="?", help="HF checkpoint directory")
+    p.add_argument("--base", help="with --delta: evaluate base + expert archive")
+    p.add_argument("--delta", help="expert archive (needs --base)")
+    p.add_argument("--domains", nargs="+", default=["code", "math", "prose"])
+    p.add_argument("--items", type=int, default=100, help="task items per domain")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertswitch", description="Hold and serve many expert LLMs on one GPU."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="the whole idea in one run, on the built-in expert family")
+    _add_demo(sub)
     _add_compress(sub)
     _add_inspect(sub)
     _add_reconstruct(sub)
+    _add_zoo(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -94,6 +131,7 @@ def cmd_compress(args) -> None:
         device=resolve_device(args.device),
         progress=not args.quiet,
         overwrite=args.overwrite,
+        quantize_embeddings=args.quantize_embeddings,
     )
     out = compress_expert(args.base, args.expert, args.out, method, options)
     rep = archive_report(open_archive(out, verify=False))
@@ -127,12 +165,51 @@ def cmd_reconstruct(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    print(
-        "expertswitch demo\n"
-        "  Available now: compress / inspect / reconstruct fine-tuned checkpoints as ME-Switch\n"
-        "  deltas (see README). Coming next: the built-in small expert family, quality tables,\n"
-        "  routing and serving, which this demo will run end to end."
-    )
+    from expertswitch.demo import run_demo
+    from expertswitch.utils.imports import resolve_device
+
+    run_demo(args.preset, args.bits, args.items, resolve_device(args.device))
+
+
+def cmd_zoo(args) -> None:
+    from expertswitch.utils.imports import resolve_device
+    from expertswitch.zoo.build import build_family
+
+    fam = build_family(args.preset, args.out, args.seed, resolve_device(args.device),
+                       force=args.force)  # fmt: skip
+    print(f"family '{fam.preset}' at {fam.root}")
+    print(f"  base     {fam.base}")
+    for d, path in fam.experts.items():
+        print(f"  {d:<8} {path}")
+
+
+def cmd_eval(args) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from expertswitch.errors import ConfigError
+    from expertswitch.eval.tasks import evaluate_checkpoint
+    from expertswitch.utils.imports import resolve_device
+
+    device = resolve_device(args.device)
+    if bool(args.base) != bool(args.delta) or bool(args.model) == bool(args.delta):
+        raise ConfigError("pass a checkpoint directory, or --base and --delta (not both)")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if args.delta:
+            from expertswitch.compress import reconstruct
+
+            model = reconstruct(args.base, args.delta, Path(tmp) / "expert", device, False)
+        scores = evaluate_checkpoint(model, args.domains, None, args.items, device)
+    print(f"{'domain':<8} {'task':<16} {'exact':>7} {'token acc':>9} {'ppl':>9}  items")
+    for s in scores.values():
+        print(
+            f"{s.domain:<8} {s.task:<16} {s.score:>7.3f} {s.token_acc:>9.3f} {s.ppl:>9.2f}  {s.n}"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({d: s.to_dict() for d, s in scores.items()}, indent=1)
+        )
 
 
 COMMANDS = {
@@ -140,6 +217,8 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "reconstruct": cmd_reconstruct,
     "demo": cmd_demo,
+    "zoo": cmd_zoo,
+    "eval": cmd_eval,
 }
 
 

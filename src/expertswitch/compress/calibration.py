@@ -1,11 +1,11 @@
 """Per-linear input statistics of the base model on calibration text.
 
-For every `nn.Linear` of the base (lm_head excluded: it is stored exactly, never quantized) we
-record E[x_i²] per input channel i and a random sample of input rows. Fused MoE experts
-(transformers ≥ 5 keeps each layer's experts as stacked `gate_up_proj` [E, 2I, H] and
-`down_proj` [E, H, I] parameters, not Linear modules) get the same per expert, from the rows
-routed to that expert: the expert input for gate/up, and act(gate)·up for down. The base is run
-once with transformers; its weights are freed before the deltas are streamed.
+For every `nn.Linear` of the base we record E[x_i²] per input channel i and a random sample
+of input rows. Fused MoE experts (transformers ≥ 5 keeps each layer's experts as stacked
+`gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] parameters, not Linear modules) get the
+same per expert, from the rows routed to that expert: the expert input for gate/up, and
+act(gate)·up for down. The base is run once with transformers; its weights are freed before
+the deltas are streamed.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _load_model(model_dir: Path, device: str):
 def _register_hooks(model, acc: _Accumulator) -> list:
     handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
+        if isinstance(mod, torch.nn.Linear):  # lm_head too: its delta may be quantized
             key = f"{name}.weight"
             handles.append(mod.register_forward_pre_hook(lambda _m, a, k=key: acc.add(k, a[0])))
         elif _fused_experts(mod) and _LAYER.match(name):

@@ -37,8 +37,14 @@ _LINEAR = re.compile(
 )
 
 
-def is_linear_delta(name: str, shape: tuple[int, ...]) -> bool:
-    """Weights whose deltas are quantized: 2-D linear weights and stacked [E, N, K] experts."""
+_EMBEDDING = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings)\.weight$")
+
+
+def is_linear_delta(name: str, shape: tuple[int, ...], embeddings: bool = False) -> bool:
+    """Weights whose deltas are quantized: 2-D linear weights and stacked [E, N, K] experts;
+    with `embeddings`, also the token embedding and lm_head (same vocabulary as the base)."""
+    if embeddings and _EMBEDDING.search(name) and len(shape) == 2:
+        return True
     return bool(_LINEAR.search(name)) and len(shape) in (2, 3)
 
 
@@ -49,6 +55,9 @@ class CompressOptions:
     device: str = "cpu"
     progress: bool = True
     overwrite: bool = False
+    # Quantize the deltas of the token embedding and lm_head too (default: stored exactly when
+    # changed). Small models are embedding-heavy: 40% of a 1M-parameter model, 4% of a 7B one.
+    quantize_embeddings: bool = False
 
 
 def _finite(x: float) -> float | None:
@@ -67,7 +76,7 @@ def _calibrate(base: Checkpoint, method: MethodConfig, opts: CompressOptions):
 
 
 def _compress_tensor(
-    name: str, base: Checkpoint, expert: Checkpoint, calib: dict[str, LayerCalib], method, device
+    name: str, base: Checkpoint, expert: Checkpoint, calib: dict[str, LayerCalib], method, opts
 ):
     """(entry, parts) for one expert tensor, or None when it equals the base's."""
     value = expert.get(name)
@@ -76,7 +85,8 @@ def _compress_tensor(
         ref = base.get(name)
         if torch.equal(ref, value.to(ref.dtype)) and ref.dtype == value.dtype:
             return None
-        if is_linear_delta(name, tuple(value.shape)):
+        if is_linear_delta(name, tuple(value.shape), opts.quantize_embeddings):
+            device = opts.device
             delta = value.to(device).float() - ref.to(device).float()
             lc = calib_for(name, tuple(value.shape), calib)
             packed = compress_delta(delta, lc, method)
@@ -113,7 +123,7 @@ def compress_expert(
     entries = []
     names = expert.names()
     for name in tqdm(names, desc="compressing", unit="tensor", disable=not opts.progress):
-        item = _compress_tensor(name, base, expert, calib, method, opts.device)
+        item = _compress_tensor(name, base, expert, calib, method, opts)
         if item is not None:
             entries.append(item)
     quantized = [e for e, _ in entries if e.kind == "quantized"]
@@ -133,6 +143,7 @@ def compress_expert(
             "fp16_bytes": 2 * expert_params,
         },
         "calibration": calib_info,
+        "quantize_embeddings": opts.quantize_embeddings,
         "summary": {
             "tensors": len(names),
             "quantized_tensors": len(quantized),

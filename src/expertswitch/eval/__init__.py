@@ -1,0 +1,1 @@
+"""Evaluation: per-domain held-out perplexity and task scores."""

