@@ -43,6 +43,24 @@ def variants(bits_list, tune_steps):
     yield "bitdelta", "bitdelta", make_method("bitdelta")
 
 
+KEPT_FLOOR = -0.5
+
+
+def make_plot(rows: list[dict], preset: str) -> str:
+    """Mean share of gain kept vs bits/param, one line per method; values below KEPT_FLOOR
+    (a method that destroys the model) are drawn at the floor so the rest stays readable."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for method in ("mixed", "mixed+tune", "rtn", "bitdelta"):
+        for label in dict.fromkeys(r["variant"] for r in rows if r["method"] == method):
+            sel = [r for r in rows if r["variant"] == label]
+            x = sum(r["bits_per_param"] for r in sel) / len(sel)
+            y = sum(r["kept_nll"] for r in sel) / len(sel)
+            series.setdefault(method, []).append((x, max(KEPT_FLOOR, y)))
+    return svg_line_plot(series, f"Share of expert gain kept ('{preset}' family)",
+                         "bits per parameter (quantized tensors)",
+                         f"gain kept (log-ppl), mean of experts; floor {KEPT_FLOOR}")  # fmt: skip
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -51,7 +69,14 @@ def main(argv=None) -> None:
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--replot", type=Path, default=None, help="redraw the SVG of a results JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        import json
+
+        data = json.loads(args.replot.read_text())
+        args.replot.with_suffix(".svg").write_text(make_plot(data["rows"], data["preset"]))
+        return
     device = resolve_device(args.device)
     start = time.perf_counter()
     family = build_family(args.preset, device=device)
@@ -110,16 +135,7 @@ def main(argv=None) -> None:
                   f"{r['ppl']:.2f} | {r['kept_nll']:.2f} | {r['base_token_acc']:.3f} → "
                   f"{r['full_token_acc']:.3f} | {r['token_acc']:.3f} | {kept_acc} | "
                   f"{r['exact']:.2f} |")  # fmt: skip
-    series: dict[str, list[tuple[float, float]]] = {}
-    for method in ("mixed", "mixed+tune", "rtn", "bitdelta"):
-        for label in dict.fromkeys(r["variant"] for r in rows if r["method"] == method):
-            sel = [r for r in rows if r["variant"] == label]
-            x = sum(r["bits_per_param"] for r in sel) / len(sel)
-            y = sum(r["kept_nll"] for r in sel) / len(sel)
-            series.setdefault(method, []).append((x, y))
-    svg = svg_line_plot(series, f"Share of expert gain kept ('{args.preset}' family)",
-                        "bits per parameter (quantized tensors)",
-                        "gain kept (log-perplexity), mean of experts")  # fmt: skip
+    svg = make_plot(rows, args.preset)
     tag = f"quality-{args.preset}-{'gpu' if device.startswith('cuda') else 'cpu'}"
     path = write_results(tag, payload, "\n".join(md), args.out)
     path.with_suffix(".svg").write_text(svg)
