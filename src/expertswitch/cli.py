@@ -92,6 +92,30 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_router(sub) -> None:
+    p = sub.add_parser("router", help="train and evaluate the model-level router")
+    rsub = p.add_subparsers(dest="router_command", required=True)
+    t = rsub.add_parser("train", help="fit a router (default data: the zoo's domains)")
+    t.add_argument("--data", default=None, help='JSONL: {"text": ..., "expert": ...} per line')
+    t.add_argument("--backbone", default="minilm", help="minilm (default), base or ngram")
+    t.add_argument("--base-model", default=None, help="the base LLM, for --backbone base")
+    t.add_argument("--out", required=True)
+    t.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=0.98,
+        help="calibrate the fallback threshold to this held-out accuracy",
+    )
+    t.add_argument("--default", default="__base__", help="where low-confidence queries go")
+    t.add_argument("--device", default="cpu")
+    e = rsub.add_parser("eval", help="accuracy, macro-F1, confusion, fallback, latency")
+    e.add_argument("router")
+    e.add_argument("--data", default=None, help="JSONL (default: zoo held-out + style shift)")
+    e.add_argument("--base-model", default=None)
+    e.add_argument("--json", default=None, help="also write the report here")
+    e.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertswitch", description="Hold and serve many expert LLMs on one GPU."
@@ -103,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruct(sub)
     _add_zoo(sub)
     _add_eval(sub)
+    _add_router(sub)
     return parser
 
 
@@ -212,6 +237,24 @@ def cmd_eval(args) -> None:
         )
 
 
+def cmd_router(args) -> None:
+    from expertswitch.router.workflow import evaluate_router, format_report, train_router
+
+    if args.router_command == "train":
+        r = train_router(args.out, args.data, args.backbone, args.base_model,
+                         args.target_accuracy, args.default, device=args.device)  # fmt: skip
+        print(f"router for {r.experts} on {r.backbone.identity['backbone']}: train accuracy "
+              f"{r.info['train_accuracy']}, fallback threshold {r.threshold:.3f}; saved to "
+              f"{args.out}")  # fmt: skip
+        return
+    report = evaluate_router(args.router, args.data, args.base_model, args.device)
+    print(format_report(report))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
 COMMANDS = {
     "compress": cmd_compress,
     "inspect": cmd_inspect,
@@ -219,6 +262,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "zoo": cmd_zoo,
     "eval": cmd_eval,
+    "router": cmd_router,
 }
 
 

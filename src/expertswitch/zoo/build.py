@@ -31,7 +31,7 @@ from expertswitch.zoo.tokenizer import train_tokenizer
 FAMILY_FILE = "family.json"
 # Part of the cache key: bump it whenever corpora, tokenizer, presets or training change, so
 # that a user's cached family is rebuilt rather than silently reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,7 @@ Every text comes from something installed, never from the network:
 - math:  arithmetic and multi-step word problems generated from templates, with answers; a
          fixed share of operand pairs is held out, and one template appears only in held-out
          problems (an unseen phrasing).
-- prose: the interpreter's reference documentation (`pydoc_data.topics`) and the docstrings of
-         standard-library modules, classes and functions.
+- prose: the interpreter's reference documentation (`pydoc_data.topics`), cut into sections.
 
 Documents are split by a stable hash of their identity, so the split never depends on the
 order files are listed in or on the machine.
@@ -16,7 +15,6 @@ order files are listed in or on the machine.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import random
 import re
@@ -154,41 +152,38 @@ def math_corpus(n_train_docs: int = 3000, seed: int = 0) -> Corpus:
 # --- prose ------------------------------------------------------------------------------------
 
 
-def _docstrings(text: str) -> list[str]:
-    try:
-        tree = ast.parse(text)
-    except (SyntaxError, ValueError):
-        return []
-    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef))]
-    out = []
-    for node in nodes:
-        doc = ast.get_docstring(node)
-        if doc and len(doc) > 200:
-            out.append(doc)
+def _sections(text: str, target: int = 2000) -> list[str]:
+    """Cut a long document at blank lines into pieces of about `target` characters."""
+    out, cur = [], ""
+    for para in text.split("\n\n"):
+        cur = f"{cur}\n\n{para}" if cur else para
+        if len(cur) >= target:
+            out.append(cur)
+            cur = ""
+    if cur.strip():
+        out.append(cur)
     return out
 
 
 def prose_corpus(max_chars: int = 3_000_000) -> Corpus:
+    """The language reference's topics, cut into sections. Not docstrings: those sit inside
+    code files, and a domain that owns text the code domain also contains cannot be told apart
+    from it (by a router, or by a reader)."""
     docs: list[tuple[str, str]] = []
     try:
         from pydoc_data.topics import topics
-
-        docs += [(f"topic:{k}", topics[k]) for k in sorted(topics)]
     except ImportError:
-        pass
-    root = Path(sysconfig.get_paths()["stdlib"])
-    used = sum(len(d) for _, d in docs)
-    for f in _stdlib_files():
-        if used > max_chars:
-            break
-        text = _read(f)
-        for i, doc in enumerate(_docstrings(text or "")):
-            docs.append((f"doc:{f.relative_to(root).as_posix()}:{i}", doc))
-            used += len(doc)
+        topics = {}
+    used = 0
+    for key in sorted(topics):
+        for i, sec in enumerate(_sections(topics[key])):
+            if used > max_chars:
+                break
+            docs.append((f"topic:{key}:{i}", sec))
+            used += len(sec)
     train = [d for k, d in docs if not is_heldout("prose:" + k)]
     heldout = [d for k, d in docs if is_heldout("prose:" + k)]
-    return Corpus("prose", train, heldout,
-                  "pydoc_data reference topics + standard-library docstrings")  # fmt: skip
+    return Corpus("prose", train, heldout, "pydoc_data: the Python language reference topics")
 
 
 def load_corpora(seed: int = 0, scale: float = 1.0) -> dict[str, Corpus]:
