@@ -65,7 +65,9 @@ def train_lm(model, streams: list[torch.Tensor], cfg: TrainConfig, device="cpu",
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         batch = sample_batch(streams, cfg, gen).to(device)
-        out = model(input_ids=batch, labels=batch)  # HF shifts: token t+1 predicted from ≤ t
+        # bf16 autocast on a GPU (fp32 master weights): the ~90M `small` family in minutes
+        with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+            out = model(input_ids=batch, labels=batch)  # HF shifts: t+1 predicted from ≤ t
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
