@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from expertswitch.compress.packed import PackedDelta
 from expertswitch.errors import ArchiveError, CompatibilityError
 from expertswitch.io.archive import Archive, open_archive
 from expertswitch.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, open_checkpoint
+from expertswitch.utils.fs import atomic_directory
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -66,9 +66,7 @@ def reconstruct(
     if out.exists() and not overwrite and any(out.iterdir()):
         raise ArchiveError(f"{out} exists and is not empty; choose another --out or remove it")
     names = base.names() + [n for n in archive.entries if n not in base]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         files: list[str] = []
         size = 0
@@ -91,12 +89,6 @@ def reconstruct(
         aux = {**base.aux_files(), **archive.aux_files()}  # the expert's own files win
         for fname, src in aux.items():
             shutil.copyfile(src, tmp / fname)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

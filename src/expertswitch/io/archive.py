@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from expertswitch.errors import ArchiveError
+from expertswitch.utils.fs import atomic_directory
 
 FORMAT = "expertswitch-delta"
 FORMAT_VERSION = 1
@@ -65,9 +64,7 @@ def write_archive(
     out = Path(out_dir)
     if out.exists() and not overwrite and any(out.iterdir()):
         raise ArchiveError(f"{out} exists and is not empty; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         records, parts_meta = {}, {}
         for entry, parts in entries:
@@ -93,12 +90,6 @@ def write_archive(
         (tmp / MANIFEST).write_text(json.dumps(full, indent=1) + "\n", encoding="utf-8")
         for name, src in files.items():
             shutil.copyfile(src, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 
 from expertswitch.errors import ConfigError
 from expertswitch.train.lm import TrainConfig, train_lm
+from expertswitch.utils.fs import atomic_directory
 from expertswitch.zoo.corpora import DOMAINS, load_corpora
 from expertswitch.zoo.tokenizer import train_tokenizer
 
@@ -151,9 +150,7 @@ def build_family(
     corpora = load_corpora(seed, p.corpus_scale)
     tok = train_tokenizer([d for c in corpora.values() for d in c.train[:400]], p.vocab)
     streams = _streams(corpora, tok, p.tokens_per_domain)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_directory(root) as tmp:
         model = LlamaForCausalLM(_model_config(p, len(tok)))
         cfg = TrainConfig(p.base_steps, p.batch, p.seq_len, p.lr, seed=seed,
                           mixture=p.base_mixture)  # fmt: skip
@@ -181,12 +178,6 @@ def build_family(
             "device": device,
         }
         (tmp / FAMILY_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"built the family in {manifest['seconds']} s")
     return load_family(root)
 
