@@ -37,7 +37,7 @@ def _code() -> list[str]:
     return docs
 
 
-def math_problems(n: int, seed: int = 0) -> list[str]:
+def _arithmetic(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     templates = (
         "Q: {a} apples are shared equally among {b} baskets, and {c} more are added to each "
@@ -58,7 +58,7 @@ def math_problems(n: int, seed: int = 0) -> list[str]:
 
 def default_calibration_texts() -> list[str]:
     """Documents of prose, code and math, round-robin interleaved."""
-    sources = [_prose(), _code(), ["\n\n".join(math_problems(40, seed=i)) for i in range(50)]]
+    sources = [_prose(), _code(), ["\n\n".join(_arithmetic(40, seed=i)) for i in range(50)]]
     mixed = itertools.chain.from_iterable(itertools.zip_longest(*sources))
     return [doc for doc in mixed if doc]
 
