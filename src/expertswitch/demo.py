@@ -15,7 +15,12 @@ from pathlib import Path
 from expertswitch.compress import CompressOptions, compress_expert, make_method, reconstruct
 from expertswitch.compress.calibration import CalibOptions
 from expertswitch.compress.report import archive_report
-from expertswitch.eval.tasks import evaluate_checkpoint, greedy, load_checkpoint
+from expertswitch.eval.tasks import (
+    evaluate_checkpoint,
+    evaluate_model,
+    greedy,
+    load_checkpoint,
+)
 from expertswitch.io.archive import open_archive
 from expertswitch.zoo.build import build_family
 from expertswitch.zoo.corpora import load_corpora
@@ -58,10 +63,10 @@ def run_demo(preset: str = "tiny", bits: int = 2, n_items: int = 60, device: str
             archive = compress_expert(family.base, path, Path(tmp) / d, method, opts)
             rec = reconstruct(family.base, archive, Path(tmp) / f"{d}-rebuilt", device,
                               progress=False)  # fmt: skip
-            comp = evaluate_checkpoint(rec, [d], corpora, n_items, device)[d]
-            rep = archive_report(open_archive(archive))
             model, tok = load_checkpoint(rec, device)
+            comp = evaluate_model(model, tok, [d], corpora, n_items)[d]
             samples[d] = greedy(model, tok, [SAMPLE_PROMPTS[d]], 24)[0]
+            rep = archive_report(open_archive(archive))
             b = base_scores[d]
             rows.append({
                 "expert": d, "task": full.task, "base": b.token_acc, "full": full.token_acc,

@@ -83,7 +83,7 @@ def _compress_tensor(
     same_shape = name in base and base.shape(name) == tuple(value.shape)
     if same_shape:
         ref = base.get(name)
-        if torch.equal(ref, value.to(ref.dtype)) and ref.dtype == value.dtype:
+        if ref.dtype == value.dtype and torch.equal(ref, value):
             return None
         if is_linear_delta(name, tuple(value.shape), opts.quantize_embeddings):
             device = opts.device

@@ -69,11 +69,13 @@ def reconstruct(
     with atomic_directory(out) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         files: list[str] = []
-        size = 0
+        shard_names: list[list[str]] = []  # tensor names per written shard
+        size = total = 0
 
         def flush():
             files.append(f"model-{len(files) + 1:05d}.safetensors")
             save_file(shards[-1], str(tmp / files[-1]), metadata={"format": "pt"})
+            shard_names.append(list(shards[-1]))
             shards[-1] = {}
 
         for name in tqdm(names, desc="reconstructing", unit="tensor", disable=not progress):
@@ -84,37 +86,23 @@ def reconstruct(
                 size = 0
             shards[-1][name] = t
             size += nbytes
+            total += nbytes
         flush()
-        _finish_layout(tmp, files)
+        _finish_layout(tmp, files, shard_names, total)
         aux = {**base.aux_files(), **archive.aux_files()}  # the expert's own files win
         for fname, src in aux.items():
             shutil.copyfile(src, tmp / fname)
     return out
 
 
-def _finish_layout(tmp: Path, files: list[str]) -> None:
+def _finish_layout(tmp: Path, files: list[str], names: list[list[str]], total: int) -> None:
     """One shard → model.safetensors; several → model-0000i-of-0000N + index."""
     if len(files) == 1:
         os.replace(tmp / files[0], tmp / SINGLE_FILE)
         return
-    from safetensors import safe_open
-
-    weight_map, total = {}, 0
-    for i, f in enumerate(files, 1):
-        final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+    finals = [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    for f, final in zip(files, finals):
         os.replace(tmp / f, tmp / final)
-        with safe_open(str(tmp / final), framework="pt") as h:
-            for key in h.keys():  # noqa: SIM118
-                weight_map[key] = final
-                s = h.get_slice(key)
-                total += _nbytes(s.get_shape(), s.get_dtype())
+    weight_map = {n: final for final, shard in zip(finals, names) for n in shard}
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-def _nbytes(shape, dtype: str) -> int:
-    per = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2}.get(dtype, 1)
-    n = per
-    for s in shape:
-        n *= s
-    return n

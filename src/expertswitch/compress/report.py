@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from expertswitch.io.archive import Archive
 
 
@@ -50,8 +52,7 @@ def archive_report(archive: Archive) -> dict:
 
 
 def _part_bytes(rec: dict) -> int:
-    size = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "float64": 8}
-    return math.prod(rec["shape"]) * size.get(rec["dtype"], 1)
+    return math.prod(rec["shape"]) * getattr(torch, rec["dtype"]).itemsize
 
 
 def format_report(rep: dict) -> str:

@@ -131,8 +131,9 @@ def answer_token_accuracy(model, tok, items: list[TaskItem], max_context: int = 
     device = next(model.parameters()).device
     accs = []
     for item in items:
-        prompt = tok(item.prompt)["input_ids"][-max_context:]
-        answer = tok(item.prompt + item.answer)["input_ids"][len(tok(item.prompt)["input_ids"]) :]
+        full_prompt = tok(item.prompt)["input_ids"]
+        prompt = full_prompt[-max_context:]
+        answer = tok(item.prompt + item.answer)["input_ids"][len(full_prompt) :]
         if not answer:
             continue
         ids = torch.tensor([prompt + answer], device=device)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from expertswitch.errors import ConfigError
-from expertswitch.kernels.grouped_mlp import ACTIVATIONS
+from expertswitch.kernels.grouped_mlp import ACTIVATIONS, activate
 from expertswitch.moe.dispatch import Dispatch
 
 
@@ -89,6 +89,4 @@ class DenseMLP(nn.Module):
         self.down = nn.Linear(ffn_size, hidden_size, bias=bias, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from expertswitch.kernels.grouped_mlp import activate
-
         return self.down(activate(self.up(x), self.activation))
