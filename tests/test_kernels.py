@@ -7,14 +7,22 @@ import torch
 
 pytest.importorskip("triton")
 
-from expertswitch.kernels.align import align_block_size, sort_routes  # noqa: E402
+from expertswitch.kernels import moe_config  # noqa: E402
+from expertswitch.kernels.align import (  # noqa: E402
+    align_block_size,
+    align_block_size_triton,
+    sort_routes,
+)
 from expertswitch.kernels.fused_moe import (  # noqa: E402
     _FusedMoE,
     fused_moe,
     fused_moe_reference,
     fused_moe_triton,
 )
+from expertswitch.kernels.moe_config import GemmConfig, MoEPlan  # noqa: E402
 from expertswitch.kernels.topk_softmax import (  # noqa: E402
+    router_topk_reference,
+    router_topk_triton,
     topk_softmax_reference,
     topk_softmax_triton,
 )
@@ -37,9 +45,18 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def run_both(x, w_in, w_out, idx, w, activation, blocks=(16, 16, 16)):
+def aligned(bm=16, bn=16, bk=16):
+    return MoEPlan(False, GemmConfig(bm, bn, bk), GemmConfig(bm, bn, bk))
+
+
+def by_route(n_routes, bn=16, bk=16):
+    bm = moe_config.by_route_block(n_routes)
+    return MoEPlan(True, GemmConfig(bm, bn, bk), GemmConfig(bm, bn, bk))
+
+
+def run_both(x, w_in, w_out, idx, w, activation, plan=None, **kw):
     ref = fused_moe_reference(x.float(), w_in.float(), w_out.float(), idx, w, activation)
-    out = fused_moe_triton(x, w_in, w_out, idx, w, activation, blocks=blocks)
+    out = fused_moe_triton(x, w_in, w_out, idx, w, activation, moe_plan=plan or aligned(), **kw)
     return out, ref
 
 
@@ -55,15 +72,46 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_moe_matches_reference(case, activation, dtype):
+@pytest.mark.parametrize("path", ["aligned", "by_route"])
+def test_fused_moe_matches_reference(case, activation, dtype, path):
     t, h, f, e, k = CASES[case]
+    if path == "by_route" and t * k > moe_config.BY_ROUTE_MAX:
+        pytest.skip("by-route plans hold at most BY_ROUTE_MAX routes")
     g = torch.Generator().manual_seed(t)
     x = torch.randn(t, h, generator=g).to(DEVICE, dtype)
     idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEVICE)
     w = torch.rand(t, k, generator=g).to(DEVICE)
-    out, ref = run_both(x, *weights(e, h, f, activation, dtype), idx, w, activation)
+    plan = aligned() if path == "aligned" else by_route(t * k)
+    out, ref = run_both(x, *weights(e, h, f, activation, dtype), idx, w, activation, plan)
     assert out.dtype == dtype and out.shape == (t, h)
     assert rel_err(out, ref) < TOL[dtype]
+    if path == "by_route":  # no −1 here: the dropless promise skips the zero fill
+        out2, _ = run_both(x, *weights(e, h, f, activation, dtype), idx, w, activation, plan,
+                           dropless=True)  # fmt: skip
+        assert torch.equal(out2, out)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_by_route_reads_each_expert_once_when_routes_share_it(k):
+    """Many routes, few experts: the first route of each expert serves all of them."""
+    t, h, f, e = 24, 32, 48, 3
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(t, h, generator=g).to(DEVICE)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEVICE)
+    idx[5, 0] = -1
+    w = torch.rand(t, k, generator=g).to(DEVICE)
+    out, ref = run_both(x, *weights(e, h, f, "swiglu", torch.float32), idx, w, "swiglu",
+                        by_route(t * k, bn=32))  # fmt: skip
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_by_route_plan_too_small_is_refused():
+    x = torch.randn(20, 16, device=DEVICE)
+    idx = torch.zeros(20, 1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="at most that many routes"):
+        w_in, w_out = weights(2, 16, 16, "gelu", torch.float32)
+        ones = torch.ones(20, 1, device=DEVICE)
+        fused_moe_triton(x, w_in, w_out, idx, ones, "gelu", moe_plan=by_route(16))
 
 
 def test_all_tokens_to_one_expert_and_empty_experts():
@@ -101,7 +149,7 @@ def test_output_rows_all_written():
     idx = torch.randint(0, e, (t, 1), device=DEVICE)
     w = torch.rand(t, 1, device=DEVICE)
     out, ref = run_both(x, *weights(e, h, f, "gelu", torch.float32), idx, w, "gelu",
-                        blocks=(16, 32, 16))  # fmt: skip
+                        aligned(16, 32, 16))  # fmt: skip
     assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float32]
 
 
@@ -121,6 +169,59 @@ def test_align_block_size_invariants():
     assert int((routes == n_routes).sum()) == len(routes) - 7
 
 
+@pytest.mark.parametrize(
+    "t, k, e, bm",
+    [(4, 2, 4, 16), (1, 2, 8, 16), (37, 2, 8, 16), (300, 1, 128, 16), (50, 3, 6, 64),
+     (0, 2, 4, 16), (1000, 2, 8, 128), (5, 1, 300, 16)],
+)  # fmt: skip
+def test_align_triton_matches_reference(t, k, e, bm):
+    """Same layout as the torch reference, bit for bit; blocks past the end carry expert E."""
+    g = torch.Generator().manual_seed(t)
+    idx = torch.zeros(t, k, dtype=torch.long)
+    for i in range(t):
+        idx[i] = torch.randperm(e, generator=g)[:k]
+    if t > 3:
+        idx[1, 0] = -1
+    routes_ref, blocks_ref = align_block_size(idx, e, bm)
+    routes, blocks, counts = align_block_size_triton(idx.to(DEVICE), e, bm)
+    p, nb = routes_ref.numel(), blocks_ref.numel()
+    assert routes.numel() == blocks.numel() * bm >= p
+    assert torch.equal(routes[:p].cpu(), routes_ref)
+    assert torch.equal(blocks[:nb].cpu(), blocks_ref) and bool((blocks[nb:] == e).all())
+    flat = idx.reshape(-1)
+    assert torch.equal(counts.cpu(), torch.bincount(flat[flat >= 0], minlength=e))
+
+
+def test_plan_table_lookup(tmp_path, monkeypatch):
+    """A tuned table is used by routes bucket; by-route entries grow to hold all routes."""
+    monkeypatch.setattr(moe_config, "CONFIG_DIR", tmp_path)
+    moe_config._table.cache_clear()
+    moe_config.plan_for.cache_clear()
+    small = MoEPlan(True, GemmConfig(16, 64, 128), GemmConfig(16, 32, 128))
+    big = aligned(64, 128, 64)
+    table = {"shapes": {"E8_H64_F96_bfloat16": [small.to_json(2), big.to_json(4096)]}}
+    moe_config.device_file("Test GPU 80GB").write_text(__import__("json").dumps(table))
+    try:
+        assert moe_config.plan_for(2, 8, 64, 96, "bfloat16", "Test GPU 80GB") == small
+        assert moe_config.plan_for(3000, 8, 64, 96, "bfloat16", "Test GPU 80GB") == big
+        assert moe_config.plan_for(16000, 8, 64, 96, "bfloat16", "Test GPU 80GB") == big
+        # far from every tuned size: the heuristic, not a plan tuned for another batch
+        far = moe_config.plan_for(10**6, 8, 64, 96, "bfloat16", "Test GPU 80GB")
+        assert far == moe_config.heuristic_plan(10**6, 8)
+        assert moe_config.plan_for(90, 8, 64, 96, "bfloat16", "Test GPU 80GB") == (
+            moe_config.heuristic_plan(90, 8)
+        )
+        grown = moe_config.plan_for(7, 8, 64, 96, "bfloat16", "Test GPU 80GB")  # 7 ≤ 4 × 2
+        assert grown.by_route and grown.up.block_m == 16
+        other = moe_config.plan_for(2, 8, 64, 128, "bfloat16", "Test GPU 80GB")
+        assert other == moe_config.heuristic_plan(2, 8)
+    finally:
+        moe_config._table.cache_clear()
+        moe_config.plan_for.cache_clear()
+    with pytest.raises(ValueError, match="powers of two"):
+        GemmConfig(24, 64, 64)
+
+
 def test_gradients_match_reference():
     t, h, f, e = 23, 16, 24, 4
     g = torch.Generator().manual_seed(0)
@@ -135,7 +236,7 @@ def test_gradients_match_reference():
         fn(leaves).backward(grad_out)
         return [v.grad for v in leaves]
 
-    fused = grads(lambda v: _FusedMoE.apply(v[0], v[1], v[2], v[3], idx, "swiglu"))
+    fused = grads(lambda v: _FusedMoE.apply(v[0], v[1], v[2], v[3], idx, "swiglu", False))
     ref = grads(lambda v: fused_moe_reference(v[0], v[1], v[2], idx, v[3], "swiglu"))
     for a, b in zip(fused, ref):
         assert rel_err(a, b) < 1e-5
@@ -173,6 +274,26 @@ def test_topk_softmax_ties_pick_lowest_expert_and_half_inputs():
     assert idx.tolist() == [[0, 1]] * 4 and torch.allclose(w, torch.full_like(w, 0.5))
 
 
+@pytest.mark.parametrize(
+    "t, h, e, k, dtype, rnd",
+    [(1, 64, 8, 2, torch.float32, False), (37, 100, 8, 2, torch.float32, False),
+     (20, 48, 128, 1, torch.float32, False), (9, 40, 6, 3, torch.float16, False),
+     (17, 64, 8, 2, torch.float16, True)],
+)  # fmt: skip
+def test_router_topk_matches_reference(t, h, e, k, dtype, rnd):
+    """Fused gate matmul + softmax + top-k = F.linear in fp32, then the reference gating."""
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(t, h, generator=g).to(DEVICE, dtype)
+    wg = (torch.randn(e, h, generator=g) / h**0.5).to(DEVICE, dtype)
+    idx, w, p = router_topk_triton(x, wg, k, k > 1, rnd, write_probs=True)
+    idx_r, w_r, p_r = router_topk_reference(x, wg, k, k > 1, rnd)
+    assert torch.equal(idx, idx_r)
+    torch.testing.assert_close(w, w_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p, p_r, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="expected x"):
+        router_topk_triton(x, wg[:, :-1], k, True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 16, 256, 1000])
 def test_bf16_on_gpu(t):
@@ -185,3 +306,31 @@ def test_bf16_on_gpu(t):
     out = fused_moe_triton(x, w_in, w_out, idx, w, "swiglu")
     ref = fused_moe_reference(x.double(), w_in.double(), w_out.double(), idx, w.double(), "swiglu")
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, e, k", [(1, 8, 2), (16, 8, 2), (256, 128, 1), (4096, 8, 2)])
+def test_infer_and_graph_replay_on_gpu(t, e, k):
+    """The lean path on the GPU (fused router, tuned or heuristic plan, CUDA graph replay)
+    against forward() in eval, bf16."""
+    from expertswitch.kernels.graphs import CapturedCall
+    from expertswitch.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE.stacked(256, 512, e, k=k, drop_tokens=False, top2_2nd_expert_sampling=False,
+                      dtype=torch.bfloat16, device="cuda").eval()  # fmt: skip
+    x = torch.randn(t, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = moe(x)[0]
+        out = moe.infer(x)
+        assert rel_err(out, ref) < 1e-2
+        step = CapturedCall(moe.infer, x)
+        x2 = torch.randn_like(x)
+        assert torch.equal(step(x2), moe.infer(x2))
+
+
+def test_captured_call_needs_a_gpu_input():
+    from expertswitch.kernels.graphs import CapturedCall
+
+    with pytest.raises(ValueError, match="CUDA example"):
+        CapturedCall(lambda x: x, torch.zeros(2))

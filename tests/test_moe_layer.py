@@ -104,6 +104,36 @@ def test_dropped_tokens_give_zero_expert_output():
     assert int(nonzero_rows) == moe.gate(x).capacity == 2
 
 
+@pytest.mark.parametrize("k, residual", [(1, False), (2, True), (3, False)])
+def test_infer_equals_forward_in_eval(k, residual):
+    """The lean inference path routes and computes exactly what forward() does."""
+    torch.manual_seed(k)
+    moe = MoE.stacked(16, 24, 6, k=k, use_residual=residual, drop_tokens=False,
+                      top2_2nd_expert_sampling=False).eval()  # fmt: skip
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(moe.infer(x), moe(x)[0], rtol=0, atol=0)
+    modular = MoE(16, nn.Linear(16, 16), num_experts=3, k=1, drop_tokens=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(modular.infer(x), modular(x)[0])
+    with pytest.raises(ConfigError, match="dropless path"):
+        MoE.stacked(16, 24, 4).eval().infer(x)
+    with pytest.raises(ConfigError, match="eval"):
+        moe.train().infer(x)
+
+
+def test_mixtral_keeps_logits_only_with_autograd():
+    torch.manual_seed(0)
+    moe = MixtralSparseMoE(16, 24, num_experts=4, top_k=2)
+    x = torch.randn(6, 16)
+    with_grad = moe(x)
+    assert moe.last_router_logits is not None and moe.last_router_logits.shape == (6, 4)
+    with torch.no_grad():
+        fast = moe(x)
+    assert moe.last_router_logits is None
+    torch.testing.assert_close(fast, with_grad.detach())
+
+
 def test_layer_input_errors():
     moe = MoE.stacked(8, 16, 2)
     with pytest.raises(ConfigError, match="hidden size 8"):

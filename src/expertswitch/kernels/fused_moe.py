@@ -7,11 +7,17 @@
     weights    fp32 [T, k]     gate weight of each route
     → out      [T, H]          Σ_r weights[t, r] · MLP_{expert_idx[t, r]}(x[t])
 
-GPU path (Triton), after vLLM's fused_moe: routes are block-aligned by expert
-(kernels/align.py); launch 1 gathers each block's token rows, multiplies by that block's
-expert's w_in with fp32 accumulation and applies the activation (SwiGLU fused: gate and up tiles
-accumulate side by side), writing one row per route; launch 2 multiplies those rows by w_out,
-scales by the route's gate weight and writes per-route outputs, summed over k in fp32.
+GPU path (Triton), after vLLM's fused_moe, with no host synchronisation anywhere (a CUDA graph
+can capture it). Launch "up" multiplies each route's token row by its expert's w_in with fp32
+accumulation and applies the activation (SwiGLU fused: gate and up tiles accumulate side by
+side), writing one row per route; launch "down" multiplies those rows by w_out and scales by the
+route's gate weight; for k > 1 a last launch sums each token's routes in fp32. How a launch
+finds its rows depends on the batch (kernels/moe_config.py picks, per device and shape):
+  - large batches: routes are block-aligned by expert (kernels/align.py, three small launches),
+    one program per (block of BLOCK_M routes of one expert, BLOCK_N columns);
+  - small batches (by route): no alignment at all; program r takes the expert of route r if r is
+    that expert's first route, with all of the expert's routes as its rows — each touched
+    expert's weights are still read once, and decoding costs 2-3 launches in all.
 Reference path (CPU, and the oracle): sort routes, grouped_mlp_reference, weighted index_add.
 Training: the Triton forward is wrapped in an autograd Function whose backward differentiates the
 reference (correct; a fused backward is future work).
@@ -19,10 +25,13 @@ reference (correct; a fused backward is future work).
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
-from expertswitch.kernels.align import align_block_size, sort_routes
+from expertswitch.kernels.align import align_block_size_triton, sort_routes
 from expertswitch.kernels.grouped_mlp import ACTIVATIONS, grouped_mlp_reference
+from expertswitch.kernels.moe_config import GemmConfig, MoEPlan, plan_for
 from expertswitch.utils.imports import is_triton_available
 
 _ACT_CODE = {"swiglu": 0, "gelu": 1, "relu": 2, "silu": 3}
@@ -72,15 +81,16 @@ def check_inputs(x, w_in, w_out, expert_idx, weights, activation) -> None:
         raise ValueError(f"dtypes differ: x {x.dtype}, w_in {w_in.dtype}, w_out {w_out.dtype}")
 
 
-def pick_blocks(n_routes: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) by routes in flight. Small batches want short M blocks so
-    padding rows stay few (vLLM on H100 Mixtral uses 16 for ≤ 32 rows up to 128 for ≥ 1024);
-    to be tuned on the GPU per shape."""
-    if n_routes <= 32:
-        return 16, 64, 64
-    if n_routes <= 1024:
-        return 64, 64, 64
-    return 128, 128, 64
+@cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, n_routes: int) -> MoEPlan:
+    """The launch plan for this call: the device's tuned table, else the heuristic."""
+    e, _, h = w_in.shape
+    dtype_name = str(x.dtype).removeprefix("torch.")
+    return plan_for(n_routes, e, h, w_out.shape[2], dtype_name, _device_name(x.device))
 
 
 if is_triton_available():
@@ -88,40 +98,65 @@ if is_triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:  # fp32 operands in full fp32, as torch.matmul does unless tf32 is allowed
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
     def _moe_gemm_kernel(
-        a_ptr, w_ptr, c_ptr, routes_ptr, block_expert_ptr, weight_ptr,
-        N, K, n_routes,
+        a_ptr, w_ptr, c_ptr, routes_ptr, block_expert_ptr, idx_ptr, weight_ptr,
+        N, K, n_routes, num_experts,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
         A_ROW_DIV: tl.constexpr, SWIGLU: tl.constexpr, ACT: tl.constexpr,
-        MUL_WEIGHT: tl.constexpr,
+        MUL_WEIGHT: tl.constexpr, BY_ROUTE: tl.constexpr, EVEN_K: tl.constexpr,
+        IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        routes = tl.load(routes_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]
-        valid = routes < n_routes
-        route_rows = tl.where(valid, routes, 0).to(tl.int64)  # output / weight row
+        if BY_ROUTE:  # rows: every route of the expert of route pid_m, if pid_m is its first
+            i = tl.arange(0, BLOCK_M)
+            ids = tl.load(idx_ptr + i, mask=i < n_routes, other=-1)
+            expert = tl.load(idx_ptr + pid_m)
+            first = tl.min(tl.where(ids == expert, i, BLOCK_M), axis=0)
+            if (first != pid_m) | (expert < 0):
+                return
+            valid = ids == expert
+            route_rows = tl.where(valid, i, 0).to(tl.int64)
+        else:  # rows: the block's slice of the expert-sorted, block-padded routes
+            expert = tl.load(block_expert_ptr + pid_m)
+            if expert >= num_experts:  # past the last block
+                return
+            routes = tl.load(routes_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+            valid = routes < n_routes
+            route_rows = tl.where(valid, routes, 0).to(tl.int64)
+        # invalid rows read row 0 and are never stored: A loads need no row mask
         rows = route_rows // A_ROW_DIV  # input row: the token for launch 1, the route for 2
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = offs_n < N
+        offs_n_in = offs_n % N  # columns past N re-read column n − N; masked at the store
+        offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-        w_ptrs = (
-            w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-        )
+        w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n_in[None, :] * stride_wn
+                  + offs_k[:, None] * stride_wk)  # fmt: skip
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k_mask = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.dot(a, w)
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_mask = offs_k < K - k0
+                a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+            acc += _dot(a, w, IEEE)
             if SWIGLU:  # up rows sit N rows below the gate rows
-                w_up = tl.load(
-                    w_ptrs + N * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0
-                )
-                acc_up += tl.dot(a, w_up)
+                if EVEN_K:
+                    w_up = tl.load(w_ptrs + N * stride_wn)
+                else:
+                    w_up = tl.load(w_ptrs + N * stride_wn, mask=k_mask[:, None], other=0.0)
+                acc_up += _dot(a, w_up, IEEE)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
         if SWIGLU:
@@ -137,17 +172,33 @@ if is_triton_available():
         c_ptrs = c_ptr + route_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
+    @triton.jit
+    def _combine_kernel(buf_ptr, idx_ptr, out_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+        """out[t] = Σ_r buf[t·K + r] over the token's kept routes, in fp32."""
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = offs < H
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for r in tl.static_range(K):
+            kept = (tl.zeros((BLOCK_H,), tl.int64) + tl.load(idx_ptr + t * K + r)) >= 0
+            acc += tl.load(buf_ptr + (t * K + r) * H + offs, mask=mask & kept, other=0.0)
+        tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-def _launch(a, w, c, routes, block_expert, weight, n, k_dim, n_routes, row_div, swiglu, act,
-            mul_weight, blocks):  # fmt: skip
-    bm, bn, bk = blocks
-    grid = (block_expert.numel(), triton.cdiv(n, bn))
+
+def _launch(a, w, c, rows, idx, weight, n, k_dim, n_routes, row_div, act, mul_weight,
+            by_route, cfg: GemmConfig):  # fmt: skip
+    routes, block_expert = rows
+    n_m = n_routes if by_route else block_expert.numel()
+    grid = (n_m, triton.cdiv(n, cfg.block_n))
     _moe_gemm_kernel[grid](
-        a, w, c, routes, block_expert, weight,
-        n, k_dim, n_routes,
+        a, w, c, routes, block_expert, idx, weight,
+        n, k_dim, n_routes, w.shape[0],
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
-        A_ROW_DIV=row_div, SWIGLU=swiglu, ACT=act, MUL_WEIGHT=mul_weight,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        A_ROW_DIV=row_div, SWIGLU=act == _ACT_CODE["swiglu"], ACT=act, MUL_WEIGHT=mul_weight,
+        BY_ROUTE=by_route, EVEN_K=k_dim % cfg.block_k == 0,
+        IEEE=a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -158,9 +209,12 @@ def fused_moe_triton(
     expert_idx: torch.Tensor,
     weights: torch.Tensor,
     activation: str = "swiglu",
-    blocks: tuple[int, int, int] | None = None,
+    moe_plan: MoEPlan | None = None,
+    dropless: bool = False,
 ) -> torch.Tensor:
-    """Two Triton launches; checks shapes, strides and dtypes first (biases: use the reference)."""
+    """The Triton path; checks shapes, strides and dtypes first (biases: use the reference).
+    No host synchronisation, so a CUDA graph can capture it. dropless=True promises no −1 in
+    expert_idx (skips zero-filling the output when k = 1)."""
     if not is_triton_available():
         raise ImportError("Triton is not installed: pip install 'expertswitch[gpu]'")
     check_inputs(x, w_in, w_out, expert_idx, weights, activation)
@@ -170,26 +224,41 @@ def fused_moe_triton(
     e, _, h = w_in.shape
     f = w_out.shape[2]
     n_routes = t * k
-    blocks = blocks or pick_blocks(n_routes)
-    routes, block_expert = align_block_size(expert_idx, e, blocks[0])
-    out_routes = torch.zeros(n_routes, h, dtype=torch.float32, device=x.device)
-    if routes.numel():
-        inter = torch.empty(n_routes, f, dtype=x.dtype, device=x.device)
-        w = weights.reshape(-1).float().contiguous()
-        swiglu = activation == "swiglu"
-        _launch(x, w_in, inter, routes, block_expert, w, f, h, n_routes, k, swiglu,
-                _ACT_CODE[activation], False, blocks)  # fmt: skip
-        _launch(inter, w_out, out_routes, routes, block_expert, w, h, f, n_routes, 1, False, -1,
-                True, blocks)  # fmt: skip
-    return out_routes.view(t, k, h).sum(dim=1).to(x.dtype)
+    p = moe_plan or plan(x, w_in, w_out, n_routes)
+    if p.by_route and n_routes > p.up.block_m:
+        raise ValueError(f"a by-route plan with block_m={p.up.block_m} holds at most that many "
+                         f"routes, got {n_routes}")  # fmt: skip
+    if n_routes == 0:
+        return x.new_zeros(t, h)
+    idx = expert_idx.reshape(-1)
+    idx = idx if idx.is_contiguous() else idx.contiguous()
+    w = weights.reshape(-1).to(torch.float32).contiguous()
+    out = (torch.empty if dropless else torch.zeros)(t, h, dtype=x.dtype, device=x.device)
+    buf = out if k == 1 else torch.empty(n_routes, h, dtype=torch.float32, device=x.device)
+    inter = torch.empty(n_routes, f, dtype=x.dtype, device=x.device)
+    act = _ACT_CODE[activation]
+    for cfg, gemm in ((p.up, "up"), (p.down, "down")):
+        if p.by_route:
+            rows = (idx, idx)  # unused pointers
+        elif gemm == "up" or cfg.block_m != p.up.block_m:
+            rows = align_block_size_triton(idx, e, cfg.block_m)[:2]
+        if gemm == "up":
+            _launch(x, w_in, inter, rows, idx, w, f, h, n_routes, k, act, False, p.by_route, cfg)
+        else:
+            _launch(inter, w_out, buf, rows, idx, w, h, f, n_routes, 1, -1, True, p.by_route, cfg)
+    if k > 1:
+        block_h = min(1024, triton.next_power_of_2(h))
+        _combine_kernel[(t, triton.cdiv(h, block_h))](buf, idx, out, h, K=k, BLOCK_H=block_h)
+    return out
 
 
 class _FusedMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_in, w_out, weights, expert_idx, activation):
+    def forward(ctx, x, w_in, w_out, weights, expert_idx, activation, dropless):
         ctx.save_for_backward(x, w_in, w_out, weights, expert_idx)
         ctx.activation = activation
-        return fused_moe_triton(x, w_in, w_out, expert_idx, weights, activation)
+        return fused_moe_triton(x, w_in, w_out, expert_idx, weights, activation,
+                                dropless=dropless)  # fmt: skip
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -200,7 +269,7 @@ class _FusedMoE(torch.autograd.Function):
             out = fused_moe_reference(*leaves[:3], expert_idx, leaves[3], ctx.activation)
             wanted = [t for t in leaves if t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-        return (*[next(grads) if t.requires_grad else None for t in leaves], None, None)
+        return (*[next(grads) if t.requires_grad else None for t in leaves], None, None, None)
 
 
 def fused_moe(
@@ -213,12 +282,16 @@ def fused_moe(
     b_in: torch.Tensor | None = None,
     b_out: torch.Tensor | None = None,
     use_triton: bool | None = None,
+    dropless: bool = False,
 ) -> torch.Tensor:
     """The fused kernel on CUDA tensors when Triton is present (and no biases), else the
-    reference. `use_triton=True` forces the kernel (e.g. under TRITON_INTERPRET=1 on CPU)."""
+    reference. `use_triton=True` forces the kernel (e.g. under TRITON_INTERPRET=1 on CPU).
+    dropless=True: the caller promises every route has an expert (no −1)."""
     if use_triton is None:
         use_triton = x.is_cuda and is_triton_available() and b_in is None and b_out is None
     if not use_triton:
         check_inputs(x, w_in, w_out, expert_idx, weights, activation)
         return fused_moe_reference(x, w_in, w_out, expert_idx, weights, activation, b_in, b_out)
-    return _FusedMoE.apply(x, w_in, w_out, weights, expert_idx, activation)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, w_out, weights)):
+        return _FusedMoE.apply(x, w_in, w_out, weights, expert_idx, activation, dropless)
+    return fused_moe_triton(x, w_in, w_out, expert_idx, weights, activation, dropless=dropless)

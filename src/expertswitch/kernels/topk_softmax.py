@@ -1,4 +1,5 @@
-"""Fused gating: softmax over experts, top-k, optional renormalisation, in one launch.
+"""Fused gating: softmax over experts, top-k, optional renormalisation, in one launch —
+from logits (`topk_softmax`), or with the router matmul fused in front (`router_topk`).
 
     logits   [T, E]  any float dtype (computed in fp32)
     → idx    int64 [T, k]  chosen experts, best first (ties: lowest expert id)
@@ -32,17 +33,13 @@ if is_triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _topk_softmax_kernel(
-        logits_ptr, idx_ptr, weight_ptr, probs_ptr, T, E, stride_t,
+    def _softmax_topk_store(
+        x, rows, row_ok, cols, E, idx_ptr, weight_ptr, probs_ptr,
         K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, WRITE_PROBS: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     ):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.arange(0, BLOCK_E)
-        row_ok = rows < T
+        """x: fp32 logits [BLOCK_T, BLOCK_E] → stores idx, weight (and probs) of valid rows."""
         mask = row_ok[:, None] & (cols[None, :] < E)
-        x = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask,
-                    other=float("-inf")).to(tl.float32)  # fmt: skip
         x = tl.where(mask, x, float("-inf"))
         x = tl.where(row_ok[:, None], x, 0.0)  # rows past T: finite, never stored
         m = tl.max(x, axis=1)
@@ -67,6 +64,113 @@ if is_triton_available():
         tl.store(weight_ptr + rows[:, None] * K + kcols[None, :], vals, mask=out_mask)
         tl.store(idx_ptr + rows[:, None] * K + kcols[None, :], idxs.to(tl.int64), mask=out_mask)
 
+    @triton.jit
+    def _topk_softmax_kernel(
+        logits_ptr, idx_ptr, weight_ptr, probs_ptr, T, E, stride_t,
+        K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, WRITE_PROBS: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_E)
+        row_ok = rows < T
+        mask = row_ok[:, None] & (cols[None, :] < E)
+        x = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask,
+                    other=float("-inf")).to(tl.float32)  # fmt: skip
+        _softmax_topk_store(x, rows, row_ok, cols, E, idx_ptr, weight_ptr, probs_ptr, K, K_PAD,
+                            RENORM, WRITE_PROBS, BLOCK_T, BLOCK_E)  # fmt: skip
+
+    @triton.jit
+    def _router_topk_kernel(
+        x_ptr, wg_ptr, idx_ptr, weight_ptr, probs_ptr, T, E, H, stride_xt, stride_we,
+        K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, WRITE_PROBS: tl.constexpr,
+        ROUND: tl.constexpr, F32: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):  # fmt: skip
+        """The router matmul (fp32 accumulation) fused in front of softmax + top-k."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_E)
+        row_ok = rows < T
+        rows_in = tl.where(row_ok, rows, 0).to(tl.int64)  # padding rows/experts read row 0
+        cols_in = tl.where(cols < E, cols, 0).to(tl.int64)
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_ok = offs_h < H
+            a = tl.load(x_ptr + rows_in[:, None] * stride_xt + offs_h[None, :],
+                        mask=h_ok[None, :], other=0.0)  # fmt: skip
+            w = tl.load(wg_ptr + cols_in[None, :] * stride_we + offs_h[:, None],
+                        mask=h_ok[:, None], other=0.0)  # fmt: skip
+            if F32:  # fp32 (or mixed) operands: full fp32 products, as F.linear in fp32
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+        if ROUND:  # logits rounded to the model dtype first, as a bf16 nn.Linear gate does
+            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+        _softmax_topk_store(acc, rows, row_ok, cols, E, idx_ptr, weight_ptr, probs_ptr, K, K_PAD,
+                            RENORM, WRITE_PROBS, BLOCK_T, BLOCK_E)  # fmt: skip
+
+
+def _k_pad(k: int) -> int:
+    return max(2, 1 << (k - 1).bit_length())  # a power of two; 2 at least (no 1-wide aranges)
+
+
+def _outputs(t: int, e: int, k: int, write_probs: bool, device):
+    idx = torch.empty(t, k, dtype=torch.int64, device=device)
+    weight = torch.empty(t, k, dtype=torch.float32, device=device)
+    probs = torch.empty(t, e, dtype=torch.float32, device=device) if write_probs else weight
+    return idx, weight, probs
+
+
+def router_topk_reference(
+    x: torch.Tensor, wg: torch.Tensor, k: int, renormalize: bool, round_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = torch.nn.functional.linear(x.float(), wg.float())
+    if round_logits:
+        logits = logits.to(x.dtype)
+    return topk_softmax_reference(logits, k, renormalize)
+
+
+def router_topk_triton(
+    x: torch.Tensor,
+    wg: torch.Tensor,
+    k: int,
+    renormalize: bool,
+    round_logits: bool = False,
+    write_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gate matmul + softmax + top-k in one launch: x [T, H], wg [E, H] → (idx, weight, probs).
+    Logits accumulate in fp32 from the operands' exact products (= F.linear(x.float(),
+    wg.float()) up to summation order); round_logits rounds them to x's dtype first."""
+    if not is_triton_available():
+        raise ImportError("Triton is not installed: pip install 'expertswitch[gpu]'")
+    if x.dim() != 2 or wg.dim() != 2 or x.shape[1] != wg.shape[1]:
+        raise ValueError(f"expected x [T, H] and wg [E, H], got {tuple(x.shape)} and "
+                         f"{tuple(wg.shape)}")  # fmt: skip
+    if x.stride(1) != 1 or wg.stride(1) != 1:
+        raise ValueError("x and wg must be contiguous along H")
+    (t, h), e = x.shape, wg.shape[0]
+    if not 1 <= k <= e:
+        raise ValueError(f"k={k} must be between 1 and E={e}")
+    idx, weight, probs = _outputs(t, e, k, write_probs, x.device)
+    block_e = max(16, triton.next_power_of_2(e))
+    if t:
+        _router_topk_kernel[(triton.cdiv(t, 16),)](
+            x, wg, idx, weight, probs, t, e, h, x.stride(0), wg.stride(0),
+            K=k, K_PAD=_k_pad(k), RENORM=renormalize, WRITE_PROBS=write_probs,
+            ROUND=round_logits, F32=x.dtype == torch.float32 or x.dtype != wg.dtype,
+            BLOCK_T=16, BLOCK_E=block_e, BLOCK_H=64 if block_e <= 128 else 32,
+        )  # fmt: skip
+    return idx, weight, probs if write_probs else None
+
+
+def router_topk(
+    x: torch.Tensor, wg: torch.Tensor, k: int, renormalize: bool, round_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, weight) of the routes; the fused kernel on CUDA tensors, the reference elsewhere."""
+    if x.is_cuda and is_triton_available():
+        return router_topk_triton(x.contiguous(), wg.contiguous(), k, renormalize, round_logits)[:2]
+    return router_topk_reference(x, wg, k, renormalize, round_logits)[:2]
+
 
 def topk_softmax_triton(
     logits: torch.Tensor, k: int, renormalize: bool, write_probs: bool = True
@@ -78,15 +182,13 @@ def topk_softmax_triton(
     t, e = logits.shape
     if not 1 <= k <= e:
         raise ValueError(f"k={k} must be between 1 and E={e}")
-    idx = torch.empty(t, k, dtype=torch.int64, device=logits.device)
-    weight = torch.empty(t, k, dtype=torch.float32, device=logits.device)
-    probs = torch.empty(t, e, dtype=torch.float32, device=logits.device) if write_probs else weight
+    idx, weight, probs = _outputs(t, e, k, write_probs, logits.device)
     block_e = triton.next_power_of_2(e)
     block_t = max(1, min(64, 4096 // block_e))
     if t:
         _topk_softmax_kernel[(triton.cdiv(t, block_t),)](
             logits, idx, weight, probs, t, e, logits.stride(0),
-            K=k, K_PAD=triton.next_power_of_2(k), RENORM=renormalize, WRITE_PROBS=write_probs,
+            K=k, K_PAD=_k_pad(k), RENORM=renormalize, WRITE_PROBS=write_probs,
             BLOCK_T=block_t, BLOCK_E=block_e,
         )  # fmt: skip
     return idx, weight, probs if write_probs else None

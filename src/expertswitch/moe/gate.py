@@ -214,6 +214,14 @@ class TopKGate(torch.nn.Module):
         self.use_rts = use_rts
         self.second_expert_sampling = second_expert_sampling
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dropless inference routing, no noise: x [T, H] → (expert_idx int64 [T, k], weights
+        fp32 [T, k]) — the routes `forward` picks in eval mode with drop_tokens=False, from one
+        fused launch on a GPU (gate matmul, softmax, top-k, renormalisation for k > 1)."""
+        from expertswitch.kernels.topk_softmax import router_topk
+
+        return router_topk(x, self.wg.weight, self.k, renormalize=self.k > 1)
+
     def forward(self, x: torch.Tensor) -> GateOutput:
         """x [T, H] → GateOutput."""
         x32 = x.float()

@@ -124,15 +124,42 @@ class MoE(nn.Module):
                               f"{tuple(hidden_states.shape)}")  # fmt: skip
         x = hidden_states.reshape(-1, self.hidden_size)
         gate = self.gate(x)
-        out = self._experts_forward(x, gate).reshape(hidden_states.shape)
-        if self.use_residual:
-            coef = F.softmax(self.coefficient(hidden_states), dim=-1)
-            mlp_out = self.mlp(hidden_states)
-            mlp_out = mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out
-            out = out * coef[..., 0:1] + mlp_out * coef[..., 1:]
+        out = self._mix_residual(hidden_states, self._experts_forward(x, gate))
         l_aux = gate.l_aux + self.z_loss_coef * gate.z_loss if self.z_loss_coef else gate.l_aux
         self.exp_counts = gate.exp_counts
         return out, l_aux, gate.exp_counts
+
+    def infer(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The inference fast path: hidden_states [..., H] → output [..., H], equal to
+        `forward(...)[0]` of this dropless layer in eval mode, without the aux loss and expert
+        counts. Stacked experts on a GPU: fused gating, then the grouped GEMMs — 3 to 6 launches,
+        no host synchronisation, so a CUDA graph can capture it (kernels/graphs.py)."""
+        if self.gate.drop_tokens:
+            raise ConfigError("infer() is the dropless path: build the layer with "
+                              "drop_tokens=False, or call forward() for capacity and "
+                              "token dropping")  # fmt: skip
+        if self.training:
+            raise ConfigError("infer() is for inference: call .eval() first, or forward()")
+        ex = self.experts
+        if not isinstance(ex, StackedExperts):
+            return self.forward(hidden_states)[0]
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ConfigError(f"MoE expects hidden size {self.hidden_size}, got input of shape "
+                              f"{tuple(hidden_states.shape)}")  # fmt: skip
+        x = hidden_states.reshape(-1, self.hidden_size)
+        idx, weights = self.gate.route(x)
+        out = fused_moe(x, ex.w_in, ex.w_out, idx, weights, ex.activation, ex.b_in, ex.b_out,
+                        dropless=True)  # fmt: skip
+        return self._mix_residual(hidden_states, out)
+
+    def _mix_residual(self, hidden_states: torch.Tensor, moe_out: torch.Tensor) -> torch.Tensor:
+        out = moe_out.reshape(hidden_states.shape)
+        if not self.use_residual:
+            return out
+        coef = F.softmax(self.coefficient(hidden_states), dim=-1)
+        mlp_out = self.mlp(hidden_states)
+        mlp_out = mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out
+        return out * coef[..., 0:1] + mlp_out * coef[..., 1:]
 
 
 _DS_KEYS = (

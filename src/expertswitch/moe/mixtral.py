@@ -1,6 +1,7 @@
 """Mixtral's sparse MoE FFN on stacked experts: router → fp32 softmax → top-k → renormalise →
 SwiGLU experts, dropless. Model-agnostic interface: hidden states [..., H] in, same shape out
-(router logits kept on `last_router_logits` for an aux loss), so any decoder can plug it in.
+(router logits kept on `last_router_logits` for an aux loss when autograd is on), so any decoder
+can plug it in.
 
 Loads the router and expert tensors of an HF Mixtral checkpoint in either layout:
 per expert (`experts.{e}.w1/w3/w2.weight`, as saved on disk and by transformers 4) or fused
@@ -16,7 +17,7 @@ from torch import nn
 
 from expertswitch.errors import CheckpointError
 from expertswitch.kernels.fused_moe import fused_moe
-from expertswitch.kernels.topk_softmax import topk_softmax
+from expertswitch.kernels.topk_softmax import router_topk, topk_softmax
 from expertswitch.moe.experts import StackedExperts
 
 
@@ -44,12 +45,18 @@ class MixtralSparseMoE(nn.Module):
                    config.num_experts_per_tok, dtype, device)  # fmt: skip
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """With autograd on, the router logits are kept on `last_router_logits`; without (for
+        inference), gate matmul, softmax and top-k run as one fused launch and it is None."""
         x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
-        logits = self.gate(x)  # [T, E], in the model dtype as in transformers
-        idx, weights, _ = topk_softmax(logits, self.top_k, renormalize=True)
-        self.last_router_logits = logits
+        if torch.is_grad_enabled():
+            logits = self.gate(x)  # [T, E], in the model dtype as in transformers
+            idx, weights, _ = topk_softmax(logits, self.top_k, renormalize=True)
+            self.last_router_logits = logits
+        else:  # logits rounded to the model dtype, as the nn.Linear above gives them
+            idx, weights = router_topk(x, self.gate.weight, self.top_k, True, round_logits=True)
+            self.last_router_logits = None
         ex = self.experts
-        out = fused_moe(x, ex.w_in, ex.w_out, idx, weights.to(x.dtype), "swiglu")
+        out = fused_moe(x, ex.w_in, ex.w_out, idx, weights, "swiglu", dropless=True)
         return out.reshape(hidden_states.shape)
 
     @torch.no_grad()

@@ -1,0 +1,122 @@
+"""Launch configurations of the fused MoE kernels, by shape and batch.
+
+A `MoEPlan` says how one fused_moe call runs:
+
+    by_route   small batches: no alignment pass; program r serves the expert of route r when r is
+               that expert's first route, taking every route of the expert as its rows (so each
+               touched expert's weights are read once and the routing needs no sort)
+    up, down   GemmConfig of the first (w_in, activation fused) and second (w_out) matmul
+
+Tuned plans live in kernels/configs/<device>.json, written by benchmarks/tune_moe.py on the GPU:
+
+    {"device": "NVIDIA H100 80GB HBM3",
+     "shapes": {"E8_H4096_F14336_bfloat16": [{"max_routes": 2, "by_route": true,
+                                               "up": {...GemmConfig}, "down": {...}}, ...]}}
+
+A call with R = T·k routes takes the entry whose max_routes is nearest to R on a log scale, if
+within a factor NEAR of it; sizes, shapes or devices the table does not cover get
+`heuristic_plan` (a plan tuned for 16 tokens is no plan for 4096).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, replace
+from functools import cache, lru_cache
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+BY_ROUTE_MAX = 64  # the by-route path holds all routes in one BLOCK_M tile
+NEAR = 4.0
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v}: blocks are powers of two ≥ 16 (tl.dot's minimum)")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"num_warps={self.num_warps}, num_stages={self.num_stages}")
+
+
+@dataclass(frozen=True)
+class MoEPlan:
+    by_route: bool
+    up: GemmConfig
+    down: GemmConfig
+
+    def __post_init__(self):
+        if self.by_route and self.up.block_m != self.down.block_m:
+            raise ValueError("a by-route plan uses one block_m (all routes) for both matmuls")
+
+    def to_json(self, max_routes: int) -> dict:
+        return {"max_routes": max_routes, "by_route": self.by_route,
+                "up": asdict(self.up), "down": asdict(self.down)}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict) -> MoEPlan:
+        return cls(d["by_route"], GemmConfig(**d["up"]), GemmConfig(**d["down"]))
+
+
+def shape_key(num_experts: int, hidden: int, ffn: int, dtype_name: str) -> str:
+    return f"E{num_experts}_H{hidden}_F{ffn}_{dtype_name}"
+
+
+def device_file(device_name: str) -> Path:
+    return CONFIG_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+@cache
+def _table(device_name: str) -> dict:
+    path = device_file(device_name)
+    return json.loads(path.read_text())["shapes"] if path.exists() else {}
+
+
+def by_route_block(n_routes: int) -> int:
+    return max(16, 1 << (max(n_routes, 1) - 1).bit_length())
+
+
+def heuristic_plan(n_routes: int, num_experts: int) -> MoEPlan:
+    """Untuned defaults: short M tiles while the batch is small (padding rows cost bandwidth),
+    128×128 tiles once the GEMMs are compute-bound."""
+    if n_routes <= min(16, num_experts):
+        bm = by_route_block(n_routes)
+        return MoEPlan(True, GemmConfig(bm, 64, 128, 4, 4), GemmConfig(bm, 32, 128, 4, 4))
+    per_expert = n_routes / num_experts
+    if per_expert <= 32:
+        cfg = GemmConfig(16, 64, 128, 4, 4)
+    elif per_expert <= 128:
+        cfg = GemmConfig(64, 64, 64, 4, 4)
+    else:
+        cfg = GemmConfig(128, 128, 64, 8, 3)
+    return MoEPlan(False, cfg, cfg)
+
+
+@lru_cache(maxsize=4096)
+def plan_for(
+    n_routes: int, num_experts: int, hidden: int, ffn: int, dtype_name: str, device_name: str
+) -> MoEPlan:
+    entries = _table(device_name).get(shape_key(num_experts, hidden, ffn, dtype_name))
+    if not entries:
+        return heuristic_plan(n_routes, num_experts)
+    r = max(n_routes, 1)
+    entry = min(entries, key=lambda e: abs(math.log(e["max_routes"] / r)))
+    if not 1 / NEAR <= entry["max_routes"] / r <= NEAR:
+        return heuristic_plan(n_routes, num_experts)
+    plan = MoEPlan.from_json(entry)
+    if plan.by_route:  # a table entry sized for fewer routes must still hold them all
+        if n_routes > BY_ROUTE_MAX:
+            return heuristic_plan(n_routes, num_experts)
+        bm = max(plan.up.block_m, by_route_block(n_routes))
+        plan = MoEPlan(True, replace(plan.up, block_m=bm), replace(plan.down, block_m=bm))
+    return plan
