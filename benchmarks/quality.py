@@ -32,15 +32,23 @@ from expertswitch.utils.imports import resolve_device  # noqa: E402
 from expertswitch.zoo.build import build_family  # noqa: E402
 from expertswitch.zoo.corpora import load_corpora  # noqa: E402
 
+# most important first: a run that meets its time budget early still answers "does mixed at 2
+# bits keep ≥ 95% and beat RTN" (issue 3), then the other widths, then the slow tuned variants
+PRIORITY = ["mixed-2", "rtn-2", "mixed-3", "rtn-3", "mixed-1", "rtn-1", "bitdelta"]
 
-def variants(bits_list, tune_steps):
+
+def variants(bits_list, tune_steps) -> list[tuple[str, str, object]]:
+    out = []
     for bits in bits_list:
-        yield f"mixed-{bits}", "mixed", make_method("mixed", bits=bits)
+        out.append((f"mixed-{bits}", "mixed", make_method("mixed", bits=bits)))
+        out.append((f"rtn-{bits}", "rtn", make_method("rtn", bits=bits)))
+    out.append(("bitdelta", "bitdelta", make_method("bitdelta")))
+    for bits in bits_list:
         if tune_steps:
-            yield (f"mixed-{bits}+tune", "mixed+tune",
-                   make_method("mixed", bits=bits, tune_steps=tune_steps))  # fmt: skip
-        yield f"rtn-{bits}", "rtn", make_method("rtn", bits=bits)
-    yield "bitdelta", "bitdelta", make_method("bitdelta")
+            out.append((f"mixed-{bits}+tune", "mixed+tune",
+                        make_method("mixed", bits=bits, tune_steps=tune_steps)))  # fmt: skip
+    rank = {label: i for i, label in enumerate(PRIORITY)}
+    return sorted(out, key=lambda v: rank.get(v[0], len(PRIORITY)))
 
 
 KEPT_FLOOR = -0.5
@@ -53,12 +61,100 @@ def make_plot(rows: list[dict], preset: str) -> str:
     for method in ("mixed", "mixed+tune", "rtn", "bitdelta"):
         for label in dict.fromkeys(r["variant"] for r in rows if r["method"] == method):
             sel = [r for r in rows if r["variant"] == label]
+            kept = [r["kept_nll"] for r in sel if r["kept_nll"] is not None]
+            if not kept:
+                continue
             x = sum(r["bits_per_param"] for r in sel) / len(sel)
-            y = sum(r["kept_nll"] for r in sel) / len(sel)
+            y = sum(kept) / len(kept)
             series.setdefault(method, []).append((x, max(KEPT_FLOOR, y)))
     return svg_line_plot(series, f"Share of expert gain kept ('{preset}' family)",
                          "bits per parameter (quantized tensors)",
                          f"gain kept (log-ppl), mean of experts; floor {KEPT_FLOOR}")  # fmt: skip
+
+
+def full_row(d: str, b, full) -> dict:
+    return {"expert": d, "variant": "full (bf16)", "method": "full", "bits_per_param": 16.0,
+            "ppl": full.ppl, "token_acc": full.token_acc, "exact": full.score, "kept_nll": 1.0,
+            "kept_acc": 1.0, "kept_exact": 1.0, "base_ppl": b.ppl,
+            "base_token_acc": b.token_acc, "base_exact": b.score, "full_ppl": full.ppl,
+            "full_token_acc": full.token_acc, "full_exact": full.score}  # fmt: skip
+
+
+def variant_row(full: dict, label: str, method: str, rep: dict, s) -> dict:
+    return {
+        **full,
+        "variant": label,
+        "method": method,
+        "bits_per_param": rep["bits_per_param_quantized"],
+        "archive_bytes": rep["archive_bytes"],
+        "ratio": rep["ratio_to_fp16"],
+        "ppl": s.ppl,
+        "token_acc": s.token_acc,
+        "exact": s.score,
+        "kept_nll": nll_kept(full["base_ppl"], full["full_ppl"], s.ppl),
+        "kept_acc": margin_kept(full["base_token_acc"], full["full_token_acc"], s.token_acc),
+        "kept_exact": margin_kept(full["base_exact"], full["full_exact"], s.score),
+    }
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def verdicts(rows: list[dict], bits: int = 2, need: float = 0.95) -> list[str]:
+    """Issue 3's bar, per expert: mixed at `bits` keeps ≥ need of the margin (task answer-token
+    accuracy, and exact match where the expert has an EM margin) and beats RTN at `bits`."""
+    out = []
+    for d in dict.fromkeys(r["expert"] for r in rows):
+        got = {r["variant"]: r for r in rows if r["expert"] == d}
+        m, r = got.get(f"mixed-{bits}"), got.get(f"rtn-{bits}")
+        if m is None or r is None:
+            out.append(f"- {d}: mixed-{bits} / rtn-{bits} not measured in this run")
+            continue
+        keys = ["kept_acc", "kept_nll"] + (["kept_exact"] if m["kept_exact"] is not None else [])
+        kept_ok = all(m[k] is not None and m[k] >= need for k in keys)
+        beats = all((m[k] or 0) >= (r[k] or 0) for k in keys)
+        out.append(
+            f"- {d}: mixed-{bits} keeps "
+            + ", ".join(f"{k[5:]} {_fmt(m[k])}" for k in keys)
+            + f" ({'≥' if kept_ok else '**below**'} {need}); rtn-{bits} "
+            + ", ".join(f"{k[5:]} {_fmt(r[k])}" for k in keys)
+            + f" ({'mixed better' if beats else '**rtn not beaten on every measure**'})"
+        )
+    return out
+
+
+def report(args, device, family, base, rows, start, complete: bool) -> Path:
+    info = run_info(device)
+    payload = {**info, "benchmark": "quality", "preset": args.preset, "items": args.items,
+               "family": family.manifest, "base": {d: s.to_dict() for d, s in base.items()},
+               "rows": rows, "complete": complete,
+               "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    md = [f"# Quality retained, '{args.preset}' family", "",
+          f"{info['device']}, torch {info['torch']}, commit {info['commit']}, {info['date']}. "
+          "Each expert on its own domain; kept = share of the expert's gain over the base that "
+          "survives (log-perplexity; task answer-token accuracy; task exact match). Sizes "
+          "include quantized embedding/lm_head deltas."
+          + ("" if complete else " **Incomplete run: the time budget ended it; rows missing "
+             "below were not measured.**"), "",
+          "| expert | variant | bits/param | ratio | ppl (base → full) | ppl | kept (ppl) "
+          "| task acc (base → full) | task acc | kept (acc) | exact (base → full) | exact "
+          "| kept (exact) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    order = {"full (bf16)": -1, **{v: i for i, (v, _, _) in enumerate(variants(args.bits, 1))}}
+    for r in sorted(rows, key=lambda r: (r["expert"], order.get(r["variant"], 99))):
+        md.append(f"| {r['expert']} | {r['variant']} | {r['bits_per_param']:.2f} | "
+                  f"{r.get('ratio', '-')} | {r['base_ppl']:.2f} → {r['full_ppl']:.2f} | "
+                  f"{r['ppl']:.2f} | {_fmt(r['kept_nll'])} | {r['base_token_acc']:.3f} → "
+                  f"{r['full_token_acc']:.3f} | {r['token_acc']:.3f} | {_fmt(r['kept_acc'])} | "
+                  f"{r['base_exact']:.2f} → {r['full_exact']:.2f} | {r['exact']:.2f} | "
+                  f"{_fmt(r['kept_exact'])} |")  # fmt: skip
+    md += ["", "Mixed precision at 2 bits against the bar (≥ 95% of the margin, beats RTN):", ""]
+    md += verdicts(rows)
+    tag = f"quality-{args.preset}-{'gpu' if device.startswith('cuda') else 'cpu'}"
+    path = write_results(tag, payload, "\n".join(md), args.out)
+    path.with_suffix(".svg").write_text(make_plot(rows, args.preset))
+    return path
 
 
 def main(argv=None) -> None:
@@ -68,6 +164,10 @@ def main(argv=None) -> None:
     ap.add_argument("--tune-steps", type=int, default=100)
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no variant that would end past this many seconds (estimated "
+                         "from the slowest one so far); results are written after every "
+                         "variant, so a cut run still reports what it measured")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--replot", type=Path, default=None, help="redraw the SVG of a results JSON")
     args = ap.parse_args(argv)
@@ -84,62 +184,37 @@ def main(argv=None) -> None:
     base = evaluate_checkpoint(family.base, family.domains, corpora, args.items, device)
     opts = CompressOptions(calib=CalibOptions(tokens=8192, seq_len=256), device=device,
                            progress=False, quantize_embeddings=True)  # fmt: skip
-    rows = []
+    fulls = {}
+    for d, path in family.experts.items():
+        full = evaluate_checkpoint(path, [d], corpora, args.items, device)[d]
+        fulls[d] = full_row(d, base[d], full)
+    rows = list(fulls.values())
+    slowest, complete = 0.0, True
     with tempfile.TemporaryDirectory() as tmp:
-        for d, path in family.experts.items():
-            full = evaluate_checkpoint(path, [d], corpora, args.items, device)[d]
-            b = base[d]
-            rows.append({"expert": d, "variant": "full (bf16)", "method": "full",
-                         "bits_per_param": 16.0, "ppl": full.ppl, "token_acc": full.token_acc,
-                         "exact": full.score, "kept_nll": 1.0, "kept_acc": 1.0,
-                         "base_ppl": b.ppl, "base_token_acc": b.token_acc, "base_exact": b.score,
-                         "full_ppl": full.ppl, "full_token_acc": full.token_acc})  # fmt: skip
-            for label, family_name, method in variants(args.bits, args.tune_steps):
+        for label, method_name, method in variants(args.bits, args.tune_steps):
+            elapsed = time.perf_counter() - start
+            if args.budget_s is not None and elapsed + slowest > args.budget_s:
+                print(f"time budget: stopping before {label} ({elapsed:.0f} s spent, the slowest "
+                      f"variant took {slowest:.0f} s)", flush=True)  # fmt: skip
+                complete = False
+                break
+            t0 = time.perf_counter()
+            for d, path in family.experts.items():
                 ar = compress_expert(family.base, path, Path(tmp) / f"{d}-{label}", method, opts)
                 rec = rebuild(family.base, ar, Path(tmp) / f"{d}-{label}-rec", device, False)
                 s = evaluate_checkpoint(rec, [d], corpora, args.items, device)[d]
-                rep = archive_report(open_archive(ar))
-                row = {
-                    **rows[-1],
-                    "variant": label,
-                    "method": family_name,
-                    "bits_per_param": rep["bits_per_param_quantized"],
-                    "archive_bytes": rep["archive_bytes"],
-                    "ratio": rep["ratio_to_fp16"],
-                    "ppl": s.ppl,
-                    "token_acc": s.token_acc,
-                    "exact": s.score,
-                    "kept_nll": nll_kept(b.ppl, full.ppl, s.ppl),
-                    "kept_acc": margin_kept(b.token_acc, full.token_acc, s.token_acc),
-                }
+                row = variant_row(fulls[d], label, method_name, archive_report(open_archive(ar)), s)
                 rows.append(row)
-                print(f"{d:<6} {label:<16} {row['bits_per_param']:>6.2f} b/p  ppl {s.ppl:8.2f} "
-                      f"(base {b.ppl:.2f}, full {full.ppl:.2f})  kept {row['kept_nll']:.2f}",
-                      flush=True)  # fmt: skip
-    info = run_info(device)
-    payload = {**info, "benchmark": "quality", "preset": args.preset, "items": args.items,
-               "family": family.manifest, "base": {d: s.to_dict() for d, s in base.items()},
-               "rows": rows, "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
-    md = [f"# Quality retained, '{args.preset}' family", "",
-          f"{info['device']}, torch {info['torch']}, commit {info['commit']}, {info['date']}. "
-          "Each expert on its own domain; kept = share of the expert's gain over the base that "
-          "survives (log-perplexity; task answer-token accuracy). Sizes include quantized "
-          "embedding/lm_head deltas.", "",
-          "| expert | variant | bits/param | ratio | ppl (base → full) | ppl | kept (ppl) "
-          "| task acc (base → full) | task acc | kept (acc) | exact |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        kept_acc = "-" if r["kept_acc"] is None else f"{r['kept_acc']:.2f}"
-        md.append(f"| {r['expert']} | {r['variant']} | {r['bits_per_param']:.2f} | "
-                  f"{r.get('ratio', '-')} | {r['base_ppl']:.2f} → {r['full_ppl']:.2f} | "
-                  f"{r['ppl']:.2f} | {r['kept_nll']:.2f} | {r['base_token_acc']:.3f} → "
-                  f"{r['full_token_acc']:.3f} | {r['token_acc']:.3f} | {kept_acc} | "
-                  f"{r['exact']:.2f} |")  # fmt: skip
-    svg = make_plot(rows, args.preset)
-    tag = f"quality-{args.preset}-{'gpu' if device.startswith('cuda') else 'cpu'}"
-    path = write_results(tag, payload, "\n".join(md), args.out)
-    path.with_suffix(".svg").write_text(svg)
-    print("\n".join(md))
+                print(
+                    f"{d:<6} {label:<16} {row['bits_per_param']:>6.2f} b/p  ppl {s.ppl:8.2f} "
+                    f"(base {row['base_ppl']:.2f}, full {row['full_ppl']:.2f})  kept "
+                    f"{_fmt(row['kept_nll'])} / acc {_fmt(row['kept_acc'])}",
+                    flush=True,
+                )
+            slowest = max(slowest, time.perf_counter() - t0)
+            report(args, device, family, base, rows, start, complete=False)
+    path = report(args, device, family, base, rows, start, complete)
+    print(path.with_suffix(".md").read_text())
     print(f"wrote {path} and {path.with_suffix('.svg')}")
 
 

@@ -125,3 +125,29 @@ def test_expertswitch_demo_command_under_five_minutes(tmp_path):
         ppl_base, ppl_full = map(float, row.split()[1:3])
         assert ppl_full < ppl_base, row
     assert torch.__version__  # torch stayed importable in this process
+
+
+def test_early_stopping_keeps_the_best_validated_weights():
+    """With validation, training ends on the weights of the lowest validation loss seen
+    (step 0 included), and that loss is what the returned model has."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from expertswitch.train.lm import TrainConfig, train_lm, val_windows, validation_loss
+
+    torch.manual_seed(0)
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = LlamaForCausalLM(LlamaConfig(**dims, num_key_value_heads=1, vocab_size=64))
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 64, (4000,), generator=g)
+    val = torch.randint(0, 64, (600,), generator=g)
+    # lr high enough that the loss on unseen random tokens moves both ways
+    cfg = TrainConfig(12, batch_size=4, seq_len=32, lr=3e-2, warmup=1, val_every=5)
+    res = train_lm(model, [train], cfg, progress=False, val_streams=[val])
+    steps = [s for s, _ in res.val_losses]
+    assert steps == [0, 5, 10, 12] and len(res.losses) == 12
+    best_step, best = min(res.val_losses, key=lambda sv: sv[1])
+    assert res.best_step == best_step
+    final = validation_loss(model, [val_windows(val, cfg)], 4, "cpu")
+    assert final == pytest.approx(best, abs=1e-3)
+    no_val = train_lm(model, [train], TrainConfig(2, 4, 32), progress=False)
+    assert no_val.best_step is None and no_val.val_losses is None
