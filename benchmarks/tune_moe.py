@@ -92,7 +92,7 @@ class Problem:
         else:
             args = (self.inter, self.w_out, self.buf, rows, self.idx, self.wts, self.h, self.f,
                     self.n_routes, 1, -1, True, by_route, cfg)  # fmt: skip
-        return lambda: _launch(*args)
+        return lambda: _launch(*args[:-1], cfg=args[-1])
 
 
 def bench(fn) -> float:

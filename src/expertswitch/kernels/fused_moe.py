@@ -185,21 +185,33 @@ if is_triton_available():
         tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(a, w, c, rows, idx, weight, n, k_dim, n_routes, row_div, act, mul_weight,
-            by_route, cfg: GemmConfig):  # fmt: skip
+def gemm_launch(a, w, c, rows, idx, weight, n, k_dim, n_routes, row_div, act, mul_weight,
+                by_route, cfg: GemmConfig) -> tuple[tuple[int, int], dict, dict]:  # fmt: skip
+    """(grid, runtime args, constexprs) of one _moe_gemm_kernel launch; kernels/aot.py
+    compiles the very same specialisation for an H100 on a CPU-only machine."""
     routes, block_expert = rows
     n_m = n_routes if by_route else block_expert.numel()
-    grid = (n_m, triton.cdiv(n, cfg.block_n))
-    _moe_gemm_kernel[grid](
-        a, w, c, routes, block_expert, idx, weight,
-        n, k_dim, n_routes, w.shape[0],
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
+    grid = (n_m, -(-n // cfg.block_n))
+    args = dict(
+        a_ptr=a, w_ptr=w, c_ptr=c, routes_ptr=routes, block_expert_ptr=block_expert,
+        idx_ptr=idx, weight_ptr=weight, N=n, K=k_dim, n_routes=n_routes, num_experts=w.shape[0],
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=w.stride(0),
+        stride_wn=w.stride(1), stride_wk=w.stride(2), stride_cm=c.stride(0),
+        stride_cn=c.stride(1),
+    )  # fmt: skip
+    consts = dict(
         A_ROW_DIV=row_div, SWIGLU=act == _ACT_CODE["swiglu"], ACT=act, MUL_WEIGHT=mul_weight,
         BY_ROUTE=by_route, EVEN_K=k_dim % cfg.block_k == 0,
         IEEE=a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    return grid, args, consts
+
+
+def _launch(*launch_args, cfg: GemmConfig) -> None:
+    grid, args, consts = gemm_launch(*launch_args, cfg)
+    _moe_gemm_kernel[grid](**args, **consts, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)  # fmt: skip
 
 
 def fused_moe_triton(
@@ -243,9 +255,11 @@ def fused_moe_triton(
         elif gemm == "up" or cfg.block_m != p.up.block_m:
             rows = align_block_size_triton(idx, e, cfg.block_m)[:2]
         if gemm == "up":
-            _launch(x, w_in, inter, rows, idx, w, f, h, n_routes, k, act, False, p.by_route, cfg)
+            _launch(x, w_in, inter, rows, idx, w, f, h, n_routes, k, act, False, p.by_route,
+                    cfg=cfg)  # fmt: skip
         else:
-            _launch(inter, w_out, buf, rows, idx, w, h, f, n_routes, 1, -1, True, p.by_route, cfg)
+            _launch(inter, w_out, buf, rows, idx, w, h, f, n_routes, 1, -1, True, p.by_route,
+                    cfg=cfg)  # fmt: skip
     if k > 1:
         block_h = min(1024, triton.next_power_of_2(h))
         _combine_kernel[(t, triton.cdiv(h, block_h))](buf, idx, out, h, K=k, BLOCK_H=block_h)

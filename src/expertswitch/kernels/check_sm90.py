@@ -1,0 +1,126 @@
+"""Compile every Triton kernel variant the library launches for an H100, on this machine.
+
+    python -m expertswitch.kernels.check_sm90          # table; exit 1 on an error or a spill
+
+The GEMM variants are the launch plans (tuned table or heuristic) for the benchmark shapes at
+1, 16, 256 and 4096 tokens, built by the launchers' own argument code (fused_moe.gemm_launch),
+so what compiles here is what a launch on the GPU compiles. Needs Triton (not a GPU), and must
+run without TRITON_INTERPRET (tests start it in a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+SHAPES = {"mixtral": (4096, 14336, 8, 2), "ds128": (1024, 4096, 128, 1)}  # H, F, E, k
+TOKENS = (1, 16, 256, 4096)
+SMEM_LIMIT = 227 * 1024  # the most shared memory one H100 block may use
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM3"):
+    from expertswitch.kernels.fused_moe import _ACT_CODE, gemm_launch
+    from expertswitch.kernels.align import max_blocks
+    from expertswitch.kernels.moe_config import plan_for
+
+    seen = set()
+    for shape, (h, f, e, k) in SHAPES.items():
+        w_in, w_out = _meta(e, 2 * f, h, dtype=dtype), _meta(e, h, f, dtype=dtype)
+        for t in TOKENS:
+            r = t * k
+            plan = plan_for(r, e, h, f, str(dtype)[6:], device_name)
+            x, inter = _meta(t, h, dtype=dtype), _meta(r, f, dtype=dtype)
+            buf = _meta(r, h, dtype=dtype if k == 1 else torch.float32)
+            idx, wts = _meta(r, dtype=torch.int64), _meta(r, dtype=torch.float32)
+            for which, cfg in (("up", plan.up), ("down", plan.down)):
+                nb = max_blocks(r, e, cfg.block_m)
+                rows = (_meta(nb * cfg.block_m, dtype=torch.int32), _meta(nb, dtype=torch.int32))
+                if plan.by_route:
+                    rows = (idx, idx)
+                if which == "up":
+                    launch = (x, w_in, inter, rows, idx, wts, f, h, r, k, _ACT_CODE["swiglu"],
+                              False, plan.by_route, cfg)  # fmt: skip
+                else:
+                    launch = (inter, w_out, buf, rows, idx, wts, h, f, r, 1, -1, True,
+                              plan.by_route, cfg)  # fmt: skip
+                _, args, consts = gemm_launch(*launch)
+                key = (tuple(sorted(consts.items())), cfg.num_warps, cfg.num_stages,
+                       buf.dtype if which == "down" else None)  # fmt: skip
+                if key in seen:
+                    continue
+                seen.add(key)
+                label = f"gemm {shape} T={t} {which} {'by-route' if plan.by_route else 'aligned'}"
+                yield label, args, consts, cfg.num_warps, cfg.num_stages
+
+
+def other_variants():
+    from expertswitch.kernels import align, fused_moe, topk_softmax
+
+    i32, i64, f32 = torch.int32, torch.int64, torch.float32
+    yield ("align counts", align._chunk_counts_kernel,
+           {"idx_ptr": _meta(8192, dtype=i64), "counts_ptr": _meta(64, 128, dtype=i32),
+            "R": 8192}, {"BLOCK_R": 128, "E_PAD": 128})  # fmt: skip
+    yield ("align layout", align._block_layout_kernel,
+           {"counts_ptr": _meta(64, 128, dtype=i32), "base_ptr": _meta(64, 128, dtype=i32),
+            "exp_counts_ptr": _meta(128, dtype=i64), "routes_ptr": _meta(4096, dtype=i32),
+            "block_expert_ptr": _meta(256, dtype=i32), "n_chunks": 64, "n_blocks": 256,
+            "R": 8192, "E": 128}, {"BM": 16, "E_PAD": 128, "C_BLOCK": 64, "B_BLOCK": 64})  # fmt: skip
+    yield ("align scatter", align._scatter_routes_kernel,
+           {"idx_ptr": _meta(8192, dtype=i64), "base_ptr": _meta(64, 128, dtype=i32),
+            "routes_ptr": _meta(4096, dtype=i32), "R": 8192}, {"BLOCK_R": 128, "E_PAD": 128})  # fmt: skip
+    yield ("combine k=2", fused_moe._combine_kernel,
+           {"buf_ptr": _meta(8192, 4096, dtype=f32), "idx_ptr": _meta(8192, dtype=i64),
+            "out_ptr": _meta(4096, 4096), "H": 4096}, {"K": 2, "BLOCK_H": 1024})  # fmt: skip
+    for e, k in ((8, 2), (128, 1)):
+        yield (f"router E={e} k={k}", topk_softmax._router_topk_kernel,
+               {"x_ptr": _meta(256, 4096), "wg_ptr": _meta(e, 4096),
+                "idx_ptr": _meta(256, k, dtype=i64), "weight_ptr": _meta(256, k, dtype=f32),
+                "probs_ptr": _meta(256, k, dtype=f32), "T": 256, "E": e, "H": 4096,
+                "stride_xt": 4096, "stride_we": 4096},
+               {"K": k, "K_PAD": topk_softmax._k_pad(k), "RENORM": k > 1, "WRITE_PROBS": False,
+                "ROUND": True, "F32": False, "BLOCK_T": 16, "BLOCK_E": max(16, e),
+                "BLOCK_H": 64})  # fmt: skip
+    yield ("topk softmax E=8", topk_softmax._topk_softmax_kernel,
+           {"logits_ptr": _meta(256, 8, dtype=f32), "idx_ptr": _meta(256, 2, dtype=i64),
+            "weight_ptr": _meta(256, 2, dtype=f32), "probs_ptr": _meta(256, 8, dtype=f32),
+            "T": 256, "E": 8, "stride_t": 8},
+           {"K": 2, "K_PAD": 2, "RENORM": True, "WRITE_PROBS": True, "BLOCK_T": 64,
+            "BLOCK_E": 8})  # fmt: skip
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
+        return 2
+    from expertswitch.kernels.aot import compile_for_gpu
+    from expertswitch.kernels.fused_moe import _moe_gemm_kernel
+
+    jobs = [(label, _moe_gemm_kernel, args, consts, w, s)
+            for label, args, consts, w, s in gemm_variants()]  # fmt: skip
+    jobs += [(label, fn, args, consts, 4, 1) for label, fn, args, consts in other_variants()]
+    bad = 0
+    print(f"{'variant':<40} {'smem KB':>8} {'regs':>5} {'spill':>5}  features")
+    for label, fn, args, consts, warps, stages in jobs:
+        try:
+            ck = compile_for_gpu(fn, args, consts, num_warps=warps, num_stages=stages)
+        except Exception as e:  # report every failure, then exit non-zero
+            bad += 1
+            print(f"{label:<40} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        problem = (ck.spill_bytes or 0) > 0 or ck.shared_bytes > SMEM_LIMIT
+        bad += problem
+        feats = " ".join(f"{k}={v}" for k, v in ck.features().items() if v)
+        print(f"{label:<40} {ck.shared_bytes / 1024:>8.1f} {ck.registers or '?':>5} "
+              f"{ck.spill_bytes if ck.spill_bytes is not None else '?':>5}  {feats}"
+              + ("  <-- spills or too much shared memory" if problem else ""), flush=True)  # fmt: skip
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
