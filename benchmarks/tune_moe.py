@@ -29,7 +29,7 @@ from moe import SHAPES, SMALL, build_ours  # noqa: E402
 
 from expertswitch.kernels import moe_config  # noqa: E402
 from expertswitch.kernels.align import align_block_size_triton  # noqa: E402
-from expertswitch.kernels.fused_moe import _ACT_CODE, _launch  # noqa: E402
+from expertswitch.kernels.fused_moe import _ACT_CODE, _launch, fused_moe_triton  # noqa: E402
 from expertswitch.kernels.moe_config import GemmConfig, MoEPlan  # noqa: E402
 
 TOKENS = [1, 16, 256, 4096, 4, 64, 1024, 2, 8, 32, 128, 512, 2048]  # benchmark sizes first
@@ -43,15 +43,18 @@ def fits(cfg: GemmConfig, n_acc: int, elt: int) -> bool:
     return smem <= SMEM_BYTES and regs <= 1.0
 
 
-def tile_candidates(by_route: bool, block_m: int | None, rows_per_expert: float) -> list:
+def tile_candidates(by_route: bool, block_m: int | None, rows_per_expert: float,
+                    which: str) -> list:  # fmt: skip
     if by_route:
-        return [GemmConfig(block_m, bn, 128, 4, 4) for bn in (16, 32, 64, 128)]
+        splits = (1, 2, 4, 8) if which == "down" else (1,)
+        return [GemmConfig(block_m, bn, 128, 4, 4, s) for bn in (16, 32, 64, 128) for s in splits]
     bms = [bm for bm in (16, 32, 64, 128) if bm <= max(16, 2 * rows_per_expert)]
     return [GemmConfig(bm, bn, 64, 8 if bm * bn >= 128 * 128 else 4, 3)
             for bm in bms for bn in (32, 64, 128, 256) if bm * bn <= 128 * 256]  # fmt: skip
 
 
 def refinements(best: GemmConfig) -> list:
+    """Pipeline depth, K tile and warps around the best tile shape (its split kept)."""
     out = []
     for bk in (64, 128, 256):
         for stages in (3, 4):
@@ -74,7 +77,7 @@ class Problem:
         self.f = ex.w_out.shape[2]
         self.w_in, self.w_out = ex.w_in, ex.w_out
         self.inter = torch.empty(self.n_routes, self.f, dtype=dtype, device=device)
-        self.buf = torch.empty(self.n_routes, self.h, dtype=torch.float32, device=device)
+        self.buf = torch.empty(8, self.n_routes, self.h, dtype=torch.float32, device=device)
         self.wts = self.w.reshape(-1).float().contiguous()
         counts = torch.bincount(self.idx, minlength=self.e)
         self.rows_per_expert = float(counts[counts > 0].float().mean())
@@ -89,10 +92,18 @@ class Problem:
         if which == "up":
             args = (self.x, self.w_in, self.inter, rows, self.idx, self.wts, self.f, self.h,
                     self.n_routes, self.k, _ACT_CODE["swiglu"], False, by_route, cfg)  # fmt: skip
-        else:
-            args = (self.inter, self.w_out, self.buf, rows, self.idx, self.wts, self.h, self.f,
-                    self.n_routes, 1, -1, True, by_route, cfg)  # fmt: skip
-        return lambda: _launch(*args[:-1], cfg=args[-1])
+            return lambda: _launch(*args[:-1], cfg=args[-1])
+        split = MoEPlan(by_route, replace(cfg, split_k=1), cfg).split_for(self.f)
+        c = self.buf[:split] if split > 1 else self.buf[0]
+        args = (self.inter, self.w_out, c, rows, self.idx, self.wts, self.h, self.f,
+                self.n_routes, 1, -1, True, by_route)  # fmt: skip
+        return lambda: _launch(*args, cfg=cfg, split=split)
+
+    def whole(self, plan: MoEPlan):
+        """The full fused_moe call under a plan: alignment, both matmuls, the combine."""
+        idx = self.idx.view(-1, self.k)
+        return lambda: fused_moe_triton(self.x, self.w_in, self.w_out, idx, self.w, "swiglu",
+                                        moe_plan=plan, dropless=True)  # fmt: skip
 
 
 def bench(fn) -> float:
@@ -115,8 +126,8 @@ def best_config(prob: Problem, which: str, by_route: bool, elt: int, deadline: f
     for stage in ("tiles", "refine"):
         if best is None and stage == "refine":
             break
-        cands = (tile_candidates(by_route, block_m, prob.rows_per_expert) if stage == "tiles"
-                 else refinements(best[1]))  # fmt: skip
+        cands = (tile_candidates(by_route, block_m, prob.rows_per_expert, which)
+                 if stage == "tiles" else refinements(best[1]))  # fmt: skip
         for cfg in cands:
             if cfg in seen or not fits(cfg, n_acc, elt):
                 continue
@@ -133,6 +144,8 @@ def best_config(prob: Problem, which: str, by_route: bool, elt: int, deadline: f
 
 
 def tune_size(layer, tokens, dtype, device, deadline) -> tuple[MoEPlan, float, dict]:
+    """Best up and down configurations per path (by route, aligned), each timed alone; then
+    the whole call under each path's plan decides."""
     prob = Problem(layer, tokens, dtype, device)
     elt = torch.finfo(dtype).bits // 8
     options = {}
@@ -142,17 +155,8 @@ def tune_size(layer, tokens, dtype, device, deadline) -> tuple[MoEPlan, float, d
         down = best_config(prob, "down", by_route, elt, deadline)
         if up is None or down is None:
             continue
-        total = up[0] + down[0]
-        if not by_route:
-            total += bench(lambda bm=up[1].block_m: align_block_size_triton(prob.idx, prob.e, bm))
-            if down[1].block_m != up[1].block_m:
-                total += bench(
-                    lambda bm=down[1].block_m: align_block_size_triton(prob.idx, prob.e, bm)
-                )
-        if by_route and up[1].block_m != down[1].block_m:
-            continue
-        options["by_route" if by_route else "aligned"] = (MoEPlan(by_route, up[1], down[1]),
-                                                          total)  # fmt: skip
+        plan = MoEPlan(by_route, up[1], down[1])
+        options["by_route" if by_route else "aligned"] = (plan, bench(prob.whole(plan)))
     name, (plan, ms) = min(options.items(), key=lambda kv: kv[1][1])
     return plan, ms, {k: round(v[1], 4) for k, v in options.items()}
 

@@ -105,6 +105,27 @@ def test_by_route_reads_each_expert_once_when_routes_share_it(k):
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("route", [True, False])
+def test_split_k_down_matmul(split, k, route):
+    """Partial sums over K splits, added by the combine launch, equal the unsplit result."""
+    t, h, f, e = 9, 24, 64, 4
+    g = torch.Generator().manual_seed(split + k)
+    x = torch.randn(t, h, generator=g).to(DEVICE)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEVICE)
+    if not route:
+        idx[2, 0] = -1
+    w = torch.rand(t, k, generator=g).to(DEVICE)
+    bm = moe_config.by_route_block(t * k) if route else 16
+    plan = MoEPlan(route, GemmConfig(bm, 16, 16), GemmConfig(bm, 16, 16, split_k=split))
+    assert plan.split_for(f) == split and plan.split_for(f + 16) < split
+    out, ref = run_both(x, *weights(e, h, f, "swiglu", torch.float32), idx, w, "swiglu", plan)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="cannot split K"):
+        MoEPlan(route, GemmConfig(bm, 16, 16, split_k=2), GemmConfig(bm, 16, 16))
+
+
 def test_by_route_plan_too_small_is_refused():
     x = torch.randn(20, 16, device=DEVICE)
     idx = torch.zeros(20, 1, dtype=torch.long, device=DEVICE)
@@ -207,14 +228,14 @@ def test_plan_table_lookup(tmp_path, monkeypatch):
         assert moe_config.plan_for(16000, 8, 64, 96, "bfloat16", "Test GPU 80GB") == big
         # far from every tuned size: the heuristic, not a plan tuned for another batch
         far = moe_config.plan_for(10**6, 8, 64, 96, "bfloat16", "Test GPU 80GB")
-        assert far == moe_config.heuristic_plan(10**6, 8)
+        assert far == moe_config.heuristic_plan(10**6, 8, 64, 96)
         assert moe_config.plan_for(90, 8, 64, 96, "bfloat16", "Test GPU 80GB") == (
-            moe_config.heuristic_plan(90, 8)
+            moe_config.heuristic_plan(90, 8, 64, 96)
         )
         grown = moe_config.plan_for(7, 8, 64, 96, "bfloat16", "Test GPU 80GB")  # 7 ≤ 4 × 2
         assert grown.by_route and grown.up.block_m == 16
         other = moe_config.plan_for(2, 8, 64, 128, "bfloat16", "Test GPU 80GB")
-        assert other == moe_config.heuristic_plan(2, 8)
+        assert other == moe_config.heuristic_plan(2, 8, 64, 128)
     finally:
         moe_config._table.cache_clear()
         moe_config.plan_for.cache_clear()

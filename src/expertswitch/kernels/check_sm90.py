@@ -25,8 +25,8 @@ def _meta(*shape, dtype=torch.bfloat16):
 
 
 def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM3"):
-    from expertswitch.kernels.fused_moe import _ACT_CODE, gemm_launch
     from expertswitch.kernels.align import max_blocks
+    from expertswitch.kernels.fused_moe import _ACT_CODE, gemm_launch
     from expertswitch.kernels.moe_config import plan_for
 
     seen = set()
@@ -36,7 +36,12 @@ def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM
             r = t * k
             plan = plan_for(r, e, h, f, str(dtype)[6:], device_name)
             x, inter = _meta(t, h, dtype=dtype), _meta(r, f, dtype=dtype)
-            buf = _meta(r, h, dtype=dtype if k == 1 else torch.float32)
+            split = plan.split_for(f)
+            buf = (
+                _meta(r, h, dtype=dtype)
+                if k == 1 and split == 1
+                else _meta(split, r, h, dtype=torch.float32)
+            )
             idx, wts = _meta(r, dtype=torch.int64), _meta(r, dtype=torch.float32)
             for which, cfg in (("up", plan.up), ("down", plan.down)):
                 nb = max_blocks(r, e, cfg.block_m)
@@ -47,15 +52,18 @@ def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM
                     launch = (x, w_in, inter, rows, idx, wts, f, h, r, k, _ACT_CODE["swiglu"],
                               False, plan.by_route, cfg)  # fmt: skip
                 else:
-                    launch = (inter, w_out, buf, rows, idx, wts, h, f, r, 1, -1, True,
-                              plan.by_route, cfg)  # fmt: skip
+                    launch = (inter, w_out, buf if split > 1 else buf.view(-1, h), rows, idx,
+                              wts, h, f, r, 1, -1, True, plan.by_route, cfg, split)  # fmt: skip
                 _, args, consts = gemm_launch(*launch)
                 key = (tuple(sorted(consts.items())), cfg.num_warps, cfg.num_stages,
                        buf.dtype if which == "down" else None)  # fmt: skip
                 if key in seen:
                     continue
                 seen.add(key)
-                label = f"gemm {shape} T={t} {which} {'by-route' if plan.by_route else 'aligned'}"
+                path = "by-route" if plan.by_route else "aligned"
+                label = f"gemm {shape} T={t} {which} {path}" + (
+                    f" split {split}" if which == "down" and split > 1 else ""
+                )
                 yield label, args, consts, cfg.num_warps, cfg.num_stages
 
 
@@ -70,13 +78,16 @@ def other_variants():
            {"counts_ptr": _meta(64, 128, dtype=i32), "base_ptr": _meta(64, 128, dtype=i32),
             "exp_counts_ptr": _meta(128, dtype=i64), "routes_ptr": _meta(4096, dtype=i32),
             "block_expert_ptr": _meta(256, dtype=i32), "n_chunks": 64, "n_blocks": 256,
-            "R": 8192, "E": 128}, {"BM": 16, "E_PAD": 128, "C_BLOCK": 64, "B_BLOCK": 64})  # fmt: skip
+            "R": 8192, "E": 128},
+           {"BM": 16, "E_PAD": 128, "C_BLOCK": 64, "B_BLOCK": 64})  # fmt: skip
     yield ("align scatter", align._scatter_routes_kernel,
            {"idx_ptr": _meta(8192, dtype=i64), "base_ptr": _meta(64, 128, dtype=i32),
-            "routes_ptr": _meta(4096, dtype=i32), "R": 8192}, {"BLOCK_R": 128, "E_PAD": 128})  # fmt: skip
-    yield ("combine k=2", fused_moe._combine_kernel,
-           {"buf_ptr": _meta(8192, 4096, dtype=f32), "idx_ptr": _meta(8192, dtype=i64),
-            "out_ptr": _meta(4096, 4096), "H": 4096}, {"K": 2, "BLOCK_H": 1024})  # fmt: skip
+            "routes_ptr": _meta(4096, dtype=i32), "R": 8192},
+           {"BLOCK_R": 128, "E_PAD": 128})  # fmt: skip
+    yield ("combine k=2 split 2", fused_moe._combine_kernel,
+           {"buf_ptr": _meta(2, 8192, 4096, dtype=f32), "idx_ptr": _meta(8192, dtype=i64),
+            "out_ptr": _meta(4096, 4096), "H": 4096, "R": 8192},
+           {"K": 2, "S": 2, "BLOCK_H": 1024})  # fmt: skip
     for e, k in ((8, 2), (128, 1)):
         yield (f"router E={e} k={k}", topk_softmax._router_topk_kernel,
                {"x_ptr": _meta(256, 4096), "wg_ptr": _meta(e, 4096),
@@ -116,9 +127,10 @@ def main() -> int:
         problem = (ck.spill_bytes or 0) > 0 or ck.shared_bytes > SMEM_LIMIT
         bad += problem
         feats = " ".join(f"{k}={v}" for k, v in ck.features().items() if v)
+        spill = ck.spill_bytes if ck.spill_bytes is not None else "?"
+        flag = "  <-- spills or too much shared memory" if problem else ""
         print(f"{label:<40} {ck.shared_bytes / 1024:>8.1f} {ck.registers or '?':>5} "
-              f"{ck.spill_bytes if ck.spill_bytes is not None else '?':>5}  {feats}"
-              + ("  <-- spills or too much shared memory" if problem else ""), flush=True)  # fmt: skip
+              f"{spill:>5}  {feats}{flag}", flush=True)  # fmt: skip
     return 1 if bad else 0
 
 

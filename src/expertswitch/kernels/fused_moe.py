@@ -106,15 +106,18 @@ if is_triton_available():
     @triton.jit
     def _moe_gemm_kernel(
         a_ptr, w_ptr, c_ptr, routes_ptr, block_expert_ptr, idx_ptr, weight_ptr,
-        N, K, n_routes, num_experts,
-        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
+        N, K, k_split, n_routes, num_experts,
+        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_cs,
         A_ROW_DIV: tl.constexpr, SWIGLU: tl.constexpr, ACT: tl.constexpr,
         MUL_WEIGHT: tl.constexpr, BY_ROUTE: tl.constexpr, EVEN_K: tl.constexpr,
         IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
+        """k_split: K elements each program along axis 2 sums (K itself when not split); split
+        programs write partial sums to c + pid_k · stride_cs."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
         if BY_ROUTE:  # rows: every route of the expert of route pid_m, if pid_m is its first
             i = tl.arange(0, BLOCK_M)
             ids = tl.load(idx_ptr + i, mask=i < n_routes, other=-1)
@@ -136,13 +139,14 @@ if is_triton_available():
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = offs_n < N
         offs_n_in = offs_n % N  # columns past N re-read column n − N; masked at the store
+        k_lo = pid_k * k_split
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        a_ptrs = a_ptr + rows[:, None] * stride_am + (k_lo + offs_k[None, :]) * stride_ak
         w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n_in[None, :] * stride_wn
-                  + offs_k[:, None] * stride_wk)  # fmt: skip
+                  + (k_lo + offs_k[:, None]) * stride_wk)  # fmt: skip
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, tl.minimum(k_lo + k_split, K), BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
                 w = tl.load(w_ptrs)
@@ -169,35 +173,46 @@ if is_triton_available():
             acc = acc * tl.sigmoid(acc)
         if MUL_WEIGHT:
             acc = acc * tl.load(weight_ptr + route_rows, mask=valid, other=0.0)[:, None]
-        c_ptrs = c_ptr + route_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_ptrs = (c_ptr + pid_k.to(tl.int64) * stride_cs + route_rows[:, None] * stride_cm
+                  + offs_n[None, :] * stride_cn)  # fmt: skip
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _combine_kernel(buf_ptr, idx_ptr, out_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
-        """out[t] = Σ_r buf[t·K + r] over the token's kept routes, in fp32."""
+    def _combine_kernel(buf_ptr, idx_ptr, out_ptr, H, R, K: tl.constexpr, S: tl.constexpr,
+                        BLOCK_H: tl.constexpr):  # fmt: skip
+        """out[t] = Σ_s Σ_r buf[s, t·K + r] over the token's kept routes and the K splits, in
+        fp32 (buf: [S, R, H])."""
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = offs < H
         acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
         for r in tl.static_range(K):
             kept = (tl.zeros((BLOCK_H,), tl.int64) + tl.load(idx_ptr + t * K + r)) >= 0
-            acc += tl.load(buf_ptr + (t * K + r) * H + offs, mask=mask & kept, other=0.0)
+            for s in tl.static_range(S):
+                row = (s * R + t * K + r) * H
+                acc += tl.load(buf_ptr + row + offs, mask=mask & kept, other=0.0)
         tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def gemm_launch(a, w, c, rows, idx, weight, n, k_dim, n_routes, row_div, act, mul_weight,
-                by_route, cfg: GemmConfig) -> tuple[tuple[int, int], dict, dict]:  # fmt: skip
+                by_route, cfg: GemmConfig, split: int = 1) -> tuple[tuple, dict, dict]:  # fmt: skip
     """(grid, runtime args, constexprs) of one _moe_gemm_kernel launch; kernels/aot.py
-    compiles the very same specialisation for an H100 on a CPU-only machine."""
+    compiles the very same specialisation for an H100 on a CPU-only machine. split > 1: c is
+    [split, rows, n] and each split sums K/split of K."""
     routes, block_expert = rows
     n_m = n_routes if by_route else block_expert.numel()
-    grid = (n_m, -(-n // cfg.block_n))
+    grid = (n_m, -(-n // cfg.block_n), split)
+    if split > 1 and k_dim % (split * cfg.block_k):
+        raise ValueError(f"K={k_dim} does not split into {split} parts of whole {cfg.block_k} "
+                         "tiles")  # fmt: skip
+    c2 = c[0] if split > 1 else c
     args = dict(
         a_ptr=a, w_ptr=w, c_ptr=c, routes_ptr=routes, block_expert_ptr=block_expert,
-        idx_ptr=idx, weight_ptr=weight, N=n, K=k_dim, n_routes=n_routes, num_experts=w.shape[0],
+        idx_ptr=idx, weight_ptr=weight, N=n, K=k_dim, k_split=k_dim // split, n_routes=n_routes,
+        num_experts=w.shape[0],
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=w.stride(0),
-        stride_wn=w.stride(1), stride_wk=w.stride(2), stride_cm=c.stride(0),
-        stride_cn=c.stride(1),
+        stride_wn=w.stride(1), stride_wk=w.stride(2), stride_cm=c2.stride(0),
+        stride_cn=c2.stride(1), stride_cs=c.stride(0) if split > 1 else 0,
     )  # fmt: skip
     consts = dict(
         A_ROW_DIV=row_div, SWIGLU=act == _ACT_CODE["swiglu"], ACT=act, MUL_WEIGHT=mul_weight,
@@ -208,8 +223,8 @@ def gemm_launch(a, w, c, rows, idx, weight, n, k_dim, n_routes, row_div, act, mu
     return grid, args, consts
 
 
-def _launch(*launch_args, cfg: GemmConfig) -> None:
-    grid, args, consts = gemm_launch(*launch_args, cfg)
+def _launch(*launch_args, cfg: GemmConfig, split: int = 1) -> None:
+    grid, args, consts = gemm_launch(*launch_args, cfg, split)
     _moe_gemm_kernel[grid](**args, **consts, num_warps=cfg.num_warps,
                            num_stages=cfg.num_stages)  # fmt: skip
 
@@ -245,8 +260,12 @@ def fused_moe_triton(
     idx = expert_idx.reshape(-1)
     idx = idx if idx.is_contiguous() else idx.contiguous()
     w = weights.reshape(-1).to(torch.float32).contiguous()
+    split = p.split_for(f)
     out = (torch.empty if dropless else torch.zeros)(t, h, dtype=x.dtype, device=x.device)
-    buf = out if k == 1 else torch.empty(n_routes, h, dtype=torch.float32, device=x.device)
+    if k == 1 and split == 1:
+        buf = out  # the down matmul writes the output itself
+    else:
+        buf = torch.empty(split, n_routes, h, dtype=torch.float32, device=x.device)
     inter = torch.empty(n_routes, f, dtype=x.dtype, device=x.device)
     act = _ACT_CODE[activation]
     for cfg, gemm in ((p.up, "up"), (p.down, "down")):
@@ -258,11 +277,12 @@ def fused_moe_triton(
             _launch(x, w_in, inter, rows, idx, w, f, h, n_routes, k, act, False, p.by_route,
                     cfg=cfg)  # fmt: skip
         else:
-            _launch(inter, w_out, buf, rows, idx, w, h, f, n_routes, 1, -1, True, p.by_route,
-                    cfg=cfg)  # fmt: skip
-    if k > 1:
+            _launch(inter, w_out, buf if split > 1 else buf.view(-1, h), rows, idx, w, h, f,
+                    n_routes, 1, -1, True, p.by_route, cfg=cfg, split=split)  # fmt: skip
+    if buf is not out:
         block_h = min(1024, triton.next_power_of_2(h))
-        _combine_kernel[(t, triton.cdiv(h, block_h))](buf, idx, out, h, K=k, BLOCK_H=block_h)
+        _combine_kernel[(t, triton.cdiv(h, block_h))](buf, idx, out, h, n_routes, K=k, S=split,
+                                                      BLOCK_H=block_h)  # fmt: skip
     return out
 
 

@@ -5,7 +5,10 @@ A `MoEPlan` says how one fused_moe call runs:
     by_route   small batches: no alignment pass; program r serves the expert of route r when r is
                that expert's first route, taking every route of the expert as its rows (so each
                touched expert's weights are read once and the routing needs no sort)
-    up, down   GemmConfig of the first (w_in, activation fused) and second (w_out) matmul
+    up, down   GemmConfig of the first (w_in, activation fused) and second (w_out) matmul;
+               the second may split K (split_k programs per tile write fp32 partial sums that
+               the combine launch adds up): at decode sizes the down projection has too few
+               output tiles to keep 132 SMs streaming (ds128: H = 1024 → 32 tiles of 32)
 
 Tuned plans live in kernels/configs/<device>.json, written by benchmarks/tune_moe.py on the GPU:
 
@@ -30,6 +33,7 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).parent / "configs"
 BY_ROUTE_MAX = 64  # the by-route path holds all routes in one BLOCK_M tile
 NEAR = 4.0
+SMS = 132  # streaming multiprocessors of an H100 SXM/PCIe (the heuristic's target)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class GemmConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -47,6 +52,8 @@ class GemmConfig:
                 raise ValueError(f"{name}={v}: blocks are powers of two ≥ 16 (tl.dot's minimum)")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValueError(f"num_warps={self.num_warps}, num_stages={self.num_stages}")
+        if self.split_k < 1 or self.split_k & (self.split_k - 1):
+            raise ValueError(f"split_k={self.split_k}: a power of two ≥ 1")
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,8 @@ class MoEPlan:
     def __post_init__(self):
         if self.by_route and self.up.block_m != self.down.block_m:
             raise ValueError("a by-route plan uses one block_m (all routes) for both matmuls")
+        if self.up.split_k != 1:
+            raise ValueError("the first matmul cannot split K: its activation is not linear")
 
     def to_json(self, max_routes: int) -> dict:
         return {"max_routes": max_routes, "by_route": self.by_route,
@@ -66,6 +75,14 @@ class MoEPlan:
     @classmethod
     def from_json(cls, d: dict) -> MoEPlan:
         return cls(d["by_route"], GemmConfig(**d["up"]), GemmConfig(**d["down"]))
+
+    def split_for(self, ffn: int) -> int:
+        """The down matmul's K split that this ffn allows (each split a whole number of
+        BLOCK_K tiles; 1 when it does not divide)."""
+        s = self.down.split_k
+        while s > 1 and ffn % (s * self.down.block_k):
+            s //= 2
+        return s
 
 
 def shape_key(num_experts: int, hidden: int, ffn: int, dtype_name: str) -> str:
@@ -86,12 +103,19 @@ def by_route_block(n_routes: int) -> int:
     return max(16, 1 << (max(n_routes, 1) - 1).bit_length())
 
 
-def heuristic_plan(n_routes: int, num_experts: int) -> MoEPlan:
+def heuristic_plan(
+    n_routes: int, num_experts: int, hidden: int = 4096, ffn: int = 14336
+) -> MoEPlan:
     """Untuned defaults: short M tiles while the batch is small (padding rows cost bandwidth),
-    128×128 tiles once the GEMMs are compute-bound."""
+    128×128 tiles once the GEMMs are compute-bound; at decode sizes the down matmul splits K
+    until ~2 programs per SM stream weights."""
     if n_routes <= min(16, num_experts):
         bm = by_route_block(n_routes)
-        return MoEPlan(True, GemmConfig(bm, 64, 128, 4, 4), GemmConfig(bm, 32, 128, 4, 4))
+        tiles = min(n_routes, num_experts) * -(-hidden // 32)
+        split = 1
+        while tiles * split < 2 * SMS and split < 8 and ffn % (2 * split * 128) == 0:
+            split *= 2
+        return MoEPlan(True, GemmConfig(bm, 64, 128, 4, 4), GemmConfig(bm, 32, 128, 4, 4, split))
     per_expert = n_routes / num_experts
     if per_expert <= 32:
         cfg = GemmConfig(16, 64, 128, 4, 4)
@@ -108,15 +132,15 @@ def plan_for(
 ) -> MoEPlan:
     entries = _table(device_name).get(shape_key(num_experts, hidden, ffn, dtype_name))
     if not entries:
-        return heuristic_plan(n_routes, num_experts)
+        return heuristic_plan(n_routes, num_experts, hidden, ffn)
     r = max(n_routes, 1)
     entry = min(entries, key=lambda e: abs(math.log(e["max_routes"] / r)))
     if not 1 / NEAR <= entry["max_routes"] / r <= NEAR:
-        return heuristic_plan(n_routes, num_experts)
+        return heuristic_plan(n_routes, num_experts, hidden, ffn)
     plan = MoEPlan.from_json(entry)
     if plan.by_route:  # a table entry sized for fewer routes must still hold them all
         if n_routes > BY_ROUTE_MAX:
-            return heuristic_plan(n_routes, num_experts)
+            return heuristic_plan(n_routes, num_experts, hidden, ffn)
         bm = max(plan.up.block_m, by_route_block(n_routes))
         plan = MoEPlan(True, replace(plan.up, block_m=bm), replace(plan.down, block_m=bm))
     return plan
