@@ -28,7 +28,7 @@ case "${1:-kernels}" in
     ;;
   family)  # the small family, then as much of the quality table as fits (most important first)
     step python3 -m expertswitch.cli zoo build --preset small --device cuda
-    step python3 benchmarks/quality.py --preset small --device cuda --budget-s "$(left 570)" \
+    step python3 benchmarks/quality.py --preset small --device cuda --items 300 --budget-s "$(left 570)" \
       --out "$OUT"
     ;;
   compress)
