@@ -34,7 +34,16 @@ from expertswitch.zoo.corpora import load_corpora  # noqa: E402
 
 # most important first: a run that meets its time budget early still answers "does mixed at 2
 # bits keep ≥ 95% and beat RTN" (issue 3), then the other widths, then the slow tuned variants
-PRIORITY = ["mixed-2", "rtn-2", "mixed-3", "rtn-3", "mixed-1", "rtn-1", "bitdelta"]
+PRIORITY = [
+    "mixed-2",
+    "rtn-2",
+    "mixed-3",
+    "rtn-3",
+    "mixed-1",
+    "rtn-1",
+    "bitdelta",
+    "mixed-2 clip≥0.5",
+]
 
 
 def variants(bits_list, tune_steps) -> list[tuple[str, str, object]]:
@@ -43,6 +52,9 @@ def variants(bits_list, tune_steps) -> list[tuple[str, str, object]]:
         out.append((f"mixed-{bits}", "mixed", make_method("mixed", bits=bits)))
         out.append((f"rtn-{bits}", "rtn", make_method("rtn", bits=bits)))
     out.append(("bitdelta", "bitdelta", make_method("bitdelta")))
+    if 2 in bits_list:  # output-MSE clipping vs the delta's large entries (MixedConfig)
+        out.append(("mixed-2 clip≥0.5", "mixed clip≥0.5",
+                    make_method("mixed", bits=2, clip_floor=0.5)))  # fmt: skip
     for bits in bits_list:
         if tune_steps:
             out.append((f"mixed-{bits}+tune", "mixed+tune",
@@ -58,7 +70,7 @@ def make_plot(rows: list[dict], preset: str) -> str:
     """Mean share of gain kept vs bits/param, one line per method; values below KEPT_FLOOR
     (a method that destroys the model) are drawn at the floor so the rest stays readable."""
     series: dict[str, list[tuple[float, float]]] = {}
-    for method in ("mixed", "mixed+tune", "rtn", "bitdelta"):
+    for method in ("mixed", "mixed+tune", "mixed clip≥0.5", "rtn", "bitdelta"):
         for label in dict.fromkeys(r["variant"] for r in rows if r["method"] == method):
             sel = [r for r in rows if r["variant"] == label]
             kept = [r["kept_nll"] for r in sel if r["kept_nll"] is not None]

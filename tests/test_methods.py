@@ -154,3 +154,20 @@ def test_kernel_formula_matches_dense_reconstruction(method):
     assert torch.allclose(
         packed.matmul_reference(x), dense, rtol=1e-4, atol=1e-4 * dense.abs().max()
     )
+
+
+def test_clip_floor_keeps_more_of_the_largest_entries():
+    """A higher clip floor searches only mild clipping: the largest delta entries survive
+    closer to their size, at some cost in importance-weighted error."""
+    torch.manual_seed(0)
+    delta = torch.distributions.StudentT(2.5).sample((64, 256)) * 0.01
+    top = delta.abs().flatten().topk(64).indices
+    kept = {}
+    for floor in (None, 0.5):
+        packed = compress_delta(delta, None, make_method("mixed", bits=2, salient=0,
+                                                         clip_floor=floor))  # fmt: skip
+        approx = packed.dequantize("cpu").flatten()
+        kept[floor] = (approx[top].abs().sum() / delta.flatten()[top].abs().sum()).item()
+    assert kept[0.5] > kept[None]
+    with pytest.raises(ConfigError, match="clip_floor"):
+        make_method("mixed", clip_floor=1.5)

@@ -36,6 +36,13 @@ def _add_compress(sub) -> None:
         help="step-size tuning steps (mixed; default 0 = off); 0 turns BitDelta's distillation off",
     )
     p.add_argument(
+        "--clip-floor",
+        type=float,
+        default=None,
+        help="mixed: lowest clip ratio searched (default by bits, 0.12 at 2 bits); higher keeps "
+        "more of the delta's largest entries",
+    )
+    p.add_argument(
         "--quantize-embeddings",
         action="store_true",
         help="quantize the embedding and lm_head deltas too (default: stored exactly)",
@@ -148,6 +155,7 @@ def cmd_compress(args) -> None:
         salient=args.salient,
         symmetric=args.symmetric,
         tune_steps=args.tune_steps,
+        clip_floor=args.clip_floor,
         **extra,
     )
     options = CompressOptions(

@@ -95,13 +95,15 @@ def dequantize_values(
     return (q.float() - offset) * scale.unsqueeze(-1)
 
 
-def clip_grid(bits: int, steps: int) -> torch.Tensor:
+def clip_grid(bits: int, steps: int, floor: float | None = None) -> torch.Tensor:
     """Clip ratios tried per group, geometrically spaced from 1 down to a floor. At 1-2 bits
     the best range lies far inside [min, max]: for a Gaussian group of 128 the 1-bit optimum
-    ±mean|w| is ~0.3 of max|w|, for a heavy-tailed (Student-t, ν = 2.5) one under 0.1."""
+    ±mean|w| is ~0.3 of max|w|, for a heavy-tailed (Student-t, ν = 2.5) one under 0.1.
+    floor: the lowest ratio (default by bits); a higher floor trades output error for the
+    delta's largest entries (see MixedConfig.clip_floor)."""
     if steps <= 1:
         return torch.ones(1)
-    low = {1: 0.03, 2: 0.12}.get(bits, 0.4 if bits <= 4 else 0.8)
+    low = floor or {1: 0.03, 2: 0.12}.get(bits, 0.4 if bits <= 4 else 0.8)
     return torch.logspace(0.0, torch.log10(torch.tensor(low)).item(), steps)
 
 
@@ -135,6 +137,7 @@ def quantize_groups(
     symmetric: bool = False,
     importance: torch.Tensor | None = None,
     clip_steps: int = 1,
+    clip_floor: float | None = None,
 ) -> GroupQuant:
     """Quantize w [N, K] (fp32) in groups of `group_size` input channels.
 
@@ -144,7 +147,7 @@ def quantize_groups(
     """
     n, k = w.shape
     imp = torch.ones(k, device=w.device) if importance is None else importance.to(w.device).float()
-    grid = clip_grid(bits, clip_steps)
+    grid = clip_grid(bits, clip_steps, clip_floor)
     codes, scales, zeros = [], [], []
     for r0 in range(0, n, _ROW_CHUNK):
         rows = w[r0 : r0 + _ROW_CHUNK].float()

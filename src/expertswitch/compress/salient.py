@@ -29,9 +29,10 @@ def salient_scores(
     group_size: int,
     symmetric: bool,
     clip_steps: int,
+    clip_floor: float | None = None,
 ) -> torch.Tensor:
     """score [K] for delta [N, K] and importance E[x²] [K]."""
-    gq = quantize_groups(delta, bits, group_size, symmetric, importance, clip_steps)
+    gq = quantize_groups(delta, bits, group_size, symmetric, importance, clip_steps, clip_floor)
     approx = dequantize_groups(gq.codes, gq.scales, gq.zeros, bits, group_size, delta.shape[1])
     col_err = (delta - approx).square().sum(dim=0)  # [K]
     return importance.to(delta.device).float() * col_err
