@@ -9,7 +9,8 @@ DeepSpeed's MoE layer (dropless), and a plain-torch `torch._grouped_mm` referenc
 max(bytes of the experts the routing touches / measured HBM bandwidth, FLOPs / measured bf16
 matmul rate), both ceilings measured in this run. Every timed call starts with a cold L2 (a
 256 MB buffer is written between calls, outside the timed region): a 25 MB ds128 expert would
-otherwise stay in the 50 MB L2 from one call to the next and beat the HBM floor.
+otherwise stay in the 50 MB L2 from one call to the next and beat the HBM floor. The host
+waits for the flush before it starts the call, so launch overhead counts in full.
 
     python benchmarks/moe.py                           # on the GPU
     python benchmarks/moe.py --device cpu --small      # smoke run of the script itself
@@ -60,8 +61,9 @@ def timer(fn, device: str, iters: int, warmup: int = 3, flush: bool = False) -> 
     for _ in range(iters):
         if device.startswith("cuda"):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            if flush:
+            if flush:  # then wait: the host must not get a head start on launching fn
                 flush_l2(device)
+                torch.cuda.synchronize()
             start.record()
             fn()
             end.record()
@@ -101,7 +103,8 @@ def build_transformers(s, ours, dtype, device):
 
     cfg = MixtralConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"],
                         num_local_experts=s["experts"], num_experts_per_tok=s["k"])  # fmt: skip
-    block = MixtralSparseMoeBlock(cfg).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialise on the GPU: 1.4B parameters are slow on a CPU
+        block = MixtralSparseMoeBlock(cfg).to(dtype=dtype).eval()
     with torch.no_grad():
         block.gate.weight.copy_(ours.gate.wg.weight)
         state = block.state_dict()
@@ -133,9 +136,10 @@ def build_deepspeed(s, dtype, device):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0",
                           WORLD_SIZE="1", LOCAL_RANK="0")  # fmt: skip
         deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
-    ds = DSMoE(hidden_size=s["hidden"], expert=_SwiGLU(s["hidden"], s["ffn"]),
-               num_experts=s["experts"], k=s["k"], drop_tokens=False, use_rts=False,
-               top2_2nd_expert_sampling=False)  # fmt: skip
+    with torch.device(device):
+        ds = DSMoE(hidden_size=s["hidden"], expert=_SwiGLU(s["hidden"], s["ffn"]),
+                   num_experts=s["experts"], k=s["k"], drop_tokens=False, use_rts=False,
+                   top2_2nd_expert_sampling=False)  # fmt: skip
     ds = ds.to(device=device, dtype=dtype).eval()
     return lambda x: ds(x)
 
