@@ -24,6 +24,8 @@ import torch
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
         torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}  # fmt: skip
 HOPPER = ("cuda", 90, 32)  # H100 / H200: sm_90, 32-thread warps
+# 16-byte global→shared copies: what streaming weights at full bandwidth needs
+_CP_ASYNC_16B = re.compile(r"cp\.async\.c[ga]\.shared\.global[^;]*\],\s*0x10")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class CompiledKernel:
             "wgmma": ptx.count("wgmma.mma_async"),
             "mma_sync": ptx.count("mma.sync"),
             "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+            "cp_async_16B": len(_CP_ASYNC_16B.findall(ptx)),
             "ld_global_v4": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
             "ld_global_scalar16": len(re.findall(r"ld\.global[.\w]*\.b16 ", ptx)),
         }
