@@ -103,9 +103,7 @@ def by_route_block(n_routes: int) -> int:
     return max(16, 1 << (max(n_routes, 1) - 1).bit_length())
 
 
-def heuristic_plan(
-    n_routes: int, num_experts: int, hidden: int = 4096, ffn: int = 14336
-) -> MoEPlan:
+def heuristic_plan(n_routes: int, num_experts: int, hidden: int, ffn: int) -> MoEPlan:
     """Untuned defaults: short M tiles while the batch is small (padding rows cost bandwidth),
     128×128 tiles once the GEMMs are compute-bound; at decode sizes the down matmul splits K
     until ~2 programs per SM stream weights."""
