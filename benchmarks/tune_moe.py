@@ -193,10 +193,16 @@ def main(argv=None) -> None:
             if time.time() > per_shape_deadline:
                 print(f"  {shape}: budget spent before {t} tokens", flush=True)
                 break
-            plan, ms, options = tune_size(layer, t, dtype, device, per_shape_deadline)
+            try:
+                plan, ms, options = tune_size(layer, t, dtype, device, per_shape_deadline)
+            except Exception as e:  # one size failing must not cost the others their plans
+                print(f"  {shape} T={t}: failed ({type(e).__name__}: {e})", flush=True)
+                continue
             entries[t * s["k"]] = plan.to_json(t * s["k"])
             print(f"  {shape} T={t}: {ms:.4f} ms {options} -> {plan}", flush=True)
         table[key] = [entries[r] for r in sorted(entries)]
+        args.out.mkdir(parents=True, exist_ok=True)  # written after every shape
+        path.write_text(json.dumps({"device": name, "shapes": table}, indent=1) + "\n")
         del layer
         if device == "cuda":
             torch.cuda.empty_cache()
