@@ -2,6 +2,8 @@
 interpreter (conftest sets TRITON_INTERPRET=1); the interpreter cannot load bf16, so bf16 is
 covered by the gpu-marked tests."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -45,13 +47,14 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def aligned(bm=16, bn=16, bk=16):
-    return MoEPlan(False, GemmConfig(bm, bn, bk), GemmConfig(bm, bn, bk))
+def aligned(bm=16, bn=16, bk=16, tma=False):
+    cfg = GemmConfig(bm, bn, bk, tma_w=tma)
+    return MoEPlan(False, cfg, cfg)
 
 
-def by_route(n_routes, bn=16, bk=16):
-    bm = moe_config.by_route_block(n_routes)
-    return MoEPlan(True, GemmConfig(bm, bn, bk), GemmConfig(bm, bn, bk))
+def by_route(n_routes, bn=16, bk=16, tma=False):
+    cfg = GemmConfig(moe_config.by_route_block(n_routes), bn, bk, tma_w=tma)
+    return MoEPlan(True, cfg, cfg)
 
 
 def run_both(x, w_in, w_out, idx, w, activation, plan=None, **kw):
@@ -72,20 +75,23 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("path", ["aligned", "by_route"])
+@pytest.mark.parametrize("path", ["aligned", "by_route", "aligned+tma", "by_route+tma"])
 def test_fused_moe_matches_reference(case, activation, dtype, path):
+    """+tma: weight tiles through tensor descriptors (rows past a tile's expert and K past the
+    end handled by the descriptor, not by masks)."""
     t, h, f, e, k = CASES[case]
-    if path == "by_route" and t * k > moe_config.BY_ROUTE_MAX:
+    if path.startswith("by_route") and t * k > moe_config.BY_ROUTE_MAX:
         pytest.skip("by-route plans hold at most BY_ROUTE_MAX routes")
     g = torch.Generator().manual_seed(t)
     x = torch.randn(t, h, generator=g).to(DEVICE, dtype)
     idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEVICE)
     w = torch.rand(t, k, generator=g).to(DEVICE)
-    plan = aligned() if path == "aligned" else by_route(t * k)
+    tma = path.endswith("+tma")
+    plan = aligned(tma=tma) if path.startswith("aligned") else by_route(t * k, tma=tma)
     out, ref = run_both(x, *weights(e, h, f, activation, dtype), idx, w, activation, plan)
     assert out.dtype == dtype and out.shape == (t, h)
     assert rel_err(out, ref) < TOL[dtype]
-    if path == "by_route":  # no −1 here: the dropless promise skips the zero fill
+    if path.startswith("by_route"):  # no −1 here: the dropless promise skips the zero fill
         out2, _ = run_both(x, *weights(e, h, f, activation, dtype), idx, w, activation, plan,
                            dropless=True)  # fmt: skip
         assert torch.equal(out2, out)
@@ -317,14 +323,17 @@ def test_router_topk_matches_reference(t, h, e, k, dtype, rnd):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 16, 256, 1000])
-def test_bf16_on_gpu(t):
+@pytest.mark.parametrize("tma", [False, True])
+def test_bf16_on_gpu(t, tma):
     """bf16 operands, fp32 accumulation: relative error between 1e-3 and 1e-2 is expected."""
     h, f, e, k = 512, 1024, 8, 2
     x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
     w_in, w_out = weights(e, h, f, "swiglu", torch.bfloat16)
     idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).cuda()
     w = torch.rand(t, k, device="cuda")
-    out = fused_moe_triton(x, w_in, w_out, idx, w, "swiglu")
+    p = moe_config.heuristic_plan(t * k, e, h, f)
+    p = MoEPlan(p.by_route, replace(p.up, tma_w=tma), replace(p.down, tma_w=tma))
+    out = fused_moe_triton(x, w_in, w_out, idx, w, "swiglu", moe_plan=p)
     ref = fused_moe_reference(x.double(), w_in.double(), w_out.double(), idx, w.double(), "swiglu")
     assert rel_err(out, ref) < 1e-2
 

@@ -44,6 +44,7 @@ class CompiledKernel:
             "mma_sync": ptx.count("mma.sync"),
             "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
             "cp_async_16B": len(_CP_ASYNC_16B.findall(ptx)),
+            "tma_load": ptx.count("cp.async.bulk.tensor"),
             "ld_global_v4": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
             "ld_global_scalar16": len(re.findall(r"ld\.global[.\w]*\.b16 ", ptx)),
         }

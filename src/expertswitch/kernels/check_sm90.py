@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -43,7 +44,10 @@ def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM
                 else _meta(split, r, h, dtype=torch.float32)
             )
             idx, wts = _meta(r, dtype=torch.int64), _meta(r, dtype=torch.float32)
-            for which, cfg in (("up", plan.up), ("down", plan.down)):
+            gemms = [("up", plan.up), ("down", plan.down)]
+            if t in (1, 4096):  # the TMA weight path the tuner may pick, at both ends
+                gemms += [(w, replace(c, tma_w=True)) for w, c in gemms]
+            for which, cfg in gemms:
                 nb = max_blocks(r, e, cfg.block_m)
                 rows = (_meta(nb * cfg.block_m, dtype=torch.int32), _meta(nb, dtype=torch.int32))
                 if plan.by_route:
@@ -60,7 +64,7 @@ def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM
                 if key in seen:
                     continue
                 seen.add(key)
-                path = "by-route" if plan.by_route else "aligned"
+                path = ("by-route" if plan.by_route else "aligned") + (" tma" if cfg.tma_w else "")
                 label = f"gemm {shape} T={t} {which} {path}" + (
                     f" split {split}" if which == "down" and split > 1 else ""
                 )

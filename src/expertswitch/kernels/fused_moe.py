@@ -106,15 +106,17 @@ if is_triton_available():
     @triton.jit
     def _moe_gemm_kernel(
         a_ptr, w_ptr, c_ptr, routes_ptr, block_expert_ptr, idx_ptr, weight_ptr,
-        N, K, k_split, n_routes, num_experts,
+        N, K, k_split, n_routes, num_experts, w_rows,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_cs,
         A_ROW_DIV: tl.constexpr, SWIGLU: tl.constexpr, ACT: tl.constexpr,
         MUL_WEIGHT: tl.constexpr, BY_ROUTE: tl.constexpr, EVEN_K: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, TMA_W: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """k_split: K elements each program along axis 2 sums (K itself when not split); split
-        programs write partial sums to c + pid_k · stride_cs."""
+        programs write partial sums to c + pid_k · stride_cs. TMA_W: weight tiles come by the
+        tensor-memory accelerator (Hopper) from w seen as [E·w_rows, K]; rows past N read
+        the next rows (masked at the store), K past the end reads zeros."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -146,17 +148,29 @@ if is_triton_available():
                   + (k_lo + offs_k[:, None]) * stride_wk)  # fmt: skip
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if TMA_W:
+            w_desc = tl.make_tensor_descriptor(
+                w_ptr, shape=[num_experts * w_rows, K], strides=[stride_wn, 1],
+                block_shape=[BLOCK_N, BLOCK_K],
+            )  # fmt: skip
+            w_row = (expert * w_rows + pid_n * BLOCK_N).to(tl.int32)
         for k0 in range(k_lo, tl.minimum(k_lo + k_split, K), BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs)
-                w = tl.load(w_ptrs)
             else:
                 k_mask = offs_k < K - k0
                 a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            if TMA_W:
+                w = tl.trans(w_desc.load([w_row, k0]))
+            elif EVEN_K:
+                w = tl.load(w_ptrs)
+            else:
                 w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
             acc += _dot(a, w, IEEE)
             if SWIGLU:  # up rows sit N rows below the gate rows
-                if EVEN_K:
+                if TMA_W:
+                    w_up = tl.trans(w_desc.load([w_row + N, k0]))
+                elif EVEN_K:
                     w_up = tl.load(w_ptrs + N * stride_wn)
                 else:
                     w_up = tl.load(w_ptrs + N * stride_wn, mask=k_mask[:, None], other=0.0)
@@ -209,7 +223,7 @@ def gemm_launch(a, w, c, rows, idx, weight, n, k_dim, n_routes, row_div, act, mu
     args = dict(
         a_ptr=a, w_ptr=w, c_ptr=c, routes_ptr=routes, block_expert_ptr=block_expert,
         idx_ptr=idx, weight_ptr=weight, N=n, K=k_dim, k_split=k_dim // split, n_routes=n_routes,
-        num_experts=w.shape[0],
+        num_experts=w.shape[0], w_rows=w.shape[1],
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=w.stride(0),
         stride_wn=w.stride(1), stride_wk=w.stride(2), stride_cm=c2.stride(0),
         stride_cn=c2.stride(1), stride_cs=c.stride(0) if split > 1 else 0,
@@ -218,13 +232,38 @@ def gemm_launch(a, w, c, rows, idx, weight, n, k_dim, n_routes, row_div, act, mu
         A_ROW_DIV=row_div, SWIGLU=act == _ACT_CODE["swiglu"], ACT=act, MUL_WEIGHT=mul_weight,
         BY_ROUTE=by_route, EVEN_K=k_dim % cfg.block_k == 0,
         IEEE=a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        TMA_W=cfg.tma_w and tma_ok(w),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
     )  # fmt: skip
     return grid, args, consts
 
 
+def tma_ok(w: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and row stride, and a contiguous last dimension."""
+    elt = w.element_size()
+    return (
+        w.stride(2) == 1
+        and (w.stride(1) * elt) % 16 == 0
+        and (w.device.type == "meta" or w.data_ptr() % 16 == 0)
+    )
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need a small global scratch per program; Triton asks
+    an allocator for it, and has none unless one is set (per thread: a context variable)."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(
+            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda")
+            if torch.cuda.is_available() else torch.empty(size, dtype=torch.int8)
+        )  # fmt: skip
+
+
 def _launch(*launch_args, cfg: GemmConfig, split: int = 1) -> None:
     grid, args, consts = gemm_launch(*launch_args, cfg, split)
+    if consts["TMA_W"]:
+        _ensure_allocator()
     _moe_gemm_kernel[grid](**args, **consts, num_warps=cfg.num_warps,
                            num_stages=cfg.num_stages)  # fmt: skip
 

@@ -44,6 +44,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1
+    tma_w: bool = False  # weight tiles by TMA (Hopper); pointer loads where TMA cannot run
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
