@@ -64,7 +64,7 @@ PRESETS = {
                           60_000),
     "tiny": FamilyPreset("tiny", 128, 4, 4, 2, 352, 2048, 128, 16, 600, 300, 3e-3, 2e-3, 0.5,
                          600_000),
-    # ~90M parameters on ~5M distinct tokens (code ~2.7M, math ~1.9M, prose only ~0.1M: all
+    # ~90M parameters on ~3.7M distinct tokens (code ~1.9M, math ~1.8M, prose only ~0.1M: all
     # of pydoc_data). The base (1200 steps of 16K tokens) sees code ~8.5 times, math ~1.7 and
     # prose ~10; experts stop early on held-apart validation, so the prose one cannot end
     # memorising its 100K tokens. ~2400 steps in all: minutes on an H100.
