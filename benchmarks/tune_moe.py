@@ -32,6 +32,7 @@ from expertswitch.kernels.align import align_block_size_triton  # noqa: E402
 from expertswitch.kernels.fused_moe import (  # noqa: E402
     _ACT_CODE,
     _launch,
+    buffers,
     fused_moe_reference,
     fused_moe_triton,
 )
@@ -84,7 +85,6 @@ class Problem:
         self.f = ex.w_out.shape[2]
         self.w_in, self.w_out = ex.w_in, ex.w_out
         self.inter = torch.empty(self.n_routes, self.f, dtype=dtype, device=device)
-        self.buf = torch.empty(8, self.n_routes, self.h, dtype=torch.float32, device=device)
         self.wts = self.w.reshape(-1).float().contiguous()
         counts = torch.bincount(self.idx, minlength=self.e)
         self.rows_per_expert = float(counts[counts > 0].float().mean())
@@ -101,7 +101,7 @@ class Problem:
                     self.n_routes, self.k, _ACT_CODE["swiglu"], False, by_route, cfg)  # fmt: skip
             return lambda: _launch(*args[:-1], cfg=args[-1])
         split = MoEPlan(by_route, replace(cfg, split_k=1), cfg).split_for(self.f)
-        c = self.buf[:split] if split > 1 else self.buf[0]
+        _, c, _ = buffers(self.x, self.n_routes, self.k, self.h, self.f, split, dropless=True)
         args = (self.inter, self.w_out, c, rows, self.idx, self.wts, self.h, self.f,
                 self.n_routes, 1, -1, True, by_route)  # fmt: skip
         return lambda: _launch(*args, cfg=cfg, split=split)

@@ -139,9 +139,7 @@ def align_block_size_triton(
         raise ImportError("Triton is not installed: pip install 'expertswitch[gpu]'")
     if block_m & (block_m - 1) or block_m < 1:
         raise ValueError(f"block_m={block_m} must be a power of two")
-    flat = expert_idx.reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
+    flat = expert_idx.reshape(-1).contiguous()
     n_routes, dev = flat.numel(), flat.device
     e_pad = max(16, triton.next_power_of_2(num_experts))
     block_r = 128 if e_pad <= 128 else 64  # the [BLOCK_R, BLOCK_R] and [BLOCK_R, E_PAD] tiles

@@ -27,7 +27,7 @@ def _meta(*shape, dtype=torch.bfloat16):
 
 def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM3"):
     from expertswitch.kernels.align import max_blocks
-    from expertswitch.kernels.fused_moe import _ACT_CODE, gemm_launch
+    from expertswitch.kernels.fused_moe import _ACT_CODE, buffers, gemm_launch
     from expertswitch.kernels.moe_config import plan_for
 
     seen = set()
@@ -36,13 +36,9 @@ def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM
         for t in TOKENS:
             r = t * k
             plan = plan_for(r, e, h, f, str(dtype)[6:], device_name)
-            x, inter = _meta(t, h, dtype=dtype), _meta(r, f, dtype=dtype)
+            x = _meta(t, h, dtype=dtype)
             split = plan.split_for(f)
-            buf = (
-                _meta(r, h, dtype=dtype)
-                if k == 1 and split == 1
-                else _meta(split, r, h, dtype=torch.float32)
-            )
+            _, buf, inter = buffers(x, r, k, h, f, split, dropless=True)  # the launch's own
             idx, wts = _meta(r, dtype=torch.int64), _meta(r, dtype=torch.float32)
             gemms = [("up", plan.up), ("down", plan.down)]
             if t in (1, 4096):  # the TMA weight path the tuner may pick, at both ends
@@ -56,8 +52,8 @@ def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM
                     launch = (x, w_in, inter, rows, idx, wts, f, h, r, k, _ACT_CODE["swiglu"],
                               False, plan.by_route, cfg)  # fmt: skip
                 else:
-                    launch = (inter, w_out, buf if split > 1 else buf.view(-1, h), rows, idx,
-                              wts, h, f, r, 1, -1, True, plan.by_route, cfg, split)  # fmt: skip
+                    launch = (inter, w_out, buf, rows, idx, wts, h, f, r, 1, -1, True,
+                              plan.by_route, cfg, split)  # fmt: skip
                 _, args, consts = gemm_launch(*launch)
                 key = (tuple(sorted(consts.items())), cfg.num_warps, cfg.num_stages,
                        buf.dtype if which == "down" else None)  # fmt: skip

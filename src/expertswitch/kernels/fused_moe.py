@@ -268,6 +268,20 @@ def _launch(*launch_args, cfg: GemmConfig, split: int = 1) -> None:
                            num_stages=cfg.num_stages)  # fmt: skip
 
 
+def buffers(x, n_routes: int, k: int, h: int, f: int, split: int, dropless: bool):
+    """(out [T, H], buf, inter [R, F]) of one call: buf is what the down matmul writes — the
+    output itself when k = 1 and K is not split, else fp32 rows [R, H] or partial sums
+    [split, R, H] that the combine launch adds up."""
+    t = n_routes // k
+    out = (torch.empty if dropless else torch.zeros)(t, h, dtype=x.dtype, device=x.device)
+    if k == 1 and split == 1:
+        buf = out
+    else:
+        shape = (split, n_routes, h) if split > 1 else (n_routes, h)
+        buf = torch.empty(shape, dtype=torch.float32, device=x.device)
+    return out, buf, torch.empty(n_routes, f, dtype=x.dtype, device=x.device)
+
+
 def fused_moe_triton(
     x: torch.Tensor,
     w_in: torch.Tensor,
@@ -296,28 +310,18 @@ def fused_moe_triton(
                          f"routes, got {n_routes}")  # fmt: skip
     if n_routes == 0:
         return x.new_zeros(t, h)
-    idx = expert_idx.reshape(-1)
-    idx = idx if idx.is_contiguous() else idx.contiguous()
+    idx = expert_idx.reshape(-1).contiguous()
     w = weights.reshape(-1).to(torch.float32).contiguous()
     split = p.split_for(f)
-    out = (torch.empty if dropless else torch.zeros)(t, h, dtype=x.dtype, device=x.device)
-    if k == 1 and split == 1:
-        buf = out  # the down matmul writes the output itself
-    else:
-        buf = torch.empty(split, n_routes, h, dtype=torch.float32, device=x.device)
-    inter = torch.empty(n_routes, f, dtype=x.dtype, device=x.device)
+    out, buf, inter = buffers(x, n_routes, k, h, f, split, dropless)
     act = _ACT_CODE[activation]
-    for cfg, gemm in ((p.up, "up"), (p.down, "down")):
-        if p.by_route:
-            rows = (idx, idx)  # unused pointers
-        elif gemm == "up" or cfg.block_m != p.up.block_m:
-            rows = align_block_size_triton(idx, e, cfg.block_m)[:2]
-        if gemm == "up":
-            _launch(x, w_in, inter, rows, idx, w, f, h, n_routes, k, act, False, p.by_route,
-                    cfg=cfg)  # fmt: skip
-        else:
-            _launch(inter, w_out, buf if split > 1 else buf.view(-1, h), rows, idx, w, h, f,
-                    n_routes, 1, -1, True, p.by_route, cfg=cfg, split=split)  # fmt: skip
+    rows_up = (idx, idx) if p.by_route else align_block_size_triton(idx, e, p.up.block_m)[:2]
+    _launch(x, w_in, inter, rows_up, idx, w, f, h, n_routes, k, act, False, p.by_route, cfg=p.up)
+    rows_down = rows_up
+    if not p.by_route and p.down.block_m != p.up.block_m:
+        rows_down = align_block_size_triton(idx, e, p.down.block_m)[:2]
+    _launch(inter, w_out, buf, rows_down, idx, w, h, f, n_routes, 1, -1, True, p.by_route,
+            cfg=p.down, split=split)  # fmt: skip
     if buf is not out:
         block_h = min(1024, triton.next_power_of_2(h))
         _combine_kernel[(t, triton.cdiv(h, block_h))](buf, idx, out, h, n_routes, K=k, S=split,

@@ -110,11 +110,12 @@ def heuristic_plan(n_routes: int, num_experts: int, hidden: int, ffn: int) -> Mo
     until ~2 programs per SM stream weights."""
     if n_routes <= min(16, num_experts):
         bm = by_route_block(n_routes)
-        tiles = min(n_routes, num_experts) * -(-hidden // 32)
+        down = GemmConfig(bm, 32, 128, 4, 4)
+        tiles = min(n_routes, num_experts) * -(-hidden // down.block_n)
         split = 1
-        while tiles * split < 2 * SMS and split < 8 and ffn % (2 * split * 128) == 0:
+        while tiles * split < 2 * SMS and split < 8 and ffn % (2 * split * down.block_k) == 0:
             split *= 2
-        return MoEPlan(True, GemmConfig(bm, 64, 128, 4, 4), GemmConfig(bm, 32, 128, 4, 4, split))
+        return MoEPlan(True, GemmConfig(bm, 64, 128, 4, 4), replace(down, split_k=split))
     per_expert = n_routes / num_experts
     if per_expert <= 32:
         cfg = GemmConfig(16, 64, 128, 4, 4)

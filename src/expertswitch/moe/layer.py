@@ -119,9 +119,7 @@ class MoE(nn.Module):
         """hidden_states [..., H] → (output [..., H], l_aux scalar, exp_counts int64 [E])."""
         if used_token is not None:
             raise ConfigError("used_token is not supported; drop padding tokens before the layer")
-        if hidden_states.shape[-1] != self.hidden_size:
-            raise ConfigError(f"MoE expects hidden size {self.hidden_size}, got input of shape "
-                              f"{tuple(hidden_states.shape)}")  # fmt: skip
+        self._check_hidden(hidden_states)
         x = hidden_states.reshape(-1, self.hidden_size)
         gate = self.gate(x)
         out = self._mix_residual(hidden_states, self._experts_forward(x, gate))
@@ -143,14 +141,17 @@ class MoE(nn.Module):
         ex = self.experts
         if not isinstance(ex, StackedExperts):
             return self.forward(hidden_states)[0]
-        if hidden_states.shape[-1] != self.hidden_size:
-            raise ConfigError(f"MoE expects hidden size {self.hidden_size}, got input of shape "
-                              f"{tuple(hidden_states.shape)}")  # fmt: skip
+        self._check_hidden(hidden_states)
         x = hidden_states.reshape(-1, self.hidden_size)
         idx, weights = self.gate.route(x)
         out = fused_moe(x, ex.w_in, ex.w_out, idx, weights, ex.activation, ex.b_in, ex.b_out,
                         dropless=True)  # fmt: skip
         return self._mix_residual(hidden_states, out)
+
+    def _check_hidden(self, hidden_states: torch.Tensor) -> None:
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ConfigError(f"MoE expects hidden size {self.hidden_size}, got input of shape "
+                              f"{tuple(hidden_states.shape)}")  # fmt: skip
 
     def _mix_residual(self, hidden_states: torch.Tensor, moe_out: torch.Tensor) -> torch.Tensor:
         out = moe_out.reshape(hidden_states.shape)
