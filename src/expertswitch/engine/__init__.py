@@ -1,0 +1,10 @@
+"""Serving engine: requests, scheduler, paged KV cache, runner, sampler, expert pool.
+
+from expertswitch.engine import Engine, SamplingParams
+"""
+
+from expertswitch.engine.engine import Engine
+from expertswitch.engine.request import RequestOutput
+from expertswitch.engine.sampling import SamplingParams
+
+__all__ = ["Engine", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,74 @@
+"""A request's life: waiting → running (prefill, then one token per decode step) → finished;
+a preempted request goes back to waiting and recomputes its prompt + generated tokens."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from expertswitch.engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    expert: str | None
+    sampling: SamplingParams
+    prompt: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose keys/values are in the cache
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    text: str = ""
+    stop_reason: str | int | None = None
+    preemptions: int = 0
+    generator: torch.Generator | None = None
+    first_token_time: float | None = None
+    _emitted: int = 0  # output tokens already reported by step()
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.status, self.finish_reason, self.error = Status.FINISHED, reason, error
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    expert: str | None
+    finished: bool
+    finish_reason: str | None
+    new_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None
+    stop_reason: str | int | None = None
+
+    @classmethod
+    def of(cls, r: Request, new: list[int]) -> RequestOutput:
+        return cls(r.request_id, r.prompt_token_ids, list(r.output_token_ids), r.text, r.expert,
+                   r.finished, r.finish_reason, new, r.error, r.stop_reason)  # fmt: skip

@@ -1,0 +1,64 @@
+"""One forward pass for a scheduled step: flatten the sequences' new tokens, build the step's
+context (expert slots, cache slots, block tables), run the decoder, return the logits of each
+sequence's last token."""
+
+from __future__ import annotations
+
+import torch
+
+from expertswitch.engine.kv_cache import BlockManager
+from expertswitch.engine.request import Request
+from expertswitch.models.context import AttentionBatch, ExpertBatch, StepContext
+from expertswitch.models.decoder import Decoder
+from expertswitch.models.expert_weights import ExpertWeights
+
+
+class ModelRunner:
+    def __init__(self, model: Decoder, blocks: BlockManager, kv_cache):
+        self.model, self.blocks, self.kv_cache = model, blocks, kv_cache
+        self.device = model.device
+
+    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def prepare(self, reqs: list[Request], experts: dict[str | None, ExpertWeights]):
+        """Flat inputs of the new tokens of `reqs` (prefill: all uncached tokens; decode: the
+        last one)."""
+        ids, positions, seq_lens, slots, q_lens, kv_lens, slot_of_row = [], [], [], [], [], [], []
+        order = [e for e in dict.fromkeys(r.expert for r in reqs) if e is not None]
+        slot_index = {name: i for i, name in enumerate(order)}
+        for r in reqs:
+            toks = r.all_token_ids
+            start, end = r.num_cached, len(toks)
+            ids.extend(toks[start:end])
+            positions.extend(range(start, end))
+            seq_lens.extend([end] * (end - start))
+            slots.extend(self.blocks.slot(r, p) for p in range(start, end))
+            q_lens.append(end - start)
+            kv_lens.append(end)
+            slot_of_row.extend([slot_index.get(r.expert, -1)] * (end - start))
+        width = max(len(r.blocks) for r in reqs)
+        tables = [r.blocks + [0] * (width - len(r.blocks)) for r in reqs]
+        attention = AttentionBatch(
+            slot_mapping=self._tensor(slots),
+            block_tables=self._tensor(tables),
+            q_lens=q_lens,
+            kv_lens=kv_lens,
+            positions=self._tensor(positions),
+            seq_lens=self._tensor(seq_lens),
+            block_size=self.blocks.block_size,
+        )
+        active = [experts[name] for name in order]
+        eb = ExpertBatch.build(active, self._tensor(slot_of_row))
+        last_slots = self._tensor([slot_index.get(r.expert, -1) for r in reqs])
+        return self._tensor(ids), StepContext(eb, attention), ExpertBatch.build(active, last_slots)
+
+    def run(self, reqs: list[Request], experts: dict[str | None, ExpertWeights]) -> torch.Tensor:
+        """→ fp32 logits [B, V], one row per request; marks their tokens as cached."""
+        ids, ctx, last_eb = self.prepare(reqs, experts)
+        hidden = self.model.forward(ids, ctx, self.kv_cache)
+        ends = torch.cumsum(self._tensor(ctx.attention.q_lens), 0) - 1
+        logits = self.model.logits(hidden.index_select(0, ends), last_eb)
+        for r in reqs:
+            r.num_cached = r.num_tokens
+        return logits

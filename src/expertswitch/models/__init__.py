@@ -1,0 +1,1 @@
+"""Decoder models served from one base and many packed expert deltas."""

@@ -1,0 +1,123 @@
+"""`ModelConfig`: the decoder's shape, read from a Hugging Face `config.json` (Llama, Mistral,
+Qwen2, Mixtral), without transformers. Validates itself; unknown families get a clear error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from expertswitch.errors import ConfigError
+
+SUPPORTED = ("llama", "mistral", "qwen2", "mixtral")
+_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    rope: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: q/k/v biases; Llama's attention_bias: q/k/v and o
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # per layer: None = full attention, else the window (a token sees itself and window−1 before)
+    sliding_windows: list[int | None] = field(default_factory=list)
+    num_experts: int = 0  # Mixtral's FFN experts (0 = dense MLP)
+    experts_per_token: int = 0
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED:
+            raise ConfigError(
+                f"model_type {self.model_type!r} is not supported: the engine serves "
+                f"{', '.join(SUPPORTED)} checkpoints"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads "
+                f"{self.num_kv_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported ({_ACTIVATIONS})")
+        if not self.sliding_windows:
+            self.sliding_windows = [None] * self.num_layers
+        if len(self.sliding_windows) != self.num_layers:
+            raise ConfigError("one sliding-window entry per layer is needed")
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> ModelConfig:
+        mt = cfg.get("model_type")
+        if mt not in SUPPORTED:
+            raise ConfigError(
+                f"model_type {mt!r} is not supported: the engine serves "
+                f"{', '.join(SUPPORTED)} checkpoints"
+            )
+        try:
+            hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+            layers = cfg["num_hidden_layers"]
+            eos = cfg.get("eos_token_id")
+            return cls(
+                model_type=mt,
+                hidden_size=hidden,
+                intermediate_size=cfg["intermediate_size"],
+                num_layers=layers,
+                num_heads=heads,
+                num_kv_heads=cfg.get("num_key_value_heads") or heads,
+                head_dim=cfg.get("head_dim") or hidden // heads,
+                vocab_size=cfg["vocab_size"],
+                max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                hidden_act=cfg.get("hidden_act", "silu"),
+                rope=_rope_params(cfg),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
+                o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                sliding_windows=_sliding_windows(cfg, mt, layers),
+                num_experts=cfg.get("num_local_experts", 0) if mt == "mixtral" else 0,
+                experts_per_token=cfg.get("num_experts_per_tok", 0) if mt == "mixtral" else 0,
+                eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+                bos_token_id=cfg.get("bos_token_id"),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks {e.args[0]!r}; it is not a complete "
+                              f"{mt} config") from None  # fmt: skip
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def _rope_params(cfg: dict) -> dict:
+    """transformers 5 writes `rope_parameters` (with rope_theta inside); 4.x writes `rope_theta`
+    and an optional `rope_scaling`. Either way: one dict with rope_type and rope_theta."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    if params["rope_type"] in ("llama3", "yarn"):
+        params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    params.setdefault("max_position_embeddings", cfg.get("max_position_embeddings", 2048))
+    return params
+
+
+def _sliding_windows(cfg: dict, mt: str, layers: int) -> list[int | None]:
+    window = cfg.get("sliding_window")
+    if mt == "qwen2" and not cfg.get("use_sliding_window", False):
+        window = None
+    types = cfg.get("layer_types")
+    if types and len(types) == layers and mt != "mistral":  # Mistral windows every layer
+        return [window if t == "sliding_attention" else None for t in types]
+    if mt == "qwen2" and window is not None:
+        first = cfg.get("max_window_layers", layers)
+        return [window if i >= first else None for i in range(layers)]
+    return [window] * layers

@@ -1,0 +1,71 @@
+"""Per-step metadata shared by every layer of one forward pass (nano-vllm's `Context`): which
+expert each row belongs to, and where each sequence's keys and values live in the paged cache.
+
+Rows are the flattened new tokens of all scheduled sequences, sequence after sequence.
+
+    ExpertBatch     experts    the active experts in slot order (slot s = experts[s])
+                    row_slot   int64 [T]  slot of each row, −1 = base only
+                    segments   per slot: the row indices that belong to it (computed once per
+                               step, reused by all 7·L linear layers, as Punica does)
+    AttentionBatch  slot_mapping  int64 [T]   cache slot (block·block_size + offset) per row
+                    block_tables  int32 [B, M] blocks of each sequence (−1 padding)
+                    q_lens, kv_lens, q_starts  per sequence
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from expertswitch.models.expert_weights import ExpertWeights
+
+
+@dataclass
+class ExpertBatch:
+    experts: list[ExpertWeights]
+    row_slot: torch.Tensor  # int64 [T]
+    segments: list[torch.Tensor] = field(default_factory=list)  # per slot: int64 row indices
+    any_base: bool = True  # some row runs the base only
+    # per-step caches keyed by tensor name (stacked exact tensors, kernel tables)
+    cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, experts: list[ExpertWeights], row_slot: torch.Tensor) -> ExpertBatch:
+        segments = [torch.nonzero(row_slot == s).flatten() for s in range(len(experts))]
+        return cls(experts, row_slot, segments, bool((row_slot < 0).any()))
+
+    @classmethod
+    def base_only(cls, rows: int, device) -> ExpertBatch:
+        return cls([], torch.full((rows,), -1, dtype=torch.long, device=device))
+
+    def users_of(self, name: str, table: str) -> list[tuple[int, object]]:
+        """(slot, value) for every active expert that stores tensor `name` in `table`
+        ("deltas" or "exact"), with at least one row in this batch."""
+        out = []
+        for s, ex in enumerate(self.experts):
+            v = getattr(ex, table).get(name)
+            if v is not None and self.segments[s].numel():
+                out.append((s, v))
+        return out
+
+
+@dataclass
+class AttentionBatch:
+    slot_mapping: torch.Tensor  # int64 [T]
+    block_tables: torch.Tensor  # int64 [B, M]
+    q_lens: list[int]
+    kv_lens: list[int]  # keys after this step (cached + new)
+    positions: torch.Tensor  # int64 [T]
+    seq_lens: torch.Tensor  # int64 [T]: each row's sequence length after this step (dynamic RoPE)
+    block_size: int
+
+    @property
+    def is_decode(self) -> bool:
+        return all(q == 1 for q in self.q_lens)
+
+
+@dataclass
+class StepContext:
+    experts: ExpertBatch
+    attention: AttentionBatch

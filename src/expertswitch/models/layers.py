@@ -1,0 +1,135 @@
+"""Layers whose weights differ per row: the base's tensor for base-only rows, the expert's for
+its rows, computed from the expert's packed parts.
+
+    MultiExpertLinear   y = x·W_baseᵀ + Δ_{e(row)}(x) [+ bias of the row's expert]
+                        an expert may instead store the whole weight exactly (e.g. an lm_head
+                        with a larger vocabulary): its rows use that weight
+    RowNorm             RMSNorm with the row's expert's weight when the expert changed it
+    RowEmbedding        token embedding: base rows, exact expert tables, or base + quantized
+                        delta rows (dequantized for the looked-up rows only)
+
+The delta term never comes from a dense Δ̂: on CPU through `PackedDelta.matmul_reference` per
+active expert, on a GPU through one Triton launch for all experts of the batch
+(kernels/delta_gemm.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from expertswitch.compress.packed import PackedDelta
+from expertswitch.models.context import ExpertBatch
+
+
+def stacked_rows(eb: ExpertBatch, name: str, base: torch.Tensor) -> torch.Tensor | None:
+    """[T, ...]: per row, the base's tensor or its expert's exact replacement; None when no
+    active expert replaces `name` (every row uses `base`). Cached per step."""
+    key = ("rows", name)
+    if key in eb.cache:
+        return eb.cache[key]
+    users = eb.users_of(name, "exact")
+    out = None
+    if users:
+        table = [base] + [base] * len(eb.experts)
+        for s, t in users:
+            table[s + 1] = t.to(base.dtype)
+        out = torch.stack(table).index_select(0, eb.row_slot + 1)
+    eb.cache[key] = out
+    return out
+
+
+def add_deltas(y: torch.Tensor, x: torch.Tensor, eb: ExpertBatch, name: str) -> None:
+    """y [T, N] += each row's expert's delta term for weight `name`, from packed parts."""
+    users = eb.users_of(name, "deltas")
+    if not users:
+        return
+    if x.is_cuda:
+        from expertswitch.kernels.delta_gemm import delta_add_cuda
+
+        delta_add_cuda(y, x, eb, name, users)
+        return
+    for s, d in users:
+        rows = eb.segments[s]
+        part = d.matmul_reference(x.index_select(0, rows))  # fp32 [R, N]
+        y[:, : part.shape[1]].index_add_(0, rows, part.to(y.dtype))  # y may be wider (vocab)
+
+
+class MultiExpertLinear:
+    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 fill: float = 0.0):  # fmt: skip
+        """name: the weight's checkpoint name (…q_proj.weight); the bias is name[:-6] + "bias".
+        fill: value of columns past the base's width in base rows when an active expert's
+        exact weight is wider (−inf for logits over a larger vocabulary)."""
+        self.name = name
+        self.bias_name = name.removesuffix("weight") + "bias"
+        self.weight = weight  # [N, K]
+        self.bias = bias  # [N] | None
+        self.fill = fill
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # [T, N]
+        exact = eb.users_of(self.name, "exact")
+        if exact:
+            y = self._exact_rows(y, x, eb, exact)
+        add_deltas(y, x, eb, self.name)
+        if self.bias is not None:
+            rows = stacked_rows(eb, self.bias_name, self.bias)
+            y = y + (self.bias if rows is None else rows)
+        return y
+
+    def _exact_rows(self, y, x, eb, exact) -> torch.Tensor:
+        width = max([y.shape[1]] + [w.shape[0] for _, w in exact])
+        if width > y.shape[1]:
+            wide = y.new_full((y.shape[0], width), self.fill)
+            wide[:, : y.shape[1]] = y
+            y = wide
+        for s, w in exact:
+            rows = eb.segments[s]
+            out = F.linear(x.index_select(0, rows), w.to(x.dtype))
+            if out.shape[1] < width:
+                pad = out.new_full((out.shape[0], width - out.shape[1]), self.fill)
+                out = torch.cat([out, pad], dim=1)
+            y[rows] = out
+        return y
+
+
+class RowNorm:
+    """RMSNorm as Llama computes it: fp32 variance, then weight · normalised (input dtype)."""
+
+    def __init__(self, name: str, weight: torch.Tensor, eps: float):
+        self.name, self.weight, self.eps = name, weight, eps
+
+    def __call__(self, x: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        rows = stacked_rows(eb, self.name, self.weight)
+        w = self.weight if rows is None else rows
+        return w * h.to(x.dtype)
+
+
+class RowEmbedding:
+    def __init__(self, name: str, weight: torch.Tensor):
+        self.name, self.weight = name, weight  # [V, H]
+
+    def __call__(self, ids: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:
+        out = F.embedding(ids.clamp_max(self.weight.shape[0] - 1), self.weight)  # [T, H]
+        for s, table in eb.users_of(self.name, "exact"):
+            rows = eb.segments[s]
+            out[rows] = F.embedding(ids.index_select(0, rows), table.to(out.dtype))
+        for s, d in eb.users_of(self.name, "deltas"):
+            rows = eb.segments[s]
+            out[rows] += delta_rows(d, ids.index_select(0, rows)).to(out.dtype)
+        return out
+
+
+def delta_rows(d: PackedDelta, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of Δ̂ (fp32 [R, K]) from the packed parts of those rows only."""
+    parts = {k: v.index_select(0, idx) if k != "salient_idx" else v
+             for k, v in d.parts().items()}  # fmt: skip
+    meta = {**d.meta(), "shape": [idx.numel(), d.k]}
+    return PackedDelta.from_parts(meta, parts).dequantize()

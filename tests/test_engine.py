@@ -1,0 +1,336 @@
+"""The serving engine against transformers: greedy tokens with an expert (served from its packed
+archive) equal transformers' greedy tokens on the checkpoint `reconstruct` rebuilds from the
+same archive; base-only rows equal transformers on the base. Tiny real HF checkpoints, fp32."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import finetune_like, tiny_config
+
+from expertswitch.compress import CompressOptions, compress_expert, make_method, reconstruct
+from expertswitch.compress.calibration import CalibOptions
+from expertswitch.engine import Engine, SamplingParams
+from expertswitch.errors import ArchiveError, CompatibilityError, ConfigError
+from expertswitch.io.archive import open_archive
+
+OPTS = CompressOptions(calib=CalibOptions(tokens=256, seq_len=64), progress=False)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+
+
+def hf_greedy(model_dir: Path, prompt: list[int], n: int) -> list[int]:
+    """transformers' own greedy generate (stops at EOS as ours does)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def perturb_small_tensors(model, seed: int, scale: float = 0.05) -> None:
+    """Fine-tunes change norms and biases too: the engine applies those per row (exact)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p += scale * torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.01)
+
+
+def make_family(root: Path, config, n_experts: int = 2, method=None, opts=OPTS):
+    """base/ + n experts, each compressed and reconstructed; returns (base, [(archive, rec)])."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    base = root / "base"
+    model.save_pretrained(base)
+    out = []
+    for i in range(n_experts):
+        expert = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        finetune_like(expert, seed=10 + i, scale=0.2)
+        perturb_small_tensors(expert, seed=20 + i)
+        expert.save_pretrained(root / f"expert{i}")
+        archive = compress_expert(base, root / f"expert{i}", root / f"arch{i}",
+                                  method or make_method("mixed", bits=2), opts)  # fmt: skip
+        out.append((archive, reconstruct(base, archive, root / f"rec{i}", progress=False)))
+    return base, out
+
+
+def prompts(n: int, lengths=(3, 11, 29), vocab: int = 256, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=g).tolist()
+            for i in range(n)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("eng-llama"), tiny_config("llama"))
+
+
+@pytest.fixture(scope="module")
+def llama_engine(llama):
+    base, experts = llama
+    return Engine(base, {f"e{i}": a for i, (a, _) in enumerate(experts)})
+
+
+@pytest.fixture(scope="module")
+def solo(llama):
+    """transformers' greedy tokens for every (prompt, expert or base)."""
+    base, experts = llama
+    dirs = {None: base, **{f"e{i}": rec for i, (_, rec) in enumerate(experts)}}
+    ps = prompts(3)
+    return ps, {(i, e): hf_greedy(d, p, GREEDY.max_tokens) for e, d in dirs.items()
+                for i, p in enumerate(ps)}  # fmt: skip
+
+
+def test_llama_experts_and_base_equal_transformers(llama_engine, solo):
+    ps, ref = solo
+    for expert in (None, "e0", "e1"):
+        outs = llama_engine.generate(ps, expert=expert, sampling=GREEDY)
+        for i, out in enumerate(outs):
+            assert out.token_ids == ref[(i, expert)], (i, expert)
+            assert out.expert == expert
+            assert out.finish_reason in ("stop", "length")
+
+
+def test_mixed_batch_gives_every_request_its_solo_tokens(llama_engine, solo):
+    ps, ref = solo
+    combos = [(i, e) for i in range(len(ps)) for e in (None, "e0", "e1")]
+    combos = combos[::2] + combos[1::2]  # interleave experts and base rows
+    outs = llama_engine.generate([ps[i] for i, _ in combos], expert=[e for _, e in combos],
+                                 sampling=GREEDY)  # fmt: skip
+    for (i, e), out in zip(combos, outs):
+        assert out.token_ids == ref[(i, e)], (i, e)
+
+
+def test_requests_joining_mid_generation(llama_engine, solo):
+    ps, ref = solo
+    eng = llama_engine
+    first = [eng.add_request(ps[0], "e0", GREEDY), eng.add_request(ps[1], None, GREEDY)]
+    done = {}
+    for _ in range(5):
+        for out in eng.step():
+            done[out.request_id] = out
+    later = [eng.add_request(ps[2], "e1", GREEDY), eng.add_request(ps[0], "e1", GREEDY)]
+    while eng.has_unfinished():
+        for out in eng.step():
+            done[out.request_id] = out
+    expected = [ref[(0, "e0")], ref[(1, None)], ref[(2, "e1")], ref[(0, "e1")]]
+    assert [done[r].token_ids for r in first + later] == expected
+
+
+def test_preemption_under_kv_pressure_keeps_tokens(llama, solo):
+    base, experts = llama
+    ps, ref = solo
+    # 6 blocks of 8 tokens: three requests of up to 53 tokens cannot all stay resident
+    eng = Engine(base, {"e0": experts[0][0], "e1": experts[1][0]}, num_kv_blocks=6, block_size=8,
+                 max_model_len=48)  # fmt: skip
+    reqs = [(2, "e0"), (1, "e1"), (2, None)]
+    rids = [eng.add_request(ps[i], e, GREEDY) for i, e in reqs]
+    preempted, done = 0, {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            done[out.request_id] = out
+        preempted = max(preempted, sum(r.preemptions for r in eng._requests.values()))
+    assert preempted > 0
+    assert eng.blocks.num_free == eng.blocks.num_blocks  # everything given back
+    for rid, (i, e) in zip(rids, reqs):
+        n = len(done[rid].token_ids)
+        assert done[rid].token_ids == ref[(i, e)][:n]
+
+
+def test_memory_holds_packed_parts_only(llama_engine, llama):
+    _, experts = llama
+    llama_engine.generate(prompts(1), expert="e0", sampling=SamplingParams(max_tokens=2))
+    llama_engine.generate(prompts(1), expert="e1", sampling=SamplingParams(max_tokens=2))
+    archive_bytes = 0
+    for archive, _ in experts:
+        parts = open_archive(archive, verify=False).manifest["parts"]
+        archive_bytes += sum(_part_bytes(p) for p in parts.values())
+    assert llama_engine.pool.bytes_resident()["device"] == archive_bytes
+    for name in ("e0", "e1"):
+        ew = llama_engine.pool.get(name)
+        # every quantized linear stays packed: int32 bit planes, no dense fp32 weight
+        assert ew.deltas and all(d.planes[0].dtype == torch.int32 for d in ew.deltas.values())
+        dense = [n for n, t in ew.exact.items() if t.dim() == 2]
+        assert not dense, dense
+
+
+def _part_bytes(rec: dict) -> int:
+    size = {"int32": 4, "float16": 2, "uint8": 1, "float32": 4, "bfloat16": 2, "int64": 8}
+    n = 1
+    for s in rec["shape"]:
+        n *= s
+    return n * size[rec["dtype"]]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_mistral_window_and_qwen2_tied_biases(tmp_path, arch):
+    from transformers import Qwen2Config
+
+    if arch == "mistral":
+        config = tiny_config("mistral")  # sliding window 64: prompt + generation = 80 tokens
+        lengths = (50, 56)
+    else:  # tied embeddings, q/k/v biases, a sliding window on the second layer only
+        config = Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                             max_position_embeddings=256, tie_word_embeddings=True,
+                             use_sliding_window=True, sliding_window=16,
+                             max_window_layers=1)  # fmt: skip
+        lengths = (9, 30)
+    base, experts = make_family(tmp_path, config, n_experts=1)
+    ((archive, rec),) = experts
+    if arch == "qwen2":
+        entries = open_archive(archive).entries
+        assert entries["model.layers.0.self_attn.q_proj.bias"].kind == "exact"
+        assert "lm_head.weight" not in entries  # tied
+    eng = Engine(base, {"x": archive})
+    ps = prompts(2, lengths)
+    sp = SamplingParams(temperature=0.0, max_tokens=30)
+    outs = eng.generate(ps + ps, expert=["x", "x", None, None], sampling=sp)
+    for i, p in enumerate(ps):
+        assert outs[i].token_ids == hf_greedy(rec, p, 30)
+        assert outs[i + 2].token_ids == hf_greedy(base, p, 30)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+])  # fmt: skip
+def test_rope_scaling_kinds_equal_transformers(tmp_path, rope):
+    """Base only (no compression needed); max_position_embeddings 32 < prompt + generation, so
+    dynamic NTK rescales mid-generation."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                         max_position_embeddings=32,
+                         rope_parameters={"rope_theta": 10000.0, **rope})  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    eng = Engine(tmp_path / "base", max_model_len=64)
+    for p in prompts(2, (5, 24)):
+        out = eng.generate(p, sampling=SamplingParams(temperature=0.0, max_tokens=16))[0]
+        assert out.token_ids == hf_greedy(tmp_path / "base", p, 16)
+
+
+def test_expert_with_larger_vocabulary_and_quantized_embeddings(tmp_path):
+    """An expert that added tokens (exact embed/lm_head of 264 rows) and one whose embedding
+    and lm_head deltas are quantized, in one batch with the base."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    model.save_pretrained(tmp_path / "base")
+    grown = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    grown.resize_token_embeddings(264)
+    finetune_like(grown, seed=3, scale=0.2)
+    grown.save_pretrained(tmp_path / "grown")
+    qe = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    with torch.no_grad():
+        for p in qe.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    qe.save_pretrained(tmp_path / "qe")
+    qopts = CompressOptions(calib=OPTS.calib, progress=False, quantize_embeddings=True)
+    archives, recs = {}, {}
+    for name, opts in (("grown", OPTS), ("qe", qopts)):
+        archives[name] = compress_expert(tmp_path / "base", tmp_path / name, tmp_path / f"a-{name}",
+                                         make_method("mixed", bits=3), opts)  # fmt: skip
+        recs[name] = reconstruct(tmp_path / "base", archives[name], tmp_path / f"r-{name}",
+                                 progress=False)  # fmt: skip
+    assert open_archive(archives["qe"]).entries["model.embed_tokens.weight"].kind == "quantized"
+    eng = Engine(tmp_path / "base", archives)
+    p_new = [5, 260, 263, 7]  # uses the added tokens
+    p = prompts(1)[0]
+    outs = eng.generate([p_new, p, p], expert=["grown", "qe", None], sampling=GREEDY)
+    assert outs[0].token_ids == hf_greedy(recs["grown"], p_new, GREEDY.max_tokens)
+    assert outs[1].token_ids == hf_greedy(recs["qe"], p, GREEDY.max_tokens)
+    assert outs[2].token_ids == hf_greedy(tmp_path / "base", p, GREEDY.max_tokens)
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        eng.add_request(p_new, None, GREEDY)  # the base has no token 260
+
+
+def test_mixtral_base_and_expert_archives(tmp_path):
+    """Mixtral's MoE FFN serves the base; an expert that changes MoE weights is refused at
+    registration with the way out (reconstruct), not served wrong."""
+    config = tiny_config("mixtral")
+    base, experts = make_family(tmp_path, config, n_experts=1, method=make_method("rtn", bits=4))
+    eng = Engine(base)
+    p = prompts(1)[0]
+    assert eng.generate(p, sampling=GREEDY)[0].token_ids == hf_greedy(base, p, GREEDY.max_tokens)
+    with pytest.raises(ArchiveError, match="reconstruct"):
+        eng.add_expert("moe", experts[0][0])
+
+
+def test_bad_input_gets_clear_errors(llama, llama_engine, tmp_path):
+    base, experts = llama
+    eng = llama_engine
+    with pytest.raises(ConfigError, match="unknown expert 'nope'"):
+        eng.add_request([1, 2, 3], "nope")
+    with pytest.raises(ConfigError, match="empty"):
+        eng.add_request([], None)
+    with pytest.raises(ConfigError, match="context holds"):
+        eng.add_request([5] * (eng.max_model_len + 3), None)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        eng.add_request("hello", None)
+    with pytest.raises(ConfigError, match="prompts need"):
+        eng.generate(prompts(2), expert=["e0"])
+    # an archive made against another base: refused when registered
+    other = tmp_path / "other"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).save_pretrained(other)
+    finetune_like_base = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32)
+    finetune_like(finetune_like_base, seed=99)
+    finetune_like_base.save_pretrained(other)
+    with pytest.raises(CompatibilityError, match="different base"):
+        Engine(other, {"e0": experts[0][0]})
+
+
+def test_corrupt_archive_fails_only_its_requests(llama, solo, tmp_path):
+    import shutil
+
+    base, experts = llama
+    ps, ref = solo
+    bad = tmp_path / "bad"
+    shutil.copytree(experts[1][0], bad)
+    f = bad / "delta.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    eng = Engine(base, {"good": experts[0][0], "bad": bad})
+    outs = eng.generate([ps[0], ps[0], ps[1]], expert=["good", "bad", None], sampling=GREEDY)
+    assert outs[0].token_ids == ref[(0, "e0")]
+    assert outs[1].finish_reason == "error" and "checksum" in outs[1].error
+    assert outs[2].token_ids == ref[(1, None)]
+    # the engine keeps serving after the failure
+    assert eng.generate(ps[2], "good", GREEDY)[0].token_ids == ref[(2, "e0")]
+
+
+def test_sampling_seeded_stop_tokens_and_streaming(llama_engine, solo):
+    ps, ref = solo
+    eng = llama_engine
+    sp = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_tokens=12)
+    alone = eng.generate(ps[0], "e0", sp)[0].token_ids
+    crowd = eng.generate([ps[1], ps[0], ps[2]], ["e1", "e0", None], [GREEDY, sp, GREEDY])
+    assert crowd[1].token_ids == alone  # a seeded request ignores its batch
+    assert eng.generate(ps[0], "e0", SamplingParams(top_k=1, seed=3, max_tokens=24))[0] \
+        .token_ids == ref[(0, "e0")]  # fmt: skip
+    target = ref[(1, "e1")]
+    stop_at = target[5]
+    out = eng.generate(ps[1], "e1", SamplingParams(temperature=0, stop_token_ids=[stop_at],
+                                                   max_tokens=24))[0]  # fmt: skip
+    assert out.token_ids == target[: target.index(stop_at) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+    streamed = [o.new_token_ids for o in eng.stream(ps[2], "e0", GREEDY)]
+    assert all(len(n) == 1 for n in streamed)
+    assert sum(streamed, []) == ref[(2, "e0")]
