@@ -334,3 +334,25 @@ def test_sampling_seeded_stop_tokens_and_streaming(llama_engine, solo):
     streamed = [o.new_token_ids for o in eng.stream(ps[2], "e0", GREEDY)]
     assert all(len(n) == 1 for n in streamed)
     assert sum(streamed, []) == ref[(2, "e0")]
+
+
+def test_mixed_batch_through_the_delta_kernel(llama_engine, solo, monkeypatch):
+    """The GPU path of MultiExpertLinear (one Triton launch for all experts; here in Triton's
+    interpreter) gives the same tokens as transformers on the reconstructed checkpoints."""
+    pytest.importorskip("triton")
+    from expertswitch.kernels import delta_gemm
+    from expertswitch.models import layers
+
+    calls = []
+    real = delta_gemm.delta_matmul
+    monkeypatch.setattr(layers, "DELTA_PATH", "kernel")
+    monkeypatch.setattr(
+        delta_gemm, "delta_matmul", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    ps, ref = solo
+    combos = [(0, "e0"), (1, None), (2, "e1"), (1, "e0")]
+    sp = SamplingParams(temperature=0.0, max_tokens=8)
+    outs = llama_engine.generate([ps[i] for i, _ in combos], [e for _, e in combos], sp)
+    assert calls  # the kernel ran
+    for (i, e), out in zip(combos, outs):
+        assert out.token_ids == ref[(i, e)][:8], (i, e)

@@ -123,6 +123,28 @@ def _add_router(sub) -> None:
     e.add_argument("--device", default="cpu")
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="serve a base and expert archives: generate text")
+    p.add_argument("--base", required=True, help="base model directory (HF checkpoint)")
+    p.add_argument("--expert", action="append", default=[], metavar="NAME=ARCHIVE",
+                   help="an expert archive to serve under NAME (repeatable)")  # fmt: skip
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                   help="a prompt as comma-separated token ids (repeatable)")  # fmt: skip
+    p.add_argument("--use", action="append", default=None, metavar="NAME",
+                   help="the expert that answers (default: the base alone); once for all "
+                   "prompts or once per prompt; 'base' for the base")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (1 prompt)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertswitch", description="Hold and serve many expert LLMs on one GPU."
@@ -135,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_zoo(sub)
     _add_eval(sub)
     _add_router(sub)
+    _add_generate(sub)
     return parser
 
 
@@ -263,6 +286,71 @@ def cmd_router(args) -> None:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
 
+def _expert_args(items: list[str]) -> dict[str, str]:
+    from expertswitch.errors import ConfigError
+
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--expert {item!r}: write NAME=ARCHIVE_DIR, e.g. math=math.delta")
+        if name in out:
+            raise ConfigError(f"--expert {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def _prompt_args(args) -> list:
+    from expertswitch.errors import ConfigError
+
+    prompts: list = list(args.prompt)
+    for item in args.prompt_ids:
+        try:
+            prompts.append([int(t) for t in item.split(",") if t.strip()])
+        except ValueError:
+            raise ConfigError(f"--prompt-ids {item!r}: give comma-separated integers") from None
+    if not prompts:
+        raise ConfigError("give at least one --prompt TEXT (or --prompt-ids 1,2,3)")
+    return prompts
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from expertswitch.engine import Engine, SamplingParams
+    from expertswitch.errors import ConfigError
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if args.dtype not in dtypes:
+        raise ConfigError(f"--dtype {args.dtype!r}: choose one of {', '.join(dtypes)}")
+    prompts = _prompt_args(args)
+    use = [None if u in ("base", "__base__") else u for u in (args.use or [None])]
+    if len(use) not in (1, len(prompts)):
+        raise ConfigError(f"--use is given {len(use)} times for {len(prompts)} prompts: give it "
+                          "once (all prompts) or once per prompt")  # fmt: skip
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              seed=args.seed, max_tokens=args.max_tokens,
+                              stop=args.stop)  # fmt: skip
+    eng = Engine(args.base, _expert_args(args.expert), device=args.device,
+                 dtype=dtypes[args.dtype])  # fmt: skip
+    experts = use * len(prompts) if len(use) == 1 else use
+    if args.stream:
+        if len(prompts) != 1:
+            raise ConfigError("--stream prints one answer as it comes: give one prompt")
+        seen = ""
+        for out in eng.stream(prompts[0], experts[0], sampling):
+            text = out.text if out.text is not None else " ".join(map(str, out.new_token_ids))
+            print(text[len(seen) :] if out.text is not None else text + " ", end="", flush=True)
+            seen = out.text or ""
+        print(f"\n[{experts[0] or 'base'}: {out.finish_reason}]")
+        return
+    for prompt, out in zip(prompts, eng.generate(prompts, experts, sampling)):
+        answer = out.text if out.text is not None else " ".join(map(str, out.token_ids))
+        shown = prompt if isinstance(prompt, str) else ",".join(map(str, prompt))
+        print(f"[{out.expert or 'base'}] {shown!r} -> {answer!r}  ({out.finish_reason}"
+              + (f": {out.error}" if out.error else "") + ")")  # fmt: skip
+
+
 COMMANDS = {
     "compress": cmd_compress,
     "inspect": cmd_inspect,
@@ -271,6 +359,7 @@ COMMANDS = {
     "zoo": cmd_zoo,
     "eval": cmd_eval,
     "router": cmd_router,
+    "generate": cmd_generate,
 }
 
 

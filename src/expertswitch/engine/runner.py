@@ -17,6 +17,12 @@ class ModelRunner:
     def __init__(self, model: Decoder, blocks: BlockManager, kv_cache):
         self.model, self.blocks, self.kv_cache = model, blocks, kv_cache
         self.device = model.device
+        # delta-kernel pointer tables for the current set of active expert objects: rebuilt
+        # when the set changes (a table holds its experts' tensors alive, so it must not
+        # outlive their residency)
+        self._tables_key: tuple = ()
+        self._tables: dict = {}
+        self._tables_objs: list = []
 
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -49,9 +55,16 @@ class ModelRunner:
             block_size=self.blocks.block_size,
         )
         active = [experts[name] for name in order]
+        key = tuple((name, id(experts[name])) for name in order)
+        if key != self._tables_key:  # the objects stay referenced, so their ids stay unique
+            self._tables_key, self._tables = key, {}
+            self._tables_objs = active
         eb = ExpertBatch.build(active, self._tensor(slot_of_row))
+        eb.tables = self._tables
         last_slots = self._tensor([slot_index.get(r.expert, -1) for r in reqs])
-        return self._tensor(ids), StepContext(eb, attention), ExpertBatch.build(active, last_slots)
+        last_eb = ExpertBatch.build(active, last_slots)
+        last_eb.tables = self._tables
+        return self._tensor(ids), StepContext(eb, attention), last_eb
 
     def run(self, reqs: list[Request], experts: dict[str | None, ExpertWeights]) -> torch.Tensor:
         """→ fp32 logits [B, V], one row per request; marks their tokens as cached."""

@@ -67,6 +67,45 @@ def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM
                 yield label, args, consts, cfg.num_warps, cfg.num_stages
 
 
+DELTA_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (N, K): Mistral q/o, up, down
+DELTA_BATCHES = {"decode": (32, 16), "prefill": (2048, 4)}  # rows T over n_slots experts
+
+
+def delta_variants(dtype=torch.bfloat16):
+    """The multi-expert packed-delta kernel (kernels/delta_gemm.py) as an engine launches it:
+    2-bit asymmetric with salient channels, groups of 128, at decode and prefill, plus 1-, 3-
+    and 4-bit decode; built by the launcher's own argument code (delta_launch)."""
+    from expertswitch.kernels.align import max_blocks
+    from expertswitch.kernels.delta_gemm import (
+        DeltaTable,
+        RowGroups,
+        delta_config,
+        delta_launch,
+        pick_block_m,
+    )
+
+    i32 = torch.int32
+    cases = [(2, False, batch) for batch in DELTA_BATCHES] + [(b, b == 1, "decode")
+                                                              for b in (1, 3, 4)]  # fmt: skip
+    for bits, symmetric, batch in cases:
+        t, n_slots = DELTA_BATCHES[batch]
+        for n, k in DELTA_SHAPES if bits == 2 else DELTA_SHAPES[:1]:
+            bm = pick_block_m(t, n_slots)
+            nb = max_blocks(t, n_slots, bm)  # what the GPU alignment allocates
+            table = DeltaTable(
+                _meta(n_slots, 6, dtype=torch.int64), _meta(n_slots, dtype=i32),
+                _meta(n_slots, dtype=torch.float32), n, k, bits, 128, symmetric,
+                max_salient=k // 100,
+            )  # fmt: skip
+            groups = RowGroups(_meta(nb * bm, dtype=i32), _meta(nb, dtype=i32), bm, t, n_slots)
+            cfg = delta_config(n, k, 128, bm, nb)
+            x, out = _meta(t, k, dtype=dtype), _meta(t, n, dtype=dtype)
+            _, args, consts = delta_launch(x, table, groups, out, cfg)
+            sym = "sym" if symmetric else "asym"
+            label = f"delta {bits}b {sym} N={n} K={k} {batch} T={t}/{n_slots}"
+            yield label, args, consts, cfg.num_warps, cfg.num_stages
+
+
 def other_variants():
     from expertswitch.kernels import align, fused_moe, topk_softmax
 
@@ -110,19 +149,22 @@ def main() -> int:
         print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU", file=sys.stderr)
         return 2
     from expertswitch.kernels.aot import compile_for_gpu
+    from expertswitch.kernels.delta_gemm import _delta_kernel
     from expertswitch.kernels.fused_moe import _moe_gemm_kernel
 
     jobs = [(label, _moe_gemm_kernel, args, consts, w, s)
             for label, args, consts, w, s in gemm_variants()]  # fmt: skip
+    jobs += [(label, _delta_kernel, args, consts, w, s)
+             for label, args, consts, w, s in delta_variants()]  # fmt: skip
     jobs += [(label, fn, args, consts, 4, 1) for label, fn, args, consts in other_variants()]
     bad = 0
-    print(f"{'variant':<40} {'smem KB':>8} {'regs':>5} {'spill':>5}  features")
+    print(f"{'variant':<48} {'smem KB':>8} {'regs':>5} {'spill':>5}  features")
     for label, fn, args, consts, warps, stages in jobs:
         try:
             ck = compile_for_gpu(fn, args, consts, num_warps=warps, num_stages=stages)
         except Exception as e:  # report every failure, then exit non-zero
             bad += 1
-            print(f"{label:<40} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(f"{label:<48} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             continue
         f = ck.features()
         # a GEMM whose main loop is not pipelined in 16-byte copies cannot stream weights at
@@ -133,7 +175,7 @@ def main() -> int:
         feats = " ".join(f"{k}={v}" for k, v in f.items() if v)
         spill = ck.spill_bytes if ck.spill_bytes is not None else "?"
         flag = "  <-- spills, too much shared memory or no 16-byte pipelining" if problem else ""
-        print(f"{label:<40} {ck.shared_bytes / 1024:>8.1f} {ck.registers or '?':>5} "
+        print(f"{label:<48} {ck.shared_bytes / 1024:>8.1f} {ck.registers or '?':>5} "
               f"{spill:>5}  {feats}{flag}", flush=True)  # fmt: skip
     return 1 if bad else 0
 

@@ -27,8 +27,10 @@ class ExpertBatch:
     row_slot: torch.Tensor  # int64 [T]
     segments: list[torch.Tensor] = field(default_factory=list)  # per slot: int64 row indices
     any_base: bool = True  # some row runs the base only
-    # per-step caches keyed by tensor name (stacked exact tensors, kernel tables)
+    # per-step cache (stacked exact tensors, row groupings)
     cache: dict = field(default_factory=dict)
+    # kernel pointer tables, valid while the same expert objects are active (runner-owned)
+    tables: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, experts: list[ExpertWeights], row_slot: torch.Tensor) -> ExpertBatch:

@@ -149,6 +149,12 @@ class Decoder:
         ckpt = open_checkpoint(path)
         return cls(ModelConfig.from_dict(ckpt.config), ckpt, device, dtype)
 
+    @classmethod
+    def from_tensors(cls, config: dict, tensors: dict[str, torch.Tensor], device="cpu",
+                     dtype=torch.float32) -> Decoder:  # fmt: skip
+        """From in-memory tensors named as in an HF checkpoint (benchmarks, synthetic models)."""
+        return cls(ModelConfig.from_dict(config), TensorDict(tensors), device, dtype)
+
     def new_kv_cache(self, num_blocks: int, block_size: int, dtype=None):
         """One (keys, values) pair per layer, each [num_blocks, block_size, kv_heads, D]."""
         cfg = self.cfg
@@ -178,3 +184,22 @@ class Decoder:
         """hidden [B, H] (one row per sequence) → fp32 logits [B, V] (V: the widest active
         vocabulary; columns past a row's own vocabulary are −inf)."""
         return self.lm_head(self.norm(hidden, eb), eb).float()
+
+
+class TensorDict:
+    """The part of io/checkpoint.Checkpoint the decoder reads, over a dict of tensors."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors, self.path = tensors, Path("<memory>")
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)

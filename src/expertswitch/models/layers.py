@@ -39,20 +39,52 @@ def stacked_rows(eb: ExpertBatch, name: str, base: torch.Tensor) -> torch.Tensor
     return out
 
 
+# How add_deltas computes the delta term: "auto" = the Triton kernel on CUDA, the per-expert
+# reference on CPU; "kernel" forces the kernel (tests, in Triton's interpreter); "dequantize"
+# is the PEFT-style loop (each expert's Δ̂ made dense, then its rows), for benchmarks only.
+DELTA_PATH = "auto"
+
+
 def add_deltas(y: torch.Tensor, x: torch.Tensor, eb: ExpertBatch, name: str) -> None:
     """y [T, N] += each row's expert's delta term for weight `name`, from packed parts."""
     users = eb.users_of(name, "deltas")
     if not users:
         return
-    if x.is_cuda:
-        from expertswitch.kernels.delta_gemm import delta_add_cuda
-
-        delta_add_cuda(y, x, eb, name, users)
+    n = users[0][1].shape[0]
+    use_kernel = DELTA_PATH == "kernel" or (DELTA_PATH == "auto" and x.is_cuda)
+    if use_kernel and y.shape[1] == n and y.is_contiguous():
+        _add_deltas_kernel(y, x, eb, name, users)
         return
     for s, d in users:
         rows = eb.segments[s]
-        part = d.matmul_reference(x.index_select(0, rows))  # fp32 [R, N]
+        xs = x.index_select(0, rows)
+        if DELTA_PATH == "dequantize":
+            part = xs.float() @ d.dequantize(x.device).T
+        else:
+            part = d.matmul_reference(xs)  # fp32 [R, N]
         y[:, : part.shape[1]].index_add_(0, rows, part.to(y.dtype))  # y may be wider (vocab)
+
+
+def _add_deltas_kernel(y, x, eb: ExpertBatch, name: str, users) -> None:
+    """One launch for every expert of the batch. The row grouping is built once per step for
+    each set of experts that store this tensor (normally one set: all linears), the pointer
+    table once per (tensor, set of resident expert objects) in `eb.tables`, which the runner
+    keeps across steps while the active experts stay the same objects."""
+    from expertswitch.kernels.delta_gemm import DeltaTable, RowGroups, pick_block_m
+
+    slots = tuple(s for s, _ in users)
+    gkey = ("groups", slots)
+    if gkey not in eb.cache:
+        lut = torch.full((len(eb.experts) + 1,), -1, dtype=torch.long, device=x.device)
+        lut[list(slots)] = torch.arange(len(slots), device=x.device)
+        row = lut[eb.row_slot]  # −1 (base) indexes the last entry: −1
+        eb.cache[gkey] = RowGroups.build(row, len(slots), pick_block_m(x.shape[0], len(slots)))
+    tkey = (name, slots)
+    if tkey not in eb.tables:
+        eb.tables[tkey] = DeltaTable.build([d for _, d in users], x.device)
+    from expertswitch.kernels.delta_gemm import delta_matmul
+
+    delta_matmul(x, eb.tables[tkey], eb.cache[gkey], out=y)
 
 
 class MultiExpertLinear:

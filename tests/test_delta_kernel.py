@@ -1,0 +1,247 @@
+"""The multi-expert packed-delta kernel against its reference. Without a GPU it runs in Triton's
+interpreter (conftest sets TRITON_INTERPRET=1), which cannot load bf16: bf16 is covered by the
+gpu-marked test."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from expertswitch.compress.packed import PackedDelta  # noqa: E402
+from expertswitch.compress.packing import padded_k  # noqa: E402
+from expertswitch.compress.quant import num_groups  # noqa: E402
+from expertswitch.kernels.delta_gemm import (  # noqa: E402
+    SMS,
+    DeltaConfig,
+    DeltaTable,
+    RowGroups,
+    delta_config,
+    delta_matmul,
+    delta_matmul_auto,
+    delta_matmul_reference,
+    pick_block_m,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The integer tiles (q − z) are exact in every dtype, so only fp32 summation order differs from
+# the reference — except on a GPU, where tl.dot takes fp32 operands as tf32 (~3e-4 relative).
+TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 2e-3, torch.float16: 1e-5}
+SMALL = DeltaConfig(16, 16, 32)
+
+
+def make_delta(n, k, bits, group_size, symmetric, n_salient, seed, magnitude=1e-3):
+    """Random codes / steps / zero points / salient channels packed as the archive stores them;
+    `magnitude` moves the tensor's scale_exp."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n, padded_k(k)), generator=g)
+    codes[:, k:] = 0
+    groups = num_groups(k, group_size)
+    scales = (torch.rand(n, groups, generator=g) + 0.1) * magnitude
+    zeros = None
+    if not symmetric:
+        zeros = torch.randint(0, 1 << bits, (n, groups), generator=g).to(torch.uint8)
+    idx = torch.randperm(k, generator=g)[:n_salient].sort().values
+    resid = torch.randn(n, n_salient, generator=g) * magnitude * 4
+    d = PackedDelta.build((n, k), codes.to(torch.uint8), scales, zeros, bits, group_size,
+                          symmetric, idx, resid)  # fmt: skip
+    return to_device(d)
+
+
+def to_device(d: PackedDelta) -> PackedDelta:
+    def mv(t):
+        return None if t is None else t.to(DEVICE)
+
+    return PackedDelta(d.shape, d.bits, d.group_size, d.symmetric, d.scale_exp,
+                       [p.to(DEVICE) for p in d.planes], d.scales.to(DEVICE), mv(d.zeros),
+                       mv(d.salient_idx), mv(d.salient_cols))  # fmt: skip
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def run(x, row_slot, deltas, cfg=SMALL, out=None, triton_align=False):
+    table = DeltaTable.build(deltas)
+    groups = RowGroups.build(row_slot, len(deltas), cfg.block_m, use_triton=triton_align)
+    return delta_matmul(x, table, groups, out, cfg)
+
+
+def slots(t, n_slots, seed, base_rows=True):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, n_slots, (t,), generator=g)
+    if base_rows:
+        s[::4] = -1
+    return s.to(DEVICE)
+
+
+def test_reference_equals_dense_dequantize():
+    """Sanity check of the oracle by an independent formula: x · dequantize()ᵀ."""
+    deltas = [make_delta(37, 100, b, 32, b == 1, s, seed=b) for b, s in ((2, 5), (1, 0), (4, 9))]
+    x = torch.randn(19, 100, device=DEVICE)
+    row_slot = slots(19, 3, 0)
+    ref = delta_matmul_reference(x, row_slot, deltas)
+    for s, d in enumerate(deltas):
+        rows = row_slot == s
+        assert rel_err(ref[rows], x[rows] @ d.dequantize().T) < 1e-5
+    assert torch.count_nonzero(ref[row_slot < 0]) == 0
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("salient", ["none", "mixed"])
+def test_matches_reference(bits, symmetric, salient):
+    """Odd N and K (37, 100; K_pad 128, groups of 32), 4 slots with different scale_exp and S
+    (0, 3, 20 > BLOCK_S, 7); slot 3 has no rows; every 4th row is base only."""
+    n, k, t = 37, 100, 23
+    sal = (0, 3, 20, 7) if salient == "mixed" else (0, 0, 0, 0)
+    deltas = [make_delta(n, k, bits, 32, symmetric, s, seed=10 * bits + i, magnitude=16.0**-i)
+              for i, s in enumerate(sal)]  # fmt: skip
+    assert len({d.scale_exp for d in deltas}) == 4
+    x = torch.randn(t, k, device=DEVICE)
+    row_slot = slots(t, 3, bits)
+    out = run(x, row_slot, deltas)
+    ref = delta_matmul_reference(x, row_slot, deltas)
+    for s in range(3):  # per slot: their magnitudes differ by 16x each
+        rows = row_slot == s
+        assert rel_err(out[rows], ref[rows]) < TOL[torch.float32], f"slot {s}"
+    assert torch.count_nonzero(out[row_slot < 0]) == 0
+
+
+def test_one_row():
+    deltas = [make_delta(37, 100, 2, 32, False, 4, seed=s) for s in range(3)]
+    x = torch.randn(1, 100, device=DEVICE)
+    row_slot = torch.tensor([2], device=DEVICE)
+    out = run(x, row_slot, deltas)
+    assert rel_err(out, delta_matmul_reference(x, row_slot, deltas)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("triton_align", [False, True])
+def test_all_rows_on_one_slot_even_k(triton_align):
+    """T = 40 (not a multiple of BLOCK_M), K = 128 in 64-wide tiles (no K masks); the Triton
+    alignment pads blocks past the end with slot n_slots, which programs skip."""
+    deltas = [make_delta(48, 128, 3, 64, False, 6, seed=s) for s in range(3)]
+    x = torch.randn(40, 128, device=DEVICE)
+    row_slot = torch.full((40,), 1, device=DEVICE)
+    cfg = DeltaConfig(16, 32, 64)
+    out = run(x, row_slot, deltas, cfg, triton_align=triton_align)
+    assert rel_err(out, delta_matmul_reference(x, row_slot, deltas)) < TOL[torch.float32]
+
+
+def test_base_only_rows_stay_exactly_as_they_were():
+    deltas = [make_delta(37, 100, 4, 32, False, 3, seed=s) for s in range(2)]
+    x = torch.randn(30, 100, device=DEVICE)
+    row_slot = slots(30, 2, 5)
+    before = torch.randn(30, 37, device=DEVICE)
+    out = run(x, row_slot, deltas, out=before.clone())
+    base = row_slot < 0
+    assert torch.equal(out[base], before[base])
+    ref = before + delta_matmul_reference(x, row_slot, deltas)
+    assert rel_err(out[~base], ref[~base]) < TOL[torch.float32]
+    none = torch.full((30,), -1, device=DEVICE)
+    assert torch.equal(run(x, none, deltas, out=before.clone()), before)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_fp16_input(out_dtype):
+    """fp16 x with fp16 integer tiles: the products are exact, accumulation fp32. An fp16 out
+    adds one rounding of the sum (2^-11 relative), hence its looser bound."""
+    deltas = [make_delta(37, 100, 2, 32, False, s, seed=s) for s in (0, 5, 18)]
+    x = torch.randn(21, 100, device=DEVICE).half()
+    row_slot = slots(21, 3, 7)
+    out = torch.zeros(21, 37, device=DEVICE, dtype=out_dtype)
+    out = run(x, row_slot, deltas, out=out)
+    ref = delta_matmul_reference(x, row_slot, deltas)
+    assert out.dtype == out_dtype
+    for s in range(3):
+        rows = row_slot == s
+        tol = TOL[torch.float16] if out_dtype == torch.float32 else 1e-3
+        assert rel_err(out[rows], ref[rows]) < tol
+
+
+def test_bitdelta_one_group_per_row():
+    """BitDelta: 1 bit, symmetric, group_size = K = 100 (not a multiple of 32): one 128-wide
+    tile covers the row and its padding words beyond K_pad are masked."""
+    deltas = [make_delta(20, 100, 1, 100, True, 0, seed=s) for s in range(2)]
+    x = torch.randn(9, 100, device=DEVICE)
+    row_slot = slots(9, 2, 1)
+    out = run(x, row_slot, deltas, DeltaConfig(16, 16, 128))
+    assert rel_err(out, delta_matmul_reference(x, row_slot, deltas)) < TOL[torch.float32]
+
+
+def test_table_and_launcher_checks():
+    d = make_delta(37, 100, 2, 32, False, 3, seed=0)
+    with pytest.raises(ValueError, match="slot 1: .*one table holds one format"):
+        DeltaTable.build([d, make_delta(37, 100, 3, 32, False, 3, seed=1)])
+    with pytest.raises(ValueError, match="slot 1: delta of shape"):
+        DeltaTable.build([d, PackedDelta.stack([d, d])])
+    with pytest.raises(ValueError, match="slot 0: no delta"):
+        DeltaTable.build([None, d])
+    table = DeltaTable.build([d, d])
+    assert table.ptrs.shape == (2, 6) and table.ptrs[0, 1] == 0  # 2 bits: one plane
+    row_slot = torch.tensor([0, 1, -1], device=DEVICE)
+    groups = RowGroups.build(row_slot, 2, 16)
+    x = torch.randn(3, 100, device=DEVICE)
+    with pytest.raises(ValueError, match="x must be"):
+        delta_matmul(x[:, :99], table, groups, config=SMALL)
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        delta_matmul(x.double(), table, groups, config=SMALL)
+    with pytest.raises(ValueError, match="contiguous"):
+        delta_matmul(torch.randn(100, 3, device=DEVICE).T, table, groups, config=SMALL)
+    with pytest.raises(ValueError, match="block_m=32"):
+        delta_matmul(x, table, groups, config=DeltaConfig(32, 16, 32))
+    with pytest.raises(ValueError, match="must divide group_size"):
+        delta_matmul(x, table, groups, config=DeltaConfig(16, 16, 64))
+    with pytest.raises(ValueError, match="row groups of 3 rows"):
+        delta_matmul(x[:2], table, groups, config=SMALL)
+    with pytest.raises(ValueError, match="must lie in"):
+        RowGroups.build(torch.tensor([0, 2]), 2, 16)
+    with pytest.raises(ValueError, match="a power of two"):
+        DeltaConfig(16, 16, 16)
+
+
+def test_auto_reference_path_adds_and_skips_missing_deltas():
+    d0, d2 = (make_delta(37, 100, 2, 32, False, 3, seed=s) for s in (0, 2))
+    x = torch.randn(6, 100)
+    row_slot = torch.tensor([0, 1, 2, -1, 2, 1])
+    cpu = [PackedDelta(d.shape, d.bits, d.group_size, d.symmetric, d.scale_exp,
+                       [p.cpu() for p in d.planes], d.scales.cpu(), d.zeros.cpu(),
+                       d.salient_idx.cpu(), d.salient_cols.cpu()) for d in (d0, d2)]  # fmt: skip
+    deltas = [cpu[0], None, cpu[1]]
+    out = torch.ones(6, 37)
+    delta_matmul_auto(x, row_slot, deltas, out)
+    assert torch.equal(out[[1, 3, 5]], torch.ones(3, 37))
+    assert rel_err(out[0], 1 + cpu[0].matmul_reference(x[:1])[0]) < 1e-6
+
+
+def test_config_heuristic():
+    """Decode: 16-row blocks and enough N blocks for ~2 programs per SM; prefill: 64 rows."""
+    assert pick_block_m(32, 16) == 16 and pick_block_m(2048, 4) == 64 and pick_block_m(1, 8) == 16
+    cfg = delta_config(4096, 4096, 128, 16, 18)
+    assert cfg.block_m == 16 and 18 * 4096 // cfg.block_n >= 2 * SMS
+    assert delta_config(4096, 4096, 128, 16, 1).block_n == 32
+    assert delta_config(4096, 4096, 128, 64, 40).block_m == 64
+    assert delta_config(4096, 4096, 4096, 16, 1).block_k == 64  # BitDelta: one group
+    assert delta_config(4096, 4096, 96, 16, 1).block_k == 32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, n_slots", [(32, 16), (2048, 4)])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (1024, 14336)])
+def test_bf16_mistral_shapes_on_gpu(t, n_slots, n, k):
+    """bf16 x: integer tiles and split salient columns are exact in bf16, so only fp32
+    summation order differs from the fp32 reference (with tf32 off, as torch defaults)."""
+    sal = [0 if s % 3 == 0 else 41 + s for s in range(n_slots)]
+    deltas = [make_delta(n, k, 2, 128, False, s, seed=i, magnitude=2.0**-i)
+              for i, s in enumerate(sal)]  # fmt: skip
+    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+    row_slot = slots(t, n_slots, 3)
+    ref = delta_matmul_reference(x, row_slot, deltas)
+    before = torch.randn(t, n, device="cuda", dtype=torch.bfloat16)
+    out = delta_matmul_auto(x, row_slot, deltas, before.clone())
+    base = row_slot < 0
+    assert torch.equal(out[base], before[base])
+    fp32 = delta_matmul_auto(x, row_slot, deltas)
+    for s in range(n_slots):
+        rows = row_slot == s
+        if rows.any():
+            assert rel_err(fp32[rows], ref[rows]) < 1e-4, f"slot {s}"
