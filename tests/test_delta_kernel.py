@@ -245,3 +245,20 @@ def test_bf16_mistral_shapes_on_gpu(t, n_slots, n, k):
         rows = row_slot == s
         if rows.any():
             assert rel_err(fp32[rows], ref[rows]) < 1e-4, f"slot {s}"
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", [(37, 100, 32, 5), (16, 352, 128, 0), (20, 100, 100, 3)])
+def test_cpu_packed_matmul_matches_reference(bits, symmetric, shape):
+    """The engine's lean CPU path against PackedDelta.matmul_reference: odd N and K, a partial
+    last group (352 = 2·128 + 96), one group per row (BitDelta, K = 100), with and without
+    salient channels. The same fp32 operations in the same order: equal to float rounding."""
+    from expertswitch.kernels.delta_cpu import packed_matmul
+
+    n, k, group, n_sal = shape
+    d = make_delta(n, k, bits, group, symmetric, n_sal, seed=bits)
+    for rows in (1, 7):
+        x = torch.randn(rows, k, device=DEVICE)
+        ref = d.matmul_reference(x)
+        assert rel_err(packed_matmul(x, d), ref) < 1e-6

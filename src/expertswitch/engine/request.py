@@ -18,7 +18,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler finds requests in its queues by `is`
 class Request:
     request_id: str
     prompt_token_ids: list[int]

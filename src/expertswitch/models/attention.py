@@ -28,34 +28,41 @@ class PaddedLayout:
 
     q_rows: torch.Tensor  # int64 [B, Q_max]: flat row of each query, 0 for padding
     q_valid: torch.Tensor  # bool [B, Q_max]
-    k_slots: torch.Tensor  # int64 [B, K_max]: cache slot of each key, 0 for padding
+    blocks: torch.Tensor  # int64 [B, M]: each sequence's blocks (0 pads; masked)
     q_pos: torch.Tensor  # int64 [B, Q_max]: position of each query
     k_valid: torch.Tensor  # bool [B, K_max]
     masks: dict = field(default_factory=dict)
+
+    def gather(self, cache: torch.Tensor) -> torch.Tensor:
+        """cache [blocks, bs, kv, D] → [B, kv, M·bs, D]: each sequence's blocks, whole."""
+        b, m = self.blocks.shape
+        _, bs, kvh, d = cache.shape
+        flat = cache.index_select(0, self.blocks.reshape(-1))  # block copies: 4 KB+ memcpys
+        return flat.view(b, m * bs, kvh, d).transpose(1, 2)
 
     @classmethod
     def build(cls, ab: AttentionBatch) -> PaddedLayout:
         dev = ab.slot_mapping.device
         q_lens = torch.tensor(ab.q_lens, device=dev)
         kv_lens = torch.tensor(ab.kv_lens, device=dev)
-        q_max, k_max = max(ab.q_lens), max(ab.kv_lens)
+        q_max = max(ab.q_lens)
         starts = torch.cumsum(q_lens, 0) - q_lens
         i = torch.arange(q_max, device=dev)
         q_valid = i.unsqueeze(0) < q_lens.unsqueeze(1)
         q_rows = torch.where(q_valid, starts.unsqueeze(1) + i, 0)
         q_pos = (kv_lens - q_lens).unsqueeze(1) + i
-        j = torch.arange(k_max, device=dev)
-        k_valid = j.unsqueeze(0) < kv_lens.unsqueeze(1)
-        blocks = ab.block_tables.gather(
-            1, (j // ab.block_size).unsqueeze(0).expand(len(ab.q_lens), -1)
-        )
-        k_slots = torch.where(k_valid, blocks * ab.block_size + j % ab.block_size, 0)
-        return cls(q_rows, q_valid, k_slots, q_pos, k_valid)
+        # keys are gathered whole blocks at a time: K = blocks per sequence · block size
+        k_max = ab.block_tables.shape[1] * ab.block_size
+        k_valid = torch.arange(k_max, device=dev).unsqueeze(0) < kv_lens.unsqueeze(1)
+        return cls(q_rows, q_valid, ab.block_tables, q_pos, k_valid)
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """bool [B, 1, Q_max, K_max]: True where query may attend to key."""
+    def mask(self, window: int | None, groups: int = 1) -> torch.Tensor:
+        """bool [B, 1, groups·Q_max, K]: True where query may attend to key (tiled `groups`
+        times along the query axis for query heads folded there)."""
+        if (window, groups) in self.masks:
+            return self.masks[(window, groups)]
         if window not in self.masks:
-            j = torch.arange(self.k_slots.shape[1], device=self.k_slots.device)
+            j = torch.arange(self.k_valid.shape[1], device=self.k_valid.device)
             qp = self.q_pos.unsqueeze(-1)  # [B, Q, 1]
             m = (j <= qp) & self.k_valid.unsqueeze(1)
             if window is not None:
@@ -64,7 +71,9 @@ class PaddedLayout:
             # padded queries attend to key 0 so softmax stays finite (their output is dropped)
             m[..., 0] |= ~self.q_valid
             self.masks[window] = m.unsqueeze(1)
-        return self.masks[window]
+        tiled = self.masks[window].repeat(1, 1, groups, 1) if groups > 1 else self.masks[window]
+        self.masks[(window, groups)] = tiled
+        return tiled
 
 
 def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
@@ -76,21 +85,20 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
 
 def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | None,
                     scale: float) -> torch.Tensor:  # fmt: skip
-    """q [T, h, D] against the cached keys/values (this step's already written) → [T, h·D]."""
+    """q [T, h, D] against the cached keys/values (this step's already written) → [T, h·D].
+
+    Grouped-query attention without copying keys per query head: the g = h / kv query heads
+    that share a key head are folded into the query axis ([B, kv, g·Q, D] against
+    [B, kv, K, D]), and the mask is tiled to match."""
     t, h, d = q.shape
     kvh = k_cache.shape[2]
-    keys = k_cache.view(-1, kvh, d)[layout.k_slots]  # [B, K, kv, D]
-    vals = v_cache.view(-1, kvh, d)[layout.k_slots]
-    qb = q[layout.q_rows]  # [B, Q, h, D]
-    if h != kvh:
-        keys = keys.repeat_interleave(h // kvh, dim=2)
-        vals = vals.repeat_interleave(h // kvh, dim=2)
-    out = F.scaled_dot_product_attention(
-        qb.transpose(1, 2),
-        keys.transpose(1, 2).to(q.dtype),
-        vals.transpose(1, 2).to(q.dtype),
-        attn_mask=layout.mask(window),
-        scale=scale,
-    )  # [B, h, Q, D]
-    out = out.transpose(1, 2)[layout.q_valid]  # [T, h, D] in row order
-    return out.reshape(t, h * d)
+    g = h // kvh
+    b, q_max = layout.q_rows.shape
+    keys, vals = layout.gather(k_cache), layout.gather(v_cache)  # [B, kv, K, D]
+    qb = q[layout.q_rows]  # [B, Q, h, D]; head i reads key head i // g
+    qb = qb.view(b, q_max, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * q_max, d)
+    mask = layout.mask(window, g)  # [B, 1, g·Q, K]
+    out = F.scaled_dot_product_attention(qb, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask,
+                                         scale=scale)  # fmt: skip
+    out = out.view(b, kvh, g, q_max, d).permute(0, 3, 1, 2, 4)  # [B, Q, kv, g, D]
+    return out[layout.q_valid].reshape(t, h * d)

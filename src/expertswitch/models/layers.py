@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from expertswitch.compress.packed import PackedDelta
+from expertswitch.kernels.delta_cpu import packed_matmul
 from expertswitch.models.context import ExpertBatch
 
 
@@ -39,9 +40,11 @@ def stacked_rows(eb: ExpertBatch, name: str, base: torch.Tensor) -> torch.Tensor
     return out
 
 
-# How add_deltas computes the delta term: "auto" = the Triton kernel on CUDA, the per-expert
-# reference on CPU; "kernel" forces the kernel (tests, in Triton's interpreter); "dequantize"
-# is the PEFT-style loop (each expert's Δ̂ made dense, then its rows), for benchmarks only.
+# How add_deltas computes the delta term: "auto" = the Triton kernel on CUDA, the lean torch
+# path per expert on CPU (kernels/delta_cpu.py); "kernel" forces the Triton kernel (tests, in
+# Triton's interpreter);
+# "reference" = PackedDelta.matmul_reference; "dequantize" is the PEFT-style loop (each
+# expert's Δ̂ made dense, then its rows), for benchmarks only.
 DELTA_PATH = "auto"
 
 
@@ -60,8 +63,10 @@ def add_deltas(y: torch.Tensor, x: torch.Tensor, eb: ExpertBatch, name: str) -> 
         xs = x.index_select(0, rows)
         if DELTA_PATH == "dequantize":
             part = xs.float() @ d.dequantize(x.device).T
+        elif DELTA_PATH == "reference":
+            part = d.matmul_reference(xs)
         else:
-            part = d.matmul_reference(xs)  # fp32 [R, N]
+            part = packed_matmul(xs, d)  # fp32 [R, N]
         y[:, : part.shape[1]].index_add_(0, rows, part.to(y.dtype))  # y may be wider (vocab)
 
 

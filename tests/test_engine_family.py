@@ -1,0 +1,91 @@
+"""The engine on the built-in `tiny` family (real tokenizer, trained base and domain experts):
+every expert served from its 2-bit archive answers with transformers' greedy tokens on the
+checkpoint `reconstruct` rebuilds; text prompts, stop strings and `expertswitch generate`."""
+
+import pytest
+import torch
+
+from expertswitch.cli import main
+from expertswitch.compress import CompressOptions, compress_expert, make_method, reconstruct
+from expertswitch.compress.calibration import CalibOptions
+from expertswitch.engine import Engine, SamplingParams
+from expertswitch.zoo.build import build_family
+
+PROMPTS = {
+    "code": "def fibonacci(n):\n    ",
+    "math": "Q: Tom has 23 marbles and finds 15 more. How many marbles does he have?\nA:",
+    "prose": "The import statement",
+}
+N = 20
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """tiny (a few minutes on 2 cores), each expert compressed as the demo does."""
+    root = tmp_path_factory.mktemp("tiny")
+    fam = build_family("tiny", root=root / "family", progress=False, log=lambda *_: None)
+    opts = CompressOptions(calib=CalibOptions(tokens=2048, seq_len=128), progress=False,
+                           quantize_embeddings=True)  # fmt: skip
+    archives, recs = {}, {}
+    for d in fam.domains:
+        archives[d] = compress_expert(fam.base, fam.experts[d], root / f"{d}.delta",
+                                      make_method("mixed", bits=2), opts)  # fmt: skip
+        recs[d] = reconstruct(fam.base, archives[d], root / f"{d}.rec", progress=False)
+    return fam, archives, recs
+
+
+def hf_greedy_ids(model_dir, ids: list[int], n: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
+def test_every_tiny_expert_equals_transformers_on_its_reconstruction(family):
+    fam, archives, recs = family
+    eng = Engine(fam.base, archives)
+    texts = list(PROMPTS.values())
+    combos = [(p, d) for p in texts for d in (*fam.domains, None)]  # one mixed batch of 12
+    sp = SamplingParams(temperature=0.0, max_tokens=N)
+    outs = eng.generate([p for p, _ in combos], [d for _, d in combos], sp)
+    for (prompt, expert), out in zip(combos, outs):
+        ids = eng.tokenizer.encode(prompt)
+        assert out.prompt_token_ids == ids
+        ref = hf_greedy_ids(recs[expert] if expert else fam.base, ids, N)
+        assert out.token_ids == ref, (expert, prompt)
+        assert out.text == eng.tokenizer.decode(ref, skip_special_tokens=True)
+    # the experts do answer differently from the base on their own domain
+    by = {(p, d): o.token_ids for (p, d), o in zip(combos, outs)}
+    assert any(by[(PROMPTS[d], d)] != by[(PROMPTS[d], None)] for d in fam.domains)
+
+
+def test_stop_strings_cut_the_text(family):
+    fam, archives, _ = family
+    eng = Engine(fam.base, archives)
+    full = eng.generate(PROMPTS["code"], "code", SamplingParams(temperature=0, max_tokens=N))[0]
+    assert len(full.text) > 4
+    stop = full.text[2:4]
+    cut = eng.generate(PROMPTS["code"], "code",
+                       SamplingParams(temperature=0, max_tokens=N, stop=[stop]))[0]  # fmt: skip
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert stop not in cut.text
+
+
+def test_generate_command(family, capsys):
+    fam, archives, _ = family
+    argv = ["generate", "--base", str(fam.base), "--max-tokens", "8"]
+    for d, a in archives.items():
+        argv += ["--expert", f"{d}={a}"]
+    rc = main(argv + ["--prompt", PROMPTS["math"], "--prompt", PROMPTS["code"],
+                      "--use", "math", "--use", "code"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "[math]" in out and "[code]" in out
+    assert main(argv + ["--prompt", "x", "--use", "nope"]) == 2
+    assert "unknown expert 'nope'" in capsys.readouterr().err
+    assert main(["generate", "--base", str(fam.base), "--expert", "oops", "--prompt", "x"]) == 2
+    assert "NAME=ARCHIVE" in capsys.readouterr().err
