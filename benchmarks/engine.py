@@ -237,23 +237,34 @@ def random_base(cfg: dict, device, dtype) -> dict[str, torch.Tensor]:
     return t
 
 
-def synthetic_delta(n: int, k: int, bits: int, group: int, salient: float, g) -> PackedDelta:
-    kp = padded_k(k)
-    codes = torch.randint(0, 2**bits, (n, kp), generator=g, dtype=torch.uint8)
-    codes[:, k:] = 0
-    groups = -(-k // group)
-    scales = torch.rand(n, groups, generator=g) * 1e-4 + 1e-5
-    zeros = torch.randint(0, 2**bits, (n, groups), generator=g, dtype=torch.uint8)
+def synthetic_delta(n: int, k: int, bits: int, group: int, salient: float, device,
+                    g: torch.Generator) -> PackedDelta:  # fmt: skip
+    """Random packed parts of an [n, k] delta made on `device` (random words are random codes,
+    so nothing is packed: 16 experts of 7B would take hours to pack on a CPU)."""
+    from expertswitch.compress.packing import plane_widths
+
+    kp, groups = padded_k(k), -(-k // group)
     s = max(1, round(salient * k))
-    idx = torch.randperm(k, generator=g)[:s].sort().values
-    resid = torch.randn(n, s, generator=g) * 1e-4
-    return PackedDelta.build((n, k), codes, scales, zeros, bits, group, False, idx, resid)
+
+    def rand_int(hi, shape, dtype):
+        return torch.randint(0, hi, shape, generator=g, device=device, dtype=dtype)
+
+    planes = [rand_int(2**31 - 1, (n, kp * w // 32), torch.int32) for w in plane_widths(bits)]
+    return PackedDelta(
+        shape=(n, k), bits=bits, group_size=group, symmetric=False, scale_exp=-24,
+        planes=planes,
+        scales=(torch.rand(n, groups, generator=g, device=device) * 2e3 + 1e2).half(),
+        zeros=rand_int(2**bits, (n, groups), torch.uint8),
+        salient_idx=torch.randperm(k, generator=g, device=device)[:s].sort().values.int(),
+        salient_cols=(torch.randn(n, s, generator=g, device=device) * 1e3).half(),
+    )  # fmt: skip
 
 
-def synthetic_expert(name: str, cfg: dict, seed: int, bits: int = 2) -> ExpertWeights:
-    g = torch.Generator().manual_seed(seed)
+def synthetic_expert(name: str, cfg: dict, seed: int, device, bits: int = 2) -> ExpertWeights:
+    g = torch.Generator(device=device).manual_seed(seed)
     deltas = {
-        n: synthetic_delta(a, b, bits, 128, 0.01, g) for n, (a, b) in linear_shapes(cfg).items()
+        n: synthetic_delta(a, b, bits, 128, 0.01, device, g)
+        for n, (a, b) in linear_shapes(cfg).items()
     }
     return ExpertWeights(name, None, deltas, {})
 
@@ -354,8 +365,8 @@ def gpu_part(args) -> tuple[dict, str]:
     nan = float("nan")
     bw = bandwidths(device) if device.startswith("cuda") else {"hbm": nan, "h2d_pinned": nan}
     n_max = max(args.experts)
-    host = [synthetic_expert(f"x{i}", cfg, i) for i in range(n_max)]
-    resident = [e.to(device) for e in host]
+    resident = [synthetic_expert(f"x{i}", cfg, i, device) for i in range(n_max)]
+    host = [resident[0].to("cpu")]  # one host copy, for the switch timings
     rows = []
     batch, ctx = 32, args.ctx
     kv_read = batch * ctx * model.kv_bytes_per_token()

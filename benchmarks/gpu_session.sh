@@ -4,6 +4,7 @@
 #   device:  run(command="bash benchmarks/gpu_session.sh kernels", carry=[".whl"])
 #   device:  run(command="bash benchmarks/gpu_session.sh family", carry=[".whl"])
 #   device:  run(command="bash benchmarks/gpu_session.sh compress", carry=[".whl"])  # if time is left
+#   device:  run(command="bash benchmarks/gpu_session.sh engine", carry=[".whl"])
 # Results land in $OUT; copy them into benchmarks/results/ (the tuned table,
 # <device>.json, into src/expertswitch/kernels/configs/) and commit.
 set -uo pipefail
@@ -32,9 +33,13 @@ case "${1:-kernels}" in
     step python3 benchmarks/quality.py --preset small --device cuda --items 300 --budget-s "$(left 570)" \
       --out "$OUT"
     ;;
+  engine)  # the serving engine: gpu tests of the delta kernel, pool and engine, then the benchmark
+    step python3 -m pytest -q -x -m gpu tests/test_delta_kernel.py tests/test_pool.py tests/test_engine.py
+    step python3 benchmarks/engine.py --part gpu --out "$OUT"
+    ;;
   compress)
     step python3 benchmarks/compress.py --tune-steps 200 --tune-bits 2 --out "$OUT"
     ;;
-  *) echo "usage: gpu_session.sh kernels|family|compress" >&2; exit 2 ;;
+  *) echo "usage: gpu_session.sh kernels|family|compress|engine" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

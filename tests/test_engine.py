@@ -39,8 +39,10 @@ def perturb_small_tensors(model, seed: int, scale: float = 0.05) -> None:
                 p += scale * torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.01)
 
 
-def make_family(root: Path, config, n_experts: int = 2, method=None, opts=OPTS):
-    """base/ + n experts, each compressed and reconstructed; returns (base, [(archive, rec)])."""
+def make_family(root: Path, config, n_experts: int = 2, method=None, opts=OPTS,
+                embeddings: bool = False):  # fmt: skip
+    """base/ + n experts, each compressed and reconstructed; returns (base, [(archive, rec)]).
+    embeddings: the experts change the token embedding too (stored exactly)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -52,6 +54,11 @@ def make_family(root: Path, config, n_experts: int = 2, method=None, opts=OPTS):
         expert = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         finetune_like(expert, seed=10 + i, scale=0.2)
         perturb_small_tensors(expert, seed=20 + i)
+        if embeddings:
+            with torch.no_grad():
+                emb = expert.get_input_embeddings().weight
+                emb += 0.2 * emb.std() * torch.randn(emb.shape, generator=torch.Generator()
+                                                     .manual_seed(30 + i))  # fmt: skip
         expert.save_pretrained(root / f"expert{i}")
         archive = compress_expert(base, root / f"expert{i}", root / f"arch{i}",
                                   method or make_method("mixed", bits=2), opts)  # fmt: skip
@@ -138,8 +145,12 @@ def test_preemption_under_kv_pressure_keeps_tokens(llama, solo):
     assert preempted > 0
     assert eng.blocks.num_free == eng.blocks.num_blocks  # everything given back
     for rid, (i, e) in zip(rids, reqs):
-        n = len(done[rid].token_ids)
-        assert done[rid].token_ids == ref[(i, e)][:n]
+        out = done[rid]
+        n = len(out.token_ids)
+        assert out.token_ids == ref[(i, e)][:n]
+        if n < len(ref[(i, e)]):  # cut only by the context limit, never lost
+            assert out.finish_reason == "length"
+            assert len(out.prompt_token_ids) + n == eng.max_model_len
 
 
 def test_memory_holds_packed_parts_only(llama_engine, llama):
@@ -356,3 +367,39 @@ def test_mixed_batch_through_the_delta_kernel(llama_engine, solo, monkeypatch):
     assert calls  # the kernel ran
     for (i, e), out in zip(combos, outs):
         assert out.token_ids == ref[(i, e)][:8], (i, e)
+
+
+@pytest.mark.gpu
+def test_engine_on_gpu_equals_transformers(llama, solo):
+    """fp32 on the GPU: the delta kernel (IEEE fp32 dots) and the torch attention path."""
+    base, experts = llama
+    ps, ref = solo
+    eng = Engine(base, {f"e{i}": a for i, (a, _) in enumerate(experts)}, device="cuda")
+    combos = [(0, "e0"), (1, None), (2, "e1"), (1, "e0")]
+    outs = eng.generate([ps[i] for i, _ in combos], [e for _, e in combos], GREEDY)
+    for (i, e), out in zip(combos, outs):
+        assert out.token_ids == ref[(i, e)], (i, e)
+
+
+def test_reconstruct_in_float32_keeps_the_delta(tmp_path):
+    """A bf16 expert rebuilt with dtype=float32: every floating tensor and config.json say
+    float32, and base + Δ̂ is not rounded to bf16 (what the engine computes)."""
+    import json
+
+    from conftest import save_pair
+    from safetensors import safe_open
+
+    base, expert = save_pair(tmp_path, "llama", dtype=torch.bfloat16)
+    archive = compress_expert(base, expert, tmp_path / "a", make_method("rtn", bits=4), OPTS)
+    rec = reconstruct(base, archive, tmp_path / "rec", progress=False, dtype=torch.float32)
+    with safe_open(str(rec / "model.safetensors"), framework="pt") as f:
+        name = "model.layers.0.mlp.up_proj.weight"
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())  # noqa: SIM118
+        got = f.get_tensor(name)
+    assert json.loads((rec / "config.json").read_text())["dtype"] == "float32"
+    from expertswitch.compress.packed import PackedDelta
+    from expertswitch.io.checkpoint import open_checkpoint
+
+    a = open_archive(archive)
+    delta = PackedDelta.from_parts(a.entries[name].meta, a.parts(name)).dequantize()
+    assert torch.equal(got, open_checkpoint(base).get(name).float() + delta)

@@ -64,6 +64,9 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--base", required=True)
     p.add_argument("--delta", required=True, help="archive directory")
     p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default=None,
+                   help="write weights in float32, bfloat16 or float16 (default: their own; "
+                   "float32 keeps a small delta that bf16 storage would round away)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -216,6 +219,7 @@ def cmd_reconstruct(args) -> None:
         device=resolve_device(args.device),
         progress=not args.quiet,
         overwrite=args.overwrite,
+        dtype=_dtype_arg(args.dtype),
     )
     print(f"wrote {out}")
 
@@ -314,15 +318,24 @@ def _prompt_args(args) -> list:
     return prompts
 
 
-def cmd_generate(args) -> None:
+def _dtype_arg(name: str | None):
     import torch
 
-    from expertswitch.engine import Engine, SamplingParams
     from expertswitch.errors import ConfigError
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if args.dtype not in dtypes:
-        raise ConfigError(f"--dtype {args.dtype!r}: choose one of {', '.join(dtypes)}")
+    if name is None:
+        return None
+    if name not in dtypes:
+        raise ConfigError(f"--dtype {name!r}: choose one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def cmd_generate(args) -> None:
+    from expertswitch.engine import Engine, SamplingParams
+    from expertswitch.errors import ConfigError
+
+    dtype = _dtype_arg(args.dtype)
     prompts = _prompt_args(args)
     use = [None if u in ("base", "__base__") else u for u in (args.use or [None])]
     if len(use) not in (1, len(prompts)):
@@ -332,7 +345,7 @@ def cmd_generate(args) -> None:
                               seed=args.seed, max_tokens=args.max_tokens,
                               stop=args.stop)  # fmt: skip
     eng = Engine(args.base, _expert_args(args.expert), device=args.device,
-                 dtype=dtypes[args.dtype])  # fmt: skip
+                 dtype=dtype)  # fmt: skip
     experts = use * len(prompts) if len(use) == 1 else use
     if args.stream:
         if len(prompts) != 1:

@@ -31,20 +31,26 @@ def check_base(archive: Archive, base: Checkpoint) -> None:
         )
 
 
-def expert_tensor(archive: Archive, base: Checkpoint, name: str, device: str = "cpu"):
+def expert_tensor(archive: Archive, base: Checkpoint, name: str, device: str = "cpu",
+                  dtype: torch.dtype | None = None):  # fmt: skip
     """The expert's tensor `name`: base + dequantized delta, the stored exact value, or the
-    base's own when the expert left it unchanged."""
+    base's own when the expert left it unchanged; floating tensors in `dtype` when given
+    (else each in its own dtype)."""
     entry = archive.entries.get(name)
     if entry is None:
-        return base.get(name)
+        return _cast(base.get(name), dtype)
     parts = archive.parts(name)
     if entry.kind == "exact":
-        return parts["value"]
+        return _cast(parts["value"], dtype)
     if entry.kind != "quantized":
         raise ArchiveError(f"tensor {name} has unknown kind {entry.kind!r} in {archive.path}")
     delta = PackedDelta.from_parts(entry.meta, parts).dequantize(device)
-    dtype = _DTYPES.get(entry.meta["dtype"], torch.float32)
+    dtype = dtype or _DTYPES.get(entry.meta["dtype"], torch.float32)
     return (base.get(name).to(device).float() + delta).to(dtype).cpu()
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def reconstruct(
@@ -55,8 +61,13 @@ def reconstruct(
     progress: bool = True,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the expert as a safetensors checkpoint (sharded above `max_shard_bytes`)."""
+    """Write the expert as a safetensors checkpoint (sharded above `max_shard_bytes`).
+
+    dtype: write every floating tensor in this dtype (default: each tensor's own). A bf16
+    expert rebuilt in bf16 rounds base + Δ̂ to 8 mantissa bits, which loses much of a small
+    delta; float32 keeps it (and is what a server applying Δ̂ to the base computes)."""
     from tqdm.auto import tqdm
 
     archive = open_archive(archive_dir)
@@ -79,7 +90,7 @@ def reconstruct(
             shards[-1] = {}
 
         for name in tqdm(names, desc="reconstructing", unit="tensor", disable=not progress):
-            t = expert_tensor(archive, base, name, device).contiguous()
+            t = expert_tensor(archive, base, name, device, dtype).contiguous()
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
                 flush()
@@ -92,7 +103,21 @@ def reconstruct(
         aux = {**base.aux_files(), **archive.aux_files()}  # the expert's own files win
         for fname, src in aux.items():
             shutil.copyfile(src, tmp / fname)
+        if dtype is not None:
+            _set_config_dtype(tmp / "config.json", dtype)
     return out
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    """Say the weights' dtype in config.json (transformers 5 reads "dtype", 4 "torch_dtype")."""
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg or key == "dtype":
+            cfg[key] = name
+    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def _finish_layout(tmp: Path, files: list[str], names: list[list[str]], total: int) -> None:

@@ -11,33 +11,48 @@
 
 `expert`: a registered name, None (the base alone), or one entry per prompt (a mixed batch).
 Experts are archives (`expertswitch compress`), held as packed parts by the pool
-(engine/pool.py); an expert whose archive fails to load fails its own requests
-(finish_reason "error") while the others are served.
+(engine/pool.py). An expert stays in use (never evicted) while it has running requests; one
+that does not fit the device now waits; one whose archive fails to load fails its own
+requests (finish_reason "error") while the others are served. Each expert stops at its own
+EOS tokens and uses its own tokenizer when its archive carries one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import secrets
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from expertswitch.engine.config import EngineConfig
 from expertswitch.engine.kv_cache import BlockManager
-from expertswitch.engine.pool import ExpertLoadError, ExpertPool, PoolError
+from expertswitch.engine.pool import ExpertLoadError, ExpertPool, PoolError, PoolFullError
 from expertswitch.engine.request import Request, RequestOutput, Status
 from expertswitch.engine.runner import ModelRunner
-from expertswitch.engine.sampler import sample
+from expertswitch.engine.sampler import SamplingFailure, sample
 from expertswitch.engine.sampling import SamplingParams
 from expertswitch.engine.scheduler import Scheduler
-from expertswitch.engine.tokenizer import Detokenizer, load_tokenizer
+from expertswitch.engine.tokenizer import load_tokenizer
 from expertswitch.errors import ArchiveError, CompatibilityError, ConfigError
 from expertswitch.io.archive import open_archive
 from expertswitch.models.decoder import Decoder
 from expertswitch.models.expert_weights import load_expert
 
-_CPU_KV_BYTES = 512 * 2**20  # default KV cache on a CPU engine
+_CPU_KV_BYTES = 512 * 2**20  # the most a CPU engine's KV cache takes by default
+RESERVED = ("auto", "base", "__base__")  # names that mean "the router" or "no expert"
+
+
+@dataclass
+class _Registered:
+    path: Path
+    eos: frozenset[int]
+    vocab: int
+    tokenizer: object | None = None  # the archive's own, loaded on first use
 
 
 class Engine:
@@ -47,44 +62,50 @@ class Engine:
         experts: dict[str, str | Path] | None = None,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        config: EngineConfig | None = None,
         *,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 4096,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_bytes: int | None = None,
-        max_model_len: int | None = None,
-        max_active_experts: int | None = None,
-        device_budget_bytes: int | None = None,
-        host_budget_bytes: int | None = None,
         tokenizer: bool = True,
+        **options,
     ):
+        """options: EngineConfig's fields (max_num_seqs, block_size, num_kv_blocks, ...)."""
         from expertswitch.utils.imports import resolve_device
 
+        if config is not None and options:
+            raise ConfigError("pass an EngineConfig or its fields as keywords, not both")
+        try:
+            cfg = config or EngineConfig(**options)
+        except TypeError as e:
+            raise ConfigError(f"unknown engine option: {e}") from None
+        self.config = cfg
         self.device = torch.device(resolve_device(device))
         self.dtype = dtype
         self.model = Decoder.load(base, self.device, dtype)
-        cfg = self.model.cfg
         self.base_path = Path(base)
         self.base_fingerprint = _fingerprint(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path) if tokenizer else None
-        self.scheduler_limits = (max_num_seqs, max_num_batched_tokens)
-        num_blocks = num_kv_blocks or self._auto_blocks(block_size, kv_cache_bytes)
-        if num_blocks < 1:
-            raise ConfigError("the KV cache must hold at least one block")
-        # an explicit max_model_len may pass max_position_embeddings (scaled RoPE), not the cache
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings,
-                                 num_blocks * block_size)  # fmt: skip
-        self.blocks = BlockManager(num_blocks, block_size)
-        self.kv_cache = self.model.new_kv_cache(num_blocks, block_size)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
-                                   max_active_experts)  # fmt: skip
+        self._use_tokenizers = tokenizer
+        self.base_eos = _eos_ids(self.base_path) or frozenset(self.model.cfg.eos_token_ids)
+        budget = cfg.device_budget_bytes
+        if self.device.type == "cuda" and budget is None:
+            # experts get a third of the memory the base left free, the KV cache most of the
+            # rest (_auto_blocks), so that loading experts cannot run the GPU out of memory
+            budget = torch.cuda.mem_get_info(self.device)[0] // 3
+        block = cfg.block_size
+        num_blocks = cfg.num_kv_blocks or self._auto_blocks(block, cfg.kv_cache_bytes, budget)
+        self.max_model_len = min(cfg.max_model_len or self.model.cfg.max_position_embeddings,
+                                 num_blocks * block)  # fmt: skip
+        # (an explicit max_model_len may pass max_position_embeddings: scaled RoPE)
+        self.blocks = BlockManager(num_blocks, block)
+        self.kv_cache = self.model.new_kv_cache(num_blocks, block)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   cfg.max_active_experts)  # fmt: skip
         self.runner = ModelRunner(self.model, self.blocks, self.kv_cache)
-        self.pool = ExpertPool(self._load, self.device, device_budget_bytes, host_budget_bytes)
-        self.expert_paths: dict[str, Path] = {}
+        self.pool = ExpertPool(self._load, self.device, budget, cfg.host_budget_bytes)
+        self._experts: dict[str, _Registered] = {}
+        self._held: dict[str, object] = {}  # experts acquired while they have running requests
         self._requests: dict[str, Request] = {}
+        self._undelivered: list[RequestOutput] = []  # finished elsewhere, for the next step()
         self._ids = itertools.count()
-        self._detok: dict[str, Detokenizer] = {}
         for name, path in (experts or {}).items():
             self.add_expert(name, path)
 
@@ -93,8 +114,11 @@ class Engine:
     def add_expert(self, name: str, path: str | Path) -> None:
         """Register an archive under `name`. Its manifest is checked now (made for this base,
         only tensors the engine can apply per row); its weights load on first use."""
-        if not name or name in ("auto", "__base__"):
-            raise ConfigError(f"{name!r} cannot name an expert: it is reserved")
+        if not isinstance(name, str) or not name or name in RESERVED:
+            raise ConfigError(f"{name!r} cannot name an expert: {', '.join(RESERVED)} and the "
+                              "empty name are reserved")  # fmt: skip
+        if name in self._experts:
+            raise ConfigError(f"expert {name!r} is already registered; remove_expert it first")
         archive = open_archive(path, verify=False)  # checksums: at load time, by the pool
         if archive.base_fingerprint != self.base_fingerprint:
             raise CompatibilityError(
@@ -110,16 +134,46 @@ class Engine:
                 f"request, e.g. {foreign[0]} (MoE expert weights and routers are not served from "
                 "deltas yet); rebuild it with `expertswitch reconstruct` and serve that instead"
             )
-        self.expert_paths[name] = Path(path)
+        emb = archive.entries.get("model.embed_tokens.weight")
+        vocab = emb.meta["shape"][0] if emb is not None else self.model.cfg.vocab_size
+        eos = _eos_ids(Path(path)) or self.base_eos
+        self._experts[name] = _Registered(Path(path), eos, vocab)
         self.pool.register(name)
 
+    def remove_expert(self, name: str) -> None:
+        self._registered(name)
+        busy = [r.request_id for r in self._requests.values() if r.expert == name]
+        if busy:
+            raise ConfigError(f"expert {name!r} still serves {len(busy)} request(s), e.g. "
+                              f"{busy[0]}: let them finish or abort them first")  # fmt: skip
+        self._release_idle()
+        self.pool.forget(name)
+        del self._experts[name]
+
+    def _registered(self, name: str) -> _Registered:
+        if name not in self._experts:
+            known = ", ".join(sorted(self._experts)) or "none"
+            shown = name if len(str(name)) <= 60 else str(name)[:57] + "..."
+            raise ConfigError(f"unknown expert {shown!r}: registered experts are {known} "
+                              "(or None for the base alone)")  # fmt: skip
+        return self._experts[name]
+
     def _load(self, name: str):
-        return load_expert(name, self.expert_paths[name], self.base_fingerprint,
+        return load_expert(name, self._experts[name].path, self.base_fingerprint,
                            self.model.shapes, self.dtype)  # fmt: skip
 
     @property
     def experts(self) -> list[str]:
-        return list(self.expert_paths)
+        return list(self._experts)
+
+    def tokenizer_for(self, expert: str | None):
+        """The expert's own tokenizer when its archive ships one, else the base's."""
+        if expert is None or not self._use_tokenizers:
+            return self.tokenizer
+        reg = self._registered(expert)
+        if reg.tokenizer is None:
+            reg.tokenizer = load_tokenizer(reg.path) or self.tokenizer or False
+        return reg.tokenizer or None
 
     # requests ----------------------------------------------------------------------------
 
@@ -130,36 +184,52 @@ class Engine:
         sampling: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> str:
+        req = self._make_request(prompt, expert, sampling, request_id)
+        self._submit(req)
+        return req.request_id
+
+    def _make_request(self, prompt, expert, sampling, request_id) -> Request:
+        """A validated request (not yet queued)."""
         sampling = sampling or SamplingParams()
-        if expert is not None and expert not in self.expert_paths:
-            known = ", ".join(sorted(self.expert_paths)) or "none"
-            raise ConfigError(f"unknown expert {expert!r}: registered experts are {known} "
-                              "(or None for the base alone)")  # fmt: skip
-        text, ids = self._encode(prompt)
-        self._check_prompt(ids, expert)
-        rid = request_id or f"req-{next(self._ids)}"
-        if rid in self._requests:
-            raise ConfigError(f"request id {rid!r} is already in use")
-        gen = torch.Generator()
-        gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
-        req = Request(rid, ids, expert, sampling, prompt=text, generator=gen)
-        self._requests[rid] = req
-        self.scheduler.add(req)
+        if not isinstance(sampling, SamplingParams):
+            raise ConfigError("sampling must be a SamplingParams")
         if expert is not None:
-            self._prefetch(expert)
-        return rid
+            self._registered(expert)
+        tok = self.tokenizer_for(expert)
+        if sampling.stop and tok is None:
+            raise ConfigError("stop strings need a tokenizer; this base has none: use "
+                              "stop_token_ids")  # fmt: skip
+        text, ids = self._encode(prompt, tok)
+        self._check_prompt(ids, expert)
+        if request_id is None:
+            request_id = next(r for r in (f"req-{i}" for i in self._ids)
+                              if r not in self._requests)  # fmt: skip
+        elif request_id in self._requests:
+            raise ConfigError(f"request id {request_id!r} is already in use")
+        gen = torch.Generator()
+        # unseeded: fresh entropy, without reseeding torch's global generator as torch.seed()
+        gen.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+        return Request(request_id, ids, expert, sampling, prompt=text, generator=gen,
+                       text=None if tok is None else "")  # fmt: skip
 
-    def _prefetch(self, expert: str) -> None:
-        # a failure shows on the step that needs the expert, as an error on its requests
-        with contextlib.suppress(PoolError, ExpertLoadError):
-            self.pool.prefetch(expert)
+    def _submit(self, req: Request) -> None:
+        self._requests[req.request_id] = req
+        self.scheduler.add(req)
+        if req.expert is not None:
+            # a hint: it fills free room only (running experts are in use); a failure shows
+            # on the step that needs the expert, as an error on its requests
+            with contextlib.suppress(PoolError, ExpertLoadError):
+                self.pool.prefetch(req.expert)
 
-    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+    def _encode(self, prompt, tok) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
+            if tok is None:
                 raise ConfigError(f"{self.base_path} has no tokenizer files: pass token ids")
-            return prompt, self.tokenizer.encode(prompt)
-        ids = list(prompt)
+            return prompt, list(tok.encode(prompt))
+        try:
+            ids = list(prompt)
+        except TypeError:
+            raise ConfigError("a prompt is a string or a list of integer token ids") from None
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise ConfigError("a prompt is a string or a list of integer token ids")
         return None, ids
@@ -172,23 +242,20 @@ class Engine:
                 f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
                 "(prompt + at least one generated token): shorten it"
             )
-        vocab = self.model.cfg.vocab_size
-        if expert is not None:
-            vocab = max(vocab, self._expert_vocab(expert))
+        vocab = self.model.cfg.vocab_size if expert is None else self._experts[expert].vocab
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ConfigError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
 
-    def _expert_vocab(self, expert: str) -> int:
-        archive = open_archive(self.expert_paths[expert], verify=False)
-        entry = archive.entries.get("model.embed_tokens.weight")
-        return entry.meta["shape"][0] if entry is not None else self.model.cfg.vocab_size
-
     def abort(self, request_id: str) -> None:
-        req = self._requests.get(request_id)
-        if req is not None and not req.finished:
-            self.scheduler.finish(req)
-            req.finish("abort")
+        """Stop a request; its final output (finish_reason "abort") comes with the next step."""
+        req = self._requests.pop(request_id, None)
+        if req is None or req.finished:
+            return
+        self.scheduler.finish(req)
+        req.finish("abort")
+        self._undelivered.append(RequestOutput.of(req, []))
+        self._release_idle()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -197,46 +264,71 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample; outputs of every request that got a token
-        or finished in this step."""
-        reqs, _ = self.scheduler.schedule()
+        or finished in this step (and of any finished since the last step())."""
+        outs, self._undelivered = self._undelivered, []
+        return outs + self._step()
+
+    def _step(self) -> list[RequestOutput]:
+        reqs = self.scheduler.schedule()
         if not reqs:
-            return self._drain_finished([])
-        experts, failed = self._acquire({r.expert for r in reqs if r.expert is not None})
+            return []
+        failed, deferred = self._acquire({r.expert for r in reqs if r.expert is not None})
         for r in reqs:
             if r.expert in failed:
                 self.scheduler.finish(r)
                 r.finish("error", failed[r.expert])
-        live = [r for r in reqs if not r.finished]
-        try:
-            if live:
-                logits = self.runner.run(live, experts)
-                for r, tok in zip(live, sample(logits, live)):
+            elif r.expert in deferred:
+                self.scheduler.preempt(r)  # back to the queue until its expert fits
+        live = [r for r in reqs if r.status is Status.RUNNING]
+        if live:
+            logits = self.runner.run(live, {None: None, **self._held})
+            for r, tok in zip(live, sample(logits, live)):
+                if isinstance(tok, SamplingFailure):
+                    self._finish(r, "error", str(tok))
+                else:
                     self._append(r, tok)
-        finally:
-            self.pool.release(list(experts)[1:])
-        return self._drain_finished(reqs)
+        self._release_idle()
+        return self._outputs(reqs)
 
-    def _acquire(self, names: set[str]):
-        experts: dict = {None: None}
-        failed: dict[str, str] = {}
-        for name in sorted(names):
+    def _acquire(self, names: set[str]) -> tuple[dict[str, str], set[str]]:
+        """Make this step's experts resident and in use; (failed: name → why, deferred)."""
+        failed, deferred = {}, set()
+        for name in sorted(names - set(self._held)):
             try:
-                experts.update(self.pool.acquire([name]))
+                self._held.update(self.pool.acquire([name]))
+            except PoolFullError as e:
+                if self._held:  # running requests hold room that they will give back
+                    deferred.add(name)
+                else:  # held by pinned experts: waiting would never end
+                    failed[name] = str(e)
             except (ExpertLoadError, PoolError) as e:
                 failed[name] = str(e)
-        return experts, failed
+        if deferred:  # learn how many experts fit at once, so admission stops thrashing
+            cap = max(1, len(self._held))
+            if self.scheduler.max_active_experts is None or cap < self.scheduler.max_active_experts:
+                self.scheduler.max_active_experts = cap
+        return failed, deferred
+
+    def _release_idle(self) -> None:
+        """Experts stay in use while they have running requests; release the others."""
+        running = {r.expert for r in self.scheduler.running}
+        idle = [name for name in self._held if name not in running]
+        if idle:
+            self.pool.release(idle)
+            for name in idle:
+                del self._held[name]
 
     def _append(self, r: Request, token: int) -> None:
         r.output_token_ids.append(token)
         sp = r.sampling
-        detok = self._detokenizer(r)
-        if detok is not None:
-            r.text = detok.decode(r.output_token_ids)
-        eos = self.model.cfg.eos_token_ids
+        tok = self.tokenizer_for(r.expert)
+        if tok is not None:  # the whole output each time: exact for any tokenizer
+            r.text = tok.decode(r.output_token_ids, skip_special_tokens=True)
+        eos = self.base_eos if r.expert is None else self._experts[r.expert].eos
         if token in sp.stop_token_ids:
             r.stop_reason = token
             self._finish(r, "stop")
-        elif (not sp.ignore_eos and token in eos) or (detok and sp.stop and self._hit_stop(r)):
+        elif (not sp.ignore_eos and token in eos) or (sp.stop and self._hit_stop(r)):
             self._finish(r, "stop")
         elif len(r.output_token_ids) >= sp.max_tokens or r.num_tokens >= self.max_model_len:
             self._finish(r, "length")
@@ -250,23 +342,16 @@ class Engine:
         r.stop_reason = s
         return True
 
-    def _finish(self, r: Request, reason: str) -> None:
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(r)
-        r.finish(reason)
+        r.finish(reason, error)
 
-    def _detokenizer(self, r: Request) -> Detokenizer | None:
-        if self.tokenizer is None:
-            return None
-        if "base" not in self._detok:
-            self._detok["base"] = Detokenizer(self.tokenizer)
-        return self._detok["base"]
-
-    def _drain_finished(self, reqs: list[Request]) -> list[RequestOutput]:
+    def _outputs(self, reqs: list[Request]) -> list[RequestOutput]:
         outs = []
         for r in reqs:
-            new = r.output_token_ids[r._emitted :]
+            new = r.output_token_ids[r.emitted :]
             if new or r.finished:
-                r._emitted = len(r.output_token_ids)
+                r.emitted = len(r.output_token_ids)
                 outs.append(RequestOutput.of(r, new))
             if r.finished:
                 self._requests.pop(r.request_id, None)
@@ -281,7 +366,9 @@ class Engine:
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         progress: bool = False,
     ) -> list[RequestOutput]:
-        """Run `prompts` to completion; outputs in the prompts' order."""
+        """Run `prompts` to completion; outputs in the prompts' order. Every prompt is checked
+        before any is queued; other requests keep being served and their outputs wait for
+        the next step()."""
         from tqdm.auto import tqdm
 
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -291,26 +378,38 @@ class Engine:
         params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
         if len(experts) != n or len(params) != n:
             raise ConfigError(f"{n} prompts need {n} experts / sampling params (or one for all)")
-        ids = [self.add_request(p, e, s) for p, e, s in zip(prompts, experts, params)]
+        reqs = []
+        for p, e, s in zip(prompts, experts, params):
+            reqs.append(self._make_request(p, e, s, None))
+            self._requests[reqs[-1].request_id] = reqs[-1]  # reserve the id
+        for r in reqs:
+            self._requests.pop(r.request_id)
+            self._submit(r)
+        ids = {r.request_id for r in reqs}
         final: dict[str, RequestOutput] = {}
         with tqdm(total=n, desc="generating", disable=not progress, unit="req") as bar:
-            while len(final) < n and self.has_unfinished():
-                for out in self.step():
-                    if out.finished and out.request_id in ids:
+            while len(final) < n:
+                for out in self._step():
+                    if out.request_id not in ids:
+                        self._undelivered.append(out)
+                    elif out.finished:
                         final[out.request_id] = out
                         bar.update(1)
-        return [final[i] for i in ids]
+        return [final[r.request_id] for r in reqs]
 
     def stream(self, prompt, expert: str | None = None,
                sampling: SamplingParams | None = None) -> Iterator[RequestOutput]:  # fmt: skip
-        """Yield this request's outputs token by token (other requests keep being served)."""
+        """Yield this request's outputs token by token (other requests keep being served;
+        their outputs wait for the next step())."""
         rid = self.add_request(prompt, expert, sampling)
         while True:
-            for out in self.step():
-                if out.request_id == rid:
-                    yield out
-                    if out.finished:
-                        return
+            for out in self._step():
+                if out.request_id != rid:
+                    self._undelivered.append(out)
+                    continue
+                yield out
+                if out.finished:
+                    return
 
     def stats(self) -> dict:
         return {
@@ -322,26 +421,50 @@ class Engine:
             "residency": self.pool.residency(),
         }
 
-    def _auto_blocks(self, block_size: int, kv_bytes: int | None) -> int:
+    def _auto_blocks(self, block_size: int, kv_bytes: int | None,
+                     expert_budget: int | None) -> int:  # fmt: skip
         per_block = self.model.kv_bytes_per_token() * block_size
         if kv_bytes is None:
             if self.device.type == "cuda":
+                # of the memory free after the base: 90% in use at most (vLLM's default), the
+                # experts' budget apart, the rest for the KV cache
                 free, _ = torch.cuda.mem_get_info(self.device)
-                kv_bytes = int(free * 0.6)  # the rest: experts, activations
+                kv_bytes = int(free * 0.9) - (expert_budget or 0)
+                if kv_bytes < per_block:
+                    raise ConfigError(
+                        f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free after "
+                        f"the base, {(expert_budget or 0) / 2**30:.1f} GiB kept for experts; "
+                        "lower device_budget_bytes or pass kv_cache_bytes"
+                    )
             else:  # enough for every sequence at full length, within a bound
                 cfg = self.model.cfg
-                need = self.scheduler_limits[0] * min(cfg.max_position_embeddings, 4096)
+                need = self.config.max_num_seqs * min(cfg.max_position_embeddings, 4096)
                 kv_bytes = min(_CPU_KV_BYTES, need * self.model.kv_bytes_per_token())
         return max(1, kv_bytes // per_block)
 
     def close(self) -> None:
+        for rid in list(self._requests):
+            self.abort(rid)
         self.pool.close()
-        for r in list(self._requests.values()):
-            if not r.finished and r.status is not Status.FINISHED:
-                self.abort(r.request_id)
 
 
 def _fingerprint(path: Path) -> str:
     from expertswitch.io.checkpoint import open_checkpoint
 
     return open_checkpoint(path).fingerprint()
+
+
+def _eos_ids(path: Path) -> frozenset[int]:
+    """EOS ids a checkpoint (or an archive's copied files) declares: config.json's and
+    generation_config.json's eos_token_id (Llama 3 lists several)."""
+    ids: set[int] = set()
+    for fname in ("config.json", "generation_config.json"):
+        f = path / fname
+        if not f.is_file():
+            continue
+        try:
+            eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+        ids |= {eos} if isinstance(eos, int) else {t for t in eos or [] if isinstance(t, int)}
+    return frozenset(ids)

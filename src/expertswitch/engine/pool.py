@@ -46,6 +46,11 @@ class PoolError(ExpertSwitchError):
     in-use experts."""
 
 
+class PoolFullError(PoolError):
+    """No room now: the tier is held by pinned, in-use or loading experts. Transient: the same
+    request can succeed once others are released (an engine defers rather than fails)."""
+
+
 class ExpertLoadError(ExpertSwitchError):
     """An expert's archive could not be loaded (corrupt, wrong base, ...); other experts work."""
 
@@ -445,7 +450,7 @@ class ExpertPool:
                 freed += size
         if tier.used - freed + n > tier.budget:
             if strict:
-                raise PoolError(self._full_message(tier, n, name))
+                raise PoolFullError(self._full_message(tier, n, name))
             return False
         for victim in victims:
             self._evict(self._entries[victim], tier)

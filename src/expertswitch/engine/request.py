@@ -4,7 +4,6 @@ a preempted request goes back to waiting and recomputes its prompt + generated t
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -25,19 +24,17 @@ class Request:
     expert: str | None
     sampling: SamplingParams
     prompt: str | None = None
-    arrival: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys/values are in the cache
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
-    text: str = ""
+    text: str | None = None  # None without a tokenizer
     stop_reason: str | int | None = None
     preemptions: int = 0
     generator: torch.Generator | None = None
-    first_token_time: float | None = None
-    _emitted: int = 0  # output tokens already reported by step()
+    emitted: int = 0  # output tokens already reported by step()
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -8,25 +8,34 @@ import torch
 from expertswitch.engine.request import Request
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
-    """logits fp32 [B, V] (one row per request) → one token id per request."""
-    out = logits.argmax(dim=-1).tolist()
+class SamplingFailure(str):
+    """In place of a token: why this request's sampling failed (its logits were not finite)."""
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | SamplingFailure]:
+    """logits fp32 [B, V] (one row per request) → one token id per request; a request whose
+    row cannot be sampled gets a SamplingFailure, and the others their tokens."""
+    out: list = logits.argmax(dim=-1).tolist()
     for i, req in enumerate(requests):
-        sp = req.sampling
-        if sp.greedy:
-            continue
-        row = logits[i] / sp.temperature
-        if sp.top_k > 0 and sp.top_k < row.numel():
-            kth = torch.topk(row, sp.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if sp.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            drop = torch.cumsum(sorted_p, 0) - sorted_p >= sp.top_p
-            sorted_p[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        gen = req.generator
-        token = torch.multinomial(probs.cpu() if gen is not None else probs, 1, generator=gen)
-        out[i] = int(token)
+        if not req.sampling.greedy:
+            try:
+                out[i] = _sample_row(logits[i], req)
+            except RuntimeError as e:  # e.g. NaN or inf probabilities
+                out[i] = SamplingFailure(f"sampling failed: {str(e).splitlines()[0]}")
     return out
+
+
+def _sample_row(row: torch.Tensor, req: Request) -> int:
+    sp = req.sampling
+    row = row / sp.temperature
+    if 0 < sp.top_k < row.numel():
+        kth = torch.topk(row, sp.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if sp.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = torch.cumsum(sorted_p, 0) - sorted_p >= sp.top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=req.generator))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from expertswitch.errors import ConfigError
@@ -9,7 +10,7 @@ from expertswitch.errors import ConfigError
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or < 1e-5) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or −1 = off
     seed: int | None = None  # a seeded request samples the same tokens whatever its batch
@@ -24,20 +25,30 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) \
-                or self.max_tokens <= 0:  # fmt: skip
+        if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not (self.temperature >= 0):
-            raise ConfigError(f"temperature must be ≥ 0, got {self.temperature}")
-        if not (0 < self.top_p <= 1):
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
+            raise ConfigError(f"temperature must be a finite number ≥ 0, got {self.temperature}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ConfigError(f"top_k must be −1, 0 (off) or positive, got {self.top_k}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ConfigError(f"top_k must be an integer: −1 or 0 (off) or positive, got "
+                              f"{self.top_k!r}")  # fmt: skip
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ConfigError("stop_token_ids must be non-negative integers")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # vLLM's rule: below 1e-5 the temperature divides logits into overflow; it is greedy
+        return self.temperature < _GREEDY_BELOW
+
+
+_GREEDY_BELOW = 1e-5
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -62,12 +62,13 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return scheduled
 
-    def schedule(self) -> tuple[list[Request], bool]:
-        """(requests of this step, is_prefill)."""
+    def schedule(self) -> list[Request]:
+        """The requests of this step: newly admitted ones (prefill), else all running ones
+        (decode)."""
         scheduled = self._admit()
         if scheduled:
             self.running.extend(scheduled)
-            return scheduled, True
+            return scheduled
         decoding: list[Request] = []
         for req in list(self.running):
             if req not in self.running:  # preempted below to make room
@@ -81,7 +82,7 @@ class Scheduler:
                 if self.blocks.needs_block(req):
                     self.blocks.append_block(req)
                 decoding.append(req)
-        return decoding, False
+        return decoding
 
     def preempt(self, req: Request) -> None:
         self.running.remove(req)

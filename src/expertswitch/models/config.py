@@ -37,11 +37,7 @@ class ModelConfig:
     bos_token_id: int | None = None
 
     def __post_init__(self):
-        if self.model_type not in SUPPORTED:
-            raise ConfigError(
-                f"model_type {self.model_type!r} is not supported: the engine serves "
-                f"{', '.join(SUPPORTED)} checkpoints"
-            )
+        _check_type(self.model_type)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads "
@@ -57,11 +53,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, cfg: dict) -> ModelConfig:
         mt = cfg.get("model_type")
-        if mt not in SUPPORTED:
-            raise ConfigError(
-                f"model_type {mt!r} is not supported: the engine serves "
-                f"{', '.join(SUPPORTED)} checkpoints"
-            )
+        _check_type(mt)  # before reading fields whose absence would mislead
         try:
             hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
             layers = cfg["num_hidden_layers"]
@@ -96,6 +88,12 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+
+def _check_type(model_type) -> None:
+    if model_type not in SUPPORTED:
+        raise ConfigError(f"model_type {model_type!r} is not supported: the engine serves "
+                          f"{', '.join(SUPPORTED)} checkpoints")  # fmt: skip
 
 
 def _rope_params(cfg: dict) -> dict:

@@ -8,7 +8,7 @@ Rows are the flattened new tokens of all scheduled sequences, sequence after seq
                     segments   per slot: the row indices that belong to it (computed once per
                                step, reused by all 7·L linear layers, as Punica does)
     AttentionBatch  slot_mapping  int64 [T]   cache slot (block·block_size + offset) per row
-                    block_tables  int32 [B, M] blocks of each sequence (−1 padding)
+                    block_tables  int64 [B, M] blocks of each sequence (0 pads: masked)
                     q_lens, kv_lens, q_starts  per sequence
 """
 
@@ -26,7 +26,6 @@ class ExpertBatch:
     experts: list[ExpertWeights]
     row_slot: torch.Tensor  # int64 [T]
     segments: list[torch.Tensor] = field(default_factory=list)  # per slot: int64 row indices
-    any_base: bool = True  # some row runs the base only
     # per-step cache (stacked exact tensors, row groupings)
     cache: dict = field(default_factory=dict)
     # kernel pointer tables, valid while the same expert objects are active (runner-owned)
@@ -35,11 +34,7 @@ class ExpertBatch:
     @classmethod
     def build(cls, experts: list[ExpertWeights], row_slot: torch.Tensor) -> ExpertBatch:
         segments = [torch.nonzero(row_slot == s).flatten() for s in range(len(experts))]
-        return cls(experts, row_slot, segments, bool((row_slot < 0).any()))
-
-    @classmethod
-    def base_only(cls, rows: int, device) -> ExpertBatch:
-        return cls([], torch.full((rows,), -1, dtype=torch.long, device=device))
+        return cls(experts, row_slot, segments)
 
     def users_of(self, name: str, table: str) -> list[tuple[int, object]]:
         """(slot, value) for every active expert that stores tensor `name` in `table`
@@ -55,16 +50,12 @@ class ExpertBatch:
 @dataclass
 class AttentionBatch:
     slot_mapping: torch.Tensor  # int64 [T]
-    block_tables: torch.Tensor  # int64 [B, M]
+    block_tables: torch.Tensor  # int64 [B, M], 0 past a sequence's blocks
     q_lens: list[int]
     kv_lens: list[int]  # keys after this step (cached + new)
     positions: torch.Tensor  # int64 [T]
     seq_lens: torch.Tensor  # int64 [T]: each row's sequence length after this step (dynamic RoPE)
     block_size: int
-
-    @property
-    def is_decode(self) -> bool:
-        return all(q == 1 for q in self.q_lens)
 
 
 @dataclass

@@ -20,8 +20,6 @@ import torch
 from expertswitch.compress.packed import PackedDelta
 from expertswitch.errors import ArchiveError, CompatibilityError
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @dataclass
 class ExpertWeights:
@@ -29,7 +27,6 @@ class ExpertWeights:
     path: Path | None
     deltas: dict[str, PackedDelta] = field(default_factory=dict)
     exact: dict[str, torch.Tensor] = field(default_factory=dict)
-    vocab_size: int | None = None  # the expert's own vocabulary when it differs from the base
 
     def tensors(self) -> list[torch.Tensor]:
         out = list(self.exact.values())
@@ -57,7 +54,6 @@ class ExpertWeights:
             self.path,
             {k: packed(d) for k, d in self.deltas.items()},
             {k: fn(v) for k, v in self.exact.items()},
-            self.vocab_size,
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ExpertWeights:
@@ -109,11 +105,4 @@ def load_expert(
             weights.deltas[entry.name] = PackedDelta.from_parts(entry.meta, parts)
         else:
             raise ArchiveError(f"tensor {entry.name} has unknown kind {entry.kind!r} in {path}")
-    emb = weights.exact.get("model.embed_tokens.weight")
-    if emb is not None and emb.shape[0] != base_shapes["model.embed_tokens.weight"][0]:
-        weights.vocab_size = emb.shape[0]
     return weights
-
-
-def storage_dtype(meta_dtype: str) -> torch.dtype:
-    return _DTYPES.get(meta_dtype, torch.float32)

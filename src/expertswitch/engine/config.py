@@ -1,0 +1,32 @@
+"""`EngineConfig`: the engine's capacity knobs (vLLM's names where they exist), validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from expertswitch.errors import ConfigError
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 4096  # prompt tokens in one prefill step (one longer prompt
+    #                                     still runs, alone)
+    block_size: int = 16  # tokens per KV-cache block
+    num_kv_blocks: int | None = None  # default: from kv_cache_bytes
+    kv_cache_bytes: int | None = None  # default: CPU 512 MiB at most; GPU what is free
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_active_experts: int | None = None  # distinct experts in one step (vLLM's max_loras)
+    device_budget_bytes: int | None = None  # experts resident on the device (GPU default: a
+    #                                         third of what the base leaves free)
+    host_budget_bytes: int | None = None  # experts kept in (pinned) host memory
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.default is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{f.name} must be a positive integer, got {v!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError("max_model_len must leave room for a prompt and one token (≥ 2)")

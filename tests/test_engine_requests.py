@@ -1,0 +1,219 @@
+"""The engine's request life cycle under misuse and pressure: bad parameters, aborts, ids,
+outputs of other requests, experts that do not fit, per-expert EOS, re-registration."""
+
+import json
+import shutil
+
+import pytest
+from test_engine import GREEDY, hf_greedy, llama, prompts, solo  # noqa: F401 (fixtures)
+
+from expertswitch.cli import main
+from expertswitch.engine import Engine, SamplingParams
+from expertswitch.engine.config import EngineConfig
+from expertswitch.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def engine(llama):  # noqa: F811
+    base, experts = llama
+    return Engine(base, {f"e{i}": a for i, (a, _) in enumerate(experts)})
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": float("inf")}, {"temperature": float("nan")}, {"temperature": -1},
+    {"top_k": 2.5}, {"top_k": -2}, {"top_p": 0}, {"seed": 2**70}, {"seed": -1},
+    {"max_tokens": True}, {"stop_token_ids": [True]}, {"stop": [""]},
+])  # fmt: skip
+def test_bad_sampling_params_are_refused(bad):
+    with pytest.raises(ConfigError):
+        SamplingParams(**bad)
+
+
+def test_tiny_temperature_is_greedy_and_one_bad_row_fails_alone(engine, solo):  # noqa: F811
+    ps, ref = solo
+    out = engine.generate(ps[0], "e0", SamplingParams(temperature=1e-40, max_tokens=24))[0]
+    assert out.token_ids == ref[(0, "e0")]
+    # a request whose logits cannot be sampled (forced NaN) fails; its batch goes on
+    import expertswitch.engine.engine as engine_module
+
+    real = engine_module.sample
+
+    def poisoned(logits, reqs):
+        logits = logits.clone()  # an inference-mode tensor: no in-place writes outside it
+        logits[[r.request_id == "poison" for r in reqs]] = float("nan")
+        return real(logits, reqs)
+
+    engine_module.sample = poisoned
+    try:
+        engine.add_request(ps[1], "e1", SamplingParams(temperature=1.0, max_tokens=5),
+                           request_id="poison")  # fmt: skip
+        outs = engine.generate(ps[0], "e0", GREEDY)
+    finally:
+        engine_module.sample = real
+    assert outs[0].token_ids == ref[(0, "e0")]
+    poisoned_out = [o for o in engine.step() if o.request_id == "poison"]
+    assert poisoned_out and poisoned_out[0].finish_reason == "error"
+    assert "sampling failed" in poisoned_out[0].error
+    assert not engine.has_unfinished()
+
+
+def test_sampling_samples_and_top_p_narrows(engine, solo):  # noqa: F811
+    ps, ref = solo
+    runs = {tuple(engine.generate(ps[1], "e1", SamplingParams(temperature=1.5, seed=s,
+                                                              max_tokens=12))[0].token_ids)
+            for s in range(4)}  # fmt: skip
+    assert len(runs) > 1  # temperature > 0 does sample
+    narrow = engine.generate(ps[1], "e1", SamplingParams(temperature=1.5, top_p=1e-6, seed=0,
+                                                         max_tokens=24))[0]  # fmt: skip
+    assert narrow.token_ids == ref[(1, "e1")]  # only the most likely token survives top-p
+
+
+def test_abort_outputs_and_ids(engine, solo):  # noqa: F811
+    ps, ref = solo
+    engine.add_request(ps[0], "e0", GREEDY, request_id="a")
+    engine.step()
+    engine.abort("a")
+    outs = engine.step()
+    aborted = [o for o in outs if o.request_id == "a"]
+    assert aborted and aborted[0].finish_reason == "abort" and aborted[0].finished
+    assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.num_blocks
+    engine.add_request(ps[0], "e0", GREEDY, request_id="a")  # the id is free again
+    engine.abort("a")
+    engine.step()
+    rid = engine.add_request(ps[0], None, GREEDY, request_id="req-0")
+    auto = engine.add_request(ps[0], None, GREEDY)  # never collides with a caller's id
+    assert auto != rid
+    with pytest.raises(ConfigError, match="already in use"):
+        engine.add_request(ps[0], None, GREEDY, request_id=auto)
+    for r in (rid, auto):
+        engine.abort(r)
+    engine.step()
+
+
+def test_generate_keeps_other_requests_outputs(engine, solo):  # noqa: F811
+    ps, ref = solo
+    other = engine.add_request(ps[2], "e1", GREEDY)
+    mine = engine.generate(ps[0], None, GREEDY)[0]
+    streamed = [o.new_token_ids for o in engine.stream(ps[1], "e0", GREEDY)]
+    assert mine.token_ids == ref[(0, None)] and sum(streamed, []) == ref[(1, "e0")]
+    seen: list[int] = []
+    while True:
+        outs = [o for o in engine.step() if o.request_id == other]
+        seen += sum((o.new_token_ids for o in outs), [])
+        if any(o.finished for o in outs):
+            break
+    assert seen == ref[(2, "e1")]
+
+
+def test_generate_checks_every_prompt_before_queueing(engine):
+    with pytest.raises(ConfigError, match="empty"):
+        engine.generate([[5, 6], [7], []], None, GREEDY)
+    assert not engine.has_unfinished()
+
+
+def test_engine_limits_are_validated(llama):  # noqa: F811
+    base, _ = llama
+    bads = (
+        {"max_num_seqs": 0},
+        {"block_size": 0},
+        {"max_active_experts": 0},
+        {"num_kv_blocks": -3},
+        {"max_model_len": 1},
+        {"max_num_batched_tokens": 1.5},
+    )
+    for bad in bads:
+        with pytest.raises(ConfigError):
+            Engine(base, **bad)
+    with pytest.raises(ConfigError, match="unknown engine option"):
+        Engine(base, max_seqs=4)
+    with pytest.raises(ConfigError, match="not both"):
+        Engine(base, config=EngineConfig(), block_size=8)
+
+
+def test_experts_that_do_not_fit_wait_instead_of_failing(llama, solo):  # noqa: F811
+    """A device budget for one expert: a batch over two experts is served one expert at a
+    time, every request with its own tokens."""
+    base, experts = llama
+    ps, ref = solo
+    probe = Engine(base, {"e0": experts[0][0]})
+    one = probe.pool.get("e0").nbytes()
+    eng = Engine(base, {"e0": experts[0][0], "e1": experts[1][0]},
+                 device_budget_bytes=int(one * 1.5))  # fmt: skip
+    combos = [(0, "e0"), (1, "e1"), (2, "e0"), (0, "e1"), (1, None)]
+    outs = eng.generate([ps[i] for i, _ in combos], [e for _, e in combos], GREEDY)
+    for (i, e), out in zip(combos, outs):
+        assert out.finish_reason != "error", out.error
+        assert out.token_ids == ref[(i, e)], (i, e)
+
+
+def test_prefetch_never_evicts_running_experts(llama):  # noqa: F811
+    base, experts = llama
+    probe = Engine(base, {"e0": experts[0][0]})
+    one = probe.pool.get("e0").nbytes()
+    eng = Engine(base, {"e0": experts[0][0], "e1": experts[1][0]},
+                 device_budget_bytes=int(one * 1.5))  # fmt: skip
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    eng.add_request(prompts(1)[0], "e0", sp)
+    eng.step()
+    eng.step()
+    eng.add_request(prompts(1)[0], "e1", sp)  # its prefetch finds no room: e0 is running
+    eng.pool.close()  # wait for the prefetch thread
+    assert eng.pool.residency()["e0"] == "device"
+    assert eng.pool.stats()["evictions_device"] == 0
+
+
+def test_reregistering_and_reserved_names(llama, solo):  # noqa: F811
+    base, experts = llama
+    ps, ref = solo
+    eng = Engine(base, {"x": experts[0][0]})
+    assert eng.generate(ps[0], "x", GREEDY)[0].token_ids == ref[(0, "e0")]
+    with pytest.raises(ConfigError, match="already registered"):
+        eng.add_expert("x", experts[1][0])
+    eng.remove_expert("x")
+    eng.add_expert("x", experts[1][0])
+    assert eng.generate(ps[0], "x", GREEDY)[0].token_ids == ref[(0, "e1")]  # the new weights
+    for name in ("base", "auto", "__base__", ""):
+        with pytest.raises(ConfigError, match="reserved"):
+            eng.add_expert(name, experts[0][0])
+    eng.add_request(ps[0], "x", GREEDY, request_id="busy")
+    with pytest.raises(ConfigError, match="still serves"):
+        eng.remove_expert("x")
+
+
+def test_each_expert_stops_at_its_own_eos(llama, tmp_path):  # noqa: F811
+    """A chat fine-tune declares another EOS than its base (e.g. <|im_end|>): the engine stops
+    that expert's requests there, as transformers does on the reconstruction."""
+    base, experts = llama
+    archive, rec = experts[0]
+    p = prompts(1)[0]
+    full = hf_greedy(rec, p, 24)
+    eos = full[3]
+    arch2, rec2 = tmp_path / "arch", tmp_path / "rec"
+    shutil.copytree(archive, arch2)
+    shutil.copytree(rec, rec2)
+    for d in (arch2, rec2):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["eos_token_id"] = eos
+        (d / "config.json").write_text(json.dumps(cfg))
+        gen = d / "generation_config.json"
+        if gen.is_file():
+            g = json.loads(gen.read_text())
+            g["eos_token_id"] = eos
+            gen.write_text(json.dumps(g))
+    eng = Engine(base, {"chat": arch2, "plain": archive})
+    outs = eng.generate([p, p], ["chat", "plain"], GREEDY)
+    assert outs[0].token_ids == hf_greedy(rec2, p, 24) == full[: full.index(eos) + 1]
+    assert outs[0].finish_reason == "stop"
+    assert outs[1].token_ids == full  # the other expert keeps the base's EOS
+
+
+def test_generate_command_without_tokenizer_prints_ids(llama, capsys):  # noqa: F811
+    base, experts = llama
+    argv = ["generate", "--base", str(base), "--expert", f"x={experts[0][0]}",
+            "--prompt-ids", "5,6,7", "--use", "x", "--max-tokens", "4"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[x] '5,6,7' -> '" in out and "''" not in out
+    assert main(["generate", "--base", str(base), "--expert", f"base={experts[0][0]}",
+                 "--prompt-ids", "5"]) == 2  # fmt: skip
+    assert "reserved" in capsys.readouterr().err
