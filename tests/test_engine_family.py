@@ -10,6 +10,7 @@ the same arithmetic without that storage rounding."""
 
 import pytest
 import torch
+from test_engine import hf_greedy
 
 from expertswitch.cli import main
 from expertswitch.compress import CompressOptions, compress_expert, make_method, reconstruct
@@ -41,17 +42,6 @@ def family(tmp_path_factory):
     return fam, archives, recs
 
 
-def hf_greedy_ids(model_dir, ids: list[int], n: int) -> list[int]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                             do_sample=False, pad_token_id=0)  # fmt: skip
-    return out[0, len(ids) :].tolist()
-
-
 def test_every_tiny_expert_equals_transformers_on_its_reconstruction(family):
     fam, archives, recs = family
     eng = Engine(fam.base, archives)
@@ -62,7 +52,7 @@ def test_every_tiny_expert_equals_transformers_on_its_reconstruction(family):
     for (prompt, expert), out in zip(combos, outs):
         ids = eng.tokenizer.encode(prompt)
         assert out.prompt_token_ids == ids
-        ref = hf_greedy_ids(recs[expert] if expert else fam.base, ids, N)
+        ref = hf_greedy(recs[expert] if expert else fam.base, ids, N)
         assert out.token_ids == ref, (expert, prompt)
         assert out.text == eng.tokenizer.decode(ref, skip_special_tokens=True)
     # the experts do answer differently from the base on their own domain

@@ -235,11 +235,7 @@ if is_triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _dot(a, b, IEEE: tl.constexpr):
-        if IEEE:  # fp32 operands in full fp32, as torch.matmul does unless tf32 is allowed
-            return tl.dot(a, b, input_precision="ieee")
-        return tl.dot(a, b)
+    from expertswitch.kernels.fused_moe import _dot  # fp32 operands in IEEE unless tf32
 
     @triton.jit
     def _plane_codes(row_ptr, col: tl.constexpr, offs_n, k0, wpr, W: tl.constexpr,
