@@ -114,8 +114,7 @@ class Archive:
         except (SafetensorError, OSError) as e:
             raise ArchiveError(f"{delta} is corrupt ({e}); re-run expertswitch compress") from None
         self.entries = {
-            name: ArchiveEntry(name, rec["kind"], _meta_of(rec), rec["parts"])
-            for name, rec in self.manifest["tensors"].items()
+            name: _entry(name, rec, self.path) for name, rec in self.manifest["tensors"].items()
         }
         if verify:
             self.verify()
@@ -150,6 +149,18 @@ class Archive:
         return {p.name: p for p in self.path.iterdir() if p.name not in (MANIFEST, DELTA_FILE)}
 
 
+def _entry(name: str, rec, path: Path) -> ArchiveEntry:
+    parts = rec.get("parts") if isinstance(rec, dict) else None
+    kind = rec.get("kind") if isinstance(rec, dict) else None
+    if not isinstance(kind, str) or not isinstance(parts, list) \
+            or not all(isinstance(p, str) for p in parts):  # fmt: skip
+        raise ArchiveError(
+            f"{path / MANIFEST}: the entry of tensor {name} lacks a valid 'kind' or 'parts'; the "
+            "manifest is corrupt: re-run `expertswitch compress`"
+        )
+    return ArchiveEntry(name, kind, _meta_of(rec), parts)
+
+
 def _meta_of(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k not in ("kind", "parts")}
 
@@ -175,8 +186,19 @@ def _read_manifest(path: Path) -> dict:
             f"{FORMAT_VERSION}: upgrade expertswitch or re-compress the expert"
         )
     for key in ("base", "tensors", "parts", "delta_file"):
-        if key not in manifest:
-            raise ArchiveError(f"{mf} lacks the {key!r} section; the manifest is corrupt")
+        if not isinstance(manifest.get(key), dict):
+            raise ArchiveError(f"{mf} lacks a valid {key!r} section; the manifest is corrupt: "
+                               "re-run `expertswitch compress`")  # fmt: skip
+    size = manifest["delta_file"].get("bytes")
+    valid = (
+        isinstance(manifest["base"].get("fingerprint"), str)
+        and isinstance(size, int) and not isinstance(size, bool)
+        and all(isinstance(r, dict) and isinstance(r.get("sha256"), str)
+                for r in manifest["parts"].values())
+    )  # fmt: skip
+    if not valid:
+        raise ArchiveError(f"{mf} has a malformed base fingerprint, file size or part checksum; "
+                           "the manifest is corrupt: re-run `expertswitch compress`")  # fmt: skip
     return manifest
 
 

@@ -71,9 +71,11 @@ def load_expert(
     dtype: torch.dtype | None = None,
 ) -> ExpertWeights:
     """Open the archive at `path` (checksums verified), check it was made against the base with
-    `base_fingerprint`, and keep its parts. `base_shapes`: the base's tensor shapes, so a tensor
-    the model cannot place is refused now rather than ignored. Exact tensors are cast to `dtype`
-    (the engine's compute dtype); packed parts keep their stored dtypes."""
+    `base_fingerprint`, and keep its parts. Every tensor must fit the base's shapes
+    (`base_shapes`) and every packed delta must be self-consistent (parts' shapes and dtypes
+    agree with its meta): checksums protect the parts' bytes, not the manifest, and a kernel
+    trusting a wrong shape would read out of bounds. Exact tensors are cast to `dtype` (the
+    engine's compute dtype); packed parts keep their stored dtypes."""
     from expertswitch.io.archive import open_archive
 
     archive = open_archive(path)
@@ -85,24 +87,83 @@ def load_expert(
         )
     weights = ExpertWeights(name, Path(path))
     for entry in archive:
+        where = f"expert {name!r} ({path}), tensor {entry.name}"
         if entry.name not in base_shapes:
-            raise ArchiveError(
-                f"expert {name!r} ({path}) stores tensor {entry.name}, which the base does not "
-                "have; the engine serves experts with the base's architecture only"
-            )
+            raise ArchiveError(f"{where}: the base has no such tensor; the engine serves experts "
+                               "with the base's architecture only")  # fmt: skip
         parts = archive.parts(entry.name)
+        base_shape = tuple(base_shapes[entry.name])
         if entry.kind == "exact":
-            value = parts["value"]
-            weights.exact[entry.name] = value.to(dtype) if dtype and value.is_floating_point() \
-                else value  # fmt: skip
+            value = parts.get("value")
+            if value is None or not _fits(tuple(value.shape), base_shape, entry.name):
+                got = None if value is None else list(value.shape)
+                raise ArchiveError(f"{where}: stored shape {got} does not fit the base's "
+                                   f"{list(base_shape)}; the archive is corrupt")  # fmt: skip
+            cast = dtype is not None and value.is_floating_point()
+            weights.exact[entry.name] = value.to(dtype) if cast else value
         elif entry.kind == "quantized":
-            shape = tuple(entry.meta["shape"])
-            if shape != tuple(base_shapes[entry.name]):
-                raise ArchiveError(
-                    f"expert {name!r}: quantized tensor {entry.name} has shape {list(shape)} but "
-                    f"the base's is {list(base_shapes[entry.name])}; the archive is corrupt"
-                )
-            weights.deltas[entry.name] = PackedDelta.from_parts(entry.meta, parts)
+            weights.deltas[entry.name] = _packed(entry.meta, parts, base_shape, where)
         else:
-            raise ArchiveError(f"tensor {entry.name} has unknown kind {entry.kind!r} in {path}")
+            raise ArchiveError(f"{where}: unknown kind {entry.kind!r}; the archive is corrupt")
     return weights
+
+
+_GROWS = ("model.embed_tokens.weight", "lm_head.weight")  # an expert may add vocabulary rows
+
+
+def _fits(shape: tuple, base: tuple, name: str) -> bool:
+    if shape == base:
+        return True
+    return name in _GROWS and len(shape) == 2 and shape[1] == base[1] and shape[0] > base[0]
+
+
+def _sorted_below(idx: torch.Tensor, k: int) -> bool:
+    if not idx.numel():
+        return True
+    return int(idx.min()) >= 0 and int(idx.max()) < k and not bool((idx[1:] <= idx[:-1]).any())
+
+
+def _packed(meta: dict, parts: dict, base_shape: tuple, where: str) -> PackedDelta:
+    """PackedDelta.from_parts, after checking that every part has the shape and dtype its
+    meta implies (docs/archive.md)."""
+    from expertswitch.compress.packing import SUPPORTED_BITS, padded_k, plane_widths
+
+    def bad(what: str) -> ArchiveError:
+        return ArchiveError(f"{where}: {what}; the manifest or archive is corrupt: re-run "
+                            "`expertswitch compress`")  # fmt: skip
+
+    try:
+        shape, bits, group = tuple(meta["shape"]), meta["bits"], meta["group_size"]
+        symmetric, scale_exp = meta["symmetric"], meta["scale_exp"]
+    except (KeyError, TypeError) as e:
+        raise bad(f"its entry lacks {e}") from None
+    if shape != base_shape or len(shape) != 2:
+        raise bad(f"shape {list(shape)} is not the base's {list(base_shape)}")
+    n, k = shape
+    ints = (bits, group, scale_exp)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+        raise bad("bits, group_size and scale_exp must be integers")
+    if bits not in SUPPORTED_BITS or group < 1 or not -160 < scale_exp < 160:
+        raise bad(f"bits {bits}, group_size {group} or scale_exp {scale_exp} is out of range")
+    groups = -(-k // group)
+    want = {f"qweight.{i}": ((n, padded_k(k) * w // 32), torch.int32)
+            for i, w in enumerate(plane_widths(bits))}  # fmt: skip
+    want["scales"] = ((n, groups), torch.float16)
+    if not symmetric:
+        want["zeros"] = ((n, groups), torch.uint8)
+    idx = parts.get("salient_idx")
+    if idx is not None:
+        s = idx.shape[-1] if idx.dim() == 1 else -1
+        want["salient_idx"] = ((s,), torch.int32)
+        want["salient_cols"] = ((n, s), torch.float16)
+    if set(parts) != set(want):
+        raise bad(f"its parts are {sorted(parts)}, expected {sorted(want)}")
+    for key, (shp, dt) in want.items():
+        if tuple(parts[key].shape) != shp or parts[key].dtype != dt:
+            raise bad(f"part {key} is {str(parts[key].dtype)[6:]} {list(parts[key].shape)}, "
+                      f"expected {str(dt)[6:]} {list(shp)}")  # fmt: skip
+    if idx is not None and not _sorted_below(idx, k):
+        raise bad(f"salient channels must be sorted, distinct and below {k}")
+    if idx is not None and meta.get("n_salient", idx.numel()) != idx.numel():
+        raise bad("n_salient disagrees with the stored salient channels")
+    return PackedDelta.from_parts(meta, parts)
