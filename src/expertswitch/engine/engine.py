@@ -21,38 +21,25 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import secrets
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from expertswitch.engine.config import EngineConfig
-from expertswitch.engine.kv_cache import BlockManager
+from expertswitch.engine.kv_cache import BlockManager, auto_num_blocks
 from expertswitch.engine.pool import ExpertLoadError, ExpertPool, PoolError, PoolFullError
+from expertswitch.engine.registry import ExpertRegistry, eos_ids
 from expertswitch.engine.request import Request, RequestOutput, Status
 from expertswitch.engine.runner import ModelRunner
 from expertswitch.engine.sampler import SamplingFailure, sample
 from expertswitch.engine.sampling import SamplingParams
 from expertswitch.engine.scheduler import Scheduler
 from expertswitch.engine.tokenizer import load_tokenizer
-from expertswitch.errors import ArchiveError, CompatibilityError, ConfigError
-from expertswitch.io.archive import open_archive
+from expertswitch.errors import ConfigError
 from expertswitch.models.decoder import Decoder
 from expertswitch.models.expert_weights import load_expert
-
-_CPU_KV_BYTES = 512 * 2**20  # the most a CPU engine's KV cache takes by default
-RESERVED = ("auto", "base", "__base__")  # names that mean "the router" or "no expert"
-
-
-@dataclass
-class _Registered:
-    path: Path
-    eos: frozenset[int]
-    vocab: int
-    tokenizer: object | None = None  # the archive's own, loaded on first use
 
 
 class Engine:
@@ -83,15 +70,17 @@ class Engine:
         self.base_path = Path(base)
         self.base_fingerprint = _fingerprint(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path) if tokenizer else None
-        self._use_tokenizers = tokenizer
-        self.base_eos = _eos_ids(self.base_path) or frozenset(self.model.cfg.eos_token_ids)
+        eos = eos_ids(self.base_path) or frozenset(self.model.cfg.eos_token_ids)
+        self.registry = ExpertRegistry(self.base_path, self.base_fingerprint,
+                                       self.model.servable_names(), self.model.cfg.vocab_size,
+                                       eos, self.tokenizer, tokenizer)  # fmt: skip
         budget = cfg.device_budget_bytes
         if self.device.type == "cuda" and budget is None:
             # experts get a third of the memory the base left free, the KV cache most of the
             # rest (_auto_blocks), so that loading experts cannot run the GPU out of memory
             budget = torch.cuda.mem_get_info(self.device)[0] // 3
         block = cfg.block_size
-        num_blocks = cfg.num_kv_blocks or self._auto_blocks(block, cfg.kv_cache_bytes, budget)
+        num_blocks = cfg.num_kv_blocks or auto_num_blocks(self.model, cfg, self.device, budget)
         self.max_model_len = min(cfg.max_model_len or self.model.cfg.max_position_embeddings,
                                  num_blocks * block)  # fmt: skip
         # (an explicit max_model_len may pass max_position_embeddings: scaled RoPE)
@@ -101,7 +90,6 @@ class Engine:
                                    cfg.max_active_experts)  # fmt: skip
         self.runner = ModelRunner(self.model, self.blocks, self.kv_cache)
         self.pool = ExpertPool(self._load, self.device, budget, cfg.host_budget_bytes)
-        self._experts: dict[str, _Registered] = {}
         self._held: dict[str, object] = {}  # experts acquired while they have running requests
         self._requests: dict[str, Request] = {}
         self._undelivered: list[RequestOutput] = []  # finished elsewhere, for the next step()
@@ -114,66 +102,30 @@ class Engine:
     def add_expert(self, name: str, path: str | Path) -> None:
         """Register an archive under `name`. Its manifest is checked now (made for this base,
         only tensors the engine can apply per row); its weights load on first use."""
-        if not isinstance(name, str) or not name or name in RESERVED:
-            raise ConfigError(f"{name!r} cannot name an expert: {', '.join(RESERVED)} and the "
-                              "empty name are reserved")  # fmt: skip
-        if name in self._experts:
-            raise ConfigError(f"expert {name!r} is already registered; remove_expert it first")
-        archive = open_archive(path, verify=False)  # checksums: at load time, by the pool
-        if archive.base_fingerprint != self.base_fingerprint:
-            raise CompatibilityError(
-                f"expert {name!r} ({path}) is a delta against a different base than "
-                f"{self.base_path} (made from {archive.manifest['base'].get('path', '?')}); "
-                "serve it with the base it was compressed against"
-            )
-        served = self.model.servable_names()
-        foreign = [n for n in archive.entries if n not in served]
-        if foreign:
-            raise ArchiveError(
-                f"expert {name!r} changes {len(foreign)} tensor(s) the engine cannot apply per "
-                f"request, e.g. {foreign[0]} (MoE expert weights and routers are not served from "
-                "deltas yet); rebuild it with `expertswitch reconstruct` and serve that instead"
-            )
-        emb = archive.entries.get("model.embed_tokens.weight")
-        vocab = emb.meta["shape"][0] if emb is not None else self.model.cfg.vocab_size
-        eos = _eos_ids(Path(path)) or self.base_eos
-        self._experts[name] = _Registered(Path(path), eos, vocab)
+        self.registry.add(name, path)
         self.pool.register(name)
 
     def remove_expert(self, name: str) -> None:
-        self._registered(name)
+        self.registry.get(name)
         busy = [r.request_id for r in self._requests.values() if r.expert == name]
         if busy:
             raise ConfigError(f"expert {name!r} still serves {len(busy)} request(s), e.g. "
                               f"{busy[0]}: let them finish or abort them first")  # fmt: skip
         self._release_idle()
         self.pool.forget(name)
-        del self._experts[name]
-
-    def _registered(self, name: str) -> _Registered:
-        if name not in self._experts:
-            known = ", ".join(sorted(self._experts)) or "none"
-            shown = name if len(str(name)) <= 60 else str(name)[:57] + "..."
-            raise ConfigError(f"unknown expert {shown!r}: registered experts are {known} "
-                              "(or None for the base alone)")  # fmt: skip
-        return self._experts[name]
+        self.registry.remove(name)
 
     def _load(self, name: str):
-        return load_expert(name, self._experts[name].path, self.base_fingerprint,
+        return load_expert(name, self.registry.get(name).path, self.base_fingerprint,
                            self.model.shapes, self.dtype)  # fmt: skip
 
     @property
     def experts(self) -> list[str]:
-        return list(self._experts)
+        return list(self.registry.entries)
 
     def tokenizer_for(self, expert: str | None):
         """The expert's own tokenizer when its archive ships one, else the base's."""
-        if expert is None or not self._use_tokenizers:
-            return self.tokenizer
-        reg = self._registered(expert)
-        if reg.tokenizer is None:
-            reg.tokenizer = load_tokenizer(reg.path) or self.tokenizer or False
-        return reg.tokenizer or None
+        return self.registry.tokenizer(expert)
 
     # requests ----------------------------------------------------------------------------
 
@@ -194,7 +146,7 @@ class Engine:
         if not isinstance(sampling, SamplingParams):
             raise ConfigError("sampling must be a SamplingParams")
         if expert is not None:
-            self._registered(expert)
+            self.registry.get(expert)
         tok = self.tokenizer_for(expert)
         if sampling.stop and tok is None:
             raise ConfigError("stop strings need a tokenizer; this base has none: use "
@@ -242,7 +194,7 @@ class Engine:
                 f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
                 "(prompt + at least one generated token): shorten it"
             )
-        vocab = self.model.cfg.vocab_size if expert is None else self._experts[expert].vocab
+        vocab = self.registry.vocab(expert)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ConfigError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
@@ -324,7 +276,7 @@ class Engine:
         tok = self.tokenizer_for(r.expert)
         if tok is not None:  # the whole output each time: exact for any tokenizer
             r.text = tok.decode(r.output_token_ids, skip_special_tokens=True)
-        eos = self.base_eos if r.expert is None else self._experts[r.expert].eos
+        eos = self.registry.eos(r.expert)
         if token in sp.stop_token_ids:
             r.stop_reason = token
             self._finish(r, "stop")
@@ -421,27 +373,6 @@ class Engine:
             "residency": self.pool.residency(),
         }
 
-    def _auto_blocks(self, block_size: int, kv_bytes: int | None,
-                     expert_budget: int | None) -> int:  # fmt: skip
-        per_block = self.model.kv_bytes_per_token() * block_size
-        if kv_bytes is None:
-            if self.device.type == "cuda":
-                # of the memory free after the base: 90% in use at most (vLLM's default), the
-                # experts' budget apart, the rest for the KV cache
-                free, _ = torch.cuda.mem_get_info(self.device)
-                kv_bytes = int(free * 0.9) - (expert_budget or 0)
-                if kv_bytes < per_block:
-                    raise ConfigError(
-                        f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free after "
-                        f"the base, {(expert_budget or 0) / 2**30:.1f} GiB kept for experts; "
-                        "lower device_budget_bytes or pass kv_cache_bytes"
-                    )
-            else:  # enough for every sequence at full length, within a bound
-                cfg = self.model.cfg
-                need = self.config.max_num_seqs * min(cfg.max_position_embeddings, 4096)
-                kv_bytes = min(_CPU_KV_BYTES, need * self.model.kv_bytes_per_token())
-        return max(1, kv_bytes // per_block)
-
     def close(self) -> None:
         for rid in list(self._requests):
             self.abort(rid)
@@ -452,19 +383,3 @@ def _fingerprint(path: Path) -> str:
     from expertswitch.io.checkpoint import open_checkpoint
 
     return open_checkpoint(path).fingerprint()
-
-
-def _eos_ids(path: Path) -> frozenset[int]:
-    """EOS ids a checkpoint (or an archive's copied files) declares: config.json's and
-    generation_config.json's eos_token_id (Llama 3 lists several)."""
-    ids: set[int] = set()
-    for fname in ("config.json", "generation_config.json"):
-        f = path / fname
-        if not f.is_file():
-            continue
-        try:
-            eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            continue
-        ids |= {eos} if isinstance(eos, int) else {t for t in eos or [] if isinstance(t, int)}
-    return frozenset(ids)

@@ -1,0 +1,102 @@
+"""The experts an engine serves: each name's archive, checked when registered (made for this
+base, only tensors the model applies per row), with what its requests need besides weights —
+its EOS tokens, its vocabulary size and its tokenizer (the archive's own when it ships one)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from expertswitch.engine.tokenizer import load_tokenizer
+from expertswitch.errors import ArchiveError, CompatibilityError, ConfigError
+from expertswitch.io.archive import open_archive
+
+RESERVED = ("auto", "base", "__base__")  # names that mean "the router" or "no expert"
+
+
+@dataclass
+class Registered:
+    path: Path
+    eos: frozenset[int]
+    vocab: int
+    tokenizer: object | None = None  # loaded on first use; False: none of its own or base's
+
+
+class ExpertRegistry:
+    def __init__(self, base_path: Path, fingerprint: str, servable: set[str], vocab: int,
+                 eos: frozenset[int], tokenizer, use_tokenizers: bool = True):  # fmt: skip
+        self.base_path, self.fingerprint = base_path, fingerprint
+        self.servable, self.base_vocab = servable, vocab
+        self.base_eos, self.base_tokenizer = eos, tokenizer
+        self.use_tokenizers = use_tokenizers
+        self.entries: dict[str, Registered] = {}
+
+    def add(self, name: str, path: str | Path) -> Registered:
+        if not isinstance(name, str) or not name or name in RESERVED:
+            raise ConfigError(f"{name!r} cannot name an expert: {', '.join(RESERVED)} and the "
+                              "empty name are reserved")  # fmt: skip
+        if name in self.entries:
+            raise ConfigError(f"expert {name!r} is already registered; remove_expert it first")
+        archive = open_archive(path, verify=False)  # checksums: at load time, by the pool
+        if archive.base_fingerprint != self.fingerprint:
+            raise CompatibilityError(
+                f"expert {name!r} ({path}) is a delta against a different base than "
+                f"{self.base_path} (made from {archive.manifest['base'].get('path', '?')}); "
+                "serve it with the base it was compressed against"
+            )
+        foreign = [n for n in archive.entries if n not in self.servable]
+        if foreign:
+            raise ArchiveError(
+                f"expert {name!r} changes {len(foreign)} tensor(s) the engine cannot apply per "
+                f"request, e.g. {foreign[0]} (MoE expert weights and routers are not served from "
+                "deltas yet); rebuild it with `expertswitch reconstruct` and serve that instead"
+            )
+        emb = archive.entries.get("model.embed_tokens.weight")
+        vocab = emb.meta["shape"][0] if emb is not None else self.base_vocab
+        entry = Registered(Path(path), eos_ids(Path(path)) or self.base_eos, vocab)
+        self.entries[name] = entry
+        return entry
+
+    def get(self, name: str) -> Registered:
+        if name not in self.entries:
+            known = ", ".join(sorted(self.entries)) or "none"
+            shown = name if len(str(name)) <= 60 else str(name)[:57] + "..."
+            raise ConfigError(f"unknown expert {shown!r}: registered experts are {known} "
+                              "(or None for the base alone)")  # fmt: skip
+        return self.entries[name]
+
+    def remove(self, name: str) -> None:
+        self.get(name)
+        del self.entries[name]
+
+    def eos(self, name: str | None) -> frozenset[int]:
+        return self.base_eos if name is None else self.get(name).eos
+
+    def vocab(self, name: str | None) -> int:
+        return self.base_vocab if name is None else self.get(name).vocab
+
+    def tokenizer(self, name: str | None):
+        """The expert's own tokenizer when its archive ships one, else the base's."""
+        if name is None or not self.use_tokenizers:
+            return self.base_tokenizer
+        entry = self.get(name)
+        if entry.tokenizer is None:
+            entry.tokenizer = load_tokenizer(entry.path) or self.base_tokenizer or False
+        return entry.tokenizer or None
+
+
+def eos_ids(path: Path) -> frozenset[int]:
+    """EOS ids a checkpoint (or an archive's copied files) declares: config.json's and
+    generation_config.json's eos_token_id (Llama 3 lists several)."""
+    ids: set[int] = set()
+    for fname in ("config.json", "generation_config.json"):
+        f = path / fname
+        if not f.is_file():
+            continue
+        try:
+            eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+        ids |= {eos} if isinstance(eos, int) else {t for t in eos or [] if isinstance(t, int)}
+    return frozenset(ids)
