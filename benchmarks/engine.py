@@ -332,7 +332,7 @@ def time_step(fn, device, iters: int = 10) -> float:
 def decode_row(model, active: list[ExpertWeights], batch: int, ctx: int, device) -> dict:
     """One decode step at `batch` over `active` experts: ours, the PEFT-style loop, and one
     forward per expert."""
-    from expertswitch.models import layers
+    from expertswitch.models import attention, layers
 
     runner, reqs, table = decode_fixture(model, active, batch, ctx, device)
 
@@ -342,6 +342,11 @@ def decode_row(model, active: list[ExpertWeights], batch: int, ctx: int, device)
             r.num_cached = ctx  # run() marks the token cached; keep the fixture as it was
 
     ours = time_step(step, device)
+    attention.ATTENTION_PATH = "torch"  # the decode-attention choice, by measurement
+    try:
+        torch_attention = time_step(step, device, iters=3)
+    finally:
+        attention.ATTENTION_PATH = "auto"
     layers.DELTA_PATH = "dequantize"
     try:
         peft = time_step(step, device, iters=3)
@@ -349,7 +354,8 @@ def decode_row(model, active: list[ExpertWeights], batch: int, ctx: int, device)
         layers.DELTA_PATH = "auto"
     per_expert = [[r for r in reqs if r.expert == e.name] for e in active] or [reqs]
     seq = time_step(lambda: [step(sub) for sub in per_expert], device, iters=3)
-    return {"experts": len(active), "ours_ms": ours, "peft_loop_ms": peft,
+    return {"experts": len(active), "ours_ms": ours, "torch_attention_ms": torch_attention,
+            "peft_loop_ms": peft,
             "sequential_ms": seq, "delta_bytes": sum(e.nbytes() for e in active)}  # fmt: skip
 
 
@@ -398,12 +404,13 @@ def gpu_part(args) -> tuple[dict, str]:
               "base_gb": base_bytes / 1e9, "bandwidth": bw, "decode": rows,
               "switch": switch}  # fmt: skip
     md = [
-        "| experts | ours ms | floor ms | ratio (goal ≤ 1.3) | PEFT-style loop ms | "
-        "per-expert batches ms | active delta GB |",
-        "|---|---|---|---|---|---|---|",
+        "| experts | ours ms | floor ms | ratio (goal ≤ 1.3) | ours, torch attention ms | "
+        "PEFT-style loop ms | per-expert batches ms | active delta GB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     md += [f"| {r['experts']} | {r['ours_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio']:.2f} | "
-           f"{r['peft_loop_ms']:.2f} | {r['sequential_ms']:.2f} | {r['delta_bytes'] / 1e9:.2f} |"
+           f"{r['torch_attention_ms']:.2f} | {r['peft_loop_ms']:.2f} | "
+           f"{r['sequential_ms']:.2f} | {r['delta_bytes'] / 1e9:.2f} |"
            for r in rows]  # fmt: skip
     if switch:
         md += ["", f"switch of one expert ({switch['bytes'] / 1e9:.2f} GB): pinned host "

@@ -34,7 +34,8 @@ case "${1:-kernels}" in
       --out "$OUT"
     ;;
   engine)  # the serving engine: gpu tests of the delta kernel, pool and engine, then the benchmark
-    step python3 -m pytest -q -x -m gpu tests/test_delta_kernel.py tests/test_pool.py tests/test_engine.py
+    step python3 -m pytest -q -x -m gpu tests/test_delta_kernel.py tests/test_paged_attention.py \
+      tests/test_pool.py tests/test_engine.py
     step python3 benchmarks/engine.py --part gpu --out "$OUT"
     ;;
   compress)

@@ -347,26 +347,50 @@ def test_sampling_seeded_stop_tokens_and_streaming(llama_engine, solo):
     assert sum(streamed, []) == ref[(2, "e0")]
 
 
-def test_mixed_batch_through_the_delta_kernel(llama_engine, solo, monkeypatch):
-    """The GPU path of MultiExpertLinear (one Triton launch for all experts; here in Triton's
-    interpreter) gives the same tokens as transformers on the reconstructed checkpoints."""
+def test_mixed_batch_through_the_gpu_kernels(llama_engine, solo, monkeypatch):
+    """The GPU paths (here in Triton's interpreter): MultiExpertLinear's delta kernel, one
+    launch for all experts, and the paged-attention decode kernel reading the cache's blocks in
+    place; tokens equal transformers' on the reconstructed checkpoints."""
     pytest.importorskip("triton")
-    from expertswitch.kernels import delta_gemm
-    from expertswitch.models import layers
+    from expertswitch.kernels import delta_gemm, paged_attention
+    from expertswitch.models import attention, layers
 
-    calls = []
-    real = delta_gemm.delta_matmul
+    calls = {"delta": 0, "attention": 0}
+
+    def counting(module, fn, key):
+        real = getattr(module, fn)
+
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, fn, wrapped)
+
     monkeypatch.setattr(layers, "DELTA_PATH", "kernel")
-    monkeypatch.setattr(
-        delta_gemm, "delta_matmul", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    monkeypatch.setattr(attention, "ATTENTION_PATH", "kernel")
+    counting(delta_gemm, "delta_matmul", "delta")
+    counting(paged_attention, "paged_decode", "attention")
     ps, ref = solo
     combos = [(0, "e0"), (1, None), (2, "e1"), (1, "e0")]
     sp = SamplingParams(temperature=0.0, max_tokens=8)
     outs = llama_engine.generate([ps[i] for i, _ in combos], [e for _, e in combos], sp)
-    assert calls  # the kernel ran
+    assert calls["delta"] and calls["attention"]  # both kernels ran
     for (i, e), out in zip(combos, outs):
         assert out.token_ids == ref[(i, e)][:8], (i, e)
+
+
+def test_sliding_window_through_the_attention_kernel(tmp_path, monkeypatch):
+    """Mistral past its window (64) with the decode kernel forced: transformers' tokens."""
+    pytest.importorskip("triton")
+    from expertswitch.models import attention
+
+    monkeypatch.setattr(attention, "ATTENTION_PATH", "kernel")
+    base, experts = make_family(tmp_path, tiny_config("mistral"), n_experts=1)
+    ((archive, rec),) = experts
+    eng = Engine(base, {"x": archive})
+    p = prompts(1, (60,))[0]
+    sp = SamplingParams(temperature=0.0, max_tokens=12)
+    assert eng.generate(p, "x", sp)[0].token_ids == hf_greedy(rec, p, 12)
 
 
 @pytest.mark.gpu

@@ -106,6 +106,39 @@ def delta_variants(dtype=torch.bfloat16):
             yield label, args, consts, cfg.num_warps, cfg.num_stages
 
 
+def paged_variants(dtype=torch.bfloat16):
+    """The paged decode kernel (kernels/paged_attention.py) at a Mistral-like shape (H=32,
+    kv=8, block 16, int64 tables for 2048 keys as AttentionBatch holds them): 32 sequences (no
+    split by the heuristic), with Mistral's 4096 window, and one sequence (split), plus the
+    split combine; D=64 besides D=128. Built by the launchers' own code."""
+    from expertswitch.kernels.paged_attention import (
+        _combine_splits_kernel,
+        _paged_decode_kernel,
+        combine_launch,
+        decode_config,
+        decode_launch,
+    )
+
+    h, kvh, bs, m = 32, 8, 16, 2048 // 16
+    for d, batch, window in ((128, 32, None), (128, 32, 4096), (128, 1, None), (64, 32, None)):
+        cfg = decode_config(batch, kvh, m, bs, window)
+        q, cache = _meta(batch, h, d, dtype=dtype), _meta(4096, bs, kvh, d, dtype=dtype)
+        table, lens = _meta(batch, m, dtype=torch.int64), _meta(batch, dtype=torch.int64)
+        parts = (_meta(batch, h, cfg.splits, d, dtype=torch.float32),
+                 _meta(batch, h, cfg.splits, dtype=torch.float32),
+                 _meta(batch, h, cfg.splits, dtype=torch.float32))  # fmt: skip
+        _, args, consts = decode_launch(q, cache, cache, table, lens, q, parts, d**-0.5, window,
+                                        cfg)  # fmt: skip
+        split = f" split {cfg.splits}" if cfg.splits > 1 else ""
+        win = f" window {window}" if window else ""
+        label = f"paged decode D={d} B={batch} tile {cfg.tile}{win}{split}"
+        yield label, _paged_decode_kernel, args, consts, cfg.num_warps, cfg.num_stages
+        if cfg.splits > 1:
+            _, args, consts = combine_launch(parts, q, cfg.splits)
+            label = f"paged combine D={d} split {cfg.splits}"
+            yield label, _combine_splits_kernel, args, consts, 4, 1
+
+
 def other_variants():
     from expertswitch.kernels import align, fused_moe, topk_softmax
 
@@ -157,6 +190,7 @@ def main() -> int:
     jobs += [(label, _delta_kernel, args, consts, w, s)
              for label, args, consts, w, s in delta_variants()]  # fmt: skip
     jobs += [(label, fn, args, consts, 4, 1) for label, fn, args, consts in other_variants()]
+    jobs += list(paged_variants())
     bad = 0
     print(f"{'variant':<48} {'smem KB':>8} {'regs':>5} {'spill':>5}  features")
     for label, fn, args, consts, warps, stages in jobs:

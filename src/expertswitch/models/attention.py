@@ -1,4 +1,5 @@
-"""Paged attention, torch path (CPU, and the reference for GPU kernels).
+"""Paged attention: the torch path (CPU, prefill, and the reference), and on a GPU the Triton
+decode kernel (kernels/paged_attention.py) for steps that add one token per sequence.
 
 The cache of one layer is two tensors [num_blocks, block_size, kv_heads, D]; a sequence owns a
 list of blocks (its block table), and token i of it lives at slot
@@ -31,6 +32,8 @@ class PaddedLayout:
     blocks: torch.Tensor  # int64 [B, M]: each sequence's blocks (0 pads; masked)
     q_pos: torch.Tensor  # int64 [B, Q_max]: position of each query
     k_valid: torch.Tensor  # bool [B, K_max]
+    kv_lens: torch.Tensor  # int64 [B]: keys per sequence after this step
+    decode: bool  # one new token per sequence
     masks: dict = field(default_factory=dict)
 
     def gather(self, cache: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,7 @@ class PaddedLayout:
         # keys are gathered whole blocks at a time: K = blocks per sequence · block size
         k_max = ab.block_tables.shape[1] * ab.block_size
         k_valid = torch.arange(k_max, device=dev).unsqueeze(0) < kv_lens.unsqueeze(1)
-        return cls(q_rows, q_valid, ab.block_tables, q_pos, k_valid)
+        return cls(q_rows, q_valid, ab.block_tables, q_pos, k_valid, kv_lens, q_max == 1)
 
     def mask(self, window: int | None, groups: int = 1) -> torch.Tensor:
         """bool [B, 1, groups·Q_max, K]: True where query may attend to key (tiled `groups`
@@ -76,6 +79,12 @@ class PaddedLayout:
         return tiled
 
 
+# "auto": decode steps on CUDA through kernels/paged_attention (Triton, blocks read in place),
+# everything else through the torch path below; "kernel" forces the kernel for decode steps
+# (tests, in Triton's interpreter); "torch" never uses it.
+ATTENTION_PATH = "auto"
+
+
 def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
     """Store this step's keys/values [T, kv, D] at their cache slots."""
     kvh, d = k.shape[1], k.shape[2]
@@ -93,6 +102,12 @@ def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | Non
     t, h, d = q.shape
     kvh = k_cache.shape[2]
     g = h // kvh
+    if layout.decode and (ATTENTION_PATH == "kernel" or (ATTENTION_PATH == "auto" and q.is_cuda)):
+        from expertswitch.kernels.paged_attention import paged_decode
+
+        # rows are the sequences, one query each: the Triton kernel reads the blocks in place
+        out = paged_decode(q, k_cache, v_cache, layout.blocks, layout.kv_lens, scale, window)
+        return out.reshape(t, h * d)
     b, q_max = layout.q_rows.shape
     keys, vals = layout.gather(k_cache), layout.gather(v_cache)  # [B, kv, K, D]
     qb = q[layout.q_rows]  # [B, Q, h, D]; head i reads key head i // g
