@@ -123,3 +123,93 @@ def test_engine_serves_the_others_when_a_manifest_lies(archive, tmp_path):
     outs = eng.generate([[5, 6, 7]] * 3, ["good", "bad", None], sp)
     assert outs[1].finish_reason == "error" and "corrupt" in outs[1].error
     assert len(outs[0].token_ids) == 4 and len(outs[2].token_ids) == 4
+
+
+def rewrite(src: Path, dst: Path, edit) -> Path:
+    """A copy of the archive at `src` whose entries `edit(entries)` changed, with checksums
+    and sizes recomputed: tampering that the checksums cannot see."""
+    from expertswitch.io.archive import open_archive, write_archive
+
+    a = open_archive(src)
+    entries = [(e, a.parts(e.name)) for e in a]
+    edit(entries)
+    keep = ("created", "method", "base", "expert", "calibration", "summary")
+    manifest = {k: v for k, v in a.manifest.items() if k in keep}
+    return write_archive(dst, manifest, entries, a.aux_files())
+
+
+def _engine_refuses(base, path) -> str:
+    eng = Engine(base, {"x": path})
+    out = eng.generate([5, 6, 7], "x", SamplingParams(temperature=0.0, max_tokens=2))[0]
+    assert out.finish_reason == "error", out
+    assert not eng.has_unfinished() and eng.blocks.num_free == eng.blocks.num_blocks
+    return out.error
+
+
+def test_consistently_tampered_archives_are_refused(archive, tmp_path):
+    """Parts rewritten with valid checksums but meaning nothing a kernel may trust: a group
+    size that is no multiple of 32 (scales resized to match), a huge one, an scale_exp past
+    fp32, an lm_head grown without its embedding. Each fails its own requests, clearly."""
+    from expertswitch.io.archive import ArchiveEntry
+
+    base, arch, _, _ = archive
+
+    def quantized(entries):
+        return next(i for i, (e, _) in enumerate(entries) if e.kind == "quantized")
+
+    def group48(entries):
+        i = quantized(entries)
+        e, parts = entries[i]
+        k = e.meta["shape"][1]
+        g = -(-k // 48)
+        parts["scales"] = parts["scales"][:, :1].repeat(1, g).contiguous()
+        parts["zeros"] = parts["zeros"][:, :1].repeat(1, g).contiguous()
+        entries[i] = (ArchiveEntry(e.name, e.kind, {**e.meta, "group_size": 48}, e.parts), parts)
+
+    def huge_group(entries):
+        i = quantized(entries)
+        e, parts = entries[i]
+        entries[i] = (ArchiveEntry(e.name, e.kind, {**e.meta, "group_size": 10**12}, e.parts),
+                      parts)  # fmt: skip
+
+    def scale_exp(entries):
+        i = quantized(entries)
+        e, parts = entries[i]
+        entries[i] = (ArchiveEntry(e.name, e.kind, {**e.meta, "scale_exp": 130}, e.parts), parts)
+
+    def grown_lm_head(entries):
+        t = torch.randn(300, 64)
+        meta = {"shape": [300, 64], "dtype": "float32"}
+        entries.append((ArchiveEntry("lm_head.weight", "exact", meta, ["value"]), {"value": t}))
+        entries[:] = [x for x in entries[:-1] if x[0].name != "lm_head.weight"] + entries[-1:]
+
+    reasons = {}
+    for label, edit in [("group48", group48), ("huge_group", huge_group),
+                        ("scale_exp", scale_exp), ("lm_head", grown_lm_head)]:  # fmt: skip
+        reasons[label] = _engine_refuses(base, rewrite(arch, tmp_path / label, edit))
+    assert "out of range" in reasons["group48"] and "out of range" in reasons["huge_group"]
+    assert "out of range" in reasons["scale_exp"]
+    assert "vocabulary" in reasons["lm_head"]
+
+
+def test_manifest_vocabulary_is_checked_against_the_stored_embedding(archive, tmp_path):
+    """A manifest claiming more embedding rows than stored would let out-of-range tokens
+    through the prompt check: the load refuses it, so such a request fails alone."""
+    from expertswitch.io.archive import ArchiveEntry
+
+    base, arch, _, _ = archive
+
+    def grown_embedding(entries):
+        t = torch.randn(256, 64)
+        meta = {"shape": [256, 64], "dtype": "float32"}
+        entries[:] = [x for x in entries if x[0].name != "model.embed_tokens.weight"]
+        entries.append((ArchiveEntry("model.embed_tokens.weight", "exact", meta, ["value"]),
+                        {"value": t}))  # fmt: skip
+
+    path = rewrite(arch, tmp_path / "emb", grown_embedding)
+    manifest = json.loads((path / "expert.json").read_text())
+    manifest["tensors"]["model.embed_tokens.weight"]["shape"] = [1256, 64]
+    (path / "expert.json").write_text(json.dumps(manifest))
+    eng = Engine(base, {"x": path})
+    out = eng.generate([5, 900], "x", SamplingParams(temperature=0.0, max_tokens=2))[0]
+    assert out.finish_reason == "error" and "does not fit" in out.error

@@ -53,7 +53,7 @@ def test_tiny_temperature_is_greedy_and_one_bad_row_fails_alone(engine, solo):  
     assert outs[0].token_ids == ref[(0, "e0")]
     poisoned_out = [o for o in engine.step() if o.request_id == "poison"]
     assert poisoned_out and poisoned_out[0].finish_reason == "error"
-    assert "sampling failed" in poisoned_out[0].error
+    assert "NaN" in poisoned_out[0].error
     assert not engine.has_unfinished()
 
 
@@ -217,3 +217,47 @@ def test_generate_command_without_tokenizer_prints_ids(llama, capsys):  # noqa: 
     assert main(["generate", "--base", str(base), "--expert", f"base={experts[0][0]}",
                  "--prompt-ids", "5"]) == 2  # fmt: skip
     assert "reserved" in capsys.readouterr().err
+
+
+def test_stream_ends_after_abort_and_caps_come_back(llama, solo):  # noqa: F811
+    base, experts = llama
+    ps, _ = solo
+    eng = Engine(base, {"e0": experts[0][0]})
+    stream = eng.stream(ps[0], "e0", SamplingParams(temperature=0.0, max_tokens=20))
+    first = next(stream)
+    eng.abort(first.request_id)
+    rest = list(stream)  # ends: its final output is the abort
+    assert rest and rest[-1].finish_reason == "abort"
+    # a cap learned while the device was full is dropped once nothing is held
+    eng.scheduler.max_active_experts = 1
+    eng.generate(ps[0], "e0", GREEDY)
+    assert eng.scheduler.max_active_experts is None
+
+
+def test_mixed_formats_and_odd_head_dims_through_the_gpu_paths(tmp_path, monkeypatch):
+    """Experts compressed at 2 and 4 bits in one batch (one kernel launch per format), and a
+    head dim of 24, which the attention kernel does not take (torch path instead)."""
+    pytest.importorskip("triton")
+    from test_engine import make_family
+    from transformers import LlamaConfig
+
+    from expertswitch.compress import CompressOptions, compress_expert, make_method, reconstruct
+    from expertswitch.compress.calibration import CalibOptions
+    from expertswitch.models import attention, layers
+
+    monkeypatch.setattr(layers, "DELTA_PATH", "kernel")
+    monkeypatch.setattr(attention, "ATTENTION_PATH", "kernel")
+    config = LlamaConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                         max_position_embeddings=256)  # fmt: skip
+    base, experts = make_family(tmp_path, config, n_experts=1)
+    opts = CompressOptions(calib=CalibOptions(tokens=256, seq_len=64), progress=False)
+    four = compress_expert(base, tmp_path / "expert0", tmp_path / "four",
+                           make_method("mixed", bits=4), opts)  # fmt: skip
+    rec4 = reconstruct(base, four, tmp_path / "rec4", progress=False)
+    eng = Engine(base, {"two": experts[0][0], "four": four})
+    p = prompts(1)[0]
+    outs = eng.generate([p, p, p], ["two", "four", None], GREEDY)
+    assert outs[0].token_ids == hf_greedy(experts[0][1], p, GREEDY.max_tokens)
+    assert outs[1].token_ids == hf_greedy(rec4, p, GREEDY.max_tokens)
+    assert outs[2].token_ids == hf_greedy(base, p, GREEDY.max_tokens)

@@ -249,9 +249,11 @@ class Engine:
             try:
                 self._held.update(self.pool.acquire([name]))
             except PoolFullError as e:
-                if self._held:  # running requests hold room that they will give back
+                # room held by running requests (given back when they finish) or by loads
+                # under way (they settle): wait; held by pinned experts: waiting never ends
+                if self._held or self.pool.wait_loads():
                     deferred.add(name)
-                else:  # held by pinned experts: waiting would never end
+                else:
                     failed[name] = str(e)
             except (ExpertLoadError, PoolError) as e:
                 failed[name] = str(e)
@@ -269,6 +271,8 @@ class Engine:
             self.pool.release(idle)
             for name in idle:
                 del self._held[name]
+        if not self._held:  # a cap learned from a full device holds only while it is full
+            self.scheduler.max_active_experts = self.config.max_active_experts
 
     def _append(self, r: Request, token: int) -> None:
         r.output_token_ids.append(token)
@@ -330,12 +334,15 @@ class Engine:
         params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
         if len(experts) != n or len(params) != n:
             raise ConfigError(f"{n} prompts need {n} experts / sampling params (or one for all)")
-        reqs = []
-        for p, e, s in zip(prompts, experts, params):
-            reqs.append(self._make_request(p, e, s, None))
-            self._requests[reqs[-1].request_id] = reqs[-1]  # reserve the id
+        reqs: list[Request] = []
+        try:
+            for p, e, s in zip(prompts, experts, params):
+                reqs.append(self._make_request(p, e, s, None))
+                self._requests[reqs[-1].request_id] = reqs[-1]  # reserve the id
+        finally:  # queued below only when every prompt passed
+            for r in reqs:
+                self._requests.pop(r.request_id)
         for r in reqs:
-            self._requests.pop(r.request_id)
             self._submit(r)
         ids = {r.request_id for r in reqs}
         final: dict[str, RequestOutput] = {}
@@ -355,6 +362,11 @@ class Engine:
         their outputs wait for the next step())."""
         rid = self.add_request(prompt, expert, sampling)
         while True:
+            if rid not in self._requests:  # aborted: its final output is waiting
+                mine = [o for o in self._undelivered if o.request_id == rid]
+                self._undelivered = [o for o in self._undelivered if o.request_id != rid]
+                yield from mine
+                return
             for out in self._step():
                 if out.request_id != rid:
                     self._undelivered.append(out)

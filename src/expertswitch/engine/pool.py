@@ -241,6 +241,13 @@ class ExpertPool:
             self._executor.submit(self._run_load, e, fut, False)
             return fut
 
+    def wait_loads(self) -> bool:
+        """Wait for every load under way (prefetches); True when there was any."""
+        with self._lock:
+            pending = [e.loading for e in self._entries.values() if e.loading is not None]
+        wait(pending)
+        return bool(pending)
+
     def pin(self, name: str) -> ExpertWeights:
         """Load `name` to the device and keep it there until `unpin`."""
         with self._lock:

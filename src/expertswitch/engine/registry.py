@@ -53,7 +53,15 @@ class ExpertRegistry:
                 "deltas yet); rebuild it with `expertswitch reconstruct` and serve that instead"
             )
         emb = archive.entries.get("model.embed_tokens.weight")
-        vocab = emb.meta["shape"][0] if emb is not None else self.base_vocab
+        vocab = self.base_vocab
+        if emb is not None:  # the loader checks this against the stored tensor
+            shape = emb.meta.get("shape")
+            if not (isinstance(shape, list) and len(shape) == 2
+                    and all(isinstance(v, int) and v > 0 for v in shape)):  # fmt: skip
+                raise ArchiveError(f"expert {name!r} ({path}): the embedding's shape "
+                                   f"{shape!r} in the manifest is malformed; the archive is "
+                                   "corrupt")  # fmt: skip
+            vocab = shape[0]
         entry = Registered(Path(path), eos_ids(Path(path)) or self.base_eos, vocab)
         self.entries[name] = entry
         return entry

@@ -16,8 +16,11 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | Sampling
     """logits fp32 [B, V] (one row per request) → one token id per request; a request whose
     row cannot be sampled gets a SamplingFailure, and the others their tokens."""
     out: list = logits.argmax(dim=-1).tolist()
+    nan = torch.isnan(logits).any(dim=-1).tolist()  # −inf is legitimate (vocabulary padding)
     for i, req in enumerate(requests):
-        if not req.sampling.greedy:
+        if nan[i]:
+            out[i] = SamplingFailure("the model's logits are NaN for this request")
+        elif not req.sampling.greedy:
             try:
                 out[i] = _sample_row(logits[i], req)
             except RuntimeError as e:  # e.g. NaN or inf probabilities

@@ -2,8 +2,9 @@
 
 A step is all-prefill or all-decode. Waiting requests go first: admitted in arrival order while
 the step's token budget, the sequence cap, free KV blocks and the cap on distinct experts per
-step allow (a request whose expert would exceed the cap is skipped, not blocking the queue, as
-vLLM does with max_loras). Otherwise every running request decodes one token; when a request
+step allow. A request whose expert would exceed the cap waits at the head of the queue, first
+come first served (vLLM skips it instead, which lets steady traffic to the running experts
+starve it). Otherwise every running request decodes one token; when a request
 needs a new block and none is free, the most recently admitted running request is preempted:
 its blocks are freed and it goes back to the head of the queue, to be recomputed (prompt +
 tokens generated so far) — nothing crashes and no request loses its tokens.
@@ -42,7 +43,6 @@ class Scheduler:
         scheduled: list[Request] = []
         tokens = 0
         active = {r.expert for r in self.running}
-        skipped: list[Request] = []
         while self.waiting and len(self.running) + len(scheduled) < self.max_num_seqs:
             req = self.waiting[0]
             n = req.num_tokens
@@ -50,16 +50,16 @@ class Scheduler:
                 break
             if not self.blocks.can_allocate(n):
                 break
-            self.waiting.popleft()
             if not self._experts_ok(active, req.expert):
-                skipped.append(req)
-                continue
+                # first come, first served: later requests of the running experts must not
+                # overtake it, or steady traffic to those experts would starve it
+                break
+            self.waiting.popleft()
             self.blocks.allocate(req, n)
             req.status = Status.RUNNING
             scheduled.append(req)
             active.add(req.expert)
             tokens += n
-        self.waiting.extendleft(reversed(skipped))
         return scheduled
 
     def schedule(self) -> list[Request]:

@@ -85,6 +85,15 @@ class PaddedLayout:
 ATTENTION_PATH = "auto"
 
 
+def _kernel_fits(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """The decode kernel takes power-of-two head dims ≥ 16 (64 and 128 in practice) and one
+    dtype for queries and cache; anything else (e.g. OpenLLaMA's head dim 100) stays on the
+    torch path."""
+    d = q.shape[-1]
+    return d >= 16 and d & (d - 1) == 0 and q.dtype == cache.dtype and q.dtype in (
+        torch.float32, torch.float16, torch.bfloat16)  # fmt: skip
+
+
 def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
     """Store this step's keys/values [T, kv, D] at their cache slots."""
     kvh, d = k.shape[1], k.shape[2]
@@ -102,7 +111,8 @@ def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | Non
     t, h, d = q.shape
     kvh = k_cache.shape[2]
     g = h // kvh
-    if layout.decode and (ATTENTION_PATH == "kernel" or (ATTENTION_PATH == "auto" and q.is_cuda)):
+    kernel = ATTENTION_PATH == "kernel" or (ATTENTION_PATH == "auto" and q.is_cuda)
+    if layout.decode and kernel and _kernel_fits(q, k_cache):
         from expertswitch.kernels.paged_attention import paged_decode
 
         # rows are the sequences, one query each: the Triton kernel reads the blocks in place

@@ -95,9 +95,11 @@ def load_expert(
         base_shape = tuple(base_shapes[entry.name])
         if entry.kind == "exact":
             value = parts.get("value")
-            if value is None or not _fits(tuple(value.shape), base_shape, entry.name):
-                got = None if value is None else list(value.shape)
-                raise ArchiveError(f"{where}: stored shape {got} does not fit the base's "
+            got = None if value is None else list(value.shape)
+            if got is None or not _fits(tuple(got), base_shape, entry.name) \
+                    or entry.meta.get("shape") != got:  # fmt: skip
+                raise ArchiveError(f"{where}: stored shape {got} (manifest: "
+                                   f"{entry.meta.get('shape')}) does not fit the base's "
                                    f"{list(base_shape)}; the archive is corrupt")  # fmt: skip
             cast = dtype is not None and value.is_floating_point()
             weights.exact[entry.name] = value.to(dtype) if cast else value
@@ -105,7 +107,23 @@ def load_expert(
             weights.deltas[entry.name] = _packed(entry.meta, parts, base_shape, where)
         else:
             raise ArchiveError(f"{where}: unknown kind {entry.kind!r}; the archive is corrupt")
+    _check_vocabulary(weights, base_shapes, f"expert {name!r} ({path})")
     return weights
+
+
+def _check_vocabulary(w: ExpertWeights, base_shapes: dict, where: str) -> None:
+    """An expert that grew its vocabulary grew both its embedding and (untied) lm_head: a
+    sampled token must be one its embedding can look up."""
+    rows = {}
+    for n in _GROWS:
+        if n in w.exact:
+            rows[n] = w.exact[n].shape[0]
+        elif n in base_shapes:
+            rows[n] = base_shapes[n][0]
+    if len(set(rows.values())) > 1:
+        raise ArchiveError(f"{where}: embedding and lm_head have {rows} rows; an expert's "
+                           "vocabulary must be the same in both: the archive is "
+                           "corrupt")  # fmt: skip
 
 
 _GROWS = ("model.embed_tokens.weight", "lm_head.weight")  # an expert may add vocabulary rows
@@ -143,7 +161,12 @@ def _packed(meta: dict, parts: dict, base_shape: tuple, where: str) -> PackedDel
     ints = (bits, group, scale_exp)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
         raise bad("bits, group_size and scale_exp must be integers")
-    if bits not in SUPPORTED_BITS or group < 1 or not -160 < scale_exp < 160:
+    if not isinstance(symmetric, bool):
+        raise bad("symmetric must be true or false")
+    # groups are whole words of codes (a multiple of 32; BitDelta: the row, group_size = K);
+    # 2**scale_exp must be a normal fp32 and times the largest fp16 part (2**16) stay finite
+    group_ok = (group % 32 == 0 and 0 < group <= 2**16) or group == k
+    if bits not in SUPPORTED_BITS or not group_ok or not -126 <= scale_exp <= 111:
         raise bad(f"bits {bits}, group_size {group} or scale_exp {scale_exp} is out of range")
     groups = -(-k // group)
     want = {f"qweight.{i}": ((n, padded_k(k) * w // 32), torch.int32)

@@ -71,25 +71,29 @@ def add_deltas(y: torch.Tensor, x: torch.Tensor, eb: ExpertBatch, name: str) -> 
 
 
 def _add_deltas_kernel(y, x, eb: ExpertBatch, name: str, users) -> None:
-    """One launch for every expert of the batch. The row grouping is built once per step for
-    each set of experts that store this tensor (normally one set: all linears), the pointer
+    """One launch per format (bits, group size, symmetry) among the batch's experts — one in
+    all for experts compressed alike. The row grouping is built once per step for each set of
+    experts that store this tensor in one format (normally one set: all linears), the pointer
     table once per (tensor, set of resident expert objects) in `eb.tables`, which the runner
     keeps across steps while the active experts stay the same objects."""
-    from expertswitch.kernels.delta_gemm import DeltaTable, RowGroups, pick_block_m
+    from expertswitch.kernels.delta_gemm import DeltaTable, RowGroups, delta_matmul, pick_block_m
 
-    slots = tuple(s for s, _ in users)
-    gkey = ("groups", slots)
-    if gkey not in eb.cache:
-        lut = torch.full((len(eb.experts) + 1,), -1, dtype=torch.long, device=x.device)
-        lut[list(slots)] = torch.arange(len(slots), device=x.device)
-        row = lut[eb.row_slot]  # −1 (base) indexes the last entry: −1
-        eb.cache[gkey] = RowGroups.build(row, len(slots), pick_block_m(x.shape[0], len(slots)))
-    tkey = (name, slots)
-    if tkey not in eb.tables:
-        eb.tables[tkey] = DeltaTable.build([d for _, d in users], x.device)
-    from expertswitch.kernels.delta_gemm import delta_matmul
-
-    delta_matmul(x, eb.tables[tkey], eb.cache[gkey], out=y)
+    formats: dict[tuple, list] = {}
+    for s, d in users:
+        formats.setdefault((d.bits, d.group_size, d.symmetric), []).append((s, d))
+    for group in formats.values():
+        slots = tuple(s for s, _ in group)
+        gkey = ("groups", slots)
+        if gkey not in eb.cache:
+            lut = torch.full((len(eb.experts) + 1,), -1, dtype=torch.long, device=x.device)
+            lut[list(slots)] = torch.arange(len(slots), device=x.device)
+            row = lut[eb.row_slot]  # −1 (base, or another format) indexes the last entry: −1
+            block_m = pick_block_m(x.shape[0], len(slots))
+            eb.cache[gkey] = RowGroups.build(row, len(slots), block_m)
+        tkey = (name, slots)
+        if tkey not in eb.tables:
+            eb.tables[tkey] = DeltaTable.build([d for _, d in group], x.device)
+        delta_matmul(x, eb.tables[tkey], eb.cache[gkey], out=y)
 
 
 class MultiExpertLinear:
