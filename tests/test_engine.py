@@ -427,3 +427,26 @@ def test_reconstruct_in_float32_keeps_the_delta(tmp_path):
     a = open_archive(archive)
     delta = PackedDelta.from_parts(a.entries[name].meta, a.parts(name)).dequantize()
     assert torch.equal(got, open_checkpoint(base).get(name).float() + delta)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_attention_one_sequence_at_a_time(arch, llama_engine, solo, tmp_path, monkeypatch):
+    """The per-sequence attention path (taken when a padded batch would be huge), forced for
+    every step: causal without a mask for whole prompts, masks for decode and the window."""
+    from expertswitch.models import attention
+
+    monkeypatch.setattr(attention, "PADDED_LIMIT", 0)
+    monkeypatch.setattr(attention, "ATTENTION_PATH", "torch")
+    if arch == "llama":
+        ps, ref = solo
+        combos = [(0, "e0"), (1, None), (2, "e1")]
+        outs = llama_engine.generate([ps[i] for i, _ in combos], [e for _, e in combos], GREEDY)
+        assert [o.token_ids for o in outs] == [ref[c] for c in combos]
+        return
+    base, experts = make_family(tmp_path, tiny_config("mistral"), n_experts=1)
+    ((archive, rec),) = experts
+    eng = Engine(base, {"x": archive})
+    ps = prompts(2, (60, 9))
+    outs = eng.generate(ps, ["x", None], SamplingParams(temperature=0.0, max_tokens=12))
+    assert outs[0].token_ids == hf_greedy(rec, ps[0], 12)
+    assert outs[1].token_ids == hf_greedy(base, ps[1], 12)

@@ -34,6 +34,7 @@ class PaddedLayout:
     k_valid: torch.Tensor  # bool [B, K_max]
     kv_lens: torch.Tensor  # int64 [B]: keys per sequence after this step
     decode: bool  # one new token per sequence
+    lens: list[tuple[int, int]]  # (q_len, kv_len) per sequence, on the host
     masks: dict = field(default_factory=dict)
 
     def gather(self, cache: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,8 @@ class PaddedLayout:
         # keys are gathered whole blocks at a time: K = blocks per sequence · block size
         k_max = ab.block_tables.shape[1] * ab.block_size
         k_valid = torch.arange(k_max, device=dev).unsqueeze(0) < kv_lens.unsqueeze(1)
-        return cls(q_rows, q_valid, ab.block_tables, q_pos, k_valid, kv_lens, q_max == 1)
+        return cls(q_rows, q_valid, ab.block_tables, q_pos, k_valid, kv_lens, q_max == 1,
+                   list(zip(ab.q_lens, ab.kv_lens)))  # fmt: skip
 
     def mask(self, window: int | None, groups: int = 1) -> torch.Tensor:
         """bool [B, 1, groups·Q_max, K]: True where query may attend to key (tiled `groups`
@@ -78,6 +80,9 @@ class PaddedLayout:
         self.masks[(window, groups)] = tiled
         return tiled
 
+
+# a padded prefill batch above this many mask elements runs one sequence at a time
+PADDED_LIMIT = 2**24
 
 # "auto": decode steps on CUDA through kernels/paged_attention (Triton, blocks read in place),
 # everything else through the torch path below; "kernel" forces the kernel for decode steps
@@ -119,6 +124,8 @@ def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | Non
         out = paged_decode(q, k_cache, v_cache, layout.blocks, layout.kv_lens, scale, window)
         return out.reshape(t, h * d)
     b, q_max = layout.q_rows.shape
+    if b > 1 and b * g * q_max * layout.k_valid.shape[1] > PADDED_LIMIT:
+        return _one_sequence_at_a_time(q, k_cache, v_cache, layout, window, scale)
     keys, vals = layout.gather(k_cache), layout.gather(v_cache)  # [B, kv, K, D]
     qb = q[layout.q_rows]  # [B, Q, h, D]; head i reads key head i // g
     qb = qb.view(b, q_max, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * q_max, d)
@@ -127,3 +134,30 @@ def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | Non
                                          scale=scale)  # fmt: skip
     out = out.view(b, kvh, g, q_max, d).permute(0, 3, 1, 2, 4)  # [B, Q, kv, g, D]
     return out[layout.q_valid].reshape(t, h * d)
+
+
+def _one_sequence_at_a_time(q, k_cache, v_cache, layout: PaddedLayout, window, scale):
+    """Prefill of prompts of very different lengths: padding all of them to the longest would
+    make a [B, g·Q_max, K_max] mask and score tensor (31 short prompts beside one of 4000
+    tokens: ~2 G elements); one SDPA per sequence keeps memory to one sequence's, and a whole
+    uncached prompt without a window needs no mask at all (is_causal: the flash path on a GPU)."""
+    t, h, d = q.shape
+    _, bs, kvh, _ = k_cache.shape
+    outs, start = [], 0
+    for i, (q_len, kv_len) in enumerate(layout.lens):
+        blocks = layout.blocks[i, : -(-kv_len // bs)]
+        keys = k_cache.index_select(0, blocks).view(-1, kvh, d)[:kv_len]
+        vals = v_cache.index_select(0, blocks).view(-1, kvh, d)[:kv_len]
+        keys = keys.transpose(0, 1).repeat_interleave(h // kvh, dim=0).to(q.dtype)  # [h, K, D]
+        vals = vals.transpose(0, 1).repeat_interleave(h // kvh, dim=0).to(q.dtype)
+        qs = q[start : start + q_len].transpose(0, 1)  # [h, Q, D]
+        if q_len == kv_len and window is None:
+            o = F.scaled_dot_product_attention(qs, keys, vals, is_causal=True, scale=scale)
+        else:
+            pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
+            j = torch.arange(kv_len, device=q.device)
+            mask = (j <= pos) & (j > pos - window) if window is not None else j <= pos
+            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
+        outs.append(o.transpose(0, 1).reshape(q_len, h * d))
+        start += q_len
+    return torch.cat(outs)
