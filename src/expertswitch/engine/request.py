@@ -64,8 +64,10 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     error: str | None = None
     stop_reason: str | int | None = None
+    prompt: str | None = None  # the prompt's text, when it was given as text
 
     @classmethod
     def of(cls, r: Request, new: list[int]) -> RequestOutput:
         return cls(r.request_id, r.prompt_token_ids, list(r.output_token_ids), r.text, r.expert,
-                   r.finished, r.finish_reason, new, r.error, r.stop_reason)  # fmt: skip
+                   r.finished, r.finish_reason, new, r.error, r.stop_reason,
+                   r.prompt)  # fmt: skip

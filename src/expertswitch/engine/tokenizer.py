@@ -1,5 +1,5 @@
-"""The base's tokenizer (transformers' AutoTokenizer over the checkpoint's own files; nothing is
-downloaded) and the text of a growing output."""
+"""A checkpoint's tokenizer: transformers' AutoTokenizer over its own files (nothing is
+downloaded)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,3 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
-class Detokenizer:
-    """Text of output ids, special tokens left out. Decodes the whole output each time: exact
-    for any tokenizer (byte-level merges, SentencePiece spaces) and cheap at serving lengths."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
