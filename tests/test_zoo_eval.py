@@ -5,6 +5,8 @@ import math
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +111,12 @@ def test_demo_runs_on_micro(micro, tmp_path, monkeypatch):
     text = "\n".join(map(str, lines))
     assert "kept" in text and "One answer per compressed expert" in text
     assert len(result["rows"]) == 3 and all(r["ratio"] > 3 for r in result["rows"])
+    # routed, then served in one mixed batch through the engine
+    served = result["served"]
+    assert "Routed and served in one mixed batch" in text and len(served["routes"]) == 6
+    assert sum(e == "math" for e, _ in served["routes"]) >= 2  # the word problems
+    assert served["held_bytes"] < served["separate_fp16_bytes"] / 2
+    assert all(isinstance(a, str) for a in served["answers"])
 
 
 @pytest.mark.skipif(os.environ.get("EXPERTSWITCH_SKIP_SLOW") == "1", reason="asked to skip")
@@ -121,11 +129,50 @@ def test_expertswitch_demo_command(tmp_path):
                           capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "kept" in proc.stdout and "fp16 models" in proc.stdout
+    assert "Routed and served in one mixed batch" in proc.stdout
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(DOMAINS)]
     assert len(rows) == 3
     for row in rows:  # each expert beats the base on its own held-out perplexity
         ppl_base, ppl_full = map(float, row.split()[1:3])
         assert ppl_full < ppl_base, row
+    serve_demo_over_http(env)
+
+
+def serve_demo_over_http(env: dict) -> None:
+    """`expertswitch serve --demo` on the cache the demo filled: a user's curl, with the
+    official client."""
+    import httpx
+    import openai
+
+    from expertswitch.server.launch import free_port
+
+    port = free_port()
+    log = Path(env["EXPERTSWITCH_CACHE"]) / "serve.log"
+    with open(log, "w") as f:  # a file, not a pipe nobody reads: a full pipe blocks the server
+        server = subprocess.Popen([sys.executable, "-m", "expertswitch.cli", "serve", "--demo",
+                                   "--port", str(port), "--log-level", "warning"], env=env,
+                                  stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600  # a hang guard
+        while True:
+            assert server.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "serve --demo did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                               max_retries=0, timeout=300)  # fmt: skip
+        assert {m.id for m in client.models.list().data} == {"base", *DOMAINS, "auto"}
+        r = client.chat.completions.create(model="auto", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content":
+                                                      "Q: What is 12 + 30?\nA:"}])  # fmt: skip
+        assert r.model == "math" and r.model_extra["routing"]["confidence"] > 0.5
+        assert r.usage.completion_tokens >= 1
+    finally:
+        server.terminate()
+        server.wait(60)
 
 
 def test_early_stopping_keeps_the_best_validated_weights():

@@ -148,6 +148,69 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over a base and its experts")
+    p.add_argument("--base", default=None, help="base model directory (HF checkpoint)")
+    p.add_argument("--expert", action="append", default=[], metavar="NAME=ARCHIVE",
+                   help="an expert archive served as model NAME (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--router",
+        default=None,
+        metavar="DIR",
+        help="a saved router (`expertswitch router train`): enables model 'auto'",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve the built-in family (base, its compressed experts, its router)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: "
+                   "bfloat16 on a GPU, float32 on CPU)")  # fmt: skip
+    p.add_argument("--served-model-name", default="base", help="the base model's name in the API")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on "
+                   "/v1 routes (default: $EXPERTSWITCH_API_KEY if set)")  # fmt: skip
+    p.add_argument(
+        "--enable-admin",
+        action="store_true",
+        help="allow loading, unloading and pinning experts over HTTP",
+    )
+    p.add_argument(
+        "--gpu-budget",
+        default=None,
+        metavar="SIZE",
+        help="device memory for resident experts, e.g. 20GiB",
+    )
+    p.add_argument(
+        "--host-budget",
+        default=None,
+        metavar="SIZE",
+        help="host memory for experts evicted from the device, e.g. 64GiB",
+    )
+    p.add_argument("--kv-cache-size", default=None, metavar="SIZE", help="KV-cache memory")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        help="largest max_tokens a request may ask (default: the context length)",
+    )
+    p.add_argument("--max-request-bytes", default="4MiB", metavar="SIZE")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template for tokenizers that have none",
+    )
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch threads on a CPU engine (default: all cores but one, which the "
+                   "HTTP side needs; measured +60%% tokens/s on 2 cores)")  # fmt: skip
+    p.add_argument("--log-level", default="info")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertswitch", description="Hold and serve many expert LLMs on one GPU."
@@ -161,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_router(sub)
     _add_generate(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -364,6 +428,84 @@ def cmd_generate(args) -> None:
               + (f": {out.error}" if out.error else "") + ")")  # fmt: skip
 
 
+def cmd_serve(args) -> None:
+    import os
+
+    from expertswitch.errors import ConfigError
+    from expertswitch.utils.imports import require_serve
+
+    require_serve()
+    from expertswitch.server import ServerConfig, build_app, run_server
+
+    experts = _expert_args(args.expert)
+    base, router = args.base, args.router
+    if args.demo:
+        from expertswitch.zoo.build import build_family
+        from expertswitch.zoo.served import family_archives, family_router
+
+        if base is not None:
+            raise ConfigError("--demo serves the built-in family's base: leave out --base")
+        family = build_family("tiny")
+        base = family.base
+        experts = {**family_archives(family), **experts}
+        router = router or family_router(family)
+    if base is None:
+        raise ConfigError("give --base DIR (and --expert NAME=ARCHIVE ...), or --demo")
+    template = None
+    if args.chat_template:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as e:
+            raise ConfigError(f"--chat-template {args.chat_template}: {e.strerror}") from None
+    cfg = ServerConfig(base_name=args.served_model_name,
+                       api_key=args.api_key or os.environ.get("EXPERTSWITCH_API_KEY") or None,
+                       enable_admin=args.enable_admin,
+                       max_request_bytes=_size_arg(args.max_request_bytes, "--max-request-bytes"),
+                       max_tokens_limit=args.max_tokens_limit, chat_template=template)  # fmt: skip
+    options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+               "device_budget_bytes": _size_arg(args.gpu_budget, "--gpu-budget"),
+               "host_budget_bytes": _size_arg(args.host_budget, "--host-budget"),
+               "kv_cache_bytes": _size_arg(args.kv_cache_size, "--kv-cache-size")}  # fmt: skip
+    from expertswitch.utils.imports import resolve_device
+
+    on_cpu = resolve_device(args.device) == "cpu"
+    if args.cpu_threads is not None or (on_cpu and "OMP_NUM_THREADS" not in os.environ):
+        import torch
+
+        # torch's threads spin while waiting: with every core theirs, the event loop that
+        # streams the tokens starves (ITL p50 103 → 47 ms on 2 cores, benchmarks/serve.py)
+        torch.set_num_threads(max(1, args.cpu_threads or (os.cpu_count() or 2) - 1))
+    app, aengine = build_app(base, experts, router, args.device, _dtype_arg(args.dtype), cfg,
+                             **{k: v for k, v in options.items() if v is not None})  # fmt: skip
+    names = ", ".join([cfg.base_name, *experts] + (["auto"] if router else []))
+    print(f"serving {names} on http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        run_server(app, args.host, args.port, args.log_level)
+    finally:
+        aengine.close()
+
+
+def _size_arg(text: str | None, flag: str) -> int | None:
+    """'20GiB', '512MB', '1e9' or plain bytes → bytes."""
+    import re
+
+    from expertswitch.errors import ConfigError
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?|b)?\s*", text.lower())
+    if not m:
+        raise ConfigError(f"{flag} {text!r}: write a size such as 512MiB, 20GiB or 1000000")
+    unit = (m.group(2) or "b").rstrip("b") or "b"
+    scale = {"b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]  # fmt: skip
+    value = int(float(m.group(1)) * scale)
+    if value < 1:
+        raise ConfigError(f"{flag} {text!r} must be at least one byte")
+    return value
+
+
 COMMANDS = {
     "compress": cmd_compress,
     "inspect": cmd_inspect,
@@ -373,6 +515,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "router": cmd_router,
     "generate": cmd_generate,
+    "serve": cmd_serve,
 }
 
 

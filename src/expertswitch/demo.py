@@ -12,8 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from expertswitch.compress import CompressOptions, compress_expert, make_method, reconstruct
-from expertswitch.compress.calibration import CalibOptions
+from expertswitch.compress import reconstruct
 from expertswitch.compress.report import archive_report
 from expertswitch.eval.tasks import (
     evaluate_checkpoint,
@@ -24,6 +23,7 @@ from expertswitch.eval.tasks import (
 from expertswitch.io.archive import open_archive
 from expertswitch.zoo.build import build_family
 from expertswitch.zoo.corpora import load_corpora
+from expertswitch.zoo.served import family_archives, family_router
 
 SAMPLE_PROMPTS = {
     "code": "def fibonacci(n):\n    ",
@@ -53,14 +53,12 @@ def run_demo(preset: str = "tiny", bits: int = 2, n_items: int = 60, device: str
     out(f"family '{preset}': base + {len(domains)} fully fine-tuned experts "
         f"({family.manifest['params'] / 1e6:.2f}M parameters each)")  # fmt: skip
     base_scores = evaluate_checkpoint(family.base, domains, corpora, n_items, device)
-    method = make_method("mixed", bits=bits)
-    opts = CompressOptions(calib=CalibOptions(tokens=4096, seq_len=128), device=device,
-                           progress=False, quantize_embeddings=True)  # fmt: skip
+    archives = family_archives(family, bits, device, log=out)
     rows, samples = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for d, path in family.experts.items():
             full = evaluate_checkpoint(path, [d], corpora, n_items, device)[d]
-            archive = compress_expert(family.base, path, Path(tmp) / d, method, opts)
+            archive = archives[d]
             rec = reconstruct(family.base, archive, Path(tmp) / f"{d}-rebuilt", device,
                               progress=False)  # fmt: skip
             model, tok = load_checkpoint(rec, device)
@@ -84,9 +82,54 @@ def run_demo(preset: str = "tiny", bits: int = 2, n_items: int = 60, device: str
     fp16_total = sum(r["fp16_mb"] for r in rows) + rows[0]["fp16_mb"]
     stored = rows[0]["fp16_mb"] + sum(r["delta_mb"] for r in rows)
     out(f"\nbase + {len(rows)} experts: {stored:.2f} MiB as base + deltas vs {fp16_total:.2f} MiB "
-        f"as {len(rows) + 1} fp16 models ({fp16_total / stored:.1f}× less). "
-        f"Demo took {time.perf_counter() - start:.0f} s.")  # fmt: skip
-    return {"rows": rows, "samples": samples}
+        f"as {len(rows) + 1} fp16 models ({fp16_total / stored:.1f}× less).")  # fmt: skip
+    served = serve_mixed_batch(family, archives, corpora, device, out)
+    out(f"\nDemo took {time.perf_counter() - start:.0f} s. Serve it over HTTP (OpenAI API): "
+        "expertswitch serve --demo")  # fmt: skip
+    return {"rows": rows, "samples": samples, "served": served}
+
+
+def serve_mixed_batch(family, archives, corpora, device: str, out=print) -> dict:
+    """ME-Switch end to end: the router picks an expert for each of a few mixed held-out
+    queries, and one engine answers them all in one batch — the base resident once, each
+    expert as its packed delta."""
+    import torch
+
+    from expertswitch.engine import Engine, SamplingParams
+    from expertswitch.eval.tasks import task_items
+    from expertswitch.router import load_router
+
+    router = load_router(family_router(family, device, log=out), device=device)
+    pairs = [(d, item.prompt) for d in family.domains for item in task_items(d, corpora, 2)]
+    queries = [q for _, q in pairs]
+    routes = router.route(queries)
+    experts = [None if r.expert == "__base__" else r.expert for r in routes]
+    engine = Engine(family.base, archives, device=device, dtype=torch.float32)
+    answers = engine.generate(queries, experts, SamplingParams(temperature=0.0, max_tokens=24))
+    out(f"\nRouted and served in one mixed batch (router: MiniLM; below a confidence of "
+        f"{router.threshold:.2f} a query goes to the base):")  # fmt: skip
+    out("  held-out query from → routed to (confidence): the query's end / the answer")
+    for (domain, q), r, a in zip(pairs, routes, answers):
+        shown_q = q.strip().replace("\n", " ⏎ ")[-60:]
+        shown_a = a.text.strip().replace("\n", " ⏎ ")[:60]
+        name = "base" if r.expert == "__base__" else r.expert
+        out(f"  {domain:>5} → {name:<5} ({r.confidence:.2f}): …{shown_q}\n{'':26}{shown_a}")
+    base_params = sum(n * m for n, m in (_dims(s) for s in engine.model.shapes.values()))
+    packed = {n: engine.pool.get(n).nbytes() for n in archives}  # the packed parts held
+    held = 2 * base_params + sum(packed.values())
+    separate = 2 * base_params * (1 + len(archives))
+    out(f"memory held: base {2 * base_params / 2**20:.2f} MiB (fp16) + packed deltas "
+        f"{sum(packed.values()) / 2**20:.2f} MiB = {held / 2**20:.2f} MiB, against "
+        f"{separate / 2**20:.2f} MiB for the base and {len(archives)} experts as separate fp16 "
+        f"models ({separate / held:.1f}× less)")  # fmt: skip
+    engine.close()
+    return {"routes": [(r.expert, r.confidence) for r in routes], "held_bytes": held,
+            "separate_fp16_bytes": separate, "answers": [a.text for a in answers]}  # fmt: skip
+
+
+def _dims(shape) -> tuple[int, int]:
+    shape = list(shape)
+    return (shape[0], int(math.prod(shape[1:]))) if len(shape) > 1 else (shape[0], 1)
 
 
 def _print_table(rows, bits, out) -> None:

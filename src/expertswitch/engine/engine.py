@@ -212,6 +212,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def has_outputs(self) -> bool:
+        """Outputs wait for the next step() (requests aborted or finished outside a step)."""
+        return bool(self._undelivered)
+
     # the step loop -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

@@ -35,3 +35,14 @@ def resolve_device(device: str | None) -> str:
     if not (device == "cpu" or device.startswith("cuda")):
         raise ConfigError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
     return device
+
+
+def require_serve() -> None:
+    """The server's optional dependencies, or a ConfigError that says how to install them."""
+    from expertswitch.errors import ConfigError
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client")
+               if importlib.util.find_spec(m) is None]  # fmt: skip
+    if missing:
+        raise ConfigError(f"the server needs {', '.join(missing)}: pip install -e '.[serve]' "
+                          "(or pip install 'expertswitch[serve]')")  # fmt: skip

@@ -1,0 +1,214 @@
+"""The FastAPI application: OpenAI routes, health, metrics and the (opt-in) admin routes.
+
+    app = create_app(AsyncEngine(engine), router=None, cfg=ServerConfig())
+
+`/v1/*` routes need `Authorization: Bearer KEY` when `cfg.api_key` is set (`/health` and
+`/metrics` do not, as in vLLM); admin routes exist only with `cfg.enable_admin`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from fastapi import Depends, FastAPI, Request, Response
+
+from expertswitch.errors import ArchiveError, CheckpointError, CompatibilityError, ConfigError
+from expertswitch.server.async_engine import AsyncEngine, EngineDead
+from expertswitch.server.errors import BodyLimit, HTTPError, install_handlers
+from expertswitch.server.metrics import Metrics
+from expertswitch.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ExpertLoad,
+    ExpertName,
+)
+from expertswitch.server.serving import AUTO, Disconnected, OpenAIServing, ServerConfig
+
+__all__ = ["ServerConfig", "create_app"]
+
+
+def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = None) -> FastAPI:
+    cfg = cfg or ServerConfig()
+    engine = aengine.engine
+    if engine.tokenizer is None:
+        raise ConfigError(f"{engine.base_path} has no tokenizer files; the server needs one "
+                          "(copy tokenizer.json / tokenizer_config.json into it)")  # fmt: skip
+    if cfg.base_name in engine.experts or cfg.base_name == AUTO:
+        raise ConfigError(f"the base's name {cfg.base_name!r} is taken by an expert or by "
+                          "'auto': choose another --served-model-name")  # fmt: skip
+    if router is not None:
+        missing = sorted(set(router.experts) - set(engine.experts))
+        if missing:
+            raise ConfigError(f"the router routes to {missing}, which this server does not "
+                              "load: pass them with --expert NAME=ARCHIVE, or retrain the "
+                              "router for the experts served")  # fmt: skip
+    metrics = Metrics()
+    serving = OpenAIServing(aengine, router, cfg, metrics)
+    app = FastAPI(title="expertswitch", docs_url=None, redoc_url=None, openapi_url=None)
+    install_handlers(app, cfg.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    app.state.serving, app.state.metrics, app.state.aengine = serving, metrics, aengine
+    started = int(time.time())
+
+    @app.middleware("http")
+    async def count_errors(request: Request, call_next):
+        resp = await call_next(request)
+        if resp.status_code >= 400:
+            metrics.http_errors.labels(str(resp.status_code)).inc()
+        return resp
+
+    @app.exception_handler(Disconnected)
+    async def _gone(_: Request, e: Disconnected):
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    def auth(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        good = secrets.compare_digest(token.strip().encode(), cfg.api_key.encode())
+        if scheme.lower() != "bearer" or not good:
+            raise HTTPError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                            code="invalid_api_key")  # fmt: skip
+
+    def admin() -> None:
+        if not cfg.enable_admin:
+            raise HTTPError(404, "admin routes are off: start the server with --enable-admin")
+
+    guarded = [Depends(auth)]
+
+    @app.get("/health")
+    async def health():
+        if not aengine.alive:
+            raise HTTPError(503, aengine.error or "the engine is shut down")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        from expertswitch import __version__
+
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus():
+        try:
+            snap = await aengine.call(_snapshot, aengine)
+        except EngineDead:
+            snap = {}
+        return Response(metrics.render(snap), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models():
+        experts = await aengine.call(lambda: {n: str(engine.registry.get(n).path)
+                                              for n in engine.experts})  # fmt: skip
+        card = {"object": "model", "created": started, "owned_by": "expertswitch",
+                "max_model_len": engine.max_model_len}  # fmt: skip
+        data = [{**card, "id": cfg.base_name, "root": str(engine.base_path), "parent": None}]
+        data += [{**card, "id": n, "root": p, "parent": cfg.base_name} for n, p in experts.items()]
+        if router is not None:
+            data.append({**card, "id": AUTO, "root": "router", "parent": cfg.base_name,
+                         "experts": list(router.experts)})  # fmt: skip
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest, request: Request):
+        return await serving.completions(body, request)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat(body: ChatCompletionRequest, request: Request):
+        return await serving.chat(body, request)
+
+    @app.get("/v1/experts", dependencies=guarded)
+    async def experts():
+        def status():
+            return [vars(engine.pool.status(n)) for n in engine.experts]
+
+        return {"object": "list", "data": await aengine.call(status)}
+
+    _admin_routes(app, aengine, [*guarded, Depends(admin)])
+    return app
+
+
+def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps) -> None:
+    engine = aengine.engine
+
+    async def run(fn, *args):
+        try:
+            return await aengine.call(fn, *args)
+        except ConfigError as e:
+            msg = str(e)
+            status = 404 if msg.startswith("unknown expert") else 409 if (
+                "already registered" in msg or "still serves" in msg) else 400  # fmt: skip
+            raise HTTPError(status, msg) from None
+        except (ArchiveError, CompatibilityError, CheckpointError) as e:
+            raise HTTPError(400, str(e)) from None
+        except EngineDead as e:
+            raise HTTPError(503, str(e)) from None
+
+    def load(name: str, path: str, pin: bool) -> dict:
+        engine.add_expert(name, path)
+        if pin:
+            try:
+                engine.pool.pin(name)
+            except Exception as e:  # registered but not resident: say so, keep it registered
+                raise ConfigError(f"expert {name!r} is registered but could not be pinned: "
+                                  f"{e}") from e  # fmt: skip
+        return vars(engine.pool.status(name))
+
+    def pin(name: str, on: bool) -> dict:
+        engine.registry.get(name)
+        if on:
+            try:
+                engine.pool.pin(name)
+            except Exception as e:
+                raise ConfigError(f"expert {name!r} could not be pinned: {e}") from e
+        else:
+            engine.pool.unpin(name)
+        return vars(engine.pool.status(name))
+
+    def unload(name: str) -> dict:
+        engine.remove_expert(name)
+        return {"name": name, "unloaded": True}
+
+    @app.post("/v1/experts/load", dependencies=deps)
+    async def load_expert(body: ExpertLoad):
+        return await run(load, body.name, body.path, body.pin)
+
+    @app.post("/v1/experts/unload", dependencies=deps)
+    async def unload_expert(body: ExpertName):
+        return await run(unload, body.name)
+
+    @app.post("/v1/experts/pin", dependencies=deps)
+    async def pin_expert(body: ExpertName):
+        return await run(pin, body.name, True)
+
+    @app.post("/v1/experts/unpin", dependencies=deps)
+    async def unpin_expert(body: ExpertName):
+        return await run(pin, body.name, False)
+
+    # vLLM's names for the same thing (LoRA adapters), for tools written against vLLM
+    @app.post("/v1/load_lora_adapter", dependencies=deps)
+    async def load_lora(body: dict):
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not isinstance(path, str):
+            raise HTTPError(400, "give lora_name and lora_path (strings)")
+        await run(load, name, path, False)
+        return Response(f"Success: expert {name} added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=deps)
+    async def unload_lora(body: dict):
+        name = body.get("lora_name")
+        if not isinstance(name, str):
+            raise HTTPError(400, "give lora_name (a string)")
+        await run(unload, name)
+        return Response(f"Success: expert {name} removed successfully.")
+
+
+def _snapshot(aengine: AsyncEngine) -> dict:
+    engine = aengine.engine
+    snap = engine.stats()
+    snap["in_flight"] = aengine.in_flight
+    sizes = {n: engine.pool.status(n).nbytes for n in engine.experts}
+    snap["expert_bytes"] = {n: b for n, b in sizes.items() if b}
+    return snap

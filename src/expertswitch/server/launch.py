@@ -1,0 +1,90 @@
+"""Build the engine, the router and the app, and run them under uvicorn.
+
+run_server(base, {"math": "math.delta"}, router="router/", port=8000)   # blocks
+with ServerThread(app) as srv: srv.url                                   # tests, benchmarks
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+from expertswitch.errors import ConfigError
+from expertswitch.server.app import create_app
+from expertswitch.server.async_engine import AsyncEngine
+from expertswitch.server.serving import ServerConfig
+
+
+def build_app(base: str | Path, experts: dict[str, str | Path], router: str | Path | None = None,
+              device: str = "auto", dtype=None, cfg: ServerConfig | None = None,
+              **engine_options):  # fmt: skip
+    """(app, async engine): the engine loads the base; experts are checked now and load on first
+    use. The caller closes the async engine when done."""
+    import torch
+
+    from expertswitch.engine import Engine
+    from expertswitch.utils.imports import resolve_device
+
+    device = resolve_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    engine = Engine(base, experts, device=device, dtype=dtype, **engine_options)
+    rt = None
+    try:
+        if router is not None:
+            from expertswitch.router import load_router
+
+            rt = load_router(router, device="cpu")  # a MiniLM on the CPU: ~ms per query
+        aengine = AsyncEngine(engine)
+    except BaseException:
+        engine.close()
+        raise
+    try:
+        return create_app(aengine, rt, cfg), aengine
+    except BaseException:
+        aengine.close()
+        raise
+
+
+def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class ServerThread:
+    """uvicorn serving `app` on loopback from a background thread (a real HTTP server)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.host, self.port = host, port or free_port(host)
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level,
+                                timeout_graceful_shutdown=2)  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="uvicorn")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60  # a hang guard, not a speed check
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

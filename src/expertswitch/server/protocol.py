@@ -1,0 +1,163 @@
+"""The OpenAI request bodies the server accepts (vLLM's fields and defaults), and what they map to.
+
+Fields OpenAI or vLLM define that the engine cannot honour (penalties, logit_bias, logprobs,
+tools, ...) are refused with a 400 that names them only when they would change the answer: a
+default value (0 penalty, empty bias, `logprobs: false`) is accepted. Unknown fields are ignored,
+as vLLM does, so clients written for other servers keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from expertswitch.engine import SamplingParams
+from expertswitch.server.errors import HTTPError
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
+    best_of: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    min_tokens: int = 0
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ExpertLoad(BaseModel):
+    name: str
+    path: str
+    pin: bool = False
+
+
+class ExpertName(BaseModel):
+    name: str
+
+
+MAX_N = 128  # OpenAI's own limit on `n`
+
+
+def refuse_unsupported(req: _Request) -> None:
+    """400 for options that would change the answer in ways the engine does not implement."""
+    unsupported = {
+        "presence_penalty": req.presence_penalty not in (None, 0, 0.0),
+        "frequency_penalty": req.frequency_penalty not in (None, 0, 0.0),
+        "repetition_penalty": req.repetition_penalty not in (None, 1, 1.0),
+        "logit_bias": bool(req.logit_bias),
+        "min_tokens": req.min_tokens != 0,
+        "skip_special_tokens": req.skip_special_tokens is False,
+    }
+    if isinstance(req, CompletionRequest):
+        unsupported["logprobs"] = req.logprobs is not None
+        unsupported["suffix"] = bool(req.suffix)
+    else:
+        assert isinstance(req, ChatCompletionRequest)
+        unsupported["logprobs"] = bool(req.logprobs) or bool(req.top_logprobs)
+        unsupported["tools"] = bool(req.tools) and req.tool_choice not in (None, "none")
+        fmt = (req.response_format or {}).get("type", "text")
+        unsupported["response_format"] = fmt != "text"
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise HTTPError(400, f"{bad[0]} is not supported by this server; leave it out (or at "
+                        "its default) and try again", param=bad[0])  # fmt: skip
+    if not 1 <= req.n <= MAX_N:
+        raise HTTPError(400, f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
+    if req.best_of not in (None, req.n):
+        raise HTTPError(400, "best_of is not supported unless it equals n", param="best_of")
+
+
+def sampling_params(req: _Request, max_tokens: int, choice: int) -> SamplingParams:
+    """The engine's SamplingParams for choice `choice` of `req` (ConfigError when invalid).
+    A seeded request with n > 1 seeds its choices seed, seed+1, ... so they differ."""
+    seed = None if req.seed is None else (req.seed + choice) % 2**63
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k is None else req.top_k,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=req.stop or [],
+        stop_token_ids=req.stop_token_ids or [],
+        ignore_eos=req.ignore_eos,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+    )
+
+
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """OpenAI chat messages → [{"role", "content": text}] for a chat template. Content may be
+    a string or a list of text parts; anything else is a 400 naming the message."""
+    if not messages:
+        raise HTTPError(400, "messages is empty: give at least one message", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise HTTPError(400, f"messages[{i}] has no role", param="messages")
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if not isinstance(p, dict) or p.get("type") != "text" or \
+                        not isinstance(p.get("text"), str):  # fmt: skip
+                    kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                    raise HTTPError(400, f"messages[{i}] has a content part of type {kind!r}; "
+                                    "only text parts are supported", param="messages")  # fmt: skip
+                parts.append(p["text"])
+            content = "\n".join(parts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise HTTPError(400, f"messages[{i}].content must be a string or a list of text "
+                            "parts", param="messages")  # fmt: skip
+        out.append({"role": role, "content": content})
+    return out
+
+
+def prompt_list(prompt) -> list[str | list[int]]:
+    """A completion's `prompt` field → one entry per prompt (text or token ids)."""
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise HTTPError(400, "prompt is empty: give a string, a list of strings or token ids",
+                        param="prompt")  # fmt: skip
+    return prompts

@@ -1,0 +1,400 @@
+"""`/v1/completions` and `/v1/chat/completions`: resolve the model (an expert, the base, or
+`auto` through the router), queue every choice on the engine in one step, then answer as one
+JSON body or as server-sent events.
+
+Errors follow the request's life: options and prompts are checked before anything is queued
+(400/404); an expert that cannot be loaded fails its requests before their first token (503,
+also for a stream, whose headers wait for that first token); a failure after tokens were sent
+ends the stream with an error event. A client that goes away has its requests aborted: the
+engine frees their sequences and KV blocks before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from expertswitch.engine import Engine
+from expertswitch.engine.request import RequestOutput
+from expertswitch.errors import ConfigError
+from expertswitch.server.async_engine import AsyncEngine, EngineDead
+from expertswitch.server.errors import HTTPError, error_body
+from expertswitch.server.metrics import Metrics
+from expertswitch.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_messages,
+    prompt_list,
+    refuse_unsupported,
+    sampling_params,
+)
+
+AUTO = "auto"
+_POLL_S = 0.5  # how often a non-streaming handler checks that its client is still there
+
+
+@dataclass
+class ServerConfig:
+    base_name: str = "base"  # the name the base model answers to (besides "base")
+    api_key: str | None = None
+    enable_admin: bool = False
+    max_request_bytes: int = 4 * 2**20
+    max_tokens_limit: int | None = None  # default: the engine's context length
+    chat_template: str | None = None  # used when a tokenizer has none
+
+
+@dataclass
+class Target:
+    expert: str | None  # the engine's name; None = the base alone
+    name: str  # what replies call the model
+    route: dict | None = None  # the router's decision, for model "auto"
+
+
+@dataclass
+class _Choice:
+    request_id: str
+    index: int
+    prompt: int  # which prompt
+    sent: str = ""
+    tokens: int = 0
+    started: float = 0.0
+    last: float | None = None
+    finish: str | None = None
+    out: RequestOutput | None = None
+
+
+@dataclass
+class _Job:
+    kind: str  # "chat" | "completion"
+    target: Target
+    choices: list[_Choice]
+    queue: asyncio.Queue
+    prompt_tokens: list[list[int]]
+    prompt_texts: list[str]
+    stops: list[str]
+    echo: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = ""
+
+    def by_id(self) -> dict[str, _Choice]:
+        return {c.request_id: c for c in self.choices}
+
+
+class OpenAIServing:
+    def __init__(self, aengine: AsyncEngine, router, cfg: ServerConfig, metrics: Metrics):
+        self.aengine, self.router, self.cfg, self.metrics = aengine, router, cfg, metrics
+        self.engine: Engine = aengine.engine
+        self._router_lock = threading.Lock()
+
+    # model resolution --------------------------------------------------------------------
+
+    async def model_names(self) -> list[str]:
+        return await self.aengine.call(lambda: list(self.engine.experts))
+
+    async def resolve(self, model: str, query) -> Target:
+        if model in (self.cfg.base_name, "base"):
+            return Target(None, self.cfg.base_name)
+        if model == AUTO:
+            if self.router is None:
+                raise HTTPError(404, "model 'auto' needs a router: start the server with "
+                                "--router DIR", param="model", code="model_not_found")  # fmt: skip
+            route = await asyncio.to_thread(self._route, query)
+            expert = None if route.expert == "__base__" else route.expert
+            decision = {"expert": expert or self.cfg.base_name,
+                        "confidence": round(route.confidence, 6), "fallback": route.fallback,
+                        "reason": route.reason, "probs": route.probs}  # fmt: skip
+            self.metrics.routed.labels(decision["expert"], str(route.fallback).lower()).inc()
+            if expert is not None and expert not in await self.model_names():
+                raise HTTPError(503, f"the router chose expert {expert!r}, which is not loaded "
+                                "now", code="expert_unavailable")  # fmt: skip
+            return Target(expert, expert or self.cfg.base_name, decision)
+        if model in await self.model_names():
+            return Target(model, model)
+        known = ", ".join([self.cfg.base_name, *await self.model_names()]
+                          + ([AUTO] if self.router else []))  # fmt: skip
+        shown = model if len(model) <= 80 else model[:77] + "..."
+        raise HTTPError(404, f"the model {shown!r} does not exist; this server has: {known}",
+                        param="model", code="model_not_found")  # fmt: skip
+
+    def _route(self, query):
+        with self._router_lock:  # the backbone is not re-entrant
+            return self.router.route([query])[0]
+
+    # endpoints ---------------------------------------------------------------------------
+
+    async def completions(self, req: CompletionRequest, http: Request):
+        refuse_unsupported(req)
+        prompts = prompt_list(req.prompt)
+        if req.model == AUTO and len(prompts) > 1:
+            raise HTTPError(400, "model 'auto' routes one prompt per request: send the prompts "
+                            "one by one", param="prompt")  # fmt: skip
+        query = prompts[0]
+        if req.model == AUTO and not isinstance(query, str):
+            query = await self.aengine.call(lambda: self.engine.tokenizer.decode(prompts[0]))
+        target = await self.resolve(req.model, query)
+
+        def tokenize(engine: Engine):
+            tok = engine.tokenizer_for(target.expert)
+            ids = [list(tok.encode(p)) if isinstance(p, str) else p for p in prompts]
+            texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+            return ids, texts
+
+        ids, texts = await self._engine_call(tokenize)
+        return await self._serve("completion", req, http, target, ids, texts, req.echo,
+                                 req.max_tokens if req.max_tokens is not None else 16)  # fmt: skip
+
+    async def chat(self, req: ChatCompletionRequest, http: Request):
+        refuse_unsupported(req)
+        messages = chat_messages(req.messages)
+        target = await self.resolve(req.model, messages)
+        kwargs = req.chat_template_kwargs or {}
+
+        def render(engine: Engine):
+            tok = engine.tokenizer_for(target.expert)
+            template = None if getattr(tok, "chat_template", None) else self.cfg.chat_template
+            if template is None and not getattr(tok, "chat_template", None):
+                raise ConfigError("this model's tokenizer has no chat template: start the "
+                                  "server with --chat-template FILE, or use "
+                                  "/v1/completions")  # fmt: skip
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False, chat_template=template,
+                                               add_generation_prompt=req.add_generation_prompt,
+                                               **kwargs)  # fmt: skip
+            except Exception as e:  # jinja: a role or layout the template refuses
+                raise ConfigError(f"the chat template cannot render these messages: {e}") from e
+            # the template writes its own special tokens (BOS...): encode without adding more
+            return [list(tok.encode(text, add_special_tokens=False))], [text]
+
+        ids, texts = await self._engine_call(render)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:  # vLLM: the rest of the context (within the server's limit)
+            max_tokens = max(1, min(self._limit(), self.engine.max_model_len - len(ids[0])))
+        return await self._serve("chat", req, http, target, ids, texts, False, max_tokens)
+
+    # the common path ---------------------------------------------------------------------
+
+    def _limit(self) -> int:
+        return self.cfg.max_tokens_limit or self.engine.max_model_len
+
+    async def _engine_call(self, fn):
+        try:
+            return await self.aengine.call(fn, self.engine)
+        except ConfigError as e:
+            raise HTTPError(400, str(e)) from None
+        except EngineDead as e:
+            raise HTTPError(503, str(e), code="engine_unavailable") from None
+
+    async def _serve(self, kind, req, http, target, ids, texts, echo, max_tokens):
+        if max_tokens < 1:
+            raise HTTPError(400, f"max_tokens must be at least 1, got {max_tokens}",
+                            param="max_tokens")  # fmt: skip
+        if max_tokens > self._limit():
+            raise HTTPError(400, f"max_tokens is {max_tokens} but this server allows at most "
+                            f"{self._limit()}", param="max_tokens")  # fmt: skip
+        try:
+            params = [sampling_params(req, max_tokens, j) for j in range(req.n)]
+        except ConfigError as e:
+            raise HTTPError(400, str(e)) from None
+        stops = params[0].stop
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        job_id = f"{prefix}-{uuid.uuid4().hex}"
+        plan = [(f"{job_id}-{i}-{j}", i, j) for i in range(len(ids)) for j in range(req.n)]
+
+        def add_all(engine: Engine) -> list[str]:
+            added = []
+            try:
+                for rid, i, j in plan:
+                    added.append(engine.add_request(ids[i], target.expert, params[j], rid))
+            except Exception:
+                for rid in added:
+                    engine.abort(rid)
+                raise
+            return added
+
+        start = time.perf_counter()
+        try:
+            rids, queue = await self.aengine.submit(add_all)
+        except ConfigError as e:
+            code = "context_length_exceeded" if "context holds" in str(e) else None
+            raise HTTPError(400, str(e), code=code) from None
+        except EngineDead as e:
+            raise HTTPError(503, str(e), code="engine_unavailable") from None
+        choices = [_Choice(rid, k, i, started=start) for k, (rid, i, _) in enumerate(plan)]
+        job = _Job(kind, target, choices, queue, ids, texts, stops, echo, id=job_id)
+        self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
+        for c in choices:
+            c.sent = texts[c.prompt] if echo else ""
+        if req.stream:
+            return await self._stream(job, req, http)
+        return await self._collect(job, http)
+
+    async def _collect(self, job: _Job, http: Request):
+        pending = job.by_id()
+        try:
+            while pending:
+                out = await self._next(job.queue, http)
+                c = pending.get(out.request_id)
+                if c is None:
+                    continue
+                self._observe(job, c, out)
+                if out.finished:
+                    c.out = out
+                    del pending[out.request_id]
+        finally:  # the client left (or we fail): free their sequences now
+            self._abandon(job, pending)
+        failed = [c for c in job.choices if c.out.finish_reason == "error"]
+        if failed:
+            c = failed[0]
+            status = 503 if c.tokens == 0 else 500
+            raise HTTPError(status, f"{job.target.name}: {c.out.error}",
+                            code="expert_unavailable" if status == 503 else None)  # fmt: skip
+        return JSONResponse(self._body(job))
+
+    async def _next(self, queue: asyncio.Queue, http: Request) -> RequestOutput:
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), timeout=_POLL_S)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    raise Disconnected() from None
+
+    async def _stream(self, job: _Job, req, http: Request):
+        pending = job.by_id()
+        first: list[RequestOutput] = []
+        try:  # headers wait for the first output: an expert that cannot load is a plain 503
+            out = await self._next(job.queue, http)
+        except BaseException:
+            for rid in pending:
+                self.aengine.abort(rid)
+            raise
+        if out.finish_reason == "error" and not out.token_ids:
+            for rid in pending:
+                self.aengine.abort(rid)
+            raise HTTPError(503, f"{job.target.name}: {out.error}", code="expert_unavailable")
+        first.append(out)
+        usage = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(self._events(job, pending, first, usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
+
+    async def _events(self, job: _Job, pending: dict[str, _Choice], first, usage: bool):
+        try:
+            for c in job.choices:  # the role (chat) or the echoed prompt of every choice
+                if job.kind == "chat" or c.sent:
+                    yield _sse(self._chunk(job, c, opening=True))
+            while pending:
+                out = first.pop() if first else await job.queue.get()
+                c = pending.get(out.request_id)
+                if c is None:
+                    continue
+                self._observe(job, c, out)
+                if out.finished:
+                    del pending[out.request_id]
+                if out.finish_reason == "error":
+                    yield _sse(error_body(500, f"{job.target.name}: {out.error}"))
+                    break
+                delta = self._delta(job, c, out)
+                if delta or out.finished:
+                    yield _sse(self._chunk(job, c, text=delta, finish=c.finish))
+            if usage:
+                yield _sse({**self._head(job, chunk=True), "choices": [],
+                            "usage": self._usage(job)})  # fmt: skip
+            yield "data: [DONE]\n\n"
+        finally:  # client gone (cancelled here) or an error: free them now
+            self._abandon(job, pending)
+
+    def _abandon(self, job: _Job, pending: dict[str, _Choice]) -> None:
+        for rid in pending:
+            self.aengine.abort(rid)
+            self.metrics.requests.labels(job.target.name, "abort").inc()
+
+    # formatting --------------------------------------------------------------------------
+
+    def _observe(self, job: _Job, c: _Choice, out: RequestOutput) -> None:
+        now = time.perf_counter()
+        m, name = self.metrics, job.target.name
+        n_new = len(out.new_token_ids)
+        if n_new:
+            if c.tokens == 0:
+                m.ttft.labels(name).observe(now - c.started)
+            elif c.last is not None:
+                m.itl.labels(name).observe((now - c.last) / n_new)
+            c.tokens += n_new
+            c.last = now
+            m.generation_tokens.labels(name).inc(n_new)
+        if out.finished:
+            c.finish = {"abort": "abort", "error": "error"}.get(out.finish_reason,
+                                                                out.finish_reason)  # fmt: skip
+            m.requests.labels(name, out.finish_reason).inc()
+            m.e2e.labels(name).observe(now - c.started)
+            c.out = out
+
+    def _delta(self, job: _Job, c: _Choice, out: RequestOutput) -> str:
+        """New text safe to send: not a partial UTF-8 character and not what could still turn
+        out to be the start of a stop string (vLLM holds those back the same way)."""
+        text = (job.prompt_texts[c.prompt] if job.echo else "") + (out.text or "")
+        if not out.finished:
+            text = text.rstrip("\ufffd")
+            hold = max((len(s) for s in job.stops), default=1) - 1
+            if hold:
+                text = text[: max(len(c.sent), len(text) - hold)]
+        if not text.startswith(c.sent):  # the tokenizer re-decoded earlier text; keep going
+            return ""
+        delta, c.sent = text[len(c.sent) :], text
+        return delta
+
+    def _head(self, job: _Job, chunk: bool) -> dict:
+        obj = {"chat": "chat.completion", "completion": "text_completion"}[job.kind]
+        if chunk and job.kind == "chat":
+            obj += ".chunk"
+        head = {"id": job.id, "object": obj, "created": job.created, "model": job.target.name}
+        if job.target.route is not None:
+            head["routing"] = job.target.route
+        return head
+
+    def _chunk(self, job: _Job, c: _Choice, text: str = "", finish=None, opening=False):
+        if job.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if opening else {"content": text}
+            choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            if opening:
+                text = c.sent  # the echoed prompt, or nothing
+            choice = {"index": c.index, "text": text, "logprobs": None, "finish_reason": finish}
+        if finish is not None and c.out is not None and c.out.stop_reason is not None:
+            choice["stop_reason"] = c.out.stop_reason
+        return {**self._head(job, chunk=True), "choices": [choice]}
+
+    def _body(self, job: _Job) -> dict:
+        choices = []
+        for c in job.choices:
+            text = (job.prompt_texts[c.prompt] if job.echo else "") + (c.out.text or "")
+            base = {"index": c.index, "logprobs": None, "finish_reason": c.finish,
+                    "stop_reason": c.out.stop_reason}  # fmt: skip
+            if job.kind == "chat":
+                base["message"] = {"role": "assistant", "content": text}
+            else:
+                base["text"] = text
+            choices.append(base)
+        return {**self._head(job, chunk=False), "choices": choices, "usage": self._usage(job)}
+
+    @staticmethod
+    def _usage(job: _Job) -> dict:
+        prompt = sum(len(p) for p in job.prompt_tokens)
+        completion = sum(c.tokens for c in job.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}  # fmt: skip
+
+
+class Disconnected(Exception):
+    """The client of a non-streaming request went away."""
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,0 +1,419 @@
+"""The OpenAI-compatible server, started for real on loopback and driven with the official
+`openai` client (and raw HTTP where the client would hide what is sent): every answer is compared
+with the same request served alone by an independent Engine, every error case gets OpenAI's
+error shape and status, and a client that leaves mid-stream frees its KV blocks at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from conftest import finetune_like
+
+from expertswitch.compress import CompressOptions, compress_expert, make_method
+from expertswitch.compress.calibration import CalibOptions
+from expertswitch.engine import Engine, SamplingParams
+from expertswitch.io.archive import open_archive
+from expertswitch.router import Router
+from expertswitch.router.data import domain_queries
+from expertswitch.server import ServerConfig, ServerThread, build_app
+from expertswitch.zoo.corpora import load_corpora
+from expertswitch.zoo.tokenizer import train_tokenizer
+
+DOMAINS = ("code", "math", "prose")
+OPTS = CompressOptions(calib=CalibOptions(tokens=256, seq_len=64), progress=False)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A tiny Llama with a real BPE tokenizer (with chat template), three compressed experts
+    named after the zoo's domains, and an n-gram router over those domains."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    root = tmp_path_factory.mktemp("serve")
+    corpora = load_corpora(0, scale=0.05)
+    texts, labels = domain_queries(corpora, "train", 120)
+    tok = train_tokenizer(texts, 384)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float()
+    base = root / "base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    archives = {}
+    for i, d in enumerate(DOMAINS):
+        expert = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        finetune_like(expert, seed=10 + i, scale=0.3)
+        expert.save_pretrained(root / f"{d}-full")
+        archives[d] = compress_expert(base, root / f"{d}-full", root / f"{d}.delta",
+                                      make_method("mixed", bits=2), OPTS)  # fmt: skip
+    router = Router.train(texts, labels, backbone="ngram").save(root / "router")
+    return base, archives, router
+
+
+@pytest.fixture(scope="module")
+def server(family):
+    base, archives, router = family
+    app, aengine = build_app(base, archives, router, device="cpu", dtype=torch.float32,
+                             cfg=ServerConfig(), max_num_seqs=16)  # fmt: skip
+    with ServerThread(app) as srv:
+        yield srv, aengine
+    aengine.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0].url + "/v1", api_key="unused", max_retries=0,
+                         timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(family):
+    """An independent engine: what each request gets when served alone."""
+    base, archives, _ = family
+    return Engine(base, archives, device="cpu", dtype=torch.float32)
+
+
+def alone(reference, prompt, expert, max_tokens, **kw) -> str:
+    return alone_output(reference, prompt, expert, max_tokens, **kw).text
+
+
+def alone_output(reference, prompt, expert, max_tokens, **kw):
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+    return reference.generate([prompt], expert=expert, sampling=sp)[0]
+
+
+def chat_ids(reference, messages) -> list[int]:
+    tok = reference.tokenizer
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+# the API ---------------------------------------------------------------------------------------
+
+
+def test_models_list_base_experts_and_auto(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["base", *DOMAINS, "auto"]
+
+
+@pytest.mark.parametrize("model", ["math", "base", "code"])
+def test_completion_equals_the_request_served_alone(client, reference, model):
+    prompt = "def total(values):\n    "
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=20, temperature=0)
+    want = alone_output(reference, prompt, None if model == "base" else model, 20)
+    assert r.model == model
+    assert r.choices[0].text == want.text
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert r.usage.completion_tokens == len(want.token_ids)
+
+
+def test_chat_streaming_and_not_equal_the_request_alone(client, reference):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is 12 + 30?"}]  # fmt: skip
+    want = alone(reference, chat_ids(reference, messages), "math", 24, ignore_eos=True)
+    r = client.chat.completions.create(model="math", messages=messages, max_tokens=24,
+                                       temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 24
+    stream = client.chat.completions.create(model="math", messages=messages, max_tokens=24,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finals[-1] == "length" and set(finals[:-1]) == {None}
+    assert chunks[-1].usage.completion_tokens == 24 and not chunks[-1].choices
+
+
+def test_stream_ends_with_done_as_server_sent_events(server):
+    body = {"model": "code", "prompt": "import os\n", "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", server[0].url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_stop_strings_streamed_and_not(client, reference):
+    prompt = "The import statement"
+    free = alone(reference, prompt, "prose", 30, ignore_eos=True)
+    stop = free[len(free) // 2 : len(free) // 2 + 2]  # a string that does occur
+    assert stop and stop in free
+    want = alone(reference, prompt, "prose", 30, ignore_eos=True, stop=[stop])
+    kw = dict(model="prose", prompt=prompt, max_tokens=30, temperature=0, stop=[stop],
+              extra_body={"ignore_eos": True})  # fmt: skip
+    r = client.completions.create(**kw)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    text = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+    assert text == want and stop not in text
+
+
+def test_n_seed_and_several_prompts(client):
+    kw = dict(model="code", max_tokens=8, temperature=1.0, seed=7, n=3)
+    a = client.completions.create(prompt=["x = ", "def f("], **kw)
+    b = client.completions.create(prompt=["x = ", "def f("], **kw)
+    assert [c.index for c in a.choices] == list(range(6))
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    assert len({c.text for c in a.choices[:3]}) > 1  # choices differ from one another
+    echo = client.completions.create(model="code", prompt="x = ", max_tokens=3, echo=True,
+                                     temperature=0)  # fmt: skip
+    assert echo.choices[0].text.startswith("x = ")
+
+
+def test_token_id_prompts(client, reference):
+    ids = reference.tokenizer.encode("for i in range(")
+    r = client.completions.create(model="code", prompt=ids, max_tokens=10, temperature=0)
+    assert r.choices[0].text == alone(reference, ids, "code", 10)
+
+
+def test_auto_routes_clear_queries_to_their_expert(client):
+    queries = {"math": "Q: Sam has 14 apples and buys 23 more. How many apples does he have?",
+               "code": "def parse(line):\n    fields = line.split(',')\n    return fields[0]",
+               "prose": "The import statement combines two operations; it searches for the "
+                        "named module, then it binds the results of that search to a name in "
+                        "the local scope."}  # fmt: skip
+    for domain, q in queries.items():
+        r = client.chat.completions.create(model="auto", max_tokens=4, temperature=0,
+                                           messages=[{"role": "user", "content": q}])  # fmt: skip
+        assert r.model == domain, (domain, r.model_extra)
+        routing = r.model_extra["routing"]
+        assert routing["expert"] == domain and 0.5 < routing["confidence"] <= 1.0
+        c = client.completions.create(model="auto", prompt=q, max_tokens=2, temperature=0)
+        assert c.model == domain
+
+
+def test_concurrent_streams_are_neither_lost_nor_mixed(server, reference):
+    """40 streams at once over every expert, the base and auto: each stream's text equals the
+    same request served alone; afterwards the engine holds nothing."""
+    url = server[0].url
+    prompts = ["def f(x):\n", "Q: What is 3 + 4?\nA:", "The import statement", "class A:\n",
+               "x = [1, 2"]  # fmt: skip
+    models = ["base", *DOMAINS]
+    jobs = [(models[i % 4], prompts[i % 5], 6 + i % 7) for i in range(40)]
+
+    async def one(http, model, prompt, n):
+        body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0,
+                "stream": True, "ignore_eos": True}  # fmt: skip
+        text = ""
+        async with http.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    async def all_of_them():
+        async with httpx.AsyncClient(timeout=300) as http:
+            return await asyncio.gather(*(one(http, *j) for j in jobs))
+
+    texts = asyncio.run(all_of_them())
+    for (model, prompt, n), text in zip(jobs, texts):
+        want = alone(reference, prompt, None if model == "base" else model, n, ignore_eos=True)
+        assert text == want, (model, prompt)
+    assert metric(url, "expertswitch_kv_blocks_used") == 0
+    assert metric(url, "expertswitch_num_requests_running") == 0
+    assert metric(url, "expertswitch_requests_in_flight") == 0
+
+
+def test_disconnect_mid_stream_frees_its_blocks(server):
+    url = server[0].url
+    body = {"model": "math", "prompt": "Q: 1 + 1?", "max_tokens": 200, "temperature": 0,
+            "stream": True, "ignore_eos": True}  # fmt: skip
+    aborted = 'expertswitch_request_success_total{finished_reason="abort",model="math"}'
+    before = _metric_or_zero(url, aborted)
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert metric(url, "expertswitch_kv_blocks_used") > 0
+    # the connection is closed: the engine aborts the request before its next step
+    deadline = time.monotonic() + 60  # a hang guard
+    while metric(url, "expertswitch_kv_blocks_used") > 0:
+        assert time.monotonic() < deadline, "the blocks of a closed stream were not freed"
+        time.sleep(0.05)
+    assert metric(url, "expertswitch_num_requests_running") == 0
+    assert metric(url, aborted) == before + 1  # freed by the abort, not by finishing
+
+
+def _metric_or_zero(url: str, name: str) -> float:
+    try:
+        return metric(url, name)
+    except AssertionError:
+        return 0.0
+
+
+def test_metrics_and_health(server, client):
+    url = server[0].url
+    client.completions.create(model="code", prompt="a = ", max_tokens=3, temperature=0)
+    assert httpx.get(url + "/health").status_code == 200
+    text = httpx.get(url + "/metrics").text
+    for name in ("expertswitch_time_to_first_token_seconds_count",
+                 "expertswitch_inter_token_latency_seconds_bucket",
+                 "expertswitch_request_success_total", "expertswitch_generation_tokens_total",
+                 "expertswitch_num_requests_waiting", "expertswitch_kv_blocks_total",
+                 'expertswitch_expert_residency{expert="code",tier="device"} 1.0',
+                 "expertswitch_pool_disk_loads_total", "expertswitch_pool_switch_seconds_total",
+                 'expertswitch_expert_bytes{expert="code"}'):  # fmt: skip
+        assert name in text, name
+    assert metric(url, 'expertswitch_time_to_first_token_seconds_count{model="code"}') >= 1
+
+
+# errors ------------------------------------------------------------------------------------
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
+    ({"model": "math", "messages": []}, 400, "messages is empty"),
+    ({"model": "math", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "math", "prompt": "x", "max_tokens": 10**6}, 400, "at most"),
+    ({"model": "math", "prompt": "x " * 400}, 400, "context"),
+    ({"model": "math", "prompt": [999999]}, 400, "outside the vocabulary"),
+    ({"model": "math", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "math", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": "math", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ({"model": "math"}, 400, "prompt is required"),
+    ({"model": "math", "prompt": "x", "n": 0}, 400, "n must be"),
+    ({"model": "auto", "prompt": ["a", "b"]}, 400, "one prompt"),
+])  # fmt: skip
+def test_bad_requests_get_openai_errors(server, body, status, needle):
+    route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    err = _error(httpx.post(server[0].url + route, json=body, timeout=60), status)
+    assert needle in err["message"], err
+
+
+def test_malformed_bodies_and_routes(server, client):
+    url = server[0].url
+    err = _error(httpx.post(url + "/v1/completions", content=b"{not json",
+                            headers={"content-type": "application/json"}), 400)  # fmt: skip
+    assert "JSON" in err["message"]
+    _error(httpx.post(url + "/v1/completions", json=[1, 2]), 400)
+    _error(httpx.post(url + "/v1/chat/completions", json={"model": "math", "messages": [
+        {"role": "user", "content": [{"type": "image_url"}]}]}), 400)  # fmt: skip
+    _error(httpx.get(url + "/v1/nothing-here"), 404)
+    _error(httpx.post(url + "/v1/completions", content=b"x" * (5 * 2**20)), 413)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="missing", messages=[{"role": "user",
+                                                                   "content": "hi"}])  # fmt: skip
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="math", prompt="x", max_tokens=-3)
+    # admin routes are off unless enabled
+    _error(httpx.post(url + "/v1/experts/load", json={"name": "x", "path": "/tmp"}), 404)
+
+
+def test_an_expert_that_fails_to_load_is_503_while_others_work(family, tmp_path):
+    base, archives, _ = family
+    broken = tmp_path / "broken.delta"
+    shutil.copytree(archives["math"], broken)
+    data = next(p for p in broken.iterdir() if p.suffix == ".safetensors")
+    raw = bytearray(data.read_bytes())
+    raw[-64:] = bytes(64)  # the tensor bytes change: the checksum check at load fails
+    data.write_bytes(bytes(raw))
+    open_archive(broken, verify=False)  # it registers (checksums are read at load time)
+    app, aengine = build_app(base, {"math": archives["math"], "bad": broken}, device="cpu",
+                             dtype=torch.float32, cfg=ServerConfig())  # fmt: skip
+    with ServerThread(app) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        for stream in (False, True):
+            with pytest.raises(openai.APIStatusError) as e:
+                r = c.completions.create(model="bad", prompt="x", max_tokens=3, stream=stream)
+                list(r) if stream else None
+            assert e.value.status_code == 503 and "bad" in str(e.value)
+        ok = c.completions.create(model="math", prompt="x", max_tokens=3, temperature=0)
+        assert ok.choices[0].finish_reason in ("stop", "length")
+        assert httpx.get(srv.url + "/health").status_code == 200
+    aengine.close()
+
+
+def test_api_key_and_admin_routes(family, tmp_path):
+    base, archives, _ = family
+    cfg = ServerConfig(api_key="s3cret", enable_admin=True, base_name="tiny-base")
+    app, aengine = build_app(base, {"code": archives["code"]}, device="cpu",
+                             dtype=torch.float32, cfg=cfg)  # fmt: skip
+    with ServerThread(app) as srv:
+        url = srv.url
+        c = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            c.models.list()
+        _error(httpx.post(url + "/v1/completions", json={"model": "code", "prompt": "x"}), 401)
+        _error(httpx.get(url + "/v1/models", headers={"Authorization": "Basic s3cret"}), 401)
+        assert httpx.get(url + "/health").status_code == 200  # health is open, as in vLLM
+        c = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
+        assert [m.id for m in c.models.list().data] == ["tiny-base", "code"]
+        auth = {"Authorization": "Bearer s3cret"}
+
+        def post(route, body, status=200):
+            r = httpx.post(url + route, json=body, headers=auth, timeout=120)
+            assert r.status_code == status, r.text
+            return r.json() if r.headers.get("content-type", "").startswith("application/json") \
+                else r.text  # fmt: skip
+
+        st = post("/v1/experts/load", {"name": "math", "path": str(archives["math"]),
+                                       "pin": True})  # fmt: skip
+        assert st["pinned"] and st["residency"] == "device"
+        assert "math" in [m.id for m in c.models.list().data]
+        r = c.completions.create(model="math", prompt="1 + 1 =", max_tokens=3, temperature=0)
+        assert r.model == "math"
+        post("/v1/experts/load", {"name": "math", "path": str(archives["math"])}, 409)
+        post("/v1/experts/load", {"name": "zzz", "path": str(tmp_path)}, 400)
+        post("/v1/experts/unpin", {"name": "math"})
+        post("/v1/experts/unload", {"name": "math"})
+        post("/v1/experts/unload", {"name": "math"}, 404)
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="math", prompt="x", max_tokens=2)
+        post("/v1/load_lora_adapter", {"lora_name": "prose", "lora_path": str(archives["prose"])})
+        assert "prose" in [m.id for m in c.models.list().data]
+        post("/v1/unload_lora_adapter", {"lora_name": "prose"})
+    aengine.close()
+
+
+def test_size_argument_parsing():
+    from expertswitch.cli import _size_arg
+    from expertswitch.errors import ConfigError
+
+    assert _size_arg("20GiB", "--x") == 20 * 2**30
+    assert _size_arg("512MB", "--x") == 512 * 10**6
+    assert _size_arg("1000", "--x") == 1000
+    assert _size_arg(None, "--x") is None
+    for bad in ("lots", "-5GiB", "0"):
+        with pytest.raises(ConfigError, match="--x"):
+            _size_arg(bad, "--x")
+
+
+def test_serve_refuses_a_router_for_experts_not_served(family):
+    base, archives, router = family
+    from expertswitch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not load"):
+        build_app(base, {"math": archives["math"]}, router, device="cpu", dtype=torch.float32)
+    assert Path(router, "router.json").is_file()
