@@ -5,6 +5,7 @@
 #   device:  run(command="bash benchmarks/gpu_session.sh family", carry=[".whl"])
 #   device:  run(command="bash benchmarks/gpu_session.sh compress", carry=[".whl"])  # if time is left
 #   device:  run(command="bash benchmarks/gpu_session.sh engine", carry=[".whl"])
+#   device:  run(command="bash benchmarks/gpu_session.sh serve", carry=[".whl"])
 # Results land in $OUT; copy them into benchmarks/results/ (the tuned table,
 # <device>.json, into src/expertswitch/kernels/configs/) and commit.
 set -uo pipefail
@@ -41,6 +42,10 @@ case "${1:-kernels}" in
   compress)
     step python3 benchmarks/compress.py --tune-steps 200 --tune-bits 2 --out "$OUT"
     ;;
-  *) echo "usage: gpu_session.sh kernels|family|compress|engine" >&2; exit 2 ;;
+  serve)  # the HTTP server on the small family (built first when not cached) vs model swaps
+    step python3 -m expertswitch.cli zoo build --preset small --device cuda
+    step python3 benchmarks/serve.py --preset small --device cuda --out "$OUT"
+    ;;
+  *) echo "usage: gpu_session.sh kernels|family|compress|engine|serve" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

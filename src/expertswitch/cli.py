@@ -451,6 +451,11 @@ def cmd_serve(args) -> None:
         router = router or family_router(family)
     if base is None:
         raise ConfigError("give --base DIR (and --expert NAME=ARCHIVE ...), or --demo")
+    api_key = args.api_key or os.environ.get("EXPERTSWITCH_API_KEY") or None
+    if args.enable_admin and api_key is None and args.host not in ("127.0.0.1", "localhost",
+                                                                   "::1"):  # fmt: skip
+        raise ConfigError(f"--enable-admin on {args.host} lets anyone on the network load "
+                          "files as experts: set --api-key too, or bind 127.0.0.1")  # fmt: skip
     template = None
     if args.chat_template:
         try:
@@ -459,7 +464,7 @@ def cmd_serve(args) -> None:
         except OSError as e:
             raise ConfigError(f"--chat-template {args.chat_template}: {e.strerror}") from None
     cfg = ServerConfig(base_name=args.served_model_name,
-                       api_key=args.api_key or os.environ.get("EXPERTSWITCH_API_KEY") or None,
+                       api_key=api_key,
                        enable_admin=args.enable_admin,
                        max_request_bytes=_size_arg(args.max_request_bytes, "--max-request-bytes"),
                        max_tokens_limit=args.max_tokens_limit, chat_template=template)  # fmt: skip
@@ -500,7 +505,10 @@ def _size_arg(text: str | None, flag: str) -> int | None:
     unit = (m.group(2) or "b").rstrip("b") or "b"
     scale = {"b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
              "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]  # fmt: skip
-    value = int(float(m.group(1)) * scale)
+    try:
+        value = int(float(m.group(1)) * scale)
+    except OverflowError:
+        raise ConfigError(f"{flag} {text!r} is too large") from None
     if value < 1:
         raise ConfigError(f"{flag} {text!r} must be at least one byte")
     return value

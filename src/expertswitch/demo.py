@@ -106,8 +106,8 @@ def serve_mixed_batch(family, archives, corpora, device: str, out=print) -> dict
     experts = [None if r.expert == "__base__" else r.expert for r in routes]
     engine = Engine(family.base, archives, device=device, dtype=torch.float32)
     answers = engine.generate(queries, experts, SamplingParams(temperature=0.0, max_tokens=24))
-    out(f"\nRouted and served in one mixed batch (router: MiniLM; below a confidence of "
-        f"{router.threshold:.2f} a query goes to the base):")  # fmt: skip
+    out(f"\nRouted and served in one mixed batch (router: {router.backbone.name}; below a "
+        f"confidence of {router.threshold:.2f} a query goes to the base):")  # fmt: skip
     out("  held-out query from → routed to (confidence): the query's end / the answer")
     for (domain, q), r, a in zip(pairs, routes, answers):
         shown_q = q.strip().replace("\n", " ⏎ ")[-60:]

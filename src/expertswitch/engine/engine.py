@@ -94,6 +94,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._undelivered: list[RequestOutput] = []  # finished elsewhere, for the next step()
         self._ids = itertools.count()
+        self.aborted = 0  # requests stopped before they finished
         for name, path in (experts or {}).items():
             self.add_expert(name, path)
 
@@ -152,7 +153,7 @@ class Engine:
             raise ConfigError("stop strings need a tokenizer; this base has none: use "
                               "stop_token_ids")  # fmt: skip
         text, ids = self._encode(prompt, tok)
-        self._check_prompt(ids, expert)
+        self.check_prompt(ids, expert)
         if request_id is None:
             request_id = next(r for r in (f"req-{i}" for i in self._ids)
                               if r not in self._requests)  # fmt: skip
@@ -186,7 +187,9 @@ class Engine:
             raise ConfigError("a prompt is a string or a list of integer token ids")
         return None, ids
 
-    def _check_prompt(self, ids: list[int], expert: str | None) -> None:
+    def check_prompt(self, ids: list[int], expert: str | None) -> None:
+        """ConfigError unless `ids` is a prompt `expert` can serve (not empty, fits the context
+        with one token to spare, every id in its vocabulary)."""
         if not ids:
             raise ConfigError("the prompt is empty: give at least one token")
         if len(ids) >= self.max_model_len:
@@ -206,6 +209,7 @@ class Engine:
             return
         self.scheduler.finish(req)
         req.finish("abort")
+        self.aborted += 1
         self._undelivered.append(RequestOutput.of(req, []))
         self._release_idle()
 
@@ -385,6 +389,7 @@ class Engine:
             "kv_blocks_used": self.blocks.num_used,
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
+            "aborted": self.aborted,
             "pool": self.pool.stats(),
             "residency": self.pool.residency(),
         }

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Request, Response
 
 from expertswitch.errors import ArchiveError, CheckpointError, CompatibilityError, ConfigError
 from expertswitch.server.async_engine import AsyncEngine, EngineDead
-from expertswitch.server.errors import BodyLimit, HTTPError, install_handlers
+from expertswitch.server.errors import BodyLimit, HTTPError, error_response, install_handlers
 from expertswitch.server.metrics import Metrics
 from expertswitch.server.protocol import (
     ChatCompletionRequest,
@@ -46,21 +46,20 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
     metrics = Metrics()
     serving = OpenAIServing(aengine, router, cfg, metrics)
     app = FastAPI(title="expertswitch", docs_url=None, redoc_url=None, openapi_url=None)
-    install_handlers(app, cfg.max_request_bytes)
+    install_handlers(app)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
     app.state.serving, app.state.metrics, app.state.aengine = serving, metrics, aengine
     started = int(time.time())
 
-    @app.middleware("http")
-    async def count_errors(request: Request, call_next):
-        resp = await call_next(request)
-        if resp.status_code >= 400:
-            metrics.http_errors.labels(str(resp.status_code)).inc()
-        return resp
+    app.add_middleware(CountErrors, metrics=metrics)
 
     @app.exception_handler(Disconnected)
     async def _gone(_: Request, e: Disconnected):
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.exception_handler(EngineDead)
+    async def _dead(_: Request, e: EngineDead):
+        return error_response(503, str(e), code="engine_unavailable")
 
     def auth(request: Request) -> None:
         if cfg.api_key is None:
@@ -126,11 +125,11 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
 
         return {"object": "list", "data": await aengine.call(status)}
 
-    _admin_routes(app, aengine, [*guarded, Depends(admin)])
+    _admin_routes(app, aengine, [*guarded, Depends(admin)], cfg.base_name)
     return app
 
 
-def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps) -> None:
+def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> None:
     engine = aengine.engine
 
     async def run(fn, *args):
@@ -143,10 +142,15 @@ def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps) -> None:
             raise HTTPError(status, msg) from None
         except (ArchiveError, CompatibilityError, CheckpointError) as e:
             raise HTTPError(400, str(e)) from None
+        except OSError as e:
+            raise HTTPError(400, f"cannot read {e.filename or 'the archive'}: "
+                            f"{e.strerror or e}") from None  # fmt: skip
         except EngineDead as e:
             raise HTTPError(503, str(e)) from None
 
     def load(name: str, path: str, pin: bool) -> dict:
+        if name == base_name:
+            raise ConfigError(f"{name!r} is the base model's name here: choose another name")
         engine.add_expert(name, path)
         if pin:
             try:
@@ -212,3 +216,27 @@ def _snapshot(aengine: AsyncEngine) -> dict:
     sizes = {n: engine.pool.status(n).nbytes for n in engine.experts}
     snap["expert_bytes"] = {n: b for n, b in sizes.items() if b}
     return snap
+
+
+class CountErrors:
+    """ASGI middleware counting responses ≥ 400 by status (500s from exceptions included). A
+    plain ASGI wrapper, not Starlette's BaseHTTPMiddleware: that one swallows the client's
+    disconnect message, and a handler could then never notice its client left."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting(msg):
+            if msg["type"] == "http.response.start" and msg["status"] >= 400:
+                self.metrics.http_errors.labels(str(msg["status"])).inc()
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, counting)
+        except Exception:  # answered by the outermost handler as a 500
+            self.metrics.http_errors.labels("500").inc()
+            raise

@@ -26,8 +26,13 @@ class HTTPError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while the body streams in: an HTTPException, so FastAPI's body parsing passes it
+    through instead of turning it into a 400."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than the server's limit of {limit} "
+                         "bytes")  # fmt: skip
 
 
 def error_body(status: int, message: str, param: str | None = None,
@@ -42,7 +47,7 @@ def error_response(status: int, message: str, param: str | None = None,
                         headers=headers)  # fmt: skip
 
 
-def install_handlers(app: FastAPI, max_body: int) -> None:
+def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPError)
     async def _http_error(_: Request, e: HTTPError):
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
@@ -55,11 +60,6 @@ def install_handlers(app: FastAPI, max_body: int) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _starlette(_: Request, e: StarletteHTTPException):
         return error_response(e.status_code, str(e.detail))
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(_: Request, e: BodyTooLarge):
-        return error_response(413, f"the request body is larger than the server's limit of "
-                              f"{max_body} bytes")  # fmt: skip
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception):
@@ -105,7 +105,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(self.limit)
             return msg
 
         await self.app(scope, limited, send)

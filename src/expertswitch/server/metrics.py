@@ -76,6 +76,9 @@ class _EngineCollector:
         for name, n in sorted(s.get("expert_bytes", {}).items()):
             nbytes.add_metric([name], n)
         yield nbytes
+        yield CounterMetricFamily("expertswitch_engine_aborts", "requests the engine stopped "
+                                  "before they finished (client gone, abort)",
+                                  value=s["aborted"])  # fmt: skip
         pool = s["pool"]
         for key in _POOL_COUNTERS:
             yield CounterMetricFamily(f"expertswitch_pool_{key}", f"expert pool: {key}",

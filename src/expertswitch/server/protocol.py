@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from expertswitch.engine import SamplingParams
 from expertswitch.server.errors import HTTPError
@@ -18,6 +18,14 @@ from expertswitch.server.errors import HTTPError
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_mean_defaults(cls, data):
+        """`"n": null` and the like mean the default (clients send them; vLLM accepts them)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in _DEFAULTED}
+        return data
 
     model: str
     max_tokens: int | None = None
@@ -72,6 +80,8 @@ class ExpertName(BaseModel):
 
 
 MAX_N = 128  # OpenAI's own limit on `n`
+_DEFAULTED = {"n", "stream", "echo", "ignore_eos", "include_stop_str_in_output",
+              "skip_special_tokens", "min_tokens", "add_generation_prompt"}  # fmt: skip
 
 
 def refuse_unsupported(req: _Request) -> None:

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from expertswitch.engine import Engine
 from expertswitch.engine.request import RequestOutput
 from expertswitch.errors import ConfigError
-from expertswitch.server.async_engine import AsyncEngine, EngineDead
+from expertswitch.server.async_engine import AsyncEngine, ClientGone, OutputCollector
 from expertswitch.server.errors import HTTPError, error_body
 from expertswitch.server.metrics import Metrics
 from expertswitch.server.protocol import (
@@ -37,7 +37,7 @@ from expertswitch.server.protocol import (
 )
 
 AUTO = "auto"
-_POLL_S = 0.5  # how often a non-streaming handler checks that its client is still there
+MAX_CHOICES = 1024  # sequences one HTTP request may queue (prompts × n)
 
 
 @dataclass
@@ -75,7 +75,7 @@ class _Job:
     kind: str  # "chat" | "completion"
     target: Target
     choices: list[_Choice]
-    queue: asyncio.Queue
+    collector: OutputCollector
     prompt_tokens: list[list[int]]
     prompt_texts: list[str]
     stops: list[str]
@@ -132,23 +132,33 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, http: Request):
         refuse_unsupported(req)
         prompts = prompt_list(req.prompt)
+        self._check_choices(len(prompts), req.n)
         if req.model == AUTO and len(prompts) > 1:
             raise HTTPError(400, "model 'auto' routes one prompt per request: send the prompts "
                             "one by one", param="prompt")  # fmt: skip
         query = prompts[0]
         if req.model == AUTO and not isinstance(query, str):
-            query = await self.aengine.call(lambda: self.engine.tokenizer.decode(prompts[0]))
+
+            def decode(engine: Engine) -> str:
+                engine.check_prompt(query, None)  # ids the base's tokenizer can decode
+                return engine.tokenizer.decode(query)
+
+            query = await self._engine_call(decode)
         target = await self.resolve(req.model, query)
 
         def tokenize(engine: Engine):
             tok = engine.tokenizer_for(target.expert)
             ids = [list(tok.encode(p)) if isinstance(p, str) else p for p in prompts]
-            texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+            for p in ids:
+                engine.check_prompt(p, target.expert)
+            texts = [p if isinstance(p, str) else tok.decode(p) if req.echo else ""
+                     for p in prompts]  # fmt: skip
             return ids, texts
 
         ids, texts = await self._engine_call(tokenize)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default
         return await self._serve("completion", req, http, target, ids, texts, req.echo,
-                                 req.max_tokens if req.max_tokens is not None else 16)  # fmt: skip
+                                 max_tokens)  # fmt: skip
 
     async def chat(self, req: ChatCompletionRequest, http: Request):
         refuse_unsupported(req)
@@ -173,7 +183,9 @@ class OpenAIServing:
             return [list(tok.encode(text, add_special_tokens=False))], [text]
 
         ids, texts = await self._engine_call(render)
-        max_tokens = req.max_completion_tokens or req.max_tokens
+        max_tokens = req.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = req.max_tokens
         if max_tokens is None:  # vLLM: the rest of the context (within the server's limit)
             max_tokens = max(1, min(self._limit(), self.engine.max_model_len - len(ids[0])))
         return await self._serve("chat", req, http, target, ids, texts, False, max_tokens)
@@ -183,13 +195,19 @@ class OpenAIServing:
     def _limit(self) -> int:
         return self.cfg.max_tokens_limit or self.engine.max_model_len
 
+    @staticmethod
+    def _check_choices(prompts: int, n: int | None) -> None:
+        if n is not None and prompts * n > MAX_CHOICES:
+            raise HTTPError(400, f"{prompts} prompt(s) × n={n} would make {prompts * n} "
+                            f"sequences; one request may make at most {MAX_CHOICES}: split it",
+                            param="n")  # fmt: skip
+
     async def _engine_call(self, fn):
         try:
             return await self.aengine.call(fn, self.engine)
         except ConfigError as e:
-            raise HTTPError(400, str(e)) from None
-        except EngineDead as e:
-            raise HTTPError(503, str(e), code="engine_unavailable") from None
+            code = "context_length_exceeded" if "context holds" in str(e) else None
+            raise HTTPError(400, str(e), code=code) from None
 
     async def _serve(self, kind, req, http, target, ids, texts, echo, max_tokens):
         if max_tokens < 1:
@@ -198,6 +216,13 @@ class OpenAIServing:
         if max_tokens > self._limit():
             raise HTTPError(400, f"max_tokens is {max_tokens} but this server allows at most "
                             f"{self._limit()}", param="max_tokens")  # fmt: skip
+        context = self.engine.max_model_len
+        longest = max(map(len, ids))
+        if longest + max_tokens > context:  # vLLM's rule: refuse rather than cut short
+            raise HTTPError(400, f"this model's context holds {context} tokens, but the request "
+                            f"asks for {longest + max_tokens} ({longest} in the prompt, "
+                            f"{max_tokens} to generate): lower max_tokens or shorten the prompt",
+                            param="max_tokens", code="context_length_exceeded")  # fmt: skip
         try:
             params = [sampling_params(req, max_tokens, j) for j in range(req.n)]
         except ConfigError as e:
@@ -219,15 +244,14 @@ class OpenAIServing:
             return added
 
         start = time.perf_counter()
+        collector = OutputCollector()
         try:
-            rids, queue = await self.aengine.submit(add_all)
+            await self.aengine.submit(add_all, collector)
         except ConfigError as e:
             code = "context_length_exceeded" if "context holds" in str(e) else None
             raise HTTPError(400, str(e), code=code) from None
-        except EngineDead as e:
-            raise HTTPError(503, str(e), code="engine_unavailable") from None
         choices = [_Choice(rid, k, i, started=start) for k, (rid, i, _) in enumerate(plan)]
-        job = _Job(kind, target, choices, queue, ids, texts, stops, echo, id=job_id)
+        job = _Job(kind, target, choices, collector, ids, texts, stops, echo, id=job_id)
         self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
         for c in choices:
             c.sent = texts[c.prompt] if echo else ""
@@ -237,17 +261,21 @@ class OpenAIServing:
 
     async def _collect(self, job: _Job, http: Request):
         pending = job.by_id()
+        watch = _watch_disconnect(http, job.collector)
         try:
             while pending:
-                out = await self._next(job.queue, http)
-                c = pending.get(out.request_id)
-                if c is None:
-                    continue
-                self._observe(job, c, out)
-                if out.finished:
-                    c.out = out
-                    del pending[out.request_id]
+                for out in await job.collector.get():
+                    c = pending.get(out.request_id)
+                    if c is None:
+                        continue
+                    self._observe(job, c, out)
+                    if out.finished:
+                        c.out = out
+                        del pending[out.request_id]
+        except ClientGone:
+            raise Disconnected() from None
         finally:  # the client left (or we fail): free their sequences now
+            watch.cancel()
             self._abandon(job, pending)
         failed = [c for c in job.choices if c.out.finish_reason == "error"]
         if failed:
@@ -257,52 +285,52 @@ class OpenAIServing:
                             code="expert_unavailable" if status == 503 else None)  # fmt: skip
         return JSONResponse(self._body(job))
 
-    async def _next(self, queue: asyncio.Queue, http: Request) -> RequestOutput:
-        while True:
-            try:
-                return await asyncio.wait_for(queue.get(), timeout=_POLL_S)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    raise Disconnected() from None
-
     async def _stream(self, job: _Job, req, http: Request):
         pending = job.by_id()
-        first: list[RequestOutput] = []
-        try:  # headers wait for the first output: an expert that cannot load is a plain 503
-            out = await self._next(job.queue, http)
-        except BaseException:
-            for rid in pending:
-                self.aengine.abort(rid)
+        # headers wait for the first output: an expert that cannot load is a plain 503
+        watch = _watch_disconnect(http, job.collector)
+        try:
+            first = await job.collector.get()
+        except BaseException as e:
+            self._abandon(job, pending)
+            if isinstance(e, ClientGone):
+                raise Disconnected() from None
             raise
-        if out.finish_reason == "error" and not out.token_ids:
-            for rid in pending:
-                self.aengine.abort(rid)
-            raise HTTPError(503, f"{job.target.name}: {out.error}", code="expert_unavailable")
-        first.append(out)
+        finally:  # from here on StreamingResponse listens for the disconnect itself
+            watch.cancel()
+        err = next((o for o in first if o.finish_reason == "error" and not o.token_ids), None)
+        if err is not None:
+            self._abandon(job, pending)
+            raise HTTPError(503, f"{job.target.name}: {err.error}", code="expert_unavailable")
         usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(self._events(job, pending, first, usage),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
+        return _ClosingStream(self._events(job, pending, first, usage),
+                              media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache"})  # fmt: skip
 
     async def _events(self, job: _Job, pending: dict[str, _Choice], first, usage: bool):
         try:
             for c in job.choices:  # the role (chat) or the echoed prompt of every choice
                 if job.kind == "chat" or c.sent:
                     yield _sse(self._chunk(job, c, opening=True))
-            while pending:
-                out = first.pop() if first else await job.queue.get()
-                c = pending.get(out.request_id)
-                if c is None:
-                    continue
-                self._observe(job, c, out)
-                if out.finished:
-                    del pending[out.request_id]
-                if out.finish_reason == "error":
-                    yield _sse(error_body(500, f"{job.target.name}: {out.error}"))
+            batch = first
+            while True:
+                for out in batch:
+                    c = pending.get(out.request_id)
+                    if c is None:
+                        continue
+                    self._observe(job, c, out)
+                    if out.finished:
+                        del pending[out.request_id]
+                    if out.finish_reason == "error":
+                        yield _sse(error_body(500, f"{job.target.name}: {out.error}"))
+                        yield "data: [DONE]\n\n"
+                        return
+                    delta = self._delta(job, c, out)
+                    if delta or out.finished:
+                        yield _sse(self._chunk(job, c, text=delta, finish=c.finish))
+                if not pending:
                     break
-                delta = self._delta(job, c, out)
-                if delta or out.finished:
-                    yield _sse(self._chunk(job, c, text=delta, finish=c.finish))
+                batch = await job.collector.get()
             if usage:
                 yield _sse({**self._head(job, chunk=True), "choices": [],
                             "usage": self._usage(job)})  # fmt: skip
@@ -311,9 +339,10 @@ class OpenAIServing:
             self._abandon(job, pending)
 
     def _abandon(self, job: _Job, pending: dict[str, _Choice]) -> None:
-        for rid in pending:
+        for rid in list(pending):
             self.aengine.abort(rid)
             self.metrics.requests.labels(job.target.name, "abort").inc()
+        pending.clear()
 
     # formatting --------------------------------------------------------------------------
 
@@ -345,8 +374,10 @@ class OpenAIServing:
             hold = max((len(s) for s in job.stops), default=1) - 1
             if hold:
                 text = text[: max(len(c.sent), len(text) - hold)]
-        if not text.startswith(c.sent):  # the tokenizer re-decoded earlier text; keep going
+        if len(text) <= len(c.sent):
             return ""
+        # (a tokenizer that re-decodes earlier text differently cannot unsend it: the rest
+        # still goes out, so that no generated text is dropped)
         delta, c.sent = text[len(c.sent) :], text
         return delta
 
@@ -393,7 +424,33 @@ class OpenAIServing:
 
 
 class Disconnected(Exception):
-    """The client of a non-streaming request went away."""
+    """The client went away before its answer was sent."""
+
+
+class _ClosingStream(StreamingResponse):
+    """Closes its event generator when the response ends, however it ends (a disconnect
+    cancels the response while the generator may sit at a `yield`): its clean-up — aborting
+    the requests — runs now, not when the garbage collector gets to it."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _watch_disconnect(http: Request, collector: OutputCollector) -> asyncio.Task:
+    """A task that closes `collector` when the client disconnects (the body is read already,
+    so the next ASGI message is the disconnect)."""
+
+    async def watch():
+        while True:
+            msg = await http.receive()
+            if msg["type"] == "http.disconnect":
+                collector.close()
+                return
+
+    return asyncio.ensure_future(watch())
 
 
 def _sse(obj: dict) -> str:

