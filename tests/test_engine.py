@@ -153,6 +153,35 @@ def test_preemption_under_kv_pressure_keeps_tokens(llama, solo):
             assert len(out.prompt_token_ids) + n == eng.max_model_len
 
 
+def test_logprobs_survive_batching_and_preemption(llama):
+    """Each request's generated and prompt logprobs in a mixed batch under KV pressure equal
+    those it gets alone; the prompt's are computed once (not again after a preemption)."""
+    base, experts = llama
+    ps = prompts(3, lengths=(11, 29, 13))
+    names = {"e0": experts[0][0], "e1": experts[1][0]}
+    sp = SamplingParams(temperature=0.0, max_tokens=24, logprobs=2, prompt_logprobs=1)
+    roomy = Engine(base, names)
+    reqs = [(2, "e0"), (1, "e1"), (0, None)]
+    alone = {(i, e): roomy.generate(ps[i], e, sp)[0] for i, e in reqs}
+    tight = Engine(base, names, num_kv_blocks=6, block_size=8, max_model_len=48)
+    preempted = []
+    real = tight.scheduler.preempt
+    tight.scheduler.preempt = lambda r: (preempted.append(r.request_id), real(r))
+    outs = tight.generate([ps[i] for i, _ in reqs], [e for _, e in reqs], sp)
+    assert preempted  # the pressure this test is about did happen
+    for (i, e), out in zip(reqs, outs):
+        ref = alone[(i, e)]
+        n = len(out.token_ids)
+        assert out.token_ids == ref.token_ids[:n] and len(out.logprobs) == n
+        for a, b in zip(out.logprobs, ref.logprobs):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+            assert [t for t, _ in a.top] == [t for t, _ in b.top] and len(a.top) == 2
+            assert a.logprob == max(a.logprob, a.top[0][1])  # greedy: the most likely token
+        assert len(out.prompt_logprobs) == len(ps[i]) and out.prompt_logprobs[0] is None
+        for a, b, t in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:], ps[i][1:]):
+            assert a.token_id == t == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+
+
 def test_memory_holds_packed_parts_only(llama_engine, llama):
     _, experts = llama
     llama_engine.generate(prompts(1), expert="e0", sampling=SamplingParams(max_tokens=2))

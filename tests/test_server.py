@@ -190,6 +190,63 @@ def test_token_id_prompts(client, reference):
     assert r.choices[0].text == alone(reference, ids, "code", 10)
 
 
+def test_completion_logprobs_with_echo_equal_transformers(family, client, reference, tmp_path):
+    """lm-eval's loglikelihood request (echo + logprobs): every prompt and generated token's
+    logprob against transformers on the checkpoint rebuilt from the same archive."""
+    from transformers import AutoModelForCausalLM
+
+    from expertswitch.compress import reconstruct
+
+    base, archives, _ = family
+    prompt = "def total(values):\n    return"
+    r = client.completions.create(model="math", prompt=prompt, max_tokens=4, temperature=0,
+                                  echo=True, logprobs=3)  # fmt: skip
+    lp = r.choices[0].logprobs
+    ids = reference.tokenizer.encode(prompt)
+    gen = alone_output(reference, prompt, "math", 4).token_ids
+    full = ids + gen
+    assert len(lp.tokens) == len(full) and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == r.choices[0].text  # token texts tile the echoed text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(full))]
+    rec = reconstruct(base, archives["math"], tmp_path / "math-rec", progress=False,
+                      dtype=torch.float32)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(rec, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), -1)
+    tok = reference.tokenizer
+    checked = 0
+    for i in range(1, len(full)):
+        assert abs(lp.token_logprobs[i] - want[i - 1, full[i]].item()) < 2e-3, i
+        top_ids = want[i - 1].topk(3).indices.tolist()
+        texts = [tok.decode([t]) for t in top_ids]
+        got = lp.top_logprobs[i]
+        assert len(got) <= 4 and got[tok.decode([full[i]])] == lp.token_logprobs[i]
+        if len(set(texts)) == 3:  # (ids that decode alike share one key, as in vLLM)
+            for t, text in zip(top_ids, texts):
+                assert abs(got[text] - want[i - 1, t].item()) < 2e-3, (i, text)
+            checked += 1
+    assert checked >= len(full) // 2
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    kw = dict(model="code", messages=[{"role": "user", "content": "def f(x):"}], max_tokens=6,
+              temperature=0, logprobs=True, top_logprobs=2,
+              extra_body={"ignore_eos": True})  # fmt: skip
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 == r.usage.completion_tokens
+    for e in content:  # greedy: the chosen token is the most likely one
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.token == e.top_logprobs[0].token and e.logprob == e.top_logprobs[0].logprob
+        assert e.logprob <= 0 and bytes(e.bytes).decode("utf-8") == e.token
+    streamed = []
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+
 def test_auto_routes_clear_queries_to_their_expert(client):
     queries = {"math": "Q: Sam has 14 apples and buys 23 more. How many apples does he have?",
                "code": "def parse(line):\n    fields = line.split(',')\n    return fields[0]",
@@ -331,7 +388,9 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"model": "math", "prompt": [999999]}, 400, "outside the vocabulary"),
     ({"model": "math", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "math", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ({"model": "math", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ({"model": "math", "prompt": "x", "logprobs": 21}, 400, "logprobs must be"),
+    ({"model": "math", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     400, "needs logprobs"),
     ({"model": "math"}, 400, "prompt is required"),
     ({"model": "math", "prompt": "x", "n": 0}, 400, "n must be"),
     ({"model": "auto", "prompt": ["a", "b"]}, 400, "one prompt"),

@@ -33,7 +33,7 @@ from expertswitch.engine.pool import ExpertLoadError, ExpertPool, PoolError, Poo
 from expertswitch.engine.registry import ExpertRegistry, eos_ids
 from expertswitch.engine.request import Request, RequestOutput, Status
 from expertswitch.engine.runner import ModelRunner
-from expertswitch.engine.sampler import SamplingFailure, sample
+from expertswitch.engine.sampler import SamplingFailure, logprobs_of, sample
 from expertswitch.engine.sampling import SamplingParams
 from expertswitch.engine.scheduler import Scheduler
 from expertswitch.engine.tokenizer import load_tokenizer
@@ -242,13 +242,27 @@ class Engine:
         live = [r for r in reqs if r.status is Status.RUNNING]
         if live:
             logits = self.runner.run(live, {None: None, **self._held})
-            for r, tok in zip(live, sample(logits, live)):
+            tokens = sample(logits, live)
+            self._record_logprobs(logits, live, tokens)
+            for r, tok in zip(live, tokens):
                 if isinstance(tok, SamplingFailure):
                     self._finish(r, "error", str(tok))
                 else:
                     self._append(r, tok)
         self._release_idle()
         return self._outputs(reqs)
+
+    @staticmethod
+    def _record_logprobs(logits: torch.Tensor, reqs: list[Request], tokens: list) -> None:
+        want = [i for i, r in enumerate(reqs) if r.sampling.logprobs is not None
+                and not isinstance(tokens[i], SamplingFailure)]  # fmt: skip
+        if not want:
+            return
+        k = max(reqs[i].sampling.logprobs for i in want)
+        rows = logits.index_select(0, torch.tensor(want, device=logits.device))
+        for i, lp in zip(want, logprobs_of(rows, [tokens[i] for i in want], k)):
+            lp.top = lp.top[: reqs[i].sampling.logprobs]
+            reqs[i].logprobs.append(lp)
 
     def _acquire(self, names: set[str]) -> tuple[dict[str, str], set[str]]:
         """Make this step's experts resident and in use; (failed: name → why, deferred)."""

@@ -35,6 +35,8 @@ class Request:
     preemptions: int = 0
     generator: torch.Generator | None = None
     emitted: int = 0  # output tokens already reported by step()
+    logprobs: list[Logprob] = field(default_factory=list)  # one per output token, if asked
+    prompt_logprobs: list[Logprob | None] | None = None  # one per prompt token, if asked
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -53,6 +55,16 @@ class Request:
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability under the model (before temperature, top-k and top-p, as
+    vLLM reports it) and the `k` most likely tokens at that position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -65,9 +77,15 @@ class RequestOutput:
     error: str | None = None
     stop_reason: str | int | None = None
     prompt: str | None = None  # the prompt's text, when it was given as text
+    new_logprobs: list[Logprob] = field(default_factory=list)  # of new_token_ids, if asked
+    prompt_logprobs: list[Logprob | None] | None = None  # if asked (first token: None)
+    logprobs: list[Logprob] | None = None  # of all token_ids: on the final output, if asked
 
     @classmethod
     def of(cls, r: Request, new: list[int]) -> RequestOutput:
+        lps = r.logprobs[len(r.logprobs) - len(new) :] if r.sampling.logprobs is not None else []
         return cls(r.request_id, r.prompt_token_ids, list(r.output_token_ids), r.text, r.expert,
-                   r.finished, r.finish_reason, new, r.error, r.stop_reason,
-                   r.prompt)  # fmt: skip
+                   r.finished, r.finish_reason, new, r.error, r.stop_reason, r.prompt, lps,
+                   r.prompt_logprobs,
+                   list(r.logprobs) if r.finished and r.sampling.logprobs is not None
+                   else None)  # fmt: skip

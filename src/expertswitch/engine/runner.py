@@ -8,6 +8,7 @@ import torch
 
 from expertswitch.engine.kv_cache import BlockManager
 from expertswitch.engine.request import Request
+from expertswitch.engine.sampler import logprobs_of
 from expertswitch.models.context import AttentionBatch, ExpertBatch, StepContext
 from expertswitch.models.decoder import Decoder
 from expertswitch.models.expert_weights import ExpertWeights
@@ -67,11 +68,33 @@ class ModelRunner:
         return self._tensor(ids), StepContext(eb, attention), last_eb
 
     def run(self, reqs: list[Request], experts: dict[str | None, ExpertWeights]) -> torch.Tensor:
-        """→ fp32 logits [B, V], one row per request; marks their tokens as cached."""
+        """→ fp32 logits [B, V], one row per request; marks their tokens as cached. A request
+        that asks for prompt logprobs gets them on its first prefill."""
         ids, ctx, last_eb = self.prepare(reqs, experts)
         hidden = self.model.forward(ids, ctx, self.kv_cache)
         ends = torch.cumsum(self._tensor(ctx.attention.q_lens), 0) - 1
         logits = self.model.logits(hidden.index_select(0, ends), last_eb)
+        start = 0
+        for r, n, slot in zip(reqs, ctx.attention.q_lens, last_eb.row_slot.tolist()):
+            k = r.sampling.prompt_logprobs
+            if k is not None and r.prompt_logprobs is None and r.num_cached == 0:
+                r.prompt_logprobs = self._prompt_logprobs(r, hidden[start : start + n], slot,
+                                                          last_eb, k)  # fmt: skip
+            start += n
         for r in reqs:
             r.num_cached = r.num_tokens
         return logits
+
+    def _prompt_logprobs(self, r: Request, hidden, slot: int, like: ExpertBatch, k: int):
+        """Position t's logits score prompt token t+1 (the first token has none), in chunks of
+        rows so that a long prompt holds [chunk, V] logits, not [P, V]."""
+        prompt = r.prompt_token_ids
+        out: list = [None]
+        chunk = 256
+        for a in range(0, len(prompt) - 1, chunk):
+            b = min(a + chunk, len(prompt) - 1)
+            eb = ExpertBatch.build(like.experts, self._tensor([slot] * (b - a)))
+            eb.tables = like.tables
+            logits = self.model.logits(hidden[a:b], eb)
+            out += logprobs_of(logits, prompt[a + 1 : b + 1], k)
+        return out

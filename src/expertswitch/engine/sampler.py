@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from expertswitch.engine.request import Request
+from expertswitch.engine.request import Logprob, Request
 
 
 class SamplingFailure(str):
@@ -42,3 +42,13 @@ def _sample_row(row: torch.Tensor, req: Request) -> int:
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs.cpu(), 1, generator=req.generator))
+
+
+def logprobs_of(logits: torch.Tensor, tokens: list[int], k: int) -> list[Logprob]:
+    """logits fp32 [N, V] and the token chosen after each row → each token's log-probability
+    under the row's distribution and the row's top-k tokens."""
+    lsm = torch.log_softmax(logits, dim=-1)  # [N, V]
+    chosen = lsm.gather(1, torch.tensor(tokens, device=lsm.device)[:, None])[:, 0].tolist()
+    top_v, top_i = lsm.topk(k, dim=-1) if k else (lsm[:, :0], lsm[:, :0].long())
+    rows = zip(tokens, chosen, top_i.tolist(), top_v.tolist())
+    return [Logprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in rows]

@@ -19,6 +19,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # per generated token: its logprob and the top-k (0: its own)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -40,6 +42,11 @@ class SamplingParams:
             raise ConfigError("stop strings must be non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ConfigError("stop_token_ids must be non-negative integers")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+                raise ConfigError(f"{name} must be an integer from 0 to {MAX_LOGPROBS}, got "
+                                  f"{k!r}")  # fmt: skip
 
     @property
     def greedy(self) -> bool:
@@ -48,6 +55,7 @@ class SamplingParams:
 
 
 _GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs (and OpenAI's top_logprobs limit)
 
 
 def _is_int(v) -> bool:

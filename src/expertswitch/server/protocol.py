@@ -95,11 +95,11 @@ def refuse_unsupported(req: _Request) -> None:
         "skip_special_tokens": req.skip_special_tokens is False,
     }
     if isinstance(req, CompletionRequest):
-        unsupported["logprobs"] = req.logprobs is not None
         unsupported["suffix"] = bool(req.suffix)
     else:
         assert isinstance(req, ChatCompletionRequest)
-        unsupported["logprobs"] = bool(req.logprobs) or bool(req.top_logprobs)
+        if req.top_logprobs and not req.logprobs:
+            raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         unsupported["tools"] = bool(req.tools) and req.tool_choice not in (None, "none")
         fmt = (req.response_format or {}).get("type", "text")
         unsupported["response_format"] = fmt != "text"
@@ -113,10 +113,20 @@ def refuse_unsupported(req: _Request) -> None:
         raise HTTPError(400, "best_of is not supported unless it equals n", param="best_of")
 
 
+def logprob_counts(req: _Request) -> tuple[int | None, int | None]:
+    """(logprobs, prompt_logprobs) for the engine: how many top tokens per generated / prompt
+    token (None: not asked). Prompt logprobs come with a completion's echo."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs, (req.logprobs if req.echo and req.logprobs is not None else None)
+    assert isinstance(req, ChatCompletionRequest)
+    return ((req.top_logprobs or 0) if req.logprobs else None), None
+
+
 def sampling_params(req: _Request, max_tokens: int, choice: int) -> SamplingParams:
     """The engine's SamplingParams for choice `choice` of `req` (ConfigError when invalid).
     A seeded request with n > 1 seeds its choices seed, seed+1, ... so they differ."""
     seed = None if req.seed is None else (req.seed + choice) % 2**63
+    logprobs, prompt_logprobs = logprob_counts(req)
     return SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -127,6 +137,8 @@ def sampling_params(req: _Request, max_tokens: int, choice: int) -> SamplingPara
         stop_token_ids=req.stop_token_ids or [],
         ignore_eos=req.ignore_eos,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 

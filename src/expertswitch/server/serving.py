@@ -22,10 +22,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from expertswitch.engine import Engine
-from expertswitch.engine.request import RequestOutput
+from expertswitch.engine.request import Logprob, RequestOutput
 from expertswitch.errors import ConfigError
 from expertswitch.server.async_engine import AsyncEngine, ClientGone, OutputCollector
 from expertswitch.server.errors import HTTPError, error_body
+from expertswitch.server.logprobs import LogprobFormatter
 from expertswitch.server.metrics import Metrics
 from expertswitch.server.protocol import (
     ChatCompletionRequest,
@@ -68,6 +69,10 @@ class _Choice:
     last: float | None = None
     finish: str | None = None
     out: RequestOutput | None = None
+    lps: list[Logprob] = field(default_factory=list)  # of the generated tokens, if asked
+    plps: list | None = None  # of the prompt tokens, if asked (echo)
+    lp_sent: int = -1  # streaming: logprobs entries already sent (−1: the prompt's too)
+    lp_offset: int = 0  # streaming: text offset of the next token
 
 
 @dataclass
@@ -80,6 +85,7 @@ class _Job:
     prompt_texts: list[str]
     stops: list[str]
     echo: bool
+    logprobs: LogprobFormatter | None = None  # when the request asks for logprobs
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -153,12 +159,12 @@ class OpenAIServing:
                 engine.check_prompt(p, target.expert)
             texts = [p if isinstance(p, str) else tok.decode(p) if req.echo else ""
                      for p in prompts]  # fmt: skip
-            return ids, texts
+            return ids, texts, tok
 
-        ids, texts = await self._engine_call(tokenize)
+        ids, texts, tok = await self._engine_call(tokenize)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default
         return await self._serve("completion", req, http, target, ids, texts, req.echo,
-                                 max_tokens)  # fmt: skip
+                                 max_tokens, tok)  # fmt: skip
 
     async def chat(self, req: ChatCompletionRequest, http: Request):
         refuse_unsupported(req)
@@ -180,15 +186,15 @@ class OpenAIServing:
             except Exception as e:  # jinja: a role or layout the template refuses
                 raise ConfigError(f"the chat template cannot render these messages: {e}") from e
             # the template writes its own special tokens (BOS...): encode without adding more
-            return [list(tok.encode(text, add_special_tokens=False))], [text]
+            return [list(tok.encode(text, add_special_tokens=False))], [text], tok
 
-        ids, texts = await self._engine_call(render)
+        ids, texts, tok = await self._engine_call(render)
         max_tokens = req.max_completion_tokens
         if max_tokens is None:
             max_tokens = req.max_tokens
         if max_tokens is None:  # vLLM: the rest of the context (within the server's limit)
             max_tokens = max(1, min(self._limit(), self.engine.max_model_len - len(ids[0])))
-        return await self._serve("chat", req, http, target, ids, texts, False, max_tokens)
+        return await self._serve("chat", req, http, target, ids, texts, False, max_tokens, tok)
 
     # the common path ---------------------------------------------------------------------
 
@@ -209,7 +215,7 @@ class OpenAIServing:
             code = "context_length_exceeded" if "context holds" in str(e) else None
             raise HTTPError(400, str(e), code=code) from None
 
-    async def _serve(self, kind, req, http, target, ids, texts, echo, max_tokens):
+    async def _serve(self, kind, req, http, target, ids, texts, echo, max_tokens, tok):
         if max_tokens < 1:
             raise HTTPError(400, f"max_tokens must be at least 1, got {max_tokens}",
                             param="max_tokens")  # fmt: skip
@@ -251,7 +257,8 @@ class OpenAIServing:
             code = "context_length_exceeded" if "context holds" in str(e) else None
             raise HTTPError(400, str(e), code=code) from None
         choices = [_Choice(rid, k, i, started=start) for k, (rid, i, _) in enumerate(plan)]
-        job = _Job(kind, target, choices, collector, ids, texts, stops, echo, id=job_id)
+        fmt = LogprobFormatter(tok) if params[0].logprobs is not None else None
+        job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, id=job_id)
         self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
         for c in choices:
             c.sent = texts[c.prompt] if echo else ""
@@ -326,8 +333,9 @@ class OpenAIServing:
                         yield "data: [DONE]\n\n"
                         return
                     delta = self._delta(job, c, out)
-                    if delta or out.finished:
-                        yield _sse(self._chunk(job, c, text=delta, finish=c.finish))
+                    lp = self._stream_logprobs(job, c)
+                    if delta or out.finished or lp is not None:
+                        yield _sse(self._chunk(job, c, text=delta, finish=c.finish, lp=lp))
                 if not pending:
                     break
                 batch = await job.collector.get()
@@ -358,6 +366,9 @@ class OpenAIServing:
             c.tokens += n_new
             c.last = now
             m.generation_tokens.labels(name).inc(n_new)
+        c.lps.extend(out.new_logprobs)
+        if c.plps is None and out.prompt_logprobs is not None:
+            c.plps = out.prompt_logprobs
         if out.finished:
             c.finish = {"abort": "abort", "error": "error"}.get(out.finish_reason,
                                                                 out.finish_reason)  # fmt: skip
@@ -390,14 +401,44 @@ class OpenAIServing:
             head["routing"] = job.target.route
         return head
 
-    def _chunk(self, job: _Job, c: _Choice, text: str = "", finish=None, opening=False):
+    def _entries(self, job: _Job, c: _Choice, start: int) -> list:
+        """(token id, Logprob | None) of a completion choice from `start` (−1: with the
+        prompt's, when echoed)."""
+        out = []
+        if start < 0:
+            if job.echo and c.plps is not None:
+                out += list(zip(job.prompt_tokens[c.prompt], c.plps))
+            start = 0
+        return out + [(lp.token_id, lp) for lp in c.lps[start:]]
+
+    def _stream_logprobs(self, job: _Job, c: _Choice) -> dict | None:
+        if job.logprobs is None or c.lp_sent == len(c.lps):
+            return None
+        if job.kind == "chat":
+            lp = job.logprobs.chat(c.lps[max(0, c.lp_sent) :])
+        else:
+            entries = self._entries(job, c, c.lp_sent)
+            lp = job.logprobs.completion(entries, c.lp_offset)
+            c.lp_offset += sum(len(t) for t in lp["tokens"])
+        c.lp_sent = len(c.lps)
+        return lp
+
+    def _choice_logprobs(self, job: _Job, c: _Choice) -> dict | None:
+        if job.logprobs is None:
+            return None
+        if job.kind == "chat":
+            return job.logprobs.chat(c.lps)
+        return job.logprobs.completion(self._entries(job, c, -1), 0)
+
+    def _chunk(self, job: _Job, c: _Choice, text: str = "", finish=None, opening=False,
+               lp: dict | None = None):  # fmt: skip
         if job.kind == "chat":
             delta = {"role": "assistant", "content": ""} if opening else {"content": text}
-            choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             if opening:
                 text = c.sent  # the echoed prompt, or nothing
-            choice = {"index": c.index, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}
         if finish is not None and c.out is not None and c.out.stop_reason is not None:
             choice["stop_reason"] = c.out.stop_reason
         return {**self._head(job, chunk=True), "choices": [choice]}
@@ -406,8 +447,8 @@ class OpenAIServing:
         choices = []
         for c in job.choices:
             text = (job.prompt_texts[c.prompt] if job.echo else "") + (c.out.text or "")
-            base = {"index": c.index, "logprobs": None, "finish_reason": c.finish,
-                    "stop_reason": c.out.stop_reason}  # fmt: skip
+            base = {"index": c.index, "logprobs": self._choice_logprobs(job, c),
+                    "finish_reason": c.finish, "stop_reason": c.out.stop_reason}  # fmt: skip
             if job.kind == "chat":
                 base["message"] = {"role": "assistant", "content": text}
             else:
