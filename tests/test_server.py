@@ -229,6 +229,18 @@ def test_completion_logprobs_with_echo_equal_transformers(family, client, refere
     assert checked >= len(full) // 2
 
 
+def test_echo_with_zero_max_tokens_scores_the_prompt_alone(client):
+    kw = dict(model="prose", prompt="The import statement", max_tokens=0, echo=True,
+              logprobs=1, temperature=0)  # fmt: skip
+    r = client.completions.create(**kw)
+    c = r.choices[0]
+    assert c.text == "The import statement" and r.usage.completion_tokens == 0
+    assert "".join(c.logprobs.tokens) == c.text and c.logprobs.token_logprobs[0] is None
+    assert all(v < 0 for v in c.logprobs.token_logprobs[1:])
+    streamed = client.completions.create(**kw, stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == c.text
+
+
 def test_chat_logprobs_streamed_and_not(client):
     kw = dict(model="code", messages=[{"role": "user", "content": "def f(x):"}], max_tokens=6,
               temperature=0, logprobs=True, top_logprobs=2,

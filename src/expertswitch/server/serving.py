@@ -86,6 +86,7 @@ class _Job:
     stops: list[str]
     echo: bool
     logprobs: LogprobFormatter | None = None  # when the request asks for logprobs
+    score_only: bool = False  # echo with max_tokens 0: the generated token is not shown
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -216,9 +217,12 @@ class OpenAIServing:
             raise HTTPError(400, str(e), code=code) from None
 
     async def _serve(self, kind, req, http, target, ids, texts, echo, max_tokens, tok):
+        score_only = echo and max_tokens == 0  # vLLM: the prompt (and its logprobs) alone
+        if score_only:
+            max_tokens = 1  # the engine generates one token that nobody is shown
         if max_tokens < 1:
-            raise HTTPError(400, f"max_tokens must be at least 1, got {max_tokens}",
-                            param="max_tokens")  # fmt: skip
+            raise HTTPError(400, f"max_tokens must be at least 1 (0 only with echo), got "
+                            f"{max_tokens}", param="max_tokens")  # fmt: skip
         if max_tokens > self._limit():
             raise HTTPError(400, f"max_tokens is {max_tokens} but this server allows at most "
                             f"{self._limit()}", param="max_tokens")  # fmt: skip
@@ -258,7 +262,8 @@ class OpenAIServing:
             raise HTTPError(400, str(e), code=code) from None
         choices = [_Choice(rid, k, i, started=start) for k, (rid, i, _) in enumerate(plan)]
         fmt = LogprobFormatter(tok) if params[0].logprobs is not None else None
-        job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, id=job_id)
+        job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, score_only,
+                   id=job_id)  # fmt: skip
         self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
         for c in choices:
             c.sent = texts[c.prompt] if echo else ""
@@ -357,7 +362,7 @@ class OpenAIServing:
     def _observe(self, job: _Job, c: _Choice, out: RequestOutput) -> None:
         now = time.perf_counter()
         m, name = self.metrics, job.target.name
-        n_new = len(out.new_token_ids)
+        n_new = 0 if job.score_only else len(out.new_token_ids)
         if n_new:
             if c.tokens == 0:
                 m.ttft.labels(name).observe(now - c.started)
@@ -366,7 +371,8 @@ class OpenAIServing:
             c.tokens += n_new
             c.last = now
             m.generation_tokens.labels(name).inc(n_new)
-        c.lps.extend(out.new_logprobs)
+        if not job.score_only:
+            c.lps.extend(out.new_logprobs)
         if c.plps is None and out.prompt_logprobs is not None:
             c.plps = out.prompt_logprobs
         if out.finished:
@@ -379,7 +385,7 @@ class OpenAIServing:
     def _delta(self, job: _Job, c: _Choice, out: RequestOutput) -> str:
         """New text safe to send: not a partial UTF-8 character and not what could still turn
         out to be the start of a stop string (vLLM holds those back the same way)."""
-        text = (job.prompt_texts[c.prompt] if job.echo else "") + (out.text or "")
+        text = (job.prompt_texts[c.prompt] if job.echo else "") + _generated(job, out)
         if not out.finished:
             text = text.rstrip("\ufffd")
             hold = max((len(s) for s in job.stops), default=1) - 1
@@ -446,7 +452,7 @@ class OpenAIServing:
     def _body(self, job: _Job) -> dict:
         choices = []
         for c in job.choices:
-            text = (job.prompt_texts[c.prompt] if job.echo else "") + (c.out.text or "")
+            text = (job.prompt_texts[c.prompt] if job.echo else "") + _generated(job, c.out)
             base = {"index": c.index, "logprobs": self._choice_logprobs(job, c),
                     "finish_reason": c.finish, "stop_reason": c.out.stop_reason}  # fmt: skip
             if job.kind == "chat":
@@ -492,6 +498,10 @@ def _watch_disconnect(http: Request, collector: OutputCollector) -> asyncio.Task
                 return
 
     return asyncio.ensure_future(watch())
+
+
+def _generated(job: _Job, out: RequestOutput) -> str:
+    return "" if job.score_only else out.text or ""
 
 
 def _sse(obj: dict) -> str:
