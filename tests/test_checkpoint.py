@@ -30,10 +30,82 @@ def test_reads_sharded_checkpoint(tmp_path):
     assert all(torch.equal(ck.get(n), state[n]) for n in ck.names())
 
 
-def test_fingerprint_is_stable_and_tells_models_apart(llama_pair):
-    base_dir, expert_dir = llama_pair
-    assert open_checkpoint(base_dir).fingerprint() == open_checkpoint(base_dir).fingerprint()
-    assert open_checkpoint(base_dir).fingerprint() != open_checkpoint(expert_dir).fingerprint()
+def test_fingerprint_is_stable_and_independent_of_sharding(llama_pair, tmp_path):
+    from safetensors.torch import load_file
+
+    base_dir, _ = llama_pair
+    fp = open_checkpoint(base_dir).fingerprint()
+    assert fp == open_checkpoint(base_dir).fingerprint()
+    state = load_file(str(base_dir / "model.safetensors"))
+    names = sorted(state)
+    resharded = tmp_path / "sharded"
+    _write_shards(resharded, base_dir, [{n: state[n] for n in names[:7]},
+                                        {n: state[n] for n in names[7:]}])  # fmt: skip
+    assert open_checkpoint(resharded).fingerprint() == fp  # same weights, other files
+
+
+def _write_shards(out, like, shards) -> None:
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    shutil.copyfile(like / "config.json", out / "config.json")
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(out / name))
+        weight_map.update({k: name for k in shard})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("change", ["middle_rows", "norms_only", "embedding_rows"])
+def test_fingerprint_catches_a_base_that_differs_in_few_places(llama_pair, tmp_path, change):
+    """What the old row-sampling fingerprint let through: a base differing only in rows it did
+    not sample (not 0, N/2 or N−1), only in its norms (3 of their elements were hashed), or in a
+    few re-initialised embedding rows."""
+    from safetensors.torch import load_file, save_file
+
+    base_dir, _ = llama_pair
+    state = load_file(str(base_dir / "model.safetensors"))
+    if change == "middle_rows":
+        w = state["model.layers.0.self_attn.q_proj.weight"]
+        w[5] += 1e-3  # row 5 of 64: not a row the old scheme read
+        w[40] -= 1e-3
+    elif change == "norms_only":
+        for n in state:
+            if n.endswith("norm.weight"):
+                state[n][7] *= 1.01  # element 7: not the first, middle or last
+    else:
+        state["model.embed_tokens.weight"][[11, 12, 200]] = torch.randn(3, 64)
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file(state, str(other / "model.safetensors"))
+    (other / "config.json").write_bytes((base_dir / "config.json").read_bytes())
+    assert open_checkpoint(other).fingerprint() != open_checkpoint(base_dir).fingerprint()
+
+
+def test_fingerprint_cache_follows_the_files(llama_pair, tmp_path, monkeypatch):
+    """The cached fingerprint is reused only while the weight files are unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    import expertswitch.io.checkpoint as ckpt
+
+    monkeypatch.setenv("EXPERTSWITCH_CACHE", str(tmp_path / "cache"))
+    base_dir, _ = llama_pair
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    state = load_file(str(base_dir / "model.safetensors"))
+    save_file(state, str(copy / "model.safetensors"))
+    (copy / "config.json").write_bytes((base_dir / "config.json").read_bytes())
+    first = open_checkpoint(copy).fingerprint()
+    ckpt._FINGERPRINTS.clear()  # a new process: only the on-disk cache
+    assert open_checkpoint(copy).fingerprint() == first
+    assert list((tmp_path / "cache" / "fingerprints").iterdir())
+    state["model.norm.weight"][3] += 1.0
+    save_file(state, str(copy / "model.safetensors"))
+    assert open_checkpoint(copy).fingerprint() != first
 
 
 def test_missing_directory(tmp_path):

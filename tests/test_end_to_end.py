@@ -11,7 +11,7 @@ from conftest import logits, model_class, save_pair, tiny_config
 from expertswitch.cli import main
 from expertswitch.compress import CompressOptions, compress_expert, make_method, reconstruct
 from expertswitch.compress.calibration import CalibOptions
-from expertswitch.errors import ArchiveError, CompatibilityError
+from expertswitch.errors import ArchiveError, CompatibilityError, ExpertSwitchError
 from expertswitch.io.archive import open_archive
 
 OPTS = CompressOptions(calib=CalibOptions(tokens=1024, seq_len=64, sample_rows=128), progress=False)
@@ -141,7 +141,7 @@ def test_not_an_archive_and_future_version(tmp_path, archive_dir):
 
 def test_existing_output_is_not_overwritten(tmp_path, llama_pair, archive_dir):
     base_dir, expert_dir = llama_pair
-    with pytest.raises(ArchiveError, match="exists and is not empty"):
+    with pytest.raises(ExpertSwitchError, match="exists and is not empty"):
         compress_expert(base_dir, expert_dir, archive_dir, make_method("rtn"), OPTS)
     assert open_archive(archive_dir).manifest["method"]["method"] == "mixed"
 

@@ -1,7 +1,8 @@
 """Fuzzing the engine's archive loader: a tampered manifest or delta file either loads into
 parts a kernel can trust or is refused with an ExpertSwitchError, and the engine fails only that
-expert's requests. (Checksums protect the parts' bytes; nothing but these checks protects the
-manifest's shapes and parameters, which a kernel would trust.)"""
+expert's requests. The manifest's seal refuses any plain edit (tests/test_archive_safety.py);
+here edits are resealed, as a consistent rewrite would be, so that the checks behind the seal —
+shapes and parameters a kernel would trust — are what is tested."""
 
 import json
 import shutil
@@ -18,6 +19,7 @@ from expertswitch.compress import CompressOptions, compress_expert, make_method
 from expertswitch.compress.calibration import CalibOptions
 from expertswitch.engine import Engine, SamplingParams
 from expertswitch.errors import ExpertSwitchError
+from expertswitch.io.archive import sealed
 from expertswitch.io.checkpoint import open_checkpoint
 from expertswitch.kernels.delta_cpu import packed_matmul
 from expertswitch.models.expert_weights import load_expert
@@ -76,7 +78,8 @@ def test_tampered_manifest_loads_consistently_or_is_refused(archive, data):
             record.pop(field, None)
         else:
             record[field] = data.draw(VALUES)
-        (path / "expert.json").write_text(json.dumps(manifest))
+        # resealed: what a consistent edit looks like, so the checks behind the seal run
+        (path / "expert.json").write_text(json.dumps(sealed(manifest)))
         _load_or_refuse(path, fingerprint, shapes)
 
 
@@ -117,7 +120,7 @@ def test_engine_serves_the_others_when_a_manifest_lies(archive, tmp_path):
     manifest = json.loads((bad / "expert.json").read_text())
     name = next(n for n, r in manifest["tensors"].items() if r["kind"] == "quantized")
     manifest["tensors"][name]["bits"] = 4  # planes stored for 3 bits
-    (bad / "expert.json").write_text(json.dumps(manifest))
+    (bad / "expert.json").write_text(json.dumps(sealed(manifest)))
     eng = Engine(base, {"good": arch, "bad": bad})
     sp = SamplingParams(temperature=0.0, max_tokens=4)
     outs = eng.generate([[5, 6, 7]] * 3, ["good", "bad", None], sp)
@@ -209,7 +212,7 @@ def test_manifest_vocabulary_is_checked_against_the_stored_embedding(archive, tm
     path = rewrite(arch, tmp_path / "emb", grown_embedding)
     manifest = json.loads((path / "expert.json").read_text())
     manifest["tensors"]["model.embed_tokens.weight"]["shape"] = [1256, 64]
-    (path / "expert.json").write_text(json.dumps(manifest))
+    (path / "expert.json").write_text(json.dumps(sealed(manifest)))
     eng = Engine(base, {"x": path})
     out = eng.generate([5, 900], "x", SamplingParams(temperature=0.0, max_tokens=2))[0]
     assert out.finish_reason == "error" and "does not fit" in out.error

@@ -9,46 +9,73 @@ import sys
 from expertswitch.errors import ExpertSwitchError
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default; flags whose default depends on the method say so in words."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# compress flags that configure a method, and the config field each sets
+METHOD_FLAGS = {"bits": "--bits", "group_size": "--group-size", "salient": "--salient",
+                "symmetric": "--symmetric", "tune_steps": "--tune-steps",
+                "clip_floor": "--clip-floor"}  # fmt: skip
+
+
 def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", help="compress a fine-tuned checkpoint into a delta archive")
+    p = sub.add_parser("compress", help="compress a fine-tuned checkpoint into a delta archive",
+                       formatter_class=_Defaults)  # fmt: skip
     p.add_argument("--base", required=True, help="base model directory (HF checkpoint)")
     p.add_argument("--expert", required=True, help="fine-tuned model directory (HF checkpoint)")
     p.add_argument("--out", required=True, help="archive directory to write")
     p.add_argument("--method", default="mixed", help="mixed (ME-Switch), rtn or bitdelta")
-    p.add_argument("--bits", type=int, default=2, help="bits per weight: 1, 2, 3, 4 or 8")
+    p.add_argument("--bits", type=int, default=None,
+                   help="bits per weight: 1, 2, 3, 4 or 8 (mixed, rtn; default 2; bitdelta is "
+                   "1 bit by definition)")  # fmt: skip
     p.add_argument(
-        "--salient", type=float, default=0.01, help="fp16 input channels: fraction < 1 or count"
-    )
-    p.add_argument("--group-size", type=int, default=128, help="input channels per step size")
-    p.add_argument(
-        "--symmetric",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="symmetric levels without zero points (default: at 1 bit only)",
-    )
-    p.add_argument("--calib", default=None, help="calibration text (.txt or .jsonl 'text')")
-    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
-    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
-    p.add_argument(
-        "--tune-steps",
-        type=int,
-        default=None,
-        help="step-size tuning steps (mixed; default 0 = off); 0 turns BitDelta's distillation off",
-    )
-    p.add_argument(
-        "--clip-floor",
+        "--salient",
         type=float,
         default=None,
-        help="mixed: lowest clip ratio searched (default by bits, 0.12 at 2 bits); higher keeps "
-        "more of the delta's largest entries",
+        help="mixed: fp16 input channels, a fraction < 1 or a count (default 0.01)",
     )
     p.add_argument(
-        "--quantize-embeddings",
-        action="store_true",
-        help="quantize the embedding and lm_head deltas too (default: stored exactly)",
+        "--group-size",
+        type=int,
+        default=None,
+        help="mixed, rtn: input channels per step size (default 128)",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed, rtn: symmetric levels without zero points (default: at 1 bit "
+                   "only)")  # fmt: skip
+    p.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text, .txt or .jsonl with 'text' (default: built-in)",
+    )
+    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=512,
+        help="calibration sequence length (cut to the model's positions)",
+    )
+    p.add_argument("--tune-steps", type=int, default=None,
+                   help="mixed: step-size tuning steps (default 0 = off); bitdelta: 0 turns its "
+                   "distillation off")  # fmt: skip
+    p.add_argument("--clip-floor", type=float, default=None,
+                   help="mixed: lowest clip ratio searched (default by bits, 0.12 at 2 bits); "
+                   "higher keeps more of the delta's largest entries")  # fmt: skip
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="quantize the embedding and lm_head deltas too (default: stored "
+                   "exactly)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing archive at --out (never anything else)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -68,7 +95,11 @@ def _add_reconstruct(sub) -> None:
                    help="write weights in float32, bfloat16 or float16 (default: their own; "
                    "float32 keeps a small delta that bf16 storage would round away)")  # fmt: skip
     p.add_argument("--device", default="cpu")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier reconstruction at --out (never anything else)",
+    )
     p.add_argument("--quiet", action="store_true")
 
 
@@ -235,19 +266,7 @@ def cmd_compress(args) -> None:
     from expertswitch.io.archive import open_archive
     from expertswitch.utils.imports import resolve_device
 
-    extra = {}
-    if args.method == "bitdelta" and args.tune_steps == 0:
-        extra["distill"] = False
-    method = make_method(
-        args.method,
-        bits=args.bits,
-        group_size=args.group_size,
-        salient=args.salient,
-        symmetric=args.symmetric,
-        tune_steps=args.tune_steps,
-        clip_floor=args.clip_floor,
-        **extra,
-    )
+    method = make_method(args.method, **_method_args(args))
     options = CompressOptions(
         calib_file=args.calib,
         calib=CalibOptions(tokens=args.calib_tokens, seq_len=args.seq_len),
@@ -262,6 +281,32 @@ def cmd_compress(args) -> None:
         f"wrote {out}: {rep['archive_bytes'] / 2**20:,.2f} MiB, {rep['ratio_to_fp16']}× smaller "
         f"than the fp16 expert, {rep['bits_per_param_quantized']} bits/param in linear layers"
     )
+
+
+def _method_args(args) -> dict:
+    """The method flags the user gave, checked against what the method uses: a flag that
+    would do nothing is an error, not a silent no-op."""
+    from expertswitch.compress.methods import method_fields
+    from expertswitch.errors import ConfigError
+
+    given = {k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k) is not None}
+    if args.method == "bitdelta":
+        if given.get("bits") not in (None, 1):
+            raise ConfigError(f"--method bitdelta stores 1 bit per weight by definition; "
+                              f"--bits {given['bits']} needs --method mixed or rtn")  # fmt: skip
+        given.pop("bits", None)
+        steps = given.pop("tune_steps", None)
+        if steps not in (None, 0):
+            raise ConfigError("--method bitdelta runs its own distillation schedule: "
+                              "--tune-steps takes only 0 (distillation off)")  # fmt: skip
+        if steps == 0:
+            given["distill"] = False
+    fields = method_fields(args.method)
+    unused = [METHOD_FLAGS[k] for k in given if k not in fields]
+    if unused:
+        raise ConfigError(f"{unused[0]} is not used by --method {args.method}: leave it out, or "
+                          "choose a method that uses it (mixed uses them all)")  # fmt: skip
+    return given
 
 
 def cmd_inspect(args) -> None:

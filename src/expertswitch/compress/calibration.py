@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from expertswitch.errors import CheckpointError
+from expertswitch.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -33,10 +33,19 @@ class LayerCalib:
 @dataclass
 class CalibOptions:
     tokens: int = 8192
-    seq_len: int = 512
+    seq_len: int = 512  # cut to the model's max_position_embeddings when that is shorter
     batch_size: int = 4
     sample_rows: int = 256
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("tokens", "seq_len", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                flag = {"tokens": "--calib-tokens", "seq_len": "--seq-len"}.get(name, name)
+                raise ConfigError(f"{flag} must be a positive integer, got {v!r}")
+        if not isinstance(self.sample_rows, int) or self.sample_rows < 0:
+            raise ConfigError(f"sample_rows must be ≥ 0, got {self.sample_rows!r}")
 
 
 class _Accumulator:
@@ -204,7 +213,8 @@ def collect_calibration(
     ids = tokenize(model_dir, texts, vocab, opts.tokens)
     if not ids:
         raise CheckpointError("calibration text produced no tokens; pass a non-empty --calib file")
-    seq = min(opts.seq_len, len(ids))
+    max_pos = getattr(config.get_text_config(), "max_position_embeddings", None) or opts.seq_len
+    seq = min(opts.seq_len, len(ids), max_pos)  # windows past the positions the model has
     windows = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)  # [B_total, T]
     n_batches = math.ceil(windows.shape[0] / opts.batch_size)
     acc = _Accumulator(math.ceil(opts.sample_rows / n_batches), opts.seed)

@@ -26,8 +26,9 @@ from expertswitch.compress.calibration import (
 )
 from expertswitch.compress.methods import MethodConfig, compress_delta
 from expertswitch.compress.metrics import output_sqnr_db, sqnr_db
-from expertswitch.io.archive import ArchiveEntry, write_archive
+from expertswitch.io.archive import ArchiveEntry, is_archive, write_archive
 from expertswitch.io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from expertswitch.utils.fs import check_output_dir
 
 # Linear projections of Llama/Mistral/Qwen2/Mixtral (and the usual names of other families);
 # the MoE router ("...gate.weight"), norms, embeddings and lm_head are deliberately absent.
@@ -117,6 +118,9 @@ def compress_expert(
 
     opts = options or CompressOptions()
     start = time.perf_counter()
+    # before minutes of work: an --out that would destroy an input or a stranger's directory
+    check_output_dir(out_dir, {"--base": base_dir, "--expert": expert_dir}, opts.overwrite,
+                     is_archive, "expert archive")  # fmt: skip
     base, expert = open_checkpoint(base_dir), open_checkpoint(expert_dir)
     check_compatible(base, expert)
     calib, calib_info = _calibrate(base, method, opts)

@@ -131,6 +131,13 @@ class BitDeltaConfig(MethodConfig):
         return self.distill
 
 
+def method_fields(name: str) -> set[str]:
+    """The parameters method `name` takes."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}: choose one of {sorted(METHODS)}")
+    return {f.name for f in dataclasses.fields(METHODS[name])}
+
+
 def make_method(name: str, **kwargs) -> MethodConfig:
     """Config of method `name` from keyword arguments; arguments the method does not take and
     None values are ignored, so a CLI can pass all its flags."""

@@ -14,7 +14,7 @@ from expertswitch.compress.packed import PackedDelta
 from expertswitch.errors import ArchiveError, CompatibilityError
 from expertswitch.io.archive import Archive, open_archive
 from expertswitch.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, open_checkpoint
-from expertswitch.utils.fs import atomic_directory
+from expertswitch.utils.fs import atomic_directory, check_output_dir
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -70,12 +70,11 @@ def reconstruct(
     delta; float32 keeps it (and is what a server applying Δ̂ to the base computes)."""
     from tqdm.auto import tqdm
 
+    out = check_output_dir(out_dir, {"--base": base_dir, "--delta": archive_dir}, overwrite,
+                           is_reconstruction, "reconstruction")  # fmt: skip
     archive = open_archive(archive_dir)
     base = open_checkpoint(base_dir)
     check_base(archive, base)
-    out = Path(out_dir)
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise ArchiveError(f"{out} exists and is not empty; choose another --out or remove it")
     names = base.names() + [n for n in archive.entries if n not in base]
     with atomic_directory(out) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
@@ -105,7 +104,19 @@ def reconstruct(
             shutil.copyfile(src, tmp / fname)
         if dtype is not None:
             _set_config_dtype(tmp / "config.json", dtype)
+        provenance = {"archive": str(Path(archive_dir).resolve()),
+                      "archive_seal": archive.manifest["seal"],
+                      "base": str(Path(base_dir).resolve()),
+                      "base_fingerprint": archive.base_fingerprint}  # fmt: skip
+        (tmp / MARKER).write_text(json.dumps(provenance, indent=1) + "\n", encoding="utf-8")
     return out
+
+
+MARKER = "expertswitch-reconstruction.json"  # what it was rebuilt from; lets --overwrite act
+
+
+def is_reconstruction(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:

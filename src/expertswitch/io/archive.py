@@ -2,10 +2,17 @@
 
     expert.json         manifest: format and version, method and its parameters, base
                         fingerprint, one entry per stored tensor (its meta and its parts), a
-                        sha256 and shape/dtype per part, sizes
+                        sha256 and shape/dtype per part, sizes, a sha256 and size per copied
+                        file, and `seal`: the sha256 of all of the above
     delta.safetensors   the parts (packed codes, scales, zeros, salient indices and columns,
                         exact tensors), named "<tensor>::<part>"
     config.json, ...    the expert's config and tokenizer files, so a reconstruction is complete
+
+An archive is exactly what was written or it does not open: the seal covers every byte of the
+manifest's meaning (a changed scale_exp, a removed tensor entry), the parts' checksums cover the
+delta file, the files' checksums cover what a reconstruction copies — and only the files the
+manifest lists are ever copied. (Checksums catch corruption and edits; they are not signatures:
+someone who rewrites the whole archive consistently makes another valid archive.)
 
 This module knows parts and checksums, not quantization: what a tensor's parts mean is
 compress/packed.py's business. The layout of the parts is specified in docs/archive.md.
@@ -28,7 +35,7 @@ from expertswitch.errors import ArchiveError
 from expertswitch.utils.fs import atomic_directory
 
 FORMAT = "expertswitch-delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sealed manifest, checksummed files, whole-tensor base fingerprint
 MANIFEST = "expert.json"
 DELTA_FILE = "delta.safetensors"
 SEP = "::"
@@ -40,6 +47,30 @@ def part_key(tensor: str, part: str) -> str:
 
 def checksum(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def file_checksum(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_seal(manifest: dict) -> str:
+    """sha256 of the manifest's content (all but `seal`), independent of its formatting."""
+    body = {k: v for k, v in manifest.items() if k != "seal"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sealed(manifest: dict) -> dict:
+    return {**manifest, "seal": manifest_seal(manifest)}
+
+
+def is_archive(path: Path) -> bool:
+    """`path` holds an archive (what --overwrite may replace)."""
+    return (Path(path) / MANIFEST).is_file()
 
 
 @dataclass
@@ -61,9 +92,11 @@ def write_archive(
 ) -> Path:
     """Write atomically: everything goes to a temporary sibling directory that is renamed into
     place at the end, so a failure leaves no half-written archive (and an old one intact)."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise ArchiveError(f"{out} exists and is not empty; choose another --out or remove it")
+    from expertswitch.utils.fs import check_output_dir
+
+    out = check_output_dir(out_dir, {}, overwrite, is_archive, "expert archive")
+    for name in files:
+        _check_file_name(name, out)
     with atomic_directory(out) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         records, parts_meta = {}, {}
@@ -79,6 +112,11 @@ def write_archive(
                     "sha256": checksum(t),
                 }
         save_file(tensors, str(tmp / DELTA_FILE), metadata={"format": FORMAT})
+        copied = {}
+        for name, src in files.items():
+            shutil.copyfile(src, tmp / name)
+            copied[name] = {"bytes": (tmp / name).stat().st_size,
+                            "sha256": file_checksum(tmp / name)}  # fmt: skip
         full = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -86,10 +124,10 @@ def write_archive(
             "delta_file": {"name": DELTA_FILE, "bytes": (tmp / DELTA_FILE).stat().st_size},
             "tensors": records,
             "parts": parts_meta,
+            "files": copied,
         }
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=1) + "\n", encoding="utf-8")
-        for name, src in files.items():
-            shutil.copyfile(src, tmp / name)
+        text = json.dumps(sealed(full), indent=1) + "\n"
+        (tmp / MANIFEST).write_text(text, encoding="utf-8")
     return out
 
 
@@ -113,9 +151,22 @@ class Archive:
             self._file = safe_open(str(delta), framework="pt")
         except (SafetensorError, OSError) as e:
             raise ArchiveError(f"{delta} is corrupt ({e}); re-run expertswitch compress") from None
+        stored = set(self._file.keys())
+        listed = set(self.manifest["parts"])
+        if stored != listed:
+            odd = sorted(stored ^ listed)[0]
+            raise ArchiveError(f"{delta} and its manifest disagree on the parts stored (e.g. "
+                               f"{odd}): the archive is corrupt; re-run `expertswitch "
+                               "compress`")  # fmt: skip
         self.entries = {
             name: _entry(name, rec, self.path) for name, rec in self.manifest["tensors"].items()
         }
+        for e in self.entries.values():
+            missing = [p for p in e.parts if part_key(e.name, p) not in listed]
+            if missing:
+                raise ArchiveError(f"{self.path / MANIFEST}: tensor {e.name} names part "
+                                   f"{missing[0]!r}, which is not stored; the archive is "
+                                   "corrupt: re-run `expertswitch compress`")  # fmt: skip
         if verify:
             self.verify()
 
@@ -146,7 +197,18 @@ class Archive:
         return iter(self.entries.values())
 
     def aux_files(self) -> dict[str, Path]:
-        return {p.name: p for p in self.path.iterdir() if p.name not in (MANIFEST, DELTA_FILE)}
+        """The files the archive owns besides its weights (config, tokenizer), each checked
+        against its recorded size and sha256; a stray file in the directory is not one."""
+        out = {}
+        for name, rec in self.manifest["files"].items():
+            path = self.path / name
+            if not path.is_file() or path.stat().st_size != rec["bytes"] \
+                    or file_checksum(path) != rec["sha256"]:  # fmt: skip
+                raise ArchiveError(f"{path} is missing or differs from what the archive "
+                                   "recorded: the archive is corrupt or was modified; copy it "
+                                   "again or re-run `expertswitch compress`")  # fmt: skip
+            out[name] = path
+        return out
 
 
 def _entry(name: str, rec, path: Path) -> ArchiveEntry:
@@ -183,9 +245,15 @@ def _read_manifest(path: Path) -> dict:
     if version != FORMAT_VERSION:
         raise ArchiveError(
             f"{path} has archive format version {version}; this expertswitch reads version "
-            f"{FORMAT_VERSION}: upgrade expertswitch or re-compress the expert"
-        )
-    for key in ("base", "tensors", "parts", "delta_file"):
+            f"{FORMAT_VERSION}: " + ("re-compress the expert with this version"
+                                     if isinstance(version, int) and version < FORMAT_VERSION
+                                     else "upgrade expertswitch or re-compress the expert")
+        )  # fmt: skip
+    if manifest.get("seal") != manifest_seal(manifest):
+        raise ArchiveError(f"{mf} does not match its own checksum: the manifest was modified or "
+                           "is corrupt; copy the archive again or re-run `expertswitch "
+                           "compress`")  # fmt: skip
+    for key in ("base", "tensors", "parts", "delta_file", "files"):
         if not isinstance(manifest.get(key), dict):
             raise ArchiveError(f"{mf} lacks a valid {key!r} section; the manifest is corrupt: "
                                "re-run `expertswitch compress`")  # fmt: skip
@@ -196,10 +264,26 @@ def _read_manifest(path: Path) -> dict:
         and all(isinstance(r, dict) and isinstance(r.get("sha256"), str)
                 for r in manifest["parts"].values())
     )  # fmt: skip
+    valid = valid and all(
+        isinstance(r, dict) and isinstance(r.get("sha256"), str)
+        and isinstance(r.get("bytes"), int) and not isinstance(r.get("bytes"), bool)
+        for r in manifest["files"].values()
+    )  # fmt: skip
     if not valid:
-        raise ArchiveError(f"{mf} has a malformed base fingerprint, file size or part checksum; "
+        raise ArchiveError(f"{mf} has a malformed base fingerprint, file size or checksum; "
                            "the manifest is corrupt: re-run `expertswitch compress`")  # fmt: skip
+    for name in manifest["files"]:
+        _check_file_name(name, path)
     return manifest
+
+
+def _check_file_name(name: str, where: Path) -> None:
+    """A copied file is a plain name in the archive directory: nothing that reaches outside
+    it, nor the archive's own files."""
+    if not isinstance(name, str) or not name or name != Path(name).name or name in (
+            ".", "..", MANIFEST, DELTA_FILE) or "\\" in name:  # fmt: skip
+        raise ArchiveError(f"{where}: {name!r} cannot name a file of an archive; the manifest "
+                           "is corrupt")  # fmt: skip
 
 
 def open_archive(path: str | Path, verify: bool = True) -> Archive:

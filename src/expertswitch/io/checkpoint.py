@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -86,24 +87,66 @@ class Checkpoint:
         return sum(_prod(self.shape(n)) for n in self._file_of)
 
     def fingerprint(self) -> str:
-        """Identity of this checkpoint's weights, cheap to compute: sha256 over every tensor's
-        name, dtype and shape plus the bytes of its first, middle and last row (slices read
-        from disk, never whole tensors). Two different fine-tunes differ in nearly every row, so
-        a wrong base is caught without hashing gigabytes."""
-        h = hashlib.sha256()
-        for name in sorted(self._file_of):
-            shape = self.shape(name)
-            h.update(f"{name}|{self.dtype(name)}|{shape}".encode())
-            sl = self._handle(name).get_slice(name)
-            rows = sorted({0, shape[0] // 2, shape[0] - 1}) if shape and shape[0] else []
-            for r in rows:
-                h.update(_tensor_bytes(sl[r : r + 1]))
-            if not shape:
+        """Identity of this checkpoint's weights: sha256 over every tensor's name, dtype, shape
+        and all of its bytes (tensor by tensor, so a re-sharded copy has the same one). Any
+        change — one middle row, a norm, a few embedding rows — gives another fingerprint.
+        Hashing reads the whole checkpoint once (~10 s for 14 GB); the result is cached under
+        the cache directory, keyed by the path and each weight file's size and mtime."""
+        stamp = self._file_stamp()
+        cached = _FINGERPRINTS.get(stamp)
+        if cached is None:
+            cached = _read_cached_fingerprint(stamp)
+        if cached is None:
+            h = hashlib.sha256()
+            for name in sorted(self._file_of):
+                h.update(f"{name}|{self.dtype(name)}|{self.shape(name)}\n".encode())
                 h.update(_tensor_bytes(self.get(name)))
-        return "sha256-rows:" + h.hexdigest()
+            cached = FINGERPRINT_SCHEME + h.hexdigest()
+            _write_cached_fingerprint(stamp, cached)
+        _FINGERPRINTS[stamp] = cached
+        return cached
+
+    def _file_stamp(self) -> str:
+        files = sorted(set(self._file_of.values()))
+        parts = [str(self.path.resolve())]
+        for f in files:
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def aux_files(self) -> dict[str, Path]:
         return {f: self.path / f for f in AUX_FILES if (self.path / f).is_file()}
+
+
+FINGERPRINT_SCHEME = "sha256-tensors:"
+_FINGERPRINTS: dict[str, str] = {}  # file stamp → fingerprint, for this process
+
+
+def _fingerprint_cache(stamp: str) -> Path:
+    from expertswitch.utils.fs import cache_dir
+
+    return cache_dir() / "fingerprints" / f"{stamp}.txt"
+
+
+def _read_cached_fingerprint(stamp: str) -> str | None:
+    try:
+        text = _fingerprint_cache(stamp).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text.startswith(FINGERPRINT_SCHEME) and len(text) == len(
+        FINGERPRINT_SCHEME) + 64 else None  # fmt: skip
+
+
+def _write_cached_fingerprint(stamp: str, value: str) -> None:
+    """Best effort (a read-only cache only costs a re-hash next time)."""
+    path = _fingerprint_cache(stamp)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(value + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _prod(shape) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from expertswitch.errors import ConfigError
 from expertswitch.train.lm import TrainConfig, train_lm
-from expertswitch.utils.fs import atomic_directory
+from expertswitch.utils.fs import atomic_directory, cache_dir
 from expertswitch.zoo.corpora import DOMAINS, load_corpora
 from expertswitch.zoo.tokenizer import train_tokenizer
 
@@ -90,11 +89,7 @@ class Family:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("EXPERTSWITCH_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "expertswitch"
+    return cache_dir()
 
 
 def family_dir(preset: str, seed: int, cache: Path | None = None) -> Path:

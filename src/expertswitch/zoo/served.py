@@ -11,7 +11,7 @@ from expertswitch.io.archive import MANIFEST
 from expertswitch.utils.fs import atomic_directory
 from expertswitch.zoo.build import Family
 
-ARCHIVES_VERSION = 1  # bump when the options below change: cached archives are then rebuilt
+ARCHIVES_VERSION = 2  # bump when the options below or the archive format change: rebuilt
 ROUTER_FILE = "router.json"
 
 

@@ -1,0 +1,264 @@
+"""An archive is exactly what was written for exactly this base, or it does not open; no flag
+can destroy the user's checkpoints; a flag that would do nothing is refused. Each case was a
+reproduced failure before the fix (the CLI ran it with exit 0 or a wrong model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_pair
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from expertswitch.cli import main
+from expertswitch.compress import CompressOptions, compress_expert, make_method, reconstruct
+from expertswitch.compress.calibration import CalibOptions
+from expertswitch.errors import ArchiveError, ConfigError, ExpertSwitchError
+from expertswitch.io.archive import open_archive
+
+OPTS = CompressOptions(calib=CalibOptions(tokens=256, seq_len=64), progress=False)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("safety"), "llama")
+
+
+@pytest.fixture(scope="module")
+def archive(pair, tmp_path_factory):
+    base, expert = pair
+    return compress_expert(base, expert, tmp_path_factory.mktemp("a") / "ar",
+                           make_method("mixed", bits=3), OPTS)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rebuilt(pair, archive, tmp_path_factory):
+    """The reference reconstruction: what every archive that opens must give."""
+    out = reconstruct(pair[0], archive, tmp_path_factory.mktemp("r") / "rec", progress=False)
+    return load_file(str(out / "model.safetensors")), _aux(out)
+
+
+def _aux(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in path.iterdir() if p.suffix != ".safetensors"
+            and p.name != "expertswitch-reconstruction.json"}  # fmt: skip
+
+
+def _copy(src: Path, tmp: Path) -> Path:
+    dst = tmp / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+# 1. data loss ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["expert", "base", "parent"])
+def test_out_never_replaces_an_input(pair, tmp_path, target):
+    base, expert = pair
+    work = tmp_path / "work"
+    shutil.copytree(expert.parent, work)
+    b, e = work / base.name, work / expert.name
+    out = {"expert": e, "base": b, "parent": work}[target]
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    rc = main(["compress", "--base", str(b), "--expert", str(e), "--out", str(out),
+               "--overwrite", "--quiet", "--device", "cpu"])  # fmt: skip
+    assert rc == 2
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
+    with pytest.raises(ConfigError, match="would destroy|not a reconstruction"):
+        reconstruct(b, work / "none", out, overwrite=True, progress=False)
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_replaces_only_our_own_outputs(pair, archive, tmp_path, capsys):
+    base, expert = pair
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    for cmd in (["compress", "--base", str(base), "--expert", str(expert)],
+                ["reconstruct", "--base", str(base), "--delta", str(archive)]):  # fmt: skip
+        assert main([*cmd, "--out", str(mine), "--overwrite", "--quiet"]) == 2
+        assert "not a" in capsys.readouterr().err
+        assert (mine / "thesis.txt").read_text() == "years of work"
+    # an archive is replaced by an archive, atomically; a reconstruction by a reconstruction
+    out = tmp_path / "ar"
+    compress_expert(base, expert, out, make_method("rtn", bits=4), OPTS)
+    compress_expert(base, expert, out, make_method("rtn", bits=2),
+                    CompressOptions(calib=OPTS.calib, progress=False, overwrite=True))  # fmt: skip
+    assert open_archive(out).manifest["method"]["bits"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ar.")]  # nothing left over
+    rec = reconstruct(base, out, tmp_path / "rec", progress=False)
+    reconstruct(base, archive, rec, progress=False, overwrite=True)
+
+
+def test_out_that_is_a_file_and_bad_calibration_flags_are_one_line_errors(pair, tmp_path, capsys):
+    base, expert = pair
+    f = tmp_path / "file"
+    f.write_text("x")
+    common = ["compress", "--base", str(base), "--expert", str(expert), "--quiet",
+              "--device", "cpu"]  # fmt: skip
+    for extra, needle in ((["--out", str(f)], "is a file"),
+                          (["--out", str(tmp_path / "o"), "--seq-len", "0"], "--seq-len"),
+                          (["--out", str(tmp_path / "o"), "--calib-tokens", "-4"],
+                           "--calib-tokens")):  # fmt: skip
+        assert main([*common, *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_calibration_windows_fit_the_models_positions(tmp_path):
+    """The default 512-token windows on a model with 64 positions: cut, not a crash."""
+    from conftest import model_class, tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.max_position_embeddings = 64
+    torch.manual_seed(0)
+    model = model_class("llama")(cfg)
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(0.01)
+    model.save_pretrained(tmp_path / "expert")
+    opts = CompressOptions(calib=CalibOptions(tokens=1024), progress=False)  # seq_len 512
+    out = compress_expert(tmp_path / "base", tmp_path / "expert", tmp_path / "ar",
+                          make_method("mixed", bits=2), opts)  # fmt: skip
+    assert open_archive(out).manifest["summary"]["uncalibrated_tensors"] == 0
+
+
+# 2. the manifest and the files -------------------------------------------------------------------
+
+
+def test_one_byte_of_the_manifest_changed_is_refused(pair, archive, tmp_path, capsys):
+    a = _copy(archive, tmp_path)
+    text = (a / "expert.json").read_text()
+    i = text.index('"scale_exp": ') + len('"scale_exp": ')
+    digit = text[i]
+    (a / "expert.json").write_text(text[:i] + ("1" if digit != "1" else "2") + text[i + 1 :])
+    with pytest.raises(ArchiveError, match="does not match its own checksum"):
+        open_archive(a)
+    assert main(["inspect", str(a)]) == 2
+    rc = main(["reconstruct", "--base", str(pair[0]), "--delta", str(a),
+               "--out", str(tmp_path / "r"), "--quiet"])  # fmt: skip
+    assert rc == 2 and "checksum" in capsys.readouterr().err
+
+
+def test_a_removed_tensor_entry_is_refused(archive, tmp_path):
+    a = _copy(archive, tmp_path)
+    m = json.loads((a / "expert.json").read_text())
+    del m["tensors"][next(iter(m["tensors"]))]
+    (a / "expert.json").write_text(json.dumps(m))
+    with pytest.raises(ArchiveError):
+        open_archive(a)
+
+
+def test_copied_files_are_checked_and_strays_are_not_copied(pair, archive, tmp_path):
+    a = _copy(archive, tmp_path)
+    (a / "model.safetensors").write_bytes(b"a stray file, not the archive's")
+    (a / "tokenizer.json").write_text("{}")  # not a file this archive owns
+    rec = reconstruct(pair[0], a, tmp_path / "rec", progress=False)
+    assert load_file(str(rec / "model.safetensors"))  # the weights, not the stray
+    assert not (rec / "tokenizer.json").exists()
+    cfg = json.loads((a / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (a / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArchiveError, match="config.json"):
+        reconstruct(pair[0], a, tmp_path / "rec2", progress=False)
+
+
+def test_file_names_cannot_leave_the_archive(archive, tmp_path):
+    from expertswitch.io.archive import sealed
+
+    a = _copy(archive, tmp_path)
+    m = json.loads((a / "expert.json").read_text())
+    m["files"]["../outside.json"] = {"bytes": 2, "sha256": "0" * 64}
+    (a / "expert.json").write_text(json.dumps(sealed(m)))
+    with pytest.raises(ArchiveError, match="cannot name a file"):
+        open_archive(a)
+
+
+# 3. the base -------------------------------------------------------------------------------------
+
+
+def test_a_base_differing_only_in_its_norms_is_refused(pair, archive, tmp_path):
+    from safetensors.torch import save_file
+
+    base, _ = pair
+    state = load_file(str(base / "model.safetensors"))
+    state["model.norm.weight"][9] += 0.05
+    other = tmp_path / "other-base"
+    other.mkdir()
+    save_file(state, str(other / "model.safetensors"))
+    shutil.copyfile(base / "config.json", other / "config.json")
+    with pytest.raises(ExpertSwitchError, match="different base"):
+        reconstruct(other, archive, tmp_path / "rec", progress=False)
+
+
+# 5. flags that would do nothing ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--method", "bitdelta", "--bits", "4"], "1 bit"),
+    (["--method", "bitdelta", "--tune-steps", "50"], "--tune-steps"),
+    (["--method", "rtn", "--salient", "0.02"], "--salient"),
+    (["--method", "rtn", "--tune-steps", "10"], "--tune-steps"),
+    (["--method", "rtn", "--clip-floor", "0.5"], "--clip-floor"),
+    (["--method", "bitdelta", "--group-size", "64"], "--group-size"),
+])  # fmt: skip
+def test_flags_the_method_does_not_use_are_refused(pair, tmp_path, capsys, flags, needle):
+    base, expert = pair
+    rc = main(["compress", "--base", str(base), "--expert", str(expert),
+               "--out", str(tmp_path / "o"), "--quiet", *flags])  # fmt: skip
+    assert rc == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("default: mixed", "default 2", "default 0.01", "default 128",
+                    "default: 8192", "default: 512", "default 0 = off"):  # fmt: skip
+        assert default in text, default
+
+
+# the fuzz: every file of an archive, flipped, truncated, deleted ------------------------------
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=st.data())
+def test_damaged_archives_open_exactly_or_not_at_all(pair, archive, rebuilt, data):
+    """Any byte of any file flipped, any file cut short, deleted or emptied, an extra file:
+    the archive is refused with an ExpertSwitchError, or it rebuilds exactly the reference
+    model (weights and copied files) — never a traceback, never a wrong model."""
+    weights, aux = rebuilt
+    with tempfile.TemporaryDirectory() as tmp:
+        a = _copy(archive, Path(tmp))
+        files = sorted(p.name for p in a.iterdir())
+        target = a / data.draw(st.sampled_from(files))
+        how = data.draw(st.sampled_from(["flip", "truncate", "delete", "empty", "append"]))
+        raw = target.read_bytes()
+        if how == "flip" and raw:
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw = raw[:i] + bytes([raw[i] ^ data.draw(st.integers(1, 255))]) + raw[i + 1 :]
+            target.write_bytes(raw)
+        elif how == "truncate":
+            target.write_bytes(raw[: data.draw(st.integers(0, max(0, len(raw) - 1)))])
+        elif how == "delete":
+            target.unlink()
+        elif how == "empty":
+            target.write_bytes(b"")
+        else:
+            target.write_bytes(raw + data.draw(st.binary(min_size=1, max_size=16)))
+        try:
+            out = reconstruct(pair[0], a, Path(tmp) / "rec", progress=False)
+        except ExpertSwitchError:
+            return
+        got = load_file(str(out / "model.safetensors"))
+        assert got.keys() == weights.keys()
+        assert all(torch.equal(got[k], weights[k]) for k in weights)
+        assert _aux(out) == aux
