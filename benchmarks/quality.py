@@ -46,7 +46,7 @@ PRIORITY = [
 ]
 
 
-def variants(bits_list, tune_steps) -> list[tuple[str, str, object]]:
+def variants(bits_list, tune_steps, distill_steps=0) -> list[tuple[str, str, object]]:
     out = []
     for bits in bits_list:
         out.append((f"mixed-{bits}", "mixed", make_method("mixed", bits=bits)))
@@ -59,6 +59,9 @@ def variants(bits_list, tune_steps) -> list[tuple[str, str, object]]:
         if tune_steps:
             out.append((f"mixed-{bits}+tune", "mixed+tune",
                         make_method("mixed", bits=bits, tune_steps=tune_steps)))  # fmt: skip
+        if distill_steps:
+            out.append((f"mixed-{bits}+distill", "mixed+distill",
+                        make_method("mixed", bits=bits, distill_steps=distill_steps)))  # fmt: skip
     rank = {label: i for i, label in enumerate(PRIORITY)}
     return sorted(out, key=lambda v: rank.get(v[0], len(PRIORITY)))
 
@@ -70,7 +73,7 @@ def make_plot(rows: list[dict], preset: str) -> str:
     """Mean share of gain kept vs bits/param, one line per method; values below KEPT_FLOOR
     (a method that destroys the model) are drawn at the floor so the rest stays readable."""
     series: dict[str, list[tuple[float, float]]] = {}
-    for method in ("mixed", "mixed+tune", "mixed clip≥0.5", "rtn", "bitdelta"):
+    for method in ("mixed", "mixed+tune", "mixed+distill", "mixed clip≥0.5", "rtn", "bitdelta"):
         for label in dict.fromkeys(r["variant"] for r in rows if r["method"] == method):
             sel = [r for r in rows if r["variant"] == label]
             kept = [r["kept_nll"] for r in sel if r["kept_nll"] is not None]
@@ -154,7 +157,8 @@ def render_markdown(payload: dict) -> str:
           "| task acc (base → full) | task acc | kept (acc) | exact (base → full) | exact "
           "| kept (exact) |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    order = {"full (bf16)": -1, **{v: i for i, (v, _, _) in enumerate(variants([1, 2, 3], 1))}}
+    order = {"full (bf16)": -1,
+             **{v: i for i, (v, _, _) in enumerate(variants([1, 2, 3], 1, 1))}}  # fmt: skip
     rows = payload["rows"]
     for r in sorted(rows, key=lambda r: (r["expert"], order.get(r["variant"], 99))):
         md.append(f"| {r['expert']} | {r['variant']} | {r['bits_per_param']:.2f} | "
@@ -174,8 +178,11 @@ def report(args, device, family, base, rows, start, complete: bool) -> Path:
     payload = {**run_info(device), "benchmark": "quality", "preset": args.preset,
                "items": args.items, "family": family.manifest,
                "base": {d: s.to_dict() for d, s in base.items()}, "rows": rows,
-               "complete": complete, "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+               "complete": complete, "seconds": round(time.perf_counter() - start, 1),
+               "command": " ".join(["python", *sys.argv])}  # fmt: skip
     tag = f"quality-{args.preset}-{'gpu' if device.startswith('cuda') else 'cpu'}"
+    if args.tag:
+        tag += f"-{args.tag}"
     path = write_results(tag, payload, render_markdown(payload), args.out)
     path.with_suffix(".svg").write_text(make_plot(rows, args.preset))
     return path
@@ -186,6 +193,20 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--tune-steps", type=int, default=100)
+    ap.add_argument(
+        "--distill-steps",
+        type=int,
+        default=100,
+        help="model-level distillation steps of the +distill variants (0: none)",
+    )
+    ap.add_argument("--tag", default=None, help="suffix of the results' file names")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="run only these methods (e.g. mixed mixed+tune mixed+distill)",
+    )
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -217,7 +238,10 @@ def main(argv=None) -> None:
     rows = list(fulls.values())
     slowest, complete = 0.0, True
     with tempfile.TemporaryDirectory() as tmp:
-        for label, method_name, method in variants(args.bits, args.tune_steps):
+        todo = variants(args.bits, args.tune_steps, args.distill_steps)
+        if args.only:
+            todo = [v for v in todo if v[1] in args.only]
+        for label, method_name, method in todo:
             elapsed = time.perf_counter() - start
             if args.budget_s is not None and elapsed + slowest > args.budget_s:
                 print(f"time budget: stopping before {label} ({elapsed:.0f} s spent, the slowest "

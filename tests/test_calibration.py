@@ -13,11 +13,11 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "Q: What is 2 + 3 * 4?\nA: 14", "
 
 def test_statistics_match_a_direct_computation(llama_pair):
     base_dir, _ = llama_pair
-    opts = CalibOptions(tokens=256, seq_len=32, batch_size=2, sample_rows=50)
+    opts = CalibOptions(tokenizer="bytes", tokens=256, seq_len=32, batch_size=2, sample_rows=50)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         calib = collect_calibration(base_dir, TEXTS, opts, progress=False)
-        ids = tokenize(base_dir, TEXTS, 256, 256)
+        ids = tokenize(base_dir, TEXTS, 256, 256, "bytes")
     model = LlamaForCausalLM.from_pretrained(base_dir).eval()
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert set(calib) == linears
@@ -44,12 +44,32 @@ def test_uses_the_checkpoints_tokenizer(tmp_path, llama_pair):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "no tokenizer" fallback warning
         ids = tokenize(model_dir, TEXTS, 256, 64)
-        opts = CalibOptions(tokens=64, seq_len=16)
+        opts = CalibOptions(tokens=64, seq_len=16)  # the checkpoint's own tokenizer
         calib = collect_calibration(model_dir, TEXTS, opts, progress=False)
     first = tok.encode(TEXTS[0]).ids
     assert ids[: len(first)] == first
     assert max(ids) < 120 and len(ids) == 64
     assert "model.layers.0.mlp.up_proj.weight" in calib
+    # another directory's tokenizer, when given, is used instead
+    assert tokenize(base_dir, TEXTS, 256, 64, str(model_dir)) == ids
+
+
+def test_no_tokenizer_is_an_error_unless_bytes_are_chosen(llama_pair, tmp_path):
+    from expertswitch.errors import ConfigError
+
+    base_dir, _ = llama_pair
+    with pytest.raises(ConfigError, match="--tokenizer"):
+        tokenize(base_dir, TEXTS, 256, 64)
+    assert tokenize(base_dir, TEXTS, 256, 8, "bytes") == list(TEXTS[0][:8].encode())
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    big = tmp_path / "big-tok"  # 300 tokens for a model with 256: some other model's
+    vocab = {f"w{i}": i for i in range(300)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+                            ).save_pretrained(big)  # fmt: skip
+    with pytest.raises(ConfigError, match="not this model's tokenizer"):
+        tokenize(base_dir, TEXTS, 256, 64, str(big))
 
 
 def test_default_text_mixes_prose_code_and_math():
@@ -87,7 +107,9 @@ def test_moe_experts_get_per_expert_statistics(tmp_path):
     base_dir, _ = save_pair(tmp_path, "mixtral")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        calib = collect_calibration(base_dir, TEXTS, CalibOptions(tokens=256, seq_len=32))
+        calib = collect_calibration(
+            base_dir, TEXTS, CalibOptions(tokenizer="bytes", tokens=256, seq_len=32)
+        )
     w1 = calib_for("model.layers.1.block_sparse_moe.experts.2.w1.weight", (160, 64), calib)
     w2 = calib_for("model.layers.1.block_sparse_moe.experts.2.w2.weight", (64, 160), calib)
     assert isinstance(w1, LayerCalib) and w1.mean_sq.shape == (64,)
@@ -99,3 +121,20 @@ def test_moe_experts_get_per_expert_statistics(tmp_path):
     stacked = calib_for("model.layers.0.mlp.experts.down_proj", (4, 64, 160), calib)
     assert len(stacked) == 4 and stacked[0].mean_sq.shape == (160,)
     assert calib_for("model.layers.0.block_sparse_moe.gate.weight", (4, 64), calib) is None
+
+
+def test_builtin_calibration_text_never_holds_what_is_evaluated():
+    """Calibration sees only the training side of the family's splits: no held-out prose
+    section or code file, no held-out word problem (nor its operands)."""
+    from expertswitch.eval.tasks import task_items
+    from expertswitch.zoo.corpora import load_corpora
+
+    calib = default_calibration_texts()
+    corpora = load_corpora(0)
+    heldout = {d for c in corpora.values() for d in c.heldout}
+    assert heldout and not heldout.intersection(calib)
+    # (a held-out prose or code *item* may still repeat a paragraph that the documentation
+    # itself repeats in a training section: the split is by document, as the family's is)
+    text = "\n".join(calib)
+    math_prompts = [it.prompt for it in task_items("math", corpora, 300)]
+    assert math_prompts and not any(p in text for p in math_prompts)

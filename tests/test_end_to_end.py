@@ -14,7 +14,9 @@ from expertswitch.compress.calibration import CalibOptions
 from expertswitch.errors import ArchiveError, CompatibilityError, ExpertSwitchError
 from expertswitch.io.archive import open_archive
 
-OPTS = CompressOptions(calib=CalibOptions(tokens=1024, seq_len=64, sample_rows=128), progress=False)
+OPTS = CompressOptions(
+    calib=CalibOptions(tokenizer="bytes", tokens=1024, seq_len=64, sample_rows=128), progress=False
+)
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
@@ -151,7 +153,8 @@ def test_cli_compress_inspect_reconstruct(tmp_path, llama_pair, capsys):
     out = tmp_path / "cli-ar"
     rc = main(
         ["compress", "--base", str(base_dir), "--expert", str(expert_dir), "--out", str(out),
-         "--bits", "3", "--calib-tokens", "512", "--seq-len", "64", "--device", "cpu", "--quiet"]
+         "--bits", "3", "--calib-tokens", "512", "--seq-len", "64", "--device", "cpu", "--quiet",
+         "--tokenizer", "bytes"]
     )  # fmt: skip
     assert rc == 0 and "smaller than the fp16 expert" in capsys.readouterr().out
     assert main(["inspect", str(out)]) == 0

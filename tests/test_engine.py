@@ -14,7 +14,9 @@ from expertswitch.engine import Engine, SamplingParams
 from expertswitch.errors import ArchiveError, CompatibilityError, ConfigError
 from expertswitch.io.archive import open_archive
 
-OPTS = CompressOptions(calib=CalibOptions(tokens=256, seq_len=64), progress=False)
+OPTS = CompressOptions(
+    calib=CalibOptions(tokenizer="bytes", tokens=256, seq_len=64), progress=False
+)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 
 

@@ -37,7 +37,9 @@ VALUES = st.one_of(
 def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     base, expert = save_pair(root, "llama")
-    opts = CompressOptions(calib=CalibOptions(tokens=256, seq_len=64), progress=False)
+    opts = CompressOptions(
+        calib=CalibOptions(tokenizer="bytes", tokens=256, seq_len=64), progress=False
+    )
     arch = compress_expert(base, expert, root / "arch", make_method("mixed", bits=3), opts)
     ckpt = open_checkpoint(base)
     shapes = {n: ckpt.shape(n) for n in ckpt.names()}

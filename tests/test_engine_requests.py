@@ -251,7 +251,9 @@ def test_mixed_formats_and_odd_head_dims_through_the_gpu_paths(tmp_path, monkeyp
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                          max_position_embeddings=256)  # fmt: skip
     base, experts = make_family(tmp_path, config, n_experts=1)
-    opts = CompressOptions(calib=CalibOptions(tokens=256, seq_len=64), progress=False)
+    opts = CompressOptions(
+        calib=CalibOptions(tokenizer="bytes", tokens=256, seq_len=64), progress=False
+    )
     four = compress_expert(base, tmp_path / "expert0", tmp_path / "four",
                            make_method("mixed", bits=4), opts)  # fmt: skip
     rec4 = reconstruct(base, four, tmp_path / "rec4", progress=False)

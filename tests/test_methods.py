@@ -143,17 +143,52 @@ def test_one_bit_defaults_to_symmetric():
     assert make_method("rtn", bits=1, symmetric=False).symmetric is False
 
 
-@pytest.mark.parametrize("method", ["mixed", "rtn", "bitdelta"])
-def test_kernel_formula_matches_dense_reconstruction(method):
-    """y = 2^e·(x·codesᵀ + x[:, idx]·colsᵀ) — the serving formula of docs/archive.md — equals
-    x·Δ̂ᵀ with Δ̂ reconstructed densely."""
-    delta, calib, held_out, _ = outlier_layer(n=48, k=200)
-    packed = compress_delta(delta, calib, make_method(method, bits=2))
-    x = held_out[:5]
-    dense = x @ packed.dequantize().T
-    assert torch.allclose(
-        packed.matmul_reference(x), dense, rtol=1e-4, atol=1e-4 * dense.abs().max()
-    )
+_PLANE_WIDTHS = {1: [1], 2: [2], 3: [2, 1], 4: [4], 8: [8]}  # docs/archive.md, written out
+
+
+def spec_dequantize(p) -> torch.Tensor:
+    """Δ̂ element by element, straight from docs/archive.md's layout (bit planes, low bits
+    first; step = scale·2^e; zero point or the symmetric centre; salient residuals) — none of
+    the package's unpack or dequantize code."""
+    n, k = p.shape
+    e = 2.0**p.scale_exp
+    out = torch.zeros(n, k, dtype=torch.float64)
+    for row in range(n):
+        for c in range(k):
+            q, off = 0, 0
+            for plane, w in zip(p.planes, _PLANE_WIDTHS[p.bits]):
+                per = 32 // w
+                word = int(plane[row, c // per]) & 0xFFFFFFFF
+                q |= ((word >> ((c % per) * w)) & ((1 << w) - 1)) << off
+                off += w
+            j = c // p.group_size
+            step = float(p.scales[row, j]) * e
+            centre = (2**p.bits - 1) / 2 if p.symmetric else int(p.zeros[row, j])
+            out[row, c] = (q - centre) * step
+    if p.salient_idx is not None:
+        for i, c in enumerate(p.salient_idx.tolist()):
+            out[:, c] += p.salient_cols[:, i].double() * e
+    return out
+
+
+@pytest.mark.parametrize("method, bits, symmetric", [
+    ("mixed", 1, None), ("mixed", 2, None), ("mixed", 3, None), ("mixed", 4, True),
+    ("mixed", 8, None), ("rtn", 2, None), ("rtn", 3, True), ("bitdelta", None, None),
+])  # fmt: skip
+def test_serving_formula_and_dequantize_equal_the_spec(method, bits, symmetric):
+    """matmul_reference (y = 2^e·(x·codesᵀ + x[:, idx]·colsᵀ), the serving formula) and
+    dequantize() against Δ̂ decoded element by element from the documented layout."""
+    delta, calib, held_out, _ = outlier_layer(n=6, k=96)
+    kw = {} if method == "bitdelta" else {"bits": bits, "group_size": 32}
+    if symmetric is not None:
+        kw["symmetric"] = symmetric
+    packed = compress_delta(delta, calib, make_method(method, **kw))
+    want = spec_dequantize(packed)
+    assert torch.allclose(packed.dequantize().double(), want, rtol=1e-5, atol=1e-9)
+    x = held_out[:5].double()
+    got = packed.matmul_reference(held_out[:5]).double()
+    ref = x @ want.T
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
 
 
 def test_clip_floor_keeps_more_of_the_largest_entries():
@@ -171,3 +206,45 @@ def test_clip_floor_keeps_more_of_the_largest_entries():
     assert kept[0.5] > kept[None]
     with pytest.raises(ConfigError, match="clip_floor"):
         make_method("mixed", clip_floor=1.5)
+
+
+def test_distillation_student_is_the_archive_formula_and_keeps_salient_channels():
+    """The student's weight is W + Δ̂ exactly as dequantize() computes it; after its steps
+    change, the written PackedDelta holds the new steps and the salient channels unchanged."""
+    from expertswitch.compress.distill import _Student
+
+    delta, calib, _, _ = outlier_layer(n=16, k=128)
+    p = compress_delta(delta, calib, make_method("mixed", bits=2, group_size=32, salient=4))
+    w = torch.randn(16, 128)
+    s = _Student(w, p, "cpu")
+    assert torch.allclose(s.weight(), w + p.dequantize(), atol=1e-7)
+    assert torch.allclose(s.packed().dequantize(), p.dequantize(), rtol=1e-3, atol=1e-7)
+    with torch.no_grad():
+        s.log_s.add_(0.3)  # every step size × e^0.3
+    q = s.packed()
+    idx = p.salient_idx.long()
+    assert torch.allclose(q.dequantize()[:, idx], p.dequantize()[:, idx], rtol=2e-3, atol=1e-8)
+    body = [c for c in range(128) if c not in set(idx.tolist())]
+    ratio = q.dequantize()[:, body] / p.dequantize()[:, body]
+    finite = p.dequantize()[:, body].abs() > 1e-9
+    assert torch.allclose(ratio[finite], torch.full_like(ratio[finite], 1.3499), rtol=2e-3)
+    assert torch.equal(torch.stack(q.planes), torch.stack(p.planes))  # codes untouched
+
+
+def test_model_level_distillation_lowers_held_apart_kl(tmp_path):
+    from conftest import save_pair
+
+    from expertswitch.compress import CompressOptions, compress_expert, reconstruct
+    from expertswitch.compress.calibration import CalibOptions
+    from expertswitch.io.archive import open_archive
+
+    base, expert = save_pair(tmp_path, "llama")
+    opts = CompressOptions(calib=CalibOptions(tokenizer="bytes", tokens=2048, seq_len=64),
+                           progress=False)  # fmt: skip
+    out = compress_expert(base, expert, tmp_path / "ar",
+                          make_method("mixed", bits=2, distill_steps=40), opts)  # fmt: skip
+    a = open_archive(out)
+    rep = a.manifest["distillation"]
+    assert rep["tensors"] == 14 and rep["val_kl_after"] < rep["val_kl_before"]
+    assert all(e.meta.get("distilled") for e in a if e.kind == "quantized")
+    reconstruct(base, out, tmp_path / "rec", progress=False)

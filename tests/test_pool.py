@@ -14,6 +14,7 @@ import torch
 from conftest import finetune_like, model_class, save_pair
 
 from expertswitch.compress import CompressOptions, compress_expert, make_method
+from expertswitch.compress.calibration import CalibOptions
 from expertswitch.engine.pool import ExpertLoadError, ExpertPool, PoolError
 from expertswitch.io.archive import DELTA_FILE, open_archive
 from expertswitch.io.checkpoint import Checkpoint
@@ -35,7 +36,7 @@ def archives(tmp_path_factory):
         model.save_pretrained(root / name)
         experts[name] = root / name
     other_base, experts["other"] = save_pair(root / "o", seed=5)
-    opts = CompressOptions(progress=False)
+    opts = CompressOptions(calib=CalibOptions(tokenizer="bytes"), progress=False)
     method = make_method("rtn", bits=2)
     paths = {}
     for name, d in experts.items():

@@ -21,7 +21,7 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 # compress flags that configure a method, and the config field each sets
 METHOD_FLAGS = {"bits": "--bits", "group_size": "--group-size", "salient": "--salient",
                 "symmetric": "--symmetric", "tune_steps": "--tune-steps",
-                "clip_floor": "--clip-floor"}  # fmt: skip
+                "clip_floor": "--clip-floor", "distill_steps": "--distill-steps"}  # fmt: skip
 
 
 def _add_compress(sub) -> None:
@@ -54,6 +54,9 @@ def _add_compress(sub) -> None:
         default=None,
         help="calibration text, .txt or .jsonl with 'text' (default: built-in)",
     )
+    p.add_argument("--tokenizer", default=None, metavar="DIR|bytes",
+                   help="calibration tokenizer (default: the base's own; 'bytes': UTF-8 bytes "
+                   "as ids, for a base without one)")  # fmt: skip
     p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
     p.add_argument(
         "--seq-len",
@@ -64,6 +67,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--tune-steps", type=int, default=None,
                    help="mixed: step-size tuning steps (default 0 = off); bitdelta: 0 turns its "
                    "distillation off")  # fmt: skip
+    p.add_argument("--distill-steps", type=int, default=None,
+                   help="mixed: distil the step sizes against the expert's logits for N steps "
+                   "(model-level; default 0 = off)")  # fmt: skip
     p.add_argument("--clip-floor", type=float, default=None,
                    help="mixed: lowest clip ratio searched (default by bits, 0.12 at 2 bits); "
                    "higher keeps more of the delta's largest entries")  # fmt: skip
@@ -269,18 +275,43 @@ def cmd_compress(args) -> None:
     method = make_method(args.method, **_method_args(args))
     options = CompressOptions(
         calib_file=args.calib,
-        calib=CalibOptions(tokens=args.calib_tokens, seq_len=args.seq_len),
+        calib=CalibOptions(
+            tokens=args.calib_tokens, seq_len=args.seq_len, tokenizer=args.tokenizer
+        ),
         device=resolve_device(args.device),
         progress=not args.quiet,
         overwrite=args.overwrite,
         quantize_embeddings=args.quantize_embeddings,
     )
     out = compress_expert(args.base, args.expert, args.out, method, options)
-    rep = archive_report(open_archive(out, verify=False))
+    archive = open_archive(out, verify=False)
+    rep = archive_report(archive)
     print(
         f"wrote {out}: {rep['archive_bytes'] / 2**20:,.2f} MiB, {rep['ratio_to_fp16']}× smaller "
         f"than the fp16 expert, {rep['bits_per_param_quantized']} bits/param in linear layers"
     )
+    for line in exact_report(archive):
+        print(line)
+
+
+def exact_report(archive) -> list[str]:
+    """What was stored exactly and why, and what went uncalibrated: said, not hidden."""
+    summary = archive.manifest["summary"]
+    lines = []
+    why = summary.get("exact_because", {})
+    if why:
+        lines.append("stored exact (changed, not quantized): " + ", ".join(
+            f"{n} {reason}" for reason, n in sorted(why.items())))  # fmt: skip
+    odd = [e.name for e in archive if e.kind == "exact"
+           and e.meta.get("exact_because") == "not a linear layer"]  # fmt: skip
+    if odd:
+        lines.append(f"warning: {len(odd)} changed matrices are not linear layers of this "
+                     f"architecture and were stored exactly, e.g. {odd[0]}")  # fmt: skip
+    if summary.get("uncalibrated"):
+        names = summary["uncalibrated"]
+        lines.append(f"warning: {len(names)} quantized tensors had no calibration inputs (their "
+                     f"salient channels were chosen by weight alone), e.g. {names[0]}")  # fmt: skip
+    return lines
 
 
 def _method_args(args) -> dict:

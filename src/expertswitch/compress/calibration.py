@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import math
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,9 @@ class CalibOptions:
     batch_size: int = 4
     sample_rows: int = 256
     seed: int = 0
+    # the base's own tokenizer (None), another checkpoint's or tokenizer directory, or "bytes":
+    # UTF-8 bytes as token ids (an explicit choice: weaker statistics than real tokens)
+    tokenizer: str | None = None
 
     def __post_init__(self):
         for name in ("tokens", "seq_len", "batch_size"):
@@ -142,19 +144,28 @@ def calib_for(name: str, shape: tuple[int, ...], calib: dict[str, LayerCalib]):
 # --- running the base -------------------------------------------------------------------------
 
 
-def tokenize(model_dir: Path, texts: list[str], vocab_size: int, total: int) -> list[int]:
-    """Token ids of `texts` (at most `total`) with the checkpoint's tokenizer; without one, UTF-8
-    bytes folded into the vocabulary (still real text statistics, noted with a warning)."""
+def tokenize(model_dir: Path, texts: list[str], vocab_size: int, total: int,
+             tokenizer: str | None = None) -> list[int]:  # fmt: skip
+    """Token ids of `texts` (at most `total`): with the checkpoint's tokenizer, the one given, or
+    with tokenizer="bytes" UTF-8 bytes folded into the vocabulary. A base without a tokenizer
+    and no choice made is an error: calibrating on the wrong ids would be silently weaker."""
     tok = None
-    if any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+    if tokenizer != "bytes":
+        src = Path(tokenizer) if tokenizer else model_dir
+        if not any((src / f).exists() for f in ("tokenizer.json", "tokenizer.model",
+                                                "vocab.json")):  # fmt: skip
+            raise ConfigError(
+                f"{src} has no tokenizer, and calibration turns text into the ids the model "
+                "was trained on: pass --tokenizer DIR (the base's tokenizer), or --tokenizer "
+                "bytes to calibrate on UTF-8 bytes as ids (weaker statistics)"
+            )
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
-    else:
-        warnings.warn(
-            f"{model_dir} has no tokenizer: calibrating on UTF-8 bytes as token ids",
-            stacklevel=2,
-        )
+        tok = AutoTokenizer.from_pretrained(src)
+        if len(tok) > vocab_size:
+            raise ConfigError(f"the tokenizer in {src} has {len(tok)} tokens but the model's "
+                              f"vocabulary has {vocab_size}: it is not this model's tokenizer; "
+                              "pass the base's own with --tokenizer DIR")  # fmt: skip
     ids: list[int] = []
     for text in texts:
         piece = text[: 8 * total]  # a few chars per token; bounds tokenizer work on big documents
@@ -163,6 +174,23 @@ def tokenize(model_dir: Path, texts: list[str], vocab_size: int, total: int) -> 
         if len(ids) >= total:
             break
     return ids[:total]
+
+
+def calibration_windows(model_dir: str | Path, texts: list[str], opts: CalibOptions,
+                        config=None) -> torch.Tensor:  # fmt: skip
+    """Token windows [B, T] of the calibration text (T: seq_len cut to the model's positions
+    and to the text)."""
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+    vocab = config.get_text_config().vocab_size
+    ids = tokenize(Path(model_dir), texts, vocab, opts.tokens, opts.tokenizer)
+    if not ids:
+        raise CheckpointError("calibration text produced no tokens; pass a non-empty --calib file")
+    max_pos = getattr(config.get_text_config(), "max_position_embeddings", None) or opts.seq_len
+    seq = min(opts.seq_len, len(ids), max_pos)  # windows past the positions the model has
+    return torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)  # [B_total, T]
 
 
 def _load_model(model_dir: Path, device: str):
@@ -184,9 +212,11 @@ def _load_model(model_dir: Path, device: str):
 
 
 def _register_hooks(model, acc: _Accumulator) -> list:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear, weight [in, out]
+
     handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):  # lm_head too: its delta may be quantized
+        if isinstance(mod, (torch.nn.Linear, Conv1D)):  # lm_head too: it may be quantized
             key = f"{name}.weight"
             handles.append(mod.register_forward_pre_hook(lambda _m, a, k=key: acc.add(k, a[0])))
         elif _fused_experts(mod) and _LAYER.match(name):
@@ -209,13 +239,7 @@ def collect_calibration(
     opts = options or CalibOptions()
     model_dir = Path(model_dir)
     model, config = _load_model(model_dir, device)
-    vocab = config.get_text_config().vocab_size
-    ids = tokenize(model_dir, texts, vocab, opts.tokens)
-    if not ids:
-        raise CheckpointError("calibration text produced no tokens; pass a non-empty --calib file")
-    max_pos = getattr(config.get_text_config(), "max_position_embeddings", None) or opts.seq_len
-    seq = min(opts.seq_len, len(ids), max_pos)  # windows past the positions the model has
-    windows = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)  # [B_total, T]
+    windows = calibration_windows(model_dir, texts, opts, config)
     n_batches = math.ceil(windows.shape[0] / opts.batch_size)
     acc = _Accumulator(math.ceil(opts.sample_rows / n_batches), opts.seed)
     handles = _register_hooks(model, acc)

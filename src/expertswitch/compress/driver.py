@@ -9,7 +9,6 @@ archive atomically.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,29 +23,12 @@ from expertswitch.compress.calibration import (
     calib_for,
     collect_calibration,
 )
+from expertswitch.compress.layout import IN_OUT, LinearLayout, linear_layout
 from expertswitch.compress.methods import MethodConfig, compress_delta
 from expertswitch.compress.metrics import output_sqnr_db, sqnr_db
 from expertswitch.io.archive import ArchiveEntry, is_archive, write_archive
 from expertswitch.io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from expertswitch.utils.fs import check_output_dir
-
-# Linear projections of Llama/Mistral/Qwen2/Mixtral (and the usual names of other families);
-# the MoE router ("...gate.weight"), norms, embeddings and lm_head are deliberately absent.
-_LINEAR = re.compile(
-    r"\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj|"
-    r"w1|w2|w3|fc1|fc2|dense|query_key_value|dense_h_to_4h|dense_4h_to_h)(\.weight)?$"
-)
-
-
-_EMBEDDING = re.compile(r"(embed_tokens|lm_head|wte|word_embeddings)\.weight$")
-
-
-def is_linear_delta(name: str, shape: tuple[int, ...], embeddings: bool = False) -> bool:
-    """Weights whose deltas are quantized: 2-D linear weights and stacked [E, N, K] experts;
-    with `embeddings`, also the token embedding and lm_head (same vocabulary as the base)."""
-    if embeddings and _EMBEDDING.search(name) and len(shape) == 2:
-        return True
-    return bool(_LINEAR.search(name)) and len(shape) in (2, 3)
 
 
 @dataclass
@@ -76,33 +58,40 @@ def _calibrate(base: Checkpoint, method: MethodConfig, opts: CompressOptions):
     return calib, {"source": source, "tokens": opts.calib.tokens, "seq_len": opts.calib.seq_len}
 
 
-def _compress_tensor(
-    name: str, base: Checkpoint, expert: Checkpoint, calib: dict[str, LayerCalib], method, opts
-):
+def _compress_tensor(name: str, base: Checkpoint, expert: Checkpoint,
+                     calib: dict[str, LayerCalib], method, opts, layout: LinearLayout):  # fmt: skip
     """(entry, parts) for one expert tensor, or None when it equals the base's."""
     value = expert.get(name)
-    same_shape = name in base and base.shape(name) == tuple(value.shape)
+    shape = tuple(value.shape)
+    same_shape = name in base and base.shape(name) == shape
+    orient = layout.orientation(name, shape, opts.quantize_embeddings) if same_shape else None
     if same_shape:
         ref = base.get(name)
         if ref.dtype == value.dtype and torch.equal(ref, value):
             return None
-        if is_linear_delta(name, tuple(value.shape), opts.quantize_embeddings):
-            device = opts.device
-            delta = value.to(device).float() - ref.to(device).float()
-            lc = calib_for(name, tuple(value.shape), calib)
-            packed = compress_delta(delta, lc, method)
-            approx = packed.dequantize(device)
-            meta = {
-                **packed.meta(),
-                "dtype": str(value.dtype).removeprefix("torch."),
-                "calibrated": lc is not None,
-                "sqnr_db": _finite(sqnr_db(delta, approx)),
-            }
-            if isinstance(lc, LayerCalib) and lc.sample is not None and delta.dim() == 2:
-                meta["out_sqnr_db"] = _finite(output_sqnr_db(lc.sample.to(device), delta, approx))
-            parts = packed.parts()
-            return ArchiveEntry(name, "quantized", meta, list(parts)), parts
-    meta = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    if orient is not None:
+        device = opts.device
+        delta = value.to(device).float() - ref.to(device).float()
+        if orient == IN_OUT:  # Conv1D [in, out] → [out, in]: input channels as columns
+            delta = delta.T.contiguous()
+        lc = calib_for(name, tuple(delta.shape), calib)
+        packed = compress_delta(delta, lc, method)
+        approx = packed.dequantize(device)
+        meta = {
+            **packed.meta(),
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "calibrated": lc is not None,
+            "sqnr_db": _finite(sqnr_db(delta, approx)),
+        }
+        if orient == IN_OUT:
+            meta["transposed"] = True  # stored [out, in]; the tensor itself is [in, out]
+        if isinstance(lc, LayerCalib) and lc.sample is not None and delta.dim() == 2:
+            meta["out_sqnr_db"] = _finite(output_sqnr_db(lc.sample.to(device), delta, approx))
+        parts = packed.parts()
+        return ArchiveEntry(name, "quantized", meta, list(parts)), parts
+    meta = {"shape": list(shape), "dtype": str(value.dtype).removeprefix("torch."),
+            "exact_because": "new or reshaped" if not same_shape
+            else layout.why_exact(name, shape)}  # fmt: skip
     return ArchiveEntry(name, "exact", meta, ["value"]), {"value": value}
 
 
@@ -123,16 +112,71 @@ def compress_expert(
                      is_archive, "expert archive")  # fmt: skip
     base, expert = open_checkpoint(base_dir), open_checkpoint(expert_dir)
     check_compatible(base, expert)
+    layout = linear_layout(base.path)
     calib, calib_info = _calibrate(base, method, opts)
-    entries = []
     names = expert.names()
-    for name in tqdm(names, desc="compressing", unit="tensor", disable=not opts.progress):
-        item = _compress_tensor(name, base, expert, calib, method, opts)
-        if item is not None:
-            entries.append(item)
-    quantized = [e for e, _ in entries if e.kind == "quantized"]
+
+    def produced():  # one tensor's work at a time: the writer drops each as it is written
+        for name in tqdm(names, desc="compressing", unit="tensor", disable=not opts.progress):
+            item = _compress_tensor(name, base, expert, calib, method, opts, layout)
+            if item is not None:
+                yield item
+
+    distill_info: dict = {}
+
+    def manifest(entries: list[ArchiveEntry]) -> dict:
+        m = _manifest(entries, names, base, expert, base_dir, expert_dir, method, calib_info,
+                      layout, start, opts)  # fmt: skip
+        if distill_info:
+            m["distillation"] = distill_info
+        return m
+
+    items: object = produced()
+    if getattr(method, "distill_steps", 0):
+        # the student needs every delta at once: held (packed, ~the archive's size) until written
+        items = list(items)
+        distill_info.update(_distill(items, base, expert, method, opts))
+    return write_archive(out_dir, manifest, items, expert.aux_files(), opts.overwrite)
+
+
+def _distill(items: list, base: Checkpoint, expert: Checkpoint, method, opts) -> dict:
+    """Replace the step sizes of the quantized 2-D linear deltas in `items` by distilled ones
+    (compress/distill.py); their entries' meta follows."""
+    from expertswitch.compress.calib_text import default_calibration_texts, load_calibration_file
+    from expertswitch.compress.calibration import calibration_windows
+    from expertswitch.compress.distill import DistillOptions, distill_steps
+    from expertswitch.compress.packed import PackedDelta
+
+    texts = load_calibration_file(opts.calib_file) if opts.calib_file else \
+        default_calibration_texts()  # fmt: skip
+    windows = calibration_windows(base.path, texts, opts.calib)
+    packed = {e.name: PackedDelta.from_parts(e.meta, parts) for e, parts in items
+              if e.kind == "quantized" and len(e.meta["shape"]) == 2
+              and not e.meta.get("transposed")}  # fmt: skip
+    tuned, report = distill_steps(base.path, expert.path, packed, windows,
+                                  DistillOptions(steps=method.distill_steps), opts.device,
+                                  opts.progress)  # fmt: skip
+    for i, (e, _) in enumerate(items):
+        if e.name in tuned:
+            p = tuned[e.name]
+            delta = (expert.get(e.name).float() - base.get(e.name).float()).to(opts.device)
+            meta = {**e.meta, **p.meta(), "distilled": True,
+                    "sqnr_db": _finite(sqnr_db(delta, p.dequantize(opts.device)))}  # fmt: skip
+            meta.pop("out_sqnr_db", None)  # measured on the fitted steps; no longer these
+            items[i] = (ArchiveEntry(e.name, e.kind, meta, list(p.parts())), p.parts())
+    return report
+
+
+def _manifest(entries: list[ArchiveEntry], names: list[str], base: Checkpoint,
+              expert: Checkpoint, base_dir, expert_dir, method, calib_info: dict,
+              layout: LinearLayout, start: float, opts: CompressOptions) -> dict:  # fmt: skip
+    quantized = [e for e in entries if e.kind == "quantized"]
+    exact = [e for e in entries if e.kind == "exact"]
+    reasons: dict[str, int] = {}
+    for e in exact:
+        reasons[e.meta["exact_because"]] = reasons.get(e.meta["exact_because"], 0) + 1
     expert_params = expert.numel()
-    manifest = {
+    return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": method.to_dict(),
         "base": {
@@ -155,7 +199,11 @@ def compress_expert(
             "exact_tensors": len(entries) - len(quantized),
             "unchanged_tensors": len(names) - len(entries),
             "uncalibrated_tensors": sum(not e.meta["calibrated"] for e in quantized),
+            "uncalibrated": sorted(
+                e.name for e in quantized if not e.meta["calibrated"] and method.needs_calibration
+            ),
+            "exact_because": reasons,
+            "linear_layers_from": layout.source,
             "seconds": round(time.perf_counter() - start, 2),
         },
     }
-    return write_archive(out_dir, manifest, entries, expert.aux_files(), opts.overwrite)

@@ -84,6 +84,9 @@ class MixedConfig(MethodConfig):
     clip_steps: int = 16
     tune_steps: int = 0
     tune_lr: float = 1e-2
+    # model-level distillation of the step sizes against the expert's logits (compress/
+    # distill.py); 0 = off
+    distill_steps: int = 0
     # lowest clip ratio searched (None: by bits, 0.12 at 2 bits). The search minimises output
     # MSE, which at 2 bits clips the delta's largest entries hard; on the tiny family (400
     # items) a floor of 0.5 kept 0.95 of the math expert's answer-token margin against 0.76,
@@ -99,6 +102,8 @@ class MixedConfig(MethodConfig):
             raise ConfigError(f"clip_floor={self.clip_floor} must lie in (0, 1]")
         if self.clip_steps < 1 or self.tune_steps < 0 or self.tune_lr <= 0:
             raise ConfigError("clip_steps must be ≥ 1, tune_steps ≥ 0 and tune_lr > 0")
+        if not isinstance(self.distill_steps, int) or self.distill_steps < 0:
+            raise ConfigError(f"distill_steps must be an integer ≥ 0, got {self.distill_steps}")
 
     @property
     def needs_calibration(self) -> bool:

@@ -45,6 +45,14 @@ def expert_tensor(archive: Archive, base: Checkpoint, name: str, device: str = "
     if entry.kind != "quantized":
         raise ArchiveError(f"tensor {name} has unknown kind {entry.kind!r} in {archive.path}")
     delta = PackedDelta.from_parts(entry.meta, parts).dequantize(device)
+    if entry.meta.get("transposed") is True:  # a Conv1D weight, [in, out]: stored [out, in]
+        delta = delta.T
+    elif entry.meta.get("transposed") not in (None, False):
+        raise ArchiveError(f"tensor {name} in {archive.path} has a malformed 'transposed' flag")
+    if tuple(delta.shape) != base.shape(name):
+        raise ArchiveError(f"tensor {name} in {archive.path} rebuilds to shape "
+                           f"{tuple(delta.shape)} but the base's is {base.shape(name)}: the "
+                           "archive does not belong to this base or is corrupt")  # fmt: skip
     dtype = dtype or _DTYPES.get(entry.meta["dtype"], torch.float32)
     return (base.get(name).to(device).float() + delta).to(dtype).cpu()
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from expertswitch.errors import ArchiveError
 from expertswitch.utils.fs import atomic_directory
@@ -85,33 +84,43 @@ class ArchiveEntry:
 
 def write_archive(
     out_dir: str | Path,
-    manifest: dict,
-    entries: list[tuple[ArchiveEntry, dict[str, torch.Tensor]]],
+    manifest: dict | Callable[[list[ArchiveEntry]], dict],
+    entries: Iterable[tuple[ArchiveEntry, dict[str, torch.Tensor]]],
     files: dict[str, Path],
     overwrite: bool = False,
 ) -> Path:
     """Write atomically: everything goes to a temporary sibling directory that is renamed into
-    place at the end, so a failure leaves no half-written archive (and an old one intact)."""
+    place at the end, so a failure leaves no half-written archive (and an old one intact).
+
+    `entries` may be a generator: each tensor's parts are written as they come and dropped, so
+    peak memory is one tensor's parts. `manifest` may be a function of the entries written
+    (their meta, no tensors), called once they are all in."""
+    from expertswitch.io.stream_writer import StreamingSafetensorsWriter
     from expertswitch.utils.fs import check_output_dir
 
     out = check_output_dir(out_dir, {}, overwrite, is_archive, "expert archive")
     for name in files:
         _check_file_name(name, out)
     with atomic_directory(out) as tmp:
-        tensors: dict[str, torch.Tensor] = {}
-        records, parts_meta = {}, {}
-        for entry, parts in entries:
-            records[entry.name] = {"kind": entry.kind, **entry.meta, "parts": sorted(parts)}
-            for part, t in parts.items():
-                key = part_key(entry.name, part)
-                t = t.detach().contiguous().cpu()
-                tensors[key] = t
-                parts_meta[key] = {
-                    "shape": list(t.shape),
-                    "dtype": str(t.dtype).removeprefix("torch."),
-                    "sha256": checksum(t),
-                }
-        save_file(tensors, str(tmp / DELTA_FILE), metadata={"format": FORMAT})
+        records, parts_meta, written = {}, {}, []
+        writer = StreamingSafetensorsWriter(tmp / DELTA_FILE)
+        try:
+            for entry, parts in entries:
+                records[entry.name] = {"kind": entry.kind, **entry.meta, "parts": sorted(parts)}
+                for part in sorted(parts):
+                    key = part_key(entry.name, part)
+                    t = parts[part].detach().contiguous().cpu()
+                    writer.add(key, t)
+                    parts_meta[key] = {
+                        "shape": list(t.shape),
+                        "dtype": str(t.dtype).removeprefix("torch."),
+                        "sha256": checksum(t),
+                    }
+                written.append(ArchiveEntry(entry.name, entry.kind, entry.meta, sorted(parts)))
+            writer.finish({"format": FORMAT})
+        except BaseException:
+            writer.abort()
+            raise
         copied = {}
         for name, src in files.items():
             shutil.copyfile(src, tmp / name)
@@ -120,7 +129,7 @@ def write_archive(
         full = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            **manifest,
+            **(manifest(written) if callable(manifest) else manifest),
             "delta_file": {"name": DELTA_FILE, "bytes": (tmp / DELTA_FILE).stat().st_size},
             "tensors": records,
             "parts": parts_meta,

@@ -104,6 +104,10 @@ def load_expert(
             cast = dtype is not None and value.is_floating_point()
             weights.exact[entry.name] = value.to(dtype) if cast else value
         elif entry.kind == "quantized":
+            if entry.meta.get("transposed", False) is not False:  # Conv1D layouts: not served
+                raise ArchiveError(f"{where}: a transposed (Conv1D) delta; the engine serves "
+                                   "Llama-family layouts only: rebuild it with `expertswitch "
+                                   "reconstruct`")  # fmt: skip
             weights.deltas[entry.name] = _packed(entry.meta, parts, base_shape, where)
         else:
             raise ArchiveError(f"{where}: unknown kind {entry.kind!r}; the archive is corrupt")
