@@ -55,6 +55,11 @@ def variants(bits_list, tune_steps, distill_steps=0) -> list[tuple[str, str, obj
     if 2 in bits_list:  # output-MSE clipping vs the delta's large entries (MixedConfig)
         out.append(("mixed-2 clip≥0.5", "mixed clip≥0.5",
                     make_method("mixed", bits=2, clip_floor=0.5)))  # fmt: skip
+        # the ablation of mixed's two ideas at 2 bits (rtn-2 is neither, mixed-2 both)
+        out.append(("mixed-2 clip search only", "ablation",
+                    make_method("mixed", bits=2, salient=0)))  # fmt: skip
+        out.append(("mixed-2 salient only", "ablation",
+                    make_method("mixed", bits=2, clip_steps=1)))  # fmt: skip
     for bits in bits_list:
         if tune_steps:
             out.append((f"mixed-{bits}+tune", "mixed+tune",
