@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def run_info(device: str) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": commit(),
         "torch": torch.__version__,
+        "command": " ".join(["python", *sys.argv]),  # how to run it again
     }
 
 

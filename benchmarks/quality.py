@@ -183,8 +183,7 @@ def report(args, device, family, base, rows, start, complete: bool) -> Path:
     payload = {**run_info(device), "benchmark": "quality", "preset": args.preset,
                "items": args.items, "family": family.manifest,
                "base": {d: s.to_dict() for d, s in base.items()}, "rows": rows,
-               "complete": complete, "seconds": round(time.perf_counter() - start, 1),
-               "command": " ".join(["python", *sys.argv])}  # fmt: skip
+               "complete": complete, "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     tag = f"quality-{args.preset}-{'gpu' if device.startswith('cuda') else 'cpu'}"
     if args.tag:
         tag += f"-{args.tag}"
