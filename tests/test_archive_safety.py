@@ -225,7 +225,7 @@ def test_help_shows_the_defaults(capsys):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for default in ("default: mixed", "default 2", "default 0.01", "default 128",
-                    "default: 8192", "default: 512", "default 0 = off"):  # fmt: skip
+                    "default 8192", "default 512)", "default 0 = off"):  # fmt: skip
         assert default in text, default
 
 
@@ -405,3 +405,90 @@ def test_streamed_safetensors_equal_what_safetensors_writes(tmp_path):
         w2.add("x", torch.ones(1))
     w2.abort()
     assert not list(tmp_path.glob("*.spool"))
+
+
+# second review: what a one-byte header edit, a stray manifest or a kept mtime could do -----------
+
+
+def test_a_parts_dtype_changed_in_the_header_is_refused(archive, tmp_path):
+    """ "F16" → "I16" in delta.safetensors' header: same bytes, same size, same checksum — and
+    another tensor. The header must agree with the manifest's dtype and shape."""
+    a = _copy(archive, tmp_path)
+    f = a / "delta.safetensors"
+    raw = f.read_bytes()
+    i = raw.index(b'"F16"')
+    f.write_bytes(raw[:i] + b'"I16"' + raw[i + 5 :])
+    with pytest.raises(ArchiveError, match="stored as"):
+        open_archive(a)
+
+
+def test_overwrite_refuses_a_directory_that_only_looks_like_an_archive(pair, tmp_path):
+    base, expert = pair
+    mine = tmp_path / "proj"
+    (mine / "data").mkdir(parents=True)
+    (mine / "expert.json").write_text("{}")
+    (mine / "data" / "thesis.tex").write_text("years of work")
+    opts = CompressOptions(calib=OPTS.calib, progress=False, overwrite=True)
+    with pytest.raises(ConfigError, match="not a"):
+        compress_expert(base, expert, mine, make_method("rtn"), opts)
+    assert (mine / "data" / "thesis.tex").read_text() == "years of work"
+
+
+def test_zoo_build_never_replaces_a_directory_that_is_not_a_family(tmp_path):
+    from expertswitch.zoo.build import build_family
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match="not a"):
+        build_family("micro", root=victim, progress=False, log=lambda *_: None)
+    assert (victim / "thesis.tex").read_text() == "years of work"
+
+
+def test_fingerprint_cache_is_not_fooled_by_a_kept_mtime(pair, tmp_path, monkeypatch):
+    import os
+
+    from safetensors.torch import save_file
+
+    import expertswitch.io.checkpoint as ckpt
+
+    monkeypatch.setenv("EXPERTSWITCH_CACHE", str(tmp_path / "cache"))
+    base, _ = pair
+    copy = tmp_path / "b"
+    shutil.copytree(base, copy)
+    first = ckpt.open_checkpoint(copy).fingerprint()
+    f = copy / "model.safetensors"
+    st = f.stat()
+    state = load_file(str(f))
+    state["model.norm.weight"][5] += 1.0  # same size
+    save_file(state, str(f))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p, rsync -t, tar would
+    ckpt._FINGERPRINTS.clear()
+    assert ckpt.open_checkpoint(copy).fingerprint() != first
+
+
+def test_the_engine_reads_only_the_archives_verified_files(pair, archive, tmp_path):
+    from expertswitch.engine import Engine
+
+    a = _copy(archive, tmp_path)
+    cfg = json.loads((a / "generation_config.json").read_text())
+    cfg["eos_token_id"] = 7
+    (a / "generation_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArchiveError, match="generation_config.json"):
+        Engine(pair[0], {"x": a})
+
+
+def test_distillation_that_cannot_run_is_refused_before_any_work(tmp_path, capsys):
+    from conftest import save_pair as pair_of
+
+    base, expert = pair_of(tmp_path / "mix", "mixtral")
+    rc = main(["compress", "--base", str(base), "--expert", str(expert), "--out",
+               str(tmp_path / "o"), "--distill-steps", "5", "--tokenizer", "bytes",
+               "--quiet", "--device", "cpu"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--distill-steps" in err and "Traceback" not in err
+    b2, e2 = save_pair(tmp_path / "llama", "llama")
+    rc = main(["compress", "--base", str(b2), "--expert", str(e2), "--out",
+               str(tmp_path / "o2"), "--distill-steps", "5", "--tokenizer", "bytes",
+               "--calib-tokens", "100", "--quiet", "--device", "cpu"])  # fmt: skip
+    assert rc == 2 and "at least 2 calibration windows" in capsys.readouterr().err

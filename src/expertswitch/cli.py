@@ -57,13 +57,12 @@ def _add_compress(sub) -> None:
     p.add_argument("--tokenizer", default=None, metavar="DIR|bytes",
                    help="calibration tokenizer (default: the base's own; 'bytes': UTF-8 bytes "
                    "as ids, for a base without one)")  # fmt: skip
-    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
     p.add_argument(
-        "--seq-len",
-        type=int,
-        default=512,
-        help="calibration sequence length (cut to the model's positions)",
+        "--calib-tokens", type=int, default=None, help="calibration tokens (default 8192)"
     )
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="calibration sequence length, cut to the model's positions (default "
+                   "512)")  # fmt: skip
     p.add_argument("--tune-steps", type=int, default=None,
                    help="mixed: step-size tuning steps (default 0 = off); bitdelta: 0 turns its "
                    "distillation off")  # fmt: skip
@@ -276,7 +275,9 @@ def cmd_compress(args) -> None:
     options = CompressOptions(
         calib_file=args.calib,
         calib=CalibOptions(
-            tokens=args.calib_tokens, seq_len=args.seq_len, tokenizer=args.tokenizer
+            tokens=8192 if args.calib_tokens is None else args.calib_tokens,
+            seq_len=512 if args.seq_len is None else args.seq_len,
+            tokenizer=args.tokenizer,
         ),
         device=resolve_device(args.device),
         progress=not args.quiet,
@@ -317,7 +318,7 @@ def exact_report(archive) -> list[str]:
 def _method_args(args) -> dict:
     """The method flags the user gave, checked against what the method uses: a flag that
     would do nothing is an error, not a silent no-op."""
-    from expertswitch.compress.methods import method_fields
+    from expertswitch.compress.methods import make_method, method_fields
     from expertswitch.errors import ConfigError
 
     given = {k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k) is not None}
@@ -334,6 +335,10 @@ def _method_args(args) -> dict:
             given["distill"] = False
     fields = method_fields(args.method)
     unused = [METHOD_FLAGS[k] for k in given if k not in fields]
+    calib_flags = {"--calib": args.calib, "--tokenizer": args.tokenizer,
+                   "--calib-tokens": args.calib_tokens, "--seq-len": args.seq_len}  # fmt: skip
+    if not unused and not make_method(args.method, **given).needs_calibration:
+        unused = [flag for flag, v in calib_flags.items() if v is not None]
     if unused:
         raise ConfigError(f"{unused[0]} is not used by --method {args.method}: leave it out, or "
                           "choose a method that uses it (mixed uses them all)")  # fmt: skip

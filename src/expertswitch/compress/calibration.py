@@ -161,7 +161,12 @@ def tokenize(model_dir: Path, texts: list[str], vocab_size: int, total: int,
             )
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(src)
+        try:
+            tok = AutoTokenizer.from_pretrained(src)
+        except Exception as e:  # a broken tokenizer.json, a missing vocab file, ...
+            raise ConfigError(f"cannot load the tokenizer in {src} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); pass a working "
+                              "--tokenizer DIR") from None  # fmt: skip
         if len(tok) > vocab_size:
             raise ConfigError(f"the tokenizer in {src} has {len(tok)} tokens but the model's "
                               f"vocabulary has {vocab_size}: it is not this model's tokenizer; "

@@ -134,10 +134,13 @@ def _kl(student_logits: torch.Tensor, t_logp: torch.Tensor, t_ids: torch.Tensor)
 
 def distill_steps(base_dir: str | Path, expert_dir: str | Path,
                   packed: dict[str, PackedDelta], windows: torch.Tensor,
-                  opts: DistillOptions, device: str = "cpu",
-                  progress: bool = False) -> tuple[dict[str, PackedDelta], dict]:  # fmt: skip
+                  opts: DistillOptions, device: str = "cpu", progress: bool = False,
+                  fixed: dict[str, torch.Tensor] | None = None,
+                  ) -> tuple[dict[str, PackedDelta], dict]:  # fmt: skip
     """Distil the step sizes of `packed` (weight name → PackedDelta) on token windows [B, T].
-    Returns the tuned PackedDeltas (those that took part) and a report of the losses."""
+    `fixed`: every other tensor the rebuilt expert changes (name → its value), set in the
+    student, which is then the model the archive rebuilds. Returns the tuned PackedDeltas and a
+    report of the losses."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -148,6 +151,12 @@ def distill_steps(base_dir: str | Path, expert_dir: str | Path,
     t_vals, t_ids = teacher_topk(expert_dir, windows, opts.top_k, opts.batch_size, device)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     model.requires_grad_(False)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, value in (fixed or {}).items():
+            if name not in state or tuple(state[name].shape) != tuple(value.shape):
+                raise ValueError(f"{name}: not a parameter of this shape in the student")
+            state[name].copy_(value.to(state[name].dtype))
     students: dict[str, _Student] = {}
     for name, p in packed.items():
         mod = model.get_submodule(name.removesuffix(".weight"))

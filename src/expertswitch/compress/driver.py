@@ -26,6 +26,7 @@ from expertswitch.compress.calibration import (
 from expertswitch.compress.layout import IN_OUT, LinearLayout, linear_layout
 from expertswitch.compress.methods import MethodConfig, compress_delta
 from expertswitch.compress.metrics import output_sqnr_db, sqnr_db
+from expertswitch.errors import ConfigError
 from expertswitch.io.archive import ArchiveEntry, is_archive, write_archive
 from expertswitch.io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from expertswitch.utils.fs import check_output_dir
@@ -113,6 +114,7 @@ def compress_expert(
     base, expert = open_checkpoint(base_dir), open_checkpoint(expert_dir)
     check_compatible(base, expert)
     layout = linear_layout(base.path)
+    windows = _distill_windows(base, expert, layout, method, opts)  # checked before any work
     calib, calib_info = _calibrate(base, method, opts)
     names = expert.names()
 
@@ -132,30 +134,71 @@ def compress_expert(
         return m
 
     items: object = produced()
-    if getattr(method, "distill_steps", 0):
+    if windows is not None:
         # the student needs every delta at once: held (packed, ~the archive's size) until written
         items = list(items)
-        distill_info.update(_distill(items, base, expert, method, opts))
+        distill_info.update(_distill(items, base, expert, method, opts, layout, windows))
     return write_archive(out_dir, manifest, items, expert.aux_files(), opts.overwrite)
 
 
-def _distill(items: list, base: Checkpoint, expert: Checkpoint, method, opts) -> dict:
-    """Replace the step sizes of the quantized 2-D linear deltas in `items` by distilled ones
-    (compress/distill.py); their entries' meta follows."""
+def _distill_windows(base: Checkpoint, expert: Checkpoint, layout: LinearLayout, method,
+                     opts) -> torch.Tensor | None:  # fmt: skip
+    """Calibration windows for distillation, or None when it is off; a ConfigError, before any
+    work, when distillation cannot run on this pair."""
+    if not getattr(method, "distill_steps", 0):
+        return None
     from expertswitch.compress.calib_text import default_calibration_texts, load_calibration_file
     from expertswitch.compress.calibration import calibration_windows
-    from expertswitch.compress.distill import DistillOptions, distill_steps
-    from expertswitch.compress.packed import PackedDelta
 
+    if layout.source != "modules" or not any(o == "out_in" for o in layout.linear.values()):
+        raise ConfigError("--distill-steps needs nn.Linear layers transformers can build from "
+                          "this config; this model has none: leave it out")  # fmt: skip
+    foreign = sorted(set(base.names()) - layout.params)
+    if foreign:
+        raise ConfigError(f"--distill-steps needs checkpoint names that are the model's own "
+                          f"parameter names; this checkpoint stores e.g. {foreign[0]} "
+                          "(transformers converts it when loading): leave it out")  # fmt: skip
+    grown = [n for n in expert.names() if n in base and expert.shape(n) != base.shape(n)]
+    if grown:
+        raise ConfigError(f"--distill-steps cannot run on an expert whose shapes differ from "
+                          f"the base's (e.g. {grown[0]}, a grown vocabulary): leave it "
+                          "out")  # fmt: skip
     texts = load_calibration_file(opts.calib_file) if opts.calib_file else \
         default_calibration_texts()  # fmt: skip
     windows = calibration_windows(base.path, texts, opts.calib)
-    packed = {e.name: PackedDelta.from_parts(e.meta, parts) for e, parts in items
-              if e.kind == "quantized" and len(e.meta["shape"]) == 2
-              and not e.meta.get("transposed")}  # fmt: skip
+    if len(windows) < 2:
+        raise ConfigError(f"--distill-steps needs at least 2 calibration windows; "
+                          f"--calib-tokens {opts.calib.tokens} makes {len(windows)}: give more "
+                          "tokens or a shorter --seq-len")  # fmt: skip
+    return windows
+
+
+def _distill(items: list, base: Checkpoint, expert: Checkpoint, method, opts,
+             layout: LinearLayout, windows: torch.Tensor) -> dict:  # fmt: skip
+    """Replace the step sizes of the quantized [out, in] linear deltas in `items` by distilled
+    ones (compress/distill.py); their entries' meta follows. Every other changed tensor enters
+    the student as the reconstruction will hold it, so the student is the rebuilt model."""
+    from expertswitch.compress.distill import DistillOptions, distill_steps
+    from expertswitch.compress.packed import PackedDelta
+
+    packed, fixed = {}, {}
+    for e, parts in items:
+        if e.kind == "quantized":
+            p = PackedDelta.from_parts(e.meta, parts)
+            if layout.linear.get(e.name) == "out_in" and not e.meta.get("transposed"):
+                packed[e.name] = p
+                continue
+            d = p.dequantize()
+            d = d.T if e.meta.get("transposed") else d
+            fixed[e.name] = base.get(e.name).float() + d
+        else:
+            fixed[e.name] = parts["value"]
+    if not packed:
+        raise ConfigError("--distill-steps found no changed nn.Linear weight to distil: leave "
+                          "it out")  # fmt: skip
     tuned, report = distill_steps(base.path, expert.path, packed, windows,
                                   DistillOptions(steps=method.distill_steps), opts.device,
-                                  opts.progress)  # fmt: skip
+                                  opts.progress, fixed)  # fmt: skip
     for i, (e, _) in enumerate(items):
         if e.name in tuned:
             p = tuned[e.name]

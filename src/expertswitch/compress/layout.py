@@ -47,6 +47,7 @@ class LinearLayout:
     embeddings: set[str] = field(default_factory=set)
     routers: set[str] = field(default_factory=set)
     source: str = "modules"
+    params: set[str] = field(default_factory=set)  # the model's parameter names
 
     def orientation(self, name: str, shape: tuple[int, ...], embeddings: bool) -> str | None:
         """OUT_IN / IN_OUT when the delta of `name` is quantized, None when it is stored
@@ -86,7 +87,7 @@ def linear_layout(model_dir: str | Path) -> LinearLayout:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    layout = LinearLayout()
+    layout = LinearLayout(params={n for n, _ in model.named_parameters(remove_duplicate=False)})
     outputs = model.get_output_embeddings()
     inputs = model.get_input_embeddings()
     for mod_name, mod in model.named_modules():

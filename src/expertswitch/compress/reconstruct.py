@@ -13,7 +13,13 @@ from safetensors.torch import save_file
 from expertswitch.compress.packed import PackedDelta
 from expertswitch.errors import ArchiveError, CompatibilityError
 from expertswitch.io.archive import Archive, open_archive
-from expertswitch.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, open_checkpoint
+from expertswitch.io.checkpoint import (
+    AUX_FILES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    Checkpoint,
+    open_checkpoint,
+)
 from expertswitch.utils.fs import atomic_directory, check_output_dir
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -107,7 +113,11 @@ def reconstruct(
             total += nbytes
         flush()
         _finish_layout(tmp, files, shard_names, total)
-        aux = {**base.aux_files(), **archive.aux_files()}  # the expert's own files win
+        aux = archive.aux_files()  # the expert's own files, verified; the base's tokenizer
+        if not any(n in aux for n in _TOKENIZER_FILES):  # only when the expert has none
+            aux.update({n: p for n, p in base.aux_files().items() if n in _TOKENIZER_FILES})
+        aux = {**{n: p for n, p in base.aux_files().items() if n not in _TOKENIZER_FILES
+                  and n not in aux}, **aux}  # fmt: skip
         for fname, src in aux.items():
             shutil.copyfile(src, tmp / fname)
         if dtype is not None:
@@ -120,11 +130,21 @@ def reconstruct(
     return out
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                    "vocab.json", "merges.txt")  # fmt: skip
 MARKER = "expertswitch-reconstruction.json"  # what it was rebuilt from; lets --overwrite act
 
 
 def is_reconstruction(path: Path) -> bool:
-    return (Path(path) / MARKER).is_file()
+    """`path` holds a reconstruction and nothing else: the marker, weights, and the files a
+    checkpoint carries."""
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        return False
+    own = {MARKER, SINGLE_FILE, INDEX_FILE, *AUX_FILES}
+    return all(p.name in own or (p.name.startswith("model-") and p.suffix == ".safetensors")
+               for p in path.iterdir())  # fmt: skip
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:

@@ -5,7 +5,7 @@ its EOS tokens, its vocabulary size and its tokenizer (the archive's own when it
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from expertswitch.engine.tokenizer import load_tokenizer
@@ -21,6 +21,7 @@ class Registered:
     eos: frozenset[int]
     vocab: int
     tokenizer: object | None = None  # loaded on first use; False: none of its own or base's
+    files: dict[str, Path] = field(default_factory=dict)  # the archive's own, verified
 
 
 class ExpertRegistry:
@@ -62,7 +63,8 @@ class ExpertRegistry:
                                    f"{shape!r} in the manifest is malformed; the archive is "
                                    "corrupt")  # fmt: skip
             vocab = shape[0]
-        entry = Registered(Path(path), eos_ids(Path(path)) or self.base_eos, vocab)
+        files = archive.aux_files()  # only the files the archive lists, each checked
+        entry = Registered(Path(path), eos_ids(files) or self.base_eos, vocab, files=files)
         self.entries[name] = entry
         return entry
 
@@ -90,17 +92,31 @@ class ExpertRegistry:
             return self.base_tokenizer
         entry = self.get(name)
         if entry.tokenizer is None:
-            entry.tokenizer = load_tokenizer(entry.path) or self.base_tokenizer or False
+            entry.tokenizer = _own_tokenizer(entry.files) or self.base_tokenizer or False
         return entry.tokenizer or None
 
 
-def eos_ids(path: Path) -> frozenset[int]:
-    """EOS ids a checkpoint (or an archive's copied files) declares: config.json's and
-    generation_config.json's eos_token_id (Llama 3 lists several)."""
+def _own_tokenizer(files: dict[str, Path]):
+    """The tokenizer among an archive's verified files, loaded from a private copy of just
+    those files (a stray tokenizer file in the archive directory is never read)."""
+    import shutil
+    import tempfile
+
+    if not any(n in files for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, src in files.items():
+            shutil.copyfile(src, Path(tmp) / name)
+        return load_tokenizer(tmp)
+
+
+def eos_ids(path: Path | dict[str, Path]) -> frozenset[int]:
+    """EOS ids a checkpoint directory (or an archive's verified files, name → path) declares:
+    config.json's and generation_config.json's eos_token_id (Llama 3 lists several)."""
     ids: set[int] = set()
     for fname in ("config.json", "generation_config.json"):
-        f = path / fname
-        if not f.is_file():
+        f = path.get(fname) if isinstance(path, dict) else path / fname
+        if f is None or not f.is_file():
             continue
         try:
             eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")

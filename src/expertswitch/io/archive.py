@@ -40,6 +40,11 @@ DELTA_FILE = "delta.safetensors"
 SEP = "::"
 
 
+_HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                  "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                  "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # fmt: skip
+
+
 def part_key(tensor: str, part: str) -> str:
     return f"{tensor}{SEP}{part}"
 
@@ -68,8 +73,24 @@ def sealed(manifest: dict) -> dict:
 
 
 def is_archive(path: Path) -> bool:
-    """`path` holds an archive (what --overwrite may replace)."""
-    return (Path(path) / MANIFEST).is_file()
+    """`path` holds an archive and nothing else (what --overwrite may replace): a manifest of
+    this format, the delta file and the files it lists."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return False
+    files = manifest.get("files")
+    own = {MANIFEST, DELTA_FILE, *(files if isinstance(files, dict) else AUX_NAMES)}
+    return all(p.name in own for p in path.iterdir())
+
+
+# what a version-1 archive (no file list) may hold besides its manifest and delta
+AUX_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+             "chat_template.jinja", "vocab.json", "merges.txt")  # fmt: skip
 
 
 @dataclass
@@ -167,6 +188,15 @@ class Archive:
             raise ArchiveError(f"{delta} and its manifest disagree on the parts stored (e.g. "
                                f"{odd}): the archive is corrupt; re-run `expertswitch "
                                "compress`")  # fmt: skip
+        for key in sorted(stored):  # the checksums cover the bytes; these, their meaning
+            rec = self.manifest["parts"][key]
+            sl = self._file.get_slice(key)
+            header = (_HEADER_DTYPES.get(sl.get_dtype()), list(sl.get_shape()))
+            if header != (rec.get("dtype"), rec.get("shape")):
+                raise ArchiveError(f"part {key} of {self.path} is stored as {header[0]} "
+                                   f"{header[1]} but the manifest records {rec.get('dtype')} "
+                                   f"{rec.get('shape')}: the archive is corrupt; re-run "
+                                   "`expertswitch compress`")  # fmt: skip
         self.entries = {
             name: _entry(name, rec, self.path) for name, rec in self.manifest["tensors"].items()
         }

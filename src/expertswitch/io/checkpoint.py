@@ -109,9 +109,10 @@ class Checkpoint:
     def _file_stamp(self) -> str:
         files = sorted(set(self._file_of.values()))
         parts = [str(self.path.resolve())]
-        for f in files:
+        for f in files:  # ctime and inode: what a copy that keeps mtimes (cp -p) cannot keep
             st = f.stat()
-            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:"
+                         f"{st.st_ino}:{st.st_dev}")  # fmt: skip
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def aux_files(self) -> dict[str, Path]:

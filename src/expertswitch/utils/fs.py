@@ -27,19 +27,31 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     directory renamed into place, and only then is the old one deleted: at no moment is
     neither on disk, so a crash or Ctrl-C never leaves a half-written `out`, nor loses the old
     one (after a crash between the renames it is still there, as `.NAME.old-*`)."""
+    from expertswitch.errors import ConfigError
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise ConfigError(f"cannot write beside {out}: {e.strerror or e}; choose another "
+                          "--out") from None  # fmt: skip
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the result from other users
+    old = None
     try:
         yield tmp
-        if out.exists():
+        if out.exists() or out.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
-            os.replace(tmp, out)
+        os.replace(tmp, out)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
     except BaseException:
+        if old is not None and (old / out.name).exists() and not out.exists():
+            os.replace(old / out.name, out)  # interrupted between the renames: put it back
+            shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -56,6 +68,17 @@ def check_output_dir(out: str | Path, inputs: dict[str, str | Path], overwrite: 
 
     out = Path(out)
     target = out.resolve()
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents or target == target.parent:
+        raise ConfigError(f"--out {out} is the current directory, one above it, or the root: "
+                          "name a new directory for the output")  # fmt: skip
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"--out {out} is a broken symbolic link: remove it or choose another")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {parent} is not a directory this user can write in")
     for flag, path in inputs.items():
         src = Path(path).resolve()
         if target == src or target in src.parents:

@@ -22,7 +22,7 @@ import torch
 
 from expertswitch.errors import ConfigError
 from expertswitch.train.lm import TrainConfig, train_lm
-from expertswitch.utils.fs import atomic_directory, cache_dir
+from expertswitch.utils.fs import atomic_directory, cache_dir, check_output_dir
 from expertswitch.zoo.corpora import DOMAINS, load_corpora
 from expertswitch.zoo.tokenizer import train_tokenizer
 
@@ -145,6 +145,8 @@ def build_family(
     root = Path(root) if root else family_dir(preset, seed)
     if (root / FAMILY_FILE).is_file() and not force:
         return load_family(root)
+    # a directory that is not a family is never replaced (it may be the user's)
+    check_output_dir(root, {}, True, lambda d: (d / FAMILY_FILE).is_file(), "expert family")
     from transformers import LlamaForCausalLM
 
     log(f"building the '{preset}' expert family in {root} (once; later runs reuse it)")
