@@ -492,3 +492,24 @@ def test_distillation_that_cannot_run_is_refused_before_any_work(tmp_path, capsy
                str(tmp_path / "o2"), "--distill-steps", "5", "--tokenizer", "bytes",
                "--calib-tokens", "100", "--quiet", "--device", "cpu"])  # fmt: skip
     assert rc == 2 and "at least 2 calibration windows" in capsys.readouterr().err
+
+
+def test_router_train_never_writes_into_a_stranger_directory(tmp_path, capsys):
+    d = tmp_path / "notes"
+    d.mkdir()
+    (d / "router.json").write_text("my own notes")
+    (d / "todo.txt").write_text("x")
+    assert main(["router", "train", "--out", str(d), "--backbone", "ngram"]) == 2
+    assert "not a router" in capsys.readouterr().err
+    assert (d / "router.json").read_text() == "my own notes"
+
+
+def test_mixtral_routers_by_checkpoint_name_are_reported_as_routers(tmp_path):
+    from expertswitch.compress.layout import linear_layout
+
+    base, _ = save_pair(tmp_path, "mixtral")
+    layout = linear_layout(base)
+    name = "model.layers.0.block_sparse_moe.gate.weight"
+    assert layout.orientation(name, (4, 64), False) is None
+    assert layout.why_exact(name, (4, 64)) == "MoE router"
+    assert layout.orientation("model.layers.0.mlp.gate_proj.weight", (160, 64), False)

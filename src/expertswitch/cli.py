@@ -421,6 +421,15 @@ def cmd_router(args) -> None:
     from expertswitch.router.workflow import evaluate_router, format_report, train_router
 
     if args.router_command == "train":
+        from pathlib import Path
+
+        from expertswitch.utils.fs import check_output_dir
+
+        def is_router(d: Path) -> bool:  # a router written before, and nothing else
+            return {p.name for p in d.iterdir()} <= {"router.json", "head.safetensors"}
+
+        # a router replaces only a router: never files of the user's that share a name
+        check_output_dir(args.out, {}, True, is_router, "router")
         r = train_router(args.out, args.data, args.backbone, args.base_model,
                          args.target_accuracy, args.default, device=args.device)  # fmt: skip
         print(f"router for {r.experts} on {r.backbone.identity['backbone']}: train accuracy "

@@ -52,7 +52,7 @@ class LinearLayout:
     def orientation(self, name: str, shape: tuple[int, ...], embeddings: bool) -> str | None:
         """OUT_IN / IN_OUT when the delta of `name` is quantized, None when it is stored
         exactly (when it changed)."""
-        if name in self.routers:
+        if self.is_router(name):
             return None
         if name in self.embeddings or _EMBEDDING_NAMES.search(name):
             return OUT_IN if embeddings and len(shape) == 2 else None
@@ -66,8 +66,15 @@ class LinearLayout:
             return OUT_IN
         return None
 
+    def is_router(self, name: str) -> bool:
+        """A router by its module, or by its checkpoint name (a Mixtral checkpoint's
+        `block_sparse_moe.gate` is `mlp.gate` among transformers 5's modules)."""
+        parts = name.rsplit(".", 2)
+        return name in self.routers or (len(parts) == 3 and parts[-1] == "weight"
+                                        and parts[-2] in ROUTER_NAMES)  # fmt: skip
+
     def why_exact(self, name: str, shape: tuple[int, ...]) -> str:
-        if name in self.routers:
+        if self.is_router(name):
             return "MoE router"
         if name in self.embeddings or _EMBEDDING_NAMES.search(name):
             return "embedding / output head"
