@@ -513,3 +513,27 @@ def test_mixtral_routers_by_checkpoint_name_are_reported_as_routers(tmp_path):
     assert layout.orientation(name, (4, 64), False) is None
     assert layout.why_exact(name, (4, 64)) == "MoE router"
     assert layout.orientation("model.layers.0.mlp.gate_proj.weight", (160, 64), False)
+
+
+def test_write_archive_holds_one_tensors_parts_at_a_time(tmp_path):
+    """Case 7: parts are written as they are produced. Each tensor handed to write_archive is
+    gone (freed) by the time the next one is asked for — the archive is never held whole."""
+    import gc
+    import weakref
+
+    from expertswitch.io.archive import ArchiveEntry, write_archive
+
+    alive = []
+
+    def produced():
+        for i in range(5):
+            gc.collect()
+            assert all(r() is None for r in alive), "an earlier tensor is still held"
+            t = torch.randn(64, 64)
+            alive.append(weakref.ref(t))
+            meta = {"shape": [64, 64], "dtype": "float32"}
+            yield ArchiveEntry(f"t{i}", "exact", meta, ["value"]), {"value": t}
+            del t
+
+    out = write_archive(tmp_path / "a", {"base": {"fingerprint": "x"}}, produced(), {})
+    assert sorted(open_archive(out).entries) == [f"t{i}" for i in range(5)]

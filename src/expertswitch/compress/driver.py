@@ -123,6 +123,7 @@ def compress_expert(
             item = _compress_tensor(name, base, expert, calib, method, opts, layout)
             if item is not None:
                 yield item
+            del item  # not held while the next tensor is compressed
 
     distill_info: dict = {}
 

@@ -127,6 +127,7 @@ def write_archive(
         writer = StreamingSafetensorsWriter(tmp / DELTA_FILE)
         try:
             for entry, parts in entries:
+                t = None
                 records[entry.name] = {"kind": entry.kind, **entry.meta, "parts": sorted(parts)}
                 for part in sorted(parts):
                     key = part_key(entry.name, part)
@@ -138,6 +139,7 @@ def write_archive(
                         "sha256": checksum(t),
                     }
                 written.append(ArchiveEntry(entry.name, entry.kind, entry.meta, sorted(parts)))
+                del entry, parts, t  # written: not held while the next tensor is produced
             writer.finish({"format": FORMAT})
         except BaseException:
             writer.abort()
