@@ -305,6 +305,14 @@ def _arch(kind: str):
                 word_embed_proj_dim=64,
             )
         )
+    if kind == "llama4":  # fused experts stored [E, in, out]
+        from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+        return Llama4ForCausalLM(Llama4TextConfig(
+            hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            num_local_experts=4, num_experts_per_tok=1, vocab_size=256,
+            max_position_embeddings=128, head_dim=16))  # fmt: skip
     return Qwen2MoeForCausalLM(Qwen2MoeConfig(
         hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
         shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -312,7 +320,7 @@ def _arch(kind: str):
         max_position_embeddings=128))  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "opt", "qwen2moe"])
+@pytest.mark.parametrize("kind", ["gpt2", "opt", "qwen2moe", "llama4"])
 def test_every_linear_weight_of_other_architectures_is_quantized(tmp_path, kind):
     """GPT-2 (Conv1D, weights [in, out]), OPT (out_proj) and Qwen2-MoE (fused experts, shared
     expert, routers): every linear weight's delta is quantized — found from the modules, not
@@ -342,7 +350,8 @@ def test_every_linear_weight_of_other_architectures_is_quantized(tmp_path, kind)
         if isinstance(m, torch.nn.Embedding) or m is model.get_output_embeddings()
     }
     matrices = {n for n in ckpt.names() if len(ckpt.shape(n)) >= 2} - embeddings
-    routers = {n for n in matrices if n.rsplit(".", 2)[-2] in ("gate", "shared_expert_gate")}
+    routers = {n for n in matrices
+               if n.rsplit(".", 2)[-2] in ("gate", "shared_expert_gate", "router")}  # fmt: skip
     quantized = {n for n, e in entries.items() if e.kind == "quantized"}
     assert matrices - routers and quantized == matrices - routers, kind
     assert all(entries[n].meta["calibrated"] for n in quantized), kind
@@ -352,6 +361,10 @@ def test_every_linear_weight_of_other_architectures_is_quantized(tmp_path, kind)
     if kind == "gpt2":
         conv = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Conv1D)}
         assert conv and all(entries[n].meta.get("transposed") for n in conv)
+    if kind == "llama4":  # [E, in, out]: quantized with input channels last
+        fused = {n for n in quantized if n.endswith(("gate_up_proj", "down_proj"))
+                 and len(ckpt.shape(n)) == 3}  # fmt: skip
+        assert fused and all(entries[n].meta.get("transposed") for n in fused)
     rec = reconstruct(tmp_path / "base", out, tmp_path / "rec", progress=False)
     got = AutoModelForCausalLM.from_pretrained(rec, dtype=torch.float32).state_dict()
     want = AutoModelForCausalLM.from_pretrained(tmp_path / "expert", dtype=torch.float32)

@@ -110,12 +110,17 @@ def _fused_experts(module) -> bool:
 def _expert_hook(layer: str, acc: _Accumulator):
     def fn(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
-        idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        idx = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+        w = module.gate_up_proj  # [E, 2I, H] (Mixtral, Qwen2-MoE) or [E, H, 2I] (Llama 4)
         x = x.reshape(-1, x.shape[-1])
-        idx = idx.reshape(x.shape[0], -1)
-        w = module.gate_up_proj  # [E, 2I, H] (HF layout) or [E, H, 2I]
+        if idx is None:  # Llama 4: expert e gets rows e·T … (e+1)·T, its unrouted rows zeroed
+            xs = x.reshape(w.shape[0], -1, x.shape[-1])
+            rows = [xs[e][xs[e].abs().sum(-1) > 0] for e in range(w.shape[0])]
+        else:
+            idx = idx.reshape(x.shape[0], -1)
+            rows = [x[(idx == e).any(-1)] for e in range(w.shape[0])]
         for e in range(w.shape[0]):
-            xe = x[(idx == e).any(-1)]
+            xe = rows[e]
             if xe.shape[0] == 0:
                 continue
             h = xe @ (w[e].T if w.shape[-1] == x.shape[-1] else w[e])

@@ -73,8 +73,8 @@ def _compress_tensor(name: str, base: Checkpoint, expert: Checkpoint,
     if orient is not None:
         device = opts.device
         delta = value.to(device).float() - ref.to(device).float()
-        if orient == IN_OUT:  # Conv1D [in, out] → [out, in]: input channels as columns
-            delta = delta.T.contiguous()
+        if orient == IN_OUT:  # Conv1D [in, out], Llama 4 [E, in, out] → input channels last
+            delta = delta.transpose(-1, -2).contiguous()
         lc = calib_for(name, tuple(delta.shape), calib)
         packed = compress_delta(delta, lc, method)
         approx = packed.dequantize(device)
@@ -190,7 +190,7 @@ def _distill(items: list, base: Checkpoint, expert: Checkpoint, method, opts,
                 packed[e.name] = p
                 continue
             d = p.dequantize()
-            d = d.T if e.meta.get("transposed") else d
+            d = d.transpose(-1, -2) if e.meta.get("transposed") else d
             fixed[e.name] = base.get(e.name).float() + d
         else:
             fixed[e.name] = parts["value"]

@@ -56,7 +56,7 @@ class LinearLayout:
             return None
         if name in self.embeddings or _EMBEDDING_NAMES.search(name):
             return OUT_IN if embeddings and len(shape) == 2 else None
-        if len(shape) == 2 and name in self.linear:
+        if len(shape) in (2, 3) and name in self.linear:
             return self.linear[name]
         if len(shape) == 3 and _STACKED.search(name):
             return OUT_IN  # [E, N, K]: each expert an [out, in] matrix
@@ -95,6 +95,7 @@ def linear_layout(model_dir: str | Path) -> LinearLayout:
     from transformers.pytorch_utils import Conv1D
 
     layout = LinearLayout(params={n for n, _ in model.named_parameters(remove_duplicate=False)})
+    hidden = getattr(model.config.get_text_config(), "hidden_size", None)
     outputs = model.get_output_embeddings()
     inputs = model.get_input_embeddings()
     for mod_name, mod in model.named_modules():
@@ -107,7 +108,27 @@ def linear_layout(model_dir: str | Path) -> LinearLayout:
             layout.linear[weight] = OUT_IN
         elif isinstance(mod, Conv1D):
             layout.linear[weight] = IN_OUT
+        else:
+            _stacked_experts(mod, mod_name, hidden, layout)
     return layout
+
+
+def _stacked_experts(mod, mod_name: str, hidden: int | None, layout: LinearLayout) -> None:
+    """Fused experts [E, A, B]: [E, out, in] (Mixtral, Qwen2-MoE in transformers 5) or
+    [E, in, out] (Llama 4), told apart by where the hidden size sits — gate_up_proj reads
+    the hidden state, down_proj writes it. When both dims are the hidden size, [E, out, in]."""
+    import torch
+
+    for pname, role in (("gate_up_proj", "in"), ("down_proj", "out")):
+        p = getattr(mod, pname, None)
+        if not isinstance(p, torch.Tensor) or p.dim() != 3 or hidden is None:
+            continue
+        a, b = p.shape[1], p.shape[2]
+        if role == "in":
+            orient = IN_OUT if a == hidden and b != hidden else OUT_IN
+        else:
+            orient = IN_OUT if b == hidden and a != hidden else OUT_IN
+        layout.linear[f"{mod_name}.{pname}"] = orient
 
 
 def _meta_model(model_dir: Path):

@@ -51,8 +51,8 @@ def expert_tensor(archive: Archive, base: Checkpoint, name: str, device: str = "
     if entry.kind != "quantized":
         raise ArchiveError(f"tensor {name} has unknown kind {entry.kind!r} in {archive.path}")
     delta = PackedDelta.from_parts(entry.meta, parts).dequantize(device)
-    if entry.meta.get("transposed") is True:  # a Conv1D weight, [in, out]: stored [out, in]
-        delta = delta.T
+    if entry.meta.get("transposed") is True:  # Conv1D [in, out] / Llama 4 [E, in, out]
+        delta = delta.transpose(-1, -2)
     elif entry.meta.get("transposed") not in (None, False):
         raise ArchiveError(f"tensor {name} in {archive.path} has a malformed 'transposed' flag")
     if tuple(delta.shape) != base.shape(name):
