@@ -418,7 +418,8 @@ class OpenAIServing:
         return out + [(lp.token_id, lp) for lp in c.lps[start:]]
 
     def _stream_logprobs(self, job: _Job, c: _Choice) -> dict | None:
-        if job.logprobs is None or c.lp_sent == len(c.lps):
+        start = max(0, c.lp_sent) if job.kind == "chat" else c.lp_sent  # chat: no prompt's
+        if job.logprobs is None or start == len(c.lps):
             return None
         if job.kind == "chat":
             lp = job.logprobs.chat(c.lps[max(0, c.lp_sent) :])
