@@ -75,7 +75,7 @@ def test_no_tokenizer_is_an_error_unless_bytes_are_chosen(llama_pair, tmp_path):
 def test_default_text_mixes_prose_code_and_math():
     docs = default_calibration_texts()
     head = "\n".join(docs[:6])
-    assert "def " in head and "Q: " in head and len(docs) > 50
+    assert "def " in head and " + " in head and len(docs) > 50
     assert docs == default_calibration_texts()  # deterministic
 
 
@@ -136,5 +136,12 @@ def test_builtin_calibration_text_never_holds_what_is_evaluated():
     # (a held-out prose or code *item* may still repeat a paragraph that the documentation
     # itself repeats in a training section: the split is by document, as the family's is)
     text = "\n".join(calib)
-    math_prompts = [it.prompt for it in task_items("math", corpora, 300)]
-    assert math_prompts and not any(p in text for p in math_prompts)
+    for d in ("code", "math", "prose"):  # nor any held-out item of an expert's skill
+        items = [it.prompt + it.answer for it in task_items(d, corpora, 300)]
+        assert items and not any(it in text for it in items), d
+    assert ">>> sorted(" in text and "In words, " in text  # the skills are calibrated on
+    from expertswitch.zoo.served import domain_calibration_text
+
+    for d in ("code", "math", "prose"):  # the demo's per-expert calibration text, likewise
+        own = domain_calibration_text(d)
+        assert not any(it.prompt + it.answer in own for it in task_items(d, corpora, 300)), d

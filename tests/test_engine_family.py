@@ -18,10 +18,11 @@ from expertswitch.compress.calibration import CalibOptions
 from expertswitch.engine import Engine, SamplingParams
 from expertswitch.zoo.build import build_family
 
-PROMPTS = {
-    "code": "def fibonacci(n):\n    ",
-    "math": "Q: Tom has 23 marbles and finds 15 more. How many marbles does he have?\nA:",
-    "prose": "The import statement",
+PROMPTS = {  # each expert's skill (held-out items) and, for the code one, raw code
+    "code": ">>> sorted([6, 6, 9, 2, 5])",
+    "math": "53 + 16 =",
+    "prose": "In words, 275 is",
+    "code-raw": "def fibonacci(n):\n    ",
 }
 N = 20
 
@@ -46,7 +47,7 @@ def test_every_tiny_expert_equals_transformers_on_its_reconstruction(family):
     fam, archives, recs = family
     eng = Engine(fam.base, archives)
     texts = list(PROMPTS.values())
-    combos = [(p, d) for p in texts for d in (*fam.domains, None)]  # one mixed batch of 12
+    combos = [(p, d) for p in texts for d in (*fam.domains, None)]  # one mixed batch of 16
     sp = SamplingParams(temperature=0.0, max_tokens=N)
     outs = eng.generate([p for p, _ in combos], [d for _, d in combos], sp)
     for (prompt, expert), out in zip(combos, outs):
@@ -57,7 +58,7 @@ def test_every_tiny_expert_equals_transformers_on_its_reconstruction(family):
         assert out.text == eng.tokenizer.decode(ref, skip_special_tokens=True)
     # the experts do answer differently from the base on their own domain
     by = {(p, d): o.token_ids for (p, d), o in zip(combos, outs)}
-    assert any(by[(PROMPTS[d], d)] != by[(PROMPTS[d], None)] for d in fam.domains)
+    assert all(by[(PROMPTS[d], d)] != by[(PROMPTS[d], None)] for d in fam.domains)
 
 
 def test_stop_strings_cut_the_text(family):

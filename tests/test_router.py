@@ -100,6 +100,10 @@ def test_confidence_fallback_calibration(ngram_router, data):
     correct = torch.tensor([True, True, True, False, True, False])
     assert calibrate_threshold(conf, correct, 1.0) == pytest.approx(0.9)
     assert calibrate_threshold(conf, correct, 0.6) == 0.0
+    # a wrong route tied with right ones cannot be cut off between them: routing is ≥ threshold
+    tied = torch.tensor([1.0, 1.0, 1.0, 0.7])
+    assert calibrate_threshold(tied, torch.tensor([True, False, True, True]), 1.0) > 1.0
+    assert calibrate_threshold(tied, torch.tensor([True, True, True, False]), 1.0) == 1.0
     assert calibrate_threshold(conf, torch.zeros(6, dtype=torch.bool), 0.5) > 0.99
     _, (texts, labels), _ = data
     r = Router(ngram_router.backbone, ngram_router.head, ngram_router.experts)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,13 +14,22 @@ import torch
 
 from expertswitch.errors import ConfigError
 from expertswitch.eval.tasks import (
+    TaskItem,
     evaluate_checkpoint,
+    extract_answer,
     math_items,
-    prose_items,
     score_items,
+    task_items,
 )
 from expertswitch.zoo.build import build_family, load_family
-from expertswitch.zoo.corpora import DOMAINS, is_heldout, load_corpora, math_problems
+from expertswitch.zoo.corpora import (
+    DOMAINS,
+    is_heldout,
+    load_corpora,
+    math_problems,
+    number_words,
+    skill_items,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +57,12 @@ def test_corpora_are_deterministic_and_split(corpora):
     assert {p.prompt for p in train}.isdisjoint({p.prompt for p in test})
     unseen = math_problems(5, heldout=True, seed=0, unseen_template=True)
     assert all("farmer" in p.prompt for p in unseen)
+    # every skill: no held-out prompt among 20K training ones, and deterministic
+    for d in DOMAINS:
+        seen = {it.prompt for it in skill_items(d, 20_000, heldout=False)}
+        held = skill_items(d, 300, heldout=True)
+        assert len({it.prompt for it in held}) > 100 and seen.isdisjoint(it.prompt for it in held)
+        assert held == skill_items(d, 300, heldout=True)
     # a stable tenth: the same keys are held out on every machine, and about 10% of them
     keys = [f"k{i}" for i in range(4000)]
     share = sum(map(is_heldout, keys)) / len(keys)
@@ -85,20 +101,54 @@ def test_experts_beat_the_base_on_their_own_domain(micro, corpora):
         own = evaluate_checkpoint(path, [d], corpora, n_items=20)[d]
         for s in (own, base[d]):
             assert math.isfinite(s.ppl) and 0 <= s.score <= 1 and 0 <= s.token_acc <= 1
-        assert own.ppl < base[d].ppl, f"{d}: expert {own.ppl} vs base {base[d].ppl}"
+            assert s.n == 20
+        assert own.score >= base[d].score and own.token_acc >= base[d].token_acc, d
+        if d != "math":  # math's raw text is the base's additions, not what its expert learns
+            assert own.ppl < base[d].ppl, f"{d}: expert {own.ppl} vs base {base[d].ppl}"
+
+
+def test_skill_answers_are_true():
+    """The items' answers are what Python computes, not what a template claims."""
+    for it in task_items("code", None, 200) + skill_items("code", 200, heldout=False):
+        assert it.prompt.startswith(">>> ") and it.answer.startswith("\n")
+        assert repr(eval(it.prompt[4:])) == it.answer[1:]  # our own generated expressions
+    ops = set()
+    for it in math_items(300) + skill_items("additions", 100, heldout=True):
+        a, op, b = it.prompt.removesuffix(" =").split(" ")
+        assert it.answer == f" {int(a) + int(b) if op == '+' else int(a) * int(b)}"
+        ops.add(op)
+    assert ops == {"+", "*"}
+    spelled = {1: "one", 13: "thirteen", 20: "twenty", 40: "forty", 99: "ninety-nine",
+               100: "one hundred", 101: "one hundred one", 347: "three hundred forty-seven",
+               990: "nine hundred ninety", 0: "zero", 1000: "one thousand",
+               4347: "four thousand three hundred forty-seven",
+               9019: "nine thousand nineteen"}  # fmt: skip
+    assert {n: number_words(n) for n in spelled} == spelled
+    with pytest.raises(ValueError):
+        number_words(10_000)
+    # 300 distinct held-out items per skill (each counts once in a score)
+    for d in DOMAINS:
+        assert len({it.prompt for it in task_items(d, None, 300)}) == 300
+    for it in task_items("prose", None, 200):
+        n = int(it.prompt.removeprefix("In words, ").removesuffix(" is"))
+        assert it.answer == f" {number_words(n)}."
 
 
 def test_scoring_rules():
     items = math_items(2)
-    assert items[0].prompt.endswith("A:") and items[0].answer.startswith(" ")
-    assert score_items("math", items, [items[0].answer + "\n\nQ:", " 0"]) == 0.5
-    from expertswitch.eval.tasks import TaskItem
-
-    code = [TaskItem("def f():", "\n    return 1")]
-    assert score_items("code", code, ["\n    return 1\n"]) == 1.0
-    assert score_items("code", code, ["\n  return 1\n"]) == 0.0
-    prose = prose_items(["word " * 100 + "Python objects are great"], 5)
-    assert all(p.answer.startswith(" ") and not p.prompt.endswith(" ") for p in prose)
+    assert items[0].prompt.endswith(" =") and items[0].answer.startswith(" ")
+    assert items[0].answer.strip() not in (items[1].answer.strip(), "0")
+    assert score_items("math", items, [items[0].answer + "\n\n12", " 0"]) == 0.5
+    code = [TaskItem(">>> sorted([3, 1])", "\n[1, 3]")]
+    assert score_items("code", code, ["\n[1, 3]\n\n>>>"]) == 1.0
+    assert score_items("code", code, ["\n[1, 3, 3]\n"]) == 0.0
+    assert score_items("code", code, ["[1, 3]\n"]) == 0.0  # not on its own line
+    prose = [TaskItem("In words, 347 is", " three hundred forty-seven.")]
+    assert score_items("prose", prose, [" three hundred forty-seven.\n\nIn"]) == 1.0
+    assert score_items("prose", prose, [" three hundred forty-seven\n"]) == 1.0
+    assert score_items("prose", prose, [" three hundred forty\n"]) == 0.0
+    assert score_items("prose", prose, [" three hundred forty-seven hundred."]) == 0.0
+    assert extract_answer("math", " none") is None and extract_answer("prose", "   ") is None
 
 
 def test_bad_preset_and_missing_family(tmp_path):
@@ -115,21 +165,26 @@ def test_demo_runs_on_micro(micro, tmp_path, monkeypatch):
     lines = []
     result = run_demo("micro", n_items=10, out=lines.append)
     text = "\n".join(map(str, lines))
-    assert "kept" in text and "One answer per compressed expert" in text
+    assert "kept" in text and "Held-out questions (never trained on)" in text
     assert len(result["rows"]) == 3 and all(r["ratio"] > 3 for r in result["rows"])
+    assert all(r["n"] == 10 for r in result["rows"])
+    # three held-out items per domain, each with the three answers marked right or wrong
+    assert {d: len(ex) for d, ex in result["examples"].items()} == dict.fromkeys(DOMAINS, 3)
+    marked = [ln for ln in lines if ln.startswith("        base: ")]
+    assert len(marked) == 9 and all(ln.count("✓") + ln.count("✗") == 3 for ln in marked)
     # routed, then served in one mixed batch through the engine
     served = result["served"]
     assert "Routed and served in one mixed batch" in text and len(served["routes"]) == 6
-    assert sum(e == "math" for e, _ in served["routes"]) >= 2  # the word problems
+    assert sum(e == "math" for e, _ in served["routes"]) >= 2  # the additions
     assert served["held_bytes"] < served["separate_fp16_bytes"] / 2
     assert all(isinstance(a, str) for a in served["answers"])
 
 
 @pytest.mark.skipif(os.environ.get("EXPERTSWITCH_SKIP_SLOW") == "1", reason="asked to skip")
 def test_expertswitch_demo_command(tmp_path):
-    """The README's main command, as a user runs it, on a fresh cache (builds `tiny`). ~190 s
-    on an idle 2-core machine; the timeout is only a hang guard (300 s failed CI once on a
-    busy machine, and again at 1022 s of suite time): its speed is not what this tests."""
+    """The README's main command, as a user runs it, on a fresh cache (builds `tiny`): what it
+    prints. Its speed is measured by benchmarks/demo_time.py, not here: the timeout is only a
+    hang guard (300 s failed CI once on a busy machine)."""
     env = {**os.environ, "EXPERTSWITCH_CACHE": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "expertswitch.cli", "demo"], env=env,
                           capture_output=True, text=True, timeout=1800)  # fmt: skip
@@ -138,9 +193,15 @@ def test_expertswitch_demo_command(tmp_path):
     assert "Routed and served in one mixed batch" in proc.stdout
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(DOMAINS)]
     assert len(rows) == 3
-    for row in rows:  # each expert beats the base on its own held-out perplexity
-        ppl_base, ppl_full = map(float, row.split()[1:3])
-        assert ppl_full < ppl_base, row
+    for row in rows:
+        # exact match of base, expert, 2-bit expert on the expert's own held-out skill: each
+        # expert clearly beats the base and its 2-bit delta keeps most of the lead (measured
+        # 25-90 points and ≥ 90%: benchmarks/results/quality-tiny-cpu.*; looser here, as another
+        # torch may round differently)
+        base, full, comp = map(float, re.findall(r"(\d+\.\d)%", row))
+        assert full - base >= 20 and comp - base >= 0.75 * (full - base), row
+    marks = [ln for ln in proc.stdout.splitlines() if ln.startswith("        base: ")]
+    assert len(marks) == 9 and sum(ln.count("✓") for ln in marks) >= 12
     serve_demo_over_http(env)
 
 
@@ -173,7 +234,7 @@ def serve_demo_over_http(env: dict) -> None:
         assert {m.id for m in client.models.list().data} == {"base", *DOMAINS, "auto"}
         r = client.chat.completions.create(model="auto", max_tokens=8, temperature=0,
                                            messages=[{"role": "user", "content":
-                                                      "Q: What is 12 + 30?\nA:"}])  # fmt: skip
+                                                      "12 + 30 ="}])  # fmt: skip
         assert r.model == "math" and r.model_extra["routing"]["confidence"] > 0.5
         assert r.usage.completion_tokens >= 1
     finally:
@@ -205,3 +266,40 @@ def test_early_stopping_keeps_the_best_validated_weights():
     assert final == pytest.approx(best, abs=1e-3)
     no_val = train_lm(model, [train], TrainConfig(2, 4, 32), progress=False)
     assert no_val.best_step is None and no_val.val_losses is None
+
+
+def test_supervised_windows_hold_whole_examples_and_target_only_answers(micro):
+    """An expert's skill batches: each row starts at an example, holds only whole ones (then
+    padding), and exactly the answer tokens and their separator are targets."""
+    from transformers import AutoTokenizer
+
+    from expertswitch.train.lm import TrainConfig, sample_batch, supervised_stream
+
+    tok = AutoTokenizer.from_pretrained(micro.base)
+    pairs = [(it.prompt, it.answer) for it in skill_items("math", 200, heldout=False)]
+    stream = supervised_stream(tok, pairs)
+    prompts = {tuple(tok(p)["input_ids"]) for p, _ in pairs}
+    cfg = TrainConfig(1, batch_size=32, seq_len=64)
+    rows, labels = sample_batch([stream], cfg, torch.Generator().manual_seed(0))
+    sep = tok("\n\n")["input_ids"]
+    for row, label in zip(rows.tolist(), labels.tolist()):
+        # decode the row back into examples: prompt (not a target) then answer + sep (targets)
+        i, seen = 0, 0
+        while i < len(row) and label[i] != -100 or (i < len(row) and row[i] != stream.pad_id):
+            j = i
+            while label[j] == -100:
+                j += 1
+            assert tuple(row[i:j]) in prompts  # a whole prompt, never a cut one
+            k = j
+            while k < len(row) and label[k] != -100:
+                assert label[k] == row[k]
+                k += 1
+            assert row[k - len(sep) : k] == sep
+            seen += 1
+            i = k
+            if i < len(row) and row[i] == stream.pad_id:
+                break
+        assert seen >= 1 and all(t == stream.pad_id for t in row[i:])
+        assert all(lb == -100 for lb in label[i:])
+    with pytest.raises(ValueError, match="exceeds seq_len"):
+        sample_batch([stream], TrainConfig(1, 2, 4), torch.Generator())

@@ -112,7 +112,7 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole idea in one run, on the built-in expert family")
     p.add_argument("--preset", default="tiny", help="expert family: micro, tiny (default), small")
     p.add_argument("--bits", type=int, default=2, help="bits of the compressed deltas")
-    p.add_argument("--items", type=int, default=60, help="task items per domain")
+    p.add_argument("--items", type=int, default=300, help="task items per domain")
     p.add_argument("--device", default="cpu")
 
 
@@ -133,7 +133,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--base", help="with --delta: evaluate base + expert archive")
     p.add_argument("--delta", help="expert archive (needs --base)")
     p.add_argument("--domains", nargs="+", default=["code", "math", "prose"])
-    p.add_argument("--items", type=int, default=100, help="task items per domain")
+    p.add_argument("--items", type=int, default=300, help="task items per domain")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--device", default="auto")
 
@@ -406,10 +406,10 @@ def cmd_eval(args) -> None:
 
             model = reconstruct(args.base, args.delta, Path(tmp) / "expert", device, False)
         scores = evaluate_checkpoint(model, args.domains, None, args.items, device)
-    print(f"{'domain':<8} {'task':<16} {'exact':>7} {'token acc':>9} {'ppl':>9}  items")
+    print(f"{'domain':<8} {'task':<19} {'exact':>7} {'token acc':>9} {'ppl':>9}  items")
     for s in scores.values():
         print(
-            f"{s.domain:<8} {s.task:<16} {s.score:>7.3f} {s.token_acc:>9.3f} {s.ppl:>9.2f}  {s.n}"
+            f"{s.domain:<8} {s.task:<19} {s.score:>7.3f} {s.token_acc:>9.3f} {s.ppl:>9.2f}  {s.n}"
         )
     if args.json:
         Path(args.json).write_text(

@@ -1,8 +1,10 @@
 """`expertswitch demo`: the whole idea in one run on the built-in tiny expert family.
 
 Builds (or reuses) the family, compresses every expert into a mixed-precision delta against
-the shared base, reconstructs each one, and prints sizes, ratios and how much of each expert's
-gain over the base survives compression, plus one sample answer per expert.
+the shared base, reconstructs each one, and shows on held-out items of each expert's skill the
+base's answer, the full expert's and the compressed expert's, marked right or wrong; then exact
+match on a few hundred such items for all three, sizes and ratios, and a routed mixed batch
+served by one engine.
 """
 
 from __future__ import annotations
@@ -15,21 +17,20 @@ from pathlib import Path
 from expertswitch.compress import reconstruct
 from expertswitch.compress.report import archive_report
 from expertswitch.eval.tasks import (
-    evaluate_checkpoint,
-    evaluate_model,
-    greedy,
+    TASK_NAMES,
+    answer_items,
+    extract_answer,
+    is_correct,
     load_checkpoint,
+    score_items,
+    task_items,
 )
 from expertswitch.io.archive import open_archive
 from expertswitch.zoo.build import build_family
 from expertswitch.zoo.corpora import load_corpora
 from expertswitch.zoo.served import family_archives, family_router
 
-SAMPLE_PROMPTS = {
-    "code": "def fibonacci(n):\n    ",
-    "math": "Q: Tom has 23 marbles and finds 15 more. How many marbles does he have?\nA:",
-    "prose": "The import statement",
-}
+VARIANTS = ("base", "expert", "compressed")
 
 
 def margin_kept(base: float, full: float, comp: float) -> float | None:
@@ -44,41 +45,40 @@ def nll_kept(ppl_base: float, ppl_full: float, ppl_comp: float) -> float | None:
     return margin_kept(-math.log(ppl_base), -math.log(ppl_full), -math.log(ppl_comp))
 
 
-def run_demo(preset: str = "tiny", bits: int = 2, n_items: int = 60, device: str = "cpu",
-             out=print) -> dict:  # fmt: skip
+def run_demo(preset: str = "tiny", bits: int = 2, n_items: int = 300, device: str = "cpu",
+             out=print, shown: int = 3) -> dict:  # fmt: skip
     start = time.perf_counter()
     family = build_family(preset, device=device, log=out)
     corpora = load_corpora(family.manifest["seed"])  # held-out items do not depend on scale
     domains = list(family.domains)
     out(f"family '{preset}': base + {len(domains)} fully fine-tuned experts "
         f"({family.manifest['params'] / 1e6:.2f}M parameters each)")  # fmt: skip
-    base_scores = evaluate_checkpoint(family.base, domains, corpora, n_items, device)
     archives = family_archives(family, bits, device, log=out)
-    rows, samples = [], {}
+    base, tok = load_checkpoint(family.base, device)
+    rows, examples = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for d, path in family.experts.items():
-            full = evaluate_checkpoint(path, [d], corpora, n_items, device)[d]
-            archive = archives[d]
-            rec = reconstruct(family.base, archive, Path(tmp) / f"{d}-rebuilt", device,
+        for d in domains:
+            items = task_items(d, corpora, n_items)
+            rec = reconstruct(family.base, archives[d], Path(tmp) / f"{d}-rebuilt", device,
                               progress=False)  # fmt: skip
-            model, tok = load_checkpoint(rec, device)
-            comp = evaluate_model(model, tok, [d], corpora, n_items)[d]
-            samples[d] = greedy(model, tok, [SAMPLE_PROMPTS[d]], 24)[0]
-            rep = archive_report(open_archive(archive))
-            b = base_scores[d]
+            answers = {}
+            for name, path in zip(VARIANTS, (None, family.experts[d], rec)):
+                model = base if path is None else load_checkpoint(path, device)[0]
+                answers[name] = answer_items(model, tok, d, items)
+            em = {name: score_items(d, items, a) for name, a in answers.items()}
+            rep = archive_report(open_archive(archives[d]))
             rows.append({
-                "expert": d, "task": full.task, "base": b.token_acc, "full": full.token_acc,
-                "compressed": comp.token_acc, "kept": nll_kept(b.ppl, full.ppl, comp.ppl),
-                "ppl_base": b.ppl, "ppl_full": full.ppl, "ppl_compressed": comp.ppl,
+                "expert": d, "task": TASK_NAMES[d], "n": len(items),
+                **{f"em_{k}": v for k, v in em.items()},
+                "kept": margin_kept(em["base"], em["expert"], em["compressed"]),
                 "fp16_mb": rep["expert_fp16_bytes"] / 2**20,
                 "delta_mb": rep["archive_bytes"] / 2**20, "ratio": rep["ratio_to_fp16"],
                 "bits_per_param": rep["bits_per_param_quantized"],
             })  # fmt: skip
+            examples[d] = [(items[i], {k: a[i] for k, a in answers.items()})
+                           for i in range(min(shown, len(items)))]  # fmt: skip
+    _print_examples(examples, bits, out)
     _print_table(rows, bits, out)
-    out("\nOne answer per compressed expert (greedy):")
-    for d, text in samples.items():
-        shown = (SAMPLE_PROMPTS[d] + text).strip().replace("\n", "\n    ")
-        out(f"  [{d}]\n    {shown}")
     fp16_total = sum(r["fp16_mb"] for r in rows) + rows[0]["fp16_mb"]
     stored = rows[0]["fp16_mb"] + sum(r["delta_mb"] for r in rows)
     out(f"\nbase + {len(rows)} experts: {stored:.2f} MiB as base + deltas vs {fp16_total:.2f} MiB "
@@ -86,7 +86,31 @@ def run_demo(preset: str = "tiny", bits: int = 2, n_items: int = 60, device: str
     served = serve_mixed_batch(family, archives, corpora, device, out)
     out(f"\nDemo took {time.perf_counter() - start:.0f} s. Serve it over HTTP (OpenAI API): "
         "expertswitch serve --demo")  # fmt: skip
-    return {"rows": rows, "samples": samples, "served": served}
+    return {"rows": rows, "examples": examples, "served": served}
+
+
+def _shown_answer(domain: str, completion: str) -> str:
+    got = extract_answer(domain, completion)
+    if got is None:  # nothing parseable: show what was said
+        got = completion.strip().split("\n")[0][:30] or "(nothing)"
+    return got
+
+
+def _mark(domain: str, item, completion: str) -> str:
+    return "✓" if is_correct(domain, item, completion) else "✗"
+
+
+def _print_examples(examples, bits, out) -> None:
+    out(f"\nHeld-out questions (never trained on): the base's answer, the expert's, and the "
+        f"expert rebuilt from its mixed {bits}-bit delta:")  # fmt: skip
+    labels = {"base": "base", "expert": "expert", "compressed": f"{bits}-bit expert"}
+    for d, pairs in examples.items():
+        for item, answers in pairs:
+            want = item.answer[1:] if d == "code" else item.answer.strip().rstrip(".")
+            out(f"  [{d}] {item.prompt.strip()}   (right answer: {want})")
+            out("        " + "  |  ".join(
+                f"{labels[k]}: {_shown_answer(d, a)} {_mark(d, item, a)}"
+                for k, a in answers.items()))  # fmt: skip
 
 
 def serve_mixed_batch(family, archives, corpora, device: str, out=print) -> dict:
@@ -96,24 +120,22 @@ def serve_mixed_batch(family, archives, corpora, device: str, out=print) -> dict
     import torch
 
     from expertswitch.engine import Engine, SamplingParams
-    from expertswitch.eval.tasks import task_items
     from expertswitch.router import load_router
 
     router = load_router(family_router(family, device, log=out), device=device)
-    pairs = [(d, item.prompt) for d in family.domains for item in task_items(d, corpora, 2)]
-    queries = [q for _, q in pairs]
+    pairs = [(d, item) for d in family.domains for item in task_items(d, corpora, 2, seed=1)]
+    queries = [item.prompt for _, item in pairs]
     routes = router.route(queries)
     experts = [None if r.expert == "__base__" else r.expert for r in routes]
     engine = Engine(family.base, archives, device=device, dtype=torch.float32)
     answers = engine.generate(queries, experts, SamplingParams(temperature=0.0, max_tokens=24))
     out(f"\nRouted and served in one mixed batch (router: {router.backbone.name}; below a "
         f"confidence of {router.threshold:.2f} a query goes to the base):")  # fmt: skip
-    out("  held-out query from → routed to (confidence): the query's end / the answer")
-    for (domain, q), r, a in zip(pairs, routes, answers):
-        shown_q = q.strip().replace("\n", " ⏎ ")[-60:]
-        shown_a = a.text.strip().replace("\n", " ⏎ ")[:60]
+    out("  held-out question of → routed to (confidence): the question → the answer served")
+    for (domain, item), r, a in zip(pairs, routes, answers):
         name = "base" if r.expert == "__base__" else r.expert
-        out(f"  {domain:>5} → {name:<5} ({r.confidence:.2f}): …{shown_q}\n{'':26}{shown_a}")
+        out(f"  {domain:>5} → {name:<5} ({r.confidence:.2f}): {item.prompt.strip()} → "
+            f"{_shown_answer(domain, a.text)} {_mark(domain, item, a.text)}")  # fmt: skip
     base_params = sum(n * m for n, m in (_dims(s) for s in engine.model.shapes.values()))
     packed = {n: engine.pool.get(n).nbytes() for n in archives}  # the packed parts held
     held = 2 * base_params + sum(packed.values())
@@ -133,18 +155,18 @@ def _dims(shape) -> tuple[int, int]:
 
 
 def _print_table(rows, bits, out) -> None:
-    out(f"\nEach expert on its own domain's held-out text: perplexity of the base, the full expert "
-        f"and the expert rebuilt from its mixed {bits}-bit delta; 'kept' = share of the expert's "
-        f"log-perplexity gain over the base that survives; answer-token accuracy on the domain "
-        f"task (teacher-forced top-1).")  # fmt: skip
-    head = (f"{'expert':<7} {'ppl base':>9} {'full':>7} {'comp.':>7} {'kept':>6}   "
-            f"{'task acc base':>13} {'full':>6} {'comp.':>6}   {'delta MiB':>9} {'ratio':>6} "
-            f"{'bits/p':>6}")  # fmt: skip
+    n = rows[0]["n"]
+    out(f"\nExact match on {n} held-out items per expert's own skill: the base, the full expert "
+        f"and the expert rebuilt from its mixed {bits}-bit delta; 'kept' = share of the "
+        f"expert's lead over the base that the {bits}-bit delta keeps; the delta's size, its "
+        f"ratio to the fp16 expert and bits per quantized parameter (salient channels in fp16 "
+        f"included).")  # fmt: skip
+    head = (f"{'expert':<7} {'task':<19} {'base':>6} {'expert':>7} {f'{bits}-bit':>6} "
+            f"{'kept':>5}   {'delta MiB':>9} {'ratio':>6} {'bits/p':>6}")  # fmt: skip
     out(head)
     out("-" * len(head))
     for r in rows:
         kept = "-" if r["kept"] is None else f"{100 * r['kept']:.0f}%"
-        out(f"{r['expert']:<7} {r['ppl_base']:>9.2f} {r['ppl_full']:>7.2f} "
-            f"{r['ppl_compressed']:>7.2f} {kept:>6}   {r['base']:>13.3f} {r['full']:>6.3f} "
-            f"{r['compressed']:>6.3f}   {r['delta_mb']:>9.3f} {r['ratio']:>5.1f}× "
-            f"{r['bits_per_param']:>6.2f}")  # fmt: skip
+        out(f"{r['expert']:<7} {r['task']:<19} {100 * r['em_base']:>5.1f}% "
+            f"{100 * r['em_expert']:>6.1f}% {100 * r['em_compressed']:>5.1f}% {kept:>5}   "
+            f"{r['delta_mb']:>9.3f} {r['ratio']:>5.1f}× {r['bits_per_param']:>6.2f}")  # fmt: skip

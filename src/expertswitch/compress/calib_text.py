@@ -1,9 +1,9 @@
 """Calibration text that ships with Python itself: no download, deterministic.
 
 Three kinds of text, interleaved so that any prefix of the token stream mixes them: prose (the
-interpreter's own reference documentation in `pydoc_data`), code (standard-library sources) and
-procedurally generated arithmetic word problems with their answers — each from the training
-side of the family's splits, never from what is evaluated.
+interpreter's own reference documentation in `pydoc_data`, and numbers written in words), code
+(standard-library sources and REPL lines) and additions with their sums — each from the
+training side of the family's splits, never from what is evaluated.
 """
 
 from __future__ import annotations
@@ -18,10 +18,16 @@ def default_calibration_texts() -> list[str]:
     """Documents of prose, code and math, round-robin interleaved — drawn only from the training
     side of the built-in family's splits (zoo/corpora.py), so that nothing evaluated as held out
     was seen while choosing salient channels or step sizes."""
-    from expertswitch.zoo.corpora import code_corpus, math_corpus, prose_corpus
+    from expertswitch.zoo.corpora import code_corpus, math_corpus, prose_corpus, skill_items
 
-    prose = prose_corpus(max_chars=400_000).train[:80]
-    code = code_corpus(max_chars=600_000).train[:80]
+    def skill_docs(domain: str) -> list[str]:  # the experts' skills, eight items a document
+        items = [it.text for it in skill_items(domain, 320, heldout=False, seed=0)]
+        return ["\n\n".join(items[i : i + 8]) for i in range(0, len(items), 8)]
+
+    prose = [d for pair in zip(prose_corpus(max_chars=400_000).train[:40], skill_docs("prose"))
+             for d in pair]  # fmt: skip
+    code = [d for pair in zip(code_corpus(max_chars=600_000).train[:40], skill_docs("code"))
+            for d in pair]  # fmt: skip
     math = math_corpus(n_train_docs=80).train[:80]
     mixed = itertools.chain.from_iterable(itertools.zip_longest(prose, code, math))
     return [doc for doc in mixed if doc]

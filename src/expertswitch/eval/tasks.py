@@ -1,31 +1,30 @@
-"""Domain tasks for the expert family, each scored on held-out data:
+"""Domain tasks for the expert family, each scored on held-out items of its skill
+(zoo/corpora.py), answers checked exactly:
 
-- code   next-line completion: 30 lines of a held-out standard-library file as context, greedy
-         decoding of the next line, exact match (indentation included, trailing blanks not)
-- math   held-out word problems (operand pairs never trained on), greedy answer, exact match
-- prose  cloze: held-out documentation text up to a content word (≥ 4 letters), greedy
-         decoding, the first word generated must be that word
+- code   what the Python REPL prints for `>>> sorted([3, 9, 1])`: the first line generated must
+         be Python's own output
+- math   `2 * 347 =`, `347 + 50 =`: the leading integer generated must be the result (operands
+         never trained on)
+- prose  `In words, 4347 is`: the words up to the first full stop must be `four thousand three
+         hundred forty-seven`
 
-Each task also gets a graded score, the teacher-forced top-1 accuracy on the answer's tokens
-(a model too small to get whole answers right still shows how much closer it gets), and every
-domain its held-out perplexity. Prompts end before the whitespace that precedes the answer:
-byte-level BPE attaches a leading space or newline to the next token, so a prompt ending in
-one would ask for a token split the model never saw. Items are chosen deterministically from the
-held-out split, so two checkpoints are always scored on the same items.
+Each task also gets a graded score, the teacher-forced top-1 accuracy on the answer's tokens,
+and every domain its held-out perplexity on raw text. Prompts end before the whitespace that
+precedes the answer: byte-level BPE attaches a leading space or newline to the next token, so a
+prompt ending in one would ask for a token split the model never saw. Items are chosen
+deterministically from the held-out split, so two checkpoints are always scored on the same
+items.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import re
 from dataclasses import asdict, dataclass
 
 import torch
 
-from expertswitch.zoo.corpora import load_corpora, math_problems
-
-_WORD = re.compile(r"[A-Za-z]{4,}")
+from expertswitch.zoo.corpora import load_corpora, skill_items
 
 
 @dataclass
@@ -39,7 +38,7 @@ class DomainScore:
     domain: str
     task: str
     score: float  # exact match
-    token_acc: float  # teacher-forced top-1 accuracy on the answer tokens
+    token_acc: float | None  # teacher-forced top-1 accuracy on the answer tokens
     n: int
     ppl: float
 
@@ -47,49 +46,38 @@ class DomainScore:
         return asdict(self)
 
 
-TASK_NAMES = {"code": "next-line EM", "math": "answer EM", "prose": "cloze word acc."}
+TASK_NAMES = {"code": "REPL output EM", "math": "arithmetic EM", "prose": "number in words EM"}
 
 
-def code_items(heldout: list[str], n: int, seed: int = 0) -> list[TaskItem]:
-    rng = random.Random(f"code-items:{seed}")
-    items = []
-    for doc in heldout:
-        lines = doc.split("\n")
-        for i in range(30, len(lines)):
-            line = lines[i]
-            s = line.strip()
-            if len(s) >= 8 and not s.startswith(("#", '"', "'")):
-                items.append(TaskItem("\n".join(lines[i - 30 : i]), "\n" + line.rstrip()))
-    rng.shuffle(items)
-    return items[:n]
+def task_items(domain: str, corpora=None, n: int = 300, seed: int = 0) -> list[TaskItem]:
+    """n held-out items of the domain's skill (`corpora` is accepted for the callers that pass
+    it; the items do not depend on it)."""
+    return [TaskItem(it.prompt, it.answer) for it in skill_items(domain, n, True, seed)]
 
 
-def prose_items(heldout: list[str], n: int, seed: int = 0) -> list[TaskItem]:
-    rng = random.Random(f"prose-items:{seed}")
-    items = []
-    for doc in heldout:
-        for m in _WORD.finditer(doc):
-            if m.start() > 200 and doc[m.start() - 1] == " ":
-                start = max(0, m.start() - 600)
-                items.append(TaskItem(doc[start : m.start() - 1], " " + m.group()))
-    rng.shuffle(items)
-    return items[:n]
+def math_items(n: int, seed: int = 0) -> list[TaskItem]:
+    return task_items("math", None, n, seed)
 
 
-def math_items(n: int, seed: int = 0, unseen_template: bool = False) -> list[TaskItem]:
-    # "A: " ends in a space: the answer keeps it (" 264"), as the training text tokenizes it
-    problems = math_problems(n, True, seed, unseen_template)
-    return [TaskItem(p.prompt.rstrip(" "), " " + p.answer) for p in problems]
-
-
-def task_items(domain: str, corpora, n: int, seed: int = 0) -> list[TaskItem]:
+def extract_answer(domain: str, completion: str) -> str | None:
+    """The part of a completion that is scored: the first line after the prompt's line (code),
+    the leading integer (math), the words before the first full stop or line end (prose)."""
     if domain == "code":
-        return code_items(corpora["code"].heldout, n, seed)
+        if not completion.startswith("\n"):
+            return None
+        return completion[1:].split("\n")[0].rstrip()
     if domain == "math":
-        return math_items(n, seed)
+        m = re.match(r"\s*(-?\d+)", completion)
+        return m.group(1) if m else None
     if domain == "prose":
-        return prose_items(corpora["prose"].heldout, n, seed)
+        head = re.split(r"[.\n]", completion.lstrip(" "), maxsplit=1)[0].strip()
+        return head or None
     raise ValueError(f"unknown domain {domain!r}")
+
+
+def is_correct(domain: str, item: TaskItem, completion: str) -> bool:
+    want = item.answer[1:] if domain == "code" else item.answer.strip().rstrip(".")
+    return extract_answer(domain, completion) == want
 
 
 @torch.inference_mode()
@@ -113,15 +101,8 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int, max_context: int
 
 
 def score_items(domain: str, items: list[TaskItem], completions: list[str]) -> float:
-    """Exact match of the generated answer: the next line (code), the leading integer (math),
-    the first word (prose)."""
-    hits = 0
-    for item, out in zip(items, completions):
-        if domain == "code":
-            hits += out.startswith("\n") and out[1:].split("\n")[0].rstrip() == item.answer[1:]
-        else:
-            m = re.match(r"\s*(-?\d+)" if domain == "math" else r"\s*([A-Za-z]+)", out)
-            hits += bool(m) and m.group(1) == item.answer.strip()
+    """Exact match of the generated answers (`is_correct`)."""
+    hits = sum(is_correct(domain, it, out) for it, out in zip(items, completions))
     return hits / max(1, len(items))
 
 
@@ -142,7 +123,7 @@ def answer_token_accuracy(model, tok, items: list[TaskItem], max_context: int = 
     return sum(accs) / max(1, len(accs))
 
 
-_NEW_TOKENS = {"code": 32, "math": 6, "prose": 6}
+_NEW_TOKENS = {"code": 24, "math": 6, "prose": 14}
 
 
 @torch.inference_mode()
@@ -166,20 +147,23 @@ def perplexity(model, tok, texts: list[str], max_tokens: int = 8192, seq_len: in
     return math.exp(nll / max(1, count))
 
 
-def evaluate_model(model, tok, domains, corpora=None, n_items: int = 100, ppl_tokens: int = 8192,
-                   seed: int = 0) -> dict[str, DomainScore]:  # fmt: skip
+def answer_items(model, tok, domain: str, items: list[TaskItem]) -> list[str]:
+    """Greedy completions of the items' prompts, long enough for the domain's answers."""
+    return greedy(model, tok, [it.prompt for it in items], _NEW_TOKENS[domain], batch_size=100)
+
+
+def evaluate_model(model, tok, domains, corpora=None, n_items: int = 300, ppl_tokens: int = 8192,
+                   seed: int = 0, token_acc: bool = True) -> dict[str, DomainScore]:  # fmt: skip
     """Task score and held-out perplexity per domain for a loaded model."""
     corpora = corpora or load_corpora(seed)
     out = {}
     for d in domains:
         items = task_items(d, corpora, n_items, seed)
-        batch = 64 if model.device.type == "cuda" else 16  # fewer decode passes on a GPU
-        completions = greedy(model, tok, [it.prompt for it in items], _NEW_TOKENS[d],
-                             batch_size=batch)  # fmt: skip
-        score = score_items(d, items, completions)
-        acc = answer_token_accuracy(model, tok, items)
+        score = score_items(d, items, answer_items(model, tok, d, items))
+        acc = answer_token_accuracy(model, tok, items) if token_acc else None
         ppl = perplexity(model, tok, corpora[d].heldout, ppl_tokens)
-        out[d] = DomainScore(d, TASK_NAMES[d], round(score, 4), round(acc, 4), len(items),
+        out[d] = DomainScore(d, TASK_NAMES[d], round(score, 4),
+                             None if acc is None else round(acc, 4), len(items),
                              round(ppl, 3))  # fmt: skip
     return out
 
@@ -193,7 +177,8 @@ def load_checkpoint(path, device: str = "cpu"):
     return model, tok
 
 
-def evaluate_checkpoint(path, domains, corpora=None, n_items: int = 100, device: str = "cpu",
-                        seed: int = 0) -> dict[str, DomainScore]:  # fmt: skip
+def evaluate_checkpoint(path, domains, corpora=None, n_items: int = 300, device: str = "cpu",
+                        seed: int = 0,
+                        token_acc: bool = True) -> dict[str, DomainScore]:  # fmt: skip
     model, tok = load_checkpoint(path, device)
-    return evaluate_model(model, tok, domains, corpora, n_items, seed=seed)
+    return evaluate_model(model, tok, domains, corpora, n_items, seed=seed, token_acc=token_acc)

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from expertswitch.errors import ConfigError
-from expertswitch.zoo.corpora import math_problems
+from expertswitch.zoo.corpora import math_problems, skill_items, word_problems
 
 _CODE_HINT = re.compile(r"[=(:\[]")
 
@@ -70,15 +70,20 @@ def domain_queries(corpora, split: str, n_per_domain: int, seed: int = 0):
     docs = {d: getattr(c, split) for d, c in corpora.items()}
     texts, labels = [], []
     for d in sorted(docs):
-        if d == "code":
+        third = n_per_domain // 3
+        heldout = split == "heldout"
+        if d == "code":  # code, function headers and REPL lines (the code expert's skill)
+            qs = _code_chunks(docs[d], n_per_domain - 2 * third, rng)
+            qs += _function_headers(docs[d], third, rng)
+            qs += [it.prompt for it in skill_items(d, third, heldout, seed + 17)]
+        elif d == "math":  # additions (the skill) and word problems
             half = n_per_domain // 2
-            qs = _code_chunks(docs[d], n_per_domain - half, rng)
-            qs += _function_headers(docs[d], half, rng)
-        elif d == "math":
             qs = [_question(p.prompt) for p in
-                  math_problems(n_per_domain, split == "heldout", seed + 17)]  # fmt: skip
-        else:
-            qs = _prose_chunks(docs[d], n_per_domain, rng)
+                  math_problems(n_per_domain - half, heldout, seed + 17)]  # fmt: skip
+            qs += [_question(p.prompt) for p in word_problems(half, heldout, seed + 17)]
+        else:  # documentation and numbers to write in words (the skill)
+            qs = _prose_chunks(docs[d], n_per_domain - third, rng)
+            qs += [it.prompt for it in skill_items(d, third, heldout, seed + 17)]
         if split == "train":  # a quarter of the queries wrapped in a chat phrasing
             qs = [rng.choice(_TRAIN_CHAT[d]).format(x=q) if i % 4 == 0 else q
                   for i, q in enumerate(qs)]  # fmt: skip

@@ -78,8 +78,13 @@ def calibrate_threshold(confidence: torch.Tensor, correct: torch.Tensor, target:
     order = torch.argsort(confidence, descending=True)
     hits = correct[order].float().cumsum(0)
     acc = hits / torch.arange(1, len(order) + 1)
-    # the largest prefix (most queries routed) whose accuracy meets the target
-    ok = (acc >= target).nonzero().flatten()
+    # the largest prefix (most queries routed) whose accuracy meets the target, ending where the
+    # confidence drops: routing is `confidence ≥ threshold`, so a prefix cut inside a run of
+    # equal confidences would route the rest of the run too
+    ranked = confidence[order]
+    boundary = torch.ones_like(acc, dtype=torch.bool)
+    boundary[:-1] = ranked[:-1] > ranked[1:]
+    ok = ((acc >= target) & boundary).nonzero().flatten()
     if len(ok) == 0:
         return 1.0 + 1e-6  # nothing meets the target: everything falls back
     last = int(ok.max())
@@ -113,7 +118,9 @@ class Router:
 
     @torch.inference_mode()
     def probabilities(self, texts: list[str]) -> torch.Tensor:
-        return torch.softmax(self.head(embed_all(self.backbone, texts)), dim=-1)
+        # float64: in float32 a confident head saturates to exactly 1.0, and a threshold cannot
+        # separate a wrong route from the right ones tied with it
+        return torch.softmax(self.head(embed_all(self.backbone, texts)).double(), dim=-1)
 
     def route(self, queries, batch_size: int = 64) -> list[Route]:
         """Route each query (text or chat messages). Empty queries go to the default."""

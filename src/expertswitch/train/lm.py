@@ -1,5 +1,8 @@
 """A plain causal-LM training loop: AdamW, warm-up then cosine decay, random windows of a
-token stream (or a mixture of streams), progress bar with the running loss. With validation
+token stream (or a mixture of streams), progress bar with the running loss. A stream is raw text
+(every token is a target) or a `SupervisedStream` of (prompt, answer) examples: windows start at
+an example and hold whole examples, and only answer tokens are targets (as instruction tuning
+masks the prompt). With validation
 streams it evaluates every `val_every` steps and ends on the best weights seen (early stopping:
 a fine-tune on a small domain — the `small` family's prose has ~100K tokens — must not end
 memorising it)."""
@@ -29,6 +32,34 @@ class TrainConfig:
 
 
 @dataclass
+class SupervisedStream:
+    ids: torch.Tensor  # [N] examples end to end
+    answer: torch.Tensor  # [N] bool: a target token (the answer and its separator)
+    starts: torch.Tensor  # [E] offset of each example, increasing
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def supervised_stream(tok, pairs, sep: str = "\n\n") -> SupervisedStream:
+    """Tokenize (prompt, answer) pairs into a SupervisedStream; each answer is followed by `sep`
+    (also a target: the model learns to stop)."""
+    sep_ids = tok(sep)["input_ids"]
+    ids: list[int] = []
+    answer: list[bool] = []
+    starts: list[int] = []
+    for prompt, ans in pairs:
+        p = tok(prompt)["input_ids"]
+        a = tok(prompt + ans)["input_ids"][len(p) :] + sep_ids
+        starts.append(len(ids))
+        ids += p + a
+        answer += [False] * len(p) + [True] * len(a)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return SupervisedStream(torch.tensor(ids), torch.tensor(answer), torch.tensor(starts), pad)
+
+
+@dataclass
 class TrainResult:
     losses: list[float]
     best_step: int | None = None  # steps done when the kept weights were seen; None: no val
@@ -43,16 +74,39 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def sample_batch(streams: list[torch.Tensor], cfg: TrainConfig, gen: torch.Generator):
-    """[B, T] windows; each row from a stream drawn by the mixture weights."""
-    rows = []
+def sample_batch(streams: list, cfg: TrainConfig, gen: torch.Generator):
+    """([B, T] input ids, [B, T] labels, -100 where nothing is predicted); each row from a stream
+    drawn by the mixture weights."""
+    rows, labels = [], []
     weights = torch.tensor(cfg.mixture or [1.0] * len(streams), dtype=torch.float)
     which = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
     for s in which.tolist():
         stream = streams[s]
-        start = int(torch.randint(len(stream) - cfg.seq_len, (1,), generator=gen))
-        rows.append(stream[start : start + cfg.seq_len])
-    return torch.stack(rows)
+        if isinstance(stream, SupervisedStream):
+            row, label = _supervised_window(stream, cfg.seq_len, gen)
+        else:
+            start = int(torch.randint(len(stream) - cfg.seq_len, (1,), generator=gen))
+            row = stream[start : start + cfg.seq_len]
+            label = row
+        rows.append(row)
+        labels.append(label)
+    return torch.stack(rows), torch.stack(labels)
+
+
+def _supervised_window(s: SupervisedStream, seq_len: int, gen: torch.Generator):
+    """Whole examples from a random one on, as many as fit in seq_len, then padding."""
+    k = int(torch.randint(len(s.starts), (1,), generator=gen))
+    start = int(s.starts[k])
+    ends = torch.cat([s.starts[k + 1 :], torch.tensor([len(s.ids)])])
+    fits = ends[ends <= start + seq_len]
+    if not len(fits):
+        raise ValueError(f"an example of {int(ends[0]) - start} tokens exceeds seq_len {seq_len}")
+    end = int(fits[-1])
+    row = torch.full((seq_len,), s.pad_id, dtype=s.ids.dtype)
+    row[: end - start] = s.ids[start:end]
+    label = torch.full((seq_len,), -100, dtype=s.ids.dtype)
+    label[: end - start] = torch.where(s.answer[start:end], s.ids[start:end], -100)
+    return row, label
 
 
 def val_windows(stream: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -95,7 +149,8 @@ def train_lm(
     end)."""
     from tqdm.auto import tqdm
 
-    too_short = [len(s) for s in streams if len(s) <= cfg.seq_len]
+    too_short = [len(s) for s in streams
+                 if not isinstance(s, SupervisedStream) and len(s) <= cfg.seq_len]  # fmt: skip
     if too_short:
         raise ValueError(f"a token stream of {too_short[0]} tokens is shorter than seq_len")
     validate = bool(val_streams) and cfg.val_every > 0
@@ -122,10 +177,10 @@ def train_lm(
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        batch = sample_batch(streams, cfg, gen).to(device, non_blocking=True)
+        batch, labels = (t.to(device, non_blocking=True) for t in sample_batch(streams, cfg, gen))
         # bf16 autocast on a GPU (fp32 master weights): the ~90M `small` family in minutes
         with torch.autocast("cuda", torch.bfloat16, enabled=on_gpu):
-            out = model(input_ids=batch, labels=batch)  # HF shifts: t+1 predicted from ≤ t
+            out = model(input_ids=batch, labels=labels)  # HF shifts: t+1 predicted from ≤ t
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()

