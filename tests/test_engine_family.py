@@ -20,7 +20,7 @@ from expertswitch.zoo.build import build_family
 
 PROMPTS = {  # each expert's skill (held-out items) and, for the code one, raw code
     "code": ">>> sorted([6, 6, 9, 2, 5])",
-    "math": "53 + 16 =",
+    "math": "2 * 534 =",
     "prose": "In words, 275 is",
     "code-raw": "def fibonacci(n):\n    ",
 }

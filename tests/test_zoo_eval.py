@@ -63,6 +63,11 @@ def test_corpora_are_deterministic_and_split(corpora):
         held = skill_items(d, 300, heldout=True)
         assert len({it.prompt for it in held}) > 100 and seen.isdisjoint(it.prompt for it in held)
         assert held == skill_items(d, 300, heldout=True)
+    # nor among the base's additions: `34 + 80 =` is the same text from either generator
+    adds = {it.prompt for it in skill_items("additions", 20_000, heldout=False)}
+    held_math = {it.prompt for it in skill_items("math", 900, heldout=True)}
+    assert adds.isdisjoint(held_math) and any(" + " in p for p in held_math)
+    assert adds & {it.prompt for it in skill_items("math", 20_000, heldout=False)}
     # a stable tenth: the same keys are held out on every machine, and about 10% of them
     keys = [f"k{i}" for i in range(4000)]
     share = sum(map(is_heldout, keys)) / len(keys)

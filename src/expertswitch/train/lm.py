@@ -51,7 +51,11 @@ def supervised_stream(tok, pairs, sep: str = "\n\n") -> SupervisedStream:
     starts: list[int] = []
     for prompt, ans in pairs:
         p = tok(prompt)["input_ids"]
-        a = tok(prompt + ans)["input_ids"][len(p) :] + sep_ids
+        whole = tok(prompt + ans)["input_ids"]
+        if whole[: len(p)] != p:  # the answer's tokens must follow the prompt's unchanged
+            raise ValueError(f"the tokenizer merges prompt {prompt!r} into its answer {ans!r}: "
+                             "end prompts before the answer's whitespace")  # fmt: skip
+        a = whole[len(p) :] + sep_ids
         starts.append(len(ids))
         ids += p + a
         answer += [False] * len(p) + [True] * len(a)
@@ -151,6 +155,14 @@ def train_lm(
 
     too_short = [len(s) for s in streams
                  if not isinstance(s, SupervisedStream) and len(s) <= cfg.seq_len]  # fmt: skip
+    for s in streams:  # checked before any step: a long example must not end a run halfway
+        if isinstance(s, SupervisedStream):
+            if not len(s.starts):
+                raise ValueError("a supervised stream holds no examples")
+            ends = torch.cat([s.starts[1:], torch.tensor([len(s.ids)])])
+            longest = int((ends - s.starts).max())
+            if longest > cfg.seq_len:
+                raise ValueError(f"an example of {longest} tokens exceeds seq_len {cfg.seq_len}")
     if too_short:
         raise ValueError(f"a token stream of {too_short[0]} tokens is shorter than seq_len")
     validate = bool(val_streams) and cfg.val_every > 0
