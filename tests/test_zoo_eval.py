@@ -309,3 +309,13 @@ def test_supervised_windows_hold_whole_examples_and_target_only_answers(micro):
         assert all(lb == -100 for lb in label[i:])
     with pytest.raises(ValueError, match="exceeds seq_len"):
         sample_batch([stream], TrainConfig(1, 2, 4), torch.Generator())
+
+
+@pytest.mark.parametrize("command", ["demo", "eval"])
+@pytest.mark.parametrize("items", ["0", "5000"])
+def test_items_out_of_range_is_one_clear_line(command, items, capsys):
+    from expertswitch.cli import MAX_ITEMS, main
+
+    assert len(skill_items("math", MAX_ITEMS, heldout=True)) == MAX_ITEMS  # the pool holds it
+    assert main([command, "--items", items, *(["x"] if command == "eval" else [])]) == 2
+    assert "--items must be between 1 and" in capsys.readouterr().err

@@ -369,10 +369,22 @@ def cmd_reconstruct(args) -> None:
     print(f"wrote {out}")
 
 
+MAX_ITEMS = 900  # distinct held-out items every skill has (math's pool is the smallest)
+
+
+def _check_items(n: int) -> None:
+    from expertswitch.errors import ConfigError
+
+    if not 1 <= n <= MAX_ITEMS:
+        raise ConfigError(f"--items must be between 1 and {MAX_ITEMS} (held-out items per "
+                          f"domain), got {n}")  # fmt: skip
+
+
 def cmd_demo(args) -> None:
     from expertswitch.demo import run_demo
     from expertswitch.utils.imports import resolve_device
 
+    _check_items(args.items)
     run_demo(args.preset, args.bits, args.items, resolve_device(args.device))
 
 
@@ -397,6 +409,7 @@ def cmd_eval(args) -> None:
     from expertswitch.utils.imports import resolve_device
 
     device = resolve_device(args.device)
+    _check_items(args.items)
     if bool(args.base) != bool(args.delta) or bool(args.model) == bool(args.delta):
         raise ConfigError("pass a checkpoint directory, or --base and --delta (not both)")
     with tempfile.TemporaryDirectory() as tmp:
