@@ -44,9 +44,8 @@ REG_ELEMS_PER_WARP = 32 * 128  # fp32 accumulator elements one warp holds comfor
 
 
 def fits(cfg: GemmConfig, n_acc: int, elt: int) -> bool:
-    smem = cfg.num_stages * (cfg.block_m * cfg.block_k + n_acc * cfg.block_k * cfg.block_n) * elt
     regs = n_acc * cfg.block_m * cfg.block_n / (cfg.num_warps * REG_ELEMS_PER_WARP)
-    return smem <= SMEM_BYTES and regs <= 1.0
+    return cfg.shared_bytes(n_acc, elt) <= SMEM_BYTES and regs <= 1.0
 
 
 def tile_candidates(by_route: bool, block_m: int | None, rows_per_expert: float,
@@ -59,7 +58,7 @@ def tile_candidates(by_route: bool, block_m: int | None, rows_per_expert: float,
             for bm in bms for bn in (32, 64, 128, 256) if bm * bn <= 128 * 256]  # fmt: skip
 
 
-def refinements(best: GemmConfig) -> list:
+def refinements(best: GemmConfig, by_route: bool) -> list:
     """Pipeline depth, K tile and warps around the best tile shape (its split kept)."""
     out = []
     for bk in (64, 128, 256):
@@ -67,8 +66,11 @@ def refinements(best: GemmConfig) -> list:
             for warps in (4, 8):
                 out.append(replace(best, block_k=bk, num_stages=stages, num_warps=warps))
     # weight tiles by TMA (frees the registers of address arithmetic: 255 -> 171 on the
-    # Mixtral 4096-token up-projection, kernels/check_sm90), at the best warp count
-    return out + [replace(c, tma_w=True) for c in out if c.num_warps == best.num_warps]
+    # Mixtral 4096-token up-projection, kernels/check_sm90), at the best warp count; the L2
+    # swizzle (GROUP_M row blocks sweep the columns together) where there are row blocks
+    same_warps = [c for c in out if c.num_warps == best.num_warps]
+    groups = [] if by_route else [replace(best, group_m=g) for g in (4, 8, 16)]
+    return out + [replace(c, tma_w=True) for c in same_warps] + groups
 
 
 class Problem:
@@ -143,7 +145,7 @@ def best_config(prob: Problem, which: str, by_route: bool, elt: int, deadline: f
         if best is None and stage == "refine":
             break
         cands = (tile_candidates(by_route, block_m, prob.rows_per_expert, which)
-                 if stage == "tiles" else refinements(best[1]))  # fmt: skip
+                 if stage == "tiles" else refinements(best[1], by_route))  # fmt: skip
         for cfg in cands:
             if cfg in seen or not fits(cfg, n_acc, elt):
                 continue

@@ -31,27 +31,49 @@ def test_top1_weight_is_the_probability():
     assert torch.equal(g.expert_idx[:, 0], p.argmax(-1))
 
 
-@pytest.mark.parametrize("k, factor", [(1, 1.0), (2, 0.5), (3, 0.7)])
-def test_capacity_drops_by_position(k, factor):
+@pytest.mark.parametrize(
+    "k, factor, policy", [(1, 1.0, "probs"), (2, 0.5, "probs"), (3, 0.7, "position"),
+                          (3, 0.7, "probs")]
+)  # fmt: skip
+def test_which_routes_an_over_full_expert_keeps(k, factor, policy):
+    """k = 1: the earliest tokens; k = 2: first choices, then second choices, earliest first;
+    k > 2: the highest probabilities ('probs') or the earliest tokens ('position')."""
     lg = logits(64, 4, seed=k)
-    g = topk_gating(lg, k=k, capacity_factor=factor, min_capacity=1)
+    g = topk_gating(lg, k=k, capacity_factor=factor, min_capacity=1, drop_policy=policy)
     cap = capacity_for(64, 4, k, factor, 1)
     assert g.capacity == cap == max(math.ceil(64 / 4 * k * factor), 1)
     kept = torch.bincount(g.expert_idx[g.expert_idx >= 0], minlength=4)
     assert torch.equal(kept, g.exp_counts.clamp(max=cap))
-    # position priority: within each choice rank, a kept route is never later than a dropped one
     full = topk_gating(lg, k=k, drop_tokens=False).expert_idx
-    for r in range(k):
-        for e in range(4):
-            routed = (full[:, r] == e).nonzero().flatten()
-            kept_r = g.expert_idx[routed, r] >= 0
-            if (~kept_r).any() and kept_r.any():
-                assert routed[kept_r].max() < routed[~kept_r].min()
-    # slots are unique per expert and below capacity
-    locs = g.locations[g.expert_idx >= 0]
-    assert int(locs.max()) < cap
-    pairs = set(zip(g.expert_idx[g.expert_idx >= 0].tolist(), locs.tolist()))
-    assert len(pairs) == int((g.expert_idx >= 0).sum())
+    probs = lg.softmax(-1)
+    dropped_somewhere = False
+    for e in range(4):
+        tok, rank = (full == e).nonzero(as_tuple=True)  # routes to e, token-major
+        keep = g.expert_idx[tok, rank] >= 0
+        if keep.all() or not keep.any():
+            continue
+        dropped_somewhere = True
+        if k == 3 and policy == "probs":
+            p = probs[tok, e]
+            assert p[keep].min() >= p[~keep].max()
+        else:
+            order = rank * 64 + tok if k == 2 else tok
+            assert order[keep].max() < order[~keep].min()
+    assert dropped_somewhere
+    # slots: unique per expert, below capacity, in token order (k = 2: choice rank first)
+    for e in range(4):
+        tok, rank = (g.expert_idx == e).nonzero(as_tuple=True)
+        order = (rank * 64 + tok) if k == 2 else tok
+        slots = g.locations[tok, rank]
+        assert torch.equal(slots[order.argsort()], torch.arange(tok.numel()))
+
+
+def test_capacity_rounds_in_float32_as_deepspeed():
+    """12.5 · 1.2 is 15.000000596 in float32 (DeepSpeed: capacity 16), 14.999999999999998 in
+    float64 (15)."""
+    assert capacity_for(50, 4, 1, 1.2, 0) == 16
+    assert capacity_for(50, 4, 1, 1.2, 20) == 20
+    assert capacity_for(64, 4, 2, 0.5, 1) == 16
 
 
 def test_dropped_second_choice_renormalises_first():
@@ -70,8 +92,37 @@ def test_rts_keeps_same_number_but_not_always_the_first():
     kept = (g.expert_idx[:, 0] >= 0).nonzero().flatten()
     assert kept.numel() == g.capacity == 25
     assert int(kept.max()) > 25  # not just the first 25 tokens
+    assert torch.equal(g.locations[kept, 0], torch.arange(25))  # slots in token order
     positional = topk_gating(lg, k=1, capacity_factor=0.25, min_capacity=1)
     assert torch.equal((positional.expert_idx[:, 0] >= 0).nonzero().flatten(), torch.arange(25))
+    # eval is deterministic unless asked for DeepSpeed's eval (RTS there too)
+    kw = dict(k=1, capacity_factor=0.25, min_capacity=1, use_rts=True)
+    assert torch.equal(topk_gating(lg, **kw).expert_idx, positional.expert_idx)
+    ds_eval = topk_gating(lg, **kw, deterministic_eval=False).expert_idx
+    assert int((ds_eval >= 0).sum()) == 25 and not torch.equal(ds_eval, positional.expert_idx)
+
+
+def test_rts_is_top1_only_as_in_deepspeed():
+    """DeepSpeed's top-2 and top-k never use random token selection, in training either."""
+    lg = logits(64, 4, seed=5)
+    for k in (2, 3):
+        plain = topk_gating(lg, k=k, capacity_factor=0.5, min_capacity=1, training=True)
+        torch.manual_seed(3)
+        rts = topk_gating(lg, k=k, capacity_factor=0.5, min_capacity=1, use_rts=True,
+                          training=True)  # fmt: skip
+        assert torch.equal(rts.expert_idx, plain.expert_idx)
+
+
+def test_second_expert_sampling_in_training_and_deepspeed_eval():
+    lg = logits(200, 8, seed=6)
+    greedy = topk_gating(lg, k=2, drop_tokens=False).expert_idx
+    for kw in ({"training": True}, {"deterministic_eval": False}):
+        torch.manual_seed(0)
+        sampled = topk_gating(lg, k=2, drop_tokens=False, second_expert_sampling=True, **kw)
+        assert torch.equal(sampled.expert_idx[:, 0], greedy[:, 0])
+        assert not torch.equal(sampled.expert_idx[:, 1], greedy[:, 1])
+    det = topk_gating(lg, k=2, drop_tokens=False, second_expert_sampling=True)
+    assert torch.equal(det.expert_idx, greedy)
 
 
 def test_aux_loss_definitions():
@@ -118,6 +169,10 @@ def test_bad_configs():
         TopKGate(8, 4, noisy_gate_policy="Gaussian")
     with pytest.raises(ConfigError, match="tokens, experts"):
         topk_gating(torch.zeros(2, 3, 4))
+    with pytest.raises(ConfigError, match="drop_policy"):
+        topk_gating(logits(3, 4), k=3, drop_policy="random")
+    with pytest.raises(ConfigError, match="drop_policy"):
+        TopKGate(8, 4, k=3, drop_policy="tokens")
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

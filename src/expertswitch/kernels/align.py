@@ -69,11 +69,18 @@ if is_triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _chunk_counts_kernel(idx_ptr, counts_ptr, R, BLOCK_R: tl.constexpr, E_PAD: tl.constexpr):
+    def _expert_ids(idx_ptr, r, R, E):
+        """Expert of each route, −1 for a dropped route or an id outside [0, E)."""
+        e = tl.load(idx_ptr + r, mask=r < R, other=-1).to(tl.int32)
+        return tl.where((e >= 0) & (e < E), e, -1)
+
+    @triton.jit
+    def _chunk_counts_kernel(idx_ptr, counts_ptr, R, E, BLOCK_R: tl.constexpr,
+                             E_PAD: tl.constexpr):  # fmt: skip
         """counts[c, e] = routes of chunk c (BLOCK_R routes) that go to expert e."""
         c = tl.program_id(0)
         r = c * BLOCK_R + tl.arange(0, BLOCK_R)
-        e = tl.load(idx_ptr + r, mask=r < R, other=-1).to(tl.int32)
+        e = _expert_ids(idx_ptr, r, R, E)
         cols = tl.arange(0, E_PAD)
         hist = tl.sum((e[:, None] == cols[None, :]).to(tl.int32), axis=0)  # [E_PAD]
         tl.store(counts_ptr + c * E_PAD + cols, hist)
@@ -116,13 +123,13 @@ if is_triton_available():
                  mask=emask[:, None] & (slot < pad_end[:, None]))  # fmt: skip
 
     @triton.jit
-    def _scatter_routes_kernel(idx_ptr, base_ptr, routes_ptr, R, BLOCK_R: tl.constexpr,
+    def _scatter_routes_kernel(idx_ptr, base_ptr, routes_ptr, R, E, BLOCK_R: tl.constexpr,
                                E_PAD: tl.constexpr):  # fmt: skip
         """Each route goes to base[c, e] + (earlier routes of its chunk with the same expert)."""
         c = tl.program_id(0)
         i = tl.arange(0, BLOCK_R)
         r = c * BLOCK_R + i
-        e = tl.load(idx_ptr + r, mask=r < R, other=-1).to(tl.int32)
+        e = _expert_ids(idx_ptr, r, R, E)
         earlier = (e[:, None] == e[None, :]) & (i[None, :] < i[:, None])
         rank = tl.sum(earlier.to(tl.int32), axis=1)
         keep = (r < R) & (e >= 0)
@@ -134,7 +141,7 @@ def align_block_size_triton(
     expert_idx: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sorted_routes int32 [P_max], block_expert int32 [P_max/BM], exp_counts int64 [E]);
-    expert ids must lie in [−1, E). block_m: a power of two."""
+    ids outside [0, E) count as dropped routes. block_m: a power of two."""
     if not is_triton_available():
         raise ImportError("Triton is not installed: pip install 'expertswitch[gpu]'")
     if block_m & (block_m - 1) or block_m < 1:
@@ -150,11 +157,12 @@ def align_block_size_triton(
     exp_counts = torch.empty(num_experts, dtype=torch.int64, device=dev)
     routes = torch.empty(n_blocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(n_blocks, dtype=torch.int32, device=dev)
-    _chunk_counts_kernel[(n_chunks,)](flat, counts, n_routes, BLOCK_R=block_r, E_PAD=e_pad)
+    _chunk_counts_kernel[(n_chunks,)](flat, counts, n_routes, num_experts, BLOCK_R=block_r,
+                                      E_PAD=e_pad)  # fmt: skip
     _block_layout_kernel[(1,)](
         counts, base, exp_counts, routes, block_expert, n_chunks, n_blocks, n_routes,
         num_experts, BM=block_m, E_PAD=e_pad, C_BLOCK=max(1, 8192 // e_pad), B_BLOCK=64,
     )  # fmt: skip
-    _scatter_routes_kernel[(n_chunks,)](flat, base, routes, n_routes, BLOCK_R=block_r,
-                                        E_PAD=e_pad)  # fmt: skip
+    _scatter_routes_kernel[(n_chunks,)](flat, base, routes, n_routes, num_experts,
+                                        BLOCK_R=block_r, E_PAD=e_pad)  # fmt: skip
     return routes, block_expert, exp_counts

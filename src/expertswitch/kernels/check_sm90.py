@@ -43,26 +43,30 @@ def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM
             gemms = [("up", plan.up), ("down", plan.down)]
             if t in (1, 4096):  # the TMA weight path the tuner may pick, at both ends
                 gemms += [(w, replace(c, tma_w=True)) for w, c in gemms]
-            for which, cfg in gemms:
+            for which, cfg in gemms + ([("up bias", plan.up), ("down bias", plan.down)]
+                                       if t in (1, 256) else []):  # fmt: skip
+                bias = None
+                if which.endswith("bias"):
+                    bias = _meta(*(w_in if which == "up bias" else w_out).shape[:2], dtype=dtype)
                 nb = max_blocks(r, e, cfg.block_m)
                 rows = (_meta(nb * cfg.block_m, dtype=torch.int32), _meta(nb, dtype=torch.int32))
                 if plan.by_route:
                     rows = (idx, idx)
-                if which == "up":
+                if which.startswith("up"):
                     launch = (x, w_in, inter, rows, idx, wts, f, h, r, k, _ACT_CODE["swiglu"],
-                              False, plan.by_route, cfg)  # fmt: skip
+                              False, plan.by_route, cfg, 1, bias)  # fmt: skip
                 else:
                     launch = (inter, w_out, buf, rows, idx, wts, h, f, r, 1, -1, True,
-                              plan.by_route, cfg, split)  # fmt: skip
+                              plan.by_route, cfg, split, bias)  # fmt: skip
                 _, args, consts = gemm_launch(*launch)
                 key = (tuple(sorted(consts.items())), cfg.num_warps, cfg.num_stages,
-                       buf.dtype if which == "down" else None)  # fmt: skip
+                       buf.dtype if which.startswith("down") else None)  # fmt: skip
                 if key in seen:
                     continue
                 seen.add(key)
                 path = ("by-route" if plan.by_route else "aligned") + (" tma" if cfg.tma_w else "")
                 label = f"gemm {shape} T={t} {which} {path}" + (
-                    f" split {split}" if which == "down" and split > 1 else ""
+                    f" split {split}" if which.startswith("down") and split > 1 else ""
                 )
                 yield label, args, consts, cfg.num_warps, cfg.num_stages
 
@@ -145,7 +149,7 @@ def other_variants():
     i32, i64, f32 = torch.int32, torch.int64, torch.float32
     yield ("align counts", align._chunk_counts_kernel,
            {"idx_ptr": _meta(8192, dtype=i64), "counts_ptr": _meta(64, 128, dtype=i32),
-            "R": 8192}, {"BLOCK_R": 128, "E_PAD": 128})  # fmt: skip
+            "R": 8192, "E": 128}, {"BLOCK_R": 128, "E_PAD": 128})  # fmt: skip
     yield ("align layout", align._block_layout_kernel,
            {"counts_ptr": _meta(64, 128, dtype=i32), "base_ptr": _meta(64, 128, dtype=i32),
             "exp_counts_ptr": _meta(128, dtype=i64), "routes_ptr": _meta(4096, dtype=i32),
@@ -154,11 +158,11 @@ def other_variants():
            {"BM": 16, "E_PAD": 128, "C_BLOCK": 64, "B_BLOCK": 64})  # fmt: skip
     yield ("align scatter", align._scatter_routes_kernel,
            {"idx_ptr": _meta(8192, dtype=i64), "base_ptr": _meta(64, 128, dtype=i32),
-            "routes_ptr": _meta(4096, dtype=i32), "R": 8192},
+            "routes_ptr": _meta(4096, dtype=i32), "R": 8192, "E": 128},
            {"BLOCK_R": 128, "E_PAD": 128})  # fmt: skip
     yield ("combine k=2 split 2", fused_moe._combine_kernel,
            {"buf_ptr": _meta(2, 8192, 4096, dtype=f32), "idx_ptr": _meta(8192, dtype=i64),
-            "out_ptr": _meta(4096, 4096), "H": 4096, "R": 8192},
+            "out_ptr": _meta(4096, 4096), "H": 4096, "R": 8192, "E": 8},
            {"K": 2, "S": 2, "BLOCK_H": 1024})  # fmt: skip
     for e, k in ((8, 2), (128, 1)):
         yield (f"router E={e} k={k}", topk_softmax._router_topk_kernel,

@@ -31,7 +31,8 @@ import torch
 
 from expertswitch.kernels.align import align_block_size_triton, sort_routes
 from expertswitch.kernels.grouped_mlp import ACTIVATIONS, grouped_mlp_reference
-from expertswitch.kernels.moe_config import GemmConfig, MoEPlan, plan_for
+from expertswitch.kernels.moe_config import GemmConfig, MoEPlan, device_limits, plan_for
+from expertswitch.kernels.select import kernels_for, needs_grad
 from expertswitch.utils.imports import is_triton_available
 
 _ACT_CODE = {"swiglu": 0, "gelu": 1, "relu": 2, "silu": 3}
@@ -48,6 +49,7 @@ def fused_moe_reference(
     b_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     t, k = expert_idx.shape
+    check_expert_ids(expert_idx, w_in.shape[0])
     route_ids, offsets = sort_routes(expert_idx, w_in.shape[0])
     tokens = torch.div(route_ids, k, rounding_mode="floor")
     y = grouped_mlp_reference(
@@ -81,16 +83,29 @@ def check_inputs(x, w_in, w_out, expert_idx, weights, activation) -> None:
         raise ValueError(f"dtypes differ: x {x.dtype}, w_in {w_in.dtype}, w_out {w_out.dtype}")
 
 
+def check_expert_ids(expert_idx: torch.Tensor, num_experts: int) -> None:
+    """Host check (one synchronisation) that every id names an expert or is −1 (dropped). The
+    Triton path cannot raise without a synchronisation: it treats an id outside [0, E) as a
+    dropped route, so no id reads past the weights or writes another token's rows."""
+    if expert_idx.numel() and (int(expert_idx.min()) < -1 or int(expert_idx.max()) >= num_experts):
+        bad = expert_idx[(expert_idx < -1) | (expert_idx >= num_experts)]
+        raise ValueError(f"expert_idx holds {bad.numel()} ids outside [-1, {num_experts}) "
+                         f"(e.g. {int(bad[0])}): ids name one of the {num_experts} experts, "
+                         "or are −1 for a dropped route")  # fmt: skip
+
+
 @cache
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def plan(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, n_routes: int) -> MoEPlan:
-    """The launch plan for this call: the device's tuned table, else the heuristic."""
+    """The launch plan for this call: the device's tuned table, else the heuristic (sized by
+    the device's own SM count and shared memory)."""
     e, _, h = w_in.shape
     dtype_name = str(x.dtype).removeprefix("torch.")
-    return plan_for(n_routes, e, h, w_out.shape[2], dtype_name, _device_name(x.device))
+    return plan_for(n_routes, e, h, w_out.shape[2], dtype_name, _device_name(x.device),
+                    device_limits(x.device))  # fmt: skip
 
 
 if is_triton_available():
@@ -105,27 +120,41 @@ if is_triton_available():
 
     @triton.jit
     def _moe_gemm_kernel(
-        a_ptr, w_ptr, c_ptr, routes_ptr, block_expert_ptr, idx_ptr, weight_ptr,
-        N, K, k_split, n_routes, num_experts, w_rows,
+        a_ptr, w_ptr, c_ptr, routes_ptr, block_expert_ptr, idx_ptr, weight_ptr, bias_ptr,
+        N, K, k_split, n_routes, num_experts, w_rows, num_pid_m,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_cs,
+        stride_be,
         A_ROW_DIV: tl.constexpr, SWIGLU: tl.constexpr, ACT: tl.constexpr,
         MUL_WEIGHT: tl.constexpr, BY_ROUTE: tl.constexpr, EVEN_K: tl.constexpr,
-        IEEE: tl.constexpr, TMA_W: tl.constexpr,
+        IEEE: tl.constexpr, TMA_W: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
     ):  # fmt: skip
-        """k_split: K elements each program along axis 2 sums (K itself when not split); split
-        programs write partial sums to c + pid_k · stride_cs. TMA_W: weight tiles come by the
-        tensor-memory accelerator (Hopper) from w seen as [E·w_rows, K]; rows past N read
-        the next rows (masked at the store), K past the end reads zeros."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
+        """Axis 0: the (row block, column block) tiles, GROUP_M row blocks sweeping the columns
+        together (L2 reuse of their rows); axis 1: the K splits. k_split: K elements each split
+        sums (K itself when not split); split programs write partial sums to c + pid_k ·
+        stride_cs. TMA_W: weight tiles come by the tensor-memory accelerator (Hopper) from w
+        seen as [E·w_rows, K]; rows past N read the next rows (masked at the store), K past the
+        end reads zeros. HAS_BIAS: bias [E, N(·2 for SwiGLU)] added before the activation (the
+        first matmul) or before the gate weight (the second; split 0 only)."""
+        pid = tl.program_id(0)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        if GROUP_M == 1:
+            pid_m = pid // num_pid_n
+            pid_n = pid % num_pid_n
+        else:
+            in_group = GROUP_M * num_pid_n
+            first_m = (pid // in_group) * GROUP_M
+            group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+            pid_m = first_m + (pid % in_group) % group_rows
+            pid_n = (pid % in_group) // group_rows
+        pid_k = tl.program_id(1)
         if BY_ROUTE:  # rows: every route of the expert of route pid_m, if pid_m is its first
             i = tl.arange(0, BLOCK_M)
             ids = tl.load(idx_ptr + i, mask=i < n_routes, other=-1)
             expert = tl.load(idx_ptr + pid_m)
             first = tl.min(tl.where(ids == expert, i, BLOCK_M), axis=0)
-            if (first != pid_m) | (expert < 0):
+            if (first != pid_m) | (expert < 0) | (expert >= num_experts):
                 return
             valid = ids == expert
             route_rows = tl.where(valid, i, 0).to(tl.int64)
@@ -177,6 +206,12 @@ if is_triton_available():
                 acc_up += _dot(a, w_up, IEEE)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + offs_n_in
+            bias = tl.load(b_ptrs).to(tl.float32)
+            acc += tl.where(pid_k == 0, bias, 0.0)[None, :]  # split K: one split adds it
+            if SWIGLU:
+                acc_up += tl.load(b_ptrs + N).to(tl.float32)[None, :]
         if SWIGLU:
             acc = acc * tl.sigmoid(acc) * acc_up
         elif ACT == 1:
@@ -192,16 +227,17 @@ if is_triton_available():
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _combine_kernel(buf_ptr, idx_ptr, out_ptr, H, R, K: tl.constexpr, S: tl.constexpr,
+    def _combine_kernel(buf_ptr, idx_ptr, out_ptr, H, R, E, K: tl.constexpr, S: tl.constexpr,
                         BLOCK_H: tl.constexpr):  # fmt: skip
-        """out[t] = Σ_s Σ_r buf[s, t·K + r] over the token's kept routes and the K splits, in
-        fp32 (buf: [S, R, H])."""
+        """out[t] = Σ_s Σ_r buf[s, t·K + r] over the token's kept routes (expert in [0, E)) and
+        the K splits, in fp32 (buf: [S, R, H])."""
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = offs < H
         acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
         for r in tl.static_range(K):
-            kept = (tl.zeros((BLOCK_H,), tl.int64) + tl.load(idx_ptr + t * K + r)) >= 0
+            e = tl.zeros((BLOCK_H,), tl.int64) + tl.load(idx_ptr + t * K + r)
+            kept = (e >= 0) & (e < E)
             for s in tl.static_range(S):
                 row = (s * R + t * K + r) * H
                 acc += tl.load(buf_ptr + row + offs, mask=mask & kept, other=0.0)
@@ -209,40 +245,46 @@ if is_triton_available():
 
 
 def gemm_launch(a, w, c, rows, idx, weight, n, k_dim, n_routes, row_div, act, mul_weight,
-                by_route, cfg: GemmConfig, split: int = 1) -> tuple[tuple, dict, dict]:  # fmt: skip
+                by_route, cfg: GemmConfig, split: int = 1,
+                bias: torch.Tensor | None = None) -> tuple[tuple, dict, dict]:  # fmt: skip
     """(grid, runtime args, constexprs) of one _moe_gemm_kernel launch; kernels/aot.py
     compiles the very same specialisation for an H100 on a CPU-only machine. split > 1: c is
-    [split, rows, n] and each split sums K/split of K."""
+    [split, rows, n] and each split sums K/split of K. bias: [E, w rows], or None."""
     routes, block_expert = rows
     n_m = n_routes if by_route else block_expert.numel()
-    grid = (n_m, -(-n // cfg.block_n), split)
+    grid = (n_m * -(-n // cfg.block_n), split)
     if split > 1 and k_dim % (split * cfg.block_k):
         raise ValueError(f"K={k_dim} does not split into {split} parts of whole {cfg.block_k} "
                          "tiles")  # fmt: skip
     c2 = c[0] if split > 1 else c
     args = dict(
         a_ptr=a, w_ptr=w, c_ptr=c, routes_ptr=routes, block_expert_ptr=block_expert,
-        idx_ptr=idx, weight_ptr=weight, N=n, K=k_dim, k_split=k_dim // split, n_routes=n_routes,
-        num_experts=w.shape[0], w_rows=w.shape[1],
-        stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=w.stride(0),
+        idx_ptr=idx, weight_ptr=weight, bias_ptr=weight if bias is None else bias, N=n, K=k_dim,
+        k_split=k_dim // split, n_routes=n_routes, num_experts=w.shape[0], w_rows=w.shape[1],
+        num_pid_m=n_m, stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=w.stride(0),
         stride_wn=w.stride(1), stride_wk=w.stride(2), stride_cm=c2.stride(0),
         stride_cn=c2.stride(1), stride_cs=c.stride(0) if split > 1 else 0,
+        stride_be=0 if bias is None else bias.stride(0),
     )  # fmt: skip
     consts = dict(
         A_ROW_DIV=row_div, SWIGLU=act == _ACT_CODE["swiglu"], ACT=act, MUL_WEIGHT=mul_weight,
         BY_ROUTE=by_route, EVEN_K=k_dim % cfg.block_k == 0,
         IEEE=a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
-        TMA_W=cfg.tma_w and tma_ok(w),
+        TMA_W=cfg.tma_w and tma_ok(w), HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=1 if by_route else cfg.group_m,
     )  # fmt: skip
     return grid, args, consts
 
 
 def tma_ok(w: torch.Tensor) -> bool:
-    """TMA needs a 16-byte aligned base and row stride, and a contiguous last dimension."""
+    """The kernel's descriptor sees w [E, rows, K] as one [E·rows, K] matrix: experts packed
+    back to back (a view such as big[:, :2F] is not), a contiguous last dimension, and the
+    16-byte aligned base and row stride TMA needs."""
     elt = w.element_size()
     return (
         w.stride(2) == 1
+        and (w.shape[0] == 1 or w.stride(0) == w.shape[1] * w.stride(1))
         and (w.stride(1) * elt) % 16 == 0
         and (w.device.type == "meta" or w.data_ptr() % 16 == 0)
     )
@@ -260,8 +302,8 @@ def _ensure_allocator() -> None:
         )  # fmt: skip
 
 
-def _launch(*launch_args, cfg: GemmConfig, split: int = 1) -> None:
-    grid, args, consts = gemm_launch(*launch_args, cfg, split)
+def _launch(*launch_args, cfg: GemmConfig, split: int = 1, bias=None) -> None:
+    grid, args, consts = gemm_launch(*launch_args, cfg, split, bias)
     if consts["TMA_W"]:
         _ensure_allocator()
     _moe_gemm_kernel[grid](**args, **consts, num_warps=cfg.num_warps,
@@ -291,15 +333,37 @@ def fused_moe_triton(
     activation: str = "swiglu",
     moe_plan: MoEPlan | None = None,
     dropless: bool = False,
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton path; checks shapes, strides and dtypes first (biases: use the reference).
-    No host synchronisation, so a CUDA graph can capture it. dropless=True promises no −1 in
-    expert_idx (skips zero-filling the output when k = 1)."""
+    """The Triton path; checks shapes, strides and dtypes first. No host synchronisation, so a
+    CUDA graph can capture it (biases included). dropless=True promises no −1 in expert_idx
+    (skips zero-filling the output when k = 1)."""
     if not is_triton_available():
         raise ImportError("Triton is not installed: pip install 'expertswitch[gpu]'")
     check_inputs(x, w_in, w_out, expert_idx, weights, activation)
     if x.stride(1) != 1 or w_in.stride(2) != 1 or w_out.stride(2) != 1:
         raise ValueError("x, w_in and w_out must be contiguous along their last dimension")
+    check_biases(w_in, w_out, b_in, b_out)
+    b_in = None if b_in is None else b_in.contiguous()
+    b_out = None if b_out is None else b_out.contiguous()
+    if x.is_cuda:  # launch on the tensors' GPU, whichever is current
+        with torch.cuda.device(x.device):
+            return _fused_moe_launches(x, w_in, w_out, expert_idx, weights, activation,
+                                       moe_plan, dropless, b_in, b_out)  # fmt: skip
+    return _fused_moe_launches(x, w_in, w_out, expert_idx, weights, activation, moe_plan,
+                               dropless, b_in, b_out)  # fmt: skip
+
+
+def check_biases(w_in, w_out, b_in, b_out) -> None:
+    for name, b, w in (("b_in", b_in, w_in), ("b_out", b_out, w_out)):
+        if b is not None and (b.shape != w.shape[:2] or b.dtype != w.dtype):
+            raise ValueError(f"{name} must be [{w.shape[0]}, {w.shape[1]}] in {w.dtype}, got "
+                             f"{list(b.shape)} in {b.dtype}")  # fmt: skip
+
+
+def _fused_moe_launches(x, w_in, w_out, expert_idx, weights, activation, moe_plan, dropless,
+                        b_in, b_out) -> torch.Tensor:  # fmt: skip
     t, k = expert_idx.shape
     e, _, h = w_in.shape
     f = w_out.shape[2]
@@ -316,37 +380,44 @@ def fused_moe_triton(
     out, buf, inter = buffers(x, n_routes, k, h, f, split, dropless)
     act = _ACT_CODE[activation]
     rows_up = (idx, idx) if p.by_route else align_block_size_triton(idx, e, p.up.block_m)[:2]
-    _launch(x, w_in, inter, rows_up, idx, w, f, h, n_routes, k, act, False, p.by_route, cfg=p.up)
+    _launch(x, w_in, inter, rows_up, idx, w, f, h, n_routes, k, act, False, p.by_route, cfg=p.up,
+            bias=b_in)  # fmt: skip
     rows_down = rows_up
     if not p.by_route and p.down.block_m != p.up.block_m:
         rows_down = align_block_size_triton(idx, e, p.down.block_m)[:2]
     _launch(inter, w_out, buf, rows_down, idx, w, h, f, n_routes, 1, -1, True, p.by_route,
-            cfg=p.down, split=split)  # fmt: skip
+            cfg=p.down, split=split, bias=b_out)  # fmt: skip
     if buf is not out:
         block_h = min(1024, triton.next_power_of_2(h))
-        _combine_kernel[(t, triton.cdiv(h, block_h))](buf, idx, out, h, n_routes, K=k, S=split,
-                                                      BLOCK_H=block_h)  # fmt: skip
+        _combine_kernel[(t, triton.cdiv(h, block_h))](buf, idx, out, h, n_routes, e, K=k,
+                                                      S=split, BLOCK_H=block_h)  # fmt: skip
     return out
 
 
 class _FusedMoE(torch.autograd.Function):
+    """The Triton forward; the backward differentiates the reference (a fused backward is
+    future work)."""
+
     @staticmethod
-    def forward(ctx, x, w_in, w_out, weights, expert_idx, activation, dropless):
-        ctx.save_for_backward(x, w_in, w_out, weights, expert_idx)
+    def forward(ctx, x, w_in, w_out, weights, b_in, b_out, expert_idx, activation, dropless):
+        ctx.save_for_backward(x, w_in, w_out, weights, b_in, b_out, expert_idx)
         ctx.activation = activation
         return fused_moe_triton(x, w_in, w_out, expert_idx, weights, activation,
-                                dropless=dropless)  # fmt: skip
+                                dropless=dropless, b_in=b_in, b_out=b_out)  # fmt: skip
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_in, w_out, weights, expert_idx = ctx.saved_tensors
-        leaves = [t.detach().requires_grad_(need) for t, need in
-                  zip((x, w_in, w_out, weights), ctx.needs_input_grad[:4])]  # fmt: skip
+        *inputs, expert_idx = ctx.saved_tensors
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip(inputs, ctx.needs_input_grad[:6])]  # fmt: skip
+        x, w_in, w_out, weights, b_in, b_out = leaves
         with torch.enable_grad():
-            out = fused_moe_reference(*leaves[:3], expert_idx, leaves[3], ctx.activation)
-            wanted = [t for t in leaves if t.requires_grad]
+            out = fused_moe_reference(x, w_in, w_out, expert_idx, weights, ctx.activation, b_in,
+                                      b_out)  # fmt: skip
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-        return (*[next(grads) if t.requires_grad else None for t in leaves], None, None, None)
+        return (*[next(grads) if t is not None and t.requires_grad else None for t in leaves],
+                None, None, None)  # fmt: skip
 
 
 def fused_moe(
@@ -361,14 +432,18 @@ def fused_moe(
     use_triton: bool | None = None,
     dropless: bool = False,
 ) -> torch.Tensor:
-    """The fused kernel on CUDA tensors when Triton is present (and no biases), else the
-    reference. `use_triton=True` forces the kernel (e.g. under TRITON_INTERPRET=1 on CPU).
-    dropless=True: the caller promises every route has an expert (no −1)."""
+    """The fused kernel on CUDA tensors when Triton is present, else the reference.
+    `use_triton=True` forces the kernel (e.g. under TRITON_INTERPRET=1 on CPU), as does
+    kernels.select.force_kernels(). dropless=True: the caller promises every route has an
+    expert (no −1)."""
     if use_triton is None:
-        use_triton = x.is_cuda and is_triton_available() and b_in is None and b_out is None
+        use_triton = kernels_for(x)
     if not use_triton:
         check_inputs(x, w_in, w_out, expert_idx, weights, activation)
+        check_biases(w_in, w_out, b_in, b_out)
         return fused_moe_reference(x, w_in, w_out, expert_idx, weights, activation, b_in, b_out)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, w_out, weights)):
-        return _FusedMoE.apply(x, w_in, w_out, weights, expert_idx, activation, dropless)
-    return fused_moe_triton(x, w_in, w_out, expert_idx, weights, activation, dropless=dropless)
+    if needs_grad(x, w_in, w_out, weights, b_in, b_out):
+        return _FusedMoE.apply(x, w_in, w_out, weights, b_in, b_out, expert_idx, activation,
+                               dropless)  # fmt: skip
+    return fused_moe_triton(x, w_in, w_out, expert_idx, weights, activation, dropless=dropless,
+                            b_in=b_in, b_out=b_out)  # fmt: skip

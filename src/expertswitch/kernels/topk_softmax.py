@@ -6,6 +6,12 @@ from logits (`topk_softmax`), or with the router matmul fused in front (`router_
       weight fp32  [T, k]  their probabilities (renormalised to sum 1 when asked)
       probs  fp32  [T, E]  the full softmax (for the aux loss), when asked
 
+A row whose softmax is not a number (a NaN logit, or a largest logit of ±inf: the model has
+diverged) has all-NaN probabilities and still gets k distinct experts in [0, E): NaN ranks
+below every probability, so such a row takes experts 0..k−1 with NaN weights. Its own output
+is NaN, for the caller to see; no id ever points past the last expert (a grouped GEMM would
+read past the weights, and write other tokens' rows).
+
 At decode batch sizes the unfused chain (softmax, topk, sum, divide, casts) is a handful of
 launches whose fixed cost is larger than the gating arithmetic; one program per BLOCK_T tokens
 does it all in registers.
@@ -15,14 +21,26 @@ from __future__ import annotations
 
 import torch
 
+from expertswitch.kernels.select import kernels_for, needs_grad
 from expertswitch.utils.imports import is_triton_available
+
+
+def softmax_or_nan(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim; a row holding a NaN, or whose largest logit is ±inf, is all
+    NaN (torch would give [nan, 0, 0] for [inf, 1, 2]: half a number)."""
+    probs = logits.softmax(dim=-1)
+    top = logits.amax(dim=-1, keepdim=True)
+    bad = logits.isnan().any(dim=-1, keepdim=True) | top.isinf()
+    return torch.where(bad, float("nan"), probs)
 
 
 def topk_softmax_reference(
     logits: torch.Tensor, k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    probs = logits.float().softmax(dim=-1)
-    weight, idx = probs.topk(k, dim=-1)
+    probs = softmax_or_nan(logits.float())
+    rank_key = torch.where(probs.isnan(), -1.0, probs)  # NaN below every probability
+    idx = rank_key.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # ties: lowest id
+    weight = probs.gather(1, idx)
     if renormalize:
         weight = weight / weight.sum(dim=-1, keepdim=True)
     return idx, weight, probs
@@ -42,22 +60,32 @@ if is_triton_available():
         mask = row_ok[:, None] & (cols[None, :] < E)
         x = tl.where(mask, x, float("-inf"))
         x = tl.where(row_ok[:, None], x, 0.0)  # rows past T: finite, never stored
-        m = tl.max(x, axis=1)
-        p = tl.exp(x - m[:, None])
+        # a NaN logit or a largest logit of ±inf: no softmax, the whole row is NaN (decided
+        # with integer flags: reductions over NaN differ between the GPU and the interpreter)
+        has_nan = tl.max(tl.where(mask & (x != x), 1, 0), axis=1) > 0
+        m = tl.max(tl.where(x == x, x, float("-inf")), axis=1)
+        bad = has_nan | (m == float("inf")) | (m == float("-inf"))
+        m = tl.where(bad, 0.0, m)
+        p = tl.exp(tl.where(bad[:, None], 0.0, x) - m[:, None])
         p = tl.where(mask, p, 0.0)
         p = p / tl.maximum(tl.sum(p, axis=1), 1e-30)[:, None]  # rows past T sum to 0
+        p = tl.where(bad[:, None], float("nan"), p)
         if WRITE_PROBS:
             tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p, mask=mask)
         kcols = tl.arange(0, K_PAD)
         vals = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
         idxs = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
-        work = tl.where(mask, p, -1.0)
+        # ranking keys: probabilities ≥ 0, NaN −1 (below them), taken −2, past E −3: a pick is
+        # always a real expert not yet taken, even in a NaN row
+        work = tl.where(p == p, p, -1.0)
+        work = tl.where(mask, work, -3.0)
         for j in tl.static_range(K):
             best = tl.max(work, axis=1)
             best_i = tl.min(tl.where(work == best[:, None], cols[None, :], BLOCK_E), axis=1)
+            best = tl.where(best >= 0.0, best, float("nan"))  # a NaN pick keeps its NaN weight
             vals = tl.where(kcols[None, :] == j, best[:, None], vals)
             idxs = tl.where(kcols[None, :] == j, best_i[:, None], idxs)
-            work = tl.where(cols[None, :] == best_i[:, None], -1.0, work)
+            work = tl.where(cols[None, :] == best_i[:, None], -2.0, work)
         if RENORM:
             vals = vals / tl.maximum(tl.sum(vals, axis=1), 1e-30)[:, None]
         out_mask = row_ok[:, None] & (kcols[None, :] < K)
@@ -166,8 +194,9 @@ def router_topk_triton(
 def router_topk(
     x: torch.Tensor, wg: torch.Tensor, k: int, renormalize: bool, round_logits: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx, weight) of the routes; the fused kernel on CUDA tensors, the reference elsewhere."""
-    if x.is_cuda and is_triton_available():
+    """(idx, weight) of the routes; the fused kernel on CUDA tensors when no gradient is needed
+    (its outputs have no autograd history), the reference otherwise."""
+    if kernels_for(x) and not needs_grad(x, wg):
         return router_topk_triton(x.contiguous(), wg.contiguous(), k, renormalize, round_logits)[:2]
     return router_topk_reference(x, wg, k, renormalize, round_logits)[:2]
 
@@ -197,9 +226,11 @@ def topk_softmax_triton(
 def topk_softmax(
     logits: torch.Tensor, k: int, renormalize: bool, use_triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(idx, weight, probs); the Triton kernel on CUDA tensors, the reference elsewhere."""
+    """(idx, weight, probs); the Triton kernel on CUDA tensors when no gradient is needed (its
+    outputs have no autograd history: a router trained through it would learn nothing from the
+    loss), the reference otherwise. use_triton=True forces the kernel."""
     if use_triton is None:
-        use_triton = logits.is_cuda and is_triton_available()
+        use_triton = kernels_for(logits) and not needs_grad(logits)
     if use_triton:
         return topk_softmax_triton(logits, k, renormalize)
     return topk_softmax_reference(logits, k, renormalize)

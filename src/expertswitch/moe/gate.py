@@ -3,24 +3,34 @@
 Everything is computed in fp32. For T tokens, E experts and k choices:
 
 - choices: k = 1 → argmax of the softmax (of logits + Gumbel noise under 'RSample' in
-  training); k = 2 → the argmax, then the argmax of the remaining logits (+ Gumbel noise when
-  `second_expert_sampling` and training); k > 2 → `topk` of the softmax.
-- capacity = max(ceil(T / E · k · capacity_factor), min_capacity) when dropping tokens;
+  training); k = 2 → the argmax, then the argmax of the remaining logits (+ Gumbel noise with
+  `second_expert_sampling`); k > 2 → `topk` of the softmax.
+- capacity = max(ceil(T / E · k · capacity_factor), min_capacity) when dropping tokens,
+  computed in float32 as DeepSpeed does (so T=50, E=4, k=1, factor 1.2 gives 16, not 15);
   dropless: the largest expert count (no route is ever dropped).
-- which routes an over-full expert keeps: first choices before second choices, and within a
-  choice rank by token position — deterministic, unlike DeepSpeed's `torch.topk` over a 0/1 mask
-  whose ties pick arbitrary tokens. With RTS (random token selection) a random priority replaces
-  the position inside each rank, so late tokens are not always the ones dropped.
+- which routes an over-full expert keeps, as DeepSpeed keeps them: k = 1 → by token position,
+  or with RTS (random token selection) by a uniform random priority; k = 2 → first choices
+  before second choices, by position within each; k > 2 → `drop_policy` "probs" (DeepSpeed's
+  default: the routes with the highest probabilities) or "position" (by token position). Ties
+  go to the earlier token: deterministic where DeepSpeed's `torch.topk` over a 0/1 mask picks
+  arbitrary tokens.
+- slots (locations): a kept route's place in its expert's buffer — token order among the kept
+  routes (k = 2: first choices, then second choices).
 - weights: k = 1 → the softmax probability of the chosen expert; k ≥ 2 → the chosen experts'
   probabilities renormalised over the routes that were kept.
 - aux loss: k ≤ 2 → E · Σ_e mean_t(p_te) · mean_t(first-choice mask_te) (DeepSpeed's top-1 and
   top-2 formulas coincide); k > 2 → the same over all k choices, divided by k.
 - exp_counts: routes per expert before dropping, as DeepSpeed reports them.
+
+Randomness is DeepSpeed's, draw for draw: jitter, Gumbel noise and the RTS priorities come from
+the same torch.distributions samplers with the same shapes in the same order, so under one seed
+a training step routes exactly as DeepSpeed's gate does. In training, RTS (k = 1 only) and
+second-expert sampling (k = 2) run as in DeepSpeed. In eval, DeepSpeed keeps both on; here the
+routing is deterministic unless `deterministic_eval=False` asks for DeepSpeed's behaviour.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +39,7 @@ import torch.nn.functional as F
 from expertswitch.errors import ConfigError
 
 NOISY_POLICIES = (None, "None", "Jitter", "RSample")
+DROP_POLICIES = ("probs", "position")
 
 
 @dataclass
@@ -47,54 +58,78 @@ class GateOutput:
     probs: torch.Tensor
 
 
+def _uniform(low: float, high: float, shape, device) -> torch.Tensor:
+    """torch.distributions.Uniform(low, high).rsample(shape) in fp32, as DeepSpeed draws it."""
+    lo = torch.tensor(low, device=device)
+    return lo + torch.rand(shape, dtype=lo.dtype, device=device) * (
+        torch.tensor(high, device=device) - lo
+    )
+
+
 def gumbel_like(t: torch.Tensor) -> torch.Tensor:
-    u = torch.rand_like(t).clamp_(1e-20, 1.0 - 1e-7)
-    return -torch.log(-torch.log(u))
+    """Gumbel(0, 1) noise shaped like t: torch.distributions.Gumbel(0, 1).rsample, the sampler
+    DeepSpeed's gate uses (one uniform draw per element)."""
+    finfo = torch.finfo(torch.float32)
+    u = _uniform(finfo.tiny, 1.0 - finfo.eps, t.shape, t.device)
+    return -(-u.log()).log()
 
 
 def multiplicative_jitter(x: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
     """DeepSpeed's 'Jitter' policy: x · U(1 − eps, 1 + eps), applied to the gate's input."""
-    return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+    return x * _uniform(1.0 - eps, 1.0 + eps, x.shape, x.device)
 
 
 def capacity_for(tokens: int, experts: int, k: int, factor: float, min_capacity: int) -> int:
-    return max(math.ceil(tokens / experts * k * factor), min_capacity)
+    """max(ceil(T / E · k · factor), min_capacity), rounded as DeepSpeed's `_capacity` rounds:
+    T / E and k · factor each cast to float32, their product in float32."""
+    per_expert = torch.tensor(tokens / experts, dtype=torch.float32)
+    cap = torch.ceil(per_expert * torch.tensor(factor * k, dtype=torch.float32))
+    return max(int(cap), min_capacity)
 
 
 def choose_experts(
-    logits: torch.Tensor, k: int, noisy_gate_policy, second_expert_sampling: bool, training: bool
+    logits: torch.Tensor, k: int, rsample: bool, second_expert_sampling: bool
 ) -> torch.Tensor:
-    """int64 [T, k] chosen experts, best first."""
+    """int64 [T, k] chosen experts, best first. rsample: Gumbel noise on the top-1 choice;
+    second_expert_sampling: Gumbel noise on the top-2 second choice."""
     probs = logits.softmax(dim=-1)
     if k == 1:
-        noisy = training and noisy_gate_policy == "RSample"
-        return (logits + gumbel_like(logits) if noisy else probs).argmax(dim=-1, keepdim=True)
+        return (logits + gumbel_like(logits) if rsample else probs).argmax(dim=-1, keepdim=True)
     if k == 2:
         first = probs.argmax(dim=-1, keepdim=True)
-        rest = logits + gumbel_like(logits) if (second_expert_sampling and training) else logits
+        rest = logits + gumbel_like(logits) if second_expert_sampling else logits
         second = rest.scatter(-1, first, float("-inf")).argmax(dim=-1, keepdim=True)
         return torch.cat([first, second], dim=-1)
     return probs.topk(k, dim=-1).indices
 
 
-def _route_order(expert_idx: torch.Tensor, use_rts: bool) -> torch.Tensor:
-    """Rank of each route [T, k] inside its expert: choice rank first, then token position
-    (or a random priority with RTS)."""
+def rank_in_expert(expert_idx: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """int64 [T, k]: each route's rank among the routes to its expert, by ascending key (ties:
+    the earlier route in token-major order). Routes with expert −1 rank among themselves."""
+    flat_e = expert_idx.reshape(-1)
+    by_key = torch.argsort(key.reshape(-1), stable=True)
+    order = by_key[torch.argsort(flat_e[by_key], stable=True)]  # expert, then key
+    sorted_e = flat_e[order]
+    first = torch.searchsorted(sorted_e, sorted_e, side="left")
+    rank = torch.empty_like(flat_e)
+    rank[order] = torch.arange(flat_e.numel(), device=flat_e.device) - first
+    return rank.view_as(expert_idx)
+
+
+def _keep_key(
+    expert_idx: torch.Tensor, probs: torch.Tensor, rts: bool, drop_policy: str
+) -> torch.Tensor:
+    """The order in which an over-full expert keeps its routes (ascending), DeepSpeed's."""
     t, k = expert_idx.shape
-    num_e = int(expert_idx.max().item()) + 1 if expert_idx.numel() else 1
-    rank_major = expert_idx.T.reshape(-1)  # [k·T], route r·T + t
-    within = torch.randperm(t, device=expert_idx.device) if use_rts else None
-    # sort key: expert, then choice rank, then token position / random priority
-    pos = torch.arange(t, device=expert_idx.device) if within is None else within
-    key = (rank_major * k + torch.arange(k, device=expert_idx.device).repeat_interleave(t)) * t
-    key = key + pos.repeat(k)
-    order = torch.argsort(key, stable=True)
-    sorted_e = rank_major[order]
-    counts = torch.bincount(sorted_e, minlength=num_e)
-    starts = torch.cumsum(counts, 0) - counts
-    slot_sorted = torch.arange(order.numel(), device=order.device) - starts[sorted_e]
-    slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
-    return slot.view(k, t).T  # [T, k]
+    pos = torch.arange(t, device=expert_idx.device, dtype=torch.float64)[:, None].expand(t, k)
+    if k == 1 and rts:  # DeepSpeed draws a [T, E] uniform and keeps the largest of each expert
+        priority = _uniform(0.0, 1.0, probs.shape, probs.device).gather(1, expert_idx)
+        return -priority.double()
+    if k == 2:
+        return pos + t * torch.arange(2, device=pos.device, dtype=pos.dtype)  # rank, position
+    if k > 2 and drop_policy == "probs":
+        return -probs.gather(1, expert_idx).double()
+    return pos
 
 
 def topk_gating(
@@ -107,18 +142,27 @@ def topk_gating(
     noisy_gate_policy: str | None = None,
     second_expert_sampling: bool = False,
     training: bool = False,
+    drop_policy: str = "probs",
+    deterministic_eval: bool = True,
 ) -> GateOutput:
-    """Route logits [T, E] (any float dtype; computed in fp32). See the module docstring."""
+    """Route logits [T, E] (any float dtype; computed in fp32). See the module docstring.
+    use_rts and second_expert_sampling apply in training, and in eval only when
+    deterministic_eval is False (DeepSpeed's eval); 'RSample' noise only in training."""
     if logits.dim() != 2:
         raise ConfigError(f"gate logits must be [tokens, experts], got {tuple(logits.shape)}")
     t, num_e = logits.shape
     if not 1 <= k <= num_e:
         raise ConfigError(f"k={k} must be between 1 and the number of experts ({num_e})")
+    if drop_policy not in DROP_POLICIES:
+        raise ConfigError(f"drop_policy={drop_policy!r}: choose 'probs' or 'position'")
     logits = logits.float()
     if t == 0:
         return _empty_output(logits, k)
+    sampling = training or not deterministic_eval
     probs = logits.softmax(dim=-1)  # [T, E]
-    expert_idx = choose_experts(logits, k, noisy_gate_policy, second_expert_sampling, training)
+    expert_idx = choose_experts(
+        logits, k, training and noisy_gate_policy == "RSample", second_expert_sampling and sampling
+    )
     exp_counts = torch.bincount(expert_idx.reshape(-1), minlength=num_e)
 
     me = probs.mean(dim=0)
@@ -130,17 +174,18 @@ def topk_gating(
         capacity = capacity_for(t, num_e, k, capacity_factor, min_capacity)
     else:
         capacity = int(exp_counts.max().item())
-    slot = _route_order(expert_idx, use_rts and training)
-    kept = slot < capacity
-    if use_rts and training:
-        # slots follow token position among the kept routes, as DeepSpeed lays out its buffers
-        slot = _route_order(torch.where(kept, expert_idx, num_e), False)
+    key = _keep_key(expert_idx, probs, k == 1 and use_rts and sampling, drop_policy)
+    kept = rank_in_expert(expert_idx, key) < capacity
+    kept_idx = torch.where(kept, expert_idx, -1)
+    # slots: token order among the kept routes (top-2: first choices, then second choices)
+    slot_key = key if k == 2 else torch.arange(t, device=logits.device)[:, None].expand(t, k)
+    slot = rank_in_expert(kept_idx, slot_key)
     weights = probs.gather(1, expert_idx) * kept
     if k > 1:
         eps = torch.finfo(torch.float32).eps
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(eps)
     return GateOutput(
-        expert_idx=torch.where(kept, expert_idx, -1),
+        expert_idx=kept_idx,
         weights=weights,
         locations=torch.where(kept, slot, -1),
         capacity=capacity,
@@ -180,7 +225,9 @@ def dropless_inference_gating(logits: torch.Tensor, k: int) -> GateOutput:
 
 
 class TopKGate(torch.nn.Module):
-    """The gate: a bias-free Linear(hidden → E) (named `wg`, as in DeepSpeed) + `topk_gating`."""
+    """The gate: a bias-free Linear(hidden → E) (named `wg`, as in DeepSpeed) + `topk_gating`.
+    DeepSpeed's TopKGate arguments and defaults, plus drop_policy (k > 2) and
+    deterministic_eval (False: RTS and second-expert sampling in eval too, as DeepSpeed)."""
 
     def __init__(
         self,
@@ -189,17 +236,21 @@ class TopKGate(torch.nn.Module):
         k: int = 1,
         capacity_factor: float = 1.0,
         eval_capacity_factor: float = 1.0,
-        min_capacity: int = 4,
+        min_capacity: int = 8,
         noisy_gate_policy: str | None = None,
         drop_tokens: bool = True,
         use_rts: bool = True,
         second_expert_sampling: bool = True,
+        drop_policy: str = "probs",
+        deterministic_eval: bool = True,
     ):
         super().__init__()
         if noisy_gate_policy not in NOISY_POLICIES:
             raise ConfigError(
                 f"noisy_gate_policy={noisy_gate_policy!r}: choose None, 'Jitter' or 'RSample'"
             )
+        if drop_policy not in DROP_POLICIES:
+            raise ConfigError(f"drop_policy={drop_policy!r}: choose 'probs' or 'position'")
         if num_experts < 1 or not 1 <= k <= num_experts:
             raise ConfigError(f"need 1 ≤ k ({k}) ≤ num_experts ({num_experts})")
         if capacity_factor <= 0 or eval_capacity_factor <= 0 or min_capacity < 0:
@@ -213,6 +264,8 @@ class TopKGate(torch.nn.Module):
         self.drop_tokens = drop_tokens
         self.use_rts = use_rts
         self.second_expert_sampling = second_expert_sampling
+        self.drop_policy = drop_policy
+        self.deterministic_eval = deterministic_eval
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dropless inference routing, no noise: x [T, H] → (expert_idx int64 [T, k], weights
@@ -228,7 +281,7 @@ class TopKGate(torch.nn.Module):
         if self.training and self.noisy_gate_policy == "Jitter":
             x32 = multiplicative_jitter(x32)
         logits = F.linear(x32, self.wg.weight.float())  # [T, E]
-        if not self.training and not self.drop_tokens:
+        if not self.training and not self.drop_tokens and self._deterministic():
             return dropless_inference_gating(logits, self.k)
         return topk_gating(
             logits,
@@ -240,4 +293,12 @@ class TopKGate(torch.nn.Module):
             self.noisy_gate_policy,
             self.second_expert_sampling,
             self.training,
+            self.drop_policy,
+            self.deterministic_eval,
+        )
+
+    def _deterministic(self) -> bool:
+        """Whether eval routing is free of noise (the fused dropless path needs it)."""
+        return self.deterministic_eval or not (
+            (self.k == 1 and self.use_rts) or (self.k == 2 and self.second_expert_sampling)
         )

@@ -6,6 +6,11 @@ A DeepSpeed user switches by changing the import (`convert_deepspeed_state_dict`
 checkpoint's keys). `MoE.stacked(...)` builds the fast variant: experts as stacked [E, ...]
 weights run by one grouped kernel (kernels/fused_moe.py) instead of a module per expert.
 
+Keyword-only additions to DeepSpeed's signature: `drop_policy` ("probs", DeepSpeed's default,
+or "position": which routes an over-full expert keeps when k > 2) and `deterministic_eval`
+(True: no random token selection or second-expert sampling in eval; False: DeepSpeed's eval).
+Training routes as DeepSpeed's does, random draws included (moe/gate.py).
+
 Residual-MoE (DeepSpeed-MoE §4.1, `use_residual=True`): a dense MLP runs beside the experts and
 a learned per-token softmax coefficient mixes them: out = moe(x)·c₀ + mlp(x)·c₁ with
 c = softmax(Linear(hidden → 2)(x)).
@@ -49,6 +54,8 @@ class MoE(nn.Module):
         experts: StackedExperts | None = None,
         residual_mlp: nn.Module | None = None,
         z_loss_coef: float = 0.0,
+        drop_policy: str = "probs",
+        deterministic_eval: bool = True,
     ):
         super().__init__()
         if ep_size != 1:
@@ -69,6 +76,7 @@ class MoE(nn.Module):
         self.gate = TopKGate(
             hidden_size, self.num_experts, k, capacity_factor, eval_capacity_factor,
             min_capacity, noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling,
+            drop_policy, deterministic_eval,
         )  # fmt: skip
         self.experts = experts if experts is not None else ModuleExperts(expert, num_experts)
         if use_residual:
@@ -94,7 +102,8 @@ class MoE(nn.Module):
     ) -> MoE:
         """Experts as stacked weights [E, ...] (SwiGLU or GELU/ReLU/SiLU MLPs), run by the
         grouped kernel. gate_kwargs: capacity_factor, eval_capacity_factor, min_capacity,
-        noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling, z_loss_coef."""
+        noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling, z_loss_coef,
+        drop_policy, deterministic_eval."""
         experts = StackedExperts(num_experts, hidden_size, ffn_size, activation, bias, dtype,
                                  device)  # fmt: skip
         residual = (
@@ -138,6 +147,9 @@ class MoE(nn.Module):
                               "token dropping")  # fmt: skip
         if self.training:
             raise ConfigError("infer() is for inference: call .eval() first, or forward()")
+        if not self.gate._deterministic():
+            raise ConfigError("infer() routes deterministically, but this layer samples in eval "
+                              "(deterministic_eval=False): call forward()")  # fmt: skip
         ex = self.experts
         if not isinstance(ex, StackedExperts):
             return self.forward(hidden_states)[0]
