@@ -179,6 +179,13 @@ def tune_size(layer, tokens, dtype, device, deadline) -> tuple[MoEPlan, float, d
             print(f"    {plan}: relative error {err:.3g} against the reference, rejected")
             continue
         options["by_route" if by_route else "aligned"] = (plan, bench(prob.whole(plan)))
+    if "aligned" in options and device != "cpu":  # CUTLASS grouped GEMMs, by measurement
+        gmm = replace(options["aligned"][0], grouped_mm=True)
+        try:
+            if prob.error(gmm) < 2e-2:
+                options["grouped_mm"] = (gmm, bench(prob.whole(gmm)))
+        except (RuntimeError, NotImplementedError) as e:  # this GPU / dtype has no kernel
+            print(f"    torch._grouped_mm: {type(e).__name__}: {str(e)[:120]}", flush=True)
     name, (plan, ms) = min(options.items(), key=lambda kv: kv[1][1])
     return plan, ms, {k: round(v[1], 4) for k, v in options.items()}
 

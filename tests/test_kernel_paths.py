@@ -325,6 +325,7 @@ REAL_TILES = {
     # name: (T, H, F, E, k, expected plan branch: (block_m, block_n, block_k) or by-route, split)
     "decode by-route, split-K 8": (1, 64, 1024, 8, 2, ("by_route", 8)),
     "decode by-route, split-K 2": (2, 64, 256, 8, 2, ("by_route", 2)),
+    "decode top-1, split-K 8 reduced in-kernel": (3, 64, 1024, 8, 1, ("by_route", 8)),
     "by-route 64 routes (table)": (32, 48, 80, 8, 2, ("by_route_table", 1)),
     "16x64x128 (≤ 10 routes/expert)": (20, 136, 72, 4, 2, ((16, 64, 128), 1)),
     "32x64x128 (≤ 21 routes/expert)": (30, 72, 136, 4, 2, ((32, 64, 128), 1)),
@@ -386,3 +387,48 @@ def test_plans_fit_the_devices_shared_memory_and_sm_count():
     few = moe_config.heuristic_plan(8, 8, 256, 14336, moe_config.DeviceLimits(sms=16))
     many = moe_config.heuristic_plan(8, 8, 256, 14336, moe_config.DeviceLimits(sms=132))
     assert few.down.split_k < many.down.split_k
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_mm_path_matches_the_oracle(activation):
+    """A plan may hand large batches to torch._grouped_mm (the tuner picks it by measurement):
+    dropped routes, ids past the last expert and biases handled as on our kernels."""
+    t, h, f, e = 37, 32, 48, 5
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    w_in, w_out = mlp_weights(e, h, f, activation, seed=12)
+    b_in = torch.randn(e, w_in.shape[1], generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    b_out = torch.randn(e, h, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    idx, w = routes(t, e, 2, seed=12)
+    idx[4, 1], idx[9, 0] = -1, e + 3
+    clean = torch.where(idx >= e, -1, idx)
+    cfg = GemmConfig(16, 16, 16)
+    plan = MoEPlan(False, cfg, cfg, grouped_mm=True)
+    assert MoEPlan.from_json(plan.to_json(64)) == plan
+    for biases in ((None, None), (b_in, b_out)):
+        out = fused_moe_triton(x, w_in, w_out, idx, w, activation, plan, b_in=biases[0],
+                               b_out=biases[1])  # fmt: skip
+        assert rel_err(out, dense_oracle(x, w_in, w_out, clean, w, activation, *biases)) < TOL
+    with pytest.raises(ValueError, match="not both"):
+        MoEPlan(True, cfg, cfg, grouped_mm=True)
+
+
+@pytest.mark.parametrize("t, splits", [(1, 8), (3, 4), (20, 3), (40, 2)])
+def test_split_router_matches_the_reference(t, splits):
+    """At decode sizes the router's gate weight is streamed by several programs per row block;
+    the last one adds their partial logits up. Counters are left zero for the next call."""
+    from expertswitch.kernels import topk_softmax as ts
+
+    e, h = 12, 200
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(DEVICE)
+    wg = (torch.randn(e, h, generator=torch.Generator().manual_seed(1)) / h**0.5).to(DEVICE)
+    for k in (1, 2):
+        idx, w, p = router_topk_triton(x, wg, k, k > 1, write_probs=True, splits=splits)
+        idx_r, w_r, p_r = router_topk_reference(x, wg, k, k > 1)
+        assert torch.equal(idx, idx_r)
+        torch.testing.assert_close(w, w_r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, p_r, rtol=1e-5, atol=1e-6)
+    bufs = ts._COUNTERS[(str(x.device), 0 if DEVICE == "cpu" else
+                         torch.cuda.current_stream().cuda_stream)]  # fmt: skip
+    assert all(int(b.abs().sum()) == 0 for b in bufs)
+    assert ts.router_splits(1, 128, 1024, 2, 64) == 8  # ds128 decode: 256 KB over 8 programs
+    assert ts.router_splits(256, 128, 1024, 2, 64) == 1

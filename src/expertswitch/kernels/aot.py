@@ -75,7 +75,8 @@ def compile_for_gpu(
     target: tuple[str, int, int] = HOPPER,
 ) -> CompiledKernel:
     """fn: a @triton.jit function; args: its runtime arguments by name (tensors stand for
-    pointers: only dtype and alignment matter, a CPU tensor will do); constexprs: by name."""
+    pointers: only dtype and alignment matter, a CPU tensor will do; TensorDescriptors for
+    host-built TMA descriptors); constexprs: by name."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -89,7 +90,11 @@ def compile_for_gpu(
         if name not in args:
             raise ValueError(f"{fn.__name__}: no value for argument {name!r}")
         v = args[name]
-        if isinstance(v, torch.Tensor):
+        if type(v).__name__ == "TensorDescriptor":  # a host-built TMA descriptor
+            from triton.runtime.jit import mangle_type
+
+            signature[name] = mangle_type(v)
+        elif isinstance(v, torch.Tensor):
             signature[name] = _PTR[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool) or not isinstance(v, int):

@@ -52,12 +52,15 @@ def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM
                 rows = (_meta(nb * cfg.block_m, dtype=torch.int32), _meta(nb, dtype=torch.int32))
                 if plan.by_route:
                     rows = (idx, idx)
+                reduce = k == 1 and split > 1  # fused_moe's in-kernel split reduction
+                counters = _meta(4096, dtype=torch.int32) if reduce else None
                 if which.startswith("up"):
                     launch = (x, w_in, inter, rows, idx, wts, f, h, r, k, _ACT_CODE["swiglu"],
-                              False, plan.by_route, cfg, 1, bias)  # fmt: skip
+                              False, plan.by_route, cfg, 1, bias, counters, reduce)  # fmt: skip
                 else:
                     launch = (inter, w_out, buf, rows, idx, wts, h, f, r, 1, -1, True,
-                              plan.by_route, cfg, split, bias)  # fmt: skip
+                              plan.by_route, cfg, split, bias, counters, False,
+                              x if reduce else None)  # fmt: skip
                 _, args, consts = gemm_launch(*launch)
                 key = (tuple(sorted(consts.items())), cfg.num_warps, cfg.num_stages,
                        buf.dtype if which.startswith("down") else None)  # fmt: skip
@@ -65,8 +68,10 @@ def gemm_variants(dtype=torch.bfloat16, device_name: str = "NVIDIA H100 80GB HBM
                     continue
                 seen.add(key)
                 path = ("by-route" if plan.by_route else "aligned") + (" tma" if cfg.tma_w else "")
-                label = f"gemm {shape} T={t} {which} {path}" + (
-                    f" split {split}" if which.startswith("down") and split > 1 else ""
+                label = (
+                    f"gemm {shape} T={t} {which} {path}"
+                    + (f" split {split}" if which.startswith("down") and split > 1 else "")
+                    + (" reduce" if which.startswith("down") and reduce else "")
                 )
                 yield label, args, consts, cfg.num_warps, cfg.num_stages
 
@@ -164,15 +169,18 @@ def other_variants():
            {"buf_ptr": _meta(2, 8192, 4096, dtype=f32), "idx_ptr": _meta(8192, dtype=i64),
             "out_ptr": _meta(4096, 4096), "H": 4096, "R": 8192, "E": 8},
            {"K": 2, "S": 2, "BLOCK_H": 1024})  # fmt: skip
-    for e, k in ((8, 2), (128, 1)):
-        yield (f"router E={e} k={k}", topk_softmax._router_topk_kernel,
-               {"x_ptr": _meta(256, 4096), "wg_ptr": _meta(e, 4096),
-                "idx_ptr": _meta(256, k, dtype=i64), "weight_ptr": _meta(256, k, dtype=f32),
-                "probs_ptr": _meta(256, k, dtype=f32), "T": 256, "E": e, "H": 4096,
-                "stride_xt": 4096, "stride_we": 4096},
+    for e, k, t, splits in ((8, 2, 256, 1), (128, 1, 256, 1), (128, 1, 1, 8)):
+        h = 4096 if e == 8 else 1024
+        yield (f"router E={e} k={k} T={t}" + (f" split {splits}" if splits > 1 else ""),
+               topk_softmax._router_topk_kernel,
+               {"x_ptr": _meta(t, h), "wg_ptr": _meta(e, h),
+                "idx_ptr": _meta(t, k, dtype=i64), "weight_ptr": _meta(t, k, dtype=f32),
+                "probs_ptr": _meta(t, k, dtype=f32), "part_ptr": _meta(8 * 16 * e, dtype=f32),
+                "counter_ptr": _meta(256, dtype=i32), "T": t, "E": e, "H": h,
+                "h_chunk": h // splits, "stride_xt": h, "stride_we": h},
                {"K": k, "K_PAD": topk_softmax._k_pad(k), "RENORM": k > 1, "WRITE_PROBS": False,
-                "ROUND": True, "F32": False, "BLOCK_T": 16, "BLOCK_E": max(16, e),
-                "BLOCK_H": 64})  # fmt: skip
+                "ROUND": True, "F32": False, "SPLITS": splits, "BLOCK_T": 16,
+                "BLOCK_E": max(16, e), "BLOCK_H": 64})  # fmt: skip
     yield ("topk softmax E=8", topk_softmax._topk_softmax_kernel,
            {"logits_ptr": _meta(256, 8, dtype=f32), "idx_ptr": _meta(256, 2, dtype=i64),
             "weight_ptr": _meta(256, 2, dtype=f32), "probs_ptr": _meta(256, 8, dtype=f32),

@@ -30,7 +30,7 @@ from functools import cache
 import torch
 
 from expertswitch.kernels.align import align_block_size_triton, sort_routes
-from expertswitch.kernels.grouped_mlp import ACTIVATIONS, grouped_mlp_reference
+from expertswitch.kernels.grouped_mlp import ACTIVATIONS, activate, grouped_mlp_reference
 from expertswitch.kernels.moe_config import GemmConfig, MoEPlan, device_limits, plan_for
 from expertswitch.kernels.select import kernels_for, needs_grad
 from expertswitch.utils.imports import is_triton_available
@@ -120,24 +120,36 @@ if is_triton_available():
 
     @triton.jit
     def _moe_gemm_kernel(
-        a_ptr, w_ptr, c_ptr, routes_ptr, block_expert_ptr, idx_ptr, weight_ptr, bias_ptr,
-        N, K, k_split, n_routes, num_experts, w_rows, num_pid_m,
+        a_ptr, w_ptr, w_desc, c_ptr, routes_ptr, block_expert_ptr, idx_ptr, weight_ptr,
+        bias_ptr, out_ptr, counter_ptr,
+        N, K, k_split, n_routes, num_experts, w_rows, num_pid_m, n_counters,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_cs,
-        stride_be,
+        stride_be, stride_om,
         A_ROW_DIV: tl.constexpr, SWIGLU: tl.constexpr, ACT: tl.constexpr,
         MUL_WEIGHT: tl.constexpr, BY_ROUTE: tl.constexpr, EVEN_K: tl.constexpr,
         IEEE: tl.constexpr, TMA_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ZERO_COUNTERS: tl.constexpr, REDUCE_SPLITS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):  # fmt: skip
         """Axis 0: the (row block, column block) tiles, GROUP_M row blocks sweeping the columns
         together (L2 reuse of their rows); axis 1: the K splits. k_split: K elements each split
         sums (K itself when not split); split programs write partial sums to c + pid_k ·
-        stride_cs. TMA_W: weight tiles come by the tensor-memory accelerator (Hopper) from w
-        seen as [E·w_rows, K]; rows past N read the next rows (masked at the store), K past the
-        end reads zeros. HAS_BIAS: bias [E, N(·2 for SwiGLU)] added before the activation (the
-        first matmul) or before the gate weight (the second; split 0 only)."""
+        stride_cs. TMA_W: weight tiles come by the tensor-memory accelerator (Hopper) through
+        w_desc, a descriptor built on the host that sees w as [E·w_rows, K]; rows past N read
+        the next rows (masked at the store), K past the end reads zeros. HAS_BIAS: bias
+        [E, N (2N for SwiGLU)] added before the activation (the first matmul) or before the
+        gate weight (the second; split 0 only).
+        REDUCE_SPLITS (> 0: the number of splits): the last split program of a tile to finish
+        (counted by an atomic per tile) adds up all splits' partial sums and writes the tile of
+        out — no combine launch; ZERO_COUNTERS: the launch before (the first matmul) zeroes
+        those n_counters counters, before any program returns."""
         pid = tl.program_id(0)
+        if ZERO_COUNTERS:
+            z = tl.arange(0, 128)
+            for z0 in range(pid * 128, n_counters, tl.num_programs(0) * 128):
+                tl.store(counter_ptr + z0 + z, tl.zeros((128,), tl.int32),
+                         mask=z0 + z < n_counters)  # fmt: skip
         num_pid_n = tl.cdiv(N, BLOCK_N)
         if GROUP_M == 1:
             pid_m = pid // num_pid_n
@@ -178,10 +190,6 @@ if is_triton_available():
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if TMA_W:
-            w_desc = tl.make_tensor_descriptor(
-                w_ptr, shape=[num_experts * w_rows, K], strides=[stride_wn, 1],
-                block_shape=[BLOCK_N, BLOCK_K],
-            )  # fmt: skip
             w_row = (expert * w_rows + pid_n * BLOCK_N).to(tl.int32)
         for k0 in range(k_lo, tl.minimum(k_lo + k_split, K), BLOCK_K):
             if EVEN_K:
@@ -224,7 +232,19 @@ if is_triton_available():
             acc = acc * tl.load(weight_ptr + route_rows, mask=valid, other=0.0)[:, None]
         c_ptrs = (c_ptr + pid_k.to(tl.int64) * stride_cs + route_rows[:, None] * stride_cm
                   + offs_n[None, :] * stride_cn)  # fmt: skip
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+        out_mask = valid[:, None] & n_mask[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
+        if REDUCE_SPLITS > 0:
+            tl.debug_barrier()  # every thread's partial stored before the release below
+            arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == REDUCE_SPLITS - 1:  # the last split of this tile: add them all up
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                tile = route_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+                for s in tl.static_range(REDUCE_SPLITS):
+                    total += tl.load(c_ptr + s * stride_cs + tile, mask=out_mask, other=0.0,
+                                     cache_modifier=".cg")  # fmt: skip
+                o_ptrs = out_ptr + route_rows[:, None] * stride_om + offs_n[None, :]
+                tl.store(o_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _combine_kernel(buf_ptr, idx_ptr, out_ptr, H, R, E, K: tl.constexpr, S: tl.constexpr,
@@ -245,36 +265,58 @@ if is_triton_available():
 
 
 def gemm_launch(a, w, c, rows, idx, weight, n, k_dim, n_routes, row_div, act, mul_weight,
-                by_route, cfg: GemmConfig, split: int = 1,
-                bias: torch.Tensor | None = None) -> tuple[tuple, dict, dict]:  # fmt: skip
+                by_route, cfg: GemmConfig, split: int = 1, bias: torch.Tensor | None = None,
+                counters: torch.Tensor | None = None, zero_counters: bool = False,
+                out: torch.Tensor | None = None) -> tuple[tuple, dict, dict]:  # fmt: skip
     """(grid, runtime args, constexprs) of one _moe_gemm_kernel launch; kernels/aot.py
     compiles the very same specialisation for an H100 on a CPU-only machine. split > 1: c is
-    [split, rows, n] and each split sums K/split of K. bias: [E, w rows], or None."""
+    [split, rows, n] and each split sums K/split of K. bias: [E, w rows], or None.
+    counters (int32): zeroed by this launch (zero_counters), or — with out — one per tile of
+    this launch, whose last split writes the summed tile to out [rows, n]."""
     routes, block_expert = rows
     n_m = n_routes if by_route else block_expert.numel()
     grid = (n_m * -(-n // cfg.block_n), split)
     if split > 1 and k_dim % (split * cfg.block_k):
         raise ValueError(f"K={k_dim} does not split into {split} parts of whole {cfg.block_k} "
                          "tiles")  # fmt: skip
+    reduce = out is not None
+    if reduce and (split < 2 or counters is None or counters.numel() < grid[0]):
+        raise ValueError("an in-kernel split reduction needs split > 1 and a counter per tile")
     c2 = c[0] if split > 1 else c
+    tma = cfg.tma_w and tma_ok(w)
     args = dict(
-        a_ptr=a, w_ptr=w, c_ptr=c, routes_ptr=routes, block_expert_ptr=block_expert,
-        idx_ptr=idx, weight_ptr=weight, bias_ptr=weight if bias is None else bias, N=n, K=k_dim,
+        a_ptr=a, w_ptr=w, w_desc=weight_descriptor(w, k_dim, cfg) if tma else w, c_ptr=c,
+        routes_ptr=routes, block_expert_ptr=block_expert, idx_ptr=idx, weight_ptr=weight,
+        bias_ptr=weight if bias is None else bias, out_ptr=out if reduce else c,
+        counter_ptr=routes if counters is None else counters, N=n, K=k_dim,
         k_split=k_dim // split, n_routes=n_routes, num_experts=w.shape[0], w_rows=w.shape[1],
-        num_pid_m=n_m, stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=w.stride(0),
+        num_pid_m=n_m, n_counters=0 if counters is None else counters.numel(),
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=w.stride(0),
         stride_wn=w.stride(1), stride_wk=w.stride(2), stride_cm=c2.stride(0),
         stride_cn=c2.stride(1), stride_cs=c.stride(0) if split > 1 else 0,
-        stride_be=0 if bias is None else bias.stride(0),
+        stride_be=0 if bias is None else bias.stride(0), stride_om=out.stride(0) if reduce else 0,
     )  # fmt: skip
     consts = dict(
         A_ROW_DIV=row_div, SWIGLU=act == _ACT_CODE["swiglu"], ACT=act, MUL_WEIGHT=mul_weight,
         BY_ROUTE=by_route, EVEN_K=k_dim % cfg.block_k == 0,
         IEEE=a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
-        TMA_W=cfg.tma_w and tma_ok(w), HAS_BIAS=bias is not None,
+        TMA_W=tma, HAS_BIAS=bias is not None, ZERO_COUNTERS=zero_counters and not reduce,
+        REDUCE_SPLITS=split if reduce else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=1 if by_route else cfg.group_m,
     )  # fmt: skip
     return grid, args, consts
+
+
+def weight_descriptor(w: torch.Tensor, k_dim: int, cfg: GemmConfig):
+    """The TMA descriptor of w [E, rows, K] seen as one [E·rows, K] matrix, in [BLOCK_N,
+    BLOCK_K] tiles, built on the host: it travels as a kernel parameter (no per-program
+    descriptor set-up in global scratch) and describes w's own memory, on w's own device."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    e, rows, _ = w.shape
+    return TensorDescriptor(w, shape=[e * rows, k_dim], strides=[w.stride(1), 1],
+                            block_shape=[cfg.block_n, cfg.block_k])  # fmt: skip
 
 
 def tma_ok(w: torch.Tensor) -> bool:
@@ -290,22 +332,10 @@ def tma_ok(w: torch.Tensor) -> bool:
     )
 
 
-def _ensure_allocator() -> None:
-    """Device-side tensor descriptors need a small global scratch per program; Triton asks
-    an allocator for it, and has none unless one is set (per thread: a context variable)."""
-    from triton.runtime import _allocation
-
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
-        triton.set_allocator(
-            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda")
-            if torch.cuda.is_available() else torch.empty(size, dtype=torch.int8)
-        )  # fmt: skip
-
-
-def _launch(*launch_args, cfg: GemmConfig, split: int = 1, bias=None) -> None:
-    grid, args, consts = gemm_launch(*launch_args, cfg, split, bias)
-    if consts["TMA_W"]:
-        _ensure_allocator()
+def _launch(*launch_args, cfg: GemmConfig, split: int = 1, bias=None, counters=None,
+            zero_counters: bool = False, out=None) -> None:  # fmt: skip
+    grid, args, consts = gemm_launch(*launch_args, cfg, split, bias, counters, zero_counters,
+                                     out)  # fmt: skip
     _moe_gemm_kernel[grid](**args, **consts, num_warps=cfg.num_warps,
                            num_stages=cfg.num_stages)  # fmt: skip
 
@@ -374,24 +404,63 @@ def _fused_moe_launches(x, w_in, w_out, expert_idx, weights, activation, moe_pla
                          f"routes, got {n_routes}")  # fmt: skip
     if n_routes == 0:
         return x.new_zeros(t, h)
+    if p.grouped_mm:
+        return grouped_mm_moe(x, w_in, w_out, expert_idx, weights, activation, b_in, b_out)
     idx = expert_idx.reshape(-1).contiguous()
     w = weights.reshape(-1).to(torch.float32).contiguous()
     split = p.split_for(f)
     out, buf, inter = buffers(x, n_routes, k, h, f, split, dropless)
     act = _ACT_CODE[activation]
     rows_up = (idx, idx) if p.by_route else align_block_size_triton(idx, e, p.up.block_m)[:2]
-    _launch(x, w_in, inter, rows_up, idx, w, f, h, n_routes, k, act, False, p.by_route, cfg=p.up,
-            bias=b_in)  # fmt: skip
     rows_down = rows_up
     if not p.by_route and p.down.block_m != p.up.block_m:
         rows_down = align_block_size_triton(idx, e, p.down.block_m)[:2]
+    # top-1 with split K: the down matmul's last split per tile adds the splits up (no
+    # combine launch); its tile counters are zeroed by the up launch, which runs first
+    reduce = k == 1 and split > 1
+    counters = None
+    if reduce:
+        n_m = n_routes if p.by_route else rows_down[1].numel()
+        counters = torch.empty(n_m * -(-h // p.down.block_n), dtype=torch.int32,
+                               device=x.device)  # fmt: skip
+    _launch(x, w_in, inter, rows_up, idx, w, f, h, n_routes, k, act, False, p.by_route, cfg=p.up,
+            bias=b_in, counters=counters, zero_counters=reduce)  # fmt: skip
     _launch(inter, w_out, buf, rows_down, idx, w, h, f, n_routes, 1, -1, True, p.by_route,
-            cfg=p.down, split=split, bias=b_out)  # fmt: skip
-    if buf is not out:
+            cfg=p.down, split=split, bias=b_out, counters=counters,
+            out=out if reduce else None)  # fmt: skip
+    if buf is not out and not reduce:
         block_h = min(1024, triton.next_power_of_2(h))
         _combine_kernel[(t, triton.cdiv(h, block_h))](buf, idx, out, h, n_routes, e, K=k,
                                                       S=split, BLOCK_H=block_h)  # fmt: skip
     return out
+
+
+def grouped_mm_moe(x, w_in, w_out, expert_idx, weights, activation="swiglu", b_in=None,
+                   b_out=None) -> torch.Tensor:  # fmt: skip
+    """The large-batch path on torch._grouped_mm: routes sorted by expert on the device (ids
+    outside [0, E) last, as dropped), x permuted once, two grouped GEMMs, the activation
+    between, then each token's routes summed in fp32. No host synchronisation."""
+    t, k = expert_idx.shape
+    e = w_in.shape[0]
+    flat = expert_idx.reshape(-1)
+    valid = (flat >= 0) & (flat < e)
+    key = torch.where(valid, flat, e)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(e + 1, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+    offs = torch.cumsum(counts[:e], 0, dtype=torch.int32)
+    tokens = torch.div(order, k, rounding_mode="floor")
+    expert = key[order].clamp(max=e - 1)
+    h = torch._grouped_mm(x.index_select(0, tokens), w_in.transpose(1, 2), offs=offs)
+    if b_in is not None:
+        h = h + b_in.index_select(0, expert)
+    y = torch._grouped_mm(activate(h, activation), w_out.transpose(1, 2), offs=offs)
+    if b_out is not None:
+        y = y + b_out.index_select(0, expert)
+    kept = valid[order]
+    rows = torch.where(kept[:, None], y.float() * weights.reshape(-1)[order].float()[:, None], 0.0)
+    out = torch.zeros(t, w_out.shape[1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, tokens, rows).to(x.dtype)
 
 
 class _FusedMoE(torch.autograd.Function):

@@ -5,6 +5,8 @@ A `MoEPlan` says how one fused_moe call runs:
     by_route   small batches: no alignment pass; program r serves the expert of route r when r is
                that expert's first route, taking every route of the expert as its rows (so each
                touched expert's weights are read once and the routing needs no sort)
+    grouped_mm large batches may run on torch._grouped_mm (CUTLASS grouped GEMMs, rows
+               permuted once) where the tuner measured it faster than ours
     up, down   GemmConfig of the first (w_in, activation fused) and second (w_out) matmul;
                the second may split K (split_k programs per tile write fp32 partial sums that
                the combine launch adds up): at decode sizes the down projection has too few
@@ -106,20 +108,25 @@ class MoEPlan:
     by_route: bool
     up: GemmConfig
     down: GemmConfig
+    grouped_mm: bool = False  # large batches: torch._grouped_mm (CUTLASS) instead of our
+    #                           GEMMs, where the tuner measured it faster (up/down unused)
 
     def __post_init__(self):
+        if self.by_route and self.grouped_mm:
+            raise ValueError("a plan runs by route or through torch._grouped_mm, not both")
         if self.by_route and self.up.block_m != self.down.block_m:
             raise ValueError("a by-route plan uses one block_m (all routes) for both matmuls")
         if self.up.split_k != 1:
             raise ValueError("the first matmul cannot split K: its activation is not linear")
 
     def to_json(self, max_routes: int) -> dict:
-        return {"max_routes": max_routes, "by_route": self.by_route,
-                "up": asdict(self.up), "down": asdict(self.down)}  # fmt: skip
+        return {"max_routes": max_routes, "by_route": self.by_route, "up": asdict(self.up),
+                "down": asdict(self.down), "grouped_mm": self.grouped_mm}  # fmt: skip
 
     @classmethod
     def from_json(cls, d: dict) -> MoEPlan:
-        return cls(d["by_route"], GemmConfig(**d["up"]), GemmConfig(**d["down"]))
+        return cls(d["by_route"], GemmConfig(**d["up"]), GemmConfig(**d["down"]),
+                   bool(d.get("grouped_mm", False)))  # fmt: skip
 
     def split_for(self, ffn: int) -> int:
         """The down matmul's K split that this ffn allows (each split a whole number of

@@ -109,21 +109,30 @@ if is_triton_available():
 
     @triton.jit
     def _router_topk_kernel(
-        x_ptr, wg_ptr, idx_ptr, weight_ptr, probs_ptr, T, E, H, stride_xt, stride_we,
+        x_ptr, wg_ptr, idx_ptr, weight_ptr, probs_ptr, part_ptr, counter_ptr,
+        T, E, H, h_chunk, stride_xt, stride_we,
         K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, WRITE_PROBS: tl.constexpr,
-        ROUND: tl.constexpr, F32: tl.constexpr,
+        ROUND: tl.constexpr, F32: tl.constexpr, SPLITS: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
     ):  # fmt: skip
-        """The router matmul (fp32 accumulation) fused in front of softmax + top-k."""
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        """The router matmul (fp32 accumulation) fused in front of softmax + top-k. SPLITS > 1
+        (decode sizes, where one program would stream the whole gate weight): program (i, s)
+        sums H elements [s·h_chunk, (s+1)·h_chunk) into a partial tile; the last of a row
+        block's SPLITS programs to finish (an atomic counter, reset by it) adds the partials
+        up and finishes the gating."""
+        pid_t = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_E)
         row_ok = rows < T
         rows_in = tl.where(row_ok, rows, 0).to(tl.int64)  # padding rows/experts read row 0
         cols_in = tl.where(cols < E, cols, 0).to(tl.int64)
         acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
+        h_lo = pid_s * h_chunk
+        h_hi = tl.minimum(h_lo + h_chunk, H)
+        for h0 in range(h_lo, h_hi, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
-            h_ok = offs_h < H
+            h_ok = offs_h < h_hi
             a = tl.load(x_ptr + rows_in[:, None] * stride_xt + offs_h[None, :],
                         mask=h_ok[None, :], other=0.0)  # fmt: skip
             w = tl.load(wg_ptr + cols_in[None, :] * stride_we + offs_h[:, None],
@@ -132,6 +141,31 @@ if is_triton_available():
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(a, w)
+        if SPLITS > 1:
+            tile = tl.arange(0, BLOCK_T)[:, None] * BLOCK_E + cols[None, :]
+            n_tb = tl.num_programs(0)
+            tl.store(part_ptr + (pid_s * n_tb + pid_t) * (BLOCK_T * BLOCK_E) + tile, acc)
+            tl.debug_barrier()  # every thread's partial stored before the release below
+            arrived = tl.atomic_add(counter_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLITS - 1:
+                total = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+                for s in tl.static_range(SPLITS):
+                    total += tl.load(part_ptr + (s * n_tb + pid_t) * (BLOCK_T * BLOCK_E) + tile,
+                                     cache_modifier=".cg")  # fmt: skip
+                tl.store(counter_ptr + pid_t, 0)  # zero again for the next launch
+                _router_finish(total, x_ptr, rows, row_ok, cols, E, idx_ptr, weight_ptr,
+                               probs_ptr, K, K_PAD, RENORM, WRITE_PROBS, ROUND, BLOCK_T,
+                               BLOCK_E)  # fmt: skip
+        else:
+            _router_finish(acc, x_ptr, rows, row_ok, cols, E, idx_ptr, weight_ptr, probs_ptr, K,
+                           K_PAD, RENORM, WRITE_PROBS, ROUND, BLOCK_T, BLOCK_E)  # fmt: skip
+
+    @triton.jit
+    def _router_finish(
+        acc, x_ptr, rows, row_ok, cols, E, idx_ptr, weight_ptr, probs_ptr,
+        K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, WRITE_PROBS: tl.constexpr,
+        ROUND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):  # fmt: skip
         if ROUND:  # logits rounded to the model dtype first, as a bf16 nn.Linear gate does
             acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
         _softmax_topk_store(acc, rows, row_ok, cols, E, idx_ptr, weight_ptr, probs_ptr, K, K_PAD,
@@ -158,6 +192,38 @@ def router_topk_reference(
     return topk_softmax_reference(logits, k, renormalize)
 
 
+ROUTER_SPLIT_BYTES = 32 * 1024  # gate weight bytes one program streams at decode sizes
+_COUNTERS: dict = {}  # (device, stream) → [int32 counter buffers], kept zero by the kernel
+
+
+def router_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """n zeroed int32 counters for the split router, one buffer per (device, stream) so
+    concurrent streams never share one; the kernel leaves them zero. None while a CUDA graph
+    is being captured and no buffer exists yet (one allocated in the capture would belong to
+    the graph's memory pool): that call runs unsplit. Buffers are never freed, as a captured
+    graph may hold their address."""
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device).cuda_stream
+        capturing = torch.cuda.is_current_stream_capturing()
+    else:
+        stream, capturing = 0, False
+    bufs = _COUNTERS.setdefault((str(device), stream), [])
+    if bufs and bufs[-1].numel() >= n:
+        return bufs[-1]
+    if capturing:
+        return None
+    bufs.append(torch.zeros(max(n, 256), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
+def router_splits(t: int, e: int, h: int, elt: int, block_h: int) -> int:
+    """Programs per row block: one while there are many row blocks; at decode sizes enough
+    that each streams about ROUTER_SPLIT_BYTES of the gate weight (at most 8)."""
+    if -(-t // 16) >= 8:
+        return 1
+    return max(1, min(8, e * h * elt // ROUTER_SPLIT_BYTES, h // block_h))
+
+
 def router_topk_triton(
     x: torch.Tensor,
     wg: torch.Tensor,
@@ -165,10 +231,12 @@ def router_topk_triton(
     renormalize: bool,
     round_logits: bool = False,
     write_probs: bool = False,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gate matmul + softmax + top-k in one launch: x [T, H], wg [E, H] → (idx, weight, probs).
     Logits accumulate in fp32 from the operands' exact products (= F.linear(x.float(),
-    wg.float()) up to summation order); round_logits rounds them to x's dtype first."""
+    wg.float()) up to summation order); round_logits rounds them to x's dtype first. splits:
+    programs per 16-row block along H (None: router_splits)."""
     if not is_triton_available():
         raise ImportError("Triton is not installed: pip install 'expertswitch[gpu]'")
     if x.dim() != 2 or wg.dim() != 2 or x.shape[1] != wg.shape[1]:
@@ -181,12 +249,25 @@ def router_topk_triton(
         raise ValueError(f"k={k} must be between 1 and E={e}")
     idx, weight, probs = _outputs(t, e, k, write_probs, x.device)
     block_e = max(16, triton.next_power_of_2(e))
+    block_h = 64 if block_e <= 128 else 32
+    if splits is None:
+        splits = router_splits(t, e, h, wg.element_size(), block_h)
+    if not 1 <= splits <= 8:
+        raise ValueError(f"splits={splits}: between 1 and 8")
+    n_tb = triton.cdiv(t, 16)
+    counters = router_counters(x.device, n_tb) if splits > 1 and t else None
+    if counters is None:
+        splits = 1
+    h_chunk = triton.cdiv(triton.cdiv(h, splits), block_h) * block_h
+    part = (torch.empty(splits * n_tb * 16 * block_e, dtype=torch.float32, device=x.device)
+            if splits > 1 else weight)  # fmt: skip
     if t:
-        _router_topk_kernel[(triton.cdiv(t, 16),)](
-            x, wg, idx, weight, probs, t, e, h, x.stride(0), wg.stride(0),
+        _router_topk_kernel[(n_tb, splits)](
+            x, wg, idx, weight, probs, part, counters if splits > 1 else idx, t, e, h, h_chunk,
+            x.stride(0), wg.stride(0),
             K=k, K_PAD=_k_pad(k), RENORM=renormalize, WRITE_PROBS=write_probs,
             ROUND=round_logits, F32=x.dtype == torch.float32 or x.dtype != wg.dtype,
-            BLOCK_T=16, BLOCK_E=block_e, BLOCK_H=64 if block_e <= 128 else 32,
+            SPLITS=splits, BLOCK_T=16, BLOCK_E=block_e, BLOCK_H=block_h,
         )  # fmt: skip
     return idx, weight, probs if write_probs else None
 
