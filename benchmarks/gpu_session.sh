@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.
 case "${1:-kernels}" in
   kernels)
     # the interpreter and the sm_90 compile check already ran on CPU: here only the GPU tests
-    step python3 -m pytest -q -x -m gpu tests/test_kernels.py
+    step python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_kernel_paths.py
     # the benchmark after it needs ~3-4 minutes (peers built on the GPU, 2 shapes x 4 sizes)
     step python3 benchmarks/tune_moe.py --budget-s "$(( $(left 600) - 330 ))" --out "$OUT"
     mkdir -p src/expertswitch/kernels/configs && cp "$OUT"/NVIDIA*.json src/expertswitch/kernels/configs/

@@ -432,3 +432,76 @@ def test_split_router_matches_the_reference(t, splits):
     assert all(int(b.abs().sum()) == 0 for b in bufs)
     assert ts.router_splits(1, 128, 1024, 2, 64) == 8  # ds128 decode: 256 KB over 8 programs
     assert ts.router_splits(256, 128, 1024, 2, 64) == 1
+
+
+# ---- on the GPU: what the interpreter (one program at a time) cannot show -------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 3, 16])
+def test_in_kernel_reductions_under_real_concurrency_on_gpu(t):
+    """The split router and the split-K down matmul finish in whichever program arrives last;
+    repeated calls on the GPU (programs truly concurrent) equal the reference every time."""
+    from expertswitch.kernels import topk_softmax as ts
+
+    e, h, f = 128, 1024, 4096
+    g = torch.Generator(device="cuda").manual_seed(t)
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=g)
+    wg = torch.randn(e, h, device="cuda", dtype=torch.bfloat16, generator=g) / 32
+    w_in = torch.randn(e, 2 * f, h, device="cuda", dtype=torch.bfloat16, generator=g) / 32
+    w_out = torch.randn(e, h, f, device="cuda", dtype=torch.bfloat16, generator=g) / 64
+    bm = moe_config.by_route_block(t)
+    plan = MoEPlan(True, GemmConfig(bm, 64, 128, 4, 4), GemmConfig(bm, 32, 128, 4, 4, split_k=4))
+    assert plan.split_for(f) == 4  # top-1: the in-kernel split-K reduction
+    first = None
+    for _ in range(50):
+        idx, w, _ = router_topk_triton(x, wg, 1, False, True, splits=8)
+        out = fused_moe_triton(x, w_in, w_out, idx, w, "swiglu", plan)
+        if first is None:  # against the references once ...
+            p_r = router_topk_reference(x, wg, 1, False, True)[2]
+            torch.testing.assert_close(w, p_r.gather(1, idx), rtol=2e-2, atol=1e-3)
+            ref = fused_moe_reference(x.float(), w_in.float(), w_out.float(), idx, w)
+            assert rel_err(out, ref) < 1e-2
+            first = (idx, out)
+        else:  # ... then bit for bit the same every time: the partials add up in one order
+            assert torch.equal(idx, first[0]) and torch.equal(out, first[1])
+    torch.cuda.synchronize()
+    for bufs in ts._COUNTERS.values():
+        assert all(int(b.abs().sum()) == 0 for b in bufs)
+
+
+@pytest.mark.gpu
+def test_biased_decode_layer_replays_from_a_cuda_graph_on_gpu():
+    """Biases on the kernel, the split router and the in-kernel split-K reduction all inside one
+    captured graph (no host synchronisation anywhere)."""
+    from expertswitch.kernels.graphs import CapturedCall
+    from expertswitch.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE.stacked(1024, 4096, 128, k=1, bias=True, drop_tokens=False,
+                      dtype=torch.bfloat16, device="cuda").eval()  # fmt: skip
+    with torch.no_grad():
+        moe.experts.b_in.normal_(0, 0.1)
+        moe.experts.b_out.normal_(0, 0.1)
+    x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = moe(x)[0]
+        step = CapturedCall(moe.infer, x)
+        for _ in range(5):
+            x2 = torch.randn_like(x)
+            assert torch.equal(step(x2), moe.infer(x2))
+        assert rel_err(step(x), ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_grouped_mm_plan_on_gpu():
+    t, h, f, e = 4096, 1024, 2048, 8
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    w_in = torch.randn(e, 2 * f, h, device="cuda", dtype=torch.bfloat16) / 32
+    w_out = torch.randn(e, h, f, device="cuda", dtype=torch.bfloat16) / 45
+    idx = torch.stack([torch.randperm(e, device="cuda")[:2] for _ in range(t)])
+    w = torch.rand(t, 2, device="cuda")
+    cfg = GemmConfig(128, 128, 64)
+    out = fused_moe_triton(x, w_in, w_out, idx, w, "swiglu", MoEPlan(False, cfg, cfg, True))
+    ref = fused_moe_reference(x.float(), w_in.float(), w_out.float(), idx, w)
+    assert rel_err(out, ref) < 1e-2
