@@ -67,7 +67,8 @@ def mlp_weights(e, h, f, activation="swiglu", seed=0):
 
 def routes(t, e, k, seed=0):
     g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)] or
+                      [torch.zeros(0, k, dtype=torch.long)]).reshape(t, k)  # fmt: skip
     return idx.to(DEVICE), torch.rand(t, k, generator=g).to(DEVICE)
 
 
@@ -119,10 +120,58 @@ def test_moe_eval_with_autograd_on_keeps_gate_gradients(k):
 
     for a, b in zip(grads(True), grads(False)):
         assert rel_err(a, b) < 1e-5
-    with force_kernels():  # infer() under autograd: the reference router, gradients kept
-        out = moe.infer(x)
-    out.sum().backward()
-    assert moe.gate.wg.weight.grad.abs().sum() > 0
+    # infer() under autograd: the reference router, the gate's gradient kept (and equal to
+    # forward()'s without the aux loss)
+    moe.zero_grad()
+    with force_kernels():
+        moe.infer(x).square().sum().backward()
+    via_infer = moe.gate.wg.weight.grad.clone()
+    moe.zero_grad()
+    moe(x)[0].square().sum().backward()
+    assert via_infer.abs().sum() > 0 and rel_err(via_infer, moe.gate.wg.weight.grad) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["all dropped", "no tokens", "ids past E"])
+def test_kernel_path_backward_with_nothing_or_bad_ids_kept(case):
+    """Training through the kernel path: an empty micro-batch, every route dropped, or ids
+    outside [0, E) (dropped by the forward) backpropagate as on the reference path."""
+    t, h, f, e = 0 if case == "no tokens" else 6, 16, 32, 4
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    w_in, w_out = mlp_weights(e, h, f)
+    idx, w = routes(t, e, 2)
+    if case == "all dropped":
+        idx[:] = -1
+    if case == "ids past E":
+        idx[1, 0], idx[2, 1] = e, e + 7
+    clean = torch.where(idx >= e, -1, idx)
+
+    def grads(kernel: bool):
+        leaves = [v.clone().requires_grad_() for v in (x, w_in, w_out, w)]
+        ids = idx if kernel else clean
+        with force_kernels() if kernel else torch.enable_grad():
+            out = fused_moe(leaves[0], leaves[1], leaves[2], ids, leaves[3])
+        (out.square().sum() + leaves[0].square().sum()).backward()
+        return [v.grad for v in leaves]
+
+    for a, b in zip(grads(True), grads(False)):
+        if b is None:
+            assert a is None or a.abs().sum() == 0
+        else:
+            assert rel_err(a, b) < 1e-5 if b.abs().sum() > 0 else a.abs().sum() == 0
+
+
+def test_strided_inputs_on_the_kernel_path():
+    """A view with a strided last dimension works on the kernel path as on the reference."""
+    from expertswitch.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE.stacked(16, 24, 4, k=2, drop_tokens=False).eval()
+    x = torch.randn(9, 32)[:, ::2]
+    with torch.no_grad():
+        ref = moe(x)[0]
+        with force_kernels():
+            assert rel_err(moe.infer(x), ref) < 1e-5
+            assert rel_err(moe(x)[0], ref) < 1e-5
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -377,7 +426,8 @@ def test_l2_grouped_tile_order_covers_every_tile(group_m):
 def test_plans_fit_the_devices_shared_memory_and_sm_count():
     """A tuned by-route entry grown to 64 rows is trimmed to the shared memory; the decode
     split-K follows the device's SM count (an H100 PCIe has 114, not 132)."""
-    limits = moe_config.DeviceLimits(sms=132, smem=227 * 1024)
+    limits = moe_config.DeviceLimits()
+    assert limits == moe_config.DeviceLimits(132, 227 * 1024 - moe_config.SMEM_MARGIN)
     big = MoEPlan(True, GemmConfig(64, 128, 128, 4, 4), GemmConfig(64, 128, 128, 4, 4))
     assert big.up.shared_bytes(2, 2) > limits.smem
     fitted = moe_config.fit_plan(big, 2, limits)
@@ -505,3 +555,28 @@ def test_grouped_mm_plan_on_gpu():
     out = fused_moe_triton(x, w_in, w_out, idx, w, "swiglu", MoEPlan(False, cfg, cfg, True))
     ref = fused_moe_reference(x.float(), w_in.float(), w_out.float(), idx, w)
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_top2_second_expert_is_the_largest_remaining_logit(forced):
+    """DeepSpeed's top-2 takes the second expert by logit: logits 0 and 1e-8 have the same fp32
+    probability, and the fused dropless path must still pick the 1e-8 one, as the general gate
+    (and DeepSpeed) do, on the kernel and the reference alike."""
+    from expertswitch.moe.gate import TopKGate, dropless_inference_gating, topk_gating
+
+    lg = torch.tensor([[3.0, 0.0, 1e-8, -1.0], [0.0, 1e-8, 2e-8, 5.0], [1.0, 1.0, 1.0, 1.0]])
+    general = topk_gating(lg, k=2, drop_tokens=False).expert_idx
+    assert general.tolist() == [[0, 2], [3, 2], [0, 1]]
+    with force_kernels() if forced else torch.no_grad():
+        fast = dropless_inference_gating(lg.to(DEVICE), 2)
+        gate = TopKGate(4, 4, k=2, drop_tokens=False).eval()
+        with torch.no_grad():
+            gate.wg.weight.copy_(torch.eye(4))
+        routed, _ = gate.route(lg.to(DEVICE))
+    assert fast.expert_idx.tolist() == general.tolist() == routed.tolist()
+    torch.testing.assert_close(fast.weights.cpu(), topk_gating(lg, k=2, drop_tokens=False).weights)
+    if forced:  # the Triton kernels themselves
+        idx, _, _ = topk_softmax_triton(lg.to(DEVICE), 2, True, second_by_logit=True)
+        assert idx.tolist() == general.tolist()
+        idx, _, _ = topk_softmax_triton(lg.to(DEVICE), 2, True)  # by probability: lowest id
+        assert idx.tolist() == [[0, 1], [3, 0], [0, 1]]

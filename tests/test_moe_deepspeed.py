@@ -257,3 +257,19 @@ def test_capacity_equals_deepspeed_over_a_sweep(deepspeed):
                     if capacity_for(t, e, k, f, 0) != ds:
                         bad.append((t, e, k, f))
     assert not bad, f"{len(bad)} combinations differ, e.g. {bad[:5]}"
+
+
+def test_dropless_top2_eval_picks_the_second_expert_by_logit(deepspeed):
+    """Eval, dropless, top-2 (our fused path): logits 0 and 1e-8 tie in fp32 probability;
+    DeepSpeed's second choice is the larger logit, and so is ours."""
+    ds, ours = pair(deepspeed, k=2, drop_tokens=False, top2_2nd_expert_sampling=False)
+    ds = ds.eval()
+    hidden = torch.zeros(2, H)
+    hidden[0, :4] = torch.tensor([3.0, 0.0, 1e-8, -1.0])
+    hidden[1, :4] = torch.tensor([0.0, 1e-8, 2e-8, 5.0])
+    with torch.no_grad():
+        for m in (ds.deepspeed_moe.gate.wg, ours.gate.wg):
+            m.weight.zero_()
+            m.weight[:, :4].copy_(torch.eye(E))
+    check_same(ds, ours, hidden, routing=False)
+    assert ours(hidden)[2].tolist() == [1, 0, 2, 1]

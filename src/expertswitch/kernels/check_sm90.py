@@ -179,13 +179,15 @@ def other_variants():
                 "counter_ptr": _meta(256, dtype=i32), "T": t, "E": e, "H": h,
                 "h_chunk": h // splits, "stride_xt": h, "stride_we": h},
                {"K": k, "K_PAD": topk_softmax._k_pad(k), "RENORM": k > 1, "WRITE_PROBS": False,
-                "ROUND": True, "F32": False, "SPLITS": splits, "BLOCK_T": 16,
+                "ROUND": True, "F32": False, "SPLITS": splits, "SECOND_BY_LOGIT": k == 2,
+                "BLOCK_T": 16,
                 "BLOCK_E": max(16, e), "BLOCK_H": 64})  # fmt: skip
     yield ("topk softmax E=8", topk_softmax._topk_softmax_kernel,
            {"logits_ptr": _meta(256, 8, dtype=f32), "idx_ptr": _meta(256, 2, dtype=i64),
             "weight_ptr": _meta(256, 2, dtype=f32), "probs_ptr": _meta(256, 8, dtype=f32),
             "T": 256, "E": 8, "stride_t": 8},
-           {"K": 2, "K_PAD": 2, "RENORM": True, "WRITE_PROBS": True, "BLOCK_T": 64,
+           {"K": 2, "K_PAD": 2, "RENORM": True, "WRITE_PROBS": True, "SECOND_BY_LOGIT": True,
+            "BLOCK_T": 64,
             "BLOCK_E": 8})  # fmt: skip
 
 

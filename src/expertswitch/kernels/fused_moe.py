@@ -480,9 +480,12 @@ class _FusedMoE(torch.autograd.Function):
         leaves = [None if t is None else t.detach().requires_grad_(need)
                   for t, need in zip(inputs, ctx.needs_input_grad[:6])]  # fmt: skip
         x, w_in, w_out, weights, b_in, b_out = leaves
+        e = w_in.shape[0]  # ids outside [0, E) were dropped routes in the forward: here too
+        ids = torch.where((expert_idx >= 0) & (expert_idx < e), expert_idx, -1)
         with torch.enable_grad():
-            out = fused_moe_reference(x, w_in, w_out, expert_idx, weights, ctx.activation, b_in,
-                                      b_out)  # fmt: skip
+            out = fused_moe_reference(x, w_in, w_out, ids, weights, ctx.activation, b_in, b_out)
+            if not out.requires_grad:  # no route kept (or no token): nothing flows back
+                return (None,) * 9
             wanted = [t for t in leaves if t is not None and t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
         return (*[next(grads) if t is not None and t.requires_grad else None for t in leaves],
@@ -511,6 +514,8 @@ def fused_moe(
         check_inputs(x, w_in, w_out, expert_idx, weights, activation)
         check_biases(w_in, w_out, b_in, b_out)
         return fused_moe_reference(x, w_in, w_out, expert_idx, weights, activation, b_in, b_out)
+    # the kernels read rows with a unit last stride (a strided view is copied, as torch would)
+    x, w_in, w_out = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w_in, w_out))
     if needs_grad(x, w_in, w_out, weights, b_in, b_out):
         return _FusedMoE.apply(x, w_in, w_out, weights, b_in, b_out, expert_idx, activation,
                                dropless)  # fmt: skip

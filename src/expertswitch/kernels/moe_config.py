@@ -38,6 +38,7 @@ BY_ROUTE_MAX = 64  # the by-route path holds all routes in one BLOCK_M tile
 NEAR = 4.0
 SMS = 132  # streaming multiprocessors of an H100 SXM (the default target; PCIe has 114)
 SMEM = 227 * 1024  # shared memory one H100 block may use
+SMEM_MARGIN = 1024  # kept free of the pipeline's estimate (Triton's own scratch)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class DeviceLimits:
     one block may use (less a margin Triton keeps for itself)."""
 
     sms: int = SMS
-    smem: int = SMEM
+    smem: int = SMEM - SMEM_MARGIN
 
 
 @cache
@@ -60,7 +61,7 @@ def device_limits(device) -> DeviceLimits:
         return DeviceLimits()
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or SMEM
-    return DeviceLimits(props.multi_processor_count, smem - 1024)
+    return DeviceLimits(props.multi_processor_count, smem - SMEM_MARGIN)
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,23 @@ def softmax_or_nan(logits: torch.Tensor) -> torch.Tensor:
 
 
 def topk_softmax_reference(
-    logits: torch.Tensor, k: int, renormalize: bool
+    logits: torch.Tensor, k: int, renormalize: bool, second_by_logit: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    probs = softmax_or_nan(logits.float())
+    """second_by_logit (k = 2, DeepSpeed's top-2): the second expert is the largest remaining
+    logit, not the largest remaining probability (they differ where two probabilities round
+    to one fp32 value)."""
+    logits = logits.float()
+    probs = softmax_or_nan(logits)
     rank_key = torch.where(probs.isnan(), -1.0, probs)  # NaN below every probability
     idx = rank_key.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # ties: lowest id
+    if second_by_logit and k >= 2:
+        taken = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx[:, :1], True)
+        rest = logits.masked_fill(taken, float("-inf"))
+        top = ~taken & (rest == rest.amax(dim=-1, keepdim=True))  # ties: lowest id
+        by_logit = top.float().argmax(dim=-1)
+        nan_row = probs.isnan().any(dim=-1)
+        idx = idx.clone()
+        idx[:, 1] = torch.where(nan_row, idx[:, 1], by_logit)
     weight = probs.gather(1, idx)
     if renormalize:
         weight = weight / weight.sum(dim=-1, keepdim=True)
@@ -54,9 +66,11 @@ if is_triton_available():
     def _softmax_topk_store(
         x, rows, row_ok, cols, E, idx_ptr, weight_ptr, probs_ptr,
         K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, WRITE_PROBS: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+        SECOND_BY_LOGIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     ):  # fmt: skip
-        """x: fp32 logits [BLOCK_T, BLOCK_E] → stores idx, weight (and probs) of valid rows."""
+        """x: fp32 logits [BLOCK_T, BLOCK_E] → stores idx, weight (and probs) of valid rows.
+        SECOND_BY_LOGIT: the second choice is the largest remaining logit (DeepSpeed's top-2),
+        which differs from the largest probability where two round to the same fp32 value."""
         mask = row_ok[:, None] & (cols[None, :] < E)
         x = tl.where(mask, x, float("-inf"))
         x = tl.where(row_ok[:, None], x, 0.0)  # rows past T: finite, never stored
@@ -81,8 +95,14 @@ if is_triton_available():
         work = tl.where(mask, work, -3.0)
         for j in tl.static_range(K):
             best = tl.max(work, axis=1)
-            best_i = tl.min(tl.where(work == best[:, None], cols[None, :], BLOCK_E), axis=1)
-            best = tl.where(best >= 0.0, best, float("nan"))  # a NaN pick keeps its NaN weight
+            pick = work == best[:, None]
+            if SECOND_BY_LOGIT and j == 1:  # among the open experts, the largest logit
+                open_ = work > -1.5
+                lx = tl.where(open_, x, float("-inf"))
+                by_logit = open_ & (lx == tl.max(lx, axis=1)[:, None])
+                pick = tl.where(bad[:, None], pick, by_logit)  # NaN rows: 0..k−1 as before
+            best_i = tl.min(tl.where(pick, cols[None, :], BLOCK_E), axis=1)
+            best = tl.sum(tl.where(cols[None, :] == best_i[:, None], p, 0.0), axis=1)
             vals = tl.where(kcols[None, :] == j, best[:, None], vals)
             idxs = tl.where(kcols[None, :] == j, best_i[:, None], idxs)
             work = tl.where(cols[None, :] == best_i[:, None], -2.0, work)
@@ -96,7 +116,7 @@ if is_triton_available():
     def _topk_softmax_kernel(
         logits_ptr, idx_ptr, weight_ptr, probs_ptr, T, E, stride_t,
         K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, WRITE_PROBS: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+        SECOND_BY_LOGIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_E)
@@ -105,7 +125,7 @@ if is_triton_available():
         x = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)  # fmt: skip
         _softmax_topk_store(x, rows, row_ok, cols, E, idx_ptr, weight_ptr, probs_ptr, K, K_PAD,
-                            RENORM, WRITE_PROBS, BLOCK_T, BLOCK_E)  # fmt: skip
+                            RENORM, WRITE_PROBS, SECOND_BY_LOGIT, BLOCK_T, BLOCK_E)  # fmt: skip
 
     @triton.jit
     def _router_topk_kernel(
@@ -113,6 +133,7 @@ if is_triton_available():
         T, E, H, h_chunk, stride_xt, stride_we,
         K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, WRITE_PROBS: tl.constexpr,
         ROUND: tl.constexpr, F32: tl.constexpr, SPLITS: tl.constexpr,
+        SECOND_BY_LOGIT: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
     ):  # fmt: skip
         """The router matmul (fp32 accumulation) fused in front of softmax + top-k. SPLITS > 1
@@ -154,22 +175,24 @@ if is_triton_available():
                                      cache_modifier=".cg")  # fmt: skip
                 tl.store(counter_ptr + pid_t, 0)  # zero again for the next launch
                 _router_finish(total, x_ptr, rows, row_ok, cols, E, idx_ptr, weight_ptr,
-                               probs_ptr, K, K_PAD, RENORM, WRITE_PROBS, ROUND, BLOCK_T,
-                               BLOCK_E)  # fmt: skip
+                               probs_ptr, K, K_PAD, RENORM, WRITE_PROBS, ROUND,
+                               SECOND_BY_LOGIT, BLOCK_T, BLOCK_E)  # fmt: skip
         else:
             _router_finish(acc, x_ptr, rows, row_ok, cols, E, idx_ptr, weight_ptr, probs_ptr, K,
-                           K_PAD, RENORM, WRITE_PROBS, ROUND, BLOCK_T, BLOCK_E)  # fmt: skip
+                           K_PAD, RENORM, WRITE_PROBS, ROUND, SECOND_BY_LOGIT, BLOCK_T,
+                           BLOCK_E)  # fmt: skip
 
     @triton.jit
     def _router_finish(
         acc, x_ptr, rows, row_ok, cols, E, idx_ptr, weight_ptr, probs_ptr,
         K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, WRITE_PROBS: tl.constexpr,
-        ROUND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+        ROUND: tl.constexpr, SECOND_BY_LOGIT: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_E: tl.constexpr,
     ):  # fmt: skip
         if ROUND:  # logits rounded to the model dtype first, as a bf16 nn.Linear gate does
             acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
         _softmax_topk_store(acc, rows, row_ok, cols, E, idx_ptr, weight_ptr, probs_ptr, K, K_PAD,
-                            RENORM, WRITE_PROBS, BLOCK_T, BLOCK_E)  # fmt: skip
+                            RENORM, WRITE_PROBS, SECOND_BY_LOGIT, BLOCK_T, BLOCK_E)  # fmt: skip
 
 
 def _k_pad(k: int) -> int:
@@ -184,12 +207,17 @@ def _outputs(t: int, e: int, k: int, write_probs: bool, device):
 
 
 def router_topk_reference(
-    x: torch.Tensor, wg: torch.Tensor, k: int, renormalize: bool, round_logits: bool = False
+    x: torch.Tensor,
+    wg: torch.Tensor,
+    k: int,
+    renormalize: bool,
+    round_logits: bool = False,
+    second_by_logit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = torch.nn.functional.linear(x.float(), wg.float())
     if round_logits:
         logits = logits.to(x.dtype)
-    return topk_softmax_reference(logits, k, renormalize)
+    return topk_softmax_reference(logits, k, renormalize, second_by_logit)
 
 
 ROUTER_SPLIT_BYTES = 32 * 1024  # gate weight bytes one program streams at decode sizes
@@ -232,6 +260,7 @@ def router_topk_triton(
     round_logits: bool = False,
     write_probs: bool = False,
     splits: int | None = None,
+    second_by_logit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gate matmul + softmax + top-k in one launch: x [T, H], wg [E, H] → (idx, weight, probs).
     Logits accumulate in fp32 from the operands' exact products (= F.linear(x.float(),
@@ -267,23 +296,34 @@ def router_topk_triton(
             x.stride(0), wg.stride(0),
             K=k, K_PAD=_k_pad(k), RENORM=renormalize, WRITE_PROBS=write_probs,
             ROUND=round_logits, F32=x.dtype == torch.float32 or x.dtype != wg.dtype,
-            SPLITS=splits, BLOCK_T=16, BLOCK_E=block_e, BLOCK_H=block_h,
+            SPLITS=splits, SECOND_BY_LOGIT=second_by_logit and k >= 2,
+            BLOCK_T=16, BLOCK_E=block_e, BLOCK_H=block_h,
         )  # fmt: skip
     return idx, weight, probs if write_probs else None
 
 
 def router_topk(
-    x: torch.Tensor, wg: torch.Tensor, k: int, renormalize: bool, round_logits: bool = False
+    x: torch.Tensor,
+    wg: torch.Tensor,
+    k: int,
+    renormalize: bool,
+    round_logits: bool = False,
+    second_by_logit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx, weight) of the routes; the fused kernel on CUDA tensors when no gradient is needed
     (its outputs have no autograd history), the reference otherwise."""
     if kernels_for(x) and not needs_grad(x, wg):
-        return router_topk_triton(x.contiguous(), wg.contiguous(), k, renormalize, round_logits)[:2]
-    return router_topk_reference(x, wg, k, renormalize, round_logits)[:2]
+        return router_topk_triton(x.contiguous(), wg.contiguous(), k, renormalize, round_logits,
+                                  second_by_logit=second_by_logit)[:2]  # fmt: skip
+    return router_topk_reference(x, wg, k, renormalize, round_logits, second_by_logit)[:2]
 
 
 def topk_softmax_triton(
-    logits: torch.Tensor, k: int, renormalize: bool, write_probs: bool = True
+    logits: torch.Tensor,
+    k: int,
+    renormalize: bool,
+    write_probs: bool = True,
+    second_by_logit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     if not is_triton_available():
         raise ImportError("Triton is not installed: pip install 'expertswitch[gpu]'")
@@ -299,13 +339,17 @@ def topk_softmax_triton(
         _topk_softmax_kernel[(triton.cdiv(t, block_t),)](
             logits, idx, weight, probs, t, e, logits.stride(0),
             K=k, K_PAD=_k_pad(k), RENORM=renormalize, WRITE_PROBS=write_probs,
-            BLOCK_T=block_t, BLOCK_E=block_e,
+            SECOND_BY_LOGIT=second_by_logit and k >= 2, BLOCK_T=block_t, BLOCK_E=block_e,
         )  # fmt: skip
     return idx, weight, probs if write_probs else None
 
 
 def topk_softmax(
-    logits: torch.Tensor, k: int, renormalize: bool, use_triton: bool | None = None
+    logits: torch.Tensor,
+    k: int,
+    renormalize: bool,
+    use_triton: bool | None = None,
+    second_by_logit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(idx, weight, probs); the Triton kernel on CUDA tensors when no gradient is needed (its
     outputs have no autograd history: a router trained through it would learn nothing from the
@@ -313,5 +357,6 @@ def topk_softmax(
     if use_triton is None:
         use_triton = kernels_for(logits) and not needs_grad(logits)
     if use_triton:
-        return topk_softmax_triton(logits, k, renormalize)
-    return topk_softmax_reference(logits, k, renormalize)
+        return topk_softmax_triton(logits.contiguous(), k, renormalize,
+                                   second_by_logit=second_by_logit)  # fmt: skip
+    return topk_softmax_reference(logits, k, renormalize, second_by_logit)

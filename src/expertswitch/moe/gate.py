@@ -214,7 +214,7 @@ def dropless_inference_gating(logits: torch.Tensor, k: int) -> GateOutput:
         raise ConfigError(f"k={k} must be between 1 and the number of experts ({num_e})")
     if t == 0:
         return _empty_output(logits.float(), k)
-    idx, weights, probs = topk_softmax(logits, k, renormalize=k > 1)
+    idx, weights, probs = topk_softmax(logits, k, renormalize=k > 1, second_by_logit=k == 2)
     exp_counts = torch.bincount(idx.reshape(-1), minlength=num_e)
     first = torch.bincount(idx[:, 0], minlength=num_e).float() / t
     chosen = first if k <= 2 else exp_counts.float() / (t * k)
@@ -273,7 +273,8 @@ class TopKGate(torch.nn.Module):
         fused launch on a GPU (gate matmul, softmax, top-k, renormalisation for k > 1)."""
         from expertswitch.kernels.topk_softmax import router_topk
 
-        return router_topk(x, self.wg.weight, self.k, renormalize=self.k > 1)
+        return router_topk(x, self.wg.weight, self.k, renormalize=self.k > 1,
+                           second_by_logit=self.k == 2)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> GateOutput:
         """x [T, H] → GateOutput."""
