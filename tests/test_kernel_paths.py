@@ -342,7 +342,6 @@ def test_same_expert_twice_in_a_tokens_top_k():
     """Routes are independent: a token sent twice to one expert gets both weighted outputs, on
     every path (the kernels' by-route path groups all of an expert's routes in one tile)."""
     from expertswitch.moe.dispatch import make_dispatch, permute, unpermute
-    from expertswitch.moe.gate import GateOutput
 
     t, h, f, e = 9, 16, 32, 4
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(5)).to(DEVICE)
@@ -360,8 +359,7 @@ def test_same_expert_twice_in_a_tokens_top_k():
         assert rel_err(out, oracle) < TOL
     assert rel_err(fused_moe_reference(x, w_in, w_out, idx, w, "gelu"), oracle) < 1e-6
     # module experts: the sort-based dispatch of MoE(expert=...)
-    gate = GateOutput(idx, w, idx, 0, None, None, None, None)
-    d = make_dispatch(gate, e)
+    d = make_dispatch(idx, w, e)
     rows = permute(x, d)
     ys = torch.cat([F.linear(F.gelu(F.linear(rows[lo:hi], w_in[i])), w_out[i])
                     for i, (lo, hi) in enumerate(zip(d.offsets[:-1], d.offsets[1:]))])  # fmt: skip

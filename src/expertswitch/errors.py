@@ -19,3 +19,7 @@ class CompatibilityError(ExpertSwitchError):
 
 class ArchiveError(ExpertSwitchError):
     """An expert archive is missing, corrupt, truncated or of an unknown format."""
+
+
+class ParallelError(ExpertSwitchError, RuntimeError):
+    """A collective across ranks failed: a peer stopped, timed out or called another one."""

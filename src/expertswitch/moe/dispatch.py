@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from expertswitch.kernels.align import sort_routes
-from expertswitch.moe.gate import GateOutput
 
 
 @dataclass
@@ -34,13 +33,14 @@ class Dispatch:
         return self.offsets[1:] - self.offsets[:-1]
 
 
-def make_dispatch(gate: GateOutput, num_experts: int) -> Dispatch:
-    t, k = gate.expert_idx.shape
-    route_ids, offsets = sort_routes(gate.expert_idx, num_experts)
+def make_dispatch(expert_idx: torch.Tensor, weights: torch.Tensor, num_experts: int) -> Dispatch:
+    """expert_idx int64 [T, k] (−1 = dropped), weights [T, k] → the sorted dispatch table."""
+    t, k = expert_idx.shape
+    route_ids, offsets = sort_routes(expert_idx, num_experts)
     return Dispatch(
         route_ids=route_ids,
         token_ids=torch.div(route_ids, k, rounding_mode="floor"),
-        weights=gate.weights.reshape(-1)[route_ids],
+        weights=weights.reshape(-1)[route_ids],
         offsets=offsets,
         num_tokens=t,
     )

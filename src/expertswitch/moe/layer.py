@@ -30,6 +30,8 @@ from expertswitch.kernels.fused_moe import fused_moe
 from expertswitch.moe.dispatch import make_dispatch, permute, unpermute
 from expertswitch.moe.experts import DenseMLP, ModuleExperts, StackedExperts
 from expertswitch.moe.gate import TopKGate
+from expertswitch.parallel.dispatch import expert_parallel_moe
+from expertswitch.parallel.groups import expert_groups
 
 
 class MoE(nn.Module):
@@ -58,19 +60,21 @@ class MoE(nn.Module):
         deterministic_eval: bool = True,
     ):
         super().__init__()
-        if ep_size != 1:
-            raise ConfigError(
-                f"ep_size={ep_size}: expert parallelism comes with the parallel/ package; "
-                "use ep_size=1 (all experts on this rank)"
-            )
         if enable_expert_tensor_parallelism:
             raise ConfigError("expert tensor parallelism is not supported yet; leave it False")
         if (expert is None) == (experts is None):
             raise ConfigError("pass exactly one of expert= (a module, copied per expert) or "
                               "experts= (StackedExperts; see MoE.stacked)")  # fmt: skip
         self.hidden_size = hidden_size
-        self.num_experts = num_experts if experts is None else experts.num_experts
+        if experts is not None:  # stacked experts: this rank's share
+            num_experts = experts.num_experts * ep_size
+        if ep_size < 1 or num_experts % ep_size:
+            raise ConfigError(f"num_experts={num_experts} must be a multiple of ep_size="
+                              f"{ep_size}: each rank of an expert-parallel group holds the "
+                              "same number of experts")  # fmt: skip
+        self.num_experts = num_experts
         self.ep_size = ep_size
+        self.groups = expert_groups(ep_size) if ep_size > 1 else None
         self.use_residual = use_residual
         self.z_loss_coef = z_loss_coef
         self.gate = TopKGate(
@@ -78,7 +82,10 @@ class MoE(nn.Module):
             min_capacity, noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling,
             drop_policy, deterministic_eval,
         )  # fmt: skip
-        self.experts = experts if experts is not None else ModuleExperts(expert, num_experts)
+        # each rank holds experts [ep_rank·E/ep, (ep_rank+1)·E/ep) (all of them when ep = 1)
+        self.num_local_experts = num_experts // ep_size
+        self.experts = (experts if experts is not None
+                        else ModuleExperts(expert, self.num_local_experts))  # fmt: skip
         if use_residual:
             if residual_mlp is None and expert is None:
                 raise ConfigError("use_residual with stacked experts needs residual_mlp=")
@@ -98,28 +105,53 @@ class MoE(nn.Module):
         use_residual: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        ep_size: int = 1,
         **gate_kwargs,
     ) -> MoE:
         """Experts as stacked weights [E, ...] (SwiGLU or GELU/ReLU/SiLU MLPs), run by the
-        grouped kernel. gate_kwargs: capacity_factor, eval_capacity_factor, min_capacity,
-        noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling, z_loss_coef,
-        drop_policy, deterministic_eval."""
-        experts = StackedExperts(num_experts, hidden_size, ffn_size, activation, bias, dtype,
-                                 device)  # fmt: skip
+        grouped kernel; with ep_size > 1 this rank stacks its E / ep_size experts. gate_kwargs:
+        capacity_factor, eval_capacity_factor, min_capacity, noisy_gate_policy, drop_tokens,
+        use_rts, top2_2nd_expert_sampling, z_loss_coef, drop_policy, deterministic_eval."""
+        if ep_size < 1 or num_experts % ep_size:
+            raise ConfigError(f"num_experts={num_experts} must be a multiple of ep_size="
+                              f"{ep_size}")  # fmt: skip
+        experts = StackedExperts(num_experts // ep_size, hidden_size, ffn_size, activation, bias,
+                                 dtype, device)  # fmt: skip
         residual = (
             DenseMLP(hidden_size, ffn_size, activation, bias, dtype, device)
             if use_residual
             else None
         )
-        return cls(hidden_size, k=k, use_residual=use_residual, experts=experts,
+        return cls(hidden_size, k=k, use_residual=use_residual, experts=experts, ep_size=ep_size,
                    residual_mlp=residual, **gate_kwargs).to(device=device)  # fmt: skip
 
+    @property
+    def first_local_expert(self) -> int:
+        """Global id of this rank's first expert."""
+        return self.groups.ep_rank * self.num_local_experts if self.groups else 0
+
     def _experts_forward(self, x: torch.Tensor, gate) -> torch.Tensor:
+        return self._run_experts(x, gate.expert_idx, gate.weights)
+
+    def _run_experts(self, x, expert_idx, weights, dropless: bool = False) -> torch.Tensor:
+        """Σ_r weights · expert(x) over each token's routes: here, or across the EP group."""
+        if self.groups is not None:
+            return expert_parallel_moe(x, expert_idx, weights, self.num_experts, self.groups,
+                                       self._run_local)  # fmt: skip
+        return self._local_experts(x, expert_idx, weights, dropless)
+
+    def _run_local(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on rows [R, H] whose experts are local_ids [R] (0-based here)."""
+        ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
+        return self._local_experts(rows, local_ids.unsqueeze(-1), ones, True)
+
+    def _local_experts(self, x, expert_idx, weights, dropless: bool = False) -> torch.Tensor:
+        """This rank's experts, with expert_idx local (0 .. num_local_experts − 1, −1 dropped)."""
         ex = self.experts
         if isinstance(ex, StackedExperts):
-            return fused_moe(x, ex.w_in, ex.w_out, gate.expert_idx, gate.weights, ex.activation,
-                             ex.b_in, ex.b_out)  # fmt: skip
-        d = make_dispatch(gate, self.num_experts)
+            return fused_moe(x, ex.w_in, ex.w_out, expert_idx, weights, ex.activation, ex.b_in,
+                             ex.b_out, dropless=dropless)  # fmt: skip
+        d = make_dispatch(expert_idx, weights, self.num_local_experts)
         return unpermute(ex(permute(x, d), d), d)
 
     def forward(
@@ -150,15 +182,12 @@ class MoE(nn.Module):
         if not self.gate._deterministic():
             raise ConfigError("infer() routes deterministically, but this layer samples in eval "
                               "(deterministic_eval=False): call forward()")  # fmt: skip
-        ex = self.experts
-        if not isinstance(ex, StackedExperts):
+        if not isinstance(self.experts, StackedExperts):
             return self.forward(hidden_states)[0]
         self._check_hidden(hidden_states)
         x = hidden_states.reshape(-1, self.hidden_size)
         idx, weights = self.gate.route(x)
-        out = fused_moe(x, ex.w_in, ex.w_out, idx, weights, ex.activation, ex.b_in, ex.b_out,
-                        dropless=True)  # fmt: skip
-        return self._mix_residual(hidden_states, out)
+        return self._mix_residual(hidden_states, self._run_experts(x, idx, weights, True))
 
     def _check_hidden(self, hidden_states: torch.Tensor) -> None:
         if hidden_states.shape[-1] != self.hidden_size:

@@ -1,0 +1,18 @@
+"""Expert parallelism on torch.distributed (DeepSpeed-MoE's layout): process groups, all-to-all
+dispatch, gradient reduction. `MoE(..., ep_size=N)` uses it."""
+
+from expertswitch.parallel.grads import allreduce_gradients
+from expertswitch.parallel.groups import (
+    ExpertGroups,
+    expert_data_parallel_ranks,
+    expert_groups,
+    expert_parallel_ranks,
+)
+
+__all__ = [
+    "ExpertGroups",
+    "allreduce_gradients",
+    "expert_data_parallel_ranks",
+    "expert_groups",
+    "expert_parallel_ranks",
+]

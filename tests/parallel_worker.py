@@ -1,0 +1,221 @@
+"""Run under torchrun by tests/test_parallel.py (gloo, CPU): each scenario checks expert
+parallelism against a single-process oracle built on every rank from the same seed, and rank 0
+writes what it found to $PARALLEL_OUT (JSON) — the test asserts on it.
+
+    torchrun --nproc-per-node 2 tests/parallel_worker.py layer OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from expertswitch.moe import MoE
+from expertswitch.parallel import allreduce_gradients, expert_groups
+
+H, F = 12, 20
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def grad(p: torch.Tensor) -> torch.Tensor:
+    """The gradient, zeros when nothing reached the parameter (an expert without tokens)."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def expert_module():
+    return nn.Sequential(nn.Linear(H, F), nn.GELU(), nn.Linear(F, H))
+
+
+def build(num_experts, ep_size, stacked, k, seed=0, **kw):
+    torch.manual_seed(seed)
+    if stacked:
+        return MoE.stacked(H, F, num_experts, k=k, activation="gelu", bias=True,
+                           ep_size=ep_size, **kw)  # fmt: skip
+    return MoE(H, expert_module(), num_experts, ep_size=ep_size, k=k, **kw)
+
+
+def copy_from_full(ep_layer: MoE, full: MoE) -> None:
+    """The EP layer's weights: the full layer's gate (and residual), and its own experts."""
+    lo, n = ep_layer.first_local_expert, ep_layer.num_local_experts
+    own = {}
+    for key, value in full.state_dict().items():
+        if key.startswith("experts.experts."):  # module experts: experts.experts.{g}.…
+            g = int(key.split(".")[2])
+            if lo <= g < lo + n:
+                own["experts.experts." + str(g - lo) + key[len(f"experts.experts.{g}") :]] = value
+        elif key.startswith("experts."):  # stacked: [E, …] → this rank's rows
+            own[key] = value[lo : lo + n]
+        else:
+            own[key] = value
+    ep_layer.load_state_dict(own)
+
+
+def randomize(layer: MoE, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+
+
+def batches(world: int, empty_rank: int | None = None) -> list[torch.Tensor]:
+    """Each rank's tokens: different sizes, one rank possibly with none."""
+    sizes = [0 if r == empty_rank else 5 + 3 * r for r in range(world)]
+    return [torch.randn(n, H, generator=torch.Generator().manual_seed(100 + r))
+            for r, n in enumerate(sizes)]  # fmt: skip
+
+
+def check_layer(world, rank, ep_size, stacked, k, empty_rank=None, **kw) -> dict:
+    """EP forward/backward of one layer vs the full layer, one process, on every rank's batch
+    (each gated as its rank gates it: capacity and aux loss are per rank)."""
+    e = 8
+    kw.setdefault("top2_2nd_expert_sampling", False)  # random: the oracle draws differently
+    full = build(e, 1, stacked, k, **kw)
+    randomize(full, 1)
+    layer = build(e, ep_size, stacked, k, **kw)
+    copy_from_full(layer, full)
+    layer.train()
+    full.train()
+    parts = [t.clone().requires_grad_() for t in batches(world, empty_rank)]
+    x = parts[rank].detach().clone().requires_grad_()
+    out, aux, _ = layer(x)
+    (out.square().sum() + aux).backward()
+    allreduce_gradients(layer)  # → gradients of the mean of the ranks' losses
+    results = [full(p) for p in parts]
+    sum(o.square().sum() + a for o, a, _ in results).backward()
+    lo, n = layer.first_local_expert, layer.num_local_experts
+    errs = {"gate_grad": rel(grad(layer.gate.wg.weight), grad(full.gate.wg.weight) / world)}
+    if x.shape[0]:
+        errs["out"] = rel(out.detach(), results[rank][0].detach())
+        errs["x_grad"] = rel(x.grad, parts[rank].grad)
+    if stacked:
+        errs["expert_grad"] = rel(grad(layer.experts.w_in),
+                                  grad(full.experts.w_in)[lo : lo + n] / world)  # fmt: skip
+    else:
+        errs["expert_grad"] = max(
+            rel(grad(layer.experts.experts[i][0].weight),
+                grad(full.experts.experts[lo + i][0].weight) / world)
+            for i in range(n)
+        )  # fmt: skip
+    return errs
+
+
+def scenario_layer(world, rank) -> dict:
+    found = {}
+    for ep in sorted({2, world}):
+        for stacked in (False, True):
+            for k in (1, 2):
+                name = f"ep{ep} {'stacked' if stacked else 'modules'} k{k}"
+                found[name] = check_layer(world, rank, ep, stacked, k, drop_tokens=False)
+    found["ep2 dropping k2"] = check_layer(world, rank, 2, False, 2, capacity_factor=0.5,
+                                           min_capacity=1, use_rts=False,
+                                           top2_2nd_expert_sampling=False)  # fmt: skip
+    found["ep2 residual k1"] = check_layer(world, rank, 2, True, 1, drop_tokens=False,
+                                           use_residual=True)  # fmt: skip
+    found["rank without tokens"] = check_layer(world, rank, world, True, 2, empty_rank=world - 1,
+                                               drop_tokens=False)  # fmt: skip
+    return found
+
+
+def scenario_deepspeed(world, rank) -> dict:
+    """DeepSpeed's MoE(ep_size=2) on the same weights, with its defaults (RTS, second-expert
+    sampling), in training, from the same seed on both: same outputs, aux loss, counts and
+    input gradients on every rank."""
+    import deepspeed
+    from deepspeed.moe.layer import MoE as DSMoE
+
+    from expertswitch.moe import convert_deepspeed_state_dict
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    found = {}
+    for k, kw in ((1, {"capacity_factor": 0.7}), (2, {"capacity_factor": 0.6}),
+                  (1, {"drop_tokens": False})):  # fmt: skip
+        e = 8
+        full = build(e, 1, False, k, min_capacity=1, **kw)
+        randomize(full, 3)
+        ours = build(e, 2, False, k, min_capacity=1, **kw)
+        copy_from_full(ours, full)
+        torch.manual_seed(0)
+        ds = DSMoE(H, expert_module(), e, ep_size=2, k=k, min_capacity=1, **kw)
+        ds.set_deepspeed_parallelism()
+        ds.load_state_dict({key.replace("experts.experts.", "deepspeed_moe.experts.deepspeed_"
+                                        "experts.").replace("gate.wg.", "deepspeed_moe.gate.wg."):
+                            v for key, v in ours.state_dict().items()})  # fmt: skip
+        assert convert_deepspeed_state_dict(ds.state_dict()).keys() == ours.state_dict().keys()
+        ds.train()
+        ours.train()
+        # DeepSpeed's capacity-padded all-to-all needs the same token count on every rank
+        x = torch.randn(12, H, generator=torch.Generator().manual_seed(200 + rank))
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        torch.manual_seed(10 + rank)
+        out_ds, aux_ds, counts_ds = ds(xs[0])
+        torch.manual_seed(10 + rank)
+        out, aux, counts = ours(xs[1])
+        (out_ds.square().sum() + aux_ds).backward()
+        (out.square().sum() + aux).backward()
+        ds_expert = ds.deepspeed_moe.experts.deepspeed_experts[0][0].weight
+        found[f"k{k} {kw}"] = {
+            "gate_grad": rel(grad(ours.gate.wg.weight), grad(ds.deepspeed_moe.gate.wg.weight)),
+            "expert_grad": rel(grad(ours.experts.experts[0][0].weight), grad(ds_expert)),
+            "out": rel(out.detach(), out_ds.detach()),
+            "aux": rel(aux.detach(), aux_ds.detach()),
+            "counts_equal": float(torch.equal(counts, counts_ds)),
+            "x_grad": rel(xs[1].grad, xs[0].grad),
+        }
+    return found
+
+
+def scenario_die(world, rank) -> dict:
+    """The last rank dies before the layer's all-to-all: the others get a clear error, fast."""
+    import time
+
+    layer = build(8, world, True, 2, drop_tokens=False)
+    if rank == world - 1:
+        os._exit(3)
+    start = time.monotonic()
+    try:
+        layer(batches(world)[rank])
+        return {"error": None}
+    except Exception as e:  # noqa: BLE001 - the point is to report what the user sees
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - start}
+
+
+def main() -> int:
+    scenario, out_path = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get(
+        "PARALLEL_TIMEOUT_S", "120"))))  # fmt: skip
+    world, rank = dist.get_world_size(), dist.get_rank()
+    try:
+        scenarios = {"layer": scenario_layer, "deepspeed": scenario_deepspeed,
+                     "die": scenario_die}  # fmt: skip
+        found = scenarios[scenario](world, rank)
+        if scenario == "die":  # no collective is possible any more: each rank writes its own
+            with open(f"{out_path}.{rank}", "w") as f:
+                json.dump(found, f)
+            os._exit(0)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, found)
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump({"world": world, "ranks": gathered}, f, indent=1)
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    assert expert_groups  # imported for the side effect-free check that the package loads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
