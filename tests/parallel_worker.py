@@ -174,6 +174,100 @@ def scenario_deepspeed(world, rank) -> dict:
     return found
 
 
+class TinyPRMoE(nn.Module):
+    """A small PR-MoE: dense, MoE of 4 Residual experts, dense, MoE of 8 (more experts later,
+    as Pyramid-MoE has it), each MoE layer at its own ep size on one world."""
+
+    def __init__(self, ep_small: int, ep_big: int, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(H, H)
+        self.moe1 = MoE(H, expert_module(), 4, ep_size=ep_small, k=1, use_residual=True,
+                        drop_tokens=False)  # fmt: skip
+        self.mid = nn.Linear(H, H)
+        self.moe2 = MoE.stacked(H, F, 8, k=2, activation="gelu", use_residual=True,
+                                ep_size=ep_big, drop_tokens=False,
+                                top2_2nd_expert_sampling=False)  # fmt: skip
+
+    def forward(self, x):
+        h, aux1, _ = self.moe1(torch.relu(self.inp(x)))
+        h, aux2, _ = self.moe2(torch.relu(self.mid(h)))
+        return h, aux1 + aux2
+
+
+def pr_moe_full(seed: int = 5) -> TinyPRMoE:
+    full = TinyPRMoE(1, 1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in full.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    return full
+
+
+def pr_moe_sharded(world: int, full: TinyPRMoE) -> TinyPRMoE:
+    model = TinyPRMoE(max(1, world // 2), world)
+    state = {}
+    for name in ("moe1", "moe2"):
+        shard = getattr(model, name)
+        copy_from_full(shard, getattr(full, name))
+        state |= {f"{name}.{k}": v for k, v in shard.state_dict().items()}
+    state |= {k: v for k, v in full.state_dict().items() if not k.startswith("moe")}
+    model.load_state_dict(state)
+    return model
+
+
+def scenario_pyramid(world, rank) -> dict:
+    """The PR-MoE model at ep (world/2, world) against one process: outputs, gradients."""
+    full = pr_moe_full()
+    model = pr_moe_sharded(world, full)
+    parts = [t.clone().requires_grad_() for t in batches(world)]
+    x = parts[rank].detach().clone().requires_grad_()
+    out, aux = model(x)
+    (out.square().sum() + aux).backward()
+    allreduce_gradients(model)
+    results = [full(p) for p in parts]
+    sum(o.square().sum() + a for o, a in results).backward()
+    errs = {"out": rel(out.detach(), results[rank][0].detach()),
+            "x_grad": rel(x.grad, parts[rank].grad),
+            "dense_grad": rel(grad(model.inp.weight), grad(full.inp.weight) / world),
+            "residual_grad": rel(grad(model.moe2.mlp.up.weight),
+                                 grad(full.moe2.mlp.up.weight) / world)}  # fmt: skip
+    for name in ("moe1", "moe2"):
+        layer, whole = getattr(model, name), getattr(full, name)
+        lo, n = layer.first_local_expert, layer.num_local_experts
+        if name == "moe1":
+            mine = torch.cat([grad(layer.experts.experts[i][0].weight) for i in range(n)])
+            ref = torch.cat([grad(whole.experts.experts[lo + i][0].weight) for i in range(n)])
+        else:
+            mine, ref = grad(layer.experts.w_in), grad(whole.experts.w_in)[lo : lo + n]
+        errs[f"{name}_expert_grad"] = rel(mine, ref / world)
+    return {"pyramid": errs}
+
+
+def scenario_save(world, rank) -> dict:
+    """Save the PR-MoE model at this world's ep sizes (checkpoint dir: $PARALLEL_CKPT)."""
+    from expertswitch.parallel import save_sharded
+
+    model = pr_moe_sharded(world, pr_moe_full())
+    save_sharded(model, os.environ["PARALLEL_CKPT"])
+    with torch.no_grad():
+        out, _ = model(batches(world)[rank])
+    return {"out": out.tolist(), "ep": [model.moe1.ep_size, model.moe2.ep_size]}
+
+
+def scenario_load(world, rank) -> dict:
+    """Load it at this world's ep sizes into a model with other weights: outputs on the
+    batches the saving world used (the saving world's rank r batch: batches(save_world)[r])."""
+    from expertswitch.parallel import load_sharded
+
+    model = TinyPRMoE(max(1, world // 2), world, seed=99)
+    load_sharded(model, os.environ["PARALLEL_CKPT"])
+    save_world = int(os.environ["PARALLEL_SAVE_WORLD"])
+    with torch.no_grad():
+        outs = [model(b)[0].tolist() for b in batches(save_world)]
+    return {"outs": outs, "ep": [model.moe1.ep_size, model.moe2.ep_size]}
+
+
 def scenario_die(world, rank) -> dict:
     """The last rank dies before the layer's all-to-all: the others get a clear error, fast."""
     import time
@@ -196,7 +290,8 @@ def main() -> int:
     world, rank = dist.get_world_size(), dist.get_rank()
     try:
         scenarios = {"layer": scenario_layer, "deepspeed": scenario_deepspeed,
-                     "die": scenario_die}  # fmt: skip
+                     "die": scenario_die, "pyramid": scenario_pyramid, "save": scenario_save,
+                     "load": scenario_load}  # fmt: skip
         found = scenarios[scenario](world, rank)
         if scenario == "die":  # no collective is possible any more: each rank writes its own
             with open(f"{out_path}.{rank}", "w") as f:

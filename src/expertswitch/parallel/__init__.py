@@ -1,6 +1,8 @@
 """Expert parallelism on torch.distributed (DeepSpeed-MoE's layout): process groups, all-to-all
-dispatch, gradient reduction. `MoE(..., ep_size=N)` uses it."""
+dispatch, gradient reduction, checkpoints reloadable at another ep_size. `MoE(..., ep_size=N)`
+uses it."""
 
+from expertswitch.parallel.checkpoint import load_sharded, read_manifest, save_sharded
 from expertswitch.parallel.grads import allreduce_gradients
 from expertswitch.parallel.groups import (
     ExpertGroups,
@@ -15,4 +17,7 @@ __all__ = [
     "expert_data_parallel_ranks",
     "expert_groups",
     "expert_parallel_ranks",
+    "load_sharded",
+    "read_manifest",
+    "save_sharded",
 ]
