@@ -123,6 +123,13 @@ def scenario_layer(world, rank) -> dict:
                                            use_residual=True)  # fmt: skip
     found["rank without tokens"] = check_layer(world, rank, world, True, 2, empty_rank=world - 1,
                                                drop_tokens=False)  # fmt: skip
+    if world >= 4:  # two "nodes" of world/2 ranks, and one rank per "node"
+        for ppn in (world // 2, 1):
+            for stacked in (False, True):
+                name = f"ep{world} hierarchical ranks_per_node={ppn} {stacked=}"
+                found[name] = check_layer(world, rank, world, stacked, 2, empty_rank=1,
+                                          drop_tokens=False, hierarchical_all_to_all=True,
+                                          ranks_per_node=ppn)  # fmt: skip
     return found
 
 

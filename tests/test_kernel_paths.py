@@ -578,3 +578,24 @@ def test_top2_second_expert_is_the_largest_remaining_logit(forced):
         assert idx.tolist() == general.tolist()
         idx, _, _ = topk_softmax_triton(lg.to(DEVICE), 2, True)  # by probability: lowest id
         assert idx.tolist() == [[0, 1], [3, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_expert_map_runs_only_this_ranks_experts(forced):
+    """w_in/w_out hold 3 of 8 experts; global routes go through the map (others add nothing):
+    the sum over the shards of the partial outputs is the whole layer's output."""
+    t, h, f, e = 14, 16, 24, 8
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(21)).to(DEVICE)
+    w_in, w_out = mlp_weights(e, h, f, seed=21)
+    idx, w = routes(t, e, 2, seed=21)
+    idx[2, 1] = -1
+    whole = dense_oracle(x, w_in, w_out, idx, w)
+    total = torch.zeros_like(whole)
+    for shard in ([0, 1, 2], [3, 4, 5], [6, 7]):
+        expert_map = torch.full((e,), -1, dtype=torch.int32)
+        expert_map[shard] = torch.arange(len(shard), dtype=torch.int32)
+        with force_kernels() if forced else torch.no_grad():
+            part = fused_moe(x, w_in[shard], w_out[shard], idx, w, expert_map=expert_map,
+                             dropless=True)  # fmt: skip
+        total += part.double()
+    assert rel_err(total, whole) < TOL

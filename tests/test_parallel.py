@@ -67,6 +67,7 @@ def test_expert_parallel_layer_equals_one_process(nproc, tmp_path):
     assert {"ep2 modules k2", "ep2 dropping k2", "rank without tokens"} <= set(cases)
     if nproc == 4:
         assert "ep4 stacked k2" in cases
+        assert sum("hierarchical" in case for case in cases) == 4
     worst = {(r, case, what): err for r, f in enumerate(found["ranks"])
              for case, errs in f.items() for what, err in errs.items()}  # fmt: skip
     assert max(worst.values()) < TOL, sorted(worst.items(), key=lambda kv: -kv[1])[:5]

@@ -83,6 +83,15 @@ def check_inputs(x, w_in, w_out, expert_idx, weights, activation) -> None:
         raise ValueError(f"dtypes differ: x {x.dtype}, w_in {w_in.dtype}, w_out {w_out.dtype}")
 
 
+def map_experts(expert_idx: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
+    """Global expert ids → local ids through expert_map (−1: held elsewhere, or dropped); ids
+    outside the map become −1 as well (dropped, as the kernels treat them)."""
+    n = expert_map.numel()
+    valid = (expert_idx >= 0) & (expert_idx < n)
+    local = expert_map.to(device=expert_idx.device, dtype=expert_idx.dtype)
+    return torch.where(valid, local[expert_idx.clamp(0, max(n - 1, 0))], -1)
+
+
 def check_expert_ids(expert_idx: torch.Tensor, num_experts: int) -> None:
     """Host check (one synchronisation) that every id names an expert or is −1 (dropped). The
     Triton path cannot raise without a synchronisation: it treats an id outside [0, E) as a
@@ -503,11 +512,17 @@ def fused_moe(
     b_out: torch.Tensor | None = None,
     use_triton: bool | None = None,
     dropless: bool = False,
+    expert_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused kernel on CUDA tensors when Triton is present, else the reference.
     `use_triton=True` forces the kernel (e.g. under TRITON_INTERPRET=1 on CPU), as does
     kernels.select.force_kernels(). dropless=True: the caller promises every route has an
-    expert (no −1)."""
+    expert (no −1). expert_map int [E_global]: expert_idx holds global ids and w_in/w_out
+    only this rank's experts; map[g] is g's local index, −1 where another rank holds it (its
+    routes add nothing here) — no re-indexing by the caller, no host synchronisation."""
+    if expert_map is not None:
+        expert_idx = map_experts(expert_idx, expert_map)
+        dropless = False
     if use_triton is None:
         use_triton = kernels_for(x)
     if not use_triton:

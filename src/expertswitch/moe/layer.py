@@ -7,8 +7,10 @@ checkpoint's keys). `MoE.stacked(...)` builds the fast variant: experts as stack
 weights run by one grouped kernel (kernels/fused_moe.py) instead of a module per expert.
 
 Keyword-only additions to DeepSpeed's signature: `drop_policy` ("probs", DeepSpeed's default,
-or "position": which routes an over-full expert keeps when k > 2) and `deterministic_eval`
-(True: no random token selection or second-expert sampling in eval; False: DeepSpeed's eval).
+or "position": which routes an over-full expert keeps when k > 2), `deterministic_eval`
+(True: no random token selection or second-expert sampling in eval; False: DeepSpeed's eval),
+and `hierarchical_all_to_all` (+ `ranks_per_node`, default torchrun's LOCAL_WORLD_SIZE) for
+ep_size > 1: the all-to-all in two stages, inside nodes then across them (parallel/).
 Training routes as DeepSpeed's does, random draws included (moe/gate.py).
 
 Residual-MoE (DeepSpeed-MoE §4.1, `use_residual=True`): a dense MLP runs beside the experts and
@@ -19,6 +21,7 @@ c = softmax(Linear(hidden → 2)(x)).
 from __future__ import annotations
 
 import copy
+import os
 import re
 
 import torch
@@ -58,6 +61,8 @@ class MoE(nn.Module):
         z_loss_coef: float = 0.0,
         drop_policy: str = "probs",
         deterministic_eval: bool = True,
+        hierarchical_all_to_all: bool = False,
+        ranks_per_node: int | None = None,
     ):
         super().__init__()
         if enable_expert_tensor_parallelism:
@@ -74,7 +79,13 @@ class MoE(nn.Module):
                               "same number of experts")  # fmt: skip
         self.num_experts = num_experts
         self.ep_size = ep_size
-        self.groups = expert_groups(ep_size) if ep_size > 1 else None
+        ppn = 0
+        if hierarchical_all_to_all:  # torchrun sets LOCAL_WORLD_SIZE: the ranks of one node
+            ppn = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+            if ppn < 1:
+                raise ConfigError("hierarchical_all_to_all needs the ranks per node: launch "
+                                  "with torchrun, or pass ranks_per_node=")  # fmt: skip
+        self.groups = expert_groups(ep_size, ppn) if ep_size > 1 else None
         self.use_residual = use_residual
         self.z_loss_coef = z_loss_coef
         self.gate = TopKGate(

@@ -13,6 +13,12 @@ On every rank of an EP group of size ep, with E experts (rank r holds experts
 
 Ranks that receive no rows still take part in every exchange, so a rank whose tokens all go
 elsewhere (or that has no tokens) never stalls the others.
+
+Hierarchical (groups made with ranks_per_node, DeepSpeed-MoE's inference all-to-all): the
+exchange runs in two stages — inside each node, to the rank with the destination's index in
+its node; then across nodes among the ranks with that index — so each rank sends one message
+per other node rather than one per other rank (latency-bound at scale), for one extra NVLink
+hop of the bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,24 @@ import torch.distributed.nn.functional as dist_fn
 
 from expertswitch.errors import ParallelError
 from expertswitch.parallel.groups import ExpertGroups
+
+# bytes this rank has handed to all-to-all (forward exchanges) since the last reset: all of
+# them, and those bound for other ranks (what crosses a link); benchmarks/parallel.py reads it
+TRAFFIC = {"calls": 0, "bytes": 0, "remote_bytes": 0, "messages": 0}
+
+
+def reset_traffic() -> None:
+    TRAFFIC.update(calls=0, bytes=0, remote_bytes=0, messages=0)
+
+
+def _count(t: torch.Tensor, splits: list[int], me: int) -> None:
+    """Bytes handed to one exchange, those bound for other ranks, and the non-empty messages
+    to other ranks (rows and ids travel together: one message)."""
+    row = t[0].numel() * t.element_size() if t.shape[0] else 0
+    TRAFFIC["bytes"] += sum(splits) * row
+    TRAFFIC["remote_bytes"] += (sum(splits) - splits[me]) * row
+    if t.is_floating_point():
+        TRAFFIC["messages"] += sum(1 for i, n in enumerate(splits) if i != me and n)
 
 
 def _collective(groups: ExpertGroups, what: str, fn, *args, **kw):
@@ -42,18 +66,64 @@ def _collective(groups: ExpertGroups, what: str, fn, *args, **kw):
         ) from e
 
 
-def _exchange(t: torch.Tensor, out_splits: list[int], in_splits: list[int], groups, grad: bool):
+def _exchange(t: torch.Tensor, out_splits: list[int], in_splits: list[int], groups, grad: bool,
+              group=None, me: int | None = None):  # fmt: skip
+    """all_to_all_single of t's rows over group (default: the EP group); me: this rank's index
+    in that group (for the traffic count)."""
+    group = groups.ep_group if group is None else group
     out = t.new_empty((sum(out_splits), *t.shape[1:]))
+    _count(t, in_splits, groups.ep_rank if me is None else me)
     if grad:  # autograd: the backward is the reverse exchange. Every rank must reach it, so
         # the exchange is recorded even where nothing upstream needs a gradient (a rank with
         # no rows for its experts): a collective in one rank's backward only would hang
         if not t.requires_grad:
             t = t.detach().requires_grad_()
         return _collective(groups, "all-to-all", dist_fn.all_to_all_single, out, t.contiguous(),
-                           out_splits, in_splits, group=groups.ep_group)  # fmt: skip
+                           out_splits, in_splits, group=group)  # fmt: skip
     _collective(groups, "all-to-all", dist.all_to_all_single, out, t.contiguous(), out_splits,
-                in_splits, group=groups.ep_group)  # fmt: skip
+                in_splits, group=group)  # fmt: skip
     return out
+
+
+def _splits(keys: torch.Tensor, n: int, groups, group) -> tuple[list[int], list[int]]:
+    """(send, receive) split sizes over group for rows whose destinations are keys (0..n−1):
+    the counts are exchanged first, as every variable all-to-all needs."""
+    send = torch.bincount(keys, minlength=n)
+    recv = torch.empty_like(send)
+    _collective(groups, "route count exchange", dist.all_to_all_single, recv, send, group=group)
+    TRAFFIC["bytes"] += n * send.element_size()
+    TRAFFIC["remote_bytes"] += (n - 1) * send.element_size()
+    return send.tolist(), recv.tolist()
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    return inv
+
+
+def _hierarchical(rows, gid, e_local, groups, run_local, grad):
+    """The two-stage exchange: inside the node to the rank whose node index matches the
+    destination's, then across nodes among same-index ranks — one message per node pair
+    instead of one per rank pair. Results return along the same path, reversed."""
+    ppn = groups.ranks_per_node
+    nodes = groups.ep_size // ppn
+    me_local, me_node = groups.ep_rank % ppn, groups.ep_rank // ppn
+    dest = torch.div(gid, e_local, rounding_mode="floor")
+    o1 = torch.argsort(dest % ppn, stable=True)  # stage 1: by destination's index in a node
+    s1, r1 = _splits((dest % ppn)[o1], ppn, groups, groups.node_group)
+    rows1 = _exchange(rows.index_select(0, o1), r1, s1, groups, grad, groups.node_group, me_local)
+    gid1 = _exchange(gid[o1], r1, s1, groups, False, groups.node_group, me_local)
+    node_of = torch.div(torch.div(gid1, e_local, rounding_mode="floor"), ppn, rounding_mode="floor")
+    o2 = torch.argsort(node_of, stable=True)  # stage 2: by destination node
+    s2, r2 = _splits(node_of[o2], nodes, groups, groups.cross_node_group)
+    cross = groups.cross_node_group
+    rows2 = _exchange(rows1.index_select(0, o2), r2, s2, groups, grad, cross, me_node)
+    gid2 = _exchange(gid1[o2], r2, s2, groups, False, cross, me_node)
+    done = run_local(rows2, gid2 - groups.ep_rank * e_local)
+    back2 = _exchange(done, s2, r2, groups, grad, cross, me_node).index_select(0, _inverse(o2))
+    back1 = _exchange(back2, s1, r1, groups, grad, groups.node_group, me_local)
+    return back1.index_select(0, _inverse(o1))
 
 
 def expert_parallel_moe(
@@ -76,15 +146,17 @@ def expert_parallel_moe(
     order = order[: int(kept.sum())]
     gid = flat[order]
     tokens = torch.div(order, k, rounding_mode="floor")
-    send = torch.bincount(torch.div(gid, e_local, rounding_mode="floor"), minlength=ep)
-    recv = torch.empty_like(send)
-    _collective(groups, "route count exchange", dist.all_to_all_single, recv, send, group=group)
-    send_splits, recv_splits = send.tolist(), recv.tolist()
+    TRAFFIC["calls"] += 1
     grad = torch.is_grad_enabled()
-    rows = _exchange(x.index_select(0, tokens), recv_splits, send_splits, groups, grad)
-    ids = _exchange(gid, recv_splits, send_splits, groups, False) - groups.ep_rank * e_local
-    done = run_local(rows, ids)
-    back = _exchange(done, send_splits, recv_splits, groups, grad)
+    if groups.ranks_per_node:
+        back = _hierarchical(x.index_select(0, tokens), gid, e_local, groups, run_local, grad)
+    else:
+        dest = torch.div(gid, e_local, rounding_mode="floor")
+        send_splits, recv_splits = _splits(dest, ep, groups, group)
+        rows = _exchange(x.index_select(0, tokens), recv_splits, send_splits, groups, grad)
+        ids = _exchange(gid, recv_splits, send_splits, groups, False) - groups.ep_rank * e_local
+        done = run_local(rows, ids)
+        back = _exchange(done, send_splits, recv_splits, groups, grad)
     scaled = back.float() * weights.reshape(-1)[order].float().unsqueeze(-1)
     out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
     return out.index_add(0, tokens, scaled).to(x.dtype)
