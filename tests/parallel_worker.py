@@ -275,6 +275,44 @@ def scenario_load(world, rank) -> dict:
     return {"outs": outs, "ep": [model.moe1.ep_size, model.moe2.ep_size]}
 
 
+def scenario_tensor(world, rank) -> dict:
+    """A tensor-sliced MLP (column then row parallel, tp = world) feeding a MoE layer at
+    ep = world, every rank holding the same tokens: outputs and gradients equal one process."""
+    from expertswitch.parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        tensor_parallel_group,
+    )
+
+    torch.manual_seed(7)
+    fc1, fc2 = nn.Linear(H, 4 * H), nn.Linear(4 * H, H)
+    full_moe = build(8, 1, True, 2, drop_tokens=False, top2_2nd_expert_sampling=False)
+    randomize(full_moe, 8)
+    group = tensor_parallel_group(world)
+    col = ColumnParallelLinear.from_linear(fc1, group)
+    row = RowParallelLinear.from_linear(fc2, group)
+    moe = build(8, world, True, 2, drop_tokens=False, top2_2nd_expert_sampling=False)
+    copy_from_full(moe, full_moe)
+    x = torch.randn(10, H, generator=torch.Generator().manual_seed(9))  # the same on all ranks
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    out, _, _ = moe(row(torch.relu(col(xs[0]))))
+    ref, _, _ = full_moe(fc2(torch.relu(fc1(xs[1]))))
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    rows = slice(rank * 4 * H // world, (rank + 1) * 4 * H // world)
+    # every rank sent the same tokens, so each expert summed `world` copies of its gradient;
+    # allreduce_gradients' division by the world size makes it the one-process gradient
+    allreduce_gradients(moe)
+    return {"tensor": {
+        "out": rel(out.detach(), ref.detach()), "x_grad": rel(xs[0].grad, xs[1].grad),
+        "col_grad": rel(col.linear.weight.grad, fc1.weight.grad[rows]),
+        "row_grad": rel(row.linear.weight.grad, fc2.weight.grad[:, rows]),
+        "expert_grad": rel(grad(moe.experts.w_in),
+                           grad(full_moe.experts.w_in)[moe.first_local_expert :][
+                               : moe.num_local_experts]),
+    }}  # fmt: skip
+
+
 def scenario_die(world, rank) -> dict:
     """The last rank dies before the layer's all-to-all: the others get a clear error, fast."""
     import time
@@ -298,7 +336,7 @@ def main() -> int:
     try:
         scenarios = {"layer": scenario_layer, "deepspeed": scenario_deepspeed,
                      "die": scenario_die, "pyramid": scenario_pyramid, "save": scenario_save,
-                     "load": scenario_load}  # fmt: skip
+                     "load": scenario_load, "tensor": scenario_tensor}  # fmt: skip
         found = scenarios[scenario](world, rank)
         if scenario == "die":  # no collective is possible any more: each rank writes its own
             with open(f"{out_path}.{rank}", "w") as f:

@@ -215,3 +215,21 @@ def test_checkpoint_loader_fuzz(tmp_path):
             for a, b in zip(target.state_dict().values(), model.state_dict().values()):
                 assert torch.equal(a, b), (victim, how)
         victim.write_bytes(pristine[victim])
+
+
+def test_tensor_sliced_dense_layers_with_expert_parallel_moe(tmp_path):
+    """Column- then row-parallel MLP (tp = 2, Megatron's gradients) feeding a MoE layer at
+    ep = 2 on the same two ranks: outputs and gradients equal one process."""
+    found = torchrun(2, "tensor", tmp_path)
+    worst = max(v for f in found["ranks"] for c in f.values() for v in c.values())
+    assert worst < TOL, found["ranks"]
+
+
+def test_tensor_parallel_layout_and_errors():
+    from expertswitch.parallel import ColumnParallelLinear, tensor_parallel_ranks
+
+    assert tensor_parallel_ranks(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(ConfigError, match="must divide"):
+        tensor_parallel_ranks(6, 4)
+    with pytest.raises(ConfigError, match="torchrun"):
+        ColumnParallelLinear(8, 8, None)

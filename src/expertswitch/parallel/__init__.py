@@ -10,9 +10,17 @@ from expertswitch.parallel.groups import (
     expert_groups,
     expert_parallel_ranks,
 )
+from expertswitch.parallel.tensor import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    tensor_parallel_group,
+    tensor_parallel_ranks,
+)
 
 __all__ = [
+    "ColumnParallelLinear",
     "ExpertGroups",
+    "RowParallelLinear",
     "allreduce_gradients",
     "expert_data_parallel_ranks",
     "expert_groups",
@@ -20,4 +28,6 @@ __all__ = [
     "load_sharded",
     "read_manifest",
     "save_sharded",
+    "tensor_parallel_group",
+    "tensor_parallel_ranks",
 ]

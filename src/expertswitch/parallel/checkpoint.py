@@ -19,7 +19,6 @@ layers differ from the checkpoint's is refused naming the layer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from expertswitch.errors import CheckpointError
+from expertswitch.io.archive import file_checksum
 
 MANIFEST = "moe_checkpoint.json"
 FORMAT = "expertswitch-moe-sharded"
@@ -67,20 +67,12 @@ def _expert_keys(model: nn.Module) -> set[str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write(tensors: dict[str, torch.Tensor], path: Path) -> str:
     """Write atomically (a temporary file renamed into place); the sha256 of what was written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    digest = _sha256(tmp)
+    digest = file_checksum(tmp)
     os.replace(tmp, path)
     return digest
 
@@ -186,7 +178,7 @@ def _load_checked(root: Path, rel: str, manifest: dict) -> dict[str, torch.Tenso
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (copy every "
                               "file under experts/ too)")  # fmt: skip
-    if _sha256(path) != digest:
+    if file_checksum(path) != digest:
         raise CheckpointError(f"{path} does not match the manifest's sha256: the file is "
                               "truncated, corrupt or from another save")  # fmt: skip
     try:

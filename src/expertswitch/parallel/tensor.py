@@ -1,0 +1,170 @@
+"""Tensor slicing of the dense layers (Megatron-style), to combine with expert parallelism.
+
+    col = ColumnParallelLinear.from_linear(fc1, group)   # this rank: rows r·N/tp .. of W
+    row = RowParallelLinear.from_linear(fc2, group)      # this rank: columns r·K/tp .. of W
+    y = row(act(col(x)))                                 # one all-reduce per pair
+
+The column-parallel layer keeps its slice of the output (no communication); the row-parallel
+layer takes that slice as input and sums the partial products over the group (all-reduce),
+so an MLP or an attention projection pair costs one all-reduce. Every rank of the group
+holds the same tokens. Gradients follow Megatron (the input's gradient summed over the group
+in the backward of the column layer, none added in the row layer's), and
+`from_linear` slices an existing nn.Linear, so a model built on one process can be split
+after loading its checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from expertswitch.errors import ConfigError
+
+
+def _group_shape(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("tensor slicing needs torch.distributed: launch with torchrun first")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def tensor_parallel_ranks(world_size: int, tp_size: int) -> list[list[int]]:
+    """Tensor-parallel groups: consecutive blocks of tp_size ranks (Megatron's layout, the
+    ranks of one node when tp_size ≤ its GPUs)."""
+    if tp_size < 1 or world_size % tp_size:
+        raise ConfigError(f"tp_size={tp_size} must divide the world size ({world_size})")
+    return [list(range(g, g + tp_size)) for g in range(0, world_size, tp_size)]
+
+
+def tensor_parallel_group(tp_size: int):
+    """This rank's tensor-parallel group (collective: every rank calls it)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for ranks in tensor_parallel_ranks(world, tp_size):
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            mine = g
+    return mine
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Megatron's f: identity forward; backward sums the input gradient over the group (each
+    rank's slice of the next layer contributed part of it)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    """Megatron's g: all-reduce forward; identity backward (the output is replicated)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromGroup(torch.autograd.Function):
+    """All-gather along the last dimension forward; this rank's slice of the gradient back."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.width = group, x.shape[-1]
+        ctx.rank = dist.get_rank(group)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lo = ctx.rank * ctx.width
+        return grad[..., lo : lo + ctx.width].contiguous(), None
+
+
+def _split(n: int, tp: int, what: str) -> int:
+    if n % tp:
+        raise ConfigError(f"{what}={n} does not split into {tp} equal slices: choose a "
+                          "tensor-parallel size that divides it")  # fmt: skip
+    return n // tp
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x Wᵀ + b with W's output rows split over the group; the output stays split
+    ([..., N/tp]) unless gather_output (all-gather along the last dimension)."""
+
+    def __init__(self, in_features: int, out_features: int, group, bias: bool = True,
+                 gather_output: bool = False, dtype=None, device=None):  # fmt: skip
+        super().__init__()
+        self.group = group
+        self.tp, self.rank = _group_shape(group)
+        self.out_per_rank = _split(out_features, self.tp, "out_features")
+        self.gather_output = gather_output
+        self.linear = nn.Linear(in_features, self.out_per_rank, bias=bias, dtype=dtype,
+                                device=device)  # fmt: skip
+
+    @classmethod
+    def from_linear(cls, full: nn.Linear, group, gather_output: bool = False):
+        layer = cls(full.in_features, full.out_features, group, full.bias is not None,
+                    gather_output, full.weight.dtype, full.weight.device)  # fmt: skip
+        rows = slice(layer.rank * layer.out_per_rank, (layer.rank + 1) * layer.out_per_rank)
+        with torch.no_grad():
+            layer.linear.weight.copy_(full.weight[rows])
+            if full.bias is not None:
+                layer.linear.bias.copy_(full.bias[rows])
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(_CopyToGroup.apply(x, self.group))
+        return _GatherFromGroup.apply(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x Wᵀ + b with W's input columns split over the group: x is this rank's slice
+    ([..., K/tp], input_is_parallel) or the whole input (sliced here); partial products are
+    summed over the group (all-reduce), the bias added once."""
+
+    def __init__(self, in_features: int, out_features: int, group, bias: bool = True,
+                 input_is_parallel: bool = True, dtype=None, device=None):  # fmt: skip
+        super().__init__()
+        self.group = group
+        self.tp, self.rank = _group_shape(group)
+        self.in_per_rank = _split(in_features, self.tp, "in_features")
+        self.input_is_parallel = input_is_parallel
+        self.linear = nn.Linear(self.in_per_rank, out_features, bias=False, dtype=dtype,
+                                device=device)  # fmt: skip
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias \
+            else None  # fmt: skip
+
+    @classmethod
+    def from_linear(cls, full: nn.Linear, group, input_is_parallel: bool = True):
+        layer = cls(full.in_features, full.out_features, group, full.bias is not None,
+                    input_is_parallel, full.weight.dtype, full.weight.device)  # fmt: skip
+        cols = slice(layer.rank * layer.in_per_rank, (layer.rank + 1) * layer.in_per_rank)
+        with torch.no_grad():
+            layer.linear.weight.copy_(full.weight[:, cols])
+            if full.bias is not None:
+                layer.bias.copy_(full.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = x[..., self.rank * self.in_per_rank : (self.rank + 1) * self.in_per_rank]
+        if x.shape[-1] != self.in_per_rank:
+            raise ConfigError(f"RowParallelLinear expects this rank's {self.in_per_rank} input "
+                              f"features, got {x.shape[-1]} (input_is_parallel="
+                              f"{self.input_is_parallel})")  # fmt: skip
+        y = _ReduceFromGroup.apply(self.linear(x), self.group)
+        return y if self.bias is None else y + self.bias
