@@ -123,6 +123,12 @@ def scenario_layer(world, rank) -> dict:
                                            use_residual=True)  # fmt: skip
     found["rank without tokens"] = check_layer(world, rank, world, True, 2, empty_rank=world - 1,
                                                drop_tokens=False)  # fmt: skip
+    found["ep2 padded dropping k2"] = check_layer(world, rank, 2, True, 2, capacity_factor=0.5,
+                                                  min_capacity=1, use_rts=False,
+                                                  padded_all_to_all=True)  # fmt: skip
+    found[f"ep{world} padded dropless k1"] = check_layer(world, rank, world, False, 1,
+                                                        empty_rank=0, drop_tokens=False,
+                                                        padded_all_to_all=True)  # fmt: skip
     if world >= 4:  # two "nodes" of world/2 ranks, and one rank per "node"
         for ppn in (world // 2, 1):
             for stacked in (False, True):

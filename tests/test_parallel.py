@@ -59,12 +59,19 @@ def test_expert_parallel_layer_needs_a_process_group():
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_expert_parallel_layer_equals_one_process(nproc, tmp_path):
     """Forward and backward of MoE layers (module and stacked experts, top-1/2, dropless and
-    dropping, Residual-MoE, a rank with no tokens; ep 2 and ep = world) equal one process
-    holding every expert, after allreduce_gradients."""
+    dropping, Residual-MoE, a rank with no tokens; ep 2 and ep = world; the flat, DeepSpeed's
+    padded and the hierarchical all-to-all) equal one process holding every expert, after
+    allreduce_gradients."""
     found = torchrun(nproc, "layer", tmp_path)
     assert found["world"] == nproc and len(found["ranks"]) == nproc
     cases = found["ranks"][0]
-    assert {"ep2 modules k2", "ep2 dropping k2", "rank without tokens"} <= set(cases)
+    assert {
+        "ep2 modules k2",
+        "ep2 dropping k2",
+        "rank without tokens",
+        "ep2 padded dropping k2",
+        f"ep{nproc} padded dropless k1",
+    } <= set(cases)
     if nproc == 4:
         assert "ep4 stacked k2" in cases
         assert sum("hierarchical" in case for case in cases) == 4

@@ -25,6 +25,7 @@ import os
 import re
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -63,6 +64,7 @@ class MoE(nn.Module):
         deterministic_eval: bool = True,
         hierarchical_all_to_all: bool = False,
         ranks_per_node: int | None = None,
+        padded_all_to_all: bool = False,
     ):
         super().__init__()
         if enable_expert_tensor_parallelism:
@@ -86,6 +88,9 @@ class MoE(nn.Module):
                 raise ConfigError("hierarchical_all_to_all needs the ranks per node: launch "
                                   "with torchrun, or pass ranks_per_node=")  # fmt: skip
         self.groups = expert_groups(ep_size, ppn) if ep_size > 1 else None
+        if padded_all_to_all and hierarchical_all_to_all:
+            raise ConfigError("choose the padded (DeepSpeed's) or the hierarchical all-to-all")
+        self.padded_all_to_all = padded_all_to_all
         self.use_residual = use_residual
         self.z_loss_coef = z_loss_coef
         self.gate = TopKGate(
@@ -142,14 +147,23 @@ class MoE(nn.Module):
         return self.groups.ep_rank * self.num_local_experts if self.groups else 0
 
     def _experts_forward(self, x: torch.Tensor, gate) -> torch.Tensor:
-        return self._run_experts(x, gate.expert_idx, gate.weights)
+        return self._run_experts(x, gate.expert_idx, gate.weights, capacity=gate.capacity)
 
-    def _run_experts(self, x, expert_idx, weights, dropless: bool = False) -> torch.Tensor:
+    def _run_experts(self, x, expert_idx, weights, dropless: bool = False,
+                     capacity: int | None = None) -> torch.Tensor:  # fmt: skip
         """Σ_r weights · expert(x) over each token's routes: here, or across the EP group."""
-        if self.groups is not None:
-            return expert_parallel_moe(x, expert_idx, weights, self.num_experts, self.groups,
-                                       self._run_local)  # fmt: skip
-        return self._local_experts(x, expert_idx, weights, dropless)
+        if self.groups is None:
+            return self._local_experts(x, expert_idx, weights, dropless)
+        cap = None
+        if self.padded_all_to_all:  # DeepSpeed's format: one capacity for the whole group
+            if capacity is None:  # dropless inference: the fullest expert's routes
+                kept = expert_idx[expert_idx >= 0]
+                capacity = int(torch.bincount(kept, minlength=self.num_experts).max())
+            cap = torch.tensor(max(capacity, 1), device=x.device)
+            dist.all_reduce(cap, op=dist.ReduceOp.MAX, group=self.groups.ep_group)
+            cap = int(cap)
+        return expert_parallel_moe(x, expert_idx, weights, self.num_experts, self.groups,
+                                   self._run_local, cap)  # fmt: skip
 
     def _run_local(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """This rank's experts on rows [R, H] whose experts are local_ids [R] (0-based here)."""

@@ -14,6 +14,9 @@ On every rank of an EP group of size ep, with E experts (rank r holds experts
 Ranks that receive no rows still take part in every exchange, so a rank whose tokens all go
 elsewhere (or that has no tokens) never stalls the others.
 
+Padded (capacity given): DeepSpeed's wire format, a [E, capacity, H] buffer per rank with equal
+splits — no count exchange, static shapes, more bytes.
+
 Hierarchical (groups made with ranks_per_node, DeepSpeed-MoE's inference all-to-all): the
 exchange runs in two stages — inside each node, to the rank with the destination's index in
 its node; then across nodes among the ranks with that index — so each rank sends one message
@@ -29,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-from expertswitch.errors import ParallelError
+from expertswitch.errors import ConfigError, ParallelError
 from expertswitch.parallel.groups import ExpertGroups
 
 # bytes this rank has handed to all-to-all (forward exchanges) since the last reset: all of
@@ -102,6 +105,25 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+def _padded(rows, gid, e_local, groups, run_local, grad, capacity: int):
+    """DeepSpeed's exchange: a [E, capacity, H] buffer (route r of expert e at slot r's rank
+    among e's routes, in token order), equal splits both ways."""
+    n, ep = gid.numel(), groups.ep_size
+    first = torch.searchsorted(gid, gid)  # gid is sorted: the first route of each expert
+    slot = torch.arange(n, device=gid.device) - first
+    if n and int(slot.max()) >= capacity:
+        raise ConfigError(f"an expert got {int(slot.max()) + 1} routes for a capacity of "
+                          f"{capacity}: the padded all-to-all needs the gate's capacity (or "
+                          "the dropless maximum)")  # fmt: skip
+    where = gid * capacity + slot
+    buffer = rows.new_zeros(e_local * ep * capacity, rows.shape[-1]).index_copy(0, where, rows)
+    splits = [e_local * capacity] * ep
+    received = _exchange(buffer, splits, splits, groups, grad)
+    local = torch.arange(received.shape[0], device=gid.device) // capacity % e_local
+    done = run_local(received, local)
+    return _exchange(done, splits, splits, groups, grad).index_select(0, where)
+
+
 def _hierarchical(rows, gid, e_local, groups, run_local, grad):
     """The two-stage exchange: inside the node to the rank whose node index matches the
     destination's, then across nodes among same-index ranks — one message per node pair
@@ -133,10 +155,14 @@ def expert_parallel_moe(
     num_experts: int,
     groups: ExpertGroups,
     run_local: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    capacity: int | None = None,
 ) -> torch.Tensor:
     """x [T, H], expert_idx int64 [T, k] (global ids, −1 = dropped), weights [T, k] →
     Σ_r weights[t, r] · expert_{idx[t, r]}(x[t]) [T, H], the experts spread over the EP group.
-    run_local(rows [R, H], local expert ids int64 [R]) → [R, H] runs this rank's experts."""
+    run_local(rows [R, H], local expert ids int64 [R]) → [R, H] runs this rank's experts.
+    capacity: DeepSpeed's wire format instead — every rank sends each expert a [capacity, H]
+    block (zero rows where it has fewer routes), equal splits, no count exchange; the same
+    result, more bytes (the gate must not keep more than capacity routes per expert)."""
     ep, group = groups.ep_size, groups.ep_group
     e_local = num_experts // ep
     t, k = expert_idx.shape
@@ -148,7 +174,10 @@ def expert_parallel_moe(
     tokens = torch.div(order, k, rounding_mode="floor")
     TRAFFIC["calls"] += 1
     grad = torch.is_grad_enabled()
-    if groups.ranks_per_node:
+    if capacity is not None:
+        back = _padded(x.index_select(0, tokens), gid, e_local, groups, run_local, grad,
+                       capacity)  # fmt: skip
+    elif groups.ranks_per_node:
         back = _hierarchical(x.index_select(0, tokens), gid, e_local, groups, run_local, grad)
     else:
         dest = torch.div(gid, e_local, rounding_mode="floor")
