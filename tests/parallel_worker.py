@@ -74,13 +74,18 @@ def batches(world: int, empty_rank: int | None = None) -> list[torch.Tensor]:
             for r, n in enumerate(sizes)]  # fmt: skip
 
 
-def check_layer(world, rank, ep_size, stacked, k, empty_rank=None, **kw) -> dict:
+def check_layer(world, rank, ep_size, stacked, k, empty_rank=None, one_expert=False,
+                **kw) -> dict:  # fmt: skip
     """EP forward/backward of one layer vs the full layer, one process, on every rank's batch
-    (each gated as its rank gates it: capacity and aux loss are per rank)."""
+    (each gated as its rank gates it: capacity and aux loss are per rank). one_expert: a zero
+    gate (all logits tie) sends every token to the first experts, so other ranks get no rows."""
     e = 8
     kw.setdefault("top2_2nd_expert_sampling", False)  # random: the oracle draws differently
     full = build(e, 1, stacked, k, **kw)
     randomize(full, 1)
+    if one_expert:
+        with torch.no_grad():
+            full.gate.wg.weight.zero_()
     layer = build(e, ep_size, stacked, k, **kw)
     copy_from_full(layer, full)
     layer.train()
@@ -129,6 +134,11 @@ def scenario_layer(world, rank) -> dict:
     found[f"ep{world} padded dropless k1"] = check_layer(world, rank, world, False, 1,
                                                         empty_rank=0, drop_tokens=False,
                                                         padded_all_to_all=True)  # fmt: skip
+    for hier in (False, True) if world >= 4 else (False,):
+        name = f"ep{world} stacked, other ranks get no rows" + (" hierarchical" if hier else "")
+        found[name] = check_layer(world, rank, world, True, 1, one_expert=True,
+                                  drop_tokens=False, hierarchical_all_to_all=hier,
+                                  ranks_per_node=2 if hier else None)  # fmt: skip
     if world >= 4:  # two "nodes" of world/2 ranks, and one rank per "node"
         for ppn in (world // 2, 1):
             for stacked in (False, True):
@@ -268,6 +278,32 @@ def scenario_save(world, rank) -> dict:
     return {"out": out.tolist(), "ep": [model.moe1.ep_size, model.moe2.ep_size]}
 
 
+def scenario_save_twice(world, rank) -> dict:
+    """A second save without overwrite: the same CheckpointError on every rank (none left
+    waiting in a collective); a model with tied weights saves and loads."""
+    from expertswitch.errors import CheckpointError
+    from expertswitch.parallel import load_sharded, save_sharded
+
+    model = pr_moe_sharded(world, pr_moe_full())
+    model.head = nn.Linear(H, H, bias=False)
+    model.head.weight = model.inp.weight  # tied, as an LM's embedding and head
+    path = os.environ["PARALLEL_CKPT"]
+    save_sharded(model, path)
+    try:
+        save_sharded(model, path)
+        second = "saved again"
+    except CheckpointError as e:
+        second = str(e)
+    other = TinyPRMoE(max(1, world // 2), world, seed=3)
+    other.head = nn.Linear(H, H, bias=False)
+    other.head.weight = other.inp.weight
+    load_sharded(other, path)
+    x = batches(world)[rank]
+    with torch.no_grad():
+        same = rel(other(x)[0], model(x)[0])
+    return {"second": second, "same": same, "tied": other.head.weight is other.inp.weight}
+
+
 def scenario_load(world, rank) -> dict:
     """Load it at this world's ep sizes into a model with other weights: outputs on the
     batches the saving world used (the saving world's rank r batch: batches(save_world)[r])."""
@@ -282,41 +318,54 @@ def scenario_load(world, rank) -> dict:
 
 
 def scenario_tensor(world, rank) -> dict:
-    """A tensor-sliced MLP (column then row parallel, tp = world) feeding a MoE layer at
-    ep = world, every rank holding the same tokens: outputs and gradients equal one process."""
+    """Tensor-sliced MLPs (tp = 2; data parallel over the tp groups beyond) feeding a MoE layer
+    at ep = world; the ranks of a tp group share their tokens. Both forms: column output kept
+    split into a row layer taking split input, and gathered into one that slices its input.
+    After allreduce_gradients over the whole model: outputs and every gradient equal one
+    process on all the tp groups' batches (the mean of their losses)."""
     from expertswitch.parallel import (
         ColumnParallelLinear,
         RowParallelLinear,
         tensor_parallel_group,
     )
 
-    torch.manual_seed(7)
-    fc1, fc2 = nn.Linear(H, 4 * H), nn.Linear(4 * H, H)
-    full_moe = build(8, 1, True, 2, drop_tokens=False, top2_2nd_expert_sampling=False)
-    randomize(full_moe, 8)
-    group = tensor_parallel_group(world)
-    col = ColumnParallelLinear.from_linear(fc1, group)
-    row = RowParallelLinear.from_linear(fc2, group)
-    moe = build(8, world, True, 2, drop_tokens=False, top2_2nd_expert_sampling=False)
-    copy_from_full(moe, full_moe)
-    x = torch.randn(10, H, generator=torch.Generator().manual_seed(9))  # the same on all ranks
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    out, _, _ = moe(row(torch.relu(col(xs[0]))))
-    ref, _, _ = full_moe(fc2(torch.relu(fc1(xs[1]))))
-    out.square().sum().backward()
-    ref.square().sum().backward()
-    rows = slice(rank * 4 * H // world, (rank + 1) * 4 * H // world)
-    # every rank sent the same tokens, so each expert summed `world` copies of its gradient;
-    # allreduce_gradients' division by the world size makes it the one-process gradient
-    allreduce_gradients(moe)
-    return {"tensor": {
-        "out": rel(out.detach(), ref.detach()), "x_grad": rel(xs[0].grad, xs[1].grad),
-        "col_grad": rel(col.linear.weight.grad, fc1.weight.grad[rows]),
-        "row_grad": rel(row.linear.weight.grad, fc2.weight.grad[:, rows]),
-        "expert_grad": rel(grad(moe.experts.w_in),
-                           grad(full_moe.experts.w_in)[moe.first_local_expert :][
-                               : moe.num_local_experts]),
-    }}  # fmt: skip
+    tp, found = 2, {}
+    group = tensor_parallel_group(tp)
+    n_dp = world // tp
+    for gather in (False, True):
+        torch.manual_seed(7)
+        fc1, fc2 = nn.Linear(H, 4 * H), nn.Linear(4 * H, H)
+        full_moe = build(8, 1, True, 2, drop_tokens=False, top2_2nd_expert_sampling=False)
+        randomize(full_moe, 8)
+        model = nn.ModuleDict({
+            "col": ColumnParallelLinear.from_linear(fc1, group, gather_output=gather),
+            "row": RowParallelLinear.from_linear(fc2, group, input_is_parallel=not gather),
+            "moe": build(8, world, True, 2, drop_tokens=False, top2_2nd_expert_sampling=False),
+        })  # fmt: skip
+        copy_from_full(model["moe"], full_moe)
+        xs_all = [torch.randn(10, H, generator=torch.Generator().manual_seed(9 + b))
+                  for b in range(n_dp)]  # fmt: skip
+        x = xs_all[rank // tp].clone().requires_grad_()
+        out, _, _ = model["moe"](model["row"](torch.relu(model["col"](x))))
+        out.square().sum().backward()
+        allreduce_gradients(model)
+        refs = [t.clone().requires_grad_() for t in xs_all]
+        outs = [full_moe(fc2(torch.relu(fc1(t))))[0] for t in refs]
+        (sum(o.square().sum() for o in outs) / n_dp).backward()
+        tr = dist.get_rank(group)
+        rows = slice(tr * 4 * H // tp, (tr + 1) * 4 * H // tp)
+        moe = model["moe"]
+        lo, n = moe.first_local_expert, moe.num_local_experts
+        found[f"tp2 gather_output={gather}"] = {
+            "out": rel(out.detach(), outs[rank // tp].detach()),
+            "x_grad": rel(x.grad, refs[rank // tp].grad * n_dp),
+            "col_grad": rel(model["col"].linear.weight.grad, fc1.weight.grad[rows]),
+            "row_grad": rel(model["row"].linear.weight.grad, fc2.weight.grad[:, rows]),
+            "row_bias_grad": rel(model["row"].bias.grad, fc2.bias.grad),
+            "gate_grad": rel(grad(moe.gate.wg.weight), grad(full_moe.gate.wg.weight)),
+            "expert_grad": rel(grad(moe.experts.w_in), grad(full_moe.experts.w_in)[lo : lo + n]),
+        }
+    return found
 
 
 def scenario_die(world, rank) -> dict:
@@ -324,11 +373,18 @@ def scenario_die(world, rank) -> dict:
     import time
 
     layer = build(8, world, True, 2, drop_tokens=False)
+    at = os.environ.get("PARALLEL_DIE_AT", "forward")
+    x = batches(world)[rank].requires_grad_()
+    if at == "backward":
+        out = layer(x)[0]
     if rank == world - 1:
         os._exit(3)
     start = time.monotonic()
     try:
-        layer(batches(world)[rank])
+        if at == "backward":
+            out.sum().backward()
+        else:
+            layer(x)
         return {"error": None}
     except Exception as e:  # noqa: BLE001 - the point is to report what the user sees
         return {"error": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - start}
@@ -342,7 +398,8 @@ def main() -> int:
     try:
         scenarios = {"layer": scenario_layer, "deepspeed": scenario_deepspeed,
                      "die": scenario_die, "pyramid": scenario_pyramid, "save": scenario_save,
-                     "load": scenario_load, "tensor": scenario_tensor}  # fmt: skip
+                     "load": scenario_load, "tensor": scenario_tensor,
+                     "save_twice": scenario_save_twice}  # fmt: skip
         found = scenarios[scenario](world, rank)
         if scenario == "die":  # no collective is possible any more: each rank writes its own
             with open(f"{out_path}.{rank}", "w") as f:

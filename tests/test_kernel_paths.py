@@ -599,3 +599,11 @@ def test_expert_map_runs_only_this_ranks_experts(forced):
                              dropless=True)  # fmt: skip
         total += part.double()
     assert rel_err(total, whole) < TOL
+    if not forced:  # the reference path checks the map and the ids against it
+        good = torch.tensor([0, 1, 2, -1, -1, -1, -1, -1])
+        with pytest.raises(ValueError, match="1-D integer"):
+            fused_moe(x, w_in[:3], w_out[:3], idx, w, expert_map=good.float())
+        with pytest.raises(ValueError, match=r"outside \[-1, 3\)"):
+            fused_moe(x, w_in[:3], w_out[:3], idx, w, expert_map=torch.arange(8))
+        with pytest.raises(ValueError, match="expert_idx holds"):
+            fused_moe(x, w_in[:3], w_out[:3], idx + 8, w, expert_map=good)

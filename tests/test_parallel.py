@@ -71,10 +71,12 @@ def test_expert_parallel_layer_equals_one_process(nproc, tmp_path):
         "rank without tokens",
         "ep2 padded dropping k2",
         f"ep{nproc} padded dropless k1",
+        f"ep{nproc} stacked, other ranks get no rows",
     } <= set(cases)
     if nproc == 4:
         assert "ep4 stacked k2" in cases
-        assert sum("hierarchical" in case for case in cases) == 4
+        assert sum("hierarchical ranks_per_node" in case for case in cases) == 4
+        assert "ep4 stacked, other ranks get no rows hierarchical" in cases
     worst = {(r, case, what): err for r, f in enumerate(found["ranks"])
              for case, errs in f.items() for what, err in errs.items()}  # fmt: skip
     assert max(worst.values()) < TOL, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
@@ -92,9 +94,10 @@ def test_expert_parallel_layer_equals_deepspeeds(tmp_path):
             assert max(errs.values()) < TOL, (case, errs)
 
 
-def test_a_dead_rank_fails_the_others_with_a_clear_error(tmp_path):
-    """The last rank exits before the all-to-all: the others raise a ParallelError naming the
-    problem within seconds, instead of hanging."""
+@pytest.mark.parametrize("at", ["forward", "backward"])
+def test_a_dead_rank_fails_the_others_with_a_clear_error(at, tmp_path):
+    """The last rank exits before the all-to-all (of the forward, or of the backward): the
+    others raise a ParallelError naming the problem within seconds, instead of hanging."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -103,7 +106,7 @@ def test_a_dead_rank_fails_the_others_with_a_clear_error(tmp_path):
     for rank in range(2):
         env = _env() | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                         "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-                        "PARALLEL_TIMEOUT_S": "60"}  # fmt: skip
+                        "PARALLEL_TIMEOUT_S": "60", "PARALLEL_DIE_AT": at}  # fmt: skip
         procs.append(subprocess.Popen([sys.executable, str(WORKER), "die", str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
     start = time.monotonic()
@@ -113,7 +116,8 @@ def test_a_dead_rank_fails_the_others_with_a_clear_error(tmp_path):
     assert report.exists(), logs[0][1].decode()[-3000:]
     found = json.loads(report.read_text())
     assert found["error"] and found["error"].startswith("ParallelError"), found
-    assert "stopped, timed out" in found["error"] and "EP group ranks [0, 1]" in found["error"]
+    assert "stopped, timed out" in found["error"] and "ranks [0, 1]" in found["error"]
+    assert ("(backward)" in found["error"]) == (at == "backward")
     assert found["seconds"] < 90
 
 
@@ -224,10 +228,14 @@ def test_checkpoint_loader_fuzz(tmp_path):
         victim.write_bytes(pristine[victim])
 
 
-def test_tensor_sliced_dense_layers_with_expert_parallel_moe(tmp_path):
-    """Column- then row-parallel MLP (tp = 2, Megatron's gradients) feeding a MoE layer at
-    ep = 2 on the same two ranks: outputs and gradients equal one process."""
-    found = torchrun(2, "tensor", tmp_path)
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_tensor_sliced_dense_layers_with_expert_parallel_moe(nproc, tmp_path):
+    """Column- then row-parallel MLPs (tp = 2, Megatron's gradients; split and gathered
+    forms) feeding a MoE layer at ep = world, data parallel over the tp groups at 4 ranks:
+    after allreduce_gradients over the whole model, outputs and every gradient equal one
+    process."""
+    found = torchrun(nproc, "tensor", tmp_path)
+    assert len(found["ranks"][0]) == 2
     worst = max(v for f in found["ranks"] for c in f.values() for v in c.values())
     assert worst < TOL, found["ranks"]
 
@@ -240,3 +248,41 @@ def test_tensor_parallel_layout_and_errors():
         tensor_parallel_ranks(6, 4)
     with pytest.raises(ConfigError, match="torchrun"):
         ColumnParallelLinear(8, 8, None)
+
+
+def test_second_save_is_refused_on_every_rank_and_tied_weights_save(tmp_path, monkeypatch):
+    """Saving again without overwrite raises the same CheckpointError on both ranks (neither
+    waits in a collective); a model with tied weights saves, and loads with the tie kept."""
+    monkeypatch.setenv("PARALLEL_CKPT", str(tmp_path / "ck"))
+    found = torchrun(2, "save_twice", tmp_path)
+    for rank in found["ranks"]:
+        assert "already holds a MoE checkpoint" in rank["second"]
+        assert rank["same"] == 0.0 and rank["tied"]
+
+
+def test_checkpoint_names_a_submodule_called_root_apart_from_a_root_moe(tmp_path):
+    """Expert keys are named from the real module path: a submodule named `root` keeps its
+    experts out of dense.safetensors; an empty directory is required unless overwrite."""
+    from safetensors.torch import load_file
+
+    from expertswitch.errors import CheckpointError
+    from expertswitch.moe import MoE
+    from expertswitch.parallel import load_sharded, save_sharded
+
+    holder = torch.nn.Module()
+    holder.root = MoE.stacked(8, 16, 4, k=2)
+    save_sharded(holder, tmp_path / "a")
+    assert not [k for k in load_file(tmp_path / "a" / "dense.safetensors") if "experts" in k]
+    other = torch.nn.Module()
+    other.root = MoE.stacked(8, 16, 4, k=2)
+    load_sharded(other, tmp_path / "a")
+    assert torch.equal(other.root.experts.w_in, holder.root.experts.w_in)
+    bare = MoE.stacked(8, 16, 4, k=2)  # the model itself is the MoE layer
+    save_sharded(bare, tmp_path / "b")
+    assert (tmp_path / "b" / "experts" / "@root" / "3.safetensors").is_file()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not empty"):
+        save_sharded(bare, tmp_path / "c")
+    save_sharded(bare, tmp_path / "c", overwrite=True)
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"

@@ -520,11 +520,22 @@ def fused_moe(
     expert (no −1). expert_map int [E_global]: expert_idx holds global ids and w_in/w_out
     only this rank's experts; map[g] is g's local index, −1 where another rank holds it (its
     routes add nothing here) — no re-indexing by the caller, no host synchronisation."""
-    if expert_map is not None:
-        expert_idx = map_experts(expert_idx, expert_map)
-        dropless = False
     if use_triton is None:
         use_triton = kernels_for(x)
+    if expert_map is not None:
+        if expert_map.dim() != 1 or expert_map.dtype.is_floating_point or expert_map.dtype in (
+            torch.bool, torch.uint8):  # fmt: skip
+            raise ValueError(f"expert_map must be a 1-D integer tensor (global id → local id or "
+                             f"−1), got {expert_map.dtype} {tuple(expert_map.shape)}")  # fmt: skip
+        if not use_triton:  # the reference path checks (the kernels drop bad ids, no sync)
+            check_expert_ids(expert_idx, expert_map.numel())
+            bad = (expert_map < -1) | (expert_map >= w_in.shape[0])
+            if bool(bad.any()):
+                n = w_in.shape[0]
+                raise ValueError(f"expert_map sends global ids to local experts outside "
+                                 f"[-1, {n}): this rank holds {n} experts")  # fmt: skip
+        expert_idx = map_experts(expert_idx, expert_map)
+        dropless = False
     if not use_triton:
         check_inputs(x, w_in, w_out, expert_idx, weights, activation)
         check_biases(w_in, w_out, b_in, b_out)

@@ -34,6 +34,7 @@ from expertswitch.kernels.fused_moe import fused_moe
 from expertswitch.moe.dispatch import make_dispatch, permute, unpermute
 from expertswitch.moe.experts import DenseMLP, ModuleExperts, StackedExperts
 from expertswitch.moe.gate import TopKGate
+from expertswitch.parallel.comm import collective
 from expertswitch.parallel.dispatch import expert_parallel_moe
 from expertswitch.parallel.groups import expert_groups
 
@@ -160,7 +161,9 @@ class MoE(nn.Module):
                 kept = expert_idx[expert_idx >= 0]
                 capacity = int(torch.bincount(kept, minlength=self.num_experts).max())
             cap = torch.tensor(max(capacity, 1), device=x.device)
-            dist.all_reduce(cap, op=dist.ReduceOp.MAX, group=self.groups.ep_group)
+            g = self.groups
+            collective("expert-parallel capacity all-reduce", g.ep_ranks, dist.all_reduce, cap,
+                       op=dist.ReduceOp.MAX, group=g.ep_group)  # fmt: skip
             cap = int(cap)
         return expert_parallel_moe(x, expert_idx, weights, self.num_experts, self.groups,
                                    self._run_local, cap)  # fmt: skip

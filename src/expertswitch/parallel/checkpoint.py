@@ -31,16 +31,21 @@ from torch import nn
 
 from expertswitch.errors import CheckpointError
 from expertswitch.io.archive import file_checksum
+from expertswitch.parallel.comm import collective
 
 MANIFEST = "moe_checkpoint.json"
 FORMAT = "expertswitch-moe-sharded"
 VERSION = 1
 
 
+ROOT = "@root"  # the model itself is a MoE layer ("@" is in no attribute name)
+
+
 def _moe_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """MoE layers by module name (ROOT for the model itself)."""
     from expertswitch.moe.layer import MoE
 
-    return {(name or "root"): m for name, m in model.named_modules() if isinstance(m, MoE)}
+    return {(name or ROOT): m for name, m in model.named_modules() if isinstance(m, MoE)}
 
 
 def _kind(layer) -> str:
@@ -62,7 +67,7 @@ def _expert_keys(model: nn.Module) -> set[str]:
     """State-dict keys of the experts (kept out of dense.safetensors)."""
     out = set()
     for name, layer in _moe_layers(model).items():
-        prefix = "" if name == "root" else name + "."
+        prefix = "" if name == ROOT else name + "."
         out |= {prefix + "experts." + k for k in layer.experts.state_dict()}
     return out
 
@@ -71,7 +76,9 @@ def _write(tensors: dict[str, torch.Tensor], path: Path) -> str:
     """Write atomically (a temporary file renamed into place); the sha256 of what was written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    # copies: tied weights (an embedding shared with the head) share memory, which safetensors
+    # refuses; each key gets its own tensor, and loading fills both ties
+    save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(tmp))
     digest = file_checksum(tmp)
     os.replace(tmp, path)
     return digest
@@ -93,30 +100,49 @@ def save_sharded(model: nn.Module, directory: str | os.PathLike, overwrite: bool
     if not layers:
         raise CheckpointError("the model has no MoE layer: save it with save_pretrained or "
                               "safetensors instead")  # fmt: skip
-    if rank == 0 and (root / MANIFEST).exists() and not overwrite:
-        raise CheckpointError(f"{root} already holds a MoE checkpoint: pass overwrite=True to "
-                              "replace it, or choose another directory")  # fmt: skip
-    _barrier()
+    problem = None  # decided on rank 0, raised on every rank (no rank left waiting)
+    if rank == 0 and not overwrite:
+        if (root / MANIFEST).exists():
+            problem = (f"{root} already holds a MoE checkpoint: pass overwrite=True to replace "
+                       "it, or choose another directory")  # fmt: skip
+        elif root.is_dir() and any(root.iterdir()):
+            problem = (f"{root} is not empty: choose an empty or new directory, or pass "
+                       "overwrite=True (same-named files are replaced, none deleted)")  # fmt: skip
+    _raise_on_all(problem)
     digests: dict[str, str] = {}
-    for name, layer in layers.items():
-        groups = layer.groups
-        writer = rank == 0 if groups is None else rank == groups.expert_dp_ranks[0]
-        if not writer:
-            continue
-        for i in range(layer.num_local_experts):
-            g = layer.first_local_expert + i
-            rel = f"experts/{name}/{g}.safetensors"
-            digests[rel] = _write(_expert_tensors(layer, i), root / rel)
-    if rank == 0:
-        expert_keys = _expert_keys(model)
-        dense = {k: v for k, v in model.state_dict().items() if k not in expert_keys}
-        digests["dense.safetensors"] = _write(dense, root / "dense.safetensors")
-    everyone = [digests]
+    try:
+        for name, layer in layers.items():
+            groups = layer.groups
+            writer = rank == 0 if groups is None else rank == groups.expert_dp_ranks[0]
+            if not writer:
+                continue
+            for i in range(layer.num_local_experts):
+                g = layer.first_local_expert + i
+                rel = f"experts/{name}/{g}.safetensors"
+                digests[rel] = _write(_expert_tensors(layer, i), root / rel)
+        if rank == 0:
+            expert_keys = _expert_keys(model)
+            dense = {k: v for k, v in model.state_dict().items() if k not in expert_keys}
+            digests["dense.safetensors"] = _write(dense, root / "dense.safetensors")
+        error = None
+    except (OSError, RuntimeError, ValueError) as e:  # e.g. a full disk on one rank
+        error = f"rank {rank} could not write its part: {type(e).__name__}: {e}"
+    everyone = [(digests, error)]
     if world > 1:
         everyone = [None] * world
-        dist.all_gather_object(everyone, digests)
+        collective("checkpoint save (all_gather_object)", None, dist.all_gather_object,
+                   everyone, (digests, error))  # fmt: skip
+    errors = [e for _, e in everyone if e]
+    if errors:
+        raise CheckpointError("; ".join(errors) + " — the checkpoint is incomplete")
+    files = {k: v for d, _ in everyone for k, v in d.items()}
+    wanted = [f"experts/{n}/{g}.safetensors" for n, m in layers.items()
+              for g in range(m.num_experts)]  # fmt: skip
+    missing = [rel for rel in wanted if rel not in files]
+    if missing:  # every rank has every digest: all raise alike
+        raise CheckpointError(f"no rank wrote {missing[:3]}: the model's expert-parallel "
+                              "groups do not cover every expert")  # fmt: skip
     if rank == 0:
-        files = {k: v for d in everyone for k, v in d.items()}
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -126,12 +152,6 @@ def save_sharded(model: nn.Module, directory: str | os.PathLike, overwrite: bool
             },  # fmt: skip
             "files": dict(sorted(files.items())),
         }
-        missing = [f"experts/{n}/{g}.safetensors" for n, m in layers.items()
-                   for g in range(m.num_experts)
-                   if f"experts/{n}/{g}.safetensors" not in files]  # fmt: skip
-        if missing:
-            raise CheckpointError(f"no rank wrote {missing[:3]}: the model's expert-parallel "
-                                  "groups do not cover every expert")  # fmt: skip
         tmp = root / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, root / MANIFEST)
@@ -141,7 +161,17 @@ def save_sharded(model: nn.Module, directory: str | os.PathLike, overwrite: bool
 
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        collective("checkpoint barrier", None, dist.barrier)
+
+
+def _raise_on_all(problem: str | None) -> None:
+    """Rank 0's verdict on every rank: the same CheckpointError everywhere, or none."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [problem]
+        collective("checkpoint save (broadcast)", None, dist.broadcast_object_list, box, src=0)
+        problem = box[0]
+    if problem:
+        raise CheckpointError(problem)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:

@@ -30,9 +30,9 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
-from expertswitch.errors import ConfigError, ParallelError
+from expertswitch.errors import ConfigError
+from expertswitch.parallel.comm import AllToAll, all_to_all, collective
 from expertswitch.parallel.groups import ExpertGroups
 
 # bytes this rank has handed to all-to-all (forward exchanges) since the last reset: all of
@@ -55,18 +55,7 @@ def _count(t: torch.Tensor, splits: list[int], me: int) -> None:
 
 
 def _collective(groups: ExpertGroups, what: str, fn, *args, **kw):
-    """Run one collective; a peer that died, hung past the process group's timeout or called
-    another collective becomes a ParallelError that says so, not a transport trace."""
-    try:
-        return fn(*args, **kw)
-    except (RuntimeError, dist.DistError) as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ParallelError(
-            f"expert-parallel {what} failed on rank {dist.get_rank()} (EP group ranks "
-            f"{list(groups.ep_ranks)}): a rank of the group stopped, timed out or called a "
-            f"different collective — check the other ranks' logs; init_process_group("
-            f"timeout=...) bounds how long a rank waits. ({first})"
-        ) from e
+    return collective(f"expert-parallel {what}", groups.ep_ranks, fn, *args, **kw)
 
 
 def _exchange(t: torch.Tensor, out_splits: list[int], in_splits: list[int], groups, grad: bool,
@@ -74,18 +63,23 @@ def _exchange(t: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
     """all_to_all_single of t's rows over group (default: the EP group); me: this rank's index
     in that group (for the traffic count)."""
     group = groups.ep_group if group is None else group
-    out = t.new_empty((sum(out_splits), *t.shape[1:]))
     _count(t, in_splits, groups.ep_rank if me is None else me)
-    if grad:  # autograd: the backward is the reverse exchange. Every rank must reach it, so
-        # the exchange is recorded even where nothing upstream needs a gradient (a rank with
-        # no rows for its experts): a collective in one rank's backward only would hang
-        if not t.requires_grad:
-            t = t.detach().requires_grad_()
-        return _collective(groups, "all-to-all", dist_fn.all_to_all_single, out, t.contiguous(),
-                           out_splits, in_splits, group=group)  # fmt: skip
-    _collective(groups, "all-to-all", dist.all_to_all_single, out, t.contiguous(), out_splits,
-                in_splits, group=group)  # fmt: skip
-    return out
+    if grad and not t.requires_grad:  # autograd: the backward is the reverse exchange. Every
+        # rank must reach it, so the exchange is recorded even where nothing upstream needs a
+        # gradient (a rank with no rows for its experts): one rank's collective alone hangs
+        t = t.detach().requires_grad_()
+    exchange = AllToAll.apply if grad else all_to_all
+    return exchange(t, out_splits, in_splits, group, groups.ep_ranks, "expert-parallel all-to-all")
+
+
+def _run_local(run_local, rows: torch.Tensor, ids: torch.Tensor, grad: bool) -> torch.Tensor:
+    """The local experts on the received rows, their output always tied to those rows: an
+    expert path with no rows returns a fresh zero tensor, which would leave this rank out of
+    the backward exchanges the other ranks then wait in."""
+    done = run_local(rows, ids)
+    if grad and rows.requires_grad and (rows.shape[0] == 0 or not done.requires_grad):
+        done = done + rows.sum() * 0
+    return done
 
 
 def _splits(keys: torch.Tensor, n: int, groups, group) -> tuple[list[int], list[int]]:
@@ -120,7 +114,7 @@ def _padded(rows, gid, e_local, groups, run_local, grad, capacity: int):
     splits = [e_local * capacity] * ep
     received = _exchange(buffer, splits, splits, groups, grad)
     local = torch.arange(received.shape[0], device=gid.device) // capacity % e_local
-    done = run_local(received, local)
+    done = _run_local(run_local, received, local, grad)
     return _exchange(done, splits, splits, groups, grad).index_select(0, where)
 
 
@@ -142,7 +136,7 @@ def _hierarchical(rows, gid, e_local, groups, run_local, grad):
     cross = groups.cross_node_group
     rows2 = _exchange(rows1.index_select(0, o2), r2, s2, groups, grad, cross, me_node)
     gid2 = _exchange(gid1[o2], r2, s2, groups, False, cross, me_node)
-    done = run_local(rows2, gid2 - groups.ep_rank * e_local)
+    done = _run_local(run_local, rows2, gid2 - groups.ep_rank * e_local, grad)
     back2 = _exchange(done, s2, r2, groups, grad, cross, me_node).index_select(0, _inverse(o2))
     back1 = _exchange(back2, s1, r1, groups, grad, groups.node_group, me_local)
     return back1.index_select(0, _inverse(o1))
@@ -184,7 +178,7 @@ def expert_parallel_moe(
         send_splits, recv_splits = _splits(dest, ep, groups, group)
         rows = _exchange(x.index_select(0, tokens), recv_splits, send_splits, groups, grad)
         ids = _exchange(gid, recv_splits, send_splits, groups, False) - groups.ep_rank * e_local
-        done = run_local(rows, ids)
+        done = _run_local(run_local, rows, ids, grad)
         back = _exchange(done, send_splits, recv_splits, groups, grad)
     scaled = back.float() * weights.reshape(-1)[order].float().unsqueeze(-1)
     out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)

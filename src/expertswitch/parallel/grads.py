@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from expertswitch.parallel.comm import collective
+
 
 def expert_parameter_groups(model: nn.Module) -> dict[int, object]:
     """id(parameter) → the expert-data-parallel group of every expert-parallel parameter."""
@@ -30,24 +32,51 @@ def expert_parameter_groups(model: nn.Module) -> dict[int, object]:
     return out
 
 
+def sliced_parameter_groups(model: nn.Module) -> dict[int, tuple[object, int]]:
+    """id(parameter) → (its data-parallel replicas' group, the tensor-parallel size) of every
+    tensor-sliced parameter (parallel/tensor.py)."""
+    from expertswitch.errors import ConfigError
+    from expertswitch.parallel.tensor import ColumnParallelLinear, RowParallelLinear
+
+    out = {}
+    for m in model.modules():
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):
+            if m.dp_group is None and m.tp < dist.get_world_size():
+                raise ConfigError("a tensor-sliced layer's group was not made by "
+                                  "tensor_parallel_group(), so its replicas are unknown: make "
+                                  "the group with it")  # fmt: skip
+            for p in m.linear.parameters():  # the row layer's bias is whole: not here
+                out[id(p)] = (m.dp_group, m.tp)
+    return out
+
+
 def allreduce_gradients(model: nn.Module) -> None:
-    """Average the gradients of a data + expert parallel model across the world (see above).
-    A parameter without a gradient on this rank (an expert that got no tokens) counts as 0."""
+    """Average the gradients of a data + expert (+ tensor) parallel model (see above). The ranks
+    of a tensor-parallel group share one batch, so a tensor-sliced parameter's gradient is the
+    sum over its replicas divided by world / tp. A parameter without a gradient on this rank
+    (an expert that got no tokens) counts as 0."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     world = dist.get_world_size()
     expert = expert_parameter_groups(model)
-    buckets: dict[object, list[nn.Parameter]] = {}
+    sliced = sliced_parameter_groups(model)
+    buckets: dict[tuple, list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            buckets.setdefault(expert.get(id(p)), []).append(p)
-    # the same order on every rank: the world first, then each expert-DP group as met
-    for group, params in buckets.items():
+            if id(p) in sliced:
+                group, tp = sliced[id(p)]
+                key = (group, world // tp)
+            else:
+                key = (expert.get(id(p)), world)
+            buckets.setdefault(key, []).append(p)
+    # the same order on every rank (the model's parameter order): world, then groups as met
+    for (group, divisor), params in buckets.items():
         grads = [p.grad for p in params]
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
-        flat.div_(world)
+        if group is not None or divisor == world:  # a group of one needs no exchange
+            collective("gradient all-reduce", None, dist.all_reduce, flat, group=group)
+        flat.div_(divisor)
         for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(reduced)

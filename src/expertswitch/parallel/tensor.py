@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from expertswitch.errors import ConfigError
+from expertswitch.parallel.comm import collective
 
 
 def _group_shape(group) -> tuple[int, int]:
@@ -36,14 +37,27 @@ def tensor_parallel_ranks(world_size: int, tp_size: int) -> list[list[int]]:
     return [list(range(g, g + tp_size)) for g in range(0, world_size, tp_size)]
 
 
+_REPLICAS: dict[int, object] = {}  # id(tensor-parallel group) → its slices' replica group
+
+
 def tensor_parallel_group(tp_size: int):
-    """This rank's tensor-parallel group (collective: every rank calls it)."""
+    """This rank's tensor-parallel group (collective: every rank calls it). Also made: the
+    group of ranks holding the same slices (the same place in their tensor-parallel group),
+    over which allreduce_gradients reduces the sliced parameters."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("tensor slicing needs torch.distributed: launch with torchrun first")
     world, rank = dist.get_world_size(), dist.get_rank()
-    mine = None
-    for ranks in tensor_parallel_ranks(world, tp_size):
+    mine = replicas = None
+    blocks = tensor_parallel_ranks(world, tp_size)
+    for ranks in blocks:
         g = dist.new_group(ranks)
         if rank in ranks:
             mine = g
+    for ranks in (list(column) for column in zip(*blocks)):
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            replicas = g
+    _REPLICAS[id(mine)] = replicas
     return mine
 
 
@@ -58,8 +72,9 @@ class _CopyToGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
+        grad = grad.contiguous().clone()
+        collective("tensor-parallel all-reduce (backward)", None, dist.all_reduce, grad,
+                   group=ctx.group)  # fmt: skip
         return grad, None
 
 
@@ -69,7 +84,7 @@ class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
+        collective("tensor-parallel all-reduce", None, dist.all_reduce, x, group=group)
         return x
 
     @staticmethod
@@ -84,14 +99,34 @@ class _GatherFromGroup(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group, ctx.width = group, x.shape[-1]
         ctx.rank = dist.get_rank(group)
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
+        return _gather_last(x, group)
 
     @staticmethod
     def backward(ctx, grad):
         lo = ctx.rank * ctx.width
         return grad[..., lo : lo + ctx.width].contiguous(), None
+
+
+class _ScatterToGroup(torch.autograd.Function):
+    """This rank's slice of the last dimension forward; the slices' gradients all-gathered
+    back (the whole input's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group, width):
+        ctx.group = group
+        rank = dist.get_rank(group)
+        return x[..., rank * width : (rank + 1) * width].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_last(grad, ctx.group), None, None
+
+
+def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    collective("tensor-parallel all-gather", None, dist.all_gather, parts, x.contiguous(),
+               group=group)  # fmt: skip
+    return torch.cat(parts, dim=-1)
 
 
 def _split(n: int, tp: int, what: str) -> int:
@@ -110,6 +145,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.group = group
         self.tp, self.rank = _group_shape(group)
+        self.dp_group = _REPLICAS.get(id(group))  # ranks holding the same slice
         self.out_per_rank = _split(out_features, self.tp, "out_features")
         self.gather_output = gather_output
         self.linear = nn.Linear(in_features, self.out_per_rank, bias=bias, dtype=dtype,
@@ -141,6 +177,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group = group
         self.tp, self.rank = _group_shape(group)
+        self.dp_group = _REPLICAS.get(id(group))
         self.in_per_rank = _split(in_features, self.tp, "in_features")
         self.input_is_parallel = input_is_parallel
         self.linear = nn.Linear(self.in_per_rank, out_features, bias=False, dtype=dtype,
@@ -161,7 +198,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
-            x = x[..., self.rank * self.in_per_rank : (self.rank + 1) * self.in_per_rank]
+            x = _ScatterToGroup.apply(x, self.group, self.in_per_rank)
         if x.shape[-1] != self.in_per_rank:
             raise ConfigError(f"RowParallelLinear expects this rank's {self.in_per_rank} input "
                               f"features, got {x.shape[-1]} (input_is_parallel="
