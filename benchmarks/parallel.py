@@ -4,6 +4,8 @@ scaling model of docs/parallel.md (expected step time vs number of GPUs for Deep
 
     python benchmarks/parallel.py                  # gloo on this machine: 2 and 4 ranks
     python benchmarks/parallel.py --nproc 2        # fewer ranks
+    python benchmarks/parallel.py --measure-layers cuda   # on the GPU: measured compute per
+                                                   # layer replaces the FLOP-rate assumption
 
 Each rank runs a dropless MoE layer (stacked SwiGLU experts, ep = world) on its own tokens and
 counts what it hands to all-to-all (parallel/dispatch.TRAFFIC): every byte, and the bytes bound
@@ -123,13 +125,62 @@ ASSUME = {
 }
 
 
-def step_model(gpus: int, hierarchical: bool, m=MODEL, a=ASSUME) -> dict:
+def measure_layers(device: str, small: bool) -> dict:
+    """Seconds of one training step's layers on this device (fwd + bwd, bf16 on a GPU): a
+    dense transformer layer (attention + MLP) and a MoE layer's local work at ep = 8 (16 of
+    the 128 experts, every token of the GPU's micro-batch routed to them, top-1) — what
+    replaces the FLOP-rate assumption in the scaling model."""
+    from expertswitch.moe import MoE
+
+    m = dict(MODEL)
+    if small:  # a smoke run of the script on a CPU
+        m.update(hidden=128, ffn=512, seq=128, tokens_per_gpu=256, experts=16)
+    h, f, seq = m["hidden"], m["ffn"], m["seq"]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    tokens = m["tokens_per_gpu"]
+    attn = torch.nn.MultiheadAttention(h, max(1, h // 128), batch_first=True, device=device,
+                                       dtype=dtype)  # fmt: skip
+    mlp = torch.nn.Sequential(torch.nn.Linear(h, f), torch.nn.GELU(), torch.nn.Linear(f, h))
+    mlp = mlp.to(device, dtype)
+    moe = MoE.stacked(h, f, max(1, m["experts"] // 8), k=1, drop_tokens=False, dtype=dtype,
+                      device=device)  # fmt: skip
+    x = torch.randn(tokens // seq, seq, h, device=device, dtype=dtype, requires_grad=True)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(seq, device=device, dtype=dtype)
+
+    def dense():
+        y = attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+        (mlp(y).float().square().mean()).backward()
+
+    def expert():
+        y, aux, _ = moe(x.reshape(-1, h))
+        (y.float().square().mean() + aux).backward()
+
+    out = {}
+    for name, fn in (("dense_layer_s", dense), ("moe_local_s", expert)):
+        fn()  # warm-up (and Triton compiles)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        reps = 3 if small else 10
+        for _ in range(reps):
+            fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t0) / reps
+    out["step_compute_s"] = (m["layers"] * out["dense_layer_s"]
+                             + m["moe_layers"] * out["moe_local_s"])  # fmt: skip
+    out["shape"] = {k: m[k] for k in ("hidden", "ffn", "seq", "tokens_per_gpu", "experts")}
+    return out
+
+
+def step_model(gpus: int, hierarchical: bool, m=MODEL, a=ASSUME, compute_s=None) -> dict:
     """Seconds per training step on `gpus` GPUs (ep = min(gpus, experts), data parallel
     beyond): compute + MoE all-to-all (4 exchanges per MoE layer: 2 forward, 2 backward), no
-    overlap between them (a bound a pipelined implementation improves on)."""
+    overlap between them (a bound a pipelined implementation improves on). compute_s: the
+    measured per-step compute (measure_layers), else the FLOP-rate assumption."""
     h, tok = m["hidden"], m["tokens_per_gpu"]
     flops_per_token = 6 * m["layers"] * (12 * h * h + 2 * m["seq"] * h)  # fwd + bwd
-    compute = flops_per_token * tok / (a["bf16_flops"] * a["mfu"])
+    compute = compute_s or flops_per_token * tok / (a["bf16_flops"] * a["mfu"])
     ep = min(gpus, m["experts"])
     per_exchange = tok * m["k"] * h * m["elt"]  # bytes one GPU sends in one exchange
     node = min(a["gpus_per_node"], ep)
@@ -156,9 +207,16 @@ def main(argv=None) -> None:
     ap.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--measure-layers", metavar="DEVICE",
+                    help="time one dense and one MoE layer (fwd+bwd) of the model on DEVICE "
+                         "(cuda on the GPU) and use them in the scaling model")  # fmt: skip
+    ap.add_argument("--small", action="store_true", help="with --measure-layers on a CPU")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker)
+    layers = measure_layers(args.measure_layers, args.small) if args.measure_layers else None
+    if layers:
+        print(json.dumps(layers))
     measured = []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
@@ -192,8 +250,12 @@ def main(argv=None) -> None:
               "all-to-all s (hierarchical) | step s (hier.) | a2a share | tokens/s (hier.) |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     model = []
+    compute_s = layers["step_compute_s"] if layers and not args.small else None
     for g in (1, 8, 16, 32, 64, 128, 256):
-        flat, hier = step_model(g, False), step_model(g, True)
+        flat, hier = (
+            step_model(g, False, compute_s=compute_s),
+            step_model(g, True, compute_s=compute_s),
+        )
         model.append({"flat": flat, "hierarchical": hier})
         lines.append(f"| {g} | {flat['ep']} | {flat['compute_s']:.3f} | "
                      f"{flat['all_to_all_s']:.3f} | {flat['step_s']:.3f} | "
@@ -201,12 +263,20 @@ def main(argv=None) -> None:
                      f"{hier['step_s']:.3f} | {hier['a2a_share']:.0%} | "
                      f"{hier['tokens_per_s']:.3g} |")  # fmt: skip
     lines += ["", "Assumptions: " + ", ".join(f"{k}={v:g}" for k, v in ASSUME.items())]
+    if compute_s:
+        lines += [f"Compute per step measured on {args.measure_layers}: {compute_s:.3f} s "
+                  f"(dense layer {layers['dense_layer_s'] * 1e3:.1f} ms, MoE layer's local "
+                  f"work {layers['moe_local_s'] * 1e3:.1f} ms; replaces the FLOP-rate "
+                  "assumption)."]  # fmt: skip
     md = "\n".join(lines)
     print(md)
     payload = {**run_info("cpu"), "shape": {"H": H, "F": F, "E": E, "T": T},
                "measured": measured, "model": MODEL, "assumptions": ASSUME,
-               "scaling": model, "max_byte_count_deviation": worst}  # fmt: skip
-    print("wrote", write_results("parallel-cpu", payload, md, args.out))
+               "scaling": model, "max_byte_count_deviation": worst,
+               "layers_measured": layers}  # fmt: skip
+    on_gpu = bool(args.measure_layers) and args.measure_layers.startswith("cuda")
+    print("wrote", write_results("parallel-gpu" if on_gpu else "parallel-cpu", payload, md,
+                                 args.out))  # fmt: skip
 
 
 if __name__ == "__main__":
