@@ -104,8 +104,3 @@ def expert_groups(ep_size: int, ranks_per_node: int = 0) -> ExpertGroups:
                                     mine_ep[1], mine_dp[1], ranks_per_node, node,
                                     cross)  # fmt: skip
     return _GROUPS[key]
-
-
-def reset_groups() -> None:
-    """Forget the groups (after destroy_process_group, before a new world)."""
-    _GROUPS.clear()
