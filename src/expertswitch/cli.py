@@ -247,6 +247,33 @@ def _add_serve(sub) -> None:
     p.add_argument("--log-level", default="info")
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a dense, MoE or PR-MoE LM, or distil a MoS student",
+                       formatter_class=_Defaults)  # fmt: skip
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="the run's settings (over its `preset:`); docs/training.md")  # fmt: skip
+    p.add_argument("--preset", default=None, help="dense, moe, pr-moe or mos (default: the "
+                   "config's own, else the built-in defaults)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set optim.lr=1e-3 (repeatable)",
+    )
+    p.add_argument("--out", default=None, help="run directory (default: the config's out)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: config)")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default: config)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in --out when it holds a run with another config "
+                   "(deletes that run's checkpoints)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("export-checkpoint", help="a training checkpoint → an HF checkpoint")
+    p.add_argument("checkpoint", help="RUN/checkpoints/step-N")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertswitch", description="Hold and serve many expert LLMs on one GPU."
@@ -261,7 +288,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_router(sub)
     _add_generate(sub)
     _add_serve(sub)
+    _add_train(sub)
     return parser
+
+
+def cmd_train(args) -> None:
+    from expertswitch.train.config import load_config
+    from expertswitch.train.trainer import train
+
+    overrides = list(args.set)
+    for key, value in (("out", args.out), ("optim.steps", args.steps), ("device", args.device)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(args.config, args.preset, overrides)
+    s = train(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    last = s.val[-1] if s.val else None
+    print(json.dumps({"run": str(s.run_dir), "steps": s.steps, "params": s.params,
+                      "active_params": s.active_params, "final_val": last, "kd": s.kd,
+                      "seconds": s.seconds}))  # fmt: skip
+
+
+def cmd_export_checkpoint(args) -> None:
+    import torch
+
+    from expertswitch.train.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype))
+    print(f"wrote {out}")
 
 
 def cmd_compress(args) -> None:
@@ -627,6 +680,8 @@ COMMANDS = {
     "router": cmd_router,
     "generate": cmd_generate,
     "serve": cmd_serve,
+    "train": cmd_train,
+    "export-checkpoint": cmd_export_checkpoint,
 }
 
 

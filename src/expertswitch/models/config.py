@@ -1,5 +1,7 @@
 """`ModelConfig`: the decoder's shape, read from a Hugging Face `config.json` (Llama, Mistral,
-Qwen2, Mixtral), without transformers. Validates itself; unknown families get a clear error."""
+Qwen2, Mixtral, and `expertswitch_moe`: a Llama-shaped model whose listed layers have a
+DeepSpeed-style MoE FFN, as `expertswitch train` writes it), without transformers. Validates
+itself; unknown families get a clear error."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from dataclasses import dataclass, field
 
 from expertswitch.errors import ConfigError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "mixtral")
+SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "expertswitch_moe")
 _ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -35,6 +37,8 @@ class ModelConfig:
     experts_per_token: int = 0
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    # expertswitch_moe: per layer None (dense SwiGLU MLP) or the MoE FFN's spec
+    moe_layers: list[MoELayerSpec | None] = field(default_factory=list)
 
     def __post_init__(self):
         _check_type(self.model_type)
@@ -49,6 +53,11 @@ class ModelConfig:
             self.sliding_windows = [None] * self.num_layers
         if len(self.sliding_windows) != self.num_layers:
             raise ConfigError("one sliding-window entry per layer is needed")
+        if self.moe_layers and len(self.moe_layers) != self.num_layers:
+            raise ConfigError(f"moe_layers lists {len(self.moe_layers)} layers, the model has "
+                              f"{self.num_layers}: one entry (null = dense) per layer")  # fmt: skip
+        if any(self.moe_layers) and self.hidden_act not in ("silu", "swish"):
+            raise ConfigError("MoE layers use SwiGLU experts: set hidden_act to 'silu'")
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ModelConfig:
@@ -80,6 +89,7 @@ class ModelConfig:
                 experts_per_token=cfg.get("num_experts_per_tok", 0) if mt == "mixtral" else 0,
                 eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
                 bos_token_id=cfg.get("bos_token_id"),
+                moe_layers=_moe_layers(cfg, mt, layers),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks {e.args[0]!r}; it is not a complete "
@@ -88,6 +98,55 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class MoELayerSpec:
+    """One MoE FFN (moe/layer.py MoE.stacked): SwiGLU experts of intermediate_size, DeepSpeed's
+    gate options, optionally Residual-MoE."""
+
+    num_experts: int
+    k: int = 1
+    use_residual: bool = False
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    noisy_gate_policy: str | None = None
+    use_rts: bool = True
+
+    def __post_init__(self):
+        if self.num_experts < 1 or not 1 <= self.k <= self.num_experts:
+            raise ConfigError(f"an MoE layer needs num_experts ≥ 1 and 1 ≤ k ≤ num_experts, got "
+                              f"num_experts={self.num_experts}, k={self.k}")  # fmt: skip
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0 or self.min_capacity < 0:
+            raise ConfigError("capacity factors must be > 0 and min_capacity ≥ 0")
+        if self.noisy_gate_policy not in (None, "Jitter", "RSample"):
+            raise ConfigError(f"noisy_gate_policy {self.noisy_gate_policy!r}: choose None, "
+                              "'Jitter' or 'RSample'")  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MoELayerSpec:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown MoE layer options {sorted(unknown)}: known are "
+                              f"{sorted(cls.__dataclass_fields__)}")  # fmt: skip
+        if "num_experts" not in d:
+            raise ConfigError("an MoE layer entry needs num_experts")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+def _moe_layers(cfg: dict, mt: str, layers: int) -> list[MoELayerSpec | None]:
+    if mt != "expertswitch_moe":
+        return []
+    entries = cfg.get("moe_layers")
+    if not isinstance(entries, list) or len(entries) != layers:
+        raise ConfigError(f"an expertswitch_moe config.json needs moe_layers, a list of "
+                          f"{layers} entries (null: dense, else MoE layer options)")  # fmt: skip
+    return [None if e is None else MoELayerSpec.from_dict(e) for e in entries]
 
 
 def _check_type(model_type) -> None:

@@ -68,8 +68,11 @@ class DecoderLayer:
         self.v = ld.linear(a + "v_proj", cfg.qkv_bias)
         self.o = ld.linear(a + "o_proj", cfg.o_bias)
         self.moe = None
+        spec = cfg.moe_layers[i] if cfg.moe_layers else None
         if cfg.num_experts:
             self.moe = _load_mixtral_moe(p, cfg, ld)
+        elif spec is not None:
+            self.moe = _load_trained_moe(p, cfg, spec, ld)
         else:
             self.gate = ld.linear(p + "mlp.gate_proj", cfg.mlp_bias)
             self.up = ld.linear(p + "mlp.up_proj", cfg.mlp_bias)
@@ -114,6 +117,28 @@ def _load_mixtral_moe(prefix: str, cfg: ModelConfig, ld: _Loader):
     moe.load_hf_state_dict(state)
     moe.requires_grad_(False)
     return moe
+
+
+def _load_trained_moe(prefix: str, cfg: ModelConfig, spec, ld: _Loader):
+    """An `expertswitch train` MoE FFN (models/causal_lm.py), served dropless: a request's
+    tokens never lose their expert to other requests of the batch (capacity is a training
+    device), so the output equals the trained layer's in eval with drop_tokens=False."""
+    from dataclasses import replace
+
+    from expertswitch.models.causal_lm import build_moe
+
+    moe = build_moe(cfg, replace(spec, drop_tokens=False)).to(ld.device, ld.dtype).eval()
+    want = moe.state_dict()
+    state = {}
+    for name, t in want.items():
+        state[name] = ld.get(prefix + "mlp." + name)
+        if state[name].shape != t.shape:
+            raise CheckpointError(f"{ld.ckpt.path}: {prefix}mlp.{name} has shape "
+                                  f"{tuple(state[name].shape)}, its config.json gives "
+                                  f"{tuple(t.shape)}")  # fmt: skip
+    moe.load_state_dict(state)
+    moe.requires_grad_(False)
+    return lambda x: moe.infer(x)
 
 
 class Decoder:

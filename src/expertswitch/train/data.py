@@ -1,0 +1,145 @@
+"""Training data: the zoo's domain corpora as token streams, prepared once per run and kept in
+the run directory (so a resumed run reads the very tokens the first one did), and batches that
+are a pure function of (seed, step): the data position of a run is its step count.
+
+    data = prepare_data(cfg, run_dir / "data")     # tokenizer + train/val streams
+    ids = step_batch(data, cfg, step)              # [batch_size, seq_len + 1] for that step
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from expertswitch.errors import ConfigError
+from expertswitch.train.config import RunConfig
+
+STREAMS_FILE = "streams.safetensors"
+
+
+@dataclass
+class RunData:
+    tokenizer: object  # transformers PreTrainedTokenizerFast
+    train: dict[str, torch.Tensor]  # domain → int64 [N]
+    val: dict[str, torch.Tensor]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+
+def _tokenize(docs: list[str], tok, limit: int) -> torch.Tensor:
+    ids: list[int] = []
+    eos = tok.eos_token_id
+    for doc in docs:
+        ids += tok(doc)["input_ids"] + ([eos] if eos is not None else [])
+        if len(ids) >= limit:
+            break
+    return torch.tensor(ids[:limit], dtype=torch.int64)
+
+
+def _tokenizer_source(cfg: RunConfig) -> str | None:
+    """Where the run's tokenizer comes from: data.tokenizer, else the model it starts from."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    src = cfg.kd.teacher if cfg.kd else cfg.model.init_from
+    if src and (Path(src) / "tokenizer.json").is_file():
+        return src
+    return None
+
+
+def _load_model_tokenizer(path: str):
+    """A model directory's tokenizer. AutoTokenizer reads config.json too and warns about a
+    model_type transformers does not know (expertswitch_moe): read tokenizer.json directly."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    from expertswitch.zoo.tokenizer import load_tokenizer
+
+    cfg = Path(path) / "config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "expertswitch_moe":
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return load_tokenizer(path)
+
+
+def prepare_data(cfg: RunConfig, directory: Path, log=print) -> RunData:
+    """Load the run's data from `directory`, or build it there (atomically) the first time."""
+    from safetensors.torch import load_file, save_file
+
+    from expertswitch.utils.fs import atomic_directory
+    from expertswitch.zoo.corpora import DOMAINS, load_corpora
+    from expertswitch.zoo.tokenizer import load_tokenizer, train_tokenizer
+
+    if (directory / STREAMS_FILE).is_file():
+        streams = load_file(str(directory / STREAMS_FILE))
+        tok = load_tokenizer(directory)
+        return _split(streams, tok, cfg)
+    unknown = sorted(set(cfg.data.domains) - set(DOMAINS))
+    if unknown or not cfg.data.domains:
+        raise ConfigError(f"data.domains {cfg.data.domains}: choose among {list(DOMAINS)}")
+    log(f"preparing the training data in {directory} (once per run)")
+    corpora = load_corpora(cfg.seed, cfg.data.scale)
+    source = _tokenizer_source(cfg)
+    if source:
+        tok = _load_model_tokenizer(source)
+    else:
+        texts = [d for name in cfg.data.domains for d in corpora[name].train[:400]]
+        tok = train_tokenizer(texts, cfg.data.vocab_size)
+    streams = {}
+    for name in cfg.data.domains:
+        c = corpora[name]
+        streams[f"train.{name}"] = _tokenize(c.train, tok, cfg.data.tokens_per_domain)
+        streams[f"val.{name}"] = _tokenize(c.heldout, tok, cfg.data.val_tokens_per_domain)
+    with atomic_directory(directory) as tmp:
+        tok.save_pretrained(tmp)
+        save_file(streams, str(tmp / STREAMS_FILE))
+    return _split(streams, tok, cfg)
+
+
+def _split(streams: dict[str, torch.Tensor], tok, cfg: RunConfig) -> RunData:
+    train = {k[6:]: v for k, v in streams.items() if k.startswith("train.")}
+    val = {k[4:]: v for k, v in streams.items() if k.startswith("val.")}
+    need = cfg.data.seq_len + 1
+    for name in cfg.data.domains:
+        for split, s in (("train", train), ("validation", val)):
+            if name not in s:
+                raise ConfigError(f"the run's prepared data has no {split} stream for {name}: "
+                                  "it was prepared for other domains; use a new --out")  # fmt: skip
+            if len(s[name]) < need:
+                raise ConfigError(f"the {split} stream of {name} has {len(s[name])} tokens, "
+                                  f"fewer than seq_len + 1 = {need}: raise data.scale or "
+                                  "lower data.seq_len")  # fmt: skip
+    return RunData(tok, {d: train[d] for d in cfg.data.domains},
+                   {d: val[d] for d in cfg.data.domains})  # fmt: skip
+
+
+def step_batch(data: RunData, cfg: RunConfig, step: int) -> torch.Tensor:
+    """The optimiser step's whole batch, [batch_size, seq_len + 1] windows, drawn from a
+    generator seeded by (seed, step) alone: resuming at a step draws what the first run drew,
+    and each data-parallel rank takes its rows of the same batch."""
+    gen = torch.Generator().manual_seed((cfg.seed << 32) + step)
+    names = cfg.data.domains
+    weights = torch.tensor(cfg.data.mixture or [1.0] * len(names), dtype=torch.float64)
+    which = torch.multinomial(weights, cfg.optim.batch_size, replacement=True, generator=gen)
+    n = cfg.data.seq_len + 1
+    rows = []
+    for d in which.tolist():
+        s = data.train[names[d]]
+        start = int(torch.randint(len(s) - n + 1, (1,), generator=gen))
+        rows.append(s[start : start + n])
+    return torch.stack(rows)
+
+
+def val_batches(data: RunData, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """domain → [N, seq_len + 1]: up to eval_windows windows evenly spread over its held-out
+    stream (the same every evaluation)."""
+    n = cfg.data.seq_len + 1
+    out = {}
+    for name, s in data.val.items():
+        count = min(cfg.eval_windows, len(s) // n)
+        starts = torch.linspace(0, len(s) - n, count).long().tolist()
+        out[name] = torch.stack([s[i : i + n] for i in starts])
+    return out

@@ -1,0 +1,474 @@
+"""`expertswitch train`: the trainable decoder against transformers and the serving engine,
+loss going down for dense / MoE / PR-MoE, Mixture-of-Students (KD weight 0 = plain training of
+the student; staged KD switching itself off), resume after a real SIGKILL reproducing the
+uninterrupted loss curve, checkpoint export, and clear errors for bad configs and run
+directories. Tiny models and corpora: seconds per run on a CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertswitch.errors import CheckpointError, ConfigError
+from expertswitch.models.causal_lm import CausalLM
+from expertswitch.train.checkpoint import list_checkpoints, load_checkpoint
+from expertswitch.train.config import load_config
+from expertswitch.train.logs import read_csv
+from expertswitch.train.trainer import train
+
+# small corpora, a 512-token vocabulary, 64-wide models: one step ≈ 0.1 s on 2 cores
+TINY = ["data.scale=0.02", "data.tokens_per_domain=40000", "data.val_tokens_per_domain=4000",
+        "data.vocab_size=512", "data.seq_len=64", "optim.batch_size=8", "optim.warmup=5",
+        "model.hidden_size=64", "model.intermediate_size=128", "model.num_heads=4",
+        "model.num_kv_heads=2", "eval_every=10", "eval_windows=8", "log_every=5",
+        "tensorboard=false"]  # fmt: skip
+
+
+def tiny(preset: str, out: Path, *extra: str):
+    return load_config(None, preset, [*TINY, f"out={out}", "device=cpu", *extra])
+
+
+def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "expertswitch.cli", *args], capture_output=True,
+                          text=True, timeout=900, **kw)  # fmt: skip
+
+
+def cli_args(preset: str, out: Path, *extra: str) -> list[str]:
+    sets = [a for s in [*TINY, *extra] for a in ("--set", s)]
+    return ["train", "--preset", preset, "--out", str(out), "--device", "cpu", "--quiet", *sets]
+
+
+# --- the model ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_causal_lm_equals_transformers_both_ways(tmp_path, tied):
+    """A transformers Llama checkpoint loads into CausalLM with equal logits and loss, and
+    CausalLM's own save loads into transformers with equal logits (GQA, tied or not)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                      max_position_embeddings=64, tie_word_embeddings=tied)  # fmt: skip
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = CausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 100, (2, 17))
+    with torch.no_grad():
+        a, b = hf(ids, labels=ids), ours(ids, labels=ids)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.loss, a.loss)
+    with torch.no_grad():  # change every weight, then save ours and load it with transformers
+        for p in ours.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    (tmp_path / "ours").mkdir()
+    ours.save_pretrained(tmp_path / "ours")
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def moe_config(residual: bool = True, drop_tokens: bool = False) -> dict:
+    layer = {"num_experts": 4, "k": 2, "use_residual": residual, "drop_tokens": drop_tokens}
+    return {"model_type": "expertswitch_moe", "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 120, "max_position_embeddings": 128, "hidden_act": "silu",
+            "eos_token_id": 119, "moe_layers": [None, layer, {**layer, "k": 1}]}  # fmt: skip
+
+
+def test_engine_serves_a_trained_moe_checkpoint(tmp_path):
+    """One model definition: the serving engine (paged attention, dropless grouped experts)
+    greedy-decodes an expertswitch_moe checkpoint exactly as CausalLM's full recompute."""
+    from expertswitch.engine import Engine, SamplingParams
+
+    torch.manual_seed(3)
+    model = CausalLM.from_config(moe_config()).eval()
+    (tmp_path / "m").mkdir()
+    model.save_pretrained(tmp_path / "m")
+    again = CausalLM.from_pretrained(tmp_path / "m").eval()
+    prompt = torch.randint(0, 119, (9,)).tolist()
+    seq = list(prompt)
+    with torch.no_grad():
+        torch.testing.assert_close(again(torch.tensor([seq])).logits,
+                                   model(torch.tensor([seq])).logits)  # fmt: skip
+        for _ in range(12):
+            nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            if nxt == 119:
+                break
+            seq.append(nxt)
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    out = Engine(tmp_path / "m").generate(prompt, sampling=greedy)
+    assert out[0].token_ids[: len(seq) - len(prompt)] == seq[len(prompt) :]
+
+
+def test_bad_moe_config_and_checkpoint_errors(tmp_path):
+    bad = moe_config()
+    bad["moe_layers"] = bad["moe_layers"][:2]
+    with pytest.raises(ConfigError, match="moe_layers"):
+        CausalLM.from_config(bad)
+    bad = moe_config()
+    bad["moe_layers"][1]["k"] = 9
+    with pytest.raises(ConfigError, match="k ≤ num_experts"):
+        CausalLM.from_config(bad)
+    bad = moe_config()
+    bad["moe_layers"][1]["capacity"] = 2
+    with pytest.raises(ConfigError, match="unknown MoE layer options"):
+        CausalLM.from_config(bad)
+    model = CausalLM.from_config(moe_config())
+    (tmp_path / "m").mkdir()
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["moe_layers"][1]["num_experts"] = 8  # the tensors hold 4
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        CausalLM.from_pretrained(tmp_path / "m")
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+def first_last(rows: list[dict], key: str, n: int = 5) -> tuple[float, float]:
+    vals = [r[key] for r in rows]
+    return sum(vals[:n]) / n, sum(vals[-n:]) / n
+
+
+@pytest.fixture(scope="module")
+def pr_moe_teacher(tmp_path_factory):
+    """A trained tiny PR-MoE (the teacher of the MoS tests), and its run's summary."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    s = train(tiny("pr-moe", out, "optim.steps=40"), progress=False, log=lambda *_: None)
+    return out, s
+
+
+@pytest.mark.parametrize("preset", ["dense", "moe"])
+def test_loss_drops(tmp_path, preset):
+    s = train(tiny(preset, tmp_path / "run", "optim.steps=40"), progress=False)
+    rows = read_csv(tmp_path / "run" / "metrics.csv")
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    first, last = first_last(rows, "lm_loss")
+    assert last < first - 0.5, (first, last)
+    assert s.val[-1]["val_loss"] < s.val[0]["val_loss"] - 0.2
+    if preset == "moe":
+        assert all(r["aux_loss"] > 0 for r in rows)  # 3 MoE layers, each ≈ 1 when balanced
+        assert s.active_params < s.params
+    else:
+        assert all(r["aux_loss"] == 0 for r in rows) and s.active_params == s.params
+
+
+def test_pr_moe_loss_drops_and_exports(pr_moe_teacher):
+    out, s = pr_moe_teacher
+    rows = read_csv(out / "metrics.csv")
+    first, last = first_last(rows, "lm_loss")
+    assert last < first - 0.5, (first, last)
+    assert s.val[-1]["val_loss"] < s.val[0]["val_loss"] - 0.2
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["model_type"] == "expertswitch_moe"
+    assert [e and (e["num_experts"], e["use_residual"]) for e in cfg["moe_layers"]] == \
+        [None, (4, True), None, (4, True), None, (8, True)]  # fmt: skip
+    # the exported model is the trained one: its validation loss is the run's last
+    from expertswitch.train.data import prepare_data, val_batches
+    from expertswitch.train.trainer import evaluate
+
+    run_cfg = tiny("pr-moe", out, "optim.steps=40")
+    data = prepare_data(run_cfg, out / "data")
+    model = CausalLM.from_pretrained(out / "model")
+    val = evaluate(model, val_batches(data, run_cfg), 8, torch.device("cpu"))
+    assert val["val_loss"] == pytest.approx(s.val[-1]["val_loss"], abs=1e-4)
+
+
+def test_mos_with_kd_weight_zero_equals_plain_student_training(tmp_path, pr_moe_teacher):
+    """MoS at β = 0 is exactly training the student alone: the student built from the
+    teacher (its layers 0, 1, 2, 4, 5), exported, then trained by the plain loop."""
+    from expertswitch.train import distill
+
+    teacher_dir = pr_moe_teacher[0] / "model"
+    teacher = CausalLM.from_pretrained(teacher_dir)
+    student = distill.make_student(teacher, [0, 1, 2, 4, 5])
+    assert [e and e["num_experts"] for e in student.hf_config["moe_layers"]] == \
+        [None, 4, None, None, 8]  # fmt: skip
+    (tmp_path / "student").mkdir()
+    student.save_pretrained(tmp_path / "student")
+    common = ["optim.steps=15", f"data.tokenizer={teacher_dir}"]
+    mos = train(tiny("mos", tmp_path / "mos", *common, f"kd.teacher={teacher_dir}",
+                     "kd.beta=0.0"), progress=False)  # fmt: skip
+    plain = train(tiny("dense", tmp_path / "plain", *common,
+                       f"model.init_from={tmp_path / 'student'}"), progress=False)  # fmt: skip
+    assert mos.losses == plain.losses
+    assert [r["val_loss"] for r in mos.val] == [r["val_loss"] for r in plain.val]
+    assert all(r["kd_loss"] == 0 for r in read_csv(tmp_path / "mos" / "metrics.csv"))
+
+
+def test_staged_kd_switches_itself_off(tmp_path, pr_moe_teacher):
+    teacher = str(pr_moe_teacher[0] / "model")
+    s = train(tiny("mos", tmp_path / "step", "optim.steps=20", f"kd.teacher={teacher}",
+                   "kd.stop_step=12"), progress=False)  # fmt: skip
+    rows = read_csv(tmp_path / "step" / "metrics.csv")
+    assert [r["kd_weight"] for r in rows] == [1.0] * 12 + [0.0] * 8
+    assert all(r["kd_loss"] > 0 for r in rows[:12]) and all(r["kd_loss"] == 0 for r in rows[12:])
+    assert s.kd["stopped_at"] == 12 and "stop_step" in s.kd["reason"]
+    # a plateau: no evaluation improves on the first by 100 nats, so KD stops at the second
+    s = train(tiny("mos", tmp_path / "plateau", "optim.steps=30", f"kd.teacher={teacher}",
+                   "kd.plateau_patience=1", "kd.min_delta=100"), progress=False)  # fmt: skip
+    assert s.kd["stopped_at"] == 20 and "plateau" in s.kd["reason"]
+    kd_active = [r["kd_active"] for r in read_csv(tmp_path / "plateau" / "eval.csv")]
+    assert kd_active == [1, 1, 0]  # on during steps 11-20, off after the evaluation at 20
+    rows = read_csv(tmp_path / "plateau" / "metrics.csv")
+    assert [r["kd_weight"] for r in rows] == [1.0] * 20 + [0.0] * 10
+
+
+def test_kd_keeps_the_student_closer_to_the_teacher(tmp_path, pr_moe_teacher):
+    """The KD term does its job: after the same steps, the student trained with β = 1 is closer
+    to the teacher on held-out text (KL(teacher ‖ student)) than the one trained with β = 0."""
+    from expertswitch.train import distill
+    from expertswitch.train.data import prepare_data, val_batches
+
+    teacher_dir = pr_moe_teacher[0] / "model"
+    teacher = CausalLM.from_pretrained(teacher_dir).eval()
+    kl = {}
+    for beta in (0.0, 1.0):
+        cfg = tiny("mos", tmp_path / str(beta), "optim.steps=20", f"kd.teacher={teacher_dir}",
+                   f"kd.beta={beta}")  # fmt: skip
+        train(cfg, progress=False)
+        student = CausalLM.from_pretrained(tmp_path / str(beta) / "model").eval()
+        windows = torch.cat(list(val_batches(prepare_data(cfg, tmp_path / str(beta) / "data"),
+                                             cfg).values()))[:, :-1]  # fmt: skip
+        with torch.no_grad():
+            kl[beta] = float(distill.kd_loss(student(windows).logits, teacher(windows).logits, 1))
+    assert kl[1.0] < 0.8 * kl[0.0], kl
+
+
+# --- checkpoints and resume --------------------------------------------------------------
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
+    """A run killed with SIGKILL (possibly mid-checkpoint) and started again with the same
+    command logs the very loss curve of a run never interrupted."""
+    extra = ["optim.steps=60", "checkpoint_every=10"]
+    full = run_cli(*cli_args("moe", tmp_path / "full", *extra))
+    assert full.returncode == 0, full.stderr[-2000:]
+    args = cli_args("moe", tmp_path / "cut", *extra)
+    proc = subprocess.Popen([sys.executable, "-m", "expertswitch.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpts = tmp_path / "cut" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not (ckpts / "step-00000020").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run made no checkpoint in 10 minutes"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "cut" / "model").exists()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stdout + again.stderr
+    a, b = read_csv(tmp_path / "full" / "metrics.csv"), read_csv(tmp_path / "cut" / "metrics.csv")
+    keys = ["step", "tokens", "lr", "loss", "lm_loss", "aux_loss", "grad_norm"]
+    assert [[r[k] for k in keys] for r in b] == [[r[k] for k in keys] for r in a]
+    assert read_csv(tmp_path / "full" / "eval.csv") == read_csv(tmp_path / "cut" / "eval.csv")
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [50, 60]  # keep 2
+
+
+def test_unreadable_checkpoint_falls_back_and_export_works(tmp_path):
+    out = tmp_path / "run"
+    train(tiny("dense", out, "optim.steps=20", "checkpoint_every=5", "keep_checkpoints=3"),
+          progress=False)  # fmt: skip
+    assert [s for s, _ in list_checkpoints(out)] == [10, 15, 20]
+    newest = out / "checkpoints" / "step-00000020" / "state.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a disk error: truncated
+    with pytest.raises(CheckpointError, match="delete it"):
+        load_checkpoint(newest.parent)
+    logs: list[str] = []
+    s = train(tiny("dense", out, "optim.steps=25", "checkpoint_every=5", "keep_checkpoints=3"),
+              progress=False, log=logs.append)  # fmt: skip
+    assert any("warning" in m and "step-00000020" in m for m in logs)
+    assert any("resuming" in m and "step 15" in m for m in logs)
+    assert [r["step"] for r in read_csv(out / "metrics.csv")] == list(range(1, 26))
+    assert s.losses and len(s.losses) == 10  # steps 16 … 25 ran in this call
+    r = run_cli("export-checkpoint", str(out / "checkpoints" / "step-00000025"), "--out",
+                str(tmp_path / "hf"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = CausalLM.from_pretrained(out / "model").eval()
+    ids = torch.randint(0, 500, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_checkpoint_loader_fuzz(tmp_path):
+    """Truncations and garbage at any length: a CheckpointError naming the way out, never a
+    deep torch traceback."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from expertswitch.train.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tmp_path, 3, {"step": 3, "model": {"w": torch.randn(4, 4)}}, 1)
+    good = (path / "state.pt").read_bytes()
+    assert load_checkpoint(path)["step"] == 3
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.integers(0, len(good) - 1), st.binary(max_size=64))
+    def check(cut, junk):
+        (path / "state.pt").write_bytes(good[:cut] + junk)
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            assert "delete it" in str(e)
+        else:  # junk that happens to complete a valid file must still be this checkpoint
+            assert state["step"] == 3
+
+    check()
+
+
+# --- configs and run directories ----------------------------------------------------------
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(None, "gigantic")
+    with pytest.raises(ConfigError, match=r"unknown setting optim\.lrr"):
+        load_config(None, "dense", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="multiple of grad_accum"):
+        load_config(None, "dense", ["optim.batch_size=10", "optim.grad_accum=4"])
+    with pytest.raises(ConfigError, match="give 3 MoE layers"):
+        load_config(None, "moe", ["model.moe.experts=8x2"])
+    with pytest.raises(ConfigError, match="student_layers"):
+        load_config(None, "mos", ["kd.student_layers=null"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, "dense", ["optim.lr"])
+    (tmp_path / "c.yaml").write_text("preset: moe\noptim: [1, 2]\n")
+    with pytest.raises(ConfigError, match="optim. must be a mapping"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text("preset: moe\nmodel: {moe: {experts: '4x1+8x2'}}\n")
+    assert load_config(tmp_path / "c.yaml").moe_layers()[5]["num_experts"] == 8
+    r = run_cli("train", "--preset", "dense", "--set", "optim.steps=0", "--out",
+                str(tmp_path / "x"))  # fmt: skip
+    assert r.returncode == 2 and "optim.steps must be a positive integer" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_config_loader_fuzz():
+    """Any mapping of YAML scalars: a RunConfig or a ConfigError, nothing else."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    keys = st.sampled_from(["seed", "optim", "optim.lr", "optim.steps", "model.moe",
+                            "model.moe.k", "model.moe.experts", "data.seq_len", "kd", "kd.beta",
+                            "eval_every", "model.num_layers", "nope"])  # fmt: skip
+    values = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(-1, 10),
+                       st.sampled_from(["8x2", "x", "4x1+8x2", "", "[1, 2]",
+                                        "{a: 1}"]))  # fmt: skip
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(keys, values), max_size=4), st.sampled_from(["dense", "moe", "mos"]))
+    def check(items, preset):
+        with contextlib.suppress(ConfigError):
+            load_config(None, preset, [f"{k}={v}" for k, v in items])
+
+    check()
+
+
+def test_run_directory_is_protected(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(ConfigError, match="not a training run"):
+        train(tiny("dense", tmp_path / "mine", "optim.steps=2"), progress=False)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    train(tiny("dense", tmp_path / "run", "optim.steps=2"), progress=False)
+    with pytest.raises(ConfigError, match="another config"):
+        train(tiny("dense", tmp_path / "run", "optim.steps=2", "optim.lr=1e-4"), progress=False)
+    s = train(tiny("dense", tmp_path / "run", "optim.steps=2", "optim.lr=1e-4"),
+              overwrite=True, progress=False)  # fmt: skip
+    assert s.losses and json.loads((tmp_path / "run" / "run.json").read_text())["optim"]["lr"] \
+        == 1e-4  # fmt: skip
+
+
+def test_torchrun_data_parallel_equals_one_process(tmp_path):
+    """`torchrun -m expertswitch.train` with 2 gloo ranks, each on half of every batch, follows
+    the single-process run (gradients averaged over ranks, experts' included). Dropless and
+    without the aux loss: capacity and the balance loss are per rank's tokens by design (as in
+    DeepSpeed), which would make the two runs differ legitimately."""
+    extra = ["optim.steps=8", "eval_every=4", "model.moe.drop_tokens=false", "aux_loss_coef=0"]
+    one = run_cli(*cli_args("moe", tmp_path / "one", *extra))
+    assert one.returncode == 0, one.stderr[-2000:]
+    sets = cli_args("moe", tmp_path / "two", *extra)[1:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "expertswitch.train", *sets],
+                         capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = read_csv(tmp_path / "one" / "eval.csv")
+    b = read_csv(tmp_path / "two" / "eval.csv")
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["val_loss"] == pytest.approx(ra["val_loss"], abs=2e-4)
+    m1 = CausalLM.from_pretrained(tmp_path / "one" / "model")
+    m2 = CausalLM.from_pretrained(tmp_path / "two" / "model")
+    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=2e-4, msg=n)
+
+
+def test_torchrun_expert_parallel_equals_one_process_and_resumes(tmp_path):
+    """ep_size 2 on 2 gloo ranks (each holds half of every MoE layer's experts, tokens move by
+    all-to-all) follows the single-process run; its sharded checkpoints resume exactly, and
+    export-checkpoint gathers the experts back into one HF checkpoint."""
+    extra = ["optim.steps=8", "eval_every=4", "checkpoint_every=4", "keep_checkpoints=3",
+             "model.moe.drop_tokens=false", "aux_loss_coef=0"]  # fmt: skip
+    one = run_cli(*cli_args("moe", tmp_path / "one", *extra))
+    assert one.returncode == 0, one.stderr[-2000:]
+    args = ["--standalone", "--nproc-per-node", "2", "-m", "expertswitch.train",
+            *cli_args("moe", tmp_path / "ep", *extra, "ep_size=2")[1:]]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun():
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args],
+                           capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    torchrun()
+    ckpt = tmp_path / "ep" / "checkpoints" / "step-00000008"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "state-rank00000.pt",
+                                                      "state-rank00001.pt"]  # fmt: skip
+    m1 = CausalLM.from_pretrained(tmp_path / "one" / "model")
+    m2 = CausalLM.from_pretrained(tmp_path / "ep" / "model")
+    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=2e-4, msg=n)
+    r = run_cli("export-checkpoint", str(ckpt), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    m3 = CausalLM.from_pretrained(tmp_path / "hf")
+    for (n, p), q in zip(m2.named_parameters(), m3.parameters()):
+        assert torch.equal(p, q), n
+
+    def curve():  # all but the throughput
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"}
+                for r in read_csv(tmp_path / "ep" / "metrics.csv")]  # fmt: skip
+
+    before = curve()
+
+    shutil.rmtree(ckpt)  # back to step 4: the second launch resumes there
+    shutil.rmtree(tmp_path / "ep" / "model")
+    again = torchrun()
+    assert "resuming" in again.stdout + again.stderr and "at step 4" in again.stdout
+    assert curve() == before
+    # one process cannot resume a 2-rank expert-parallel checkpoint: told so, never skipped
+    from expertswitch.train.checkpoint import LayoutMismatch, latest_state
+
+    with pytest.raises(LayoutMismatch, match="same world size"):
+        latest_state(tmp_path / "ep")
+    r = run_cli(*cli_args("moe", tmp_path / "ep", *extra, "ep_size=2"))
+    assert r.returncode == 2 and "multiple of it" in r.stderr
