@@ -7,6 +7,7 @@
 #   device:  run(command="bash benchmarks/gpu_session.sh engine", carry=[".whl"])
 #   device:  run(command="bash benchmarks/gpu_session.sh serve", carry=[".whl"])
 #   device:  run(command="bash benchmarks/gpu_session.sh parallel", carry=[".whl"])
+#   device:  run(command="bash benchmarks/gpu_session.sh train", carry=[".whl"])
 # Results land in $OUT; copy them into benchmarks/results/ (the tuned table,
 # <device>.json, into src/expertswitch/kernels/configs/) and commit.
 set -uo pipefail
@@ -43,6 +44,9 @@ case "${1:-kernels}" in
   parallel)  # issue 14's scaling model: one dense and one MoE layer of 1.3B+MoE-128 timed
     step python3 benchmarks/parallel.py --nproc 2 --measure-layers cuda --out "$OUT"
     ;;
+  train)  # issue 15: dense vs MoE vs PR-MoE vs MoS students at equal tokens (7 runs)
+    step python3 benchmarks/train_moe.py --device cuda --work /tmp/train_moe --out "$OUT"
+    ;;
   compress)
     step python3 benchmarks/compress.py --tune-steps 200 --tune-bits 2 --out "$OUT"
     ;;
@@ -50,6 +54,6 @@ case "${1:-kernels}" in
     step python3 -m expertswitch.cli zoo build --preset small --device cuda
     step python3 benchmarks/serve.py --preset small --device cuda --out "$OUT"
     ;;
-  *) echo "usage: gpu_session.sh kernels|family|compress|engine|serve|parallel" >&2; exit 2 ;;
+  *) echo "usage: gpu_session.sh kernels|family|compress|engine|serve|parallel|train" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

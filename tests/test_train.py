@@ -153,8 +153,10 @@ def pr_moe_teacher(tmp_path_factory):
 
 @pytest.mark.parametrize("preset", ["dense", "moe"])
 def test_loss_drops(tmp_path, preset):
-    s = train(tiny(preset, tmp_path / "run", "optim.steps=40"), progress=False)
+    s = train(tiny(preset, tmp_path / "run", "optim.steps=40", "tensorboard=true"),
+              progress=False)  # fmt: skip
     rows = read_csv(tmp_path / "run" / "metrics.csv")
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
     assert [r["step"] for r in rows] == list(range(1, 41))
     first, last = first_last(rows, "lm_loss")
     assert last < first - 0.5, (first, last)

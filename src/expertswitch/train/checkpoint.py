@@ -221,5 +221,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: torch.dtype | No
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt} does not fit its own config: {e}") from None
-    tok = load_tokenizer(run_dir / "data") if (run_dir / "data").is_dir() else None
+    data_dir = json.loads((run_dir / "run.json").read_text()).get("data", {}).get("dir")
+    data_dir = Path(data_dir) if data_dir else run_dir / "data"
+    tok = load_tokenizer(data_dir) if (data_dir / "tokenizer.json").is_file() else None
     return export_model(model, tok, Path(out), dtype)

@@ -61,6 +61,9 @@ class DataSection:
     vocab_size: int = 4096  # of the tokenizer trained on the corpora
     tokenizer: str | None = None  # a tokenizer directory instead (init_from / teacher: theirs)
     seq_len: int = 128
+    # where the prepared tokenizer + token streams live (default RUN/data); runs on the same
+    # corpus settings may share one (benchmarks/train_moe.py does)
+    dir: str | None = None
 
 
 @dataclass
@@ -158,7 +161,7 @@ def _check(c: RunConfig) -> None:
     if d.mixture is not None and (len(d.mixture) != len(d.domains) or min(d.mixture) < 0
                                   or sum(d.mixture) <= 0):  # fmt: skip
         raise ConfigError("data.mixture needs one non-negative weight per domain")
-    if m.moe is not None:
+    if m.moe is not None and m.init_from is None:  # (init_from: its config.json wins)
         c.moe_layers()  # raises on a spec that does not fit the layers
     k = c.kd
     if k is not None:

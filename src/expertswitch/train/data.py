@@ -45,30 +45,20 @@ def _tokenizer_source(cfg: RunConfig) -> str | None:
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
     src = cfg.kd.teacher if cfg.kd else cfg.model.init_from
-    if src and (Path(src) / "tokenizer.json").is_file():
-        return src
-    return None
-
-
-def _load_model_tokenizer(path: str):
-    """A model directory's tokenizer. AutoTokenizer reads config.json too and warns about a
-    model_type transformers does not know (expertswitch_moe): read tokenizer.json directly."""
-    import json
-
-    from transformers import PreTrainedTokenizerFast
-
-    from expertswitch.zoo.tokenizer import load_tokenizer
-
-    cfg = Path(path) / "config.json"
-    if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "expertswitch_moe":
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    return load_tokenizer(path)
+    if not src:
+        return None
+    if not any((Path(src) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        # a tokenizer trained here would give the model's token ids other meanings
+        raise ConfigError(f"{src} ships no tokenizer: set data.tokenizer to the directory of "
+                          "the tokenizer it was trained with")  # fmt: skip
+    return src
 
 
 def prepare_data(cfg: RunConfig, directory: Path, log=print) -> RunData:
     """Load the run's data from `directory`, or build it there (atomically) the first time."""
     from safetensors.torch import load_file, save_file
 
+    from expertswitch.models.tokenizer import load_tokenizer as load_model_tokenizer
     from expertswitch.utils.fs import atomic_directory
     from expertswitch.zoo.corpora import DOMAINS, load_corpora
     from expertswitch.zoo.tokenizer import load_tokenizer, train_tokenizer
@@ -84,7 +74,12 @@ def prepare_data(cfg: RunConfig, directory: Path, log=print) -> RunData:
     corpora = load_corpora(cfg.seed, cfg.data.scale)
     source = _tokenizer_source(cfg)
     if source:
-        tok = _load_model_tokenizer(source)
+        tok = load_model_tokenizer(source)
+        if tok is None:
+            raise ConfigError(
+                f"{source} has no tokenizer files (tokenizer.json): set "
+                "data.tokenizer to the model's tokenizer directory"
+            )
     else:
         texts = [d for name in cfg.data.domains for d in corpora[name].train[:400]]
         tok = train_tokenizer(texts, cfg.data.vocab_size)

@@ -266,12 +266,13 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     say = log if world.main else (lambda *_: None)
     run = _prepare_run_dir(cfg, overwrite) if world.main else Path(cfg.out)
     world.barrier()
+    data_dir = Path(cfg.data.dir) if cfg.data.dir else run / "data"
     if world.main:
         ckpt.clear_partial(run)
-        data = prepare_data(cfg, run / "data", say)
+        data = prepare_data(cfg, data_dir, say)
     world.barrier()
     if not world.main:
-        data = prepare_data(cfg, run / "data", say)
+        data = prepare_data(cfg, data_dir, say)
     model, teacher = _build_models(cfg, data)
     params, active = model.num_parameters(), model.num_parameters(active=True)
     if ep > 1:  # every rank built the same full model (same seed): keep this rank's experts
