@@ -45,6 +45,7 @@ case "${1:-kernels}" in
     step python3 benchmarks/parallel.py --nproc 2 --measure-layers cuda --out "$OUT"
     ;;
   train)  # issue 15: dense vs MoE vs PR-MoE vs MoS students at equal tokens (7 runs)
+    step python3 -m pytest -q -x -m gpu tests/test_train.py
     step python3 benchmarks/train_moe.py --device cuda --work /tmp/train_moe --out "$OUT"
     ;;
   compress)

@@ -256,7 +256,7 @@ def test_kd_keeps_the_student_closer_to_the_teacher(tmp_path, pr_moe_teacher):
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     """A run killed with SIGKILL (possibly mid-checkpoint) and started again with the same
     command logs the very loss curve of a run never interrupted."""
-    extra = ["optim.steps=60", "checkpoint_every=10"]
+    extra = ["optim.steps=60", "checkpoint_every=10", "log_every=3"]  # rows flushed at saves
     full = run_cli(*cli_args("moe", tmp_path / "full", *extra))
     assert full.returncode == 0, full.stderr[-2000:]
     args = cli_args("moe", tmp_path / "cut", *extra)
@@ -418,6 +418,11 @@ def test_torchrun_data_parallel_equals_one_process(tmp_path):
     b = read_csv(tmp_path / "two" / "eval.csv")
     for ra, rb in zip(a, b, strict=True):
         assert rb["val_loss"] == pytest.approx(ra["val_loss"], abs=2e-4)
+    # the pre-clip gradient norm: a gradient summed instead of averaged over ranks shows here
+    # (clipping and Adam would hide it from the weights)
+    g1 = [r["grad_norm"] for r in read_csv(tmp_path / "one" / "metrics.csv")]
+    g2 = [r["grad_norm"] for r in read_csv(tmp_path / "two" / "metrics.csv")]
+    assert g2 == pytest.approx(g1, rel=1e-4)
     m1 = CausalLM.from_pretrained(tmp_path / "one" / "model")
     m2 = CausalLM.from_pretrained(tmp_path / "two" / "model")
     for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
@@ -450,6 +455,9 @@ def test_torchrun_expert_parallel_equals_one_process_and_resumes(tmp_path):
     m2 = CausalLM.from_pretrained(tmp_path / "ep" / "model")
     for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=2e-4, msg=n)
+    g1 = [r["grad_norm"] for r in read_csv(tmp_path / "one" / "metrics.csv")]
+    g2 = [r["grad_norm"] for r in read_csv(tmp_path / "ep" / "metrics.csv")]
+    assert g2 == pytest.approx(g1, rel=1e-4)  # experts' shares summed over the EP group
     r = run_cli("export-checkpoint", str(ckpt), "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
     m3 = CausalLM.from_pretrained(tmp_path / "hf")
@@ -474,3 +482,235 @@ def test_torchrun_expert_parallel_equals_one_process_and_resumes(tmp_path):
         latest_state(tmp_path / "ep")
     r = run_cli(*cli_args("moe", tmp_path / "ep", *extra, "ep_size=2"))
     assert r.returncode == 2 and "multiple of it" in r.stderr
+
+
+def test_engine_expert_parallel_generate_equals_one_process(tmp_path):
+    """The engine's MoE path over 2 gloo ranks (`torchrun -m expertswitch.cli generate
+    --expert-parallel-size 2`): each rank holds half the experts, tokens reach them by
+    all-to-all, and the answers are the single process' (greedy and seeded sampling); unseeded
+    sampling draws rank 0's seed on every rank (the CLI checks that the ranks agree)."""
+    torch.manual_seed(3)
+    model = CausalLM.from_config(moe_config())
+    model.save_pretrained(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ask = ["generate", "--base", str(tmp_path), "--prompt-ids", "5,6,7,8", "--prompt-ids",
+           "9,10,11", "--max-tokens", "8"]  # fmt: skip
+    for sampling in ([], ["--temperature", "0.8", "--seed", "3"]):
+        one = run_cli(*ask, *sampling)
+        assert one.returncode == 0, one.stderr[-2000:]
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc-per-node", "2", "-m", "expertswitch.cli", *ask, *sampling,
+                              "--expert-parallel-size", "2"], capture_output=True, text=True,
+                             timeout=900, env=env)  # fmt: skip
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert two.stdout.strip() == one.stdout.strip() and one.stdout.count("[base]") == 2
+    free = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "expertswitch.cli", *ask,
+                           "--temperature", "1.0", "--expert-parallel-size", "2"],
+                          capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    assert free.returncode == 0, free.stderr[-3000:]
+    r = run_cli(*ask, "--expert-parallel-size", "2")
+    assert r.returncode == 2 and "torchrun" in r.stderr
+
+
+def test_expert_parallel_with_replicas_equals_one_process(tmp_path):
+    """World 4, ep_size 2: two EP groups, each expert shard replicated twice (expert gradients
+    reduced over the expert-data-parallel group only, the gradient norm over an EP group, the
+    export from ranks 0 and 1): still the single-process run."""
+    extra = ["optim.steps=4", "eval_every=2", "model.moe.drop_tokens=false", "aux_loss_coef=0"]
+    one = run_cli(*cli_args("moe", tmp_path / "one", *extra))
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    four = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "4", "-m", "expertswitch.train",
+                           *cli_args("moe", tmp_path / "four", *extra, "ep_size=2")[1:]],
+                          capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    assert four.returncode == 0, four.stderr[-3000:]
+    g1 = [r["grad_norm"] for r in read_csv(tmp_path / "one" / "metrics.csv")]
+    g4 = [r["grad_norm"] for r in read_csv(tmp_path / "four" / "metrics.csv")]
+    assert g4 == pytest.approx(g1, rel=1e-4)
+    m1 = CausalLM.from_pretrained(tmp_path / "one" / "model")
+    m4 = CausalLM.from_pretrained(tmp_path / "four" / "model")
+    for (n, p), q in zip(m1.named_parameters(), m4.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=2e-4, msg=n)
+
+
+def test_prepared_data_is_protected_and_checked(tmp_path):
+    mine = tmp_path / "datasets"
+    mine.mkdir()
+    (mine / "corpus.txt").write_text("precious")
+    with pytest.raises(ConfigError, match="not prepared training data"):
+        train(tiny("dense", tmp_path / "a", "optim.steps=2", f"data.dir={mine}"), progress=False)
+    assert (mine / "corpus.txt").read_text() == "precious"
+    shared = tmp_path / "shared"
+    train(tiny("dense", tmp_path / "b", "optim.steps=2", f"data.dir={shared}"), progress=False)
+    assert not (tmp_path / "b" / "data").exists()
+    with pytest.raises(ConfigError, match="prepared with other settings.*tokenizer"):
+        train(tiny("dense", tmp_path / "c", "optim.steps=2", f"data.dir={shared}",
+                   "data.vocab_size=600"), progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="prepared with other settings.*seed"):
+        train(tiny("dense", tmp_path / "d", "optim.steps=2", f"data.dir={shared}", "seed=1"),
+              progress=False)  # fmt: skip
+    # the model a run exports carries the run's tokenizer: the same data serves a run from it
+    s = train(tiny("dense", tmp_path / "e", "optim.steps=2", f"data.dir={shared}",
+                   f"model.init_from={tmp_path / 'b' / 'model'}"), progress=False)  # fmt: skip
+    assert s.losses
+
+
+def test_export_checkpoint_never_destroys_a_directory(tmp_path):
+    out = tmp_path / "run"
+    train(tiny("dense", out, "optim.steps=2"), progress=False)
+    ckpt = out / "checkpoints" / "step-00000002"
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("precious")
+    from expertswitch.train.checkpoint import export_checkpoint
+
+    for target in (tmp_path / "precious", out, ckpt):
+        with pytest.raises(ConfigError):
+            export_checkpoint(ckpt, target, overwrite=True)
+    assert (tmp_path / "precious" / "thesis.tex").read_text() == "precious"
+    assert (ckpt / "state.pt").is_file()
+    export_checkpoint(ckpt, tmp_path / "m")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        export_checkpoint(ckpt, tmp_path / "m")
+    export_checkpoint(ckpt, tmp_path / "m", overwrite=True)
+    r = run_cli("export-checkpoint", str(ckpt), "--out", str(tmp_path / "precious"),
+                "--overwrite")  # fmt: skip
+    assert r.returncode == 2 and "not a model checkpoint" in r.stderr, r.stderr
+    (ckpt / "meta.json").write_text("{not json")
+    r = run_cli("export-checkpoint", str(ckpt), "--out", str(tmp_path / "m2"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_resume_refuses_a_checkpoint_past_the_steps_and_diverging_runs_stop(tmp_path):
+    out = tmp_path / "run"
+    train(tiny("dense", out, "optim.steps=6"), progress=False)
+    with pytest.raises(ConfigError, match="past optim.steps"):
+        train(tiny("dense", out, "optim.steps=4"), progress=False)
+    # a start model with a NaN weight: every update is skipped, then the run stops, clearly
+    model = CausalLM.from_pretrained(out / "model")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    (tmp_path / "nan").mkdir()
+    model.save_pretrained(tmp_path / "nan")
+    (tmp_path / "nan" / "tokenizer.json").write_bytes((out / "model" / "tokenizer.json")
+                                                      .read_bytes())  # fmt: skip
+    from expertswitch.train.trainer import MAX_BAD_STEPS, TrainingDiverged
+
+    logs: list[str] = []
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        cfg = tiny("dense", tmp_path / "n", "optim.steps=20", f"model.init_from={tmp_path / 'nan'}")
+        train(cfg, progress=False, log=logs.append)
+    assert sum("skipped" in m for m in logs) == MAX_BAD_STEPS
+
+
+def test_moe_validation_loss_does_not_depend_on_the_eval_batch(pr_moe_teacher):
+    """Evaluation routes dropless (as serving does), so the loss is the same whatever the
+    micro-batch, hence whatever the world size."""
+    from expertswitch.train.data import prepare_data, val_batches
+    from expertswitch.train.trainer import evaluate
+
+    out = pr_moe_teacher[0]
+    cfg = tiny("pr-moe", out, "optim.steps=40")
+    batches = val_batches(prepare_data(cfg, out / "data"), cfg)
+    model = CausalLM.from_pretrained(out / "model")
+    a = evaluate(model, batches, 8, torch.device("cpu"))
+    b = evaluate(model, batches, 1, torch.device("cpu"))
+    assert a == pytest.approx(b, abs=2e-5)
+    assert all(m.gate.drop_tokens for m in model.moe_layers())  # restored after
+
+
+def test_student_keeps_its_layers_attention_windows(tmp_path):
+    """A Qwen2 teacher whose last layers use sliding windows: the student's kept layers keep
+    their own kind of attention."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from expertswitch.train import distill
+
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                      max_position_embeddings=64, use_sliding_window=True, sliding_window=8,
+                      max_window_layers=2)  # fmt: skip
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "t")
+    teacher = CausalLM.from_pretrained(tmp_path / "t")
+    assert teacher.cfg.sliding_windows == [None, None, 8, 8]
+    student = distill.make_student(teacher, [1, 3])
+    assert student.cfg.sliding_windows == [None, 8]
+    x = torch.randn(1, 20, 64)  # 20 tokens > the window of 8: a window changes the output
+    cos_sin = teacher.rope.cos_sin(torch.arange(20))
+    with torch.no_grad():  # the student's layer 1 is the teacher's layer 3, window and all
+        want = teacher.model.layers[3](x, teacher.rope, *cos_sin)[0]
+        got = student.model.layers[1](x, student.rope, *cos_sin)[0]
+        teacher.model.layers[3].self_attn.window = None
+        unwindowed = teacher.model.layers[3](x, teacher.rope, *cos_sin)[0]
+    assert torch.equal(got, want) and not torch.allclose(want, unwindowed)
+
+
+def test_yaml_and_config_json_fuzz(tmp_path):
+    """Random YAML documents and random moe_layers entries: a config or a ConfigError."""
+    import yaml
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from expertswitch.models.config import ModelConfig
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(-2, 2),
+                        st.text(max_size=4))  # fmt: skip
+    names = ["preset", "optim", "model", "moe", "lr", "steps", "kd", "experts", "data", "k"]
+    keys = st.one_of(st.sampled_from(names), st.integers(0, 3))
+    docs = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                         st.dictionaries(keys, inner, max_size=4)),
+                        max_leaves=12)  # fmt: skip
+    path = tmp_path / "c.yaml"
+
+    @settings(max_examples=150, deadline=None)
+    @given(docs)
+    def check_yaml(doc):
+        path.write_text(yaml.safe_dump(doc))
+        with contextlib.suppress(ConfigError):
+            load_config(path)
+
+    check_yaml()
+    base = moe_config()
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.one_of(st.none(), scalars, st.dictionaries(
+        st.sampled_from(["num_experts", "k", "use_residual", "drop_tokens", "capacity_factor",
+                         "noisy_gate_policy", "min_capacity", "x"]), scalars, max_size=4)),
+        min_size=3, max_size=3))  # fmt: skip
+    def check_layers(layers):
+        with contextlib.suppress(ConfigError):
+            ModelConfig.from_dict({**base, "moe_layers": layers})
+
+    check_layers()
+    bad = {**base, "moe_layers": [None, {"num_experts": 4, "drop_tokens": "no"}, None]}
+    with pytest.raises(ConfigError, match="true or false"):
+        ModelConfig.from_dict(bad)
+
+
+@pytest.mark.gpu
+def test_gpu_training_step_runs_experts_in_bf16_with_fp32_gradients(tmp_path):
+    """On a GPU under bf16 autocast: the stacked experts' grouped kernels get bf16 operands
+    (autocast does not reach a custom autograd Function by itself), the gate stays fp32, the
+    master weights get fp32 gradients, and a short run's loss goes down."""
+    from expertswitch.models.causal_lm import build_moe
+    from expertswitch.models.config import ModelConfig, MoELayerSpec
+
+    cfg = ModelConfig.from_dict(moe_config())
+    moe = build_moe(cfg, MoELayerSpec(num_experts=4, k=2)).cuda().train()
+    x = torch.randn(64, cfg.hidden_size, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        out, aux, _ = moe(x)
+    assert out.dtype == torch.bfloat16 and aux.dtype == torch.float32
+    out.float().sum().backward()
+    assert moe.experts.w_in.grad.dtype == torch.float32
+    assert moe.experts.w_in.grad.abs().sum() > 0 and moe.gate.wg.weight.grad.abs().sum() > 0
+    moe.eval()
+    with torch.no_grad():
+        plain = moe.gate(x).probs
+        with torch.autocast("cuda", torch.bfloat16):
+            cast = moe.gate(x).probs
+    assert torch.equal(plain, cast)  # fp32 logits under autocast too
+    s = train(tiny("moe", tmp_path / "run", "optim.steps=30", "device=cuda"), progress=False)
+    first, last = first_last(read_csv(tmp_path / "run" / "metrics.csv"), "lm_loss")
+    assert last < first - 0.5 and s.val[-1]["val_loss"] < s.val[0]["val_loss"]

@@ -182,6 +182,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they come (1 prompt)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--expert-parallel-size", type=int, default=1, metavar="N",
+                   help="spread an MoE checkpoint's experts over N ranks: launch with torchrun "
+                   "--nproc-per-node N -m expertswitch.cli generate ...")  # fmt: skip
 
 
 def _add_serve(sub) -> None:
@@ -272,6 +275,8 @@ def _add_train(sub) -> None:
     p.add_argument("checkpoint", help="RUN/checkpoints/step-N")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model checkpoint already in --out")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,11 +301,9 @@ def cmd_train(args) -> None:
     from expertswitch.train.config import load_config
     from expertswitch.train.trainer import train
 
-    overrides = list(args.set)
-    for key, value in (("out", args.out), ("optim.steps", args.steps), ("device", args.device)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    cfg = load_config(args.config, args.preset, overrides)
+    given = {"out": args.out, "optim.steps": args.steps, "device": args.device}
+    cfg = load_config(args.config, args.preset, args.set,
+                      {k: v for k, v in given.items() if v is not None})  # fmt: skip
     s = train(cfg, overwrite=args.overwrite, progress=not args.quiet)
     last = s.val[-1] if s.val else None
     print(json.dumps({"run": str(s.run_dir), "steps": s.steps, "params": s.params,
@@ -313,7 +316,8 @@ def cmd_export_checkpoint(args) -> None:
 
     from expertswitch.train.checkpoint import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype))
+    out = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype),
+                            args.overwrite)  # fmt: skip
     print(f"wrote {out}")
 
 
@@ -564,9 +568,21 @@ def cmd_generate(args) -> None:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               seed=args.seed, max_tokens=args.max_tokens,
                               stop=args.stop)  # fmt: skip
-    eng = Engine(args.base, _expert_args(args.expert), device=args.device,
-                 dtype=dtype)  # fmt: skip
+    device = _init_ranks(args.expert_parallel_size, args.device)
+    eng = Engine(args.base, _expert_args(args.expert), device=device, dtype=dtype,
+                 expert_parallel_size=args.expert_parallel_size)  # fmt: skip
     experts = use * len(prompts) if len(use) == 1 else use
+    if args.expert_parallel_size > 1:
+        if args.stream:
+            raise ConfigError("--stream with --expert-parallel-size: not supported; drop --stream")
+        outs = eng.generate(prompts, experts, sampling)
+        _check_ranks_agree([o.token_ids for o in outs])
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            return
+        _print_outputs(prompts, outs)
+        return
     if args.stream:
         if len(prompts) != 1:
             raise ConfigError("--stream prints one answer as it comes: give one prompt")
@@ -577,7 +593,47 @@ def cmd_generate(args) -> None:
             seen = out.text or ""
         print(f"\n[{experts[0] or 'base'}: {out.finish_reason}]")
         return
-    for prompt, out in zip(prompts, eng.generate(prompts, experts, sampling)):
+    _print_outputs(prompts, eng.generate(prompts, experts, sampling))
+
+
+def _init_ranks(ep_size: int, device: str) -> str:
+    """The process group torchrun's environment describes (gloo on CPU, NCCL on GPUs); the
+    device of this rank."""
+    import os
+
+    from expertswitch.errors import ConfigError
+
+    if ep_size == 1:
+        return device
+    if ep_size < 1 or "WORLD_SIZE" not in os.environ:
+        raise ConfigError("--expert-parallel-size N runs under torchrun: torchrun "
+                          "--nproc-per-node N -m expertswitch.cli generate ...")  # fmt: skip
+    import torch
+    import torch.distributed as dist
+
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return f"cuda:{local}" if cuda else "cpu"
+
+
+def _check_ranks_agree(tokens: list) -> None:
+    """Every expert-parallel rank must have generated the same tokens (they share the steps)."""
+    import torch.distributed as dist
+
+    from expertswitch.errors import ParallelError
+
+    got: list = [None] * dist.get_world_size()
+    dist.all_gather_object(got, tokens)
+    if any(g != got[0] for g in got):
+        raise ParallelError("expert-parallel ranks generated different tokens: report this")
+
+
+def _print_outputs(prompts, outs) -> None:
+    for prompt, out in zip(prompts, outs):
         answer = out.text if out.text is not None else " ".join(map(str, out.token_ids))
         shown = prompt if isinstance(prompt, str) else ",".join(map(str, prompt))
         print(f"[{out.expert or 'base'}] {shown!r} -> {answer!r}  ({out.finish_reason}"

@@ -20,6 +20,9 @@ class EngineConfig:
     device_budget_bytes: int | None = None  # experts resident on the device (GPU default: a
     #                                         third of what the base leaves free)
     host_budget_bytes: int | None = None  # experts kept in (pinned) host memory
+    # MoE experts spread over this many torchrun ranks (expertswitch_moe checkpoints); every
+    # rank runs the same requests in lockstep and holds E / expert_parallel_size experts
+    expert_parallel_size: int = 1
 
     def __post_init__(self):
         for f in fields(self):

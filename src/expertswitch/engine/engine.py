@@ -66,7 +66,14 @@ class Engine:
         self.config = cfg
         self.device = torch.device(resolve_device(device))
         self.dtype = dtype
-        self.model = Decoder.load(base, self.device, dtype)
+        self.ep_size = cfg.expert_parallel_size
+        if self.ep_size > 1:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ConfigError("expert_parallel_size > 1 needs torch.distributed: launch "
+                                  "with torchrun (the CLI sets the process group up)")  # fmt: skip
+        self.model = Decoder.load(base, self.device, dtype, self.ep_size)
         self.base_path = Path(base)
         self.base_fingerprint = _fingerprint(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path) if tokenizer else None
@@ -161,7 +168,10 @@ class Engine:
             raise ConfigError(f"request id {request_id!r} is already in use")
         gen = torch.Generator()
         # unseeded: fresh entropy, without reseeding torch's global generator as torch.seed()
-        gen.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        if self.ep_size > 1 and sampling.seed is None:  # every rank must draw the same tokens
+            seed = _rank0_value(seed)
+        gen.manual_seed(seed)
         return Request(request_id, ids, expert, sampling, prompt=text, generator=gen,
                        text=None if tok is None else "")  # fmt: skip
 
@@ -418,3 +428,14 @@ def _fingerprint(path: Path) -> str:
     from expertswitch.io.checkpoint import open_checkpoint
 
     return open_checkpoint(path).fingerprint()
+
+
+def _rank0_value(value: int) -> int:
+    """Rank 0's value on every rank (ranks add requests in the same order)."""
+    import torch.distributed as dist
+
+    from expertswitch.parallel.comm import collective
+
+    box = [value]
+    collective("sampling seed broadcast", None, dist.broadcast_object_list, box, 0)
+    return box[0]

@@ -158,6 +158,8 @@ class CausalLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(("bias", ".b_in", ".b_out")):  # experts' biases are [E, F]
+                nn.init.zeros_(p)
             elif p.dim() >= 2:
                 nn.init.normal_(p, std=INIT_STD)
             else:

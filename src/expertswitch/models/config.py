@@ -126,14 +126,21 @@ class MoELayerSpec:
                               "'Jitter' or 'RSample'")  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: dict) -> MoELayerSpec:
+    def from_dict(cls, d: dict, where: str = "an MoE layer") -> MoELayerSpec:
+        from typing import get_type_hints
+
+        from expertswitch.utils.typed import coerce
+
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where} must be a mapping of MoE options (or null), got {d!r}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ConfigError(f"unknown MoE layer options {sorted(unknown)}: known are "
+            raise ConfigError(f"unknown MoE layer options {sorted(map(str, unknown))}: known are "
                               f"{sorted(cls.__dataclass_fields__)}")  # fmt: skip
         if "num_experts" not in d:
-            raise ConfigError("an MoE layer entry needs num_experts")
-        return cls(**d)
+            raise ConfigError(f"{where} needs num_experts")
+        hints = get_type_hints(cls)
+        return cls(**{k: coerce(v, hints[k], f"{where}: {k}") for k, v in d.items()})
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -146,7 +153,8 @@ def _moe_layers(cfg: dict, mt: str, layers: int) -> list[MoELayerSpec | None]:
     if not isinstance(entries, list) or len(entries) != layers:
         raise ConfigError(f"an expertswitch_moe config.json needs moe_layers, a list of "
                           f"{layers} entries (null: dense, else MoE layer options)")  # fmt: skip
-    return [None if e is None else MoELayerSpec.from_dict(e) for e in entries]
+    return [None if e is None else MoELayerSpec.from_dict(e, f"moe_layers[{i}]")
+            for i, e in enumerate(entries)]  # fmt: skip
 
 
 def _check_type(model_type) -> None:

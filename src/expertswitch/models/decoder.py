@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from expertswitch.errors import CheckpointError
+from expertswitch.errors import CheckpointError, ConfigError
 from expertswitch.io.checkpoint import Checkpoint, open_checkpoint
 from expertswitch.models.attention import PaddedLayout, paged_attention, write_kv
 from expertswitch.models.config import ModelConfig
@@ -56,7 +56,7 @@ class _Loader:
 
 
 class DecoderLayer:
-    def __init__(self, i: int, cfg: ModelConfig, ld: _Loader, rope: Rotary):
+    def __init__(self, i: int, cfg: ModelConfig, ld: _Loader, rope: Rotary, ep_size: int = 1):
         p = f"model.layers.{i}."
         self.cfg, self.rope = cfg, rope
         self.window = cfg.sliding_windows[i]
@@ -70,9 +70,13 @@ class DecoderLayer:
         self.moe = None
         spec = cfg.moe_layers[i] if cfg.moe_layers else None
         if cfg.num_experts:
+            if ep_size > 1:
+                raise ConfigError("expert parallelism serves expertswitch_moe checkpoints; "
+                                  "Mixtral's MoE block runs whole: leave "
+                                  "expert_parallel_size at 1")  # fmt: skip
             self.moe = _load_mixtral_moe(p, cfg, ld)
         elif spec is not None:
-            self.moe = _load_trained_moe(p, cfg, spec, ld)
+            self.moe = _load_trained_moe(p, cfg, spec, ld, ep_size)
         else:
             self.gate = ld.linear(p + "mlp.gate_proj", cfg.mlp_bias)
             self.up = ld.linear(p + "mlp.up_proj", cfg.mlp_bias)
@@ -119,19 +123,24 @@ def _load_mixtral_moe(prefix: str, cfg: ModelConfig, ld: _Loader):
     return moe
 
 
-def _load_trained_moe(prefix: str, cfg: ModelConfig, spec, ld: _Loader):
+def _load_trained_moe(prefix: str, cfg: ModelConfig, spec, ld: _Loader, ep_size: int = 1):
     """An `expertswitch train` MoE FFN (models/causal_lm.py), served dropless: a request's
     tokens never lose their expert to other requests of the batch (capacity is a training
-    device), so the output equals the trained layer's in eval with drop_tokens=False."""
+    device), so the output equals the trained layer's in eval with drop_tokens=False. With
+    ep_size > 1 (under torchrun) this rank loads only its E / ep_size experts."""
     from dataclasses import replace
 
     from expertswitch.models.causal_lm import build_moe
 
-    moe = build_moe(cfg, replace(spec, drop_tokens=False)).to(ld.device, ld.dtype).eval()
+    moe = build_moe(cfg, replace(spec, drop_tokens=False), ep_size)
+    moe = moe.to(ld.device, ld.dtype).eval()
+    first, local = moe.first_local_expert, moe.num_local_experts
     want = moe.state_dict()
     state = {}
     for name, t in want.items():
         state[name] = ld.get(prefix + "mlp." + name)
+        if name.startswith("experts.") and state[name].shape[0] == spec.num_experts:
+            state[name] = state[name][first : first + local]
         if state[name].shape != t.shape:
             raise CheckpointError(f"{ld.ckpt.path}: {prefix}mlp.{name} has shape "
                                   f"{tuple(state[name].shape)}, its config.json gives "
@@ -142,12 +151,13 @@ def _load_trained_moe(prefix: str, cfg: ModelConfig, spec, ld: _Loader):
 
 
 class Decoder:
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device, dtype):
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device, dtype, ep_size: int = 1):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         ld = _Loader(ckpt, device, dtype)
         self.rope = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self.embed = RowEmbedding("model.embed_tokens.weight", ld.get("model.embed_tokens.weight"))
-        self.layers = [DecoderLayer(i, cfg, ld, self.rope) for i in range(cfg.num_layers)]
+        self.layers = [DecoderLayer(i, cfg, ld, self.rope, ep_size)
+                       for i in range(cfg.num_layers)]  # fmt: skip
         self.norm = ld.norm("model.norm.weight", cfg.rms_norm_eps)
         if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt:
             # tied: an expert's changed embedding is its lm_head too (same tensor name)
@@ -170,9 +180,10 @@ class Decoder:
         return names
 
     @classmethod
-    def load(cls, path: str | Path, device="cpu", dtype=torch.float32) -> Decoder:
+    def load(cls, path: str | Path, device="cpu", dtype=torch.float32,
+             ep_size: int = 1) -> Decoder:  # fmt: skip
         ckpt = open_checkpoint(path)
-        return cls(ModelConfig.from_dict(ckpt.config), ckpt, device, dtype)
+        return cls(ModelConfig.from_dict(ckpt.config), ckpt, device, dtype, ep_size)
 
     @classmethod
     def from_tensors(cls, config: dict, tensors: dict[str, torch.Tensor], device="cpu",

@@ -281,7 +281,10 @@ class TopKGate(torch.nn.Module):
         x32 = x.float()
         if self.training and self.noisy_gate_policy == "Jitter":
             x32 = multiplicative_jitter(x32)
-        logits = F.linear(x32, self.wg.weight.float())  # [T, E]
+        # fp32 logits even under autocast (which would make this linear bf16): routing, aux
+        # and z-loss are computed in fp32, as DeepSpeed's gate does
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x32, self.wg.weight.float())  # [T, E]
         if not self.training and not self.drop_tokens and self._deterministic():
             return dropless_inference_gating(logits, self.k)
         return topk_gating(

@@ -177,8 +177,14 @@ class MoE(nn.Module):
         """This rank's experts, with expert_idx local (0 .. num_local_experts − 1, −1 dropped)."""
         ex = self.experts
         if isinstance(ex, StackedExperts):
-            return fused_moe(x, ex.w_in, ex.w_out, expert_idx, weights, ex.activation, ex.b_in,
-                             ex.b_out, dropless=dropless)  # fmt: skip
+            w_in, w_out, b_in, b_out = ex.w_in, ex.w_out, ex.b_in, ex.b_out
+            dt = _autocast_dtype(x)
+            if dt is not None:  # autocast does not reach a custom autograd Function: cast here
+                x, w_in, w_out = x.to(dt), w_in.to(dt), w_out.to(dt)
+                b_in = None if b_in is None else b_in.to(dt)
+                b_out = None if b_out is None else b_out.to(dt)
+            return fused_moe(x, w_in, w_out, expert_idx, weights, ex.activation, b_in, b_out,
+                             dropless=dropless)  # fmt: skip
         d = make_dispatch(expert_idx, weights, self.num_local_experts)
         return unpermute(ex(permute(x, d), d), d)
 
@@ -230,6 +236,14 @@ class MoE(nn.Module):
         mlp_out = self.mlp(hidden_states)
         mlp_out = mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out
         return out * coef[..., 0:1] + mlp_out * coef[..., 1:]
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype in effect for x's device (CUDA only: the grouped kernels run there;
+    on a CPU the experts run in torch ops, which autocast reaches itself)."""
+    if x.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return None
+    return torch.get_autocast_dtype("cuda")
 
 
 _DS_KEYS = (

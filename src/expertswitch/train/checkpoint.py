@@ -194,9 +194,16 @@ def export_model(model, tokenizer, out: Path, dtype: torch.dtype | None = None) 
     return Path(out)
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """A run's checkpoint directory (RUN/checkpoints/step-N) → an HF checkpoint at `out`."""
+def _is_model_dir(d: Path) -> bool:
+    return (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: torch.dtype | None = None,
+                      overwrite: bool = False) -> Path:  # fmt: skip
+    """A run's checkpoint directory (RUN/checkpoints/step-N) → an HF checkpoint at `out` (an
+    existing non-empty `out` only with overwrite, and only if it holds a model checkpoint)."""
     from expertswitch.models.causal_lm import CausalLM
+    from expertswitch.utils.fs import check_output_dir
     from expertswitch.zoo.tokenizer import load_tokenizer
 
     ckpt = Path(ckpt)
@@ -204,24 +211,29 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, dtype: torch.dtype | No
     if not (run_dir / "run.json").is_file() or not (ckpt / META_FILE).is_file():
         raise CheckpointError(f"{ckpt} is not a checkpoint of an `expertswitch train` run "
                               "(RUN/checkpoints/step-N with RUN/run.json)")  # fmt: skip
-    meta = json.loads((ckpt / META_FILE).read_text())
-    if isinstance(meta, dict) and meta.get("sharded"):  # ranks 0 … ep−1 hold all experts
-        world = meta.get("world_size")
-        first = load_checkpoint(ckpt, rank=0, world=world)
-        shards = [first] + [load_checkpoint(ckpt, rank=r, world=world)
-                            for r in range(1, first["ep_size"])]  # fmt: skip
-        weights = {k: torch.cat([s["model"][k] for s in shards]) if ".experts." in k else v
-                   for k, v in first["model"].items()}  # fmt: skip
-        state = first
-    else:
-        state = load_checkpoint(ckpt)
-        weights = state["model"]
-    model = CausalLM.from_config(state["hf_config"])
+    check_output_dir(out, {"checkpoint": ckpt, "run": run_dir}, overwrite, _is_model_dir,
+                     "model checkpoint")  # fmt: skip
     try:
+        meta = json.loads((ckpt / META_FILE).read_text())
+        run = json.loads((run_dir / "run.json").read_text())
+        if isinstance(meta, dict) and meta.get("sharded"):  # ranks 0 … ep−1 hold all experts
+            world = meta.get("world_size")
+            first = load_checkpoint(ckpt, rank=0, world=world)
+            shards = [first] + [load_checkpoint(ckpt, rank=r, world=world)
+                                for r in range(1, first["ep_size"])]  # fmt: skip
+            weights = {k: torch.cat([s["model"][k] for s in shards]) if ".experts." in k else v
+                       for k, v in first["model"].items()}  # fmt: skip
+            state = first
+        else:
+            state = load_checkpoint(ckpt)
+            weights = state["model"]
+        model = CausalLM.from_config(state["hf_config"])
         model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt} does not fit its own config: {e}") from None
-    data_dir = json.loads((run_dir / "run.json").read_text()).get("data", {}).get("dir")
-    data_dir = Path(data_dir) if data_dir else run_dir / "data"
+        data_dir = Path(run["data"]["dir"]) if run["data"].get("dir") else run_dir / "data"
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails anywhere: say where
+        raise CheckpointError(f"{ckpt} cannot be exported ({type(e).__name__}: "
+                              f"{str(e)[:300]}); is it damaged?") from None  # fmt: skip
     tok = load_tokenizer(data_dir) if (data_dir / "tokenizer.json").is_file() else None
     return export_model(model, tok, Path(out), dtype)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import get_args, get_origin, get_type_hints
+from typing import get_type_hints
 
 from expertswitch.errors import ConfigError
 from expertswitch.moe.pyramid import PyramidConfig, parse_expert_spec
+from expertswitch.utils.typed import coerce
 
 
 @dataclass
@@ -154,10 +155,19 @@ def _check(c: RunConfig) -> None:
                           f"{o.grad_accum}")  # fmt: skip
     if not (o.lr > 0 and 0 <= o.min_lr_ratio <= 1 and o.warmup >= 0 and o.grad_clip > 0):
         raise ConfigError("need optim.lr > 0, 0 ≤ min_lr_ratio ≤ 1, warmup ≥ 0, grad_clip > 0")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1 and o.weight_decay >= 0):
+        raise ConfigError("need 0 ≤ optim.beta1, beta2 < 1 and weight_decay ≥ 0")
+    if not 0 <= c.seed < 2**31:
+        raise ConfigError(f"seed must be in [0, 2³¹), got {c.seed}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
+        raise ConfigError(f"device {c.device!r}: choose auto, cpu, cuda or cuda:N")
+    if m.init_from is None:
+        _check_model(m)
     if c.aux_loss_coef < 0 or c.eval_every < 0 or c.checkpoint_every < 0:
         raise ConfigError("aux_loss_coef, eval_every and checkpoint_every must be ≥ 0")
-    if d.seq_len >= m.max_position_embeddings and m.init_from is None:
-        raise ConfigError(f"data.seq_len {d.seq_len} needs max_position_embeddings > seq_len")
+    if d.seq_len > m.max_position_embeddings and m.init_from is None:
+        raise ConfigError(f"data.seq_len {d.seq_len} exceeds max_position_embeddings "
+                          f"{m.max_position_embeddings}")  # fmt: skip
     if d.mixture is not None and (len(d.mixture) != len(d.domains) or min(d.mixture) < 0
                                   or sum(d.mixture) <= 0):  # fmt: skip
         raise ConfigError("data.mixture needs one non-negative weight per domain")
@@ -177,6 +187,29 @@ def _check(c: RunConfig) -> None:
             raise ConfigError("kd.plateau_patience watches the validation loss: set eval_every")
         if m.init_from:
             raise ConfigError("kd builds the student from the teacher: drop model.init_from")
+
+
+def _check_model(m: ModelSection) -> None:
+    """The shapes transformers' Llama needs, and each MoE option, before anything runs."""
+    from expertswitch.models.config import MoELayerSpec
+
+    dims = {"model.hidden_size": m.hidden_size, "model.intermediate_size": m.intermediate_size,
+            "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
+            "model.num_kv_heads": m.num_kv_heads,
+            "model.max_position_embeddings": m.max_position_embeddings}  # fmt: skip
+    for name, v in dims.items():
+        if v < 1:
+            raise ConfigError(f"{name} must be ≥ 1, got {v}")
+    if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.hidden_size {m.hidden_size} must be a multiple of "
+                          f"num_heads {m.num_heads}, and num_heads of num_kv_heads "
+                          f"{m.num_kv_heads}")  # fmt: skip
+    if m.rope_theta <= 0:
+        raise ConfigError("model.rope_theta must be > 0")
+    if m.moe is not None:
+        opts = {f.name: getattr(m.moe, f.name) for f in fields(m.moe)
+                if f.name not in ("experts", "moe_every", "first_moe_layer")}  # fmt: skip
+        MoELayerSpec(num_experts=max(parse_expert_spec(m.moe.experts)), **opts)
 
 
 def _small_pr_moe() -> dict:
@@ -205,6 +238,10 @@ def _build(cls, d, where: str):
         return None
     if not isinstance(d, dict):
         raise ConfigError(f"{where or 'the config'} must be a mapping, got {d!r}")
+    odd = [k for k in d if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"setting names are words: {odd[0]!r} under "
+                          f"{where or 'the top level'} is not")  # fmt: skip
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:
@@ -218,49 +255,8 @@ def _build(cls, d, where: str):
         if sub:
             kw[name] = _build(sub, value, f"{where}{name}.")
         else:
-            kw[name] = _coerce(value, hints[name], where + name)
+            kw[name] = coerce(value, hints[name], where + name)
     return cls(**kw)
-
-
-def _coerce(value, hint, name: str):
-    """A YAML value checked against its field's type. Numbers written as strings are read as
-    numbers: PyYAML reads `1e-3` (no dot) as the string '1e-3'."""
-    args = get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        hint = rest[0] if len(rest) == 1 else hint
-    origin = get_origin(hint)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        (item,) = get_args(hint)
-        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if hint in (int, float):
-        number = value
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                number = None
-        if isinstance(number, bool) or not isinstance(number, (int, float)) \
-                or not math.isfinite(number):  # fmt: skip
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        if hint is int:
-            if number != int(number):
-                raise ConfigError(f"{name} must be a whole number, got {value!r}")
-            return int(number)
-        return float(number)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    return value
 
 
 _SECTIONS = {(RunConfig, "model"): ModelSection, (RunConfig, "data"): DataSection,
@@ -278,23 +274,26 @@ def _parse_override(item: str) -> tuple[list[str], object]:
 
 
 def load_config(path: str | Path | None = None, preset: str | None = None,
-                overrides: list[str] | None = None) -> RunConfig:  # fmt: skip
-    """The preset (the file's `preset:` unless given), then the file, then KEY=VALUE overrides."""
+                overrides: list[str] | None = None,
+                values: dict[str, object] | None = None) -> RunConfig:  # fmt: skip
+    """The preset (the file's `preset:` unless given), then the file, then KEY=VALUE overrides
+    (values parsed as YAML), then `values` (dotted key → value, taken as they are: the CLI's
+    --out, --steps, --device)."""
     import yaml
 
     data: dict = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise ConfigError(f"cannot read the config {path}: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid UTF-8 YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of settings")
     name = preset or data.pop("preset", None)
     data.pop("preset", None)
-    if name is not None and name not in PRESETS:
+    if name is not None and (not isinstance(name, str) or name not in PRESETS):
         raise ConfigError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
     merged = _merge(PRESETS[name], data) if name else data
     for item in overrides or []:
@@ -305,6 +304,11 @@ def load_config(path: str | Path | None = None, preset: str | None = None,
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {k} is not a section")
         node[keys[-1]] = value
+    for key, value in (values or {}).items():
+        node = merged
+        for k in key.split(".")[:-1]:
+            node = node.setdefault(k, {})
+        node[key.split(".")[-1]] = value
     return _build(RunConfig, merged, "")
 
 

@@ -8,6 +8,7 @@ are a pure function of (seed, step): the data position of a run is its step coun
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from expertswitch.errors import ConfigError
 from expertswitch.train.config import RunConfig
 
 STREAMS_FILE = "streams.safetensors"
+MANIFEST_FILE = "data.json"  # the settings the streams were prepared with
 
 
 @dataclass
@@ -63,10 +65,24 @@ def prepare_data(cfg: RunConfig, directory: Path, log=print) -> RunData:
     from expertswitch.zoo.corpora import DOMAINS, load_corpora
     from expertswitch.zoo.tokenizer import load_tokenizer, train_tokenizer
 
-    if (directory / STREAMS_FILE).is_file():
-        streams = load_file(str(directory / STREAMS_FILE))
-        tok = load_tokenizer(directory)
+    want = _manifest(cfg)
+    if (directory / MANIFEST_FILE).is_file():
+        try:
+            have = json.loads((directory / MANIFEST_FILE).read_text())
+            streams = load_file(str(directory / STREAMS_FILE))
+            tok = load_tokenizer(directory)
+        except Exception as e:  # noqa: BLE001 - any damage: name the directory and the fix
+            raise ConfigError(f"the prepared data in {directory} cannot be read ({e}); delete "
+                              "it to prepare it again") from None  # fmt: skip
+        diff = _differences(have, want, cfg)
+        if diff:
+            raise ConfigError(f"the data in {directory} was prepared with other settings "
+                              f"({', '.join(diff)}): use another data.dir, or delete "
+                              "it")  # fmt: skip
         return _split(streams, tok, cfg)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ConfigError(f"{directory} exists and is not prepared training data: point "
+                          "data.dir at a new or empty directory")  # fmt: skip
     unknown = sorted(set(cfg.data.domains) - set(DOMAINS))
     if unknown or not cfg.data.domains:
         raise ConfigError(f"data.domains {cfg.data.domains}: choose among {list(DOMAINS)}")
@@ -91,7 +107,46 @@ def prepare_data(cfg: RunConfig, directory: Path, log=print) -> RunData:
     with atomic_directory(directory) as tmp:
         tok.save_pretrained(tmp)
         save_file(streams, str(tmp / STREAMS_FILE))
+        want["tokenizer_sha256"] = _source_digest(source) if source else \
+            _sha256(tmp / "tokenizer.json")  # fmt: skip
+        (tmp / MANIFEST_FILE).write_text(json.dumps(want, indent=1) + "\n")
     return _split(streams, tok, cfg)
+
+
+def _manifest(cfg: RunConfig) -> dict:
+    d = cfg.data
+    return {"format": 1, "seed": cfg.seed, "domains": list(d.domains), "scale": d.scale,
+            "tokens_per_domain": d.tokens_per_domain,
+            "val_tokens_per_domain": d.val_tokens_per_domain,
+            "trained_vocab_size": None if _tokenizer_source(cfg) else d.vocab_size}  # fmt: skip
+
+
+def _sha256(path: Path) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _source_digest(source: str) -> str | None:
+    """The digest of a tokenizer directory's defining file."""
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (Path(source) / name).is_file():
+            return _sha256(Path(source) / name)
+    return None
+
+
+def _differences(have: dict, want: dict, cfg: RunConfig) -> list[str]:
+    """Settings in which prepared data differs from what cfg asks for. The tokenizer is the
+    same when its tokenizer.json is byte for byte the one cfg names (a teacher exported by a
+    run carries the run's tokenizer), or, when cfg trains one, when it was trained alike."""
+    keys = [k for k in want if k != "trained_vocab_size"]
+    diff = [k for k in keys if have.get(k) != want.get(k)]
+    source = _tokenizer_source(cfg)
+    if source:
+        same = have.get("tokenizer_sha256") == _source_digest(source)
+    else:
+        same = have.get("trained_vocab_size") == want["trained_vocab_size"]
+    return diff + ([] if same else ["tokenizer"])
 
 
 def _split(streams: dict[str, torch.Tensor], tok, cfg: RunConfig) -> RunData:

@@ -48,9 +48,16 @@ def make_student(teacher: CausalLM, layers: list[int]) -> CausalLM:
         cfg["moe_layers"] = [cfg["moe_layers"][i] for i in layers]
         if not any(cfg["moe_layers"]):  # no MoE layer kept: a plain Llama
             cfg["model_type"] = "llama"
+            cfg["architectures"] = ["LlamaForCausalLM"]
             cfg.pop("moe_layers")
-    for key in ("layer_types", "max_window_layers"):
-        cfg.pop(key, None)  # per-layer lists of the teacher no longer line up
+    # per-layer attention kinds follow the kept layers (Qwen2's max_window_layers is a
+    # threshold on the teacher's numbering: spelled out per layer instead)
+    cfg.pop("max_window_layers", None)
+    cfg.pop("layer_types", None)
+    windows = [teacher.cfg.sliding_windows[i] for i in layers]
+    if any(w is not None for w in windows):
+        cfg["layer_types"] = ["sliding_attention" if w is not None else "full_attention"
+                              for w in windows]  # fmt: skip
     student = CausalLM.from_config(cfg)
     with torch.no_grad():
         student.model.embed_tokens.load_state_dict(teacher.model.embed_tokens.state_dict())

@@ -67,6 +67,10 @@ class MetricsLog:
             for k in self.eval_fields[1:]:
                 self.tb.add_scalar(f"val/{k}", row[k], row["step"])
 
+    def flush(self) -> None:
+        if self.tb:
+            self.tb.flush()
+
     def close(self) -> None:
         if self.tb:
             self.tb.close()

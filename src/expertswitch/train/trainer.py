@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from expertswitch.errors import CheckpointError, ConfigError
+from expertswitch.errors import CheckpointError, ConfigError, ExpertSwitchError
 from expertswitch.models.causal_lm import CausalLM
 from expertswitch.train import checkpoint as ckpt
 from expertswitch.train import distill, sharding
@@ -38,6 +39,11 @@ from expertswitch.train.data import RunData, prepare_data, step_batch, val_batch
 from expertswitch.train.logs import MetricsLog
 
 RUN_FILE = "run.json"
+MAX_BAD_STEPS = 10  # non-finite gradient norms in a row before the run stops
+
+
+class TrainingDiverged(ExpertSwitchError):
+    """The loss or the gradients stopped being finite and stayed so."""
 
 
 @dataclass
@@ -66,15 +72,24 @@ class _World:
         if self.size > 1:
             dist.barrier()
 
+    def from_rank0(self, value):
+        """Rank 0's value (any picklable) on every rank."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, 0)
+        return box[0]
+
 
 def _world(device: str) -> _World:
     """torchrun's environment (WORLD_SIZE > 1) → a process group: gloo on CPU, NCCL on GPUs."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for, but torch sees no CUDA GPU")
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} was asked for, but torch sees no CUDA GPU")
     if size == 1:
-        return _World(device=torch.device("cuda" if cuda else "cpu"))
+        return _World(device=torch.device(device if device.startswith("cuda") else
+                                          "cuda" if cuda else "cpu"))  # fmt: skip
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
@@ -112,21 +127,49 @@ def _hf_config(cfg: RunConfig, tok) -> dict:
     return out
 
 
+# what a run writes in its directory: --overwrite deletes these and nothing else
+RUN_ENTRIES = (RUN_FILE, "checkpoints", "model", "metrics.csv", "eval.csv", "tb", "data")
+
+
+def _inputs(cfg: RunConfig) -> dict[str, str]:
+    return {k: v for k, v in (("kd.teacher", cfg.kd and cfg.kd.teacher),
+                              ("model.init_from", cfg.model.init_from),
+                              ("data.tokenizer", cfg.data.tokenizer),
+                              ("data.dir", cfg.data.dir)) if v}  # fmt: skip
+
+
 def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
-    """The run directory: new, or this same run's (resume), never someone else's files."""
+    """The run directory: new, or this same run's (resume), never someone else's files. A
+    run.json whose run made no checkpoint yet is replaced (a config fixed after a failed
+    start); one with checkpoints only with --overwrite, which deletes the run's own entries
+    (RUN_ENTRIES) and refuses when an input of the run lies inside them."""
     run = Path(cfg.out)
     meta = run / RUN_FILE
+    if run.resolve() == Path.cwd().resolve() or run.resolve() in Path.cwd().resolve().parents:
+        raise ConfigError(f"--out {run} is the current directory or one above it: name a new "
+                          "directory for the run")  # fmt: skip
     if meta.is_file():
         try:
             old = from_dict(json.loads(meta.read_text()))
         except (ValueError, ConfigError) as e:
             raise ConfigError(f"{meta} is unreadable ({e}); choose another --out") from None
-        if overwrite:
-            shutil.rmtree(run)
-        elif old.fingerprint() != cfg.fingerprint():
+        started = bool(ckpt.list_checkpoints(run))
+        if old.fingerprint() != cfg.fingerprint() and started and not overwrite:
             raise ConfigError(f"{run} holds a run with another config: choose another --out, "
                               "or pass --overwrite to start it over (its checkpoints are "
                               "deleted)")  # fmt: skip
+        if overwrite or old.fingerprint() != cfg.fingerprint():
+            owned = [run / e for e in RUN_ENTRIES]
+            for flag, path in _inputs(cfg).items():
+                p = Path(path).resolve()
+                if any(p == o.resolve() or o.resolve() in p.parents for o in owned):
+                    raise ConfigError(f"{flag} {path} lies inside the run in --out {run}, "
+                                      "which would be deleted: move it out first")  # fmt: skip
+            for o in owned:
+                if o.is_dir() and not o.is_symlink():
+                    shutil.rmtree(o)
+                elif o.exists() or o.is_symlink():
+                    o.unlink()
     elif run.exists() and (not run.is_dir() or any(run.iterdir())):
         raise ConfigError(f"--out {run} exists and is not a training run: choose a new "
                           "directory")  # fmt: skip
@@ -163,15 +206,20 @@ def _build_models(cfg: RunConfig, data: RunData) -> tuple[CausalLM, CausalLM | N
 
 def _optimizer(model: CausalLM, cfg: RunConfig, device: torch.device):
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    other = [p for p in params if p.dim() < 2]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # matrices decay; norms and biases (experts' stacked b_in/b_out are 2-D) do not
+    decay = [p for n, p in params if p.dim() >= 2 and not _is_bias(n)]
+    other = [p for n, p in params if p.dim() < 2 or _is_bias(n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0}],
         lr=o.lr, betas=(o.beta1, o.beta2), fused=device.type == "cuda" or None,
     )  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     return opt, sched
+
+
+def _is_bias(name: str) -> bool:
+    return name.endswith(("bias", ".b_in", ".b_out"))
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -193,9 +241,15 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: CausalLM, batches: dict[str, torch.Tensor], micro: int, device) -> dict:
-    """domain → mean next-token loss over its windows, and 'val_loss': their mean."""
+    """domain → mean next-token loss over its windows, and 'val_loss': their mean. MoE layers
+    route dropless here, as the served model does: capacity would make the loss depend on
+    the evaluation batch, so on the world size."""
     was = model.training
     model.eval()
+    gates = [m.gate for m in model.moe_layers()]
+    drops = [g.drop_tokens for g in gates]
+    for g in gates:
+        g.drop_tokens = False
     out = {}
     for name, windows in batches.items():
         total = 0.0
@@ -206,6 +260,8 @@ def evaluate(model: CausalLM, batches: dict[str, torch.Tensor], micro: int, devi
             total += float(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())) * len(w)
         out[name] = round(total / len(windows), 5)
     out["val_loss"] = round(sum(out.values()) / len(out), 5)
+    for g, d in zip(gates, drops):
+        g.drop_tokens = d
     model.train(was)
     return out
 
@@ -292,12 +348,22 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
             raise CheckpointError(f"the newest checkpoint of {run} lacks {missing}: it was "
                                   "not written by this trainer; remove it or choose another "
                                   "--out")  # fmt: skip
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], world.device)
-        kd_state = distill.KDState(**state["kd"])
-        start, tokens = state["step"], state["tokens"]
+        if state["step"] > cfg.optim.steps:
+            raise ConfigError(f"{run} has a checkpoint of step {state['step']}, past "
+                              f"optim.steps {cfg.optim.steps}: raise optim.steps, or use "
+                              "another --out")  # fmt: skip
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"], world.device)
+            kd_state = distill.KDState(**state["kd"])
+            start, tokens = int(state["step"]), int(state["tokens"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:
+            err = CheckpointError(f"the newest checkpoint of {run} does not fit this model "
+                                  f"({type(e).__name__}: {str(e)[:300]}); did the teacher or "
+                                  "init_from model change? Use another --out")  # fmt: skip
+            raise err from None
         say(f"resuming {run} at step {start}")
     else:
         torch.manual_seed(cfg.seed + 1)  # the gates' noise: the same draws on every resume
@@ -310,6 +376,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     micro = cfg.optim.batch_size // cfg.optim.grad_accum // world.size
     tokens_per_step = cfg.optim.batch_size * cfg.data.seq_len
     pending: list[tuple[int, float, float, _Step, torch.Tensor]] = []
+    bad_steps = 0
     t0, tok0 = time.perf_counter(), tokens
     bar = tqdm(range(start, cfg.optim.steps), initial=start, total=cfg.optim.steps,
                desc="training", unit="step", disable=not (progress and world.main))  # fmt: skip
@@ -328,13 +395,30 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
         allreduce_gradients(model)
         norm = sharding.clip_grad_norm(model, cfg.optim.grad_clip)
         lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
+        # a non-finite gradient (equal on every rank: reduced first) skips the update, not the
+        # batch; a run of them is an error, not weights turned to NaN
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            opt.step()
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            say(f"warning: step {step + 1} has a non-finite gradient norm; its update is skipped")
+            if bad_steps >= MAX_BAD_STEPS:
+                raise TrainingDiverged(f"{bad_steps} steps in a row had non-finite gradients "
+                                       f"(last: step {step + 1}): lower optim.lr, or resume "
+                                       "from an earlier checkpoint")  # fmt: skip
+        with warnings.catch_warnings():  # a skipped update still advances the schedule
+            if not finite:
+                warnings.simplefilter("ignore", UserWarning)
+            sched.step()
         opt.zero_grad(set_to_none=True)
         tokens += tokens_per_step
         done = step + 1
         pending.append((done, lr, w_kd, acc, norm.detach()))
-        if len(pending) >= cfg.log_every or done == cfg.optim.steps:
+        save = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) \
+            or done == cfg.optim.steps  # fmt: skip
+        if len(pending) >= cfg.log_every or save:  # a checkpoint never outruns its logged rows
             rate = (tokens - tok0) / max(time.perf_counter() - t0, 1e-9)
             rows_out = _flush(pending, tokens, tokens_per_step, rate)
             summary.losses += [r["lm_loss"] for r in rows_out]
@@ -346,6 +430,7 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.optim.steps):
             row = {"step": done, **evaluate(model, val_sets, micro, world.device)}
             row["kd_active"] = int(kd_state.active and cfg.kd is not None)
+            row = world.from_rank0(row)  # one KD decision for all ranks
             if cfg.kd is not None:
                 msg = distill.update_on_eval(kd_state, done, row["val_loss"],
                                              cfg.kd.plateau_patience, cfg.kd.min_delta)  # fmt: skip
@@ -355,7 +440,9 @@ def train(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
             summary.val.append(row)
             if logs:
                 logs.evaluation(row)
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.optim.steps:
+        if save:
+            if logs:
+                logs.flush()
             state = {"step": done, "tokens": tokens, "model": model.state_dict(),
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "rng": _rng_state(world.device), "kd": kd_state.to_dict(),
