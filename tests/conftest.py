@@ -86,3 +86,23 @@ def logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="session")
+def deepspeed():
+    """The installed DeepSpeed as an oracle, on one CPU process (a gloo world of one); the
+    tests that use it are skipped, saying why, where it is not installed."""
+    ds = pytest.importorskip("deepspeed", reason="DeepSpeed is the oracle of these tests: "
+                             "pip install deepspeed")  # fmt: skip
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")  # fmt: skip
+        ds.init_distributed(dist_backend="gloo", verbose=False)
+    return ds

@@ -4,8 +4,6 @@ and seed give the same routing, capacity, counts, aux loss, outputs and gradient
 and in eval with deterministic_eval=False; our deterministic eval equals DeepSpeed's with its
 random parts switched off."""
 
-import socket
-
 import pytest
 import torch
 from torch import nn
@@ -13,23 +11,6 @@ from torch import nn
 from expertswitch.moe import MoE, convert_deepspeed_state_dict
 
 H, F, E, T = 16, 24, 4, 40
-
-
-@pytest.fixture(scope="module")
-def deepspeed():
-    ds = pytest.importorskip("deepspeed")
-    import os
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")  # fmt: skip
-        ds.init_distributed(dist_backend="gloo", verbose=False)
-    return ds
 
 
 def expert_module():

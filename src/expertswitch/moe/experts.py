@@ -69,12 +69,21 @@ class ModuleExperts(nn.Module):
     def forward(self, x_sorted: torch.Tensor, d: Dispatch) -> torch.Tensor:
         bounds = d.offsets.tolist()
         outs = []
+        idle: list[torch.Tensor] = []
         for e, expert in enumerate(self.experts):
             lo, hi = bounds[e], bounds[e + 1]
             if hi > lo:
                 out = expert(x_sorted[lo:hi])
                 outs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outs) if outs else x_sorted[:0]
+            elif torch.is_grad_enabled():
+                idle += [p for p in expert.parameters() if p.requires_grad]
+        y = torch.cat(outs) if outs else x_sorted[:0]
+        if idle:
+            # DeepSpeed runs every expert on its (zero) capacity buffer, so an idle expert's
+            # gradients are zeros, not None: an optimizer then still decays it and counts its
+            # step. A 0·Σp term gives those zeros at the cost of one sum, not a GEMM.
+            y = y + sum(p.sum() for p in idle).to(y.dtype) * 0
+        return y
 
 
 class DenseMLP(nn.Module):

@@ -40,6 +40,10 @@ from expertswitch.errors import ConfigError
 
 NOISY_POLICIES = (None, "None", "Jitter", "RSample")
 DROP_POLICIES = ("probs", "position")
+# top-1 without RTS, an over-full expert: "position" keeps the earliest tokens (the same on any
+# device); "torch_topk" keeps what DeepSpeed's torch.topk over the 0/1 route mask keeps (an
+# unspecified choice among ties, but the same as DeepSpeed's on the same device and torch)
+TIE_BREAKS = ("position", "torch_topk")
 
 
 @dataclass
@@ -144,6 +148,7 @@ def topk_gating(
     training: bool = False,
     drop_policy: str = "probs",
     deterministic_eval: bool = True,
+    tie_break: str = "position",
 ) -> GateOutput:
     """Route logits [T, E] (any float dtype; computed in fp32). See the module docstring.
     use_rts and second_expert_sampling apply in training, and in eval only when
@@ -155,6 +160,8 @@ def topk_gating(
         raise ConfigError(f"k={k} must be between 1 and the number of experts ({num_e})")
     if drop_policy not in DROP_POLICIES:
         raise ConfigError(f"drop_policy={drop_policy!r}: choose 'probs' or 'position'")
+    if tie_break not in TIE_BREAKS:
+        raise ConfigError(f"tie_break={tie_break!r}: choose one of {TIE_BREAKS}")
     logits = logits.float()
     if t == 0:
         return _empty_output(logits, k)
@@ -176,6 +183,11 @@ def topk_gating(
         capacity = int(exp_counts.max().item())
     key = _keep_key(expert_idx, probs, k == 1 and use_rts and sampling, drop_policy)
     kept = rank_in_expert(expert_idx, key) < capacity
+    if k == 1 and tie_break == "torch_topk" and drop_tokens and not (use_rts and sampling):
+        mask = F.one_hot(expert_idx[:, 0], num_e).to(probs.dtype)  # [T, E], DeepSpeed's mask1
+        top = torch.topk(mask, k=min(capacity, t), dim=0)[1]
+        keep = mask * torch.zeros_like(mask).scatter_(0, top, 1)
+        kept = keep.gather(1, expert_idx) > 0
     kept_idx = torch.where(kept, expert_idx, -1)
     # slots: token order among the kept routes (top-2: first choices, then second choices)
     slot_key = key if k == 2 else torch.arange(t, device=logits.device)[:, None].expand(t, k)
@@ -243,8 +255,11 @@ class TopKGate(torch.nn.Module):
         second_expert_sampling: bool = True,
         drop_policy: str = "probs",
         deterministic_eval: bool = True,
+        tie_break: str = "position",
     ):
         super().__init__()
+        if tie_break not in TIE_BREAKS:
+            raise ConfigError(f"tie_break={tie_break!r}: choose one of {TIE_BREAKS}")
         if noisy_gate_policy not in NOISY_POLICIES:
             raise ConfigError(
                 f"noisy_gate_policy={noisy_gate_policy!r}: choose None, 'Jitter' or 'RSample'"
@@ -266,6 +281,7 @@ class TopKGate(torch.nn.Module):
         self.second_expert_sampling = second_expert_sampling
         self.drop_policy = drop_policy
         self.deterministic_eval = deterministic_eval
+        self.tie_break = tie_break
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dropless inference routing, no noise: x [T, H] → (expert_idx int64 [T, k], weights
@@ -299,6 +315,7 @@ class TopKGate(torch.nn.Module):
             self.training,
             self.drop_policy,
             self.deterministic_eval,
+            self.tie_break,
         )
 
     def _deterministic(self) -> bool:

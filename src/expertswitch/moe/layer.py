@@ -6,7 +6,9 @@ A DeepSpeed user switches by changing the import (`convert_deepspeed_state_dict`
 checkpoint's keys). `MoE.stacked(...)` builds the fast variant: experts as stacked [E, ...]
 weights run by one grouped kernel (kernels/fused_moe.py) instead of a module per expert.
 
-Keyword-only additions to DeepSpeed's signature: `drop_policy` ("probs", DeepSpeed's default,
+Keyword-only additions to DeepSpeed's signature: `tie_break` (top-1 without RTS: "position"
+keeps an over-full expert's earliest tokens; "torch_topk" keeps what DeepSpeed's torch.topk
+keeps), `drop_policy` ("probs", DeepSpeed's default,
 or "position": which routes an over-full expert keeps when k > 2), `deterministic_eval`
 (True: no random token selection or second-expert sampling in eval; False: DeepSpeed's eval),
 and `hierarchical_all_to_all` (+ `ranks_per_node`, default torchrun's LOCAL_WORLD_SIZE) for
@@ -20,7 +22,6 @@ c = softmax(Linear(hidden → 2)(x)).
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 
@@ -63,6 +64,7 @@ class MoE(nn.Module):
         z_loss_coef: float = 0.0,
         drop_policy: str = "probs",
         deterministic_eval: bool = True,
+        tie_break: str = "position",
         hierarchical_all_to_all: bool = False,
         ranks_per_node: int | None = None,
         padded_all_to_all: bool = False,
@@ -97,7 +99,7 @@ class MoE(nn.Module):
         self.gate = TopKGate(
             hidden_size, self.num_experts, k, capacity_factor, eval_capacity_factor,
             min_capacity, noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling,
-            drop_policy, deterministic_eval,
+            drop_policy, deterministic_eval, tie_break,
         )  # fmt: skip
         # each rank holds experts [ep_rank·E/ep, (ep_rank+1)·E/ep) (all of them when ep = 1)
         self.num_local_experts = num_experts // ep_size
@@ -106,7 +108,9 @@ class MoE(nn.Module):
         if use_residual:
             if residual_mlp is None and expert is None:
                 raise ConfigError("use_residual with stacked experts needs residual_mlp=")
-            self.mlp = residual_mlp if residual_mlp is not None else copy.deepcopy(expert)
+            # DeepSpeed's `self.mlp = expert`: the module passed in, not a copy (two layers given
+            # one module share their residual MLP and its gradient); the experts are copies
+            self.mlp = residual_mlp if residual_mlp is not None else expert
             self.coefficient = nn.Linear(hidden_size, 2)
         self.exp_counts: torch.Tensor | None = None
 
@@ -128,7 +132,8 @@ class MoE(nn.Module):
         """Experts as stacked weights [E, ...] (SwiGLU or GELU/ReLU/SiLU MLPs), run by the
         grouped kernel; with ep_size > 1 this rank stacks its E / ep_size experts. gate_kwargs:
         capacity_factor, eval_capacity_factor, min_capacity, noisy_gate_policy, drop_tokens,
-        use_rts, top2_2nd_expert_sampling, z_loss_coef, drop_policy, deterministic_eval."""
+        use_rts, top2_2nd_expert_sampling, z_loss_coef, drop_policy, deterministic_eval,
+        tie_break."""
         if ep_size < 1 or num_experts % ep_size:
             raise ConfigError(f"num_experts={num_experts} must be a multiple of ep_size="
                               f"{ep_size}")  # fmt: skip
@@ -247,14 +252,17 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 _DS_KEYS = (
-    (re.compile(r"^deepspeed_moe\.gate\.wg\."), "gate.wg."),
-    (re.compile(r"^deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\."), r"experts.experts.\1."),
-)
+    (re.compile(r"(^|\.)deepspeed_moe\.gate\.wg\."), r"\1gate.wg."),
+    (re.compile(r"(^|\.)deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\."),
+     r"\1experts.experts.\2."),
+)  # fmt: skip
 
 
 def convert_deepspeed_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys of a DeepSpeed `MoE` state dict → keys of `MoE(expert=...)` (mlp and coefficient of
-    a Residual-MoE keep their names)."""
+    """Keys of a DeepSpeed `MoE` state dict → keys of `MoE(expert=...)`, at any depth: a bare
+    layer's (`deepspeed_moe.gate.wg.weight`) or a whole model's
+    (`moe_1.deepspeed_moe.experts.deepspeed_experts.0.0.bias`). The mlp and coefficient of a
+    Residual-MoE keep their names."""
     out = {}
     for key, value in state.items():
         new = key

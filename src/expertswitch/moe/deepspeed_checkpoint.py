@@ -1,0 +1,101 @@
+"""Load a DeepSpeed engine checkpoint of a MoE model into the same model built on
+`expertswitch.moe.MoE` (the user swapped the import and keeps their checkpoints).
+
+DeepSpeed's `engine.save_checkpoint(SAVE_DIR)` writes, for tag T (named by SAVE_DIR/latest):
+
+    SAVE_DIR/T/mp_rank_00_model_states.pt                 {"module": everything but experts, …}
+    SAVE_DIR/T/layer_{L}_expert_{E}_mp_rank_00_model_states.pt
+                                                          expert E (global id) of the L-th MoE
+                                                          layer in module order, its keys
+                                                          `….deepspeed_moe.experts.deepspeed_experts.{E}.…`
+
+    load_deepspeed_checkpoint(model, "SAVE_DIR")      # or SAVE_DIR/T, or tag="T"
+
+Every tensor the model has must come from the checkpoint and every tensor of the checkpoint
+must land in the model: a CheckpointError names what is missing or left over — never a
+silent partial load. Files are read with torch.load(weights_only=True): tensors and plain
+data only, no code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from expertswitch.errors import CheckpointError
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def _tag_dir(path: Path, tag: str | None) -> Path:
+    if tag is not None:
+        return path / tag
+    if (path / MODEL_FILE).is_file():
+        return path
+    latest = path / "latest"
+    if not latest.is_file():
+        raise CheckpointError(f"{path} is not a DeepSpeed checkpoint: it has neither "
+                              f"{MODEL_FILE} nor a 'latest' file naming a tag: pass "
+                              "tag=")  # fmt: skip
+    return path / latest.read_text().strip()
+
+
+def _load(file: Path) -> dict:
+    if not file.is_file():
+        raise CheckpointError(f"the DeepSpeed checkpoint lacks {file}: was it written with "
+                              "this model (same MoE layers and expert counts)?")  # fmt: skip
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - damaged bytes fail anywhere in unpickling
+        raise CheckpointError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                              "is the checkpoint complete?") from None  # fmt: skip
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} does not hold a state dict")
+    return state
+
+
+def deepspeed_state_dict(path: str | Path, model: nn.Module, tag: str | None = None) -> dict:
+    """The checkpoint's whole-model state dict, in DeepSpeed's key names (experts merged back
+    from their files, by the MoE layers `model` has, in module order)."""
+    from expertswitch.moe.layer import MoE
+
+    root = _tag_dir(Path(path), tag)
+    main = _load(root / MODEL_FILE)
+    if not isinstance(main.get("module"), dict):
+        raise CheckpointError(f"{root / MODEL_FILE} has no 'module' state dict: not a DeepSpeed "
+                              "engine checkpoint")  # fmt: skip
+    state = dict(main["module"])
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for layer_id, moe in enumerate(layers):
+        for expert in range(moe.num_experts):
+            file = root / f"layer_{layer_id}_expert_{expert}_mp_rank_00_model_states.pt"
+            state.update(_load(file))
+    return state
+
+
+def load_deepspeed_checkpoint(model: nn.Module, path: str | Path, tag: str | None = None) -> None:
+    """Load a DeepSpeed engine checkpoint (see the module docstring) into `model`, built with
+    expertswitch's MoE where DeepSpeed's stood (ep_size 1: every expert here)."""
+    from expertswitch.moe.layer import MoE, convert_deepspeed_state_dict
+
+    if any(m.ep_size > 1 for m in model.modules() if isinstance(m, MoE)):
+        raise CheckpointError("load the DeepSpeed checkpoint into the model at ep_size 1, then "
+                              "save_sharded / load_sharded to spread it over ranks")  # fmt: skip
+    state = convert_deepspeed_state_dict(deepspeed_state_dict(path, model, tag))
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    unmapped = sorted(set(state) - set(want))
+    if missing or unmapped:
+        raise CheckpointError(
+            f"the DeepSpeed checkpoint does not match the model: {len(missing)} model tensors "
+            f"missing from it {missing[:6]}, {len(unmapped)} checkpoint tensors with no place "
+            f"in the model {unmapped[:6]}"
+        )
+    bad = [k for k in want if tuple(want[k].shape) != tuple(state[k].shape)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"{len(bad)} tensors differ in shape, e.g. {k}: checkpoint "
+                              f"{tuple(state[k].shape)}, model {tuple(want[k].shape)}")  # fmt: skip
+    model.load_state_dict(state)
