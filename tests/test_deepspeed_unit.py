@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from expertswitch.errors import CheckpointError
+from expertswitch.errors import CheckpointError, ConfigError
 from expertswitch.moe import MoE, convert_deepspeed_state_dict, load_deepspeed_checkpoint
 from expertswitch.moe.gate import topk_gating
 
@@ -345,3 +345,75 @@ def test_deepspeed_checkpoint_errors_name_the_problem(deepspeed, tmp_path):
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_deepspeed_checkpoint(SimpleMoEModel(MoE, 16), tmp_path / "ck")
+
+
+def test_tie_break_torch_topk_is_deepspeeds_top1_choice(deepspeed):
+    """Top-1 without RTS, experts over-full: tie_break='torch_topk' keeps exactly the tokens
+    DeepSpeed's top1gating keeps (its torch.topk over the 0/1 mask), slots and weights too;
+    the default keeps the earliest tokens."""
+    from deepspeed.moe.sharded_moe import top1gating
+
+    overfull = 0
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        t, e = (
+            int(torch.randint(8, 40, (1,), generator=g)),
+            int(torch.randint(2, 6, (1,), generator=g)),
+        )
+        logits = torch.randn(t, e, generator=g) + torch.randn(e, generator=g) * 2  # skewed
+        ds = top1gating(logits, 1.0, 1, drop_tokens=True, use_rts=False)
+        ours = topk_gating(logits, 1, 1.0, 1, drop_tokens=True, use_rts=False,
+                           tie_break="torch_topk")  # fmt: skip
+        assert torch.equal(dispatch_mask(ours, e), ds[2].long()), seed
+        combine = torch.zeros(t, e, ours.capacity)
+        for i in range(t):
+            if ours.expert_idx[i, 0] >= 0:
+                combine[i, ours.expert_idx[i, 0], ours.locations[i, 0]] = ours.weights[i, 0]
+        torch.testing.assert_close(combine, ds[1].float())
+        overfull += int(ds[2].sum()) < t
+    assert overfull >= 10  # the cases where the choice matters
+    with pytest.raises(ConfigError, match="top-1"):
+        MoE(16, nn.Linear(16, 16), num_experts=4, k=2, tie_break="torch_topk")
+
+
+def test_idle_experts_in_fp16_stay_finite(deepspeed):
+    """The zero-gradient anchor of idle experts reads nothing: an fp16 layer with many idle
+    experts, one of them holding an inf, still gives finite outputs and zero gradients."""
+    moe = MoE(64, nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64)), num_experts=32).half()
+    x = torch.randn(4, 64, dtype=torch.float16, requires_grad=True)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        used = set(moe.gate(x.float()).expert_idx.flatten().tolist())
+        idle = next(e for e in range(32) if e not in used)
+        moe.experts.experts[idle][0].weight[0, 0] = float("inf")
+    torch.manual_seed(0)
+    out, _, _ = moe(x)
+    assert torch.isfinite(out).all()
+    out.float().sum().backward()
+    grad = moe.experts.experts[idle][0].weight.grad
+    assert grad is not None and grad.abs().sum() == 0
+
+
+def test_deepspeed_checkpoint_layouts_and_tags_are_named(deepspeed, tmp_path):
+    from deepspeed.moe.layer import MoE as DSMoE
+
+    torch.manual_seed(0)
+    ds_engine_checkpoint(deepspeed, SimpleMoEModel(DSMoE, 16), tmp_path / "ck", steps=1)
+    model = SimpleMoEModel(MoE, 16)
+    with pytest.raises(CheckpointError, match="no checkpoint tag 'nope'"):
+        load_deepspeed_checkpoint(model, tmp_path / "ck", tag="nope")
+    with pytest.raises(CheckpointError, match="not a directory name"):
+        load_deepspeed_checkpoint(model, tmp_path / "ck", tag="../ck")
+    (tmp_path / "ck" / "latest").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(CheckpointError, match="latest"):
+        load_deepspeed_checkpoint(model, tmp_path / "ck")
+    tag = next(p.name for p in (tmp_path / "ck").iterdir() if p.is_dir())
+    main = tmp_path / "ck" / tag / "mp_rank_00_model_states.pt"
+    state = torch.load(main, weights_only=True)
+    import argparse
+
+    state["args"] = argparse.Namespace(lr=1e-4)  # what Megatron-DeepSpeed saves beside
+    torch.save(state, main)
+    with pytest.raises(CheckpointError, match="trusted=True"):
+        load_deepspeed_checkpoint(model, tmp_path / "ck", tag=tag)
+    load_deepspeed_checkpoint(model, tmp_path / "ck", tag=tag, trusted=True)

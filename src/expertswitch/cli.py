@@ -605,18 +605,25 @@ def _init_ranks(ep_size: int, device: str) -> str:
 
     if ep_size == 1:
         return device
-    if ep_size < 1 or "WORLD_SIZE" not in os.environ:
-        raise ConfigError("--expert-parallel-size N runs under torchrun: torchrun "
-                          "--nproc-per-node N -m expertswitch.cli generate ...")  # fmt: skip
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if ep_size < 1 or world < 2 or world % ep_size:
+        raise ConfigError(f"--expert-parallel-size {ep_size} runs under torchrun with a world "
+                          f"that is a multiple of it: torchrun --nproc-per-node {ep_size} -m "
+                          "expertswitch.cli generate ...")  # fmt: skip
     import torch
     import torch.distributed as dist
+
+    from expertswitch.errors import ParallelError
 
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        except (RuntimeError, ValueError) as e:
+            raise ParallelError(f"the ranks could not form a process group: {e}") from None
     return f"cuda:{local}" if cuda else "cpu"
 
 

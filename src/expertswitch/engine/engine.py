@@ -88,6 +88,8 @@ class Engine:
             budget = torch.cuda.mem_get_info(self.device)[0] // 3
         block = cfg.block_size
         num_blocks = cfg.num_kv_blocks or auto_num_blocks(self.model, cfg, self.device, budget)
+        if self.ep_size > 1:  # every rank admits, preempts and defers alike: the smallest GPU's
+            num_blocks, budget = _min_over_ranks(num_blocks, budget)
         self.max_model_len = min(cfg.max_model_len or self.model.cfg.max_position_embeddings,
                                  num_blocks * block)  # fmt: skip
         # (an explicit max_model_len may pass max_position_embeddings: scaled RoPE)
@@ -153,6 +155,11 @@ class Engine:
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ConfigError("sampling must be a SamplingParams")
+        # unseeded: fresh entropy, without reseeding torch's global generator as torch.seed();
+        # under expert parallelism rank 0's, drawn before any check can fail on one rank only
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        if self.ep_size > 1 and sampling.seed is None:  # every rank must draw the same tokens
+            seed = _rank0_value(seed)
         if expert is not None:
             self.registry.get(expert)
         tok = self.tokenizer_for(expert)
@@ -167,10 +174,6 @@ class Engine:
         elif request_id in self._requests:
             raise ConfigError(f"request id {request_id!r} is already in use")
         gen = torch.Generator()
-        # unseeded: fresh entropy, without reseeding torch's global generator as torch.seed()
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        if self.ep_size > 1 and sampling.seed is None:  # every rank must draw the same tokens
-            seed = _rank0_value(seed)
         gen.manual_seed(seed)
         return Request(request_id, ids, expert, sampling, prompt=text, generator=gen,
                        text=None if tok is None else "")  # fmt: skip
@@ -439,3 +442,14 @@ def _rank0_value(value: int) -> int:
     box = [value]
     collective("sampling seed broadcast", None, dist.broadcast_object_list, box, 0)
     return box[0]
+
+
+def _min_over_ranks(*values: int | None) -> tuple:
+    """The smallest of each value over all ranks (None stays None)."""
+    import torch.distributed as dist
+
+    from expertswitch.parallel.comm import collective
+
+    got: list = [None] * dist.get_world_size()
+    collective("engine size agreement", None, dist.all_gather_object, got, values)
+    return tuple(None if v is None else min(g[i] for g in got) for i, v in enumerate(values))

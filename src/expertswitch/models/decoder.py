@@ -138,9 +138,17 @@ def _load_trained_moe(prefix: str, cfg: ModelConfig, spec, ld: _Loader, ep_size:
     want = moe.state_dict()
     state = {}
     for name, t in want.items():
-        state[name] = ld.get(prefix + "mlp." + name)
-        if name.startswith("experts.") and state[name].shape[0] == spec.num_experts:
-            state[name] = state[name][first : first + local]
+        full = prefix + "mlp." + name
+        if name.startswith("experts."):  # [E, ...]: this rank's slice, cut before the copy
+            if full not in ld.ckpt:
+                ld.get(full)  # raises the loader's error
+            whole = ld.ckpt.get(full)
+            if whole.shape[0] != spec.num_experts:
+                raise CheckpointError(f"{ld.ckpt.path}: {full} holds {whole.shape[0]} experts, "
+                                      f"its config.json gives {spec.num_experts}")  # fmt: skip
+            state[name] = whole[first : first + local].to(ld.device, ld.dtype)
+        else:
+            state[name] = ld.get(full)
         if state[name].shape != t.shape:
             raise CheckpointError(f"{ld.ckpt.path}: {prefix}mlp.{name} has shape "
                                   f"{tuple(state[name].shape)}, its config.json gives "

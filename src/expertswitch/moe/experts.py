@@ -81,8 +81,10 @@ class ModuleExperts(nn.Module):
         if idle:
             # DeepSpeed runs every expert on its (zero) capacity buffer, so an idle expert's
             # gradients are zeros, not None: an optimizer then still decays it and counts its
-            # step. A 0·Σp term gives those zeros at the cost of one sum, not a GEMM.
-            y = y + sum(p.sum() for p in idle).to(y.dtype) * 0
+            # step. The sum of an empty slice of each parameter is 0 and its gradient is a
+            # zero tensor of the parameter's shape: no GEMM, no memory read, and no inf·0 (a
+            # sum over the weights could overflow in fp16)
+            y = y + sum(p.reshape(-1)[:0].sum() for p in idle).to(y.dtype)
         return y
 
 

@@ -160,8 +160,7 @@ def topk_gating(
         raise ConfigError(f"k={k} must be between 1 and the number of experts ({num_e})")
     if drop_policy not in DROP_POLICIES:
         raise ConfigError(f"drop_policy={drop_policy!r}: choose 'probs' or 'position'")
-    if tie_break not in TIE_BREAKS:
-        raise ConfigError(f"tie_break={tie_break!r}: choose one of {TIE_BREAKS}")
+    _check_tie_break(tie_break, k)
     logits = logits.float()
     if t == 0:
         return _empty_output(logits, k)
@@ -184,7 +183,7 @@ def topk_gating(
     key = _keep_key(expert_idx, probs, k == 1 and use_rts and sampling, drop_policy)
     kept = rank_in_expert(expert_idx, key) < capacity
     if k == 1 and tie_break == "torch_topk" and drop_tokens and not (use_rts and sampling):
-        mask = F.one_hot(expert_idx[:, 0], num_e).to(probs.dtype)  # [T, E], DeepSpeed's mask1
+        mask = F.one_hot(expert_idx[:, 0], num_e)  # int64 [T, E]: DeepSpeed's mask1, dtype too
         top = torch.topk(mask, k=min(capacity, t), dim=0)[1]
         keep = mask * torch.zeros_like(mask).scatter_(0, top, 1)
         kept = keep.gather(1, expert_idx) > 0
@@ -206,6 +205,15 @@ def topk_gating(
         exp_counts=exp_counts,
         probs=probs,
     )
+
+
+def _check_tie_break(tie_break: str, k: int) -> None:
+    if tie_break not in TIE_BREAKS:
+        raise ConfigError(f"tie_break={tie_break!r}: choose one of {TIE_BREAKS}")
+    if tie_break == "torch_topk" and k != 1:
+        raise ConfigError("tie_break='torch_topk' is DeepSpeed's top-1 choice among ties; with "
+                          f"k={k} it would change nothing: leave tie_break at "
+                          "'position'")  # fmt: skip
 
 
 def _empty_output(logits: torch.Tensor, k: int) -> GateOutput:
@@ -258,8 +266,7 @@ class TopKGate(torch.nn.Module):
         tie_break: str = "position",
     ):
         super().__init__()
-        if tie_break not in TIE_BREAKS:
-            raise ConfigError(f"tie_break={tie_break!r}: choose one of {TIE_BREAKS}")
+        _check_tie_break(tie_break, k)
         if noisy_gate_policy not in NOISY_POLICIES:
             raise ConfigError(
                 f"noisy_gate_policy={noisy_gate_policy!r}: choose None, 'Jitter' or 'RSample'"

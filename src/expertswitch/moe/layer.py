@@ -265,7 +265,7 @@ def convert_deepspeed_state_dict(state: dict[str, torch.Tensor]) -> dict[str, to
     Residual-MoE keep their names."""
     out = {}
     for key, value in state.items():
-        new = key
+        new = key[1:] if key.startswith(".deepspeed_moe.") else key  # a bare layer's engine
         for pattern, repl in _DS_KEYS:
             new = pattern.sub(repl, new)
         out[new] = value

@@ -252,6 +252,8 @@ def _build(cls, d, where: str):
     kw = {}
     for name, value in d.items():
         sub = _SECTIONS.get((cls, name))
+        if sub and value is None and known[name].default is not None:  # model, data, optim
+            raise ConfigError(f"{where}{name} must be a mapping of settings, got null")
         if sub:
             kw[name] = _build(sub, value, f"{where}{name}.")
         else:
