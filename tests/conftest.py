@@ -106,3 +106,26 @@ def deepspeed():
                           WORLD_SIZE="1", LOCAL_RANK="0")  # fmt: skip
         ds.init_distributed(dist_backend="gloo", verbose=False)
     return ds
+
+
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT", "TORCHELASTIC_RUN_ID")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`expertswitch demo`, the README's main command, as a user runs it first: on a fresh
+    cache, where it builds the `tiny` family (a few minutes on 2 cores). Returns (completed
+    process, its environment). The tests of the tiny family reuse the family it built, so the
+    suite builds it once."""
+    import subprocess
+    import sys
+
+    if os.environ.get("EXPERTSWITCH_SKIP_SLOW") == "1":
+        pytest.skip("asked to skip (EXPERTSWITCH_SKIP_SLOW=1)")
+    cache = tmp_path_factory.mktemp("demo-cache")
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env["EXPERTSWITCH_CACHE"] = str(cache)
+    proc = subprocess.run([sys.executable, "-m", "expertswitch.cli", "demo"], env=env,
+                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+    return proc, env

@@ -8,6 +8,9 @@ in the experts' own bf16 rounds W_base + Δ̂ to 8 mantissa bits first, which mo
 reference is the reconstruction written in float32 (`reconstruct(..., dtype=torch.float32)`):
 the same arithmetic without that storage rounding."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from test_engine import hf_greedy
@@ -16,7 +19,7 @@ from expertswitch.cli import main
 from expertswitch.compress import CompressOptions, compress_expert, make_method, reconstruct
 from expertswitch.compress.calibration import CalibOptions
 from expertswitch.engine import Engine, SamplingParams
-from expertswitch.zoo.build import build_family
+from expertswitch.zoo.build import build_family, family_dir
 
 PROMPTS = {  # each expert's skill (held-out items) and, for the code one, raw code
     "code": ">>> sorted([6, 6, 9, 2, 5])",
@@ -28,10 +31,18 @@ N = 20
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    """tiny (a few minutes on 2 cores), each expert compressed as the demo does."""
+def family(tmp_path_factory, request):
+    """tiny (a few minutes on 2 cores: the family `expertswitch demo` built on its fresh
+    cache, else built here), each expert compressed as the demo does."""
     root = tmp_path_factory.mktemp("tiny")
-    fam = build_family("tiny", root=root / "family", progress=False, log=lambda *_: None)
+    if os.environ.get("EXPERTSWITCH_SKIP_SLOW") == "1":
+        fam = build_family("tiny", root=root / "family", progress=False, log=lambda *_: None)
+    else:
+        proc, env = request.getfixturevalue("demo_run")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        cache = Path(env["EXPERTSWITCH_CACHE"])
+        fam = build_family("tiny", root=family_dir("tiny", 0, cache),
+                           log=lambda *_: pytest.fail("the demo's family was rebuilt"))  # fmt: skip
     opts = CompressOptions(calib=CalibOptions(tokens=2048, seq_len=128), progress=False,
                            quantize_embeddings=True)  # fmt: skip
     archives, recs = {}, {}

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -186,14 +185,12 @@ def test_demo_runs_on_micro(micro, tmp_path, monkeypatch):
     assert all(isinstance(a, str) for a in served["answers"])
 
 
-@pytest.mark.skipif(os.environ.get("EXPERTSWITCH_SKIP_SLOW") == "1", reason="asked to skip")
-def test_expertswitch_demo_command(tmp_path):
-    """The README's main command, as a user runs it, on a fresh cache (builds `tiny`): what it
-    prints. Its speed is measured by benchmarks/demo_time.py, not here: the timeout is only a
-    hang guard (300 s failed CI once on a busy machine)."""
-    env = {**os.environ, "EXPERTSWITCH_CACHE": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "expertswitch.cli", "demo"], env=env,
-                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+def test_expertswitch_demo_command(demo_run):
+    """The README's main command, as a user runs it, on a fresh cache (builds `tiny`; the run
+    is conftest's demo_run, shared with the tiny-family tests): what it prints. Its speed is
+    measured by benchmarks/demo_time.py, not here: the timeout is only a hang guard (300 s
+    failed CI once on a busy machine)."""
+    proc, env = demo_run
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "kept" in proc.stdout and "fp16 models" in proc.stdout
     assert "Routed and served in one mixed batch" in proc.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -304,7 +305,8 @@ def cmd_train(args) -> None:
     given = {"out": args.out, "optim.steps": args.steps, "device": args.device}
     cfg = load_config(args.config, args.preset, args.set,
                       {k: v for k, v in given.items() if v is not None})  # fmt: skip
-    s = train(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    with _process_group_closed():
+        s = train(cfg, overwrite=args.overwrite, progress=not args.quiet)
     last = s.val[-1] if s.val else None
     print(json.dumps({"run": str(s.run_dir), "steps": s.steps, "params": s.params,
                       "active_params": s.active_params, "final_val": last, "kd": s.kd,
@@ -556,7 +558,7 @@ def _dtype_arg(name: str | None):
 
 
 def cmd_generate(args) -> None:
-    from expertswitch.engine import Engine, SamplingParams
+    from expertswitch.engine import SamplingParams
     from expertswitch.errors import ConfigError
 
     dtype = _dtype_arg(args.dtype)
@@ -568,6 +570,14 @@ def cmd_generate(args) -> None:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               seed=args.seed, max_tokens=args.max_tokens,
                               stop=args.stop)  # fmt: skip
+    with _process_group_closed():
+        _generate(args, prompts, use, sampling, dtype)
+
+
+def _generate(args, prompts, use, sampling, dtype) -> None:
+    from expertswitch.engine import Engine
+    from expertswitch.errors import ConfigError
+
     device = _init_ranks(args.expert_parallel_size, args.device)
     eng = Engine(args.base, _expert_args(args.expert), device=device, dtype=dtype,
                  expert_parallel_size=args.expert_parallel_size)  # fmt: skip
@@ -594,6 +604,21 @@ def cmd_generate(args) -> None:
         print(f"\n[{experts[0] or 'base'}: {out.finish_reason}]")
         return
     _print_outputs(prompts, eng.generate(prompts, experts, sampling))
+
+
+@contextlib.contextmanager
+def _process_group_closed():
+    """Destroy the process group a command made (torchrun ranks) before the interpreter exits:
+    gloo's threads torn down at exit abort now and then ('terminate called without an active
+    exception', exit code -6) after the work is done."""
+    import torch.distributed as dist
+
+    had = dist.is_available() and dist.is_initialized()  # a caller's group is left alone
+    try:
+        yield
+    finally:
+        if not had and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _init_ranks(ep_size: int, device: str) -> str:
