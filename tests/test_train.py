@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import _DIST_VARS
 
 from expertswitch.errors import CheckpointError, ConfigError
 from expertswitch.models.causal_lm import CausalLM
@@ -38,13 +39,9 @@ def tiny(preset: str, out: Path, *extra: str):
     return load_config(None, preset, [*TINY, f"out={out}", "device=cpu", *extra])
 
 
-# torch.distributed's variables (the DeepSpeed oracle's fixture sets a world of one in this
-# process): a child must see a clean environment, as a user's shell would give it
-_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-              "MASTER_PORT", "TORCHELASTIC_RUN_ID")  # fmt: skip
-
-
 def clean_env(**extra: str) -> dict[str, str]:
+    """This process' environment without torch.distributed's variables (the DeepSpeed
+    oracle's fixture sets a world of one here): a child sees what a user's shell gives it."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     return {**env, **extra}
 
@@ -726,3 +723,17 @@ def test_gpu_training_step_runs_experts_in_bf16_with_fp32_gradients(tmp_path):
     s = train(tiny("moe", tmp_path / "run", "optim.steps=30", "device=cuda"), progress=False)
     first, last = first_last(read_csv(tmp_path / "run" / "metrics.csv"), "lm_loss")
     assert last < first - 0.5 and s.val[-1]["val_loss"] < s.val[0]["val_loss"]
+
+
+def test_yaml_moe_section_offers_every_moe_layer_option():
+    """model.moe (the YAML schema) and MoELayerSpec (config.json's moe_layers) name the same
+    gate options: one added to the layer must be settable from a run's config too."""
+    from dataclasses import fields
+
+    from expertswitch.models.config import MoELayerSpec
+    from expertswitch.train.config import MoESection
+
+    layout = {"experts", "moe_every", "first_moe_layer"}
+    yaml_opts = {f.name: f.default for f in fields(MoESection) if f.name not in layout}
+    spec_opts = {f.name: f.default for f in fields(MoELayerSpec) if f.name != "num_experts"}
+    assert yaml_opts == spec_opts
