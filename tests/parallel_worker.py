@@ -390,6 +390,19 @@ def scenario_die(world, rank) -> dict:
         return {"error": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - start}
 
 
+def scenario_agree(world, rank) -> dict:
+    """The engine's per-step check: equal payloads pass; one rank's different tokens stop
+    every rank with a ParallelError naming the step (no rank goes on alone)."""
+    from expertswitch.engine.mirror import agree
+
+    agree("the tokens", 3, [("req-0", [5, 6], False, None, None)])
+    try:
+        agree("the tokens", 4, [("req-0", [5, 7 if rank == world - 1 else 6], True, "stop", None)])
+    except Exception as e:  # noqa: BLE001 - the point is to report what each rank sees
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"error": None}
+
+
 def main() -> int:
     scenario, out_path = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get(
@@ -399,7 +412,7 @@ def main() -> int:
         scenarios = {"layer": scenario_layer, "deepspeed": scenario_deepspeed,
                      "die": scenario_die, "pyramid": scenario_pyramid, "save": scenario_save,
                      "load": scenario_load, "tensor": scenario_tensor,
-                     "save_twice": scenario_save_twice}  # fmt: skip
+                     "save_twice": scenario_save_twice, "agree": scenario_agree}  # fmt: skip
         found = scenarios[scenario](world, rank)
         if scenario == "die":  # no collective is possible any more: each rank writes its own
             with open(f"{out_path}.{rank}", "w") as f:

@@ -296,3 +296,11 @@ def test_checkpoint_names_a_submodule_called_root_apart_from_a_root_moe(tmp_path
         save_sharded(bare, tmp_path / "c")
     save_sharded(bare, tmp_path / "c", overwrite=True)
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+
+
+def test_ranks_that_disagree_on_a_step_all_stop(tmp_path):
+    """engine/mirror.py's agree(): every rank learns that one rank's tokens differ."""
+    found = torchrun(3, "agree", tmp_path)
+    for r in found["ranks"]:
+        assert r["error"] is not None and r["error"].startswith("ParallelError")
+        assert "disagree on the tokens at step 4" in r["error"]

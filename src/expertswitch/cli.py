@@ -230,6 +230,10 @@ def _add_serve(sub) -> None:
         help="host memory for experts evicted from the device, e.g. 64GiB",
     )
     p.add_argument("--kv-cache-size", default=None, metavar="SIZE", help="KV-cache memory")
+    p.add_argument("--expert-parallel-size", type=int, default=1, metavar="N",
+                   help="spread an MoE checkpoint's experts over N ranks: torchrun "
+                   "--nproc-per-node N -m expertswitch.cli serve ... (rank 0 serves "
+                   "HTTP)")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
@@ -585,8 +589,7 @@ def _generate(args, prompts, use, sampling, dtype) -> None:
     if args.expert_parallel_size > 1:
         if args.stream:
             raise ConfigError("--stream with --expert-parallel-size: not supported; drop --stream")
-        outs = eng.generate(prompts, experts, sampling)
-        _check_ranks_agree([o.token_ids for o in outs])
+        outs = eng.generate(prompts, experts, sampling)  # the ranks agree on every step
         import torch.distributed as dist
 
         if dist.get_rank() != 0:
@@ -621,9 +624,9 @@ def _process_group_closed():
             dist.destroy_process_group()
 
 
-def _init_ranks(ep_size: int, device: str) -> str:
+def _init_ranks(ep_size: int, device: str, command: str = "generate") -> str:
     """The process group torchrun's environment describes (gloo on CPU, NCCL on GPUs); the
-    device of this rank."""
+    device of this rank. `serve` needs a world of exactly ep_size (one server)."""
     import os
 
     from expertswitch.errors import ConfigError
@@ -631,10 +634,11 @@ def _init_ranks(ep_size: int, device: str) -> str:
     if ep_size == 1:
         return device
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if ep_size < 1 or world < 2 or world % ep_size:
+    if ep_size < 1 or world < 2 or world % ep_size or (command == "serve" and world != ep_size):
+        size = "of exactly that size" if command == "serve" else "that is a multiple of it"
         raise ConfigError(f"--expert-parallel-size {ep_size} runs under torchrun with a world "
-                          f"that is a multiple of it: torchrun --nproc-per-node {ep_size} -m "
-                          "expertswitch.cli generate ...")  # fmt: skip
+                          f"{size} (this one has {world}): torchrun --nproc-per-node {ep_size} "
+                          f"-m expertswitch.cli {command} ...")  # fmt: skip
     import torch
     import torch.distributed as dist
 
@@ -652,18 +656,6 @@ def _init_ranks(ep_size: int, device: str) -> str:
     return f"cuda:{local}" if cuda else "cpu"
 
 
-def _check_ranks_agree(tokens: list) -> None:
-    """Every expert-parallel rank must have generated the same tokens (they share the steps)."""
-    import torch.distributed as dist
-
-    from expertswitch.errors import ParallelError
-
-    got: list = [None] * dist.get_world_size()
-    dist.all_gather_object(got, tokens)
-    if any(g != got[0] for g in got):
-        raise ParallelError("expert-parallel ranks generated different tokens: report this")
-
-
 def _print_outputs(prompts, outs) -> None:
     for prompt, out in zip(prompts, outs):
         answer = out.text if out.text is not None else " ".join(map(str, out.token_ids))
@@ -679,7 +671,7 @@ def cmd_serve(args) -> None:
     from expertswitch.utils.imports import require_serve
 
     require_serve()
-    from expertswitch.server import ServerConfig, build_app, run_server
+    from expertswitch.server import ServerConfig
 
     experts = _expert_args(args.expert)
     base, router = args.base, args.router
@@ -689,6 +681,9 @@ def cmd_serve(args) -> None:
 
         if base is not None:
             raise ConfigError("--demo serves the built-in family's base: leave out --base")
+        if args.expert_parallel_size > 1:
+            raise ConfigError("--demo's family is dense: --expert-parallel-size spreads an MoE "
+                              "checkpoint's experts (give --base MOE_DIR)")  # fmt: skip
         family = build_family("tiny")
         base = family.base
         experts = {**family_archives(family), **experts}
@@ -725,10 +720,29 @@ def cmd_serve(args) -> None:
         # torch's threads spin while waiting: with every core theirs, the event loop that
         # streams the tokens starves (ITL p50 103 → 47 ms on 2 cores, benchmarks/serve.py)
         torch.set_num_threads(max(1, args.cpu_threads or (os.cpu_count() or 2) - 1))
-    app, aengine = build_app(base, experts, router, args.device, _dtype_arg(args.dtype), cfg,
-                             **{k: v for k, v in options.items() if v is not None})  # fmt: skip
+    options = {k: v for k, v in options.items() if v is not None}
+    with _process_group_closed():
+        _serve(args, base, experts, router, cfg, options)
+
+
+def _serve(args, base, experts, router, cfg, options) -> None:
+    from expertswitch.server import build_app, run_server
+    from expertswitch.server.launch import follow
+
+    ep = args.expert_parallel_size
+    device = _init_ranks(ep, args.device, "serve")
+    dtype = _dtype_arg(args.dtype)
+    if ep > 1:
+        import torch.distributed as dist
+
+        options["expert_parallel_size"] = ep
+        if dist.get_rank() != 0:  # rank 0 takes the requests; this rank steps with it
+            follow(base, experts, device, dtype, **options)
+            return
+    app, aengine = build_app(base, experts, router, device, dtype, cfg, **options)
     names = ", ".join([cfg.base_name, *experts] + (["auto"] if router else []))
-    print(f"serving {names} on http://{args.host}:{args.port}/v1", flush=True)
+    on = f" (experts over {ep} ranks)" if ep > 1 else ""
+    print(f"serving {names} on http://{args.host}:{args.port}/v1{on}", flush=True)
     try:
         run_server(app, args.host, args.port, args.log_level)
     finally:

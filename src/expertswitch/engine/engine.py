@@ -29,6 +29,7 @@ import torch
 
 from expertswitch.engine.config import EngineConfig
 from expertswitch.engine.kv_cache import BlockManager, auto_num_blocks
+from expertswitch.engine.mirror import StepMirror, agree, step_digest
 from expertswitch.engine.pool import ExpertLoadError, ExpertPool, PoolError, PoolFullError
 from expertswitch.engine.registry import ExpertRegistry, eos_ids
 from expertswitch.engine.request import Request, RequestOutput, Status
@@ -37,7 +38,7 @@ from expertswitch.engine.sampler import SamplingFailure, logprobs_of, sample
 from expertswitch.engine.sampling import SamplingParams
 from expertswitch.engine.scheduler import Scheduler
 from expertswitch.engine.tokenizer import load_tokenizer
-from expertswitch.errors import ConfigError
+from expertswitch.errors import ConfigError, ParallelError
 from expertswitch.models.decoder import Decoder
 from expertswitch.models.expert_weights import load_expert
 
@@ -104,6 +105,9 @@ class Engine:
         self._undelivered: list[RequestOutput] = []  # finished elsewhere, for the next step()
         self._ids = itertools.count()
         self.aborted = 0  # requests stopped before they finished
+        self.steps = 0  # forward-pass steps scheduled (the ranks' agreement counts them)
+        # expert-parallel serving: rank 0 records its operations, the others replay them
+        self.mirror: StepMirror | None = None
         for name, path in (experts or {}).items():
             self.add_expert(name, path)
 
@@ -114,6 +118,7 @@ class Engine:
         only tensors the engine can apply per row); its weights load on first use."""
         self.registry.add(name, path)
         self.pool.register(name)
+        self._record("add_expert", name, str(path))
 
     def remove_expert(self, name: str) -> None:
         self.registry.get(name)
@@ -124,6 +129,20 @@ class Engine:
         self._release_idle()
         self.pool.forget(name)
         self.registry.remove(name)
+        self._record("remove_expert", name)
+
+    def pin_expert(self, name: str, on: bool = True) -> None:
+        """Keep `name` on the device until unpinned (loading it now), or unpin it."""
+        self.registry.get(name)
+        ok = False
+        try:
+            if on:
+                self.pool.pin(name)
+            else:
+                self.pool.unpin(name)
+            ok = True
+        finally:  # a failed pin may have evicted others: the other ranks try it too
+            self._record("pin_expert", name, on, ok)
 
     def _load(self, name: str):
         return load_expert(name, self.registry.get(name).path, self.base_fingerprint,
@@ -158,8 +177,9 @@ class Engine:
         # unseeded: fresh entropy, without reseeding torch's global generator as torch.seed();
         # under expert parallelism rank 0's, drawn before any check can fail on one rank only
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        if self.ep_size > 1 and sampling.seed is None:  # every rank must draw the same tokens
-            seed = _rank0_value(seed)
+        if self.ep_size > 1 and sampling.seed is None and self.mirror is None:
+            seed = _rank0_value(seed)  # every rank must draw the same tokens (a server's
+            #                            leader sends its seed with the request instead)
         if expert is not None:
             self.registry.get(expert)
         tok = self.tokenizer_for(expert)
@@ -181,7 +201,11 @@ class Engine:
     def _submit(self, req: Request) -> None:
         self._requests[req.request_id] = req
         self.scheduler.add(req)
-        if req.expert is not None:
+        self._record("submit", req.request_id, req.prompt_token_ids, req.expert, req.sampling,
+                     req.generator.initial_seed(), req.prompt, req.text is not None)  # fmt: skip
+        if req.expert is not None and self.ep_size == 1:
+            # (under expert parallelism loads happen on the step alone: a background load
+            # finishing sooner on one rank would make the ranks schedule differently)
             # a hint: it fills free room only (running experts are in use); a failure shows
             # on the step that needs the expert, as an error on its requests
             with contextlib.suppress(PoolError, ExpertLoadError):
@@ -220,6 +244,7 @@ class Engine:
         req = self._requests.pop(request_id, None)
         if req is None or req.finished:
             return
+        self._record("abort", request_id)
         self.scheduler.finish(req)
         req.finish("abort")
         self.aborted += 1
@@ -241,8 +266,19 @@ class Engine:
         outs, self._undelivered = self._undelivered, []
         return outs + self._step()
 
+    def idle(self) -> None:
+        """Called by a serving loop with nothing to step: under expert-parallel serving rank 0
+        sends what changed, or a heartbeat, to the other ranks."""
+        if self.mirror is not None:
+            self.mirror.idle()
+
     def _step(self) -> list[RequestOutput]:
+        if self.mirror is not None:  # rank 0 serving: the other ranks replay, then step too
+            self.mirror.before_step()
         reqs = self.scheduler.schedule()
+        self.steps += 1
+        if self.ep_size > 1:  # before the forward pass: its collectives need the same batch
+            self._agree("the batch", [(r.request_id, r.num_tokens, r.num_cached) for r in reqs])
         if not reqs:
             return []
         failed, deferred = self._acquire({r.expert for r in reqs if r.expert is not None})
@@ -263,7 +299,52 @@ class Engine:
                 else:
                     self._append(r, tok)
         self._release_idle()
-        return self._outputs(reqs)
+        outs = self._outputs(reqs)
+        if self.ep_size > 1:
+            self._agree("the tokens", step_digest(outs))
+        return outs
+
+    def _agree(self, what: str, payload) -> None:
+        try:
+            agree(what, self.steps, payload)
+        except Exception:
+            if self.mirror is not None:
+                self.mirror.closed = True  # the ranks no longer step together
+            raise
+
+    def _record(self, *op) -> None:
+        if self.mirror is not None:
+            self.mirror.record(*op)
+
+    def _replay(self, op: tuple) -> None:
+        """A follower applies rank 0's operation (engine/mirror.py)."""
+        kind, *args = op
+        if kind == "submit":
+            rid, ids, expert, sampling, seed, prompt, has_text = args
+            gen = torch.Generator()
+            gen.manual_seed(seed)
+            self._submit(Request(rid, list(ids), expert, sampling, prompt=prompt, generator=gen,
+                                 text="" if has_text else None))  # fmt: skip
+        elif kind == "abort":
+            self.abort(*args)
+        elif kind == "add_expert":
+            self.add_expert(*args)
+        elif kind == "remove_expert":
+            self.remove_expert(*args)
+        elif kind == "pin_expert":
+            name, on, ok = args
+            try:
+                self.pin_expert(name, on)
+                why = None
+            except Exception as e:  # noqa: BLE001 - compared with rank 0's outcome below
+                why = f"{type(e).__name__}: {e}"
+            if ok != (why is None):
+                raise ParallelError(f"{'un' if not on else ''}pinning expert {name!r} "
+                                    f"{'failed' if ok else 'succeeded'} here but not on rank 0"
+                                    + (f" ({why})" if why else ""))  # fmt: skip
+        else:
+            raise ParallelError(f"unknown operation {kind!r} from rank 0: the ranks run "
+                                "different expertswitch versions?")  # fmt: skip
 
     @staticmethod
     def _record_logprobs(logits: torch.Tensor, reqs: list[Request], tokens: list) -> None:
@@ -425,6 +506,8 @@ class Engine:
         for rid in list(self._requests):
             self.abort(rid)
         self.pool.close()
+        if self.mirror is not None:
+            self.mirror.close()  # the other ranks replay the aborts, then stop
 
 
 def _fingerprint(path: Path) -> str:

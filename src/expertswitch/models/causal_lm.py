@@ -208,13 +208,14 @@ class CausalLM(nn.Module):
         return state
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        """config.json + model.safetensors into `path` (which must exist)."""
+        """config.json + model.safetensors into `path` (made if missing, as transformers does)."""
         from safetensors.torch import save_file
 
         if self.hf_config is None:
             raise ValueError("this model was built without its config.json dict: build it with "
                              "CausalLM.from_config")  # fmt: skip
         path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
         state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous().cpu()
                  for k, v in self.hf_state_dict().items()}  # fmt: skip
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})

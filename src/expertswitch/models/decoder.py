@@ -161,6 +161,10 @@ def _load_trained_moe(prefix: str, cfg: ModelConfig, spec, ld: _Loader, ep_size:
 class Decoder:
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device, dtype, ep_size: int = 1):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        if ep_size > 1 and not cfg.num_experts and not any(cfg.moe_layers or []):
+            raise ConfigError("expert parallelism spreads the experts of an expertswitch_moe "
+                              "checkpoint's MoE layers, and this one has none: leave "
+                              "expert_parallel_size at 1")  # fmt: skip
         ld = _Loader(ckpt, device, dtype)
         self.rope = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self.embed = RowEmbedding("model.embed_tokens.weight", ld.get("model.embed_tokens.weight"))

@@ -154,7 +154,7 @@ def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> N
         engine.add_expert(name, path)
         if pin:
             try:
-                engine.pool.pin(name)
+                engine.pin_expert(name)
             except Exception as e:  # registered but not resident: say so, keep it registered
                 raise ConfigError(f"expert {name!r} is registered but could not be pinned: "
                                   f"{e}") from e  # fmt: skip
@@ -162,13 +162,10 @@ def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> N
 
     def pin(name: str, on: bool) -> dict:
         engine.registry.get(name)
-        if on:
-            try:
-                engine.pool.pin(name)
-            except Exception as e:
-                raise ConfigError(f"expert {name!r} could not be pinned: {e}") from e
-        else:
-            engine.pool.unpin(name)
+        try:
+            engine.pin_expert(name, on)
+        except Exception as e:
+            raise ConfigError(f"expert {name!r} could not be pinned: {e}") from e
         return vars(engine.pool.status(name))
 
     def unload(name: str) -> dict:

@@ -23,6 +23,7 @@ from concurrent.futures import Future
 
 from expertswitch.engine import Engine
 from expertswitch.engine.request import RequestOutput
+from expertswitch.errors import ParallelError
 
 log = logging.getLogger("expertswitch.server")
 
@@ -156,6 +157,8 @@ class AsyncEngine:
                     break
                 if self.engine.has_unfinished() or self.engine.has_outputs():
                     self._step()
+                else:
+                    self.engine.idle()  # expert-parallel serving: heartbeat the other ranks
         except BaseException as e:  # noqa: BLE001 — reported to every waiter, then the loop ends
             self.error = f"engine loop stopped: {type(e).__name__}: {e}"
             log.error("%s\n%s", self.error, traceback.format_exc())
@@ -192,7 +195,11 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outs = self.engine.step()
+        except ParallelError:  # the ranks no longer step together: this loop cannot go on
+            raise
         except Exception as e:  # a bug: fail every request in flight, keep the server up
+            if self.engine.mirror is not None:  # unless other ranks stepped with this one:
+                raise  # where their step failed is unknown, so they can no longer follow
             msg = f"internal error in the engine step: {type(e).__name__}: {e}"
             log.error("%s\n%s", msg, traceback.format_exc())
             self._fail_all(msg)

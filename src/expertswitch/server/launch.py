@@ -2,6 +2,10 @@
 
 run_server(base, {"math": "math.delta"}, router="router/", port=8000)   # blocks
 with ServerThread(app) as srv: srv.url                                   # tests, benchmarks
+
+Expert-parallel serving (`torchrun ... -m expertswitch.cli serve --expert-parallel-size N`):
+rank 0 runs `build_app` and the HTTP server; every other rank runs `follow`, which replays rank
+0's engine operations and steps with it (engine/mirror.py).
 """
 
 from __future__ import annotations
@@ -21,16 +25,9 @@ def build_app(base: str | Path, experts: dict[str, str | Path], router: str | Pa
               device: str = "auto", dtype=None, cfg: ServerConfig | None = None,
               **engine_options):  # fmt: skip
     """(app, async engine): the engine loads the base; experts are checked now and load on first
-    use. The caller closes the async engine when done."""
-    import torch
-
-    from expertswitch.engine import Engine
-    from expertswitch.utils.imports import resolve_device
-
-    device = resolve_device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    engine = Engine(base, experts, device=device, dtype=dtype, **engine_options)
+    use. The caller closes the async engine when done. Under expert parallelism this is rank
+    0's part; the other ranks run `follow` with the same arguments."""
+    engine = make_engine(base, experts, device, dtype, **engine_options)
     rt = None
     try:
         if router is not None:
@@ -46,6 +43,34 @@ def build_app(base: str | Path, experts: dict[str, str | Path], router: str | Pa
     except BaseException:
         aengine.close()
         raise
+
+
+def make_engine(base, experts, device: str = "auto", dtype=None, **engine_options):
+    """The serving engine; with expert_parallel_size > 1 (under torchrun) mirrored: rank 0
+    leads, the others follow."""
+    import torch
+
+    from expertswitch.engine import Engine
+    from expertswitch.engine.mirror import StepMirror
+    from expertswitch.utils.imports import resolve_device
+
+    device = resolve_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    engine = Engine(base, experts, device=device, dtype=dtype, **engine_options)
+    if engine.ep_size > 1:
+        engine.mirror = StepMirror()
+    return engine
+
+
+def follow(base, experts, device: str = "auto", dtype=None, **engine_options) -> None:
+    """A rank other than 0 of an expert-parallel server: the same engine as rank 0's, stepping
+    with it until rank 0 stops (returns) or fails (a ParallelError)."""
+    engine = make_engine(base, experts, device, dtype, **engine_options)
+    try:
+        engine.mirror.follow(engine)
+    finally:
+        engine.close()
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -1,0 +1,141 @@
+"""Expert-parallel serving: rank 0 takes the requests, every rank runs every step.
+
+Under expert parallelism each rank holds a share of every MoE layer's experts, so all ranks run
+every forward pass on the same batch. `generate` hands every rank the same prompts and they step
+in lockstep. A server receives requests on rank 0 alone, so rank 0's engine is the leader: it
+records each operation that changes engine state (a request queued or aborted, an expert
+registered, removed, pinned or unpinned) and broadcasts the pending operations before each
+step. The other ranks (`StepMirror.follow`) replay them, then step too. Their schedulers, KV
+blocks and expert pools stay identical by construction: the engines agreed on their sizes when
+they started, and expert loads happen on the step, never in a background thread
+(`Engine._submit` does not prefetch under expert parallelism).
+
+Two checks run on every step (`agree`): the batch the scheduler chose, before the forward pass,
+and the step's outputs (tokens, finished, reasons) after it. If the ranks differ, every rank
+stops with a ParallelError that names the step, instead of serving answers from diverged
+states or hanging in a collective that the other ranks never call. While idle, the leader sends
+a heartbeat every HEARTBEAT_S seconds, so a waiting rank never reaches the process group's
+timeout; a rank that died shows on the next broadcast as a ParallelError.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import torch
+
+from expertswitch.errors import ParallelError
+
+HEARTBEAT_S = 5.0
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _device() -> torch.device:
+    """Where small collective tensors live: the current GPU under NCCL, else the CPU."""
+    if _dist().get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(what: str, step: int, payload) -> None:
+    """ParallelError on every rank unless every rank passed an equal `payload` (compared by a
+    CRC of its repr: one all-reduce of two integers)."""
+    from expertswitch.parallel.comm import collective
+
+    h = zlib.crc32(repr(payload).encode())
+    t = torch.tensor([h, -h], dtype=torch.int64, device=_device())
+    collective(f"the ranks' agreement on step {step}", None, _dist().all_reduce, t,
+               op=_dist().ReduceOp.MAX)  # fmt: skip
+    if int(t[0]) != -int(t[1]):  # the largest and the smallest hash differ
+        raise ParallelError(
+            f"expert-parallel ranks disagree on {what} at step {step}: their engine states "
+            "diverged, so every rank stops rather than serve wrong tokens — report this with "
+            "the ranks' logs"
+        )
+
+
+def step_digest(outs) -> list:
+    """What every rank must have produced in a step."""
+    return [(o.request_id, o.new_token_ids, o.finished, o.finish_reason, o.error) for o in outs]
+
+
+class StepMirror:
+    """Rank 0 records and broadcasts engine operations; the other ranks replay them."""
+
+    def __init__(self):
+        dist = _dist()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ParallelError("expert-parallel serving needs a process group: launch with "
+                                "torchrun")  # fmt: skip
+        self.rank = dist.get_rank()
+        self.pending: list[tuple] = []
+        self.last_sent = time.monotonic()
+        self.closed = False  # stopped, or broken by a failed collective: nothing more is sent
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def record(self, *op) -> None:
+        """An operation rank 0's engine just applied (no-op on the other ranks)."""
+        if self.leader and not self.closed:
+            self.pending.append(op)
+
+    def before_step(self) -> None:
+        """Leader: send what changed and 'step'."""
+        if self.leader:
+            self._send(step=True)
+
+    def idle(self) -> None:
+        """Leader, with nothing to run: send pending operations, or a heartbeat when due."""
+        if self.leader and (self.pending or time.monotonic() - self.last_sent >= HEARTBEAT_S):
+            self._send(step=False)
+
+    def close(self) -> None:
+        """Leader: tell the other ranks to stop (their `follow` returns)."""
+        if self.leader and not self.closed:
+            self._send(step=False, stop=True)
+            self.closed = True
+
+    def _send(self, step: bool, stop: bool = False) -> None:
+        if self.closed:
+            raise ParallelError("expert-parallel serving has stopped: the ranks no longer "
+                                "step together (see the earlier error)")  # fmt: skip
+        box = [(self.pending, step, stop)]
+        self.pending = []
+        self._broadcast(box)
+        self.last_sent = time.monotonic()
+
+    def _broadcast(self, box: list) -> None:
+        from expertswitch.parallel.comm import collective
+
+        try:
+            collective("the leader's step broadcast", None, _dist().broadcast_object_list, box,
+                       0, device=_device())  # fmt: skip
+        except ParallelError:
+            self.closed = True
+            raise
+
+    def follow(self, engine) -> None:
+        """Every rank but 0: replay the leader's operations and step with it, until it stops.
+        An operation that fails here when it succeeded on rank 0 (an archive this rank cannot
+        read) stops this rank with the error: the leader sees it on its next collective."""
+        if self.leader:
+            raise ParallelError("rank 0 leads: it serves, the other ranks follow")
+        while True:
+            box = [None]
+            self._broadcast(box)
+            ops, step, stop = box[0]
+            for op in ops:
+                engine._replay(op)
+            if stop:
+                self.closed = True
+                return
+            if step:
+                engine.step()
