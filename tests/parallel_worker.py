@@ -403,6 +403,100 @@ def scenario_agree(world, rank) -> dict:
     return {"error": None}
 
 
+def _checkpoint(kind: str, path: str) -> None:
+    """Real checkpoints: transformers' Llama (GQA) and Qwen2 (q/k/v biases, tied embeddings),
+    and an `expertswitch train` MoE model (a dense layer, Residual-MoE top-2, top-1)."""
+    torch.manual_seed(11)
+    small = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "vocab_size": 120, "max_position_embeddings": 128, "eos_token_id": 119}  # fmt: skip
+    if kind == "moe":
+        from expertswitch.models.causal_lm import CausalLM
+
+        layer = {"num_experts": 4, "k": 2, "use_residual": True, "drop_tokens": False}
+        CausalLM.from_config({**small, "model_type": "expertswitch_moe", "num_hidden_layers": 3,
+                              "num_attention_heads": 4, "num_key_value_heads": 2,
+                              "hidden_act": "silu", "moe_layers": [None, layer, {**layer, "k": 1,
+                              "use_residual": False}]}).save_pretrained(path)  # fmt: skip
+        return
+    import transformers
+
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**small, num_attention_heads=8, num_key_value_heads=4)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**small, num_attention_heads=4, num_key_value_heads=2,
+                                       tie_word_embeddings=True)  # fmt: skip
+        model = transformers.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # biases that matter (transformers initialises them to zero)
+            for name, t in model.named_parameters():
+                if name.endswith("bias"):
+                    t.normal_(0, 0.5)
+    model.save_pretrained(path)
+
+
+def scenario_engine_split(world, rank) -> dict:
+    """The serving engine split over the ranks (all running every step on the same batch):
+    tensor slicing of attention and MLPs, experts spread with each rank routing its share of
+    the tokens, and both. Against the same engine in one process on every rank: equal greedy
+    and seeded tokens, logprobs (prompt and generated) within fp32 rounding, this rank's kv
+    heads only in its KV cache."""
+    from expertswitch.engine import Engine, SamplingParams
+    from expertswitch.parallel.dispatch import TRAFFIC, reset_traffic
+
+    found = {}
+    # the layer: each rank routes its share of tokens all ranks hold (T < world included)
+    full = build(8, 1, True, 2, drop_tokens=False, use_residual=True,
+                 top2_2nd_expert_sampling=False).eval()  # fmt: skip
+    randomize(full, 4)
+    layer = build(8, world, True, 2, drop_tokens=False, use_residual=True,
+                  top2_2nd_expert_sampling=False).eval()  # fmt: skip
+    copy_from_full(layer, full)
+    for t in (1, 3, 17):
+        x = torch.randn(t, H, generator=torch.Generator().manual_seed(t))  # same on every rank
+        with torch.no_grad():
+            ref = full.infer(x)
+            reset_traffic()
+            every = layer.infer(x)
+            sent_every = TRAFFIC["bytes"]
+            reset_traffic()
+            share = layer.infer(x, replicated=True)
+            found[f"layer share T={t}"] = {"err": rel(share, ref), "err_every": rel(every, ref),
+                                           "bytes": [TRAFFIC["bytes"], sent_every]}  # fmt: skip
+    tmp = os.environ["PARALLEL_TMP"]
+    cases = [("llama", 2, 1), ("qwen2", 2, 1), ("moe", 1, 2), ("moe", 2, 2), ("moe", 2, 1)]
+    if world == 4:
+        cases = [("llama", 4, 1), ("moe", 2, 4), ("moe", 1, 4)]
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, logprobs=3, prompt_logprobs=2)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, seed=5)
+    for kind, tp, ep in cases:
+        path = os.path.join(tmp, kind)
+        if rank == 0 and not os.path.exists(path):
+            _checkpoint(kind, path)
+        dist.barrier()
+        one = Engine(path, tokenizer=False, num_kv_blocks=64)
+        split = Engine(path, tokenizer=False, num_kv_blocks=64, tensor_parallel_size=tp,
+                       expert_parallel_size=ep)  # fmt: skip
+        res = {"kv_heads": [split.kv_cache[0][0].shape[2], one.kv_cache[0][0].shape[2]]}
+        for label, sampling, ps in (("greedy", greedy, prompts), ("seeded", seeded, prompts),
+                                    ("alone", greedy, prompts[1:2])):  # fmt: skip
+            a, b = one.generate(ps, sampling=sampling), split.generate(ps, sampling=sampling)
+            res[label + " tokens equal"] = [o.token_ids for o in a] == [o.token_ids for o in b]
+            if sampling.logprobs is not None:
+                diffs = [abs(x.logprob - y.logprob) for oa, ob in zip(a, b)
+                         for x, y in zip(oa.logprobs, ob.logprobs)]  # fmt: skip
+                diffs += [
+                    abs(x.logprob - y.logprob)
+                    for oa, ob in zip(a, b)
+                    for x, y in zip(oa.prompt_logprobs[1:], ob.prompt_logprobs[1:])
+                ]
+                res[label + " logprob diff"] = max(diffs)
+        found[f"{kind} tp{tp} ep{ep}"] = res
+        split.close()
+        one.close()
+    return found
+
+
 def main() -> int:
     scenario, out_path = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get(
@@ -412,7 +506,8 @@ def main() -> int:
         scenarios = {"layer": scenario_layer, "deepspeed": scenario_deepspeed,
                      "die": scenario_die, "pyramid": scenario_pyramid, "save": scenario_save,
                      "load": scenario_load, "tensor": scenario_tensor,
-                     "save_twice": scenario_save_twice, "agree": scenario_agree}  # fmt: skip
+                     "save_twice": scenario_save_twice, "agree": scenario_agree,
+                     "engine_split": scenario_engine_split}  # fmt: skip
         found = scenarios[scenario](world, rank)
         if scenario == "die":  # no collective is possible any more: each rank writes its own
             with open(f"{out_path}.{rank}", "w") as f:

@@ -32,7 +32,8 @@ def torchrun(nproc: int, scenario: str, tmp_path: Path) -> dict:
     out = tmp_path / f"{scenario}-{nproc}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", str(WORKER), scenario, str(out)]  # fmt: skip
-    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    env = dict(_env(), PARALLEL_TMP=str(tmp_path))
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and out.exists(), run.stdout[-3000:] + run.stderr[-6000:]
     return json.loads(out.read_text())
 
@@ -304,3 +305,35 @@ def test_ranks_that_disagree_on_a_step_all_stop(tmp_path):
     for r in found["ranks"]:
         assert r["error"] is not None and r["error"].startswith("ParallelError")
         assert "disagree on the tokens at step 4" in r["error"]
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_engine_split_over_ranks_equals_one_process(nproc, tmp_path):
+    """The serving engine with attention and MLPs tensor-sliced (Llama GQA, Qwen2 with biases
+    and tied embeddings, an expertswitch_moe model), experts spread (each rank routing its
+    share of the batch every rank holds) and both at once: tokens equal to one process,
+    greedy and seeded, logprobs within fp32 rounding, each rank holding its kv heads only.
+    The MoE layer's share routing equals one process for fewer tokens than ranks too, and
+    moves 1/world of the all-to-all bytes of every rank sending the whole batch."""
+    found = torchrun(nproc, "engine_split", tmp_path)
+    for t in (1, 3, 17):  # bytes sent by all ranks together (routing differs per share)
+        shared, every = (sum(r[f"layer share T={t}"]["bytes"][i] for r in found["ranks"])
+                         for i in (0, 1))  # fmt: skip
+        assert 0 < shared < every, (t, shared, every)
+        if t == 17:  # the token rows dominate the split-size exchange
+            assert shared * nproc < 1.25 * every, (shared, every)
+    for rank, cases in enumerate(found["ranks"]):
+        engines = [c for c in cases if not c.startswith("layer")]
+        assert len(engines) == (5 if nproc == 2 else 3), cases
+        for name, res in cases.items():
+            if name.startswith("layer"):
+                assert res["err"] < TOL and res["err_every"] < TOL, (rank, name, res)
+                continue
+            tp = int(name.split(" tp")[1].split()[0])
+            split_heads, whole_heads = res["kv_heads"]
+            assert split_heads * tp == whole_heads, (name, res)
+            for key, value in res.items():
+                if key.endswith("tokens equal"):
+                    assert value is True, (rank, name, key)
+                elif key.endswith("logprob diff"):
+                    assert value < 1e-4, (rank, name, key, value)

@@ -66,6 +66,12 @@ def moe_base(tmp_path_factory) -> Path:
     return moe_checkpoint(tmp_path_factory.mktemp("serve-ep"))
 
 
+def _as_in_a_terminal() -> None:
+    """A rank started from a background job inherits an ignored SIGINT (and Ctrl-C would test
+    nothing): give it the default disposition, as a terminal's torchrun does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Ranks:
     """Two server ranks started as torchrun starts them (RANK, WORLD_SIZE, MASTER_* in the
     environment), so the test can kill one and watch the other."""
@@ -85,7 +91,8 @@ class Ranks:
             rank_env = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
             with open(self.logs[r], "w") as log:
                 self.procs.append(subprocess.Popen(cmd, env=rank_env, stdout=log,
-                                                   stderr=subprocess.STDOUT))  # fmt: skip
+                                                   stderr=subprocess.STDOUT,
+                                                   preexec_fn=_as_in_a_terminal))  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
 
     def log(self, r: int) -> str:
@@ -115,7 +122,7 @@ class Ranks:
                 p.wait()
 
 
-def ask_all(url: str) -> dict:
+def ask_all(url: str, experts: bool = True) -> dict:
     """A mixed load sent at once: greedy and seeded completions (n=2, different lengths),
     a chat completion, a stream, and prompt token ids; answers by name."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
@@ -144,6 +151,8 @@ def ask_all(url: str) -> dict:
             kind="cmpl", model="attn", prompt="x = ", max_tokens=10, temperature=0.9, seed=11
         ),  # fmt: skip
     }
+    if not experts:
+        jobs = {n: j for n, j in jobs.items() if not n.startswith("expert")}
     got: dict = {}
 
     def run(name, job):
@@ -211,6 +220,27 @@ def test_expert_parallel_server_answers_as_one_process(moe_base, tmp_path):
         ranks.kill()
 
 
+def test_tensor_and_expert_parallel_server_answers_as_one_process(moe_base, tmp_path):
+    """`serve --tensor-parallel-size 2 --expert-parallel-size 2`: attention sliced by heads
+    and the dense MLP by rows over both ranks, the MoE layers' experts spread over them, each
+    rank routing half of the batch's tokens: the one-process server's answers."""
+    app, aengine = build_app(moe_base, {}, device="cpu", cfg=ServerConfig(), max_num_seqs=8,
+                             kv_cache_bytes=16 << 20)  # fmt: skip
+    try:
+        with ServerThread(app) as srv:
+            want = ask_all(srv.url, experts=False)
+    finally:
+        aengine.close()
+    ranks = Ranks(moe_base, tmp_path, "--tensor-parallel-size", "2")
+    try:
+        ranks.wait_ready()
+        assert ask_all(ranks.url, experts=False) == want
+        ranks.procs[0].send_signal(signal.SIGTERM)
+        assert ranks.wait_exit() == [0, 0], ranks.log(0)[-3000:] + ranks.log(1)[-3000:]
+    finally:
+        ranks.kill()
+
+
 def test_a_dead_rank_stops_the_server_clearly(moe_base, tmp_path):
     """Rank 1 killed: rank 0's engine stops with a ParallelError naming the failed broadcast
     (never a hang), /health turns 503, and requests get a clear 503 instead of hanging."""
@@ -263,3 +293,35 @@ def test_expert_parallelism_refuses_a_dense_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="has none: leave expert_parallel_size at 1"):
         Decoder.load(tmp_path / "dense", "cpu", torch.float32, 2)
     assert Decoder.load(tmp_path / "dense", "cpu", torch.float32, 1).layers
+
+
+def test_tensor_parallelism_refusals(tmp_path, capsys):
+    """Sizes that do not split the heads, a world that does not fit, compressed experts (not
+    sliced yet) and --demo: one-line errors that name the fix, before anything loads."""
+    from expertswitch.cli import main
+    from expertswitch.engine import Engine
+    from expertswitch.errors import ConfigError
+    from expertswitch.models.decoder import Decoder
+
+    cfg = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "vocab_size": 50, "max_position_embeddings": 64}  # fmt: skip
+    CausalLM.from_config(cfg).save_pretrained(tmp_path / "dense")
+    with pytest.raises(ConfigError, match="num_key_value_heads=2 does not split over "
+                       "tensor_parallel_size 4: choose a size that divides it"):  # fmt: skip
+        Decoder.load(tmp_path / "dense", "cpu", torch.float32, tp_size=4)
+    with pytest.raises(ConfigError, match="compressed experts are not served under tensor "
+                       "parallelism yet.*tensor_parallel_size 1"):  # fmt: skip
+        Engine(tmp_path / "dense", {"math": tmp_path / "math.delta"}, tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="tensor_parallel_size must be a positive integer"):
+        Engine(tmp_path / "dense", tensor_parallel_size=0)
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    r = subprocess.run([sys.executable, "-m", "expertswitch.cli", "generate", "--base",
+                        str(tmp_path / "dense"), "--prompt-ids", "1,2", "--tensor-parallel-size",
+                        "2", "--expert-parallel-size", "3"], env=env, capture_output=True,
+                       text=True, timeout=HANG_GUARD_S)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "torchrun with a world that is a multiple of 6" in r.stderr
+    assert "torchrun --nproc-per-node 6" in r.stderr
+    assert main(["serve", "--demo", "--tensor-parallel-size", "2"]) == 2
+    assert "--demo serves compressed experts" in capsys.readouterr().err

@@ -186,6 +186,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--expert-parallel-size", type=int, default=1, metavar="N",
                    help="spread an MoE checkpoint's experts over N ranks: launch with torchrun "
                    "--nproc-per-node N -m expertswitch.cli generate ...")  # fmt: skip
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="slice the attention and MLP layers over N ranks (torchrun, as "
+                   "above); combines with --expert-parallel-size")  # fmt: skip
 
 
 def _add_serve(sub) -> None:
@@ -234,6 +237,9 @@ def _add_serve(sub) -> None:
                    help="spread an MoE checkpoint's experts over N ranks: torchrun "
                    "--nproc-per-node N -m expertswitch.cli serve ... (rank 0 serves "
                    "HTTP)")  # fmt: skip
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="slice the attention and MLP layers over N ranks (torchrun, as "
+                   "above); combines with --expert-parallel-size")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
@@ -582,13 +588,15 @@ def _generate(args, prompts, use, sampling, dtype) -> None:
     from expertswitch.engine import Engine
     from expertswitch.errors import ConfigError
 
-    device = _init_ranks(args.expert_parallel_size, args.device)
+    ep, tp = args.expert_parallel_size, args.tensor_parallel_size
+    device = _init_ranks(ep, tp, args.device)
     eng = Engine(args.base, _expert_args(args.expert), device=device, dtype=dtype,
-                 expert_parallel_size=args.expert_parallel_size)  # fmt: skip
+                 expert_parallel_size=ep, tensor_parallel_size=tp)  # fmt: skip
     experts = use * len(prompts) if len(use) == 1 else use
-    if args.expert_parallel_size > 1:
+    if eng.parallel:
         if args.stream:
-            raise ConfigError("--stream with --expert-parallel-size: not supported; drop --stream")
+            raise ConfigError("--stream with --expert-parallel-size or --tensor-parallel-size: "
+                              "not supported; drop --stream")  # fmt: skip
         outs = eng.generate(prompts, experts, sampling)  # the ranks agree on every step
         import torch.distributed as dist
 
@@ -624,21 +632,30 @@ def _process_group_closed():
             dist.destroy_process_group()
 
 
-def _init_ranks(ep_size: int, device: str, command: str = "generate") -> str:
+def _init_ranks(ep_size: int, tp_size: int, device: str, command: str = "generate") -> str:
     """The process group torchrun's environment describes (gloo on CPU, NCCL on GPUs); the
-    device of this rank. `serve` needs a world of exactly ep_size (one server)."""
+    device of this rank. Both sizes must divide the world; `serve` needs a world of exactly
+    their least common multiple (one server)."""
+    import math
     import os
 
     from expertswitch.errors import ConfigError
 
-    if ep_size == 1:
+    for flag, size in (("--expert-parallel-size", ep_size), ("--tensor-parallel-size", tp_size)):
+        if size < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {size}")
+    if ep_size == tp_size == 1:
         return device
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if ep_size < 1 or world < 2 or world % ep_size or (command == "serve" and world != ep_size):
-        size = "of exactly that size" if command == "serve" else "that is a multiple of it"
-        raise ConfigError(f"--expert-parallel-size {ep_size} runs under torchrun with a world "
-                          f"{size} (this one has {world}): torchrun --nproc-per-node {ep_size} "
-                          f"-m expertswitch.cli {command} ...")  # fmt: skip
+    n = math.lcm(ep_size, tp_size)  # every rank runs the same batch: both sizes divide the world
+    if world < 2 or world % n or (command == "serve" and world != n):
+        flags = " and ".join(f"{f} {v}" for f, v in (("--expert-parallel-size", ep_size),
+                             ("--tensor-parallel-size", tp_size)) if v > 1)  # fmt: skip
+        size = f"of exactly {n}" if command == "serve" else f"that is a multiple of {n}"
+        raise ConfigError(f"{flags} need{'s' if ' and ' not in flags else ''} torchrun with a "
+                          f"world {size} (this one has {world}): torchrun --nproc-per-node {n} "
+                          "-m expertswitch.cli "
+                          f"{command} ...")  # fmt: skip
     import torch
     import torch.distributed as dist
 
@@ -684,6 +701,9 @@ def cmd_serve(args) -> None:
         if args.expert_parallel_size > 1:
             raise ConfigError("--demo's family is dense: --expert-parallel-size spreads an MoE "
                               "checkpoint's experts (give --base MOE_DIR)")  # fmt: skip
+        if args.tensor_parallel_size > 1:
+            raise ConfigError("--demo serves compressed experts, which --tensor-parallel-size "
+                              "does not serve yet: give --base DIR alone")  # fmt: skip
         family = build_family("tiny")
         base = family.base
         experts = {**family_archives(family), **experts}
@@ -729,13 +749,14 @@ def _serve(args, base, experts, router, cfg, options) -> None:
     from expertswitch.server import build_app, run_server
     from expertswitch.server.launch import follow
 
-    ep = args.expert_parallel_size
-    device = _init_ranks(ep, args.device, "serve")
+    ep, tp = args.expert_parallel_size, args.tensor_parallel_size
+    device = _init_ranks(ep, tp, args.device, "serve")
     dtype = _dtype_arg(args.dtype)
-    if ep > 1:
+    if ep > 1 or tp > 1:
         import torch.distributed as dist
 
         options["expert_parallel_size"] = ep
+        options["tensor_parallel_size"] = tp
         if dist.get_rank() != 0:  # rank 0 takes the requests; this rank steps with it
             follow(base, experts, device, dtype, **options)
             return

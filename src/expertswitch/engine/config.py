@@ -23,6 +23,9 @@ class EngineConfig:
     # MoE experts spread over this many torchrun ranks (expertswitch_moe checkpoints); every
     # rank runs the same requests in lockstep and holds E / expert_parallel_size experts
     expert_parallel_size: int = 1
+    # attention and dense MLP layers sliced over this many torchrun ranks (Megatron-style; any
+    # checkpoint whose heads, kv heads and intermediate size it divides), in the same lockstep
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         for f in fields(self):

@@ -68,13 +68,19 @@ class Engine:
         self.device = torch.device(resolve_device(device))
         self.dtype = dtype
         self.ep_size = cfg.expert_parallel_size
-        if self.ep_size > 1:
+        self.tp_size = cfg.tensor_parallel_size
+        # split over torchrun ranks that run every step together on the same batch
+        self.parallel = self.ep_size > 1 or self.tp_size > 1
+        if self.tp_size > 1 and experts:
+            self._refuse_sliced_expert(next(iter(experts)))
+        if self.parallel:
             import torch.distributed as dist
 
             if not (dist.is_available() and dist.is_initialized()):
-                raise ConfigError("expert_parallel_size > 1 needs torch.distributed: launch "
+                which = "expert" if self.ep_size > 1 else "tensor"
+                raise ConfigError(f"{which}_parallel_size > 1 needs torch.distributed: launch "
                                   "with torchrun (the CLI sets the process group up)")  # fmt: skip
-        self.model = Decoder.load(base, self.device, dtype, self.ep_size)
+        self.model = Decoder.load(base, self.device, dtype, self.ep_size, self.tp_size)
         self.base_path = Path(base)
         self.base_fingerprint = _fingerprint(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path) if tokenizer else None
@@ -89,7 +95,7 @@ class Engine:
             budget = torch.cuda.mem_get_info(self.device)[0] // 3
         block = cfg.block_size
         num_blocks = cfg.num_kv_blocks or auto_num_blocks(self.model, cfg, self.device, budget)
-        if self.ep_size > 1:  # every rank admits, preempts and defers alike: the smallest GPU's
+        if self.parallel:  # every rank admits, preempts and defers alike: the smallest GPU's
             num_blocks, budget = _min_over_ranks(num_blocks, budget)
         self.max_model_len = min(cfg.max_model_len or self.model.cfg.max_position_embeddings,
                                  num_blocks * block)  # fmt: skip
@@ -116,9 +122,17 @@ class Engine:
     def add_expert(self, name: str, path: str | Path) -> None:
         """Register an archive under `name`. Its manifest is checked now (made for this base,
         only tensors the engine can apply per row); its weights load on first use."""
+        if self.tp_size > 1:
+            self._refuse_sliced_expert(name)
         self.registry.add(name, path)
         self.pool.register(name)
         self._record("add_expert", name, str(path))
+
+    @staticmethod
+    def _refuse_sliced_expert(name: str) -> None:
+        raise ConfigError(f"expert {name!r}: compressed experts are not served under tensor "
+                          "parallelism yet (their packed deltas would need slicing like the "
+                          "base): serve them with tensor_parallel_size 1")  # fmt: skip
 
     def remove_expert(self, name: str) -> None:
         self.registry.get(name)
@@ -177,7 +191,7 @@ class Engine:
         # unseeded: fresh entropy, without reseeding torch's global generator as torch.seed();
         # under expert parallelism rank 0's, drawn before any check can fail on one rank only
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        if self.ep_size > 1 and sampling.seed is None and self.mirror is None:
+        if self.parallel and sampling.seed is None and self.mirror is None:
             seed = _rank0_value(seed)  # every rank must draw the same tokens (a server's
             #                            leader sends its seed with the request instead)
         if expert is not None:
@@ -203,8 +217,8 @@ class Engine:
         self.scheduler.add(req)
         self._record("submit", req.request_id, req.prompt_token_ids, req.expert, req.sampling,
                      req.generator.initial_seed(), req.prompt, req.text is not None)  # fmt: skip
-        if req.expert is not None and self.ep_size == 1:
-            # (under expert parallelism loads happen on the step alone: a background load
+        if req.expert is not None and not self.parallel:
+            # (split over ranks, loads happen on the step alone: a background load
             # finishing sooner on one rank would make the ranks schedule differently)
             # a hint: it fills free room only (running experts are in use); a failure shows
             # on the step that needs the expert, as an error on its requests
@@ -277,7 +291,7 @@ class Engine:
             self.mirror.before_step()
         reqs = self.scheduler.schedule()
         self.steps += 1
-        if self.ep_size > 1:  # before the forward pass: its collectives need the same batch
+        if self.parallel:  # before the forward pass: its collectives need the same batch
             self._agree("the batch", [(r.request_id, r.num_tokens, r.num_cached) for r in reqs])
         if not reqs:
             return []
@@ -300,7 +314,7 @@ class Engine:
                     self._append(r, tok)
         self._release_idle()
         outs = self._outputs(reqs)
-        if self.ep_size > 1:
+        if self.parallel:
             self._agree("the tokens", step_digest(outs))
         return outs
 

@@ -9,6 +9,12 @@ batch that mixes experts and base-only rows.
     model = Decoder.load("BASE_DIR", device="cpu", dtype=torch.float32)
     hidden = model.forward(ids, ctx, kv)          # ids [T], ctx: StepContext, kv: [(k, v)] / layer
     logits = model.logits(hidden[last_rows], eb)  # [B, V]
+
+Under torchrun the decoder can be split over ranks that all run the same batch (the engine's
+lockstep): `ep_size` spreads an expertswitch_moe checkpoint's experts (each rank routes 1/ep of
+the tokens and the outputs are all-gathered), `tp_size` slices the attention and dense MLP
+layers Megatron-style over consecutive ranks (q/k/v and gate/up by output rows — whole heads —,
+o and down by input columns, one all-reduce each). Embedding, norms and lm_head stay whole.
 """
 
 from __future__ import annotations
@@ -34,9 +40,63 @@ _ACT = {
 }  # fmt: skip
 
 
+def _split(n: int, tp_size: int, what: str) -> int:
+    if n % tp_size:
+        raise ConfigError(f"{what}={n} does not split over tensor_parallel_size {tp_size}: "
+                          "choose a size that divides it")  # fmt: skip
+    return n // tp_size
+
+
+class TensorSlices:
+    """This rank's part of a tensor-parallel group: which slice of each sliced weight it holds,
+    and the all-reduce that sums the row-parallel layers' partial outputs."""
+
+    def __init__(self, tp_size: int):
+        import torch.distributed as dist
+
+        from expertswitch.parallel.tensor import tensor_parallel_group
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError("tensor_parallel_size > 1 needs torch.distributed: launch with "
+                              "torchrun (the CLI sets the process group up)")  # fmt: skip
+        self.size = tp_size
+        self.group = tensor_parallel_group(tp_size)
+        self.rank = dist.get_rank(self.group)
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of dim 0 (a copy: the whole tensor is freed)."""
+        n = t.shape[0] // self.size
+        return t[self.rank * n : (self.rank + 1) * n].clone()
+
+    def cols(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[1] // self.size
+        return t[:, self.rank * n : (self.rank + 1) * n].contiguous()
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        from expertswitch.parallel.comm import collective
+
+        collective("tensor-parallel all-reduce", None, dist.all_reduce, y, group=self.group)
+        return y
+
+
+class RowParallelLinear:
+    """A MultiExpertLinear over this rank's input columns, summed over the tensor-parallel
+    group, then the whole bias (added once)."""
+
+    def __init__(self, inner: MultiExpertLinear, bias: torch.Tensor | None, tp: TensorSlices):
+        self.inner, self.bias, self.tp = inner, bias, tp
+        self.name, self.bias_name = inner.name, inner.bias_name
+
+    def __call__(self, x: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:
+        y = self.tp.reduce(self.inner(x, eb).contiguous())
+        return y if self.bias is None else y + self.bias
+
+
 class _Loader:
-    def __init__(self, ckpt: Checkpoint, device, dtype):
-        self.ckpt, self.device, self.dtype = ckpt, device, dtype
+    def __init__(self, ckpt: Checkpoint, device, dtype, tp: TensorSlices | None = None):
+        self.ckpt, self.device, self.dtype, self.tp = ckpt, device, dtype, tp
 
     def get(self, name: str, optional: bool = False) -> torch.Tensor | None:
         if name not in self.ckpt:
@@ -49,24 +109,33 @@ class _Loader:
     def norm(self, name: str, eps: float) -> RowNorm:
         return RowNorm(name, self.get(name), eps)
 
-    def linear(self, name: str, bias: bool = False, fill: float = 0.0) -> MultiExpertLinear:
+    def linear(self, name: str, bias: bool = False, fill: float = 0.0, split: str | None = None):
+        """split (under tensor parallelism): "col" keeps this rank's output rows (and bias
+        slice), "row" its input columns (a RowParallelLinear)."""
         w = self.get(name + ".weight")
         b = self.get(name + ".bias", optional=not bias)
-        return MultiExpertLinear(name + ".weight", w, b, fill)
+        if self.tp is None or split is None:
+            return MultiExpertLinear(name + ".weight", w, b, fill)
+        if split == "col":
+            return MultiExpertLinear(name + ".weight", self.tp.rows(w),
+                                     None if b is None else self.tp.rows(b), fill)  # fmt: skip
+        return RowParallelLinear(MultiExpertLinear(name + ".weight", self.tp.cols(w)), b, self.tp)
 
 
 class DecoderLayer:
     def __init__(self, i: int, cfg: ModelConfig, ld: _Loader, rope: Rotary, ep_size: int = 1):
         p = f"model.layers.{i}."
         self.cfg, self.rope = cfg, rope
+        tp = ld.tp.size if ld.tp else 1
+        self.heads, self.kv_heads = cfg.num_heads // tp, cfg.num_kv_heads // tp  # this rank's
         self.window = cfg.sliding_windows[i]
         self.input_norm = ld.norm(p + "input_layernorm.weight", cfg.rms_norm_eps)
         self.post_norm = ld.norm(p + "post_attention_layernorm.weight", cfg.rms_norm_eps)
         a = p + "self_attn."
-        self.q = ld.linear(a + "q_proj", cfg.qkv_bias)
-        self.k = ld.linear(a + "k_proj", cfg.qkv_bias)
-        self.v = ld.linear(a + "v_proj", cfg.qkv_bias)
-        self.o = ld.linear(a + "o_proj", cfg.o_bias)
+        self.q = ld.linear(a + "q_proj", cfg.qkv_bias, split="col")
+        self.k = ld.linear(a + "k_proj", cfg.qkv_bias, split="col")
+        self.v = ld.linear(a + "v_proj", cfg.qkv_bias, split="col")
+        self.o = ld.linear(a + "o_proj", cfg.o_bias, split="row")
         self.moe = None
         spec = cfg.moe_layers[i] if cfg.moe_layers else None
         if cfg.num_experts:
@@ -78,18 +147,18 @@ class DecoderLayer:
         elif spec is not None:
             self.moe = _load_trained_moe(p, cfg, spec, ld, ep_size)
         else:
-            self.gate = ld.linear(p + "mlp.gate_proj", cfg.mlp_bias)
-            self.up = ld.linear(p + "mlp.up_proj", cfg.mlp_bias)
-            self.down = ld.linear(p + "mlp.down_proj", cfg.mlp_bias)
+            self.gate = ld.linear(p + "mlp.gate_proj", cfg.mlp_bias, split="col")
+            self.up = ld.linear(p + "mlp.up_proj", cfg.mlp_bias, split="col")
+            self.down = ld.linear(p + "mlp.down_proj", cfg.mlp_bias, split="row")
         self.act = _ACT[cfg.hidden_act]
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def attention(self, x, ctx: StepContext, kv, layout, cos, sin) -> torch.Tensor:
         cfg, eb = self.cfg, ctx.experts
         t = x.shape[0]
-        q = self.q(x, eb).view(t, cfg.num_heads, cfg.head_dim)
-        k = self.k(x, eb).view(t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v(x, eb).view(t, cfg.num_kv_heads, cfg.head_dim)
+        q = self.q(x, eb).view(t, self.heads, cfg.head_dim)
+        k = self.k(x, eb).view(t, self.kv_heads, cfg.head_dim)
+        v = self.v(x, eb).view(t, self.kv_heads, cfg.head_dim)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         write_kv(kv[0], kv[1], k, v, ctx.attention.slot_mapping)
         out = paged_attention(q, kv[0], kv[1], layout, self.window, self.scale)
@@ -127,7 +196,8 @@ def _load_trained_moe(prefix: str, cfg: ModelConfig, spec, ld: _Loader, ep_size:
     """An `expertswitch train` MoE FFN (models/causal_lm.py), served dropless: a request's
     tokens never lose their expert to other requests of the batch (capacity is a training
     device), so the output equals the trained layer's in eval with drop_tokens=False. With
-    ep_size > 1 (under torchrun) this rank loads only its E / ep_size experts."""
+    ep_size > 1 (under torchrun) this rank loads only its E / ep_size experts and routes its
+    share of the batch, which every rank holds (MoE.infer(replicated=True))."""
     from dataclasses import replace
 
     from expertswitch.models.causal_lm import build_moe
@@ -155,17 +225,24 @@ def _load_trained_moe(prefix: str, cfg: ModelConfig, spec, ld: _Loader, ep_size:
                                   f"{tuple(t.shape)}")  # fmt: skip
     moe.load_state_dict(state)
     moe.requires_grad_(False)
-    return lambda x: moe.infer(x)
+    return lambda x: moe.infer(x, replicated=ep_size > 1)
 
 
 class Decoder:
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device, dtype, ep_size: int = 1):
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device, dtype, ep_size: int = 1,
+                 tp_size: int = 1):  # fmt: skip
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.kv_heads = _split(cfg.num_kv_heads, tp_size, "num_key_value_heads")  # this rank's
+        if tp_size > 1:
+            _split(cfg.num_heads, tp_size, "num_attention_heads")
+            if not cfg.num_experts and not all(cfg.moe_layers or [None]):  # dense MLPs (MoE
+                _split(cfg.intermediate_size, tp_size, "intermediate_size")  # layers: whole)
+        self.tp = TensorSlices(tp_size) if tp_size > 1 else None
         if ep_size > 1 and not cfg.num_experts and not any(cfg.moe_layers or []):
             raise ConfigError("expert parallelism spreads the experts of an expertswitch_moe "
                               "checkpoint's MoE layers, and this one has none: leave "
                               "expert_parallel_size at 1")  # fmt: skip
-        ld = _Loader(ckpt, device, dtype)
+        ld = _Loader(ckpt, device, dtype, self.tp)
         self.rope = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self.embed = RowEmbedding("model.embed_tokens.weight", ld.get("model.embed_tokens.weight"))
         self.layers = [DecoderLayer(i, cfg, ld, self.rope, ep_size)
@@ -192,10 +269,10 @@ class Decoder:
         return names
 
     @classmethod
-    def load(cls, path: str | Path, device="cpu", dtype=torch.float32,
-             ep_size: int = 1) -> Decoder:  # fmt: skip
+    def load(cls, path: str | Path, device="cpu", dtype=torch.float32, ep_size: int = 1,
+             tp_size: int = 1) -> Decoder:  # fmt: skip
         ckpt = open_checkpoint(path)
-        return cls(ModelConfig.from_dict(ckpt.config), ckpt, device, dtype, ep_size)
+        return cls(ModelConfig.from_dict(ckpt.config), ckpt, device, dtype, ep_size, tp_size)
 
     @classmethod
     def from_tensors(cls, config: dict, tensors: dict[str, torch.Tensor], device="cpu",
@@ -204,9 +281,10 @@ class Decoder:
         return cls(ModelConfig.from_dict(config), TensorDict(tensors), device, dtype)
 
     def new_kv_cache(self, num_blocks: int, block_size: int, dtype=None):
-        """One (keys, values) pair per layer, each [num_blocks, block_size, kv_heads, D]."""
+        """One (keys, values) pair per layer, each [num_blocks, block_size, kv_heads, D]
+        (this rank's kv heads under tensor parallelism)."""
         cfg = self.cfg
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks, block_size, self.kv_heads, cfg.head_dim)
         dt = dtype or self.dtype
         return [(torch.zeros(shape, dtype=dt, device=self.device),
                  torch.zeros(shape, dtype=dt, device=self.device))
@@ -214,7 +292,7 @@ class Decoder:
 
     def kv_bytes_per_token(self, dtype=None) -> int:
         el = torch.empty((), dtype=dtype or self.dtype).element_size()
-        return 2 * self.cfg.num_layers * self.cfg.kv_dim * el
+        return 2 * self.cfg.num_layers * self.kv_heads * self.cfg.head_dim * el
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, ctx: StepContext, kv_cache) -> torch.Tensor:

@@ -207,11 +207,17 @@ class MoE(nn.Module):
         self.exp_counts = gate.exp_counts
         return out, l_aux, gate.exp_counts
 
-    def infer(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def infer(self, hidden_states: torch.Tensor, replicated: bool = False) -> torch.Tensor:
         """The inference fast path: hidden_states [..., H] → output [..., H], equal to
         `forward(...)[0]` of this dropless layer in eval mode, without the aux loss and expert
         counts. Stacked experts on a GPU: fused gating, then the grouped GEMMs — 3 to 6 launches,
-        no host synchronisation, so a CUDA graph can capture it (kernels/graphs.py)."""
+        no host synchronisation, so a CUDA graph can capture it (kernels/graphs.py).
+
+        replicated (ep_size > 1): every rank of the EP group holds the same tokens (lockstep
+        serving, tensor slicing). Each rank then routes and sends only its 1/ep share of them
+        and the outputs are all-gathered — DeepSpeed-MoE's parallelism-coordinated
+        all-to-all: ep times fewer bytes in the all-to-all and no expert runs a token twice,
+        for one all-gather of the outputs."""
         if self.gate.drop_tokens:
             raise ConfigError("infer() is the dropless path: build the layer with "
                               "drop_tokens=False, or call forward() for capacity and "
@@ -225,8 +231,27 @@ class MoE(nn.Module):
             return self.forward(hidden_states)[0]
         self._check_hidden(hidden_states)
         x = hidden_states.reshape(-1, self.hidden_size)
+        if replicated and self.groups is not None:
+            return self._infer_share(x).reshape(hidden_states.shape)
         idx, weights = self.gate.route(x)
         return self._mix_residual(hidden_states, self._run_experts(x, idx, weights, True))
+
+    def _infer_share(self, x: torch.Tensor) -> torch.Tensor:
+        """infer() on this rank's rows of tokens every EP rank holds, then all-gathered. The
+        shares are ceil(T / ep) rows (the last ones shorter or empty: an empty share still
+        takes part in the all-to-all)."""
+        g = self.groups
+        t = x.shape[0]
+        share = -(-t // g.ep_size)
+        mine = x[g.ep_rank * share : (g.ep_rank + 1) * share]
+        idx, weights = self.gate.route(mine)
+        out = self._mix_residual(mine, self._run_experts(mine, idx, weights, True))
+        padded = out.new_zeros((share, x.shape[1]))
+        padded[: out.shape[0]] = out
+        parts = [torch.empty_like(padded) for _ in range(g.ep_size)]
+        collective("expert-parallel output all-gather", g.ep_ranks, dist.all_gather, parts,
+                   padded, group=g.ep_group)  # fmt: skip
+        return torch.cat(parts)[:t]
 
     def _check_hidden(self, hidden_states: torch.Tensor) -> None:
         if hidden_states.shape[-1] != self.hidden_size:

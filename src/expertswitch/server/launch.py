@@ -58,7 +58,7 @@ def make_engine(base, experts, device: str = "auto", dtype=None, **engine_option
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     engine = Engine(base, experts, device=device, dtype=dtype, **engine_options)
-    if engine.ep_size > 1:
+    if engine.parallel:
         engine.mirror = StepMirror()
     return engine
 
@@ -74,9 +74,23 @@ def follow(base, experts, device: str = "auto", dtype=None, **engine_options) ->
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve until Ctrl-C or SIGTERM, then return (the caller closes the engine, which stops
+    an expert-parallel server's other ranks). uvicorn shuts down gracefully on either signal,
+    then raises it again under the handlers it found: here no-ops, so that the signal does not
+    kill the process (SIGTERM) or raise KeyboardInterrupt (Ctrl-C) before that cleanup."""
+    import signal
+    import threading
+
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    stops = (signal.SIGINT, signal.SIGTERM)
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, lambda *_: None) for s in stops} if main else {}
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class ServerThread:
