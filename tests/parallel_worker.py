@@ -421,10 +421,15 @@ def _checkpoint(kind: str, path: str) -> None:
     import transformers
 
     if kind == "llama":
-        cfg = transformers.LlamaConfig(**small, num_attention_heads=8, num_key_value_heads=4)
+        cfg = transformers.LlamaConfig(
+            **{**small, "hidden_size": 128, "intermediate_size": 256},
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        )
         model = transformers.LlamaForCausalLM(cfg)
     else:
-        cfg = transformers.Qwen2Config(**small, num_attention_heads=4, num_key_value_heads=2,
+        cfg = transformers.Qwen2Config(**{**small, "intermediate_size": 128},
+                                       num_attention_heads=4, num_key_value_heads=2,
                                        tie_word_embeddings=True)  # fmt: skip
         model = transformers.Qwen2ForCausalLM(cfg)
         with torch.no_grad():  # biases that matter (transformers initialises them to zero)
@@ -432,6 +437,28 @@ def _checkpoint(kind: str, path: str) -> None:
                 if name.endswith("bias"):
                     t.normal_(0, 0.5)
     model.save_pretrained(path)
+    _experts(model, path)
+
+
+EXPERTS = {"a": dict(bits=4, group_size=32), "b": dict(bits=2, group_size=64, symmetric=True)}
+
+
+def _experts(model, path: str) -> None:
+    """Compressed experts of a base (every weight and bias tuned): `a` in 4-bit groups of 32,
+    which every slice here keeps whole; `b` in 2-bit groups of 64, which tp 4 cuts through."""
+    from expertswitch.compress import CompressOptions, compress_expert, make_method
+
+    for name, method in EXPERTS.items():
+        g = torch.Generator().manual_seed(len(name) + method["bits"])
+        with torch.no_grad():
+            tuned = {n: t + torch.randn(t.shape, generator=g) * (0.3 if n.endswith("bias")
+                     else 0.04) for n, t in model.state_dict().items()}  # fmt: skip
+        saved = {n: t.clone() for n, t in model.state_dict().items()}
+        model.load_state_dict(tuned)
+        model.save_pretrained(f"{path}-{name}-full")
+        model.load_state_dict(saved)
+        compress_expert(path, f"{path}-{name}-full", f"{path}-{name}.delta",
+                        make_method("rtn", **method), CompressOptions(progress=False))  # fmt: skip
 
 
 def scenario_engine_split(world, rank) -> dict:
@@ -474,13 +501,24 @@ def scenario_engine_split(world, rank) -> dict:
         if rank == 0 and not os.path.exists(path):
             _checkpoint(kind, path)
         dist.barrier()
-        one = Engine(path, tokenizer=False, num_kv_blocks=64)
-        split = Engine(path, tokenizer=False, num_kv_blocks=64, tensor_parallel_size=tp,
+        experts = {} if kind == "moe" else {n: f"{path}-{n}.delta" for n in EXPERTS}
+        one = Engine(path, experts, tokenizer=False, num_kv_blocks=64)
+        split = Engine(path, experts, tokenizer=False, num_kv_blocks=64, tensor_parallel_size=tp,
                        expert_parallel_size=ep)  # fmt: skip
         res = {"kv_heads": [split.kv_cache[0][0].shape[2], one.kv_cache[0][0].shape[2]]}
-        for label, sampling, ps in (("greedy", greedy, prompts), ("seeded", seeded, prompts),
-                                    ("alone", greedy, prompts[1:2])):  # fmt: skip
-            a, b = one.generate(ps, sampling=sampling), split.generate(ps, sampling=sampling)
+        runs = [("greedy", greedy, prompts, None), ("seeded", seeded, prompts, None),
+                ("alone", greedy, prompts[1:2], None)]  # fmt: skip
+        if experts:  # a batch mixing both experts and the base
+            runs.append(("experts", greedy, prompts + prompts[:1], [None, "a", "b", "a"]))
+        for label, sampling, ps, use in runs:
+            a = one.generate(ps, use, sampling=sampling)
+            b = split.generate(ps, use, sampling=sampling)
+            if label == "experts":  # each expert changes the answer; b's slices may not fit
+                base = one.generate(ps[1:2], sampling=sampling)[0].token_ids
+                res["expert changes tokens"] = a[1].token_ids != base
+                res["expert errors"] = [o.error for o in b]
+                if tp == 4:  # `b`'s groups of 64 do not fit the 32-channel o_proj slices
+                    a, b = [a[i] for i in (0, 1, 3)], [b[i] for i in (0, 1, 3)]
             res[label + " tokens equal"] = [o.token_ids for o in a] == [o.token_ids for o in b]
             if sampling.logprobs is not None:
                 diffs = [abs(x.logprob - y.logprob) for oa, ob in zip(a, b)

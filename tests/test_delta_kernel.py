@@ -265,3 +265,34 @@ def test_cpu_packed_matmul_matches_reference(bits, symmetric, shape):
         x = torch.randn(rows, k, device=DEVICE)
         ref = d.matmul_reference(x)
         assert rel_err(packed_matmul(x, d), ref) < 1e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [32, 128])
+def test_tensor_parallel_slices_through_the_kernel(bits, group):
+    """Experts served under tensor parallelism hand the kernel their slices: a rank's rows
+    (column-parallel layers) and whole groups of input channels (row-parallel layers, the
+    salient channels inside renumbered, some slices with none; with group 128 = K one group
+    per row, cut to 32 channels). The kernel on the slices equals the reference on the same
+    slices, and that equals the slice of the whole delta's product (the dense oracle)."""
+    whole = [make_delta(40, 128, bits, group, s == 1, 5 * s, seed=s) for s in range(3)]
+    x = torch.randn(9, 128, device=DEVICE)
+    row_slot = torch.tensor([0, 1, 2, -1, 0, 2, 1, 1, 0], device=DEVICE)
+    for lo, hi in [(0, 32), (32, 64), (96, 128)]:
+        for fmt in ([0, 2], [1]):  # one table holds one format (symmetric or not)
+            parts = [whole[i].cols(lo, hi) for i in fmt]
+            rs = torch.tensor([fmt.index(s) if s in fmt else -1 for s in row_slot.tolist()],
+                              device=DEVICE)  # fmt: skip
+            out = run(x[:, lo:hi].contiguous(), rs, parts)
+            ref = delta_matmul_reference(x[:, lo:hi], rs, parts)
+            assert rel_err(out, ref) < TOL[torch.float32]
+            dense = [whole[i].dequantize()[:, lo:hi] for i in fmt]
+            none = torch.zeros(40, device=DEVICE)  # base-only rows
+            oracle = torch.stack([x[r, lo:hi] @ dense[s].T if s >= 0 else none
+                                  for r, s in enumerate(rs.tolist())])  # fmt: skip
+            assert rel_err(ref, oracle) < 1e-5
+    for lo, hi in [(0, 20), (20, 40)]:
+        parts = [whole[i].rows(lo, hi) for i in (0, 2)]
+        rs = torch.tensor([{0: 0, 2: 1}.get(s, -1) for s in row_slot.tolist()], device=DEVICE)
+        full = delta_matmul_reference(x, rs, [whole[0], whole[2]])
+        assert rel_err(run(x, rs, parts), full[:, lo:hi]) < TOL[torch.float32]

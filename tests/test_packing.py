@@ -54,3 +54,42 @@ def test_bad_inputs():
         pack_codes(torch.zeros(1, 33, dtype=torch.uint8), 2)
     with pytest.raises(ValueError, match="out of range"):
         pack_codes(torch.full((1, 32), 4, dtype=torch.uint8), 2)
+
+
+@pytest.mark.parametrize("method,bits", [(m, b) for m in ("mixed", "rtn") for b in SUPPORTED_BITS]
+                         + [("bitdelta", 1)])  # fmt: skip
+def test_slices_of_a_packed_delta_are_the_slices_of_its_matrix(bits, method):
+    """Tensor parallelism keeps each rank's rows (column-parallel layers) or input channels
+    (row-parallel layers) of an expert's packed delta: the slice dequantizes to the same slice
+    of the whole Δ̂ (salient channels inside it renumbered, those outside dropped), and its
+    matmul_reference equals the dense slice's product. The reference is the dense matrix."""
+    from expertswitch.compress.methods import compress_delta, make_method
+
+    g = torch.Generator().manual_seed(bits)
+    n, k = 24, 200  # K not a multiple of 32 nor of the group: the last slice ends padded
+    delta = torch.randn(n, k, generator=g) * 1e-3
+    cfg = make_method(method, bits=bits, group_size=64, salient=9, symmetric=bits == 1,
+                      distill=False)  # fmt: skip
+    d = compress_delta(delta, None, cfg)
+    whole = d.dequantize()
+    assert method != "mixed" or d.n_salient == 9
+    x = torch.randn(5, k, generator=g)
+    step = 32 if method == "bitdelta" else 64
+    for lo, hi in [(0, step), (step, 2 * step), (2 * step, k), (0, k)]:
+        part = d.cols(lo, hi)
+        assert part.shape == (n, hi - lo)
+        torch.testing.assert_close(part.dequantize(), whole[:, lo:hi], rtol=0, atol=0)
+        torch.testing.assert_close(
+            part.matmul_reference(x[:, lo:hi]),
+            x[:, lo:hi] @ whole[:, lo:hi].T,
+            rtol=1e-5,
+            atol=1e-7,
+        )
+        if method == "mixed":
+            inside = ((d.salient_idx >= lo) & (d.salient_idx < hi)).sum().item()
+            assert part.n_salient == inside
+    for lo, hi in [(0, 8), (8, 24), (5, 6)]:
+        torch.testing.assert_close(d.rows(lo, hi).dequantize(), whole[lo:hi], rtol=0, atol=0)
+    bad = (0, 16) if method == "bitdelta" else (32, 96)  # not whole words / groups
+    with pytest.raises(ConfigError, match=f"multiples of {step}"):
+        d.cols(*bad)

@@ -122,7 +122,7 @@ class Ranks:
                 p.wait()
 
 
-def ask_all(url: str, experts: bool = True) -> dict:
+def ask_all(url: str) -> dict:
     """A mixed load sent at once: greedy and seeded completions (n=2, different lengths),
     a chat completion, a stream, and prompt token ids; answers by name."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
@@ -151,8 +151,6 @@ def ask_all(url: str, experts: bool = True) -> dict:
             kind="cmpl", model="attn", prompt="x = ", max_tokens=10, temperature=0.9, seed=11
         ),  # fmt: skip
     }
-    if not experts:
-        jobs = {n: j for n, j in jobs.items() if not n.startswith("expert")}
     got: dict = {}
 
     def run(name, job):
@@ -176,12 +174,9 @@ def ask_all(url: str, experts: bool = True) -> dict:
     return got
 
 
-def test_expert_parallel_server_answers_as_one_process(moe_base, tmp_path):
-    """Concurrent requests of every kind (base and a compressed expert in one batch) get exactly
-    the one-process server's answers; a client that leaves mid-stream is aborted on both
-    ranks; experts pinned, unpinned, unloaded and loaded over the admin API on rank 0 change
-    rank 1 too; the ranks idle past a heartbeat and serve again; stopping rank 0 stops rank 1
-    cleanly."""
+@pytest.fixture(scope="module")
+def one_process(moe_base) -> dict:
+    """ask_all's answers from a one-process server on the same checkpoint and expert."""
     expert = moe_base.parent / "attn.delta"
     app, aengine = build_app(moe_base, {"attn": expert}, device="cpu", cfg=ServerConfig(),
                              max_num_seqs=8, kv_cache_bytes=16 << 20)  # fmt: skip
@@ -192,8 +187,17 @@ def test_expert_parallel_server_answers_as_one_process(moe_base, tmp_path):
         aengine.close()
     assert all(isinstance(t, str) for ts in want.values() for t in ts)
     assert len(want["seeded"]) == 2
-
     assert want["expert"] != want["greedy"]  # the expert's delta changes its answer
+    return want
+
+
+def test_expert_parallel_server_answers_as_one_process(moe_base, one_process, tmp_path):
+    """Concurrent requests of every kind (base and a compressed expert in one batch) get exactly
+    the one-process server's answers; a client that leaves mid-stream is aborted on both
+    ranks; experts pinned, unpinned, unloaded and loaded over the admin API on rank 0 change
+    rank 1 too; the ranks idle past a heartbeat and serve again; stopping rank 0 stops rank 1
+    cleanly."""
+    expert, want = moe_base.parent / "attn.delta", one_process
     ranks = Ranks(moe_base, tmp_path, "--expert", f"attn={expert}", "--enable-admin")
     try:
         ranks.wait_ready()
@@ -220,21 +224,18 @@ def test_expert_parallel_server_answers_as_one_process(moe_base, tmp_path):
         ranks.kill()
 
 
-def test_tensor_and_expert_parallel_server_answers_as_one_process(moe_base, tmp_path):
+def test_tensor_and_expert_parallel_server_answers_as_one_process(moe_base, one_process,
+                                                                 tmp_path):  # fmt: skip
     """`serve --tensor-parallel-size 2 --expert-parallel-size 2`: attention sliced by heads
-    and the dense MLP by rows over both ranks, the MoE layers' experts spread over them, each
-    rank routing half of the batch's tokens: the one-process server's answers."""
-    app, aengine = build_app(moe_base, {}, device="cpu", cfg=ServerConfig(), max_num_seqs=8,
-                             kv_cache_bytes=16 << 20)  # fmt: skip
-    try:
-        with ServerThread(app) as srv:
-            want = ask_all(srv.url, experts=False)
-    finally:
-        aengine.close()
-    ranks = Ranks(moe_base, tmp_path, "--tensor-parallel-size", "2")
+    and the dense MLP by rows over both ranks (the compressed expert's deltas sliced alike),
+    the MoE layers' experts spread over them, each rank routing half of the batch's tokens:
+    the one-process server's answers; SIGTERM stops both ranks cleanly."""
+    expert = moe_base.parent / "attn.delta"
+    ranks = Ranks(moe_base, tmp_path, "--tensor-parallel-size", "2", "--expert",
+                  f"attn={expert}")  # fmt: skip
     try:
         ranks.wait_ready()
-        assert ask_all(ranks.url, experts=False) == want
+        assert ask_all(ranks.url) == one_process
         ranks.procs[0].send_signal(signal.SIGTERM)
         assert ranks.wait_exit() == [0, 0], ranks.log(0)[-3000:] + ranks.log(1)[-3000:]
     finally:
@@ -295,10 +296,9 @@ def test_expert_parallelism_refuses_a_dense_checkpoint(tmp_path):
     assert Decoder.load(tmp_path / "dense", "cpu", torch.float32, 1).layers
 
 
-def test_tensor_parallelism_refusals(tmp_path, capsys):
-    """Sizes that do not split the heads, a world that does not fit, compressed experts (not
-    sliced yet) and --demo: one-line errors that name the fix, before anything loads."""
-    from expertswitch.cli import main
+def test_tensor_parallelism_refusals(tmp_path):
+    """Sizes that do not split the heads, or a world that does not fit: one-line errors that
+    name the fix, before anything loads."""
     from expertswitch.engine import Engine
     from expertswitch.errors import ConfigError
     from expertswitch.models.decoder import Decoder
@@ -310,9 +310,6 @@ def test_tensor_parallelism_refusals(tmp_path, capsys):
     with pytest.raises(ConfigError, match="num_key_value_heads=2 does not split over "
                        "tensor_parallel_size 4: choose a size that divides it"):  # fmt: skip
         Decoder.load(tmp_path / "dense", "cpu", torch.float32, tp_size=4)
-    with pytest.raises(ConfigError, match="compressed experts are not served under tensor "
-                       "parallelism yet.*tensor_parallel_size 1"):  # fmt: skip
-        Engine(tmp_path / "dense", {"math": tmp_path / "math.delta"}, tensor_parallel_size=2)
     with pytest.raises(ConfigError, match="tensor_parallel_size must be a positive integer"):
         Engine(tmp_path / "dense", tensor_parallel_size=0)
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
@@ -323,5 +320,3 @@ def test_tensor_parallelism_refusals(tmp_path, capsys):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "torchrun with a world that is a multiple of 6" in r.stderr
     assert "torchrun --nproc-per-node 6" in r.stderr
-    assert main(["serve", "--demo", "--tensor-parallel-size", "2"]) == 2
-    assert "--demo serves compressed experts" in capsys.readouterr().err

@@ -121,6 +121,55 @@ class PackedDelta:
             y = y + x.float()[:, self.salient_idx.long()] @ self.salient_cols.float().T
         return y * 2.0**self.scale_exp
 
+    # --- slices (tensor parallelism: each rank keeps the part its slice of the base uses) ----
+
+    def rows(self, lo: int, hi: int) -> PackedDelta:
+        """Output rows [lo, hi) of a 2-D delta, as a packed delta of its own (copies)."""
+        if len(self.shape) != 2 or not 0 <= lo < hi <= self.shape[0]:
+            raise ValueError(f"rows [{lo}, {hi}) of a delta of shape {list(self.shape)}")
+
+        def cut(t):
+            return None if t is None else t[lo:hi].clone()
+
+        return PackedDelta((hi - lo, self.k), self.bits, self.group_size, self.symmetric,
+                           self.scale_exp, [cut(p) for p in self.planes], cut(self.scales),
+                           cut(self.zeros), None if self.salient_idx is None
+                           else self.salient_idx.clone(), cut(self.salient_cols))  # fmt: skip
+
+    def cols(self, lo: int, hi: int) -> PackedDelta:
+        """Input channels [lo, hi) of a 2-D delta, as a packed delta of its own: whole words of
+        every bit plane and whole quantization groups, so lo must be a multiple of 32 and of
+        group_size (hi too, unless it is K), and the salient channels that fall inside, renumbered.
+        A ConfigError names the alignment otherwise."""
+        from expertswitch.compress.packing import WORD_BITS, padded_k, plane_widths
+        from expertswitch.errors import ConfigError
+
+        n, k = self.shape if len(self.shape) == 2 else (None, None)
+        if k is None or not 0 <= lo < hi <= k:
+            raise ValueError(f"columns [{lo}, {hi}) of a delta of shape {list(self.shape)}")
+        row_group = self.group_size >= k  # one group per row (BitDelta): the scale applies to all
+        step = WORD_BITS if row_group else math.lcm(WORD_BITS, self.group_size)
+        if lo % step or (hi != k and hi % step):
+            raise ConfigError(f"a slice of {hi - lo} of the {k} input channels of a "
+                              f"{self.bits}-bit delta with group_size {self.group_size} must "
+                              f"start and end on multiples of {step} (whole quantization "
+                              "groups and 32-channel words)")  # fmt: skip
+        end = padded_k(hi) if hi == k else hi
+        planes = [p[:, lo * w // WORD_BITS : end * w // WORD_BITS].contiguous()
+                  for p, w in zip(self.planes, plane_widths(self.bits))]  # fmt: skip
+        g0, g1 = (0, 1) if row_group else (lo // self.group_size, -(-hi // self.group_size))
+        scales = self.scales[:, g0:g1].contiguous()
+        zeros = None if self.zeros is None else self.zeros[:, g0:g1].contiguous()
+        idx = cols = None
+        if self.salient_idx is not None:
+            inside = (self.salient_idx >= lo) & (self.salient_idx < hi)
+            if bool(inside.any()):
+                idx = (self.salient_idx[inside] - lo).to(torch.int32)
+                cols = self.salient_cols[:, inside].contiguous()
+        group = hi - lo if row_group else self.group_size
+        return PackedDelta((n, hi - lo), self.bits, group, self.symmetric, self.scale_exp, planes,
+                           scales, zeros, idx, cols)  # fmt: skip
+
     # --- archive round trip: parts are named tensors, meta is JSON ---------------------------
 
     def parts(self) -> dict[str, torch.Tensor]:

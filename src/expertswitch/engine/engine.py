@@ -71,8 +71,6 @@ class Engine:
         self.tp_size = cfg.tensor_parallel_size
         # split over torchrun ranks that run every step together on the same batch
         self.parallel = self.ep_size > 1 or self.tp_size > 1
-        if self.tp_size > 1 and experts:
-            self._refuse_sliced_expert(next(iter(experts)))
         if self.parallel:
             import torch.distributed as dist
 
@@ -122,17 +120,9 @@ class Engine:
     def add_expert(self, name: str, path: str | Path) -> None:
         """Register an archive under `name`. Its manifest is checked now (made for this base,
         only tensors the engine can apply per row); its weights load on first use."""
-        if self.tp_size > 1:
-            self._refuse_sliced_expert(name)
         self.registry.add(name, path)
         self.pool.register(name)
         self._record("add_expert", name, str(path))
-
-    @staticmethod
-    def _refuse_sliced_expert(name: str) -> None:
-        raise ConfigError(f"expert {name!r}: compressed experts are not served under tensor "
-                          "parallelism yet (their packed deltas would need slicing like the "
-                          "base): serve them with tensor_parallel_size 1")  # fmt: skip
 
     def remove_expert(self, name: str) -> None:
         self.registry.get(name)
@@ -159,8 +149,9 @@ class Engine:
             self._record("pin_expert", name, on, ok)
 
     def _load(self, name: str):
-        return load_expert(name, self.registry.get(name).path, self.base_fingerprint,
-                           self.model.shapes, self.dtype)  # fmt: skip
+        w = load_expert(name, self.registry.get(name).path, self.base_fingerprint,
+                        self.model.shapes, self.dtype)  # fmt: skip
+        return self.model.slice_expert(w)  # this rank's slices under tensor parallelism
 
     @property
     def experts(self) -> list[str]:

@@ -30,7 +30,7 @@ from expertswitch.io.checkpoint import Checkpoint, open_checkpoint
 from expertswitch.models.attention import PaddedLayout, paged_attention, write_kv
 from expertswitch.models.config import ModelConfig
 from expertswitch.models.context import ExpertBatch, StepContext
-from expertswitch.models.layers import MultiExpertLinear, RowEmbedding, RowNorm
+from expertswitch.models.layers import MultiExpertLinear, RowEmbedding, RowNorm, stacked_rows
 from expertswitch.models.rope import Rotary
 
 _ACT = {
@@ -91,12 +91,16 @@ class RowParallelLinear:
 
     def __call__(self, x: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:
         y = self.tp.reduce(self.inner(x, eb).contiguous())
-        return y if self.bias is None else y + self.bias
+        if self.bias is None:
+            return y
+        rows = stacked_rows(eb, self.bias_name, self.bias)  # an expert's own bias, if any
+        return y + (self.bias if rows is None else rows)
 
 
 class _Loader:
     def __init__(self, ckpt: Checkpoint, device, dtype, tp: TensorSlices | None = None):
         self.ckpt, self.device, self.dtype, self.tp = ckpt, device, dtype, tp
+        self.sliced: dict[str, str] = {}  # tensor name → "rows" | "cols" (tensor parallelism)
 
     def get(self, name: str, optional: bool = False) -> torch.Tensor | None:
         if name not in self.ckpt:
@@ -117,8 +121,10 @@ class _Loader:
         if self.tp is None or split is None:
             return MultiExpertLinear(name + ".weight", w, b, fill)
         if split == "col":
+            self.sliced.update({name + ".weight": "rows", name + ".bias": "rows"})
             return MultiExpertLinear(name + ".weight", self.tp.rows(w),
                                      None if b is None else self.tp.rows(b), fill)  # fmt: skip
+        self.sliced[name + ".weight"] = "cols"  # (the bias is added whole, after the all-reduce)
         return RowParallelLinear(MultiExpertLinear(name + ".weight", self.tp.cols(w)), b, self.tp)
 
 
@@ -255,6 +261,40 @@ class Decoder:
         else:
             self.lm_head = ld.linear("lm_head", fill=float("-inf"))
         self.shapes = {n: ckpt.shape(n) for n in ckpt.names()}
+        self.sliced = ld.sliced
+
+    def slice_expert(self, w):
+        """An expert's weights (models/expert_weights.ExpertWeights) cut like the base under
+        tensor parallelism: this rank's rows or input channels of each sliced tensor's delta or
+        exact replacement; the rest whole. Identity without tensor parallelism."""
+        if self.tp is None:
+            return w
+        from expertswitch.models.expert_weights import ExpertWeights
+
+        tp = self.tp
+
+        def span(n: int) -> tuple[int, int]:
+            return tp.rank * n // tp.size, (tp.rank + 1) * n // tp.size
+
+        deltas, exact = {}, {}
+        for name, d in w.deltas.items():
+            how = self.sliced.get(name)
+            if how == "rows":
+                d = d.rows(*span(d.shape[0]))
+            elif how == "cols":
+                try:
+                    d = d.cols(*span(d.shape[1]))
+                except ConfigError as e:  # the same words on every rank (they compare errors)
+                    raise ConfigError(f"expert {w.name!r}, tensor {name}: {e}, so it cannot be "
+                                      f"split over tensor_parallel_size {tp.size}: compress it "
+                                      "with a smaller group_size, or serve it with another "
+                                      "tensor_parallel_size") from None  # fmt: skip
+            deltas[name] = d
+        for name, t in w.exact.items():
+            how = self.sliced.get(name)
+            exact[name] = (tp.rows(t) if how == "rows" else tp.cols(t) if how == "cols"
+                           else t)  # fmt: skip
+        return ExpertWeights(w.name, w.path, deltas, exact)
 
     def servable_names(self) -> set[str]:
         """Tensor names an expert may change: every one a layer applies per row."""
