@@ -15,6 +15,12 @@ for other ranks. The analytic count for the routes it actually had:
     R_out: this rank's routes to experts on other ranks (a row and an int64 expert id each);
     R_in: other ranks' routes to this rank's experts (their rows go back); the route counts.
     Averaged over ranks, with a uniform router: k·(2·H·elt + 8)·(ep − 1)/ep per token.
+
+Serving (every rank holds the same batch: the engine's lockstep under expert or tensor
+parallelism): the layer's infer() with every rank sending its whole batch, against
+infer(replicated=True), where each rank routes its 1/ep share and the outputs are all-gathered
+(DeepSpeed-MoE's parallelism-coordinated all-to-all): all-to-all bytes summed over the ranks,
+all-gather bytes, and ms per layer.
 """
 
 from __future__ import annotations
@@ -93,11 +99,43 @@ def worker(out_path: str) -> None:
                      "remote_bytes_per_token": per_call["remote_bytes"] / T,
                      "analytic_remote_bytes_per_token": analytic,
                      "uniform_router_bytes_per_token": uniform})  # fmt: skip
+    rows += _serving(world, rank)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
         Path(out_path).write_text(json.dumps([r for g in gathered for r in g]))
     dist.destroy_process_group()
+
+
+def _serving(world: int, rank: int) -> list[dict]:
+    """One layer on a batch every rank holds: whole batch from every rank vs. share routing."""
+    import torch.distributed as dist
+
+    from expertswitch.moe import MoE
+    from expertswitch.parallel.dispatch import TRAFFIC, reset_traffic
+
+    out = []
+    for k in (1, 2):
+        torch.manual_seed(0)
+        layer = MoE.stacked(H, F, E, k=k, ep_size=world, drop_tokens=False).eval()
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(99))  # the same batch
+        for replicated in (False, True):
+            with torch.no_grad():
+                layer.infer(x, replicated)  # warm-up
+                reset_traffic()
+                dist.barrier()
+                t0 = time.perf_counter()
+                reps = 5
+                for _ in range(reps):
+                    layer.infer(x, replicated)
+                dist.barrier()
+                ms = (time.perf_counter() - t0) / reps * 1e3
+            gather = T * H * ELT * (world - 1) / world if replicated else 0.0  # sent per rank
+            out.append({"serving": True, "k": k, "ep": world, "rank": rank,
+                        "routing": "share + all-gather" if replicated else "whole batch",
+                        "a2a_bytes": TRAFFIC["bytes"] / reps, "gather_bytes": gather,
+                        "ms_per_layer": ms})  # fmt: skip
+    return out
 
 
 # ---- the scaling model ----------------------------------------------------------------------
@@ -229,6 +267,8 @@ def main(argv=None) -> None:
             if run.returncode or not out.exists():
                 sys.exit(f"{n} ranks failed:\n{run.stderr[-3000:]}")
             measured += json.loads(out.read_text())
+    serving = [r for r in measured if r.get("serving")]
+    measured = [r for r in measured if not r.get("serving")]
     lines = ["## All-to-all bytes per token (forward), measured vs analytic", "",
              "| all-to-all | ep | k | rank | remote share | bytes/token handed to all-to-all | "
              "to other ranks | analytic (its routes) | analytic (uniform router) | messages to "
@@ -243,8 +283,31 @@ def main(argv=None) -> None:
                      f"{r['messages_per_layer']:.0f} | {r['ms_per_layer']:.2f} |")  # fmt: skip
     worst = max(abs(r["remote_bytes_per_token"] / r["analytic_remote_bytes_per_token"] - 1)
                 for r in measured if r["all_to_all"] == "flat")  # fmt: skip
-    lines += ["", f"Largest deviation of the measured remote bytes from the analytic count: "
-              f"{worst:.2e}.", "", f"## Scaling model: {MODEL['name']}, weak scaling, "
+    lines += [
+        "",
+        f"Largest deviation of the measured remote bytes from the analytic count: {worst:.2e}.",
+        "",
+        f"## Serving: one MoE layer on a batch of {T} tokens every rank holds",
+        "",
+        "| ep | k | routing | all-to-all bytes (all ranks) | all-gather "
+        "bytes (all ranks) | ms/layer (slowest rank, gloo, CPU) |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for ep in sorted({r["ep"] for r in serving}):
+        for k in (1, 2):
+            for routing in ("whole batch", "share + all-gather"):
+                rs = [r for r in serving if (r["ep"], r["k"], r["routing"]) == (ep, k, routing)]
+                row = {"ep": ep, "k": k, "routing": routing,
+                       "a2a_bytes": sum(r["a2a_bytes"] for r in rs),
+                       "gather_bytes": sum(r["gather_bytes"] for r in rs),
+                       "ms_per_layer": max(r["ms_per_layer"] for r in rs)}  # fmt: skip
+                summary.append(row)
+                lines.append(
+                    f"| {ep} | {k} | {routing} | {row['a2a_bytes']:.3g} | "
+                    f"{row['gather_bytes']:.3g} | {row['ms_per_layer']:.2f} |"
+                )
+    lines += ["", f"## Scaling model: {MODEL['name']}, weak scaling, "
               f"{MODEL['tokens_per_gpu']} tokens per GPU per step", "",
               "| GPUs | ep | compute s | all-to-all s (flat) | step s (flat) | a2a share | "
               "all-to-all s (hierarchical) | step s (hier.) | a2a share | tokens/s (hier.) |",
@@ -272,7 +335,7 @@ def main(argv=None) -> None:
     print(md)
     payload = {**run_info("cpu"), "shape": {"H": H, "F": F, "E": E, "T": T},
                "measured": measured, "model": MODEL, "assumptions": ASSUME,
-               "scaling": model, "max_byte_count_deviation": worst,
+               "scaling": model, "max_byte_count_deviation": worst, "serving": summary,
                "layers_measured": layers}  # fmt: skip
     on_gpu = bool(args.measure_layers) and args.measure_layers.startswith("cuda")
     print("wrote", write_results("parallel-gpu" if on_gpu else "parallel-cpu", payload, md,
