@@ -421,21 +421,20 @@ def _checkpoint(kind: str, path: str) -> None:
     import transformers
 
     if kind == "llama":
-        cfg = transformers.LlamaConfig(
-            **{**small, "hidden_size": 128, "intermediate_size": 256},
-            num_attention_heads=8,
-            num_key_value_heads=4,
-        )
+        # every linear with a bias: o_proj's and down_proj's are added once after the reduce
+        cfg = transformers.LlamaConfig(**{**small, "hidden_size": 128, "intermediate_size": 256},
+                                       num_attention_heads=8, num_key_value_heads=4,
+                                       attention_bias=True, mlp_bias=True)  # fmt: skip
         model = transformers.LlamaForCausalLM(cfg)
     else:
         cfg = transformers.Qwen2Config(**{**small, "intermediate_size": 128},
                                        num_attention_heads=4, num_key_value_heads=2,
                                        tie_word_embeddings=True)  # fmt: skip
         model = transformers.Qwen2ForCausalLM(cfg)
-        with torch.no_grad():  # biases that matter (transformers initialises them to zero)
-            for name, t in model.named_parameters():
-                if name.endswith("bias"):
-                    t.normal_(0, 0.5)
+    with torch.no_grad():  # biases that matter (transformers initialises them to zero)
+        for name, t in model.named_parameters():
+            if name.endswith("bias"):
+                t.normal_(0, 0.5)
     model.save_pretrained(path)
     _experts(model, path)
 

@@ -27,6 +27,9 @@ from expertswitch.server import ServerConfig, ServerThread, build_app
 from expertswitch.server.launch import free_port
 
 HANG_GUARD_S = 600  # a hang guard for a busy 2-core machine, not a speed check
+# the ranks' collective timeout: past the leader's heartbeat (5 s), short enough that the idle
+# period below would end the followers if heartbeats stopped
+DIST_TIMEOUT_S = 15
 
 
 def moe_checkpoint(root: Path) -> Path:
@@ -81,7 +84,8 @@ class Ranks:
         master = str(free_port())
         env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
         env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=master, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")  # fmt: skip
+                   MASTER_PORT=master, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   EXPERTSWITCH_DIST_TIMEOUT_S=str(DIST_TIMEOUT_S))  # fmt: skip
         cmd = [sys.executable, "-m", "expertswitch.cli", "serve", "--base", str(base),
                "--device", "cpu", "--port", str(self.port), "--expert-parallel-size", "2",
                "--max-num-seqs", "8", "--kv-cache-size", "16MiB", *extra]  # fmt: skip
@@ -202,6 +206,11 @@ def test_expert_parallel_server_answers_as_one_process(moe_base, one_process, tm
     try:
         ranks.wait_ready()
         assert ask_all(ranks.url) == want
+        # unseeded sampling: rank 0 draws the seed and sends it with the request
+        free = httpx.post(ranks.url + "/v1/completions", timeout=120,
+                          json={"model": "attn", "prompt": "x = ", "max_tokens": 6,
+                                "temperature": 1.0, "n": 2})  # fmt: skip
+        assert free.status_code == 200 and len(free.json()["choices"]) == 2, free.text
         # a stream the client abandons: the abort travels to rank 1 with the next step
         body = {"model": "base", "prompt": "for i in", "max_tokens": 200, "temperature": 0,
                 "ignore_eos": True, "stream": True}  # fmt: skip
@@ -214,7 +223,7 @@ def test_expert_parallel_server_answers_as_one_process(moe_base, one_process, tm
                          ("load", {"name": "attn", "path": str(expert), "pin": True})]:  # fmt: skip
             r = httpx.post(f"{ranks.url}/v1/experts/{op}", json=body, timeout=120)
             assert r.status_code == 200, (op, r.text)
-        time.sleep(7)  # idle past HEARTBEAT_S: rank 1 waits on heartbeats, not on a timeout
+        time.sleep(DIST_TIMEOUT_S + 5)  # idle past the timeout: rank 1 lives on heartbeats
         assert ask_all(ranks.url) == want
         stats = httpx.get(ranks.url + "/metrics", timeout=30).text
         assert "expertswitch" in stats
@@ -264,6 +273,9 @@ def test_a_dead_rank_stops_the_server_clearly(moe_base, tmp_path):
         assert c.status_code == 503
         body = c.json()["error"]
         assert "engine loop stopped" in body["message"] and "ParallelError" in body["message"]
+        # then rank 0 exits non-zero, so that torchrun ends a job whose ranks cannot go on
+        assert ranks.procs[0].wait(HANG_GUARD_S) == 2
+        assert "error: engine loop stopped: ParallelError" in ranks.log(0)
     finally:
         ranks.kill()
 

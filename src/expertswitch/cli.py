@@ -636,6 +636,7 @@ def _init_ranks(ep_size: int, tp_size: int, device: str, command: str = "generat
     """The process group torchrun's environment describes (gloo on CPU, NCCL on GPUs); the
     device of this rank. Both sizes must divide the world; `serve` needs a world of exactly
     their least common multiple (one server)."""
+    import datetime
     import math
     import os
 
@@ -666,8 +667,15 @@ def _init_ranks(ep_size: int, tp_size: int, device: str, command: str = "generat
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
+        # how long a rank waits in a collective for the others (torch's default otherwise)
+        wait = os.environ.get("EXPERTSWITCH_DIST_TIMEOUT_S")
         try:
-            dist.init_process_group("nccl" if cuda else "gloo")
+            timeout = None if not wait else datetime.timedelta(seconds=float(wait))
+        except ValueError:
+            raise ConfigError(f"EXPERTSWITCH_DIST_TIMEOUT_S={wait!r} is not a number of "
+                              "seconds") from None  # fmt: skip
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
         except (RuntimeError, ValueError) as e:
             raise ParallelError(f"the ranks could not form a process group: {e}") from None
     return f"cuda:{local}" if cuda else "cpu"
@@ -744,7 +752,7 @@ def cmd_serve(args) -> None:
 
 def _serve(args, base, experts, router, cfg, options) -> None:
     from expertswitch.server import build_app, run_server
-    from expertswitch.server.launch import follow
+    from expertswitch.server.launch import follow, stop_when_the_ranks_fail
 
     ep, tp = args.expert_parallel_size, args.tensor_parallel_size
     device = _init_ranks(ep, tp, args.device, "serve")
@@ -759,12 +767,19 @@ def _serve(args, base, experts, router, cfg, options) -> None:
             return
     app, aengine = build_app(base, experts, router, device, dtype, cfg, **options)
     names = ", ".join([cfg.base_name, *experts] + (["auto"] if router else []))
-    on = f" (experts over {ep} ranks)" if ep > 1 else ""
+    split = [f"experts over {ep} ranks"] * (ep > 1) + [f"layers sliced over {tp}"] * (tp > 1)
+    on = f" ({', '.join(split)})" if split else ""
     print(f"serving {names} on http://{args.host}:{args.port}/v1{on}", flush=True)
+    if aengine.engine.parallel:
+        stop_when_the_ranks_fail(aengine)
     try:
         run_server(app, args.host, args.port, args.log_level)
     finally:
         aengine.close()
+    if aengine.engine.parallel and aengine.error:
+        from expertswitch.errors import ParallelError
+
+        raise ParallelError(aengine.error)
 
 
 def _size_arg(text: str | None, flag: str) -> int | None:

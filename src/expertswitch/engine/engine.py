@@ -280,13 +280,20 @@ class Engine:
     def _step(self) -> list[RequestOutput]:
         if self.mirror is not None:  # rank 0 serving: the other ranks replay, then step too
             self.mirror.before_step()
+        if self.mirror is None:
+            return self._run_step()
+        try:
+            return self._run_step()
+        except BaseException:  # the other ranks may wait in a collective this rank left:
+            self.mirror.closed = True  # nothing more is sent (no "stop" they cannot receive)
+            raise
+
+    def _run_step(self) -> list[RequestOutput]:
         reqs = self.scheduler.schedule()
         self.steps += 1
-        if self.parallel:  # before the forward pass: its collectives need the same batch
-            self._agree("the batch", [(r.request_id, r.num_tokens, r.num_cached) for r in reqs])
-        if not reqs:
-            return []
-        failed, deferred = self._acquire({r.expert for r in reqs if r.expert is not None})
+        failed, deferred = {}, set()
+        if reqs:
+            failed, deferred = self._acquire({r.expert for r in reqs if r.expert is not None})
         for r in reqs:
             if r.expert in failed:
                 self.scheduler.finish(r)
@@ -294,6 +301,13 @@ class Engine:
             elif r.expert in deferred:
                 self.scheduler.preempt(r)  # back to the queue until its expert fits
         live = [r for r in reqs if r.status is Status.RUNNING]
+        if self.parallel:  # before the forward pass, whose collectives need the same batch:
+            # what was scheduled and what runs after the expert loads (one rank's failed or
+            # deferred load would change it)
+            self._agree("the batch", [(r.request_id, r.num_tokens, r.num_cached,
+                                       r.status is Status.RUNNING) for r in reqs])  # fmt: skip
+        if not reqs:
+            return []
         if live:
             logits = self.runner.run(live, {None: None, **self._held})
             tokens = sample(logits, live)

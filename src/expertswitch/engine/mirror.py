@@ -38,8 +38,10 @@ def _dist():
 
 def _device() -> torch.device:
     """Where small collective tensors live: the current GPU under NCCL, else the CPU."""
-    if _dist().get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+    if _dist().get_backend() == "nccl":  # this rank's GPU, from any thread (the current
+        import os  # device is per thread, and the serving loop runs in its own)
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
@@ -54,15 +56,17 @@ def agree(what: str, step: int, payload) -> None:
                op=_dist().ReduceOp.MAX)  # fmt: skip
     if int(t[0]) != -int(t[1]):  # the largest and the smallest hash differ
         raise ParallelError(
-            f"expert-parallel ranks disagree on {what} at step {step}: their engine states "
+            f"the serving ranks disagree on {what} at step {step}: their engine states "
             "diverged, so every rank stops rather than serve wrong tokens — report this with "
             "the ranks' logs"
         )
 
 
 def step_digest(outs) -> list:
-    """What every rank must have produced in a step."""
-    return [(o.request_id, o.new_token_ids, o.finished, o.finish_reason, o.error) for o in outs]
+    """What every rank must have produced in a step (an error's text may name this rank's
+    device: whether there was one counts)."""
+    return [(o.request_id, o.new_token_ids, o.finished, o.finish_reason, o.error is not None)
+            for o in outs]  # fmt: skip
 
 
 class StepMirror:
@@ -71,7 +75,7 @@ class StepMirror:
     def __init__(self):
         dist = _dist()
         if not (dist.is_available() and dist.is_initialized()):
-            raise ParallelError("expert-parallel serving needs a process group: launch with "
+            raise ParallelError("serving over ranks needs a process group: launch with "
                                 "torchrun")  # fmt: skip
         self.rank = dist.get_rank()
         self.pending: list[tuple] = []
@@ -105,8 +109,8 @@ class StepMirror:
 
     def _send(self, step: bool, stop: bool = False) -> None:
         if self.closed:
-            raise ParallelError("expert-parallel serving has stopped: the ranks no longer "
-                                "step together (see the earlier error)")  # fmt: skip
+            raise ParallelError("serving over ranks has stopped: the ranks no longer step "
+                                "together (see the earlier error)")  # fmt: skip
         box = [(self.pending, step, stop)]
         self.pending = []
         self._broadcast(box)
@@ -126,8 +130,15 @@ class StepMirror:
         """Every rank but 0: replay the leader's operations and step with it, until it stops.
         An operation that fails here when it succeeded on rank 0 (an archive this rank cannot
         read) stops this rank with the error: the leader sees it on its next collective."""
+        import signal
+        import threading
+
         if self.leader:
             raise ParallelError("rank 0 leads: it serves, the other ranks follow")
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C in a terminal reaches every rank: this one waits for the leader's stop
+            # (which it could no longer receive if it died first); SIGTERM still ends it
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         while True:
             box = [None]
             self._broadcast(box)

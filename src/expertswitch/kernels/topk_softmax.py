@@ -312,7 +312,8 @@ def router_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx, weight) of the routes; the fused kernel on CUDA tensors when no gradient is needed
     (its outputs have no autograd history), the reference otherwise."""
-    if kernels_for(x) and not needs_grad(x, wg):
+    # no launch for no rows (a rank's empty share of a batch under expert parallelism)
+    if kernels_for(x) and not needs_grad(x, wg) and x.shape[0]:
         return router_topk_triton(x.contiguous(), wg.contiguous(), k, renormalize, round_logits,
                                   second_by_logit=second_by_logit)[:2]  # fmt: skip
     return router_topk_reference(x, wg, k, renormalize, round_logits, second_by_logit)[:2]

@@ -237,7 +237,13 @@ def _load_trained_moe(prefix: str, cfg: ModelConfig, spec, ld: _Loader, ep_size:
 class Decoder:
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, device, dtype, ep_size: int = 1,
                  tp_size: int = 1):  # fmt: skip
+        """ep_size, tp_size > 1 (under torchrun): every rank of the groups must run every
+        forward pass on the same tokens (the engine's lockstep); a rank with other tokens
+        would get wrong outputs, not an error."""
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        for what, size in (("ep_size", ep_size), ("tp_size", tp_size)):
+            if not isinstance(size, int) or size < 1:
+                raise ConfigError(f"{what} must be a positive integer, got {size!r}")
         self.kv_heads = _split(cfg.num_kv_heads, tp_size, "num_key_value_heads")  # this rank's
         if tp_size > 1:
             _split(cfg.num_heads, tp_size, "num_attention_heads")

@@ -217,7 +217,8 @@ class MoE(nn.Module):
         serving, tensor slicing). Each rank then routes and sends only its 1/ep share of them
         and the outputs are all-gathered — DeepSpeed-MoE's parallelism-coordinated
         all-to-all: ep times fewer bytes in the all-to-all and no expert runs a token twice,
-        for one all-gather of the outputs."""
+        for one all-gather of the outputs. (Across ranks, both forms exchange split sizes and
+        synchronise with the host: only the single-rank path is CUDA-graph capturable.)"""
         if self.gate.drop_tokens:
             raise ConfigError("infer() is the dropless path: build the layer with "
                               "drop_tokens=False, or call forward() for capacity and "

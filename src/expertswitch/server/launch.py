@@ -73,6 +73,32 @@ def follow(base, experts, device: str = "auto", dtype=None, **engine_options) ->
         engine.close()
 
 
+FAILED_GRACE_S = 10.0  # /health answers 503 this long before a failed parallel server exits
+
+
+def stop_when_the_ranks_fail(aengine, grace_s: float | None = None) -> None:
+    """Rank 0 of a server split over ranks: when its engine loop stops on an error (a rank
+    died, the ranks diverged, a step failed here alone), answer 503s for grace_s, then stop
+    the server (SIGTERM to this process: run_server returns, the caller exits non-zero), so
+    that torchrun ends the other ranks — which may wait in a collective this rank left —
+    instead of leaving them until the process group's timeout."""
+    import os
+    import signal
+    import threading
+    import time
+
+    grace = FAILED_GRACE_S if grace_s is None else grace_s
+
+    def watch() -> None:
+        while aengine.alive:
+            time.sleep(0.5)
+        if aengine.error:
+            time.sleep(grace)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="expertswitch-rank-watch", daemon=True).start()
+
+
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve until Ctrl-C or SIGTERM, then return (the caller closes the engine, which stops
     an expert-parallel server's other ranks). uvicorn shuts down gracefully on either signal,
