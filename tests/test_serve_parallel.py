@@ -332,3 +332,33 @@ def test_tensor_parallelism_refusals(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "torchrun with a world that is a multiple of 6" in r.stderr
     assert "torchrun --nproc-per-node 6" in r.stderr
+
+
+def test_mixed_compression_calibrates_on_an_moe_base(moe_base, tmp_path):
+    """ME-Switch's mixed precision needs the base's activations; an `expertswitch train` MoE
+    checkpoint (no transformers class) is run by the project's own model: the attention
+    deltas are calibrated, keep their salient channels, and the engine serves the archive
+    with the greedy tokens of the checkpoint `reconstruct` rebuilds from it."""
+    from expertswitch.compress.reconstruct import reconstruct
+    from expertswitch.engine import Engine, SamplingParams
+    from expertswitch.io.archive import open_archive
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = compress_expert(moe_base, moe_base.parent / "attn-full", tmp_path / "mixed.delta",
+                              make_method("mixed", bits=2, group_size=32, salient=4),
+                              CompressOptions(progress=False))  # fmt: skip
+    attn = [e for e in open_archive(out) if "self_attn" in e.name and e.kind == "quantized"]
+    assert attn and all(e.meta["calibrated"] and e.meta["n_salient"] == 4 for e in attn), [
+        (e.name, e.meta) for e in attn]  # fmt: skip
+    reconstruct(moe_base, out, tmp_path / "rebuilt", progress=False)
+    lm = CausalLM.from_pretrained(tmp_path / "rebuilt").eval()
+    prompt = [5, 17, 33, 8]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(lm(torch.tensor([seq])).logits[0, -1].argmax()))
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine = Engine(moe_base, {"mixed": out})
+    assert engine.generate(prompt, "mixed", greedy)[0].token_ids == seq[len(prompt) :]
+    assert engine.generate(prompt, None, greedy)[0].token_ids != seq[len(prompt) :]

@@ -190,6 +190,11 @@ def calibration_windows(model_dir: str | Path, texts: list[str], opts: CalibOpti
                         config=None) -> torch.Tensor:  # fmt: skip
     """Token windows [B, T] of the calibration text (T: seq_len cut to the model's positions
     and to the text)."""
+    if config is None and _model_type(Path(model_dir)) == "expertswitch_moe":
+        from expertswitch.io.checkpoint import open_checkpoint
+        from expertswitch.models.config import ModelConfig
+
+        config = _OwnConfig(ModelConfig.from_dict(open_checkpoint(model_dir).config))
     if config is None:
         from transformers import AutoConfig
 
@@ -206,6 +211,8 @@ def calibration_windows(model_dir: str | Path, texts: list[str], opts: CalibOpti
 def _load_model(model_dir: Path, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if _model_type(model_dir) == "expertswitch_moe":  # transformers has no such class
+        return _load_own_model(model_dir, device)
     try:
         config = AutoConfig.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
@@ -219,6 +226,42 @@ def _load_model(model_dir: Path, device: str):
         # half-precision matmuls on CPU are slow; above 2B parameters fp32 would not fit in RAM
         model = model.float()
     return model.to(device).eval(), config
+
+
+def _model_type(model_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # transformers reports the problem
+
+
+class _OwnConfig:
+    def __init__(self, cfg):
+        self.vocab_size, self.max_position_embeddings = cfg.vocab_size, cfg.max_position_embeddings
+
+    def get_text_config(self):
+        return self
+
+
+def _load_own_model(model_dir: Path, device: str):
+    from expertswitch.models.causal_lm import CausalLM
+
+    lm = CausalLM.from_pretrained(model_dir).float()
+    return lm.to(device).eval(), _OwnConfig(lm.cfg)
+
+
+def _run(model, ids: torch.Tensor) -> None:
+    """One forward pass of a transformers model or an `expertswitch train` one (its attention
+    and dense MLP linears are nn.Linear, so the hooks see them; stacked MoE experts get no
+    statistics and are quantized without)."""
+    from expertswitch.models.causal_lm import CausalLM
+
+    if isinstance(model, CausalLM):
+        model(ids)
+    else:
+        model(input_ids=ids, use_cache=False)
 
 
 def _register_hooks(model, acc: _Accumulator) -> list:
@@ -257,7 +300,7 @@ def collect_calibration(
         with torch.inference_mode():
             batches = windows.split(opts.batch_size)
             for batch in tqdm(batches, desc="calibrating", disable=not progress, unit="batch"):
-                model(input_ids=batch.to(device), use_cache=False)
+                _run(model, batch.to(device))
     finally:
         for h in handles:
             h.remove()
