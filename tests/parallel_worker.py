@@ -427,7 +427,7 @@ def _checkpoint(kind: str, path: str) -> None:
                                        attention_bias=True, mlp_bias=True)  # fmt: skip
         model = transformers.LlamaForCausalLM(cfg)
     else:
-        cfg = transformers.Qwen2Config(**{**small, "intermediate_size": 128},
+        cfg = transformers.Qwen2Config(**{**small, "hidden_size": 128, "intermediate_size": 128},
                                        num_attention_heads=4, num_key_value_heads=2,
                                        tie_word_embeddings=True)  # fmt: skip
         model = transformers.Qwen2ForCausalLM(cfg)
@@ -491,7 +491,8 @@ def scenario_engine_split(world, rank) -> dict:
     tmp = os.environ["PARALLEL_TMP"]
     cases = [("llama", 2, 1), ("qwen2", 2, 1), ("moe", 1, 2), ("moe", 2, 2), ("moe", 2, 1)]
     if world == 4:
-        cases = [("llama", 4, 1), ("moe", 2, 4), ("moe", 1, 4)]
+        cases = [("llama", 4, 1), ("qwen2", 4, 1), ("moe", 2, 4), ("moe", 1, 4)]  # qwen2:
+        # 2 kv heads over 4 ranks, each replicated on 2
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]]
     greedy = SamplingParams(temperature=0.0, max_tokens=8, logprobs=3, prompt_logprobs=2)
     seeded = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, seed=5)

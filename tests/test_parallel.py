@@ -328,14 +328,14 @@ def test_engine_split_over_ranks_equals_one_process(nproc, tmp_path):
             assert shared * nproc < 1.25 * every, (shared, every)
     for rank, cases in enumerate(found["ranks"]):
         engines = [c for c in cases if not c.startswith("layer")]
-        assert len(engines) == (5 if nproc == 2 else 3), cases
+        assert len(engines) == (5 if nproc == 2 else 4), cases
         for name, res in cases.items():
             if name.startswith("layer"):
                 assert res["err"] < TOL and res["err_every"] < TOL, (rank, name, res)
                 continue
             tp = int(name.split(" tp")[1].split()[0])
             split_heads, whole_heads = res["kv_heads"]
-            assert split_heads * tp == whole_heads, (name, res)
+            assert split_heads == max(whole_heads // tp, 1), (name, res)  # past kv: one
             if "expert errors" in res:  # llama and qwen2 serve compressed experts `a` and `b`
                 assert res["expert changes tokens"] is True, (name, res)
                 errors = res["expert errors"]

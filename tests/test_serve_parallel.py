@@ -319,9 +319,12 @@ def test_tensor_parallelism_refusals(tmp_path):
            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
            "vocab_size": 50, "max_position_embeddings": 64}  # fmt: skip
     CausalLM.from_config(cfg).save_pretrained(tmp_path / "dense")
-    with pytest.raises(ConfigError, match="num_key_value_heads=2 does not split over "
-                       "tensor_parallel_size 4: choose a size that divides it"):  # fmt: skip
-        Decoder.load(tmp_path / "dense", "cpu", torch.float32, tp_size=4)
+    with pytest.raises(ConfigError, match="num_key_value_heads=2 neither splits over nor "
+                       "replicates evenly across tensor_parallel_size 3"):  # fmt: skip
+        Decoder.load(tmp_path / "dense", "cpu", torch.float32, tp_size=3)
+    with pytest.raises(ConfigError, match="num_attention_heads=4 does not split over "
+                       "tensor_parallel_size 8: choose a size that divides it"):  # fmt: skip
+        Decoder.load(tmp_path / "dense", "cpu", torch.float32, tp_size=8)
     with pytest.raises(ConfigError, match="tensor_parallel_size must be a positive integer"):
         Engine(tmp_path / "dense", tensor_parallel_size=0)
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}

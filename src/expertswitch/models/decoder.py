@@ -63,14 +63,20 @@ class TensorSlices:
         self.group = tensor_parallel_group(tp_size)
         self.rank = dist.get_rank(self.group)
 
-    def rows(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of dim 0 (a copy: the whole tensor is freed)."""
-        n = t.shape[0] // self.size
-        return t[self.rank * n : (self.rank + 1) * n].clone()
+    def span(self, n: int, part: tuple[int, int] | None = None) -> tuple[int, int]:
+        """[lo, hi) of this rank's slice of n: part (index, parts) of n, by default (this
+        rank, the group size); a kv head replicated over ranks is part (its head, kv heads)."""
+        index, parts = part or (self.rank, self.size)
+        return index * n // parts, (index + 1) * n // parts
 
-    def cols(self, t: torch.Tensor) -> torch.Tensor:
-        n = t.shape[1] // self.size
-        return t[:, self.rank * n : (self.rank + 1) * n].contiguous()
+    def rows(self, t: torch.Tensor, part: tuple[int, int] | None = None) -> torch.Tensor:
+        """This rank's slice of dim 0 (a copy: the whole tensor is freed)."""
+        lo, hi = self.span(t.shape[0], part)
+        return t[lo:hi].clone()
+
+    def cols(self, t: torch.Tensor, part: tuple[int, int] | None = None) -> torch.Tensor:
+        lo, hi = self.span(t.shape[1], part)
+        return t[:, lo:hi].contiguous()
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -100,7 +106,8 @@ class RowParallelLinear:
 class _Loader:
     def __init__(self, ckpt: Checkpoint, device, dtype, tp: TensorSlices | None = None):
         self.ckpt, self.device, self.dtype, self.tp = ckpt, device, dtype, tp
-        self.sliced: dict[str, str] = {}  # tensor name → "rows" | "cols" (tensor parallelism)
+        # tensor parallelism: tensor name → ("rows" | "cols", this rank's part or None)
+        self.sliced: dict[str, tuple[str, tuple[int, int] | None]] = {}
 
     def get(self, name: str, optional: bool = False) -> torch.Tensor | None:
         if name not in self.ckpt:
@@ -113,18 +120,20 @@ class _Loader:
     def norm(self, name: str, eps: float) -> RowNorm:
         return RowNorm(name, self.get(name), eps)
 
-    def linear(self, name: str, bias: bool = False, fill: float = 0.0, split: str | None = None):
+    def linear(self, name: str, bias: bool = False, fill: float = 0.0, split: str | None = None,
+               part: tuple[int, int] | None = None):  # fmt: skip
         """split (under tensor parallelism): "col" keeps this rank's output rows (and bias
-        slice), "row" its input columns (a RowParallelLinear)."""
+        slice; `part` names another slice than the rank's own), "row" its input columns (a
+        RowParallelLinear)."""
         w = self.get(name + ".weight")
         b = self.get(name + ".bias", optional=not bias)
         if self.tp is None or split is None:
             return MultiExpertLinear(name + ".weight", w, b, fill)
         if split == "col":
-            self.sliced.update({name + ".weight": "rows", name + ".bias": "rows"})
-            return MultiExpertLinear(name + ".weight", self.tp.rows(w),
-                                     None if b is None else self.tp.rows(b), fill)  # fmt: skip
-        self.sliced[name + ".weight"] = "cols"  # (the bias is added whole, after the all-reduce)
+            self.sliced.update({name + ".weight": ("rows", part), name + ".bias": ("rows", part)})
+            b = None if b is None else self.tp.rows(b, part)
+            return MultiExpertLinear(name + ".weight", self.tp.rows(w, part), b, fill)
+        self.sliced[name + ".weight"] = ("cols", None)  # (its bias is added after the all-reduce)
         return RowParallelLinear(MultiExpertLinear(name + ".weight", self.tp.cols(w)), b, self.tp)
 
 
@@ -133,14 +142,19 @@ class DecoderLayer:
         p = f"model.layers.{i}."
         self.cfg, self.rope = cfg, rope
         tp = ld.tp.size if ld.tp else 1
-        self.heads, self.kv_heads = cfg.num_heads // tp, cfg.num_kv_heads // tp  # this rank's
+        self.heads, self.kv_heads = cfg.num_heads // tp, max(cfg.num_kv_heads // tp, 1)
+        # more ranks than kv heads: each kv head is replicated over tp / kv ranks, whose query
+        # heads are exactly those that read it
+        kv_part = None
+        if tp > cfg.num_kv_heads:
+            kv_part = (ld.tp.rank // (tp // cfg.num_kv_heads), cfg.num_kv_heads)
         self.window = cfg.sliding_windows[i]
         self.input_norm = ld.norm(p + "input_layernorm.weight", cfg.rms_norm_eps)
         self.post_norm = ld.norm(p + "post_attention_layernorm.weight", cfg.rms_norm_eps)
         a = p + "self_attn."
         self.q = ld.linear(a + "q_proj", cfg.qkv_bias, split="col")
-        self.k = ld.linear(a + "k_proj", cfg.qkv_bias, split="col")
-        self.v = ld.linear(a + "v_proj", cfg.qkv_bias, split="col")
+        self.k = ld.linear(a + "k_proj", cfg.qkv_bias, split="col", part=kv_part)
+        self.v = ld.linear(a + "v_proj", cfg.qkv_bias, split="col", part=kv_part)
         self.o = ld.linear(a + "o_proj", cfg.o_bias, split="row")
         self.moe = None
         spec = cfg.moe_layers[i] if cfg.moe_layers else None
@@ -244,7 +258,14 @@ class Decoder:
         for what, size in (("ep_size", ep_size), ("tp_size", tp_size)):
             if not isinstance(size, int) or size < 1:
                 raise ConfigError(f"{what} must be a positive integer, got {size!r}")
-        self.kv_heads = _split(cfg.num_kv_heads, tp_size, "num_key_value_heads")  # this rank's
+        kv = cfg.num_kv_heads
+        if tp_size > kv and tp_size % kv:
+            raise ConfigError(f"num_key_value_heads={kv} neither splits over nor replicates "
+                              f"evenly across tensor_parallel_size {tp_size}: choose a size "
+                              "that divides it or a multiple of it")  # fmt: skip
+        self.kv_heads = max(kv // tp_size, 1)  # this rank's (one, replicated, past kv ranks)
+        if tp_size <= kv:
+            _split(kv, tp_size, "num_key_value_heads")
         if tp_size > 1:
             _split(cfg.num_heads, tp_size, "num_attention_heads")
             if not cfg.num_experts and not all(cfg.moe_layers or [None]):  # dense MLPs (MoE
@@ -279,17 +300,14 @@ class Decoder:
 
         tp = self.tp
 
-        def span(n: int) -> tuple[int, int]:
-            return tp.rank * n // tp.size, (tp.rank + 1) * n // tp.size
-
         deltas, exact = {}, {}
         for name, d in w.deltas.items():
-            how = self.sliced.get(name)
+            how, part = self.sliced.get(name, (None, None))
             if how == "rows":
-                d = d.rows(*span(d.shape[0]))
+                d = d.rows(*tp.span(d.shape[0], part))
             elif how == "cols":
                 try:
-                    d = d.cols(*span(d.shape[1]))
+                    d = d.cols(*tp.span(d.shape[1], part))
                 except ConfigError as e:  # the same words on every rank (they compare errors)
                     raise ConfigError(f"expert {w.name!r}, tensor {name}: {e}, so it cannot be "
                                       f"split over tensor_parallel_size {tp.size}: compress it "
@@ -297,9 +315,9 @@ class Decoder:
                                       "tensor_parallel_size") from None  # fmt: skip
             deltas[name] = d
         for name, t in w.exact.items():
-            how = self.sliced.get(name)
-            exact[name] = (tp.rows(t) if how == "rows" else tp.cols(t) if how == "cols"
-                           else t)  # fmt: skip
+            how, part = self.sliced.get(name, (None, None))
+            exact[name] = (tp.rows(t, part) if how == "rows" else tp.cols(t, part)
+                           if how == "cols" else t)  # fmt: skip
         return ExpertWeights(w.name, w.path, deltas, exact)
 
     def servable_names(self) -> set[str]:
