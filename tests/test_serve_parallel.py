@@ -79,7 +79,7 @@ class Ranks:
     """Two server ranks started as torchrun starts them (RANK, WORLD_SIZE, MASTER_* in the
     environment), so the test can kill one and watch the other."""
 
-    def __init__(self, base: Path, tmp: Path, *extra: str):
+    def __init__(self, base: Path, tmp: Path, *extra: str, cwds: tuple = (None, None)):
         self.port = free_port()
         master = str(free_port())
         env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
@@ -95,7 +95,7 @@ class Ranks:
             rank_env = {**env, "RANK": str(r), "LOCAL_RANK": str(r)}
             with open(self.logs[r], "w") as log:
                 self.procs.append(subprocess.Popen(cmd, env=rank_env, stdout=log,
-                                                   stderr=subprocess.STDOUT,
+                                                   stderr=subprocess.STDOUT, cwd=cwds[r],
                                                    preexec_fn=_as_in_a_terminal))  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -202,7 +202,9 @@ def test_expert_parallel_server_answers_as_one_process(moe_base, one_process, tm
     rank 1 too; the ranks idle past a heartbeat and serve again; stopping rank 0 stops rank 1
     cleanly."""
     expert, want = moe_base.parent / "attn.delta", one_process
-    ranks = Ranks(moe_base, tmp_path, "--expert", f"attn={expert}", "--enable-admin")
+    (tmp_path / "elsewhere").mkdir()  # rank 1's working directory: relative paths differ
+    ranks = Ranks(moe_base, tmp_path, "--expert", f"attn={expert}", "--enable-admin",
+                  cwds=(moe_base.parent, tmp_path / "elsewhere"))  # fmt: skip
     try:
         ranks.wait_ready()
         assert ask_all(ranks.url) == want
@@ -223,6 +225,16 @@ def test_expert_parallel_server_answers_as_one_process(moe_base, one_process, tm
                          ("load", {"name": "attn", "path": str(expert), "pin": True})]:  # fmt: skip
             r = httpx.post(f"{ranks.url}/v1/experts/{op}", json=body, timeout=120)
             assert r.status_code == 200, (op, r.text)
+        # an archive rank 1 cannot read (a path relative to rank 0's directory): a 400 that
+        # names rank 1, the expert registered on no rank, and the ranks serving on
+        r = httpx.post(f"{ranks.url}/v1/experts/load", json={"name": "rel", "path": "attn.delta"},
+                       timeout=120)  # fmt: skip
+        assert r.status_code == 400 and "rank 1 could not register it" in r.text, r.text
+        listed = httpx.get(f"{ranks.url}/v1/experts", timeout=60).json()["data"]
+        assert "rel" not in {e["name"] for e in listed}
+        r = httpx.post(f"{ranks.url}/v1/experts/load", json={"name": "rel", "path": str(expert)},
+                       timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text  # the name is free again on every rank
         time.sleep(DIST_TIMEOUT_S + 5)  # idle past the timeout: rank 1 lives on heartbeats
         assert ask_all(ranks.url) == want
         stats = httpx.get(ranks.url + "/metrics", timeout=30).text

@@ -122,7 +122,23 @@ class Engine:
         only tensors the engine can apply per row); its weights load on first use."""
         self.registry.add(name, path)
         self.pool.register(name)
-        self._record("add_expert", name, str(path))
+        if self.mirror is not None and self.mirror.leader:  # serving over ranks: all or none
+            op = ("add_expert", name, str(path))
+            failed = [(r, why) for r, why in enumerate(self.mirror.confirm(op)) if why]
+            if failed:
+                self._undo(op)
+                rank, why = failed[0]
+                raise ConfigError(f"expert {name!r} is not registered: rank {rank} could not "
+                                  f"register it ({why}); every rank reads the archive at the "
+                                  "same path: give a path all of them can read")  # fmt: skip
+
+    def _undo(self, op: tuple) -> None:
+        """Take back an operation confirmed on some ranks only (engine/mirror.py)."""
+        kind, name, *_ = op
+        if kind != "add_expert":
+            raise ParallelError(f"cannot undo {kind!r}")
+        self.pool.forget(name)
+        self.registry.remove(name)
 
     def remove_expert(self, name: str) -> None:
         self.registry.get(name)

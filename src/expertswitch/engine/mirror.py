@@ -111,10 +111,34 @@ class StepMirror:
         if self.closed:
             raise ParallelError("serving over ranks has stopped: the ranks no longer step "
                                 "together (see the earlier error)")  # fmt: skip
-        box = [(self.pending, step, stop)]
+        box = [(self.pending, step, stop, False)]
         self.pending = []
         self._broadcast(box)
         self.last_sent = time.monotonic()
+
+    def confirm(self, op: tuple) -> list[str | None]:
+        """Leader: send `op`, just applied here, on its own (after what is pending) and return
+        every rank's outcome: None where it applied, else why not. The other ranks undo it
+        themselves when any rank failed; the caller undoes it here."""
+        if self.pending:
+            self._send(step=False)
+        if self.closed:
+            self._send(step=False)  # raises: the ranks no longer step together
+        self._broadcast([([op], False, False, True)])
+        self.last_sent = time.monotonic()
+        return self._outcomes(None)
+
+    def _outcomes(self, mine: str | None) -> list[str | None]:
+        from expertswitch.parallel.comm import collective
+
+        got: list = [None] * _dist().get_world_size()
+        try:
+            collective("the ranks' outcomes of an operation", None, _dist().all_gather_object,
+                       got, mine)  # fmt: skip
+        except ParallelError:
+            self.closed = True
+            raise
+        return got
 
     def _broadcast(self, box: list) -> None:
         from expertswitch.parallel.comm import collective
@@ -128,8 +152,10 @@ class StepMirror:
 
     def follow(self, engine) -> None:
         """Every rank but 0: replay the leader's operations and step with it, until it stops.
-        An operation that fails here when it succeeded on rank 0 (an archive this rank cannot
-        read) stops this rank with the error: the leader sees it on its next collective."""
+        An expert registered over the admin API is confirmed on its own: if any rank cannot
+        register it (an archive it cannot read), every rank undoes it and rank 0 answers with
+        the error. Any other operation that fails here stops this rank with the error: the
+        leader sees it on its next collective."""
         import signal
         import threading
 
@@ -142,7 +168,17 @@ class StepMirror:
         while True:
             box = [None]
             self._broadcast(box)
-            ops, step, stop = box[0]
+            ops, step, stop, check = box[0]
+            if check:  # one operation whose outcome every rank reports
+                why = None
+                try:
+                    engine._replay(ops[0])
+                except Exception as e:  # noqa: BLE001 - reported to rank 0, which answers it
+                    why = f"{type(e).__name__}: {e}"
+                got = self._outcomes(why)
+                if why is None and any(got):  # applied here, not everywhere: take it back
+                    engine._undo(ops[0])
+                continue
             for op in ops:
                 engine._replay(op)
             if stop:
