@@ -403,6 +403,39 @@ def scenario_agree(world, rank) -> dict:
     return {"error": None}
 
 
+def scenario_agree_engine(world, rank) -> dict:
+    """The check inside the engine: one rank's sampler draws a different token (a divergence
+    the batch alone would not show). Mid-generation: caught by the next step's agreement,
+    before its forward pass; on the last step: by generate's own check. Both on every rank."""
+    import expertswitch.engine.engine as engine_mod
+    from expertswitch.engine import Engine, SamplingParams
+
+    path = os.path.join(os.environ["PARALLEL_TMP"], "moe")
+    if rank == 0:
+        _checkpoint("moe", path)
+    dist.barrier()
+    real, found = engine_mod.sample, {}
+    for label, max_tokens, at in (("mid", 6, 3), ("last", 1, 1)):
+        eng = Engine(path, tokenizer=False, num_kv_blocks=32, tensor_parallel_size=world)
+
+        def shifted(logits, reqs, eng=eng, at=at):
+            tokens = real(logits, reqs)
+            if rank == world - 1 and eng.steps == at:
+                tokens = [(t + 1) % 120 for t in tokens]
+            return tokens
+
+        engine_mod.sample = shifted
+        try:
+            eng.generate([[5, 6, 7], [8, 9]], sampling=SamplingParams(temperature=0.0,
+                         max_tokens=max_tokens))  # fmt: skip
+            found[label] = None
+        except Exception as e:  # noqa: BLE001 - the point is to report what each rank sees
+            found[label] = f"{type(e).__name__}: {e}"
+        finally:
+            engine_mod.sample = real
+    return found
+
+
 def _checkpoint(kind: str, path: str) -> None:
     """Real checkpoints: transformers' Llama (GQA) and Qwen2 (q/k/v biases, tied embeddings),
     and an `expertswitch train` MoE model (a dense layer, Residual-MoE top-2, top-1)."""
@@ -545,6 +578,7 @@ def main() -> int:
                      "die": scenario_die, "pyramid": scenario_pyramid, "save": scenario_save,
                      "load": scenario_load, "tensor": scenario_tensor,
                      "save_twice": scenario_save_twice, "agree": scenario_agree,
+                     "agree_engine": scenario_agree_engine,
                      "engine_split": scenario_engine_split}  # fmt: skip
         found = scenarios[scenario](world, rank)
         if scenario == "die":  # no collective is possible any more: each rank writes its own

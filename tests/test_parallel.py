@@ -307,6 +307,18 @@ def test_ranks_that_disagree_on_a_step_all_stop(tmp_path):
         assert "disagree on the tokens at step 4" in r["error"]
 
 
+def test_engine_ranks_whose_tokens_differ_all_stop(tmp_path):
+    """One rank samples another token: every rank stops before the next forward pass (the
+    check rides on the next step's batch agreement), or at the end of generate when it was
+    the last step."""
+    found = torchrun(2, "agree_engine", tmp_path)
+    for r in found["ranks"]:
+        assert r["mid"].startswith("ParallelError"), r
+        assert "the previous step's tokens at step 4" in r["mid"]
+        assert r["last"].startswith("ParallelError"), r
+        assert "disagree on the tokens at step 1" in r["last"]
+
+
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_engine_split_over_ranks_equals_one_process(nproc, tmp_path):
     """The serving engine with attention and MLPs tensor-sliced (Llama GQA, Qwen2 with biases

@@ -29,7 +29,7 @@ import torch
 
 from expertswitch.engine.config import EngineConfig
 from expertswitch.engine.kv_cache import BlockManager, auto_num_blocks
-from expertswitch.engine.mirror import StepMirror, agree, step_digest
+from expertswitch.engine.mirror import StepMirror, agree, min_over_ranks, rank0_value, step_digest
 from expertswitch.engine.pool import ExpertLoadError, ExpertPool, PoolError, PoolFullError
 from expertswitch.engine.registry import ExpertRegistry, eos_ids
 from expertswitch.engine.request import Request, RequestOutput, Status
@@ -94,7 +94,7 @@ class Engine:
         block = cfg.block_size
         num_blocks = cfg.num_kv_blocks or auto_num_blocks(self.model, cfg, self.device, budget)
         if self.parallel:  # every rank admits, preempts and defers alike: the smallest GPU's
-            num_blocks, budget = _min_over_ranks(num_blocks, budget)
+            num_blocks, budget = min_over_ranks(num_blocks, budget)
         self.max_model_len = min(cfg.max_model_len or self.model.cfg.max_position_embeddings,
                                  num_blocks * block)  # fmt: skip
         # (an explicit max_model_len may pass max_position_embeddings: scaled RoPE)
@@ -110,6 +110,7 @@ class Engine:
         self._ids = itertools.count()
         self.aborted = 0  # requests stopped before they finished
         self.steps = 0  # forward-pass steps scheduled (the ranks' agreement counts them)
+        self._last_outputs: list | None = None  # step_digest of the last step, not yet agreed
         # expert-parallel serving: rank 0 records its operations, the others replay them
         self.mirror: StepMirror | None = None
         for name, path in (experts or {}).items():
@@ -199,7 +200,7 @@ class Engine:
         # under expert parallelism rank 0's, drawn before any check can fail on one rank only
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         if self.parallel and sampling.seed is None and self.mirror is None:
-            seed = _rank0_value(seed)  # every rank must draw the same tokens (a server's
+            seed = rank0_value(seed)  # every rank must draw the same tokens (a server's
             #                            leader sends its seed with the request instead)
         if expert is not None:
             self.registry.get(expert)
@@ -319,9 +320,12 @@ class Engine:
         live = [r for r in reqs if r.status is Status.RUNNING]
         if self.parallel:  # before the forward pass, whose collectives need the same batch:
             # what was scheduled and what runs after the expert loads (one rank's failed or
-            # deferred load would change it)
-            self._agree("the batch", [(r.request_id, r.num_tokens, r.num_cached,
-                                       r.status is Status.RUNNING) for r in reqs])  # fmt: skip
+            # deferred load would change it), with the previous step's outputs (one collective
+            # a step: engine/mirror.py)
+            batch = [(r.request_id, r.num_tokens, r.num_cached, r.status is Status.RUNNING)
+                     for r in reqs]  # fmt: skip
+            self._agree("the batch or the previous step's tokens", (batch, self._last_outputs))
+            self._last_outputs = None
         if not reqs:
             return []
         if live:
@@ -335,9 +339,16 @@ class Engine:
                     self._append(r, tok)
         self._release_idle()
         outs = self._outputs(reqs)
-        if self.parallel:
-            self._agree("the tokens", step_digest(outs))
+        if self.parallel:  # checked with the next step's batch (or by check_last_step)
+            self._last_outputs = step_digest(outs)
         return outs
+
+    def check_last_step(self) -> None:
+        """Ranks stepping together: check the last step's outputs, which no next step's
+        agreement will (the end of `generate`)."""
+        if self.parallel and self._last_outputs is not None:
+            self._agree("the tokens", self._last_outputs)
+            self._last_outputs = None
 
     def _agree(self, what: str, payload) -> None:
         try:
@@ -505,6 +516,8 @@ class Engine:
                     elif out.finished:
                         final[out.request_id] = out
                         bar.update(1)
+        if self.mirror is None:  # ranks in lockstep: their last tokens agree too
+            self.check_last_step()
         return [final[r.request_id] for r in reqs]
 
     def stream(self, prompt, expert: str | None = None,
@@ -549,25 +562,3 @@ def _fingerprint(path: Path) -> str:
     from expertswitch.io.checkpoint import open_checkpoint
 
     return open_checkpoint(path).fingerprint()
-
-
-def _rank0_value(value: int) -> int:
-    """Rank 0's value on every rank (ranks add requests in the same order)."""
-    import torch.distributed as dist
-
-    from expertswitch.parallel.comm import collective
-
-    box = [value]
-    collective("sampling seed broadcast", None, dist.broadcast_object_list, box, 0)
-    return box[0]
-
-
-def _min_over_ranks(*values: int | None) -> tuple:
-    """The smallest of each value over all ranks (None stays None)."""
-    import torch.distributed as dist
-
-    from expertswitch.parallel.comm import collective
-
-    got: list = [None] * dist.get_world_size()
-    collective("engine size agreement", None, dist.all_gather_object, got, values)
-    return tuple(None if v is None else min(g[i] for g in got) for i, v in enumerate(values))

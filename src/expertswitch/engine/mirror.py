@@ -1,7 +1,8 @@
-"""Expert-parallel serving: rank 0 takes the requests, every rank runs every step.
+"""Serving over ranks: rank 0 takes the requests, every rank runs every step.
 
-Under expert parallelism each rank holds a share of every MoE layer's experts, so all ranks run
-every forward pass on the same batch. `generate` hands every rank the same prompts and they step
+Under expert parallelism each rank holds a share of every MoE layer's experts, and under tensor
+slicing a share of every layer's heads and rows, so all ranks run every forward pass on the same
+batch. `generate` hands every rank the same prompts and they step
 in lockstep. A server receives requests on rank 0 alone, so rank 0's engine is the leader: it
 records each operation that changes engine state (a request queued or aborted, an expert
 registered, removed, pinned or unpinned) and broadcasts the pending operations before each
@@ -10,10 +11,13 @@ blocks and expert pools stay identical by construction: the engines agreed on th
 they started, and expert loads happen on the step, never in a background thread
 (`Engine._submit` does not prefetch under expert parallelism).
 
-Two checks run on every step (`agree`): the batch the scheduler chose, before the forward pass,
-and the step's outputs (tokens, finished, reasons) after it. If the ranks differ, every rank
-stops with a ParallelError that names the step, instead of serving answers from diverged
-states or hanging in a collective that the other ranks never call. While idle, the leader sends
+One check runs on every step (`agree`, one all-reduce), before the forward pass: the batch the
+scheduler chose, together with the previous step's outputs (tokens, finished, reasons). A step's
+tokens are rank 0's draw from logits every rank computed together, so they are right when
+served; what a divergence would break is the next forward pass, and the check comes before it
+(`generate` checks its last step on its own). If the ranks differ, every rank stops with a
+ParallelError that names the step, instead of serving answers from diverged states or hanging
+in a collective that the other ranks never call. While idle, the leader sends
 a heartbeat every HEARTBEAT_S seconds, so a waiting rank never reaches the process group's
 timeout; a rank that died shows on the next broadcast as a ParallelError.
 """
@@ -69,6 +73,24 @@ def step_digest(outs) -> list:
             for o in outs]  # fmt: skip
 
 
+def rank0_value(value):
+    """Rank 0's value on every rank (`generate`'s ranks add requests in the same order)."""
+    from expertswitch.parallel.comm import collective
+
+    box = [value]
+    collective("sampling seed broadcast", None, _dist().broadcast_object_list, box, 0)
+    return box[0]
+
+
+def min_over_ranks(*values: int | None) -> tuple:
+    """The smallest of each value over all ranks (None stays None)."""
+    from expertswitch.parallel.comm import collective
+
+    got: list = [None] * _dist().get_world_size()
+    collective("engine size agreement", None, _dist().all_gather_object, got, values)
+    return tuple(None if v is None else min(g[i] for g in got) for i, v in enumerate(values))
+
+
 class StepMirror:
     """Rank 0 records and broadcasts engine operations; the other ranks replay them."""
 
@@ -108,11 +130,14 @@ class StepMirror:
             self.closed = True
 
     def _send(self, step: bool, stop: bool = False) -> None:
+        box = [(self.pending, step, stop, False)]
+        self.pending = []
+        self._put(box)
+
+    def _put(self, box: list) -> None:
         if self.closed:
             raise ParallelError("serving over ranks has stopped: the ranks no longer step "
                                 "together (see the earlier error)")  # fmt: skip
-        box = [(self.pending, step, stop, False)]
-        self.pending = []
         self._broadcast(box)
         self.last_sent = time.monotonic()
 
@@ -122,10 +147,7 @@ class StepMirror:
         themselves when any rank failed; the caller undoes it here."""
         if self.pending:
             self._send(step=False)
-        if self.closed:
-            self._send(step=False)  # raises: the ranks no longer step together
-        self._broadcast([([op], False, False, True)])
-        self.last_sent = time.monotonic()
+        self._put([([op], False, False, True)])
         return self._outcomes(None)
 
     def _outcomes(self, mine: str | None) -> list[str | None]:
