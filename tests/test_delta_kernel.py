@@ -219,6 +219,7 @@ def test_config_heuristic():
     cfg = delta_config(4096, 4096, 128, 16, 18)
     assert cfg.block_m == 16 and 18 * 4096 // cfg.block_n >= 2 * SMS
     assert delta_config(4096, 4096, 128, 16, 1).block_n == 32
+    assert delta_config(4096, 4096, 128, 16, 1, sms=32).block_n == 64  # a smaller GPU's SMs
     assert delta_config(4096, 4096, 128, 64, 40).block_m == 64
     assert delta_config(4096, 4096, 4096, 16, 1).block_k == 64  # BitDelta: one group
     assert delta_config(4096, 4096, 96, 16, 1).block_k == 32

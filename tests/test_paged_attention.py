@@ -181,6 +181,7 @@ def test_split_heuristic():
     # one sequence: ~SMS programs, capped by 4 tiles per split
     cfg = decode_config(1, 8, 128, 16)
     assert cfg.tile == 32 and cfg.splits == min(-(-SMS // 8), 2048 // 32 // 4)
+    assert decode_config(1, 8, 128, 16, sms=114).splits == -(-114 // 8)  # an H100 PCIe
     assert decode_config(1, 8, 8, 16).splits == 1  # 128 keys = 4 tiles: not worth a split
     assert decode_config(1, 8, 128, 16, window=64).splits == 1  # the window caps the work
     assert decode_config(2, 1, 4096, 16).splits == 32  # MAX_SPLITS

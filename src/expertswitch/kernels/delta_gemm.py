@@ -33,11 +33,11 @@ from expertswitch.compress.packed import PackedDelta
 from expertswitch.compress.packing import padded_k, plane_widths
 from expertswitch.compress.quant import num_groups
 from expertswitch.kernels.align import align_block_size, align_block_size_triton
+from expertswitch.kernels.moe_config import SMS, device_limits  # SMS: the default target
 from expertswitch.utils.imports import is_triton_available
 
 # Table columns: planes 0 and 1 (3-bit codes use two), scales, zeros, salient_idx, salient_cols.
 TABLE_COLS = 6
-SMS = 132  # streaming multiprocessors of an H100 (the heuristic's target)
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -215,18 +215,19 @@ def pick_block_m(t: int, n_slots: int) -> int:
     return 16 if per_slot <= 16 else 32 if per_slot <= 48 else 64
 
 
-def delta_config(n: int, k: int, group_size: int, block_m: int, n_row_blocks: int) -> DeltaConfig:
+def delta_config(n: int, k: int, group_size: int, block_m: int, n_row_blocks: int,
+                 sms: int = SMS) -> DeltaConfig:  # fmt: skip
     """Untuned defaults (no GPU has timed them yet). BLOCK_K: 64, or 32 when the group is
     narrower; 128-wide tiles unpack 16K codes per program and reach 255 registers on sm_90
     (check_sm90), 64 keeps 2-bit decode at ~167. BLOCK_N: while row blocks are few (decode),
-    narrow enough for ~2 programs per SM to stream the weights."""
+    narrow enough for ~2 programs per each of the GPU's `sms` to stream the weights."""
     bk = 64 if group_size % 64 == 0 else 32
     if group_size >= k:  # one group per row (BitDelta): any tile lies in it
         bk = 64 if k > 32 else 32
     if block_m >= 64:
         return DeltaConfig(block_m, 128, bk, num_warps=8, num_stages=3)
     bn = 128
-    while bn > 32 and n_row_blocks * -(-n // bn) < 2 * SMS:
+    while bn > 32 and n_row_blocks * -(-n // bn) < 2 * sms:
         bn //= 2
     return DeltaConfig(block_m, bn, bk, num_warps=4, num_stages=4)
 
@@ -395,8 +396,9 @@ def delta_matmul(
         raise ImportError("Triton is not installed: pip install 'expertswitch[gpu]'")
     if out is None:
         out = torch.zeros(x.shape[0], table.n, dtype=torch.float32, device=x.device)
+    sms = device_limits(x.device).sms
     cfg = config or delta_config(table.n, table.k, table.group_size, groups.block_m,
-                                 groups.block_slot.numel())  # fmt: skip
+                                 groups.block_slot.numel(), sms)  # fmt: skip
     check_launch(x, table, groups, out, cfg)
     if x.shape[0] == 0 or groups.block_slot.numel() == 0:
         return out

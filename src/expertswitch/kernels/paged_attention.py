@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from expertswitch.kernels.moe_config import SMS
+from expertswitch.kernels.moe_config import SMS, device_limits
 from expertswitch.utils.imports import is_triton_available
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -83,18 +83,18 @@ class DecodeConfig:
 
 
 def decode_config(batch: int, kv_heads: int, max_blocks: int, block_size: int,
-                  window: int | None = None) -> DecodeConfig:  # fmt: skip
+                  window: int | None = None, sms: int = SMS) -> DecodeConfig:  # fmt: skip
     """Untuned defaults (no GPU has timed them yet). Tiles of 32 keys (or one whole block when
-    bigger). Split while B·kv programs fill less than the SMs: enough splits to reach ~SMS
-    programs, each with at least MIN_TILES_PER_SPLIT tiles of the longest possible sequence
+    bigger). Split while B·kv programs fill less than the GPU's `sms`: enough splits to reach
+    ~`sms` programs, each with at least MIN_TILES_PER_SPLIT tiles of the longest possible sequence
     (the table's width, capped by the window) — known on the host without reading kv_lens."""
     tile = max(32, block_size)
     keys = max_blocks * block_size if window is None else min(max_blocks * block_size, window)
     tiles = -(-keys // tile) + (window is not None)  # a window may straddle one more tile
     programs = batch * kv_heads
     splits = 1
-    if programs < SMS:
-        splits = max(1, min(-(-SMS // programs), tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+    if programs < sms:
+        splits = max(1, min(-(-sms // programs), tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
     return DecodeConfig(tile=tile, splits=splits)
 
 
@@ -299,7 +299,8 @@ def paged_decode(
     if b == 0:
         return out
     kvh = k_cache.shape[2]
-    cfg = config or decode_config(b, kvh, block_tables.shape[1], k_cache.shape[1], window)
+    cfg = config or decode_config(b, kvh, block_tables.shape[1], k_cache.shape[1], window,
+                                  device_limits(q.device).sms)  # fmt: skip
     partials = None
     if cfg.splits > 1:
         f32 = dict(dtype=torch.float32, device=q.device)
