@@ -11,7 +11,7 @@ from conftest import finetune_like, tiny_config
 from expertswitch.compress import CompressOptions, compress_expert, make_method, reconstruct
 from expertswitch.compress.calibration import CalibOptions
 from expertswitch.engine import Engine, SamplingParams
-from expertswitch.errors import ArchiveError, CompatibilityError, ConfigError
+from expertswitch.errors import CompatibilityError, ConfigError
 from expertswitch.io.archive import open_archive
 
 OPTS = CompressOptions(
@@ -299,16 +299,37 @@ def test_expert_with_larger_vocabulary_and_quantized_embeddings(tmp_path):
         eng.add_request(p_new, None, GREEDY)  # the base has no token 260
 
 
-def test_mixtral_base_and_expert_archives(tmp_path):
-    """Mixtral's MoE FFN serves the base; an expert that changes MoE weights is refused at
-    registration with the way out (reconstruct), not served wrong."""
+def test_mixtral_experts_that_change_the_moe_layers(tmp_path, monkeypatch):
+    """A fine-tune of a Mixtral base changes the router and every MoE expert's w1/w2/w3: its
+    rows use those deltas (packed, per row), in a batch with the base and another expert,
+    and get transformers' tokens on the checkpoint reconstructed from its archive; the base's
+    rows keep the fused path's tokens."""
+    from expertswitch.models import layers
+
     config = tiny_config("mixtral")
-    base, experts = make_family(tmp_path, config, n_experts=1, method=make_method("rtn", bits=4))
-    eng = Engine(base)
-    p = prompts(1)[0]
-    assert eng.generate(p, sampling=GREEDY)[0].token_ids == hf_greedy(base, p, GREEDY.max_tokens)
-    with pytest.raises(ArchiveError, match="reconstruct"):
-        eng.add_expert("moe", experts[0][0])
+    base, experts = make_family(tmp_path, config, n_experts=2, method=make_method("rtn", bits=4))
+    entries = open_archive(experts[0][0]).entries
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in entries
+    assert "model.layers.1.block_sparse_moe.gate.weight" in entries
+    eng = Engine(base, {"e0": experts[0][0], "e1": experts[1][0]})
+    ps = prompts(4)
+    use = ["e0", None, "e1", "e0"]
+    outs = eng.generate(ps, use, sampling=GREEDY)
+    for p, u, o in zip(ps, use, outs):
+        model = base if u is None else experts[int(u[1])][1]
+        assert o.token_ids == hf_greedy(model, p, GREEDY.max_tokens), u
+    assert outs[0].token_ids != eng.generate(ps[0], sampling=GREEDY)[0].token_ids
+    # alone, each expert's rows take the per-row path for the whole batch
+    assert eng.generate(ps[2], "e1", sampling=GREEDY)[0].token_ids == outs[2].token_ids
+    # the delta term from the reference formula, and from the GPU's Triton kernel (one launch
+    # for the experts of the rows routed to each MoE expert), gives the same tokens
+    import importlib.util
+
+    paths = ["reference"] + (["kernel"] if importlib.util.find_spec("triton") else [])
+    for path in paths:
+        monkeypatch.setattr(layers, "DELTA_PATH", path)
+        again = eng.generate(ps, use, sampling=SamplingParams(temperature=0.0, max_tokens=6))
+        assert [o.token_ids for o in again] == [o.token_ids[:6] for o in outs], path
 
 
 def test_bad_input_gets_clear_errors(llama, llama_engine, tmp_path):

@@ -50,8 +50,9 @@ class ExpertRegistry:
         if foreign:
             raise ArchiveError(
                 f"expert {name!r} changes {len(foreign)} tensor(s) the engine cannot apply per "
-                f"request, e.g. {foreign[0]} (MoE expert weights and routers are not served from "
-                "deltas yet); rebuild it with `expertswitch reconstruct` and serve that instead"
+                f"request, e.g. {foreign[0]} (the MoE layers of an expertswitch_moe "
+                "checkpoint are not served from deltas yet); rebuild it with `expertswitch "
+                "reconstruct` and serve that instead"
             )
         emb = archive.entries.get("model.embed_tokens.weight")
         vocab = self.base_vocab

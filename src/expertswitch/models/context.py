@@ -36,6 +36,13 @@ class ExpertBatch:
         segments = [torch.nonzero(row_slot == s).flatten() for s in range(len(experts))]
         return cls(experts, row_slot, segments)
 
+    def subset(self, rows: torch.Tensor) -> ExpertBatch:
+        """The batch of rows `rows` (int64 indices), in that order: same experts and kernel
+        tables, its own per-step cache."""
+        sub = ExpertBatch.build(self.experts, self.row_slot.index_select(0, rows))
+        sub.tables = self.tables
+        return sub
+
     def users_of(self, name: str, table: str) -> list[tuple[int, object]]:
         """(slot, value) for every active expert that stores tensor `name` in `table`
         ("deltas" or "exact"), with at least one row in this batch."""

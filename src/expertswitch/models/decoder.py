@@ -31,6 +31,7 @@ from expertswitch.models.attention import PaddedLayout, paged_attention, write_k
 from expertswitch.models.config import ModelConfig
 from expertswitch.models.context import ExpertBatch, StepContext
 from expertswitch.models.layers import MultiExpertLinear, RowEmbedding, RowNorm, stacked_rows
+from expertswitch.models.moe_rows import RowMixtralMoE
 from expertswitch.models.rope import Rotary
 
 _ACT = {
@@ -163,7 +164,7 @@ class DecoderLayer:
                 raise ConfigError("expert parallelism serves expertswitch_moe checkpoints; "
                                   "Mixtral's MoE block runs whole: leave "
                                   "expert_parallel_size at 1")  # fmt: skip
-            self.moe = _load_mixtral_moe(p, cfg, ld)
+            self.moe = _load_mixtral_moe(p, cfg, ld)  # RowMixtralMoE: experts may change it
         elif spec is not None:
             self.moe = _load_trained_moe(p, cfg, spec, ld, ep_size)
         else:
@@ -186,7 +187,7 @@ class DecoderLayer:
 
     def mlp(self, x, eb: ExpertBatch) -> torch.Tensor:
         if self.moe is not None:
-            return self.moe(x)
+            return self.moe(x, eb)
         return self.down(self.act(self.gate(x, eb)) * self.up(x, eb), eb)
 
     def __call__(self, x, ctx, kv, layout, cos, sin) -> torch.Tensor:
@@ -209,7 +210,7 @@ def _load_mixtral_moe(prefix: str, cfg: ModelConfig, ld: _Loader):
     state = {n[len(prefix + block) :]: ld.get(n) for n in names if n.startswith(prefix + block)}
     moe.load_hf_state_dict(state)
     moe.requires_grad_(False)
-    return moe
+    return RowMixtralMoE(prefix + block, moe)
 
 
 def _load_trained_moe(prefix: str, cfg: ModelConfig, spec, ld: _Loader, ep_size: int = 1):
@@ -245,7 +246,7 @@ def _load_trained_moe(prefix: str, cfg: ModelConfig, spec, ld: _Loader, ep_size:
                                   f"{tuple(t.shape)}")  # fmt: skip
     moe.load_state_dict(state)
     moe.requires_grad_(False)
-    return lambda x: moe.infer(x, replicated=ep_size > 1)
+    return lambda x, eb: moe.infer(x, replicated=ep_size > 1)  # (no expert changes it)
 
 
 class Decoder:
@@ -328,6 +329,8 @@ class Decoder:
             linears = [layer.q, layer.k, layer.v, layer.o]
             if layer.moe is None:
                 linears += [layer.gate, layer.up, layer.down]
+            elif isinstance(layer.moe, RowMixtralMoE):
+                names |= layer.moe.names
             for lin in linears:
                 names |= {lin.name, lin.bias_name}
         return names
