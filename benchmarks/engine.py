@@ -293,9 +293,12 @@ def bandwidths(device) -> dict:
     return out
 
 
-def decode_fixture(model, experts: list[ExpertWeights], batch: int, ctx: int, device):
+def decode_fixture(model, experts: list[ExpertWeights], batch: int, ctx: int, device,
+                   graphs: bool = False):  # fmt: skip
     """A runner with `batch` sequences of `ctx` cached tokens spread over `experts` (random
-    keys/values: attention reads them all the same)."""
+    keys/values: attention reads them all the same); graphs: decode steps replayed from CUDA
+    graphs (engine/graphs.py), as the engine runs them on a GPU."""
+    from expertswitch.engine.graphs import DecodeGraphs
     from expertswitch.engine.kv_cache import BlockManager
     from expertswitch.engine.request import Request, Status
     from expertswitch.engine.runner import ModelRunner
@@ -303,7 +306,9 @@ def decode_fixture(model, experts: list[ExpertWeights], batch: int, ctx: int, de
 
     bs = 16
     blocks = BlockManager(batch * (ctx // bs + 2), bs)
-    runner = ModelRunner(model, blocks, model.new_kv_cache(blocks.num_blocks, bs))
+    kv = model.new_kv_cache(blocks.num_blocks + 1, bs)  # + the graphs' scratch block
+    dg = DecodeGraphs(model, kv, blocks.num_blocks, bs, ctx // bs + 2, batch) if graphs else None
+    runner = ModelRunner(model, blocks, kv, dg)
     reqs = []
     for i in range(batch):
         name = experts[i % len(experts)].name if experts else None
@@ -342,6 +347,23 @@ def decode_row(model, active: list[ExpertWeights], batch: int, ctx: int, device)
             r.num_cached = ctx  # run() marks the token cached; keep the fixture as it was
 
     ours = time_step(step, device)
+    graphed = float("nan")
+    if str(device).startswith("cuda"):  # the same step replayed from a CUDA graph
+        from expertswitch.engine.graphs import STEADY_STEPS
+
+        g_runner, g_reqs, _ = decode_fixture(model, active, batch, ctx, device, graphs=True)
+
+        def g_step():
+            g_runner.run(g_reqs, table)
+            for r in g_reqs:
+                r.num_cached = ctx
+
+        for _ in range(STEADY_STEPS + 2):  # steady, then captured
+            g_step()
+        graphed = time_step(g_step, device)
+        if not g_runner.graphs.captures:
+            graphed = float("nan")  # the capture failed (logged): no graph to time
+        del g_runner
     attention.ATTENTION_PATH = "torch"  # the decode-attention choice, by measurement
     try:
         torch_attention = time_step(step, device, iters=3)
@@ -354,7 +376,8 @@ def decode_row(model, active: list[ExpertWeights], batch: int, ctx: int, device)
         layers.DELTA_PATH = "auto"
     per_expert = [[r for r in reqs if r.expert == e.name] for e in active] or [reqs]
     seq = time_step(lambda: [step(sub) for sub in per_expert], device, iters=3)
-    return {"experts": len(active), "ours_ms": ours, "torch_attention_ms": torch_attention,
+    return {"experts": len(active), "ours_ms": ours, "graphed_ms": graphed,
+            "torch_attention_ms": torch_attention,
             "peft_loop_ms": peft,
             "sequential_ms": seq, "delta_bytes": sum(e.nbytes() for e in active)}  # fmt: skip
 
@@ -380,6 +403,7 @@ def gpu_part(args) -> tuple[dict, str]:
         row = decode_row(model, resident[:n], batch, ctx, device)
         row["floor_ms"] = (base_bytes + row["delta_bytes"] + kv_read) / bw["hbm"] * 1e3
         row["ratio"] = row["ours_ms"] / row["floor_ms"]
+        row["graphed_ratio"] = row["graphed_ms"] / row["floor_ms"]
         rows.append(row)
     switch = {}
     if device.startswith("cuda"):
@@ -404,11 +428,13 @@ def gpu_part(args) -> tuple[dict, str]:
               "base_gb": base_bytes / 1e9, "bandwidth": bw, "decode": rows,
               "switch": switch}  # fmt: skip
     md = [
-        "| experts | ours ms | floor ms | ratio (goal ≤ 1.3) | ours, torch attention ms | "
-        "PEFT-style loop ms | per-expert batches ms | active delta GB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| experts | ours ms | ours, CUDA graph ms | floor ms | ratio (goal ≤ 1.3) | graph ratio "
+        "| ours, torch attention ms | PEFT-style loop ms | per-expert batches ms | active "
+        "delta GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    md += [f"| {r['experts']} | {r['ours_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio']:.2f} | "
+    md += [f"| {r['experts']} | {r['ours_ms']:.2f} | {r['graphed_ms']:.2f} | "
+           f"{r['floor_ms']:.2f} | {r['ratio']:.2f} | {r['graphed_ratio']:.2f} | "
            f"{r['torch_attention_ms']:.2f} | {r['peft_loop_ms']:.2f} | "
            f"{r['sequential_ms']:.2f} | {r['delta_bytes'] / 1e9:.2f} |"
            for r in rows]  # fmt: skip

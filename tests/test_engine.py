@@ -445,6 +445,92 @@ def test_sliding_window_through_the_attention_kernel(tmp_path, monkeypatch):
     assert eng.generate(p, "x", sp)[0].token_ids == hf_greedy(rec, p, 12)
 
 
+def test_decode_graph_path_pads_and_equals_transformers(llama, solo, tmp_path, monkeypatch):
+    """What a CUDA graph replays (engine/graphs.py), run on CPU without the capture: decode
+    steps padded to their bucket (5 sequences → 8, 3 → 4), the layers on static buffers, the
+    padding rows writing to the scratch block, through the delta and decode kernels (Triton's
+    interpreter). Mixed experts and base rows get transformers' tokens; then Mistral past its
+    sliding window."""
+    pytest.importorskip("triton")
+    from expertswitch.engine import graphs
+    from expertswitch.models import attention, layers
+
+    monkeypatch.setattr(graphs, "GRAPH_MODE", "static")
+    monkeypatch.setattr(layers, "DELTA_PATH", "kernel")
+    monkeypatch.setattr(attention, "ATTENTION_PATH", "kernel")
+    base, experts = llama
+    ps, ref = solo
+    eng = Engine(base, {f"e{i}": a for i, (a, _) in enumerate(experts)}, num_kv_blocks=40,
+                 block_size=4)  # fmt: skip
+    scratch = eng.kv_cache[0][0][eng.blocks.num_blocks]
+    scratch.fill_(7.0)
+    sp = SamplingParams(temperature=0.0, max_tokens=8)
+    for combos in ([(0, "e0"), (1, None), (2, "e1"), (1, "e0"), (0, None)],
+                   [(2, None), (0, "e1"), (1, "e1")]):  # fmt: skip
+        outs = eng.generate([ps[i] for i, _ in combos], [e for _, e in combos], sp)
+        for (i, e), out in zip(combos, outs):
+            assert out.token_ids == ref[(i, e)][:8], (i, e)
+    graph = eng.runner.graphs
+    assert graph.replays >= 2 * 7 and set(graph.static) == {4, 8}
+    # the padding rows (zero inputs: zero keys) wrote to the scratch block's first slot only
+    assert scratch[0].abs().sum() == 0 and bool((scratch[1:] == 7.0).all())
+    # an engine that never pads: the same tokens (and it ran no static step)
+    eager = Engine(base, {f"e{i}": a for i, (a, _) in enumerate(experts)}, enforce_eager=True)
+    out = eager.generate(ps[0], "e0", sp)[0]
+    assert out.token_ids == ref[(0, "e0")][:8] and eager.runner.graphs is None
+    mistral, (m_exp,) = make_family(tmp_path, tiny_config("mistral"), n_experts=1)
+    eng = Engine(mistral, {"x": m_exp[0]})
+    p = prompts(1, (60,))[0]
+    outs = eng.generate([p, p[:50]], ["x", None], SamplingParams(temperature=0.0, max_tokens=12))
+    assert outs[0].token_ids == hf_greedy(m_exp[1], p, 12)
+    assert outs[1].token_ids == hf_greedy(mistral, p[:50], 12)
+    assert eng.runner.graphs.replays == 11
+
+
+def test_decode_graphs_leave_out_what_they_cannot_capture(tmp_path, monkeypatch):
+    """Experts that change a Mixtral MoE block run eagerly (their rows are gathered by host-side
+    index lists); the base's decode steps on the same engine take the graph path."""
+    pytest.importorskip("triton")
+    from expertswitch.engine import graphs
+    from expertswitch.models import attention
+
+    monkeypatch.setattr(graphs, "GRAPH_MODE", "static")
+    monkeypatch.setattr(attention, "ATTENTION_PATH", "kernel")
+    base, experts = make_family(tmp_path, tiny_config("mixtral"), n_experts=1,
+                                method=make_method("rtn", bits=4))  # fmt: skip
+    eng = Engine(base, {"m": experts[0][0]})
+    p = prompts(1)[0]
+    sp = SamplingParams(temperature=0.0, max_tokens=6)
+    assert eng.generate(p, "m", sp)[0].token_ids == hf_greedy(experts[0][1], p, 6)
+    assert eng.runner.graphs.replays == 0
+    assert eng.generate(p, None, sp)[0].token_ids == hf_greedy(base, p, 6)
+    assert eng.runner.graphs.replays == 5
+    assert graphs.buckets(64)[:5] == [1, 2, 4, 8, 16] and graphs.buckets(64)[-1] == 64
+    assert graphs.buckets(20) == [1, 2, 4, 8, 16, 24]
+
+
+@pytest.mark.gpu
+def test_decode_graphs_on_gpu_equal_eager_and_transformers(llama, solo):
+    """CUDA graphs captured and replayed (5 sequences in the bucket of 8; a new expert set
+    recaptures): transformers' tokens, and the same logprobs as the eager engine."""
+    base, experts = llama
+    ps, ref = solo
+    archives = {f"e{i}": a for i, (a, _) in enumerate(experts)}
+    combos = [(0, "e0"), (1, None), (2, "e1"), (1, "e0"), (0, None)]
+    sp = SamplingParams(temperature=0.0, max_tokens=16, logprobs=1)
+    outs = {}
+    for eager in (False, True):
+        eng = Engine(base, archives, device="cuda", enforce_eager=eager)
+        outs[eager] = eng.generate([ps[i] for i, _ in combos], [e for _, e in combos], sp)
+        outs[eager] += eng.generate(ps[:2], ["e1", "e1"], sp)
+        if not eager:
+            assert eng.runner.graphs.captures >= 2 and eng.runner.graphs.replays > 10
+    for (i, e), out in zip(combos + [(0, "e1"), (1, "e1")], outs[False]):
+        assert out.token_ids == ref[(i, e)][:16], (i, e)
+    for a, b in zip(outs[False], outs[True]):
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
 @pytest.mark.gpu
 def test_engine_on_gpu_equals_transformers(llama, solo):
     """fp32 on the GPU: the delta kernel (IEEE fp32 dots) and the torch attention path."""

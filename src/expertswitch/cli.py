@@ -189,6 +189,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="slice the attention and MLP layers over N ranks (torchrun, as "
                    "above); combines with --expert-parallel-size")  # fmt: skip
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly on a GPU instead of replaying them from CUDA "
+                   "graphs (as vLLM's flag)")  # fmt: skip
 
 
 def _add_serve(sub) -> None:
@@ -240,6 +243,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="slice the attention and MLP layers over N ranks (torchrun, as "
                    "above); combines with --expert-parallel-size")  # fmt: skip
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly on a GPU instead of replaying them from CUDA "
+                   "graphs (as vLLM's flag)")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
@@ -591,7 +597,8 @@ def _generate(args, prompts, use, sampling, dtype) -> None:
     ep, tp = args.expert_parallel_size, args.tensor_parallel_size
     device = _init_ranks(ep, tp, args.device)
     eng = Engine(args.base, _expert_args(args.expert), device=device, dtype=dtype,
-                 expert_parallel_size=ep, tensor_parallel_size=tp)  # fmt: skip
+                 expert_parallel_size=ep, tensor_parallel_size=tp,
+                 enforce_eager=args.enforce_eager)  # fmt: skip
     experts = use * len(prompts) if len(use) == 1 else use
     if eng.parallel:
         if args.stream:
@@ -735,7 +742,8 @@ def cmd_serve(args) -> None:
     options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                "device_budget_bytes": _size_arg(args.gpu_budget, "--gpu-budget"),
                "host_budget_bytes": _size_arg(args.host_budget, "--host-budget"),
-               "kv_cache_bytes": _size_arg(args.kv_cache_size, "--kv-cache-size")}  # fmt: skip
+               "kv_cache_bytes": _size_arg(args.kv_cache_size, "--kv-cache-size"),
+               "enforce_eager": args.enforce_eager or None}  # fmt: skip
     from expertswitch.utils.imports import resolve_device
 
     on_cpu = resolve_device(args.device) == "cpu"

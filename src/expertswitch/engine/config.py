@@ -26,9 +26,15 @@ class EngineConfig:
     # attention and dense MLP layers sliced over this many torchrun ranks (Megatron-style; any
     # checkpoint whose heads, kv heads and intermediate size it divides), in the same lockstep
     tensor_parallel_size: int = 1
+    # decode steps run eagerly, never replayed from CUDA graphs (vLLM's enforce_eager)
+    enforce_eager: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.enforce_eager, bool):
+            raise ConfigError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         for f in fields(self):
+            if f.name == "enforce_eager":
+                continue
             v = getattr(self, f.name)
             if v is None and f.default is None:
                 continue

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from expertswitch.engine.config import EngineConfig
+from expertswitch.engine.graphs import DecodeGraphs
 from expertswitch.engine.kv_cache import BlockManager, auto_num_blocks
 from expertswitch.engine.mirror import StepMirror, agree, min_over_ranks, rank0_value, step_digest
 from expertswitch.engine.pool import ExpertLoadError, ExpertPool, PoolError, PoolFullError
@@ -99,10 +100,15 @@ class Engine:
                                  num_blocks * block)  # fmt: skip
         # (an explicit max_model_len may pass max_position_embeddings: scaled RoPE)
         self.blocks = BlockManager(num_blocks, block)
-        self.kv_cache = self.model.new_kv_cache(num_blocks, block)
+        # one block more than the scheduler hands out: decode graphs' padding rows write there
+        self.kv_cache = self.model.new_kv_cache(num_blocks + 1, block)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.max_active_experts)  # fmt: skip
-        self.runner = ModelRunner(self.model, self.blocks, self.kv_cache)
+        graphs = None
+        if not cfg.enforce_eager:
+            graphs = DecodeGraphs(self.model, self.kv_cache, num_blocks, block,
+                                  -(-self.max_model_len // block), cfg.max_num_seqs)  # fmt: skip
+        self.runner = ModelRunner(self.model, self.blocks, self.kv_cache, graphs)
         self.pool = ExpertPool(self._load, self.device, budget, cfg.host_budget_bytes)
         self._held: dict[str, object] = {}  # experts acquired while they have running requests
         self._requests: dict[str, Request] = {}
@@ -548,6 +554,7 @@ class Engine:
             "aborted": self.aborted,
             "pool": self.pool.stats(),
             "residency": self.pool.residency(),
+            "decode_graphs": self.runner.graphs.stats() if self.runner.graphs else None,
         }
 
     def close(self) -> None:

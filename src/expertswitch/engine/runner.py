@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from expertswitch.engine.graphs import DecodeGraphs
 from expertswitch.engine.kv_cache import BlockManager
 from expertswitch.engine.request import Request
 from expertswitch.engine.sampler import logprobs_of
@@ -15,9 +16,12 @@ from expertswitch.models.expert_weights import ExpertWeights
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, blocks: BlockManager, kv_cache):
+    def __init__(self, model: Decoder, blocks: BlockManager, kv_cache,
+                 graphs: DecodeGraphs | None = None):  # fmt: skip
+        """graphs: decode steps replayed from CUDA graphs (engine/graphs.py), or None."""
         self.model, self.blocks, self.kv_cache = model, blocks, kv_cache
         self.device = model.device
+        self.graphs = graphs
         # delta-kernel pointer tables for the current set of active expert objects: rebuilt
         # when the set changes (a table holds its experts' tensors alive, so it must not
         # outlive their residency)
@@ -32,7 +36,8 @@ class ModelRunner:
         """Flat inputs of the new tokens of `reqs` (prefill: all uncached tokens; decode: the
         last one)."""
         ids, positions, seq_lens, slots, q_lens, kv_lens, slot_of_row = [], [], [], [], [], [], []
-        order = [e for e in dict.fromkeys(r.expert for r in reqs) if e is not None]
+        # slots in name order: the same experts give the same tables (and decode graphs)
+        order = sorted({r.expert for r in reqs if r.expert is not None})
         slot_index = {name: i for i, name in enumerate(order)}
         for r in reqs:
             toks = r.all_token_ids
@@ -60,6 +65,8 @@ class ModelRunner:
         if key != self._tables_key:  # the objects stay referenced, so their ids stay unique
             self._tables_key, self._tables = key, {}
             self._tables_objs = active
+            if self.graphs is not None:
+                self.graphs.reset()  # its graphs read the old tables
         eb = ExpertBatch.build(active, self._tensor(slot_of_row))
         eb.tables = self._tables
         last_slots = self._tensor([slot_index.get(r.expert, -1) for r in reqs])
@@ -71,7 +78,10 @@ class ModelRunner:
         """→ fp32 logits [B, V], one row per request; marks their tokens as cached. A request
         that asks for prompt logprobs gets them on its first prefill."""
         ids, ctx, last_eb = self.prepare(reqs, experts)
-        hidden = self.model.forward(ids, ctx, self.kv_cache)
+        if self.graphs is not None and self.graphs.usable(ctx):
+            hidden = self.graphs.forward(ids, ctx)
+        else:
+            hidden = self.model.forward(ids, ctx, self.kv_cache)
         ends = torch.cumsum(self._tensor(ctx.attention.q_lens), 0) - 1
         logits = self.model.logits(hidden.index_select(0, ends), last_eb)
         start = 0

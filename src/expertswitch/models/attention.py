@@ -99,6 +99,16 @@ def _kernel_fits(q: torch.Tensor, cache: torch.Tensor) -> bool:
         torch.float32, torch.float16, torch.bfloat16)  # fmt: skip
 
 
+def decode_kernel_takes(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype,
+                        cuda: bool) -> bool:  # fmt: skip
+    """Whether decode steps of this model go through the Triton kernel (engine/graphs.py
+    captures only those)."""
+    if not (ATTENTION_PATH == "kernel" or (ATTENTION_PATH == "auto" and cuda)):
+        return False
+    q = torch.empty(0, 1, head_dim, dtype=dtype)
+    return _kernel_fits(q, torch.empty(0, dtype=cache_dtype))
+
+
 def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
     """Store this step's keys/values [T, kv, D] at their cache slots."""
     kvh, d = k.shape[1], k.shape[2]

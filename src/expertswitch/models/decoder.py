@@ -290,6 +290,7 @@ class Decoder:
             self.lm_head = ld.linear("lm_head", fill=float("-inf"))
         self.shapes = {n: ckpt.shape(n) for n in ckpt.names()}
         self.sliced = ld.sliced
+        self.parallel_moe = ep_size > 1  # MoE layers exchange tokens between ranks
 
     def slice_expert(self, w):
         """An expert's weights (models/expert_weights.ExpertWeights) cut like the base under
@@ -367,7 +368,11 @@ class Decoder:
         ab = ctx.attention
         layout = PaddedLayout.build(ab)
         cos, sin = self.rope.cos_sin(ab.positions, ab.seq_lens)
-        x = self.embed(ids, ctx.experts)
+        return self.run_layers(self.embed(ids, ctx.experts), ctx, kv_cache, layout, cos, sin)
+
+    @torch.inference_mode()
+    def run_layers(self, x, ctx: StepContext, kv_cache, layout, cos, sin) -> torch.Tensor:
+        """Embedded rows [T, H] through every layer (what engine/graphs.py captures)."""
         for layer, kv in zip(self.layers, kv_cache):
             x = layer(x, ctx, kv, layout, cos, sin)
         return x

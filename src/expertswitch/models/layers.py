@@ -85,9 +85,12 @@ def _add_deltas_kernel(y, x, eb: ExpertBatch, name: str, users) -> None:
         slots = tuple(s for s, _ in group)
         gkey = ("groups", slots)
         if gkey not in eb.cache:
-            lut = torch.full((len(eb.experts) + 1,), -1, dtype=torch.long, device=x.device)
-            lut[list(slots)] = torch.arange(len(slots), device=x.device)
-            row = lut[eb.row_slot]  # −1 (base, or another format) indexes the last entry: −1
+            lkey = ("lut", slots, len(eb.experts))  # kept with the tables: a CUDA graph's
+            if lkey not in eb.tables:  # capture cannot copy from the host
+                lut = torch.full((len(eb.experts) + 1,), -1, dtype=torch.long, device=x.device)
+                lut[list(slots)] = torch.arange(len(slots), device=x.device)
+                eb.tables[lkey] = lut
+            row = eb.tables[lkey][eb.row_slot]  # −1 (base, or another format): the last, −1
             block_m = pick_block_m(x.shape[0], len(slots))
             eb.cache[gkey] = RowGroups.build(row, len(slots), block_m)
         tkey = (name, slots)
