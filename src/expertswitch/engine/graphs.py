@@ -12,7 +12,9 @@ What a graph fixes, and so what its key holds: the bucket, and the active expert
 Graphs live while that set of expert objects stays the runner's active set (the runner drops its
 tables, and these graphs with them, when it changes), and are captured only after the set has
 been steady for STEADY_STEPS decode steps, so that a churning mix of experts runs eagerly instead
-of capturing graphs it never replays.
+of capturing graphs it never replays. Each set's graphs get a fresh memory pool (cuBLAS keeps its
+workspace in the pool of the capture that made it, so an old pool may never empty), and captures
+run on a stream of their own priority, which the expert pool's prefetch stream can never be.
 
 What stays outside the graph: the embedding (an expert's table may be looked up for a few rows
 only), RoPE's cos/sin (dynamic scaling reads the lengths on the host), the final norm and
@@ -23,7 +25,8 @@ Steps that cannot be captured run eagerly: prefill and mixed steps, batches abov
 bucket, tensor or expert parallelism (collectives), attention the Triton decode kernel does not
 take (head dims that are not powers of two), and experts that replace a whole linear weight or
 change a Mixtral MoE block (their rows are gathered by host-side index lists). A capture that
-fails is reported once and that key runs eagerly from then on.
+fails is reported once; the engine's graphs are dropped (a failed capture may free what the
+others use) and its decode steps run eagerly from then on.
 
 GRAPH_MODE "auto" captures on CUDA; "static" runs the same padded static-buffer path without
 capturing (CPU tests compare it with the eager path); "off" never uses it.
@@ -39,7 +42,7 @@ from expertswitch.models.attention import PaddedLayout, decode_kernel_takes
 from expertswitch.models.context import AttentionBatch, ExpertBatch, StepContext
 
 GRAPH_MODE = "auto"
-STEADY_STEPS = 4  # decode steps with one expert set before its graphs are captured
+STEADY_STEPS = 8  # decode steps with one expert set before its graphs are captured
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,8 @@ class DecodeGraphs:
         self.buckets = buckets(max_num_seqs)
         self.mode = mode or GRAPH_MODE
         self.graphs: dict[int, _Graph] = {}  # bucket → graph, for the current expert set
-        self.failed: set[int] = set()  # buckets whose capture failed for the current set
+        self.broken = False  # a capture failed: no more graphs for this engine
+        self.stream = None  # the captures' own stream (high priority: not a pooled default)
         self.static: dict[int, _Buffers] = {}  # "static" mode: buffers per bucket
         self.steady = 0  # decode steps in a row with the current expert set
         self.pool = None
@@ -95,7 +99,7 @@ class DecodeGraphs:
 
     @property
     def capturing(self) -> bool:
-        return self.mode == "auto" and self.model.device.type == "cuda"
+        return self.mode == "auto" and self.model.device.type == "cuda" and not self.broken
 
     @property
     def enabled(self) -> bool:
@@ -108,7 +112,7 @@ class DecodeGraphs:
     def reset(self) -> None:
         """The active expert set changed: graphs and tables of the old one are dropped."""
         self.graphs.clear()
-        self.failed.clear()
+        self.pool = None  # a fresh pool for the next set's graphs
         self.steady = 0
         self._eligible = None
 
@@ -165,8 +169,6 @@ class DecodeGraphs:
             sub.tables = eb.tables
             self.replays += 1
             return self._body(bufs, sub)[:b].clone()
-        if bp in self.failed:
-            return self.model.forward(ids, ctx, self.kv_cache)
         g = self.graphs.get(bp)
         if g is None:
             g = self._capture(bp, ids, ctx, b)
@@ -203,13 +205,13 @@ class DecodeGraphs:
         """The layers on the static buffers; every index map derived on the device."""
         bp = bufs.x.shape[0]
         dev = bufs.x.device
-        keys = self.max_blocks * self.block_size
         layout = PaddedLayout(
             q_rows=torch.arange(bp, device=dev).unsqueeze(1),
             q_valid=torch.ones(bp, 1, dtype=torch.bool, device=dev),
             blocks=bufs.tables,
             q_pos=(bufs.kv_lens - 1).unsqueeze(1),
-            k_valid=torch.arange(keys, device=dev).unsqueeze(0) < bufs.kv_lens.unsqueeze(1),
+            # (read by the torch path's masks only; graphs take the decode kernel)
+            k_valid=torch.ones(bp, 1, dtype=torch.bool, device=dev),
             kv_lens=bufs.kv_lens,
             decode=True,
             lens=[],  # (read only by the torch path's one-sequence-at-a-time fallback)
@@ -227,24 +229,33 @@ class DecodeGraphs:
         self._fill(bufs, ids, ctx, b)
         eb = ExpertBatch.build(ctx.experts.experts, bufs.row_slot)  # segments: on the host,
         eb.tables = ctx.experts.tables  # before the capture (every slot has rows in each step)
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)
+        before = torch.cuda.current_stream(dev)
         try:
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # compiles kernels, builds the pointer tables
-                for _ in range(2):
-                    self._body(bufs, eb)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            eb.cache.clear()  # row groupings and per-row tensors: recomputed in every replay
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the expert pool's prefetch thread may copy on its own stream
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = self._body(bufs, eb)
+            with torch.cuda.device(dev):
+                if self.stream is None:
+                    self.stream = torch.cuda.Stream(dev, priority=-1)
+                self.stream.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(self.stream):  # compiles kernels, builds the tables
+                    for _ in range(2):
+                        self._body(bufs, eb)
+                torch.cuda.current_stream(dev).wait_stream(self.stream)
+                eb.cache.clear()  # row groupings and per-row tensors: recomputed every replay
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                clear()  # cuBLAS's workspace: allocated in this capture's pool, not before
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: the expert pool's prefetch thread may copy on its own stream
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
+                                      capture_error_mode="thread_local"):  # fmt: skip
+                    out = self._body(bufs, eb)
         except Exception as e:  # noqa: BLE001 - a missed speed-up, never a failed request
-            log.warning("decode graph capture failed for %d sequences (%s: %s); those steps "
-                        "run eagerly", bp, type(e).__name__, e)  # fmt: skip
-            self.failed.add(bp)
+            log.warning("decode graph capture failed for %d sequences (%s: %s); decode steps "
+                        "run eagerly from now on", bp, type(e).__name__, e)  # fmt: skip
+            torch.cuda.set_stream(before)  # a capture that failed to begin leaves its own
+            self.broken = True
+            self.graphs.clear()  # what a failed capture freed may be what they read
+            self.pool = None
             torch.cuda.synchronize(dev)
             return None
         self.captures += 1
