@@ -95,6 +95,22 @@ def solo(llama):
                 for i, p in enumerate(ps)}  # fmt: skip
 
 
+def test_expert_batch_from_host_lists_equals_build():
+    """The runner's segments from one copy of the rows sorted by slot equal the per-slot
+    nonzero of ExpertBatch.build, including slots without rows and all-base batches."""
+    from expertswitch.models.context import ExpertBatch
+
+    g = torch.Generator().manual_seed(0)
+    for n_slots, t in [(0, 5), (1, 1), (3, 17), (4, 40), (2, 0)]:
+        slots = torch.randint(-1, n_slots, (t,), generator=g).tolist() if n_slots else [-1] * t
+        experts = [object()] * n_slots
+        a = ExpertBatch.from_host(experts, slots, "cpu")
+        b = ExpertBatch.build(experts, torch.tensor(slots, dtype=torch.long))
+        assert torch.equal(a.row_slot, b.row_slot) and a.row_slot.dtype == torch.long
+        assert len(a.segments) == n_slots
+        assert all(torch.equal(x, y) for x, y in zip(a.segments, b.segments))
+
+
 def test_llama_experts_and_base_equal_transformers(llama_engine, solo):
     ps, ref = solo
     for expert in (None, "e0", "e1"):

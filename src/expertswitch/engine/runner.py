@@ -67,10 +67,10 @@ class ModelRunner:
             self._tables_objs = active
             if self.graphs is not None:
                 self.graphs.reset()  # its graphs read the old tables
-        eb = ExpertBatch.build(active, self._tensor(slot_of_row))
+        eb = ExpertBatch.from_host(active, slot_of_row, self.device)
         eb.tables = self._tables
-        last_slots = self._tensor([slot_index.get(r.expert, -1) for r in reqs])
-        last_eb = ExpertBatch.build(active, last_slots)
+        last_slots = [slot_index.get(r.expert, -1) for r in reqs]
+        last_eb = ExpertBatch.from_host(active, last_slots, self.device)
         last_eb.tables = self._tables
         return self._tensor(ids), StepContext(eb, attention), last_eb
 
@@ -82,10 +82,16 @@ class ModelRunner:
             hidden = self.graphs.forward(ids, ctx)
         else:
             hidden = self.model.forward(ids, ctx, self.kv_cache)
-        ends = torch.cumsum(self._tensor(ctx.attention.q_lens), 0) - 1
-        logits = self.model.logits(hidden.index_select(0, ends), last_eb)
+        q_lens = ctx.attention.q_lens
+        if all(q == 1 for q in q_lens):  # decode: every row is a sequence's last
+            logits = self.model.logits(hidden, last_eb)
+        else:
+            ends = torch.cumsum(self._tensor(q_lens), 0) - 1
+            logits = self.model.logits(hidden.index_select(0, ends), last_eb)
         start = 0
-        for r, n, slot in zip(reqs, ctx.attention.q_lens, last_eb.row_slot.tolist()):
+        wanted = any(r.sampling.prompt_logprobs is not None and r.num_cached == 0 for r in reqs)
+        slots = last_eb.row_slot.tolist() if wanted else [None] * len(reqs)  # (a host sync)
+        for r, n, slot in zip(reqs, q_lens, slots):
             k = r.sampling.prompt_logprobs
             if k is not None and r.prompt_logprobs is None and r.num_cached == 0:
                 r.prompt_logprobs = self._prompt_logprobs(r, hidden[start : start + n], slot,

@@ -36,6 +36,18 @@ class ExpertBatch:
         segments = [torch.nonzero(row_slot == s).flatten() for s in range(len(experts))]
         return cls(experts, row_slot, segments)
 
+    @classmethod
+    def from_host(cls, experts: list[ExpertWeights], slots: list[int], device) -> ExpertBatch:
+        """From each row's slot as a host list: the segments come from one copy of the rows
+        sorted by slot (no per-slot nonzero, each a host synchronisation on a GPU)."""
+        order = sorted(range(len(slots)), key=slots.__getitem__)  # stable: rows ascending
+        counts = [0] * (len(experts) + 1)
+        for s in slots:
+            counts[s + 1] += 1  # −1 (base) first
+        both = torch.tensor([slots, order], dtype=torch.long, device=device)
+        segments = list(both[1].split(counts))[1:]
+        return cls(experts, both[0], segments)
+
     def subset(self, rows: torch.Tensor) -> ExpertBatch:
         """The batch of rows `rows` (int64 indices), in that order: same experts and kernel
         tables, its own per-step cache."""
