@@ -418,8 +418,8 @@ def scenario_agree_engine(world, rank) -> dict:
     for label, max_tokens, at in (("mid", 6, 3), ("last", 1, 1)):
         eng = Engine(path, tokenizer=False, num_kv_blocks=32, tensor_parallel_size=world)
 
-        def shifted(logits, reqs, eng=eng, at=at):
-            tokens = real(logits, reqs)
+        def shifted(logits, reqs, *eos, eng=eng, at=at):
+            tokens = real(logits, reqs, *eos)
             if rank == world - 1 and eng.steps == at:
                 tokens = [(t + 1) % 120 for t in tokens]
             return tokens

@@ -38,10 +38,10 @@ def test_tiny_temperature_is_greedy_and_one_bad_row_fails_alone(engine, solo):  
 
     real = engine_module.sample
 
-    def poisoned(logits, reqs):
+    def poisoned(logits, reqs, *eos):
         logits = logits.clone()  # an inference-mode tensor: no in-place writes outside it
         logits[[r.request_id == "poison" for r in reqs]] = float("nan")
-        return real(logits, reqs)
+        return real(logits, reqs, *eos)
 
     engine_module.sample = poisoned
     try:

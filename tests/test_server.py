@@ -91,7 +91,7 @@ def alone(reference, prompt, expert, max_tokens, **kw) -> str:
 
 
 def alone_output(reference, prompt, expert, max_tokens, **kw):
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+    sp = SamplingParams(**{"temperature": 0.0, "max_tokens": max_tokens, **kw})
     return reference.generate([prompt], expert=expert, sampling=sp)[0]
 
 
@@ -185,6 +185,28 @@ def test_n_seed_and_several_prompts(client):
     echo = client.completions.create(model="code", prompt="x = ", max_tokens=3, echo=True,
                                      temperature=0)  # fmt: skip
     assert echo.choices[0].text.startswith("x = ")
+
+
+def test_penalties_bias_min_tokens_and_min_p_equal_the_engine(client, reference):
+    """vLLM's sampling parameters through the official client (OpenAI's fields, and vLLM's
+    through extra_body) give what the engine gives the same SamplingParams alone."""
+    prompt = "def add(a, b):"
+    kw = dict(presence_penalty=0.6, frequency_penalty=0.4, repetition_penalty=1.5,
+              logit_bias={7: 3.0, 9: -100.0}, min_tokens=6)  # fmt: skip
+    vllm_fields = {"repetition_penalty": 1.5, "min_tokens": 6}
+    r = client.completions.create(model="code", prompt=prompt, max_tokens=10, temperature=0,
+                                  presence_penalty=0.6, frequency_penalty=0.4,
+                                  logit_bias={"7": 3.0, "9": -100.0},
+                                  extra_body=vllm_fields)  # fmt: skip
+    out = alone_output(reference, prompt, "code", 10, **kw)
+    assert r.choices[0].text == out.text
+    plain = alone_output(reference, prompt, "code", 10)
+    assert out.token_ids != plain.token_ids  # the adjustments changed the answer
+    assert 9 not in out.token_ids and len(out.token_ids) >= 6
+    sampled = dict(model="code", prompt=prompt, max_tokens=8, temperature=1.0, seed=3)
+    a = client.completions.create(**sampled, extra_body={"min_p": 0.3})
+    b = alone_output(reference, prompt, "code", 8, temperature=1.0, seed=3, min_p=0.3)
+    assert a.choices[0].text == b.text
 
 
 def test_token_id_prompts(client, reference):
@@ -406,7 +428,13 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"model": "math", "prompt": "x " * 400}, 400, "context"),
     ({"model": "math", "prompt": [999999]}, 400, "outside the vocabulary"),
     ({"model": "math", "prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"model": "math", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": "math", "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"model": "math", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "not a token id"),
+    ({"model": "math", "prompt": "x", "logit_bias": {"999999": 1}}, 400, "outside the vocab"),
+    ({"model": "math", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+    ({"model": "math", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"model": "math", "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"model": "math", "prompt": "x", "logprobs": 21}, 400, "logprobs must be"),
     ({"model": "math", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      400, "needs logprobs"),

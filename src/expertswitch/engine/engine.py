@@ -216,6 +216,11 @@ class Engine:
                               "stop_token_ids")  # fmt: skip
         text, ids = self._encode(prompt, tok)
         self.check_prompt(ids, expert)
+        vocab = self.registry.vocab(expert)
+        bad = [t for t in sampling.logit_bias or () if t >= vocab]
+        if bad:
+            raise ConfigError(f"logit_bias names token id {bad[0]}, outside the vocabulary "
+                              f"(size {vocab})")  # fmt: skip
         if request_id is None:
             request_id = next(r for r in (f"req-{i}" for i in self._ids)
                               if r not in self._requests)  # fmt: skip
@@ -336,7 +341,10 @@ class Engine:
             return []
         if live:
             logits = self.runner.run(live, {None: None, **self._held})
-            tokens = sample(logits, live)
+            eos = None
+            if any(r.sampling.min_tokens for r in live):  # banned until min_tokens
+                eos = [self.registry.eos(r.expert) for r in live]
+            tokens = sample(logits, live, eos)
             self._record_logprobs(logits, live, tokens)
             for r, tok in zip(live, tokens):
                 if isinstance(tok, SamplingFailure):

@@ -12,9 +12,18 @@ class SamplingFailure(str):
     """In place of a token: why this request's sampling failed (its logits were not finite)."""
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | SamplingFailure]:
+def sample(logits: torch.Tensor, requests: list[Request],
+           eos: list[frozenset[int]] | None = None) -> list[int | SamplingFailure]:  # fmt: skip
     """logits fp32 [B, V] (one row per request) → one token id per request; a request whose
-    row cannot be sampled gets a SamplingFailure, and the others their tokens."""
+    row cannot be sampled gets a SamplingFailure, and the others their tokens. eos: each
+    request's EOS ids (min_tokens bans them; needed when a request sets it). The rows of
+    requests with logits adjustments are adjusted on a copy: `logits` (whose logprobs are
+    reported) is left as the model gave it."""
+    adjusted = [i for i, r in enumerate(requests) if r.sampling.adjusts_logits]
+    if adjusted:
+        logits = logits.clone()
+        for i in adjusted:
+            adjust_logits(logits[i], requests[i], eos[i] if eos else frozenset())
     out: list = logits.argmax(dim=-1).tolist()
     nan = torch.isnan(logits).any(dim=-1).tolist()  # −inf is legitimate (vocabulary padding)
     for i, req in enumerate(requests):
@@ -28,9 +37,35 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | Sampling
     return out
 
 
+def adjust_logits(row: torch.Tensor, req: Request, eos: frozenset[int]) -> None:
+    """In place, in vLLM's order: logit_bias, min_tokens, then the repetition, frequency and
+    presence penalties (sampling.py has their definitions)."""
+    sp, dev = req.sampling, row.device
+    if sp.logit_bias:
+        ids = torch.tensor(list(sp.logit_bias), device=dev)
+        row.index_add_(0, ids, torch.tensor(list(sp.logit_bias.values()), device=dev,
+                                            dtype=row.dtype))  # fmt: skip
+    if len(req.output_token_ids) < sp.min_tokens:
+        banned = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(eos))
+        banned = [t for t in banned if t < row.numel()]
+        if banned:
+            row[torch.tensor(banned, device=dev)] = float("-inf")
+    if sp.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(req.all_token_ids)), device=dev)
+        vals = row[seen]
+        p = sp.repetition_penalty
+        row[seen] = torch.where(vals > 0, vals / p, vals * p)
+    if (sp.frequency_penalty or sp.presence_penalty) and req.output_token_ids:
+        ids, counts = torch.tensor(req.output_token_ids, device=dev).unique(return_counts=True)
+        row[ids] -= sp.frequency_penalty * counts.to(row.dtype) + sp.presence_penalty
+
+
 def _sample_row(row: torch.Tensor, req: Request) -> int:
     sp = req.sampling
     row = row / sp.temperature
+    if sp.min_p > 0:  # tokens below min_p × the top token's probability are dropped
+        probs = torch.softmax(row, dim=-1)
+        row = row.masked_fill(probs < sp.min_p * probs.max(), float("-inf"))
     if 0 < sp.top_k < row.numel():
         kth = torch.topk(row, sp.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))

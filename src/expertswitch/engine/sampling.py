@@ -21,6 +21,17 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # per generated token: its logprob and the top-k (0: its own)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    # logits adjustments, as vLLM applies them before temperature: logit_bias (token id →
+    # added to its logit), min_tokens (EOS and stop_token_ids banned until that many tokens),
+    # then the penalties: repetition (HF's: a seen token's logit divided by it when positive,
+    # multiplied when negative; prompt and output), presence and frequency (OpenAI's: minus
+    # presence once and frequency per occurrence, output tokens only); min_p after temperature
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    min_p: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -42,11 +53,37 @@ class SamplingParams:
             raise ConfigError("stop strings must be non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ConfigError("stop_token_ids must be non-negative integers")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -2 <= v <= 2:
+                raise ConfigError(f"{name} must be a number in [-2, 2], got {v!r}")
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 100:
+            raise ConfigError(f"repetition_penalty must be a number in (0, 100] (1: off), got "
+                              f"{self.repetition_penalty!r}")  # fmt: skip
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigError(f"min_tokens must be an integer from 0 to max_tokens "
+                              f"({self.max_tokens}), got {self.min_tokens!r}")  # fmt: skip
+        bias = self.logit_bias or {}
+        if not isinstance(bias, dict) or any(
+            not _is_int(t) or t < 0 or not _is_number(b) or not -100 <= b <= 100
+            for t, b in bias.items()
+        ):
+            raise ConfigError("logit_bias maps token ids (non-negative integers) to biases in "
+                              "[-100, 100]")  # fmt: skip
+        self.logit_bias = dict(bias) or None
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
                 raise ConfigError(f"{name} must be an integer from 0 to {MAX_LOGPROBS}, got "
                                   f"{k!r}")  # fmt: skip
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any logits adjustment is on (the sampler skips rows without one)."""
+        return bool(self.logit_bias or self.min_tokens or self.presence_penalty
+                    or self.frequency_penalty or self.repetition_penalty != 1)  # fmt: skip
 
     @property
     def greedy(self) -> bool:
@@ -60,3 +97,7 @@ MAX_LOGPROBS = 20  # vLLM's default max_logprobs (and OpenAI's top_logprobs limi
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,8 +1,9 @@
 """The OpenAI request bodies the server accepts (vLLM's fields and defaults), and what they map to.
 
-Fields OpenAI or vLLM define that the engine cannot honour (penalties, logit_bias, logprobs,
-tools, ...) are refused with a 400 that names them only when they would change the answer: a
-default value (0 penalty, empty bias, `logprobs: false`) is accepted. Unknown fields are ignored,
+Fields OpenAI or vLLM define that the engine cannot honour (tools, response formats, a suffix)
+are refused with a 400 that names them only when they would change the answer: a default value
+(`tools: []`, `response_format: {"type": "text"}`) is accepted. Sampling follows vLLM's
+parameters, penalties, logit_bias, min_tokens and min_p included. Unknown fields are ignored,
 as vLLM does, so clients written for other servers keep working.
 """
 
@@ -47,6 +48,7 @@ class _Request(BaseModel):
     frequency_penalty: float | None = 0.0
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    min_p: float | None = None
     user: str | None = None
 
 
@@ -86,14 +88,7 @@ _DEFAULTED = {"n", "stream", "echo", "ignore_eos", "include_stop_str_in_output",
 
 def refuse_unsupported(req: _Request) -> None:
     """400 for options that would change the answer in ways the engine does not implement."""
-    unsupported = {
-        "presence_penalty": req.presence_penalty not in (None, 0, 0.0),
-        "frequency_penalty": req.frequency_penalty not in (None, 0, 0.0),
-        "repetition_penalty": req.repetition_penalty not in (None, 1, 1.0),
-        "logit_bias": bool(req.logit_bias),
-        "min_tokens": req.min_tokens != 0,
-        "skip_special_tokens": req.skip_special_tokens is False,
-    }
+    unsupported = {"skip_special_tokens": req.skip_special_tokens is False}
     if isinstance(req, CompletionRequest):
         unsupported["suffix"] = bool(req.suffix)
     else:
@@ -139,7 +134,28 @@ def sampling_params(req: _Request, max_tokens: int, choice: int) -> SamplingPara
         include_stop_str_in_output=req.include_stop_str_in_output,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=_logit_bias(req.logit_bias),
+        min_tokens=req.min_tokens,
+        min_p=req.min_p or 0.0,
     )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias keys are token ids as JSON strings ("50256"): 400 for any other."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except (TypeError, ValueError):
+            raise HTTPError(400, f"logit_bias key {key!r} is not a token id: its keys are "
+                            "token ids as strings, e.g. {\"50256\": -100}",
+                            param="logit_bias") from None  # fmt: skip
+    return out
 
 
 def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:

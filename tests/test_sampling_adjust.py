@@ -1,0 +1,122 @@
+"""Logits adjustments (vLLM's sampling parameters): repetition penalty and min_p against
+transformers' own logits processors, presence/frequency penalties and logit_bias against a
+plain loop over OpenAI's definition, min_tokens banning EOS and stop ids; then through the engine
+(a bias that forces a token, EOS held back until min_tokens) and validation of bad values."""
+
+import pytest
+import torch
+from test_engine import hf_greedy, llama, prompts, solo  # noqa: F401 (fixtures)
+
+from expertswitch.engine import Engine, SamplingParams
+from expertswitch.engine.request import Request
+from expertswitch.engine.sampler import adjust_logits, sample
+from expertswitch.errors import ConfigError
+
+V = 50
+
+
+def _request(prompt, output, **sp) -> Request:
+    r = Request("r", list(prompt), None, SamplingParams(max_tokens=32, **sp))
+    r.output_token_ids = list(output)
+    return r
+
+
+def _adjusted(row, req, eos=frozenset()):
+    out = row.clone()
+    adjust_logits(out, req, eos)
+    return out
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])
+def test_repetition_penalty_equals_transformers(penalty):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(int(penalty * 10))
+    row = torch.randn(V, generator=g) * 3
+    prompt, output = [3, 7, 7, 11], [11, 20, 3, 42]
+    ours = _adjusted(row, _request(prompt, output, repetition_penalty=penalty))
+    ids = torch.tensor([prompt + output])
+    theirs = RepetitionPenaltyLogitsProcessor(penalty)(ids, row.clone()[None])[0]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_presence_frequency_penalties_and_logit_bias_follow_openai():
+    g = torch.Generator().manual_seed(1)
+    row = torch.randn(V, generator=g)
+    output = [4, 9, 4, 4, 30]
+    bias = {9: 2.5, 0: -100.0, 49: 0.75}
+    req = _request([4, 5, 6], output, presence_penalty=0.4, frequency_penalty=-0.3,
+                   logit_bias=bias)  # fmt: skip
+    ours = _adjusted(row, req)
+    want = row.clone()
+    for t in range(V):  # OpenAI: mu[j] - c[j]·alpha_frequency - 1[c[j] > 0]·alpha_presence
+        c = output.count(t)
+        want[t] += bias.get(t, 0.0) - c * -0.3 - (0.4 if c else 0.0)
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-6)
+    # the prompt does not count for presence or frequency (it does for repetition)
+    assert _adjusted(row, _request([1, 2], [], presence_penalty=1.0)).equal(row)
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached():
+    row = torch.zeros(V)
+    row[2] = 5.0  # EOS would win
+    eos = frozenset({2})
+    early = _request([1], [7, 8], min_tokens=3, stop_token_ids=[13])
+    out = _adjusted(row, early, eos)
+    assert out[2] == float("-inf") and out[13] == float("-inf") and out[7] == 0
+    assert sample(row[None], [early], [eos]) != [2]
+    done = _request([1], [7, 8, 9], min_tokens=3, stop_token_ids=[13])
+    assert _adjusted(row, done, eos).equal(row) and sample(row[None], [done], [eos]) == [2]
+    ignoring = _request([1], [], min_tokens=3, ignore_eos=True)
+    assert _adjusted(row, ignoring, eos)[2] == 5.0  # EOS is not a stop for it anyway
+
+
+def test_min_p_equals_transformers_and_sampling_keeps_the_raw_logits():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    g = torch.Generator().manual_seed(2)
+    row = torch.randn(V, generator=g) * 0.5
+    theirs = MinPLogitsWarper(0.5)(torch.zeros(1, 1, dtype=torch.long), row.clone()[None])[0]
+    kept = set(torch.nonzero(theirs > float("-inf")).flatten().tolist())
+    drawn = set()
+    for seed in range(200):
+        r = _request([1], [], temperature=1.0, min_p=0.5)
+        r.generator = torch.Generator().manual_seed(seed)
+        drawn |= set(sample(row[None], [r]))
+    assert drawn <= kept and len(drawn) > 1 and len(kept) < V
+    logits = row[None].clone()
+    sample(logits, [_request([1, 2], [2], repetition_penalty=3.0, logit_bias={5: 9.0})])
+    assert logits.equal(row[None])  # adjusted on a copy: logprobs report the model's
+
+
+@pytest.mark.parametrize("bad", [
+    {"presence_penalty": 2.5}, {"frequency_penalty": float("nan")}, {"repetition_penalty": 0},
+    {"repetition_penalty": True}, {"min_p": 1.5}, {"min_tokens": -1}, {"min_tokens": 40},
+    {"logit_bias": {-1: 1.0}}, {"logit_bias": {3: 101}}, {"logit_bias": {"3": 1.0}},
+])  # fmt: skip
+def test_bad_adjustments_are_refused(bad):
+    with pytest.raises(ConfigError):
+        SamplingParams(max_tokens=32, **bad)
+
+
+def test_engine_applies_bias_and_min_tokens(llama, solo):  # noqa: F811
+    """Greedy decoding: a +100 bias makes one token every token; EOS biased to win is held
+    back for min_tokens tokens and then ends the request; a bias outside the vocabulary is
+    refused when the request is made."""
+    base, experts = llama
+    ps, ref = solo
+    eng = Engine(base, {"e0": experts[0][0]})
+    out = eng.generate(ps[0], "e0", SamplingParams(temperature=0.0, max_tokens=6,
+                                                   logit_bias={77: 100.0}))[0]  # fmt: skip
+    assert out.token_ids == [77] * 6
+    eos = 2  # tiny_config's eos_token_id
+    sp = SamplingParams(temperature=0.0, max_tokens=10, logit_bias={eos: 100.0}, min_tokens=4,
+                        logprobs=0)  # fmt: skip
+    out = eng.generate(ps[1], None, sp)[0]
+    assert len(out.token_ids) == 5 and out.token_ids[-1] == eos and eos not in out.token_ids[:4]
+    assert out.finish_reason == "stop"
+    # the first four are the base's own greedy choices once EOS is out of the running
+    base_only = eng.generate(ps[1], None, SamplingParams(temperature=0.0, max_tokens=4))[0]
+    assert out.token_ids[:4] == base_only.token_ids or eos in base_only.token_ids
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        eng.add_request(ps[0], "e0", SamplingParams(logit_bias={10**6: 1.0}))
