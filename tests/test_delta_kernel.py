@@ -268,6 +268,38 @@ def test_cpu_packed_matmul_matches_reference(bits, symmetric, shape):
         assert rel_err(packed_matmul(x, d), ref) < 1e-6
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", [(48, 128, 32, 5), (16, 352, 128, 0), (32, 512, 256, 7),
+                                   (64, 200, 64, 2)])  # fmt: skip
+def test_cpu_int4_form_matches_reference(bits, symmetric, shape):
+    """torch's CPU int4 matmul on the repacked codes (kernels/delta_cpu.to_int4) against
+    PackedDelta.matmul_reference: every code width it takes, partial last groups (352, 200),
+    salient channels, a large and a tiny scale_exp. bf16 activations and steps: ~2^-8."""
+    from expertswitch.kernels.delta_cpu import int4_available, int4_matmul, to_int4
+
+    if DEVICE != "cpu" or not int4_available():
+        pytest.skip("torch's CPU int4 matmul")
+    n, k, group, n_sal = shape
+    for magnitude in (1e-3, 40.0):
+        d = make_delta(n, k, bits, group, symmetric, n_sal, seed=bits, magnitude=magnitude)
+        form = to_int4(d)
+        assert form is not None
+        for rows in (1, 9):
+            x = torch.randn(rows, k)
+            assert rel_err(int4_matmul(x, form), d.matmul_reference(x)) < 1e-2
+
+
+def test_cpu_int4_form_refuses_what_the_kernel_cannot_take():
+    from expertswitch.kernels.delta_cpu import int4_available, to_int4
+
+    if DEVICE != "cpu" or not int4_available():
+        pytest.skip("torch's CPU int4 matmul")
+    assert to_int4(make_delta(16, 128, 8, 32, False, 0, seed=0)) is None  # 8-bit codes
+    assert to_int4(make_delta(40, 128, 2, 32, False, 0, seed=0)) is None  # N not by 16
+    assert to_int4(make_delta(16, 1024, 2, 1024, True, 0, seed=0)) is None  # BitDelta's row
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [32, 128])
 def test_tensor_parallel_slices_through_the_kernel(bits, group):

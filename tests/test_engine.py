@@ -461,6 +461,32 @@ def test_sliding_window_through_the_attention_kernel(tmp_path, monkeypatch):
     assert eng.generate(p, "x", sp)[0].token_ids == hf_greedy(rec, p, 12)
 
 
+def test_cpu_int4_deltas_score_like_the_exact_path(llama, solo):
+    """cpu_int4_deltas (kernels/delta_cpu.to_int4): every expert's linear deltas held also in
+    torch's int4 layout and computed by its CPU int4 matmul; prompt and generated logprobs
+    within bf16 rounding of the exact fp32 path's, mixed batch; counted in the expert's
+    bytes; on by default for bf16 engines only."""
+    from expertswitch.kernels.delta_cpu import int4_available
+
+    if not int4_available():
+        pytest.skip("torch's CPU int4 matmul")
+    base, experts = llama
+    ps, _ = solo
+    archives = {f"e{i}": a for i, (a, _) in enumerate(experts)}
+    exact = Engine(base, archives)
+    fast = Engine(base, archives, cpu_int4_deltas=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, prompt_logprobs=0)
+    use = ["e0", None, "e1"]
+    a, b = exact.generate(ps, use, sp), fast.generate(ps, use, sp)
+    diffs = [abs(x.logprob - y.logprob) for oa, ob in zip(a, b)
+             for x, y in zip(oa.prompt_logprobs[1:], ob.prompt_logprobs[1:])]  # fmt: skip
+    assert max(diffs) < 2e-2 and max(diffs) > 0  # the int4 path ran, and rounded to bf16
+    w = fast._load("e0")
+    assert len(w.cpu_int4) == len(w.deltas)  # every tiny-family delta fits the kernel
+    assert w.nbytes() > exact._load("e0").nbytes()
+    assert not exact.cpu_int4 and Engine(base, archives, dtype=torch.bfloat16).cpu_int4
+
+
 def test_decode_graph_path_pads_and_equals_transformers(llama, solo, tmp_path, monkeypatch):
     """What a CUDA graph replays (engine/graphs.py), run on CPU without the capture: decode
     steps padded to their bucket (5 sequences → 8, 3 → 4), the layers on static buffers, the

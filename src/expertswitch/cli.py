@@ -192,6 +192,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly on a GPU instead of replaying them from CUDA "
                    "graphs (as vLLM's flag)")  # fmt: skip
+    p.add_argument("--cpu-int4-deltas", action="store_true", default=None,
+                   help="on CPU, compute deltas of up to 4 bits with torch's int4 matmul "
+                   "(~7x faster delta terms, rounded to bf16; default: on for bfloat16 "
+                   "and float16)")  # fmt: skip
 
 
 def _add_serve(sub) -> None:
@@ -246,6 +250,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly on a GPU instead of replaying them from CUDA "
                    "graphs (as vLLM's flag)")  # fmt: skip
+    p.add_argument("--cpu-int4-deltas", action="store_true", default=None,
+                   help="on CPU, compute deltas of up to 4 bits with torch's int4 matmul "
+                   "(~7x faster delta terms, rounded to bf16; default: on for bfloat16 "
+                   "and float16)")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
@@ -598,7 +606,8 @@ def _generate(args, prompts, use, sampling, dtype) -> None:
     device = _init_ranks(ep, tp, args.device)
     eng = Engine(args.base, _expert_args(args.expert), device=device, dtype=dtype,
                  expert_parallel_size=ep, tensor_parallel_size=tp,
-                 enforce_eager=args.enforce_eager)  # fmt: skip
+                 enforce_eager=args.enforce_eager,
+                 cpu_int4_deltas=args.cpu_int4_deltas)  # fmt: skip
     experts = use * len(prompts) if len(use) == 1 else use
     if eng.parallel:
         if args.stream:
@@ -743,7 +752,8 @@ def cmd_serve(args) -> None:
                "device_budget_bytes": _size_arg(args.gpu_budget, "--gpu-budget"),
                "host_budget_bytes": _size_arg(args.host_budget, "--host-budget"),
                "kv_cache_bytes": _size_arg(args.kv_cache_size, "--kv-cache-size"),
-               "enforce_eager": args.enforce_eager or None}  # fmt: skip
+               "enforce_eager": args.enforce_eager or None,
+               "cpu_int4_deltas": args.cpu_int4_deltas}  # fmt: skip
     from expertswitch.utils.imports import resolve_device
 
     on_cpu = resolve_device(args.device) == "cpu"

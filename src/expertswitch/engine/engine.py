@@ -40,6 +40,7 @@ from expertswitch.engine.sampling import SamplingParams
 from expertswitch.engine.scheduler import Scheduler
 from expertswitch.engine.tokenizer import load_tokenizer
 from expertswitch.errors import ConfigError, ParallelError
+from expertswitch.kernels.delta_cpu import int4_available, to_int4
 from expertswitch.models.decoder import Decoder
 from expertswitch.models.expert_weights import load_expert
 
@@ -80,6 +81,12 @@ class Engine:
                 raise ConfigError(f"{which}_parallel_size > 1 needs torch.distributed: launch "
                                   "with torchrun (the CLI sets the process group up)")  # fmt: skip
         self.model = Decoder.load(base, self.device, dtype, self.ep_size, self.tp_size)
+        int4 = cfg.cpu_int4_deltas
+        self.cpu_int4 = (
+            self.device.type == "cpu"
+            and int4_available()
+            and (int4 if int4 is not None else dtype in (torch.bfloat16, torch.float16))
+        )
         self.base_path = Path(base)
         self.base_fingerprint = _fingerprint(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path) if tokenizer else None
@@ -174,7 +181,11 @@ class Engine:
     def _load(self, name: str):
         w = load_expert(name, self.registry.get(name).path, self.base_fingerprint,
                         self.model.shapes, self.dtype)  # fmt: skip
-        return self.model.slice_expert(w)  # this rank's slices under tensor parallelism
+        w = self.model.slice_expert(w)  # this rank's slices under tensor parallelism
+        if self.cpu_int4:  # (a delta the kernel cannot take keeps the torch path)
+            forms = {n: to_int4(d) for n, d in w.deltas.items()}
+            w.cpu_int4 = {n: f for n, f in forms.items() if f is not None}
+        return w
 
     @property
     def experts(self) -> list[str]:

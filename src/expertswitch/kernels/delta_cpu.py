@@ -8,9 +8,21 @@ microseconds of dispatch whatever its size, so the engine's step time was domina
 arithmetic in int32 with shifts by constants, one plane at a time, and applies the group's step
 and zero point on a [N, G, g] view, so it costs ~10 ops; it is checked against the reference
 in tests/test_delta_kernel.py.
+
+The int4 form (`to_int4`, `int4_matmul`): torch's CPU int4 matmul
+(`aten._weight_int4pack_mm_for_cpu`) unpacks 4-bit codes inside its GEMM, so a delta costs about
+what a dense matmul does (../shared/CEILINGS.md: 7× less than unpacking with torch ops, tiny
+family). Codes of up to 4 bits are repacked into its layout once, when an expert is loaded; the
+kernel takes bf16 activations and bf16 steps, so the delta term is rounded to bf16 (~3
+significant digits; 2-bit quantization itself moves Δ by tens of percent). Its formula is
+w = (c − 8)·s' + z' per group: the codes are shifted to c = q + 8 − 2^(bits−1), centred on 8, so
+that (c − 8)·s' and z' = (2^(bits−1) − z)·s stay small and bf16 does not round a difference of
+large terms.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -70,3 +82,65 @@ def packed_matmul(x: torch.Tensor, d: PackedDelta) -> torch.Tensor:
     if d.salient_idx is not None:
         y = y + xf.index_select(1, d.salient_idx.long()) @ d.salient_cols.float().T
     return y * 2.0**d.scale_exp
+
+
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 matmul takes
+
+
+@dataclass
+class Int4Form:
+    """A delta in torch's CPU int4 layout: weight uint8 [N, K/2], scales_zeros bf16 [G, N, 2]
+    (s' and z' of each group), salient channels' indices and columns (fp32 [S, N]); the
+    delta's 2**scale_exp is folded into the steps and columns (a power of two: exact)."""
+
+    weight: torch.Tensor
+    scales_zeros: torch.Tensor
+    group_size: int
+    salient_idx: torch.Tensor | None = None
+    salient_cols: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        extra = [t for t in (self.salient_idx, self.salient_cols) if t is not None]
+        return [self.weight, self.scales_zeros, *extra]
+
+
+def int4_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def to_int4(d: PackedDelta) -> Int4Form | None:
+    """The int4 form of a 2-D delta on CPU, or None where the kernel cannot take it (codes of
+    more than 4 bits, output rows not a multiple of 16, a group size it lacks). A partial last
+    group is padded with code 8, times the zero columns `int4_matmul` pads x with."""
+    gs = d.group_size
+    if (len(d.shape) != 2 or d.bits > 4 or d.shape[0] % 16 or gs not in INT4_GROUPS
+            or d.scales.device.type != "cpu" or not int4_available()):  # fmt: skip
+        return None
+    k = d.shape[1]
+    mid = 1 << (d.bits - 1)
+    codes = codes_of(d.planes, d.bits, torch.int32)[:, :k] + (8 - mid)  # centred on 8
+    width = d.scales.shape[-1] * gs
+    codes = torch.nn.functional.pad(codes, (0, width - k), value=8)
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    mult = 2.0**d.scale_exp
+    s = d.scales.float() * mult  # [N, G]
+    z = d.zeros.float() if d.zeros is not None else torch.full_like(s, ((1 << d.bits) - 1) / 2)
+    sz = torch.stack([s.T, ((mid - z) * s).T], dim=-1).to(torch.bfloat16).contiguous()
+    form = Int4Form(weight, sz, gs)
+    if d.salient_idx is not None:
+        form.salient_idx = d.salient_idx.long()
+        form.salient_cols = (d.salient_cols.float() * mult).T.contiguous()
+    return form
+
+
+def int4_matmul(x: torch.Tensor, form: Int4Form) -> torch.Tensor:
+    """x [T, K] → fp32 x·Δ̂ᵀ [T, N] through the int4 form (salient columns in fp32)."""
+    xb = x.to(torch.bfloat16)
+    width = form.scales_zeros.shape[0] * form.group_size
+    if width != x.shape[1]:  # a partial last group
+        xb = torch.nn.functional.pad(xb, (0, width - x.shape[1]))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), form.weight, form.group_size,
+                                                   form.scales_zeros).float()  # fmt: skip
+    if form.salient_idx is not None:
+        y.addmm_(x.index_select(1, form.salient_idx).float(), form.salient_cols)
+    return y

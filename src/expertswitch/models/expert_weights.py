@@ -27,11 +27,15 @@ class ExpertWeights:
     path: Path | None
     deltas: dict[str, PackedDelta] = field(default_factory=dict)
     exact: dict[str, torch.Tensor] = field(default_factory=dict)
+    # CPU engines that opt in: deltas' codes also in torch's CPU int4 layout (kernels/delta_cpu)
+    cpu_int4: dict = field(default_factory=dict)
 
     def tensors(self) -> list[torch.Tensor]:
         out = list(self.exact.values())
         for d in self.deltas.values():
             out.extend(d.parts().values())
+        for f in self.cpu_int4.values():
+            out.extend(f.tensors())
         return out
 
     def nbytes(self) -> int:
@@ -49,11 +53,17 @@ class ExpertWeights:
             parts = {k: fn(v) for k, v in d.parts().items()}
             return PackedDelta.from_parts(d.meta(), parts)
 
+        from dataclasses import replace
+
         return ExpertWeights(
             self.name,
             self.path,
             {k: packed(d) for k, d in self.deltas.items()},
             {k: fn(v) for k, v in self.exact.items()},
+            {
+                k: replace(f, weight=fn(f.weight), scales_zeros=fn(f.scales_zeros))
+                for k, f in self.cpu_int4.items()
+            },  # fmt: skip
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ExpertWeights:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from expertswitch.compress.packed import PackedDelta
-from expertswitch.kernels.delta_cpu import packed_matmul
+from expertswitch.kernels.delta_cpu import int4_matmul, packed_matmul
 from expertswitch.models.context import ExpertBatch
 
 
@@ -61,10 +61,13 @@ def add_deltas(y: torch.Tensor, x: torch.Tensor, eb: ExpertBatch, name: str) -> 
     for s, d in users:
         rows = eb.segments[s]
         xs = x.index_select(0, rows)
+        form = eb.experts[s].cpu_int4.get(name)
         if DELTA_PATH == "dequantize":
             part = xs.float() @ d.dequantize(x.device).T
         elif DELTA_PATH == "reference":
             part = d.matmul_reference(xs)
+        elif form is not None:
+            part = int4_matmul(xs, form)  # fp32 [R, N], the delta term in bf16
         else:
             part = packed_matmul(xs, d)  # fp32 [R, N]
         y[:, : part.shape[1]].index_add_(0, rows, part.to(y.dtype))  # y may be wider (vocab)
