@@ -77,6 +77,14 @@ class ModelRunner:
     def run(self, reqs: list[Request], experts: dict[str | None, ExpertWeights]) -> torch.Tensor:
         """→ fp32 logits [B, V], one row per request; marks their tokens as cached. A request
         that asks for prompt logprobs gets them on its first prefill."""
+        # each expert's rows in one run (base first, then experts by name): the CPU paths
+        # slice them; the logits go back to the callers' order at the end
+        names = sorted({r.expert for r in reqs if r.expert is not None})
+        rank = {n: i for i, n in enumerate(names)}
+        perm = sorted(range(len(reqs)), key=lambda i: rank.get(reqs[i].expert, -1))
+        moved = perm != list(range(len(reqs)))
+        if moved:
+            reqs = [reqs[i] for i in perm]
         ids, ctx, last_eb = self.prepare(reqs, experts)
         if self.graphs is not None and self.graphs.usable(ctx):
             hidden = self.graphs.forward(ids, ctx)
@@ -99,6 +107,11 @@ class ModelRunner:
             start += n
         for r in reqs:
             r.num_cached = r.num_tokens
+        if moved:  # row j is request perm[j]
+            inverse = [0] * len(perm)
+            for j, i in enumerate(perm):
+                inverse[i] = j
+            logits = logits.index_select(0, self._tensor(inverse))
         return logits
 
     def _prompt_logprobs(self, r: Request, hidden, slot: int, like: ExpertBatch, k: int):

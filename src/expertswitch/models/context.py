@@ -14,6 +14,7 @@ Rows are the flattened new tokens of all scheduled sequences, sequence after seq
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,9 @@ class ExpertBatch:
     cache: dict = field(default_factory=dict)
     # kernel pointer tables, valid while the same expert objects are active (runner-owned)
     tables: dict = field(default_factory=dict)
+    # rows sorted by slot (the runner orders them so): each slot's rows are [start, end), so the
+    # CPU paths slice instead of gathering and scattering
+    ranges: list[tuple[int, int]] | None = None
 
     @classmethod
     def build(cls, experts: list[ExpertWeights], row_slot: torch.Tensor) -> ExpertBatch:
@@ -46,7 +50,11 @@ class ExpertBatch:
             counts[s + 1] += 1  # −1 (base) first
         both = torch.tensor([slots, order], dtype=torch.long, device=device)
         segments = list(both[1].split(counts))[1:]
-        return cls(experts, both[0], segments)
+        ranges = None
+        if all(a <= b for a, b in zip(slots, slots[1:])):
+            ends = list(itertools.accumulate(counts))
+            ranges = [(ends[i], ends[i + 1]) for i in range(len(experts))]
+        return cls(experts, both[0], segments, ranges=ranges)
 
     def subset(self, rows: torch.Tensor) -> ExpertBatch:
         """The batch of rows `rows` (int64 indices), in that order: same experts and kernel

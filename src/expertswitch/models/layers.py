@@ -59,8 +59,12 @@ def add_deltas(y: torch.Tensor, x: torch.Tensor, eb: ExpertBatch, name: str) -> 
         _add_deltas_kernel(y, x, eb, name, users)
         return
     for s, d in users:
-        rows = eb.segments[s]
-        xs = x.index_select(0, rows)
+        if eb.ranges is not None:  # this slot's rows are one run: a view, then an add into it
+            start, end = eb.ranges[s]
+            xs = x[start:end]
+        else:
+            rows = eb.segments[s]
+            xs = x.index_select(0, rows)
         form = eb.experts[s].cpu_int4.get(name)
         if DELTA_PATH == "dequantize":
             part = xs.float() @ d.dequantize(x.device).T
@@ -70,7 +74,10 @@ def add_deltas(y: torch.Tensor, x: torch.Tensor, eb: ExpertBatch, name: str) -> 
             part = int4_matmul(xs, form)  # fp32 [R, N], the delta term in bf16
         else:
             part = packed_matmul(xs, d)  # fp32 [R, N]
-        y[:, : part.shape[1]].index_add_(0, rows, part.to(y.dtype))  # y may be wider (vocab)
+        if eb.ranges is not None:
+            y[start:end, : part.shape[1]] += part.to(y.dtype)  # y may be wider (vocab)
+        else:
+            y[:, : part.shape[1]].index_add_(0, rows, part.to(y.dtype))
 
 
 def _add_deltas_kernel(y, x, eb: ExpertBatch, name: str, users) -> None:
