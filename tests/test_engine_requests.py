@@ -222,6 +222,11 @@ def test_generate_command_without_tokenizer_prints_ids(llama, capsys):  # noqa: 
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "[x] '5,6,7' -> '" in out and "''" not in out
+    from expertswitch.kernels.delta_cpu import int4_available
+
+    if int4_available():  # the same greedy answer through the int4 delta matmul (4 tokens)
+        assert main(argv + ["--cpu-int4-deltas", "--enforce-eager"]) == 0
+        assert capsys.readouterr().out == out
     assert main(["generate", "--base", str(base), "--expert", f"base={experts[0][0]}",
                  "--prompt-ids", "5"]) == 2  # fmt: skip
     assert "reserved" in capsys.readouterr().err

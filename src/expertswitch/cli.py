@@ -189,6 +189,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="slice the attention and MLP layers over N ranks (torchrun, as "
                    "above); combines with --expert-parallel-size")  # fmt: skip
+    _add_step_flags(p)
+
+
+def _add_step_flags(p) -> None:
+    """How the engine runs its steps (generate and serve)."""
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly on a GPU instead of replaying them from CUDA "
                    "graphs (as vLLM's flag)")  # fmt: skip
@@ -247,13 +252,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="slice the attention and MLP layers over N ranks (torchrun, as "
                    "above); combines with --expert-parallel-size")  # fmt: skip
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="run decode steps eagerly on a GPU instead of replaying them from CUDA "
-                   "graphs (as vLLM's flag)")  # fmt: skip
-    p.add_argument("--cpu-int4-deltas", action="store_true", default=None,
-                   help="on CPU, compute deltas of up to 4 bits with torch's int4 matmul "
-                   "(~7x faster delta terms, rounded to bf16; default: on for bfloat16 "
-                   "and float16)")  # fmt: skip
+    _add_step_flags(p)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
