@@ -209,6 +209,26 @@ def test_penalties_bias_min_tokens_and_min_p_equal_the_engine(client, reference)
     assert a.choices[0].text == b.text
 
 
+def test_min_tokens_holds_back_stop_strings(reference):
+    """As vLLM: no stop string ends the answer before min_tokens tokens, and one that already
+    appeared earlier does not cut it back afterwards."""
+    prompt = "def add(a, b):"
+    plain = alone_output(reference, prompt, "code", 12)
+    n = next(
+        i
+        for i in range(1, 12)
+        if plain.text
+        and reference.tokenizer.decode(plain.token_ids[:i], skip_special_tokens=True).strip()
+    )
+    stop = reference.tokenizer.decode(plain.token_ids[:n], skip_special_tokens=True).strip()
+    early = alone_output(reference, prompt, "code", 12, stop=[stop])
+    assert early.finish_reason == "stop" and len(early.token_ids) <= n
+    held = alone_output(reference, prompt, "code", 12, stop=[stop], min_tokens=n + 3)
+    assert len(held.token_ids) >= n + 3
+    assert held.token_ids == plain.token_ids[: len(held.token_ids)]
+    assert held.text.startswith(stop)  # the early occurrence stays in the text
+
+
 def test_token_id_prompts(client, reference):
     ids = reference.tokenizer.encode("for i in range(")
     r = client.completions.create(model="code", prompt=ids, max_tokens=10, temperature=0)

@@ -462,22 +462,29 @@ class Engine:
             self.scheduler.max_active_experts = self.config.max_active_experts
 
     def _append(self, r: Request, token: int) -> None:
+        if len(r.output_token_ids) + 1 == r.sampling.min_tokens and r.text is not None:
+            r.stop_floor = len(r.text)  # stop strings must end past the first min_tokens − 1
         r.output_token_ids.append(token)
         sp = r.sampling
         tok = self.tokenizer_for(r.expert)
         if tok is not None:  # the whole output each time: exact for any tokenizer
             r.text = tok.decode(r.output_token_ids, skip_special_tokens=True)
         eos = self.registry.eos(r.expert)
+        early = len(r.output_token_ids) < sp.min_tokens  # (EOS and stop ids are banned then)
         if token in sp.stop_token_ids:
             r.stop_reason = token
             self._finish(r, "stop")
-        elif (not sp.ignore_eos and token in eos) or (sp.stop and self._hit_stop(r)):
+        elif (not sp.ignore_eos and token in eos) or (sp.stop and not early
+                                                       and self._hit_stop(r)):  # fmt: skip
             self._finish(r, "stop")
         elif len(r.output_token_ids) >= sp.max_tokens or r.num_tokens >= self.max_model_len:
             self._finish(r, "length")
 
     def _hit_stop(self, r: Request) -> bool:
-        hits = [(r.text.find(s), s) for s in r.sampling.stop if s in r.text]
+        """The earliest stop string in the text (with min_tokens: the earliest that ends past
+        the text of the first min_tokens − 1 tokens, as vLLM checks none before)."""
+        found = [(r.text.find(s, max(0, r.stop_floor - len(s) + 1)), s) for s in r.sampling.stop]
+        hits = [(at, s) for at, s in found if at >= 0]
         if not hits:
             return False
         at, s = min(hits)

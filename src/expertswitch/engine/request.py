@@ -32,6 +32,7 @@ class Request:
     error: str | None = None
     text: str | None = None  # None without a tokenizer
     stop_reason: str | int | None = None
+    stop_floor: int = 0  # stop strings count only where they end past this many characters
     preemptions: int = 0
     generator: torch.Generator | None = None
     emitted: int = 0  # output tokens already reported by step()
