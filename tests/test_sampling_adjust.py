@@ -9,14 +9,16 @@ from test_engine import hf_greedy, llama, prompts, solo  # noqa: F401 (fixtures)
 
 from expertswitch.engine import Engine, SamplingParams
 from expertswitch.engine.request import Request
-from expertswitch.engine.sampler import adjust_logits, sample
+from expertswitch.engine.sampler import SamplingFailure, adjust_logits, sample
 from expertswitch.errors import ConfigError
 
 V = 50
 
 
 def _request(prompt, output, **sp) -> Request:
-    r = Request("r", list(prompt), None, SamplingParams(max_tokens=32, **sp))
+    """A request with `output` generated so far; greedy unless a temperature is given."""
+    r = Request("r", list(prompt), None, SamplingParams(**{"max_tokens": 32, "temperature": 0.0,
+                                                          **sp}))  # fmt: skip
     r.output_token_ids = list(output)
     return r
 
@@ -89,6 +91,27 @@ def test_min_p_equals_transformers_and_sampling_keeps_the_raw_logits():
     assert logits.equal(row[None])  # adjusted on a copy: logprobs report the model's
 
 
+def test_adjustments_apply_in_vllms_order_and_a_fully_banned_row_fails():
+    """logit_bias before the repetition penalty (3 / 1.5 = 2, not 2 / 1.5 + 1); min_p after
+    temperature; a row whose every token is banned fails alone instead of giving token 0."""
+    row = torch.full((V,), -1.0)
+    row[5] = 2.0
+    out = _adjusted(row, _request([5], [], logit_bias={5: 1.0}, repetition_penalty=1.5))
+    assert out[5] == pytest.approx(2.0)
+    everything = _request([1], [], min_tokens=2, stop_token_ids=list(range(V)))
+    greedy = _request([1], [])
+    got = sample(torch.stack([row, row]), [everything, greedy], [frozenset()] * 2)
+    assert isinstance(got[0], SamplingFailure) and "banned" in got[0] and got[1] == 5
+
+
+def test_expert_batch_ranges_follow_sorted_slots():
+    from expertswitch.models.context import ExpertBatch
+
+    eb = ExpertBatch.from_host([object()] * 3, [-1, -1, 0, 2, 2, 2], "cpu")
+    assert eb.ranges == [(2, 3), (3, 3), (3, 6)]
+    assert ExpertBatch.from_host([object()] * 2, [1, 0], "cpu").ranges is None
+
+
 @pytest.mark.parametrize("bad", [
     {"presence_penalty": 2.5}, {"frequency_penalty": float("nan")}, {"repetition_penalty": 0},
     {"repetition_penalty": True}, {"min_p": 1.5}, {"min_tokens": -1}, {"min_tokens": 40},
@@ -115,8 +138,8 @@ def test_engine_applies_bias_and_min_tokens(llama, solo):  # noqa: F811
     out = eng.generate(ps[1], None, sp)[0]
     assert len(out.token_ids) == 5 and out.token_ids[-1] == eos and eos not in out.token_ids[:4]
     assert out.finish_reason == "stop"
-    # the first four are the base's own greedy choices once EOS is out of the running
-    base_only = eng.generate(ps[1], None, SamplingParams(temperature=0.0, max_tokens=4))[0]
-    assert out.token_ids[:4] == base_only.token_ids or eos in base_only.token_ids
+    # the first four are the base's own greedy choices with EOS out of the running
+    banned = SamplingParams(temperature=0.0, max_tokens=4, logit_bias={eos: -100.0})
+    assert out.token_ids[:4] == eng.generate(ps[1], None, banned)[0].token_ids
     with pytest.raises(ConfigError, match="outside the vocabulary"):
         eng.add_request(ps[0], "e0", SamplingParams(logit_bias={10**6: 1.0}))

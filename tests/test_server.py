@@ -209,6 +209,25 @@ def test_penalties_bias_min_tokens_and_min_p_equal_the_engine(client, reference)
     assert a.choices[0].text == b.text
 
 
+def test_request_fields_map_to_sampling_params():
+    """Every sampling field of a request reaches the engine's SamplingParams (one by one: a
+    field the server dropped would show here even where it would not change an answer)."""
+    from expertswitch.server.protocol import CompletionRequest, sampling_params
+
+    req = CompletionRequest(model="m", prompt="x", temperature=0.7, top_p=0.9, top_k=5,
+                            presence_penalty=0.6, frequency_penalty=-0.4,
+                            repetition_penalty=1.3, logit_bias={"7": 3.0, "11": -100},
+                            min_tokens=2, min_p=0.05, seed=4, stop=["\n"],
+                            stop_token_ids=[9], ignore_eos=True)  # fmt: skip
+    sp = sampling_params(req, 10, 1)
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.max_tokens) == (0.7, 0.9, 5, 5, 10)
+    assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty) == (0.6, -0.4, 1.3)
+    assert sp.logit_bias == {7: 3.0, 11: -100} and sp.min_tokens == 2 and sp.min_p == 0.05
+    assert sp.stop == ["\n"] and sp.stop_token_ids == [9] and sp.ignore_eos
+    plain = sampling_params(CompletionRequest(model="m", prompt="x"), 10, 0)
+    assert not plain.adjusts_logits and plain.min_p == 0 and plain.repetition_penalty == 1
+
+
 def test_min_tokens_holds_back_stop_strings(reference):
     """As vLLM: no stop string ends the answer before min_tokens tokens, and one that already
     appeared earlier does not cut it back afterwards."""
@@ -450,6 +469,8 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"model": "math", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "math", "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"model": "math", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "not a token id"),
+    ({"model": "math", "prompt": "x", "logit_bias": {"+7": 1}}, 400, "not a token id"),
+    ({"model": "math", "prompt": "x", "logit_bias": {"7": 1, "07": 2}}, 400, "twice"),
     ({"model": "math", "prompt": "x", "logit_bias": {"999999": 1}}, 400, "outside the vocab"),
     ({"model": "math", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
     ({"model": "math", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),

@@ -197,7 +197,8 @@ def _add_step_flags(p) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly on a GPU instead of replaying them from CUDA "
                    "graphs (as vLLM's flag)")  # fmt: skip
-    p.add_argument("--cpu-int4-deltas", action="store_true", default=None,
+    p.add_argument("--cpu-int4-deltas", action=argparse.BooleanOptionalAction,
+                   default=None,
                    help="on CPU, compute deltas of up to 4 bits with torch's int4 matmul "
                    "(~7x faster delta terms, rounded to bf16; default: on for bfloat16 "
                    "and float16)")  # fmt: skip

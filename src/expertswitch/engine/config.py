@@ -29,8 +29,9 @@ class EngineConfig:
     # decode steps run eagerly, never replayed from CUDA graphs (vLLM's enforce_eager)
     enforce_eager: bool = False
     # on CPU, deltas of up to 4 bits also held in torch's int4 layout and computed by its int4
-    # matmul: ~7× faster delta terms, rounded to bf16, for up to 2× the codes' bytes. None: on
-    # for bf16 and fp16 engines (their activations are that precise anyway), off for fp32
+    # matmul: ~7× faster delta terms, rounded to bf16, for about 2.25× more bytes than 2-bit
+    # codes take (4.25× for 1-bit). None: on for bf16 and fp16 engines, whose activations are
+    # already rounded to 8 or 11 significant bits; off for fp32
     cpu_int4_deltas: bool | None = None
 
     def __post_init__(self):

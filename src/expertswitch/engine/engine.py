@@ -181,9 +181,14 @@ class Engine:
     def _load(self, name: str):
         w = load_expert(name, self.registry.get(name).path, self.base_fingerprint,
                         self.model.shapes, self.dtype)  # fmt: skip
-        w = self.model.slice_expert(w)  # this rank's slices under tensor parallelism
-        if self.cpu_int4:  # (a delta the kernel cannot take keeps the torch path)
-            forms = {n: to_int4(d) for n, d in w.deltas.items()}
+        w = self.model.slice_expert(w)  # this rank's slices under tensor parallelism (first:
+        if self.cpu_int4:  # the forms are made from the slices; a delta the kernel cannot take
+            # keeps the torch path; an untied embedding's delta is looked up by rows, not
+            # multiplied: it gets none)
+            embed = self.model.embed.name
+            lookup_only = embed != self.model.lm_head.name
+            forms = {n: to_int4(d) for n, d in w.deltas.items()
+                     if not (lookup_only and n == embed)}  # fmt: skip
             w.cpu_int4 = {n: f for n, f in forms.items() if f is not None}
         return w
 

@@ -16,22 +16,30 @@ def sample(logits: torch.Tensor, requests: list[Request],
            eos: list[frozenset[int]] | None = None) -> list[int | SamplingFailure]:  # fmt: skip
     """logits fp32 [B, V] (one row per request) → one token id per request; a request whose
     row cannot be sampled gets a SamplingFailure, and the others their tokens. eos: each
-    request's EOS ids (min_tokens bans them; needed when a request sets it). The rows of
-    requests with logits adjustments are adjusted on a copy: `logits` (whose logprobs are
+    request's EOS ids (min_tokens bans them; needed when a request sets it). A request with
+    logits adjustments gets them on a copy of its own row: `logits` (whose logprobs are
     reported) is left as the model gave it."""
-    adjusted = [i for i, r in enumerate(requests) if r.sampling.adjusts_logits]
-    if adjusted:
-        logits = logits.clone()
-        for i in adjusted:
-            adjust_logits(logits[i], requests[i], eos[i] if eos else frozenset())
     out: list = logits.argmax(dim=-1).tolist()
     nan = torch.isnan(logits).any(dim=-1).tolist()  # −inf is legitimate (vocabulary padding)
+    rows: dict[int, torch.Tensor] = {}
     for i, req in enumerate(requests):
+        if req.sampling.adjusts_logits and not nan[i]:
+            row = logits[i].clone()
+            adjust_logits(row, req, eos[i] if eos else frozenset())
+            if bool(torch.isneginf(row).all()):
+                out[i] = SamplingFailure("every token is banned for this request (logit_bias, "
+                                         "min_tokens and stop_token_ids)")  # fmt: skip
+                continue
+            rows[i] = row
+            out[i] = int(row.argmax())
+    for i, req in enumerate(requests):
+        if isinstance(out[i], SamplingFailure):
+            continue
         if nan[i]:
             out[i] = SamplingFailure("the model's logits are NaN for this request")
         elif not req.sampling.greedy:
             try:
-                out[i] = _sample_row(logits[i], req)
+                out[i] = _sample_row(rows.get(i, logits[i]), req)
             except RuntimeError as e:  # e.g. NaN or inf probabilities
                 out[i] = SamplingFailure(f"sampling failed: {str(e).splitlines()[0]}")
     return out

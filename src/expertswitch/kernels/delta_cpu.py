@@ -103,6 +103,15 @@ class Int4Form:
         extra = [t for t in (self.salient_idx, self.salient_cols) if t is not None]
         return [self.weight, self.scales_zeros, *extra]
 
+    def map(self, fn) -> Int4Form:
+        """A copy with `fn` applied to every tensor (device moves, pinning)."""
+
+        def opt(t):
+            return None if t is None else fn(t)
+
+        return Int4Form(fn(self.weight), fn(self.scales_zeros), self.group_size,
+                        opt(self.salient_idx), opt(self.salient_cols))  # fmt: skip
+
 
 def int4_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")

@@ -53,17 +53,12 @@ class ExpertWeights:
             parts = {k: fn(v) for k, v in d.parts().items()}
             return PackedDelta.from_parts(d.meta(), parts)
 
-        from dataclasses import replace
-
         return ExpertWeights(
             self.name,
             self.path,
             {k: packed(d) for k, d in self.deltas.items()},
             {k: fn(v) for k, v in self.exact.items()},
-            {
-                k: replace(f, weight=fn(f.weight), scales_zeros=fn(f.scales_zeros))
-                for k, f in self.cpu_int4.items()
-            },  # fmt: skip
+            {k: f.map(fn) for k, f in self.cpu_int4.items()},
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ExpertWeights:

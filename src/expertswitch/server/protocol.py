@@ -149,12 +149,13 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         return None
     out = {}
     for key, value in bias.items():
-        try:
-            out[int(key)] = value
-        except (TypeError, ValueError):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
             raise HTTPError(400, f"logit_bias key {key!r} is not a token id: its keys are "
                             "token ids as strings, e.g. {\"50256\": -100}",
-                            param="logit_bias") from None  # fmt: skip
+                            param="logit_bias")  # fmt: skip
+        if int(key) in out:
+            raise HTTPError(400, f"logit_bias names token {int(key)} twice", param="logit_bias")
+        out[int(key)] = value
     return out
 
 
