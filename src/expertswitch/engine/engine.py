@@ -591,6 +591,8 @@ class Engine:
     def close(self) -> None:
         for rid in list(self._requests):
             self.abort(rid)
+        if self.runner.graphs is not None:
+            self.runner.graphs.reset()  # their memory pool goes with them
         self.pool.close()
         if self.mirror is not None:
             self.mirror.close()  # the other ranks replay the aborts, then stop
