@@ -342,10 +342,11 @@ def test_mixtral_experts_that_change_the_moe_layers(tmp_path, monkeypatch):
     import importlib.util
 
     paths = ["reference"] + (["kernel"] if importlib.util.find_spec("triton") else [])
-    for path in paths:
+    for path in paths:  # (the interpreter is slow: two requests, four tokens)
         monkeypatch.setattr(layers, "DELTA_PATH", path)
-        again = eng.generate(ps, use, sampling=SamplingParams(temperature=0.0, max_tokens=6))
-        assert [o.token_ids for o in again] == [o.token_ids[:6] for o in outs], path
+        again = eng.generate([ps[0], ps[2]], ["e0", "e1"],
+                             sampling=SamplingParams(temperature=0.0, max_tokens=4))  # fmt: skip
+        assert [o.token_ids for o in again] == [outs[0].token_ids[:4], outs[2].token_ids[:4]]
 
 
 def test_bad_input_gets_clear_errors(llama, llama_engine, tmp_path):
@@ -506,27 +507,27 @@ def test_decode_graph_path_pads_and_equals_transformers(llama, solo, tmp_path, m
                  block_size=4)  # fmt: skip
     scratch = eng.kv_cache[0][0][eng.blocks.num_blocks]
     scratch.fill_(7.0)
-    sp = SamplingParams(temperature=0.0, max_tokens=8)
+    sp = SamplingParams(temperature=0.0, max_tokens=5)
     for combos in ([(0, "e0"), (1, None), (2, "e1"), (1, "e0"), (0, None)],
                    [(2, None), (0, "e1"), (1, "e1")]):  # fmt: skip
         outs = eng.generate([ps[i] for i, _ in combos], [e for _, e in combos], sp)
         for (i, e), out in zip(combos, outs):
-            assert out.token_ids == ref[(i, e)][:8], (i, e)
+            assert out.token_ids == ref[(i, e)][:5], (i, e)
     graph = eng.runner.graphs
-    assert graph.replays >= 2 * 7 and set(graph.static) == {4, 8}
+    assert graph.replays >= 2 * 4 and set(graph.static) == {4, 8}
     # the padding rows (zero inputs: zero keys) wrote to the scratch block's first slot only
     assert scratch[0].abs().sum() == 0 and bool((scratch[1:] == 7.0).all())
     # an engine that never pads: the same tokens (and it ran no static step)
     eager = Engine(base, {f"e{i}": a for i, (a, _) in enumerate(experts)}, enforce_eager=True)
     out = eager.generate(ps[0], "e0", sp)[0]
-    assert out.token_ids == ref[(0, "e0")][:8] and eager.runner.graphs is None
+    assert out.token_ids == ref[(0, "e0")][:5] and eager.runner.graphs is None
     mistral, (m_exp,) = make_family(tmp_path, tiny_config("mistral"), n_experts=1)
     eng = Engine(mistral, {"x": m_exp[0]})
-    p = prompts(1, (60,))[0]
-    outs = eng.generate([p, p[:50]], ["x", None], SamplingParams(temperature=0.0, max_tokens=12))
-    assert outs[0].token_ids == hf_greedy(m_exp[1], p, 12)
-    assert outs[1].token_ids == hf_greedy(mistral, p[:50], 12)
-    assert eng.runner.graphs.replays == 11
+    p = prompts(1, (62,))[0]  # 62 + 6 tokens: past the window of 64
+    outs = eng.generate([p, p[:50]], ["x", None], SamplingParams(temperature=0.0, max_tokens=6))
+    assert outs[0].token_ids == hf_greedy(m_exp[1], p, 6)
+    assert outs[1].token_ids == hf_greedy(mistral, p[:50], 6)
+    assert eng.runner.graphs.replays == 5
 
 
 def test_decode_graphs_leave_out_what_they_cannot_capture(tmp_path, monkeypatch):
