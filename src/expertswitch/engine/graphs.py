@@ -60,7 +60,7 @@ class _Buffers:
 
     def __init__(self, bp: int, model, max_blocks: int, device):
         long = dict(dtype=torch.long, device=device)
-        h, d = model.cfg.hidden_size, model.rope.cos_sin(torch.zeros(1, **long))[0].shape[1]
+        h, d = model.cfg.hidden_size, model.rope.dim  # cos/sin: [T, rotary dim]
         self.x = torch.zeros(bp, h, dtype=model.dtype, device=device)
         self.cos = torch.zeros(bp, d, dtype=torch.float32, device=device)
         self.sin = torch.zeros(bp, d, dtype=torch.float32, device=device)
@@ -161,9 +161,9 @@ class DecodeGraphs:
         b = len(ab.q_lens)
         bp = self._bucket(b)
         if self.mode == "static":
-            bufs = self.static.get(bp) or self.static.setdefault(
-                bp, _Buffers(bp, self.model, self.max_blocks, self.model.device)
-            )
+            if bp not in self.static:
+                self.static[bp] = _Buffers(bp, self.model, self.max_blocks, self.model.device)
+            bufs = self.static[bp]
             self._fill(bufs, ids, ctx, b)
             sub = ExpertBatch.build(eb.experts, bufs.row_slot)  # this step's segments
             sub.tables = eb.tables

@@ -32,12 +32,11 @@ class ModelRunner:
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
-    def prepare(self, reqs: list[Request], experts: dict[str | None, ExpertWeights]):
+    def prepare(self, reqs: list[Request], experts: dict[str | None, ExpertWeights],
+                order: list[str]):  # fmt: skip
         """Flat inputs of the new tokens of `reqs` (prefill: all uncached tokens; decode: the
-        last one)."""
+        last one); `order`: the experts of `reqs` in slot order."""
         ids, positions, seq_lens, slots, q_lens, kv_lens, slot_of_row = [], [], [], [], [], [], []
-        # slots in name order: the same experts give the same tables (and decode graphs)
-        order = sorted({r.expert for r in reqs if r.expert is not None})
         slot_index = {name: i for i, name in enumerate(order)}
         for r in reqs:
             toks = r.all_token_ids
@@ -77,7 +76,8 @@ class ModelRunner:
     def run(self, reqs: list[Request], experts: dict[str | None, ExpertWeights]) -> torch.Tensor:
         """→ fp32 logits [B, V], one row per request; marks their tokens as cached. A request
         that asks for prompt logprobs gets them on its first prefill."""
-        # each expert's rows in one run (base first, then experts by name): the CPU paths
+        # slots in name order: the same experts give the same tables (and decode graphs);
+        # each expert's rows in one run (base first, then experts by slot): the CPU paths
         # slice them; the logits go back to the callers' order at the end
         names = sorted({r.expert for r in reqs if r.expert is not None})
         rank = {n: i for i, n in enumerate(names)}
@@ -85,7 +85,7 @@ class ModelRunner:
         moved = perm != list(range(len(reqs)))
         if moved:
             reqs = [reqs[i] for i in perm]
-        ids, ctx, last_eb = self.prepare(reqs, experts)
+        ids, ctx, last_eb = self.prepare(reqs, experts, names)
         if self.graphs is not None and self.graphs.usable(ctx):
             hidden = self.graphs.forward(ids, ctx)
         else:
