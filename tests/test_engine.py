@@ -200,6 +200,66 @@ def test_logprobs_survive_batching_and_preemption(llama):
             assert a.token_id == t == b.token_id and abs(a.logprob - b.logprob) < 1e-4
 
 
+def test_prefix_cache_reuses_only_its_experts_blocks_and_keeps_every_answer(llama):
+    """Prompts sharing a 21-token prefix, for the base and both experts: with the prefix cache
+    each answer (tokens and logprobs) equals the engine's without it, and transformers'; a
+    prompt reuses only blocks its own expert computed, generated tokens included (a follow-up
+    turn) and blocks computed in the same step; an archive registered again under an old name
+    computes anew."""
+    base, experts = llama
+    names = {"e0": experts[0][0], "e1": experts[1][0]}
+    g = torch.Generator().manual_seed(5)
+    system = torch.randint(3, 256, (21,), generator=g).tolist()
+    ps = [system + torch.randint(3, 256, (k,), generator=g).tolist() for k in (1, 6, 13)]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, logprobs=1)
+    on = Engine(base, names, block_size=4)
+    off = Engine(base, names, block_size=4, enable_prefix_caching=False)
+    combos = [(i, e) for e in (None, "e0", "e1") for i in range(3)]
+
+    def same(a, b):
+        assert a.token_ids == b.token_ids
+        assert all(abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(a.logprobs, b.logprobs))
+
+    first = on.generate([ps[0]] * 3, [None, "e0", "e1"], sp)  # each model computes the prefix
+    assert [o.num_cached_tokens for o in first] == [0, 0, 0]
+    outs = on.generate([ps[i] for i, _ in combos], [e for _, e in combos], sp)  # mixed batch
+    refs = off.generate([ps[i] for i, _ in combos], [e for _, e in combos], sp)
+    for (i, e), out, ref in zip(combos, outs, refs):
+        assert out.num_cached_tokens == 20, (i, e)  # 5 full blocks of the shared prefix
+        assert ref.num_cached_tokens == 0
+        same(out, ref)
+    rec = {None: base, "e0": experts[0][1], "e1": experts[1][1]}
+    for i, e in [(1, "e0"), (2, "e1"), (0, None)]:
+        assert outs[combos.index((i, e))].token_ids == hf_greedy(rec[e], ps[i], 12)
+    # a follow-up turn: the answer's blocks were registered as decoding filled them
+    turn = ps[0] + outs[combos.index((0, "e1"))].token_ids + [7, 8, 9]
+    (a,) = on.generate([turn], "e1", sp)
+    (b,) = off.generate([turn], "e1", sp)
+    assert a.num_cached_tokens == 32  # 22 + 11 computed tokens (the last one never was)
+    same(a, b)
+    # prompt logprobs need every prompt row: such a request reuses nothing, and gets them all
+    lp = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1)
+    (a,) = on.generate([ps[1]], "e0", lp)
+    (b,) = off.generate([ps[1]], "e0", lp)
+    assert a.num_cached_tokens == 0 and len(a.prompt_logprobs) == len(ps[1])
+    for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+        assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-4
+    stats = on.stats()
+    assert stats["prefix_cache_hits"] >= 9 * 20 + 32 and off.stats()["prefix_cache_hits"] == 0
+    # "e0" now names e1's archive: nothing e0 computed may be reused
+    on.remove_expert("e0")
+    on.add_expert("e0", experts[1][0])
+    (a,) = on.generate([ps[2]], "e0", sp)
+    assert a.num_cached_tokens == 0
+    same(a, off.generate([ps[2]], "e1", sp)[0])
+    on.reset_prefix_cache()
+    # admitted in one step, requests share the blocks the first of them computes there
+    burst = on.generate([ps[1], ps[2], ps[1]], "e1", sp)
+    assert [o.num_cached_tokens for o in burst] == [0, 20, 24]
+    for a, b in zip(burst, off.generate([ps[1], ps[2], ps[1]], "e1", sp)):
+        same(a, b)
+
+
 def test_memory_holds_packed_parts_only(llama_engine, llama):
     _, experts = llama
     llama_engine.generate(prompts(1), expert="e0", sampling=SamplingParams(max_tokens=2))
@@ -252,6 +312,10 @@ def test_mistral_window_and_qwen2_tied_biases(tmp_path, arch):
     for i, p in enumerate(ps):
         assert outs[i].token_ids == hf_greedy(rec, p, 30)
         assert outs[i + 2].token_ids == hf_greedy(base, p, 30)
+    # again, from the prefix cache (Mistral: 3 blocks of 16, its window reaching into them)
+    again = eng.generate(ps, expert="x", sampling=sp)
+    assert [o.num_cached_tokens for o in again] == [(len(p) - 1) // 16 * 16 for p in ps]
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs[:2]]
 
 
 @pytest.mark.parametrize("rope", [

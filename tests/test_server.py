@@ -151,6 +151,23 @@ def test_chat_streaming_and_not_equal_the_request_alone(client, reference):
     assert chunks[-1].usage.completion_tokens == 24 and not chunks[-1].choices
 
 
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(server, client, reference):
+    """The second time, a prompt's full blocks come from the prefix cache: usage reports them
+    (OpenAI's prompt_tokens_details), the metrics count them, the answer is the same."""
+    url = server[0].url
+    prompt = "# prefix cache check\ndef mean(values):\n    total = 0\n    for v in values:\n"
+    want = alone_output(reference, prompt, "code", 12)
+    hits = metric(url, "expertswitch_prefix_cache_hits_total")
+    got = [client.completions.create(model="code", prompt=prompt, max_tokens=12, temperature=0)
+           for _ in range(2)]  # fmt: skip
+    n = len(want.prompt_token_ids)
+    assert n > 16  # the server's blocks hold 16 tokens
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in got]
+    assert cached == [0, (n - 1) // 16 * 16]
+    assert [r.choices[0].text for r in got] == [want.text] * 2
+    assert metric(url, "expertswitch_prefix_cache_hits_total") == hits + cached[1]
+
+
 def test_stream_ends_with_done_as_server_sent_events(server):
     body = {"model": "code", "prompt": "import os\n", "max_tokens": 5, "stream": True}
     with httpx.stream("POST", server[0].url + "/v1/completions", json=body, timeout=120) as r:

@@ -197,6 +197,10 @@ def _add_step_flags(p) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="run decode steps eagerly on a GPU instead of replaying them from CUDA "
                    "graphs (as vLLM's flag)")  # fmt: skip
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="reuse the keys and values of a prompt's leading blocks already "
+                   "computed for the same expert (default: on, as in vLLM)")  # fmt: skip
     p.add_argument("--cpu-int4-deltas", action=argparse.BooleanOptionalAction,
                    default=None,
                    help="on CPU, compute deltas of up to 4 bits with torch's int4 matmul "
@@ -607,6 +611,7 @@ def _generate(args, prompts, use, sampling, dtype) -> None:
     eng = Engine(args.base, _expert_args(args.expert), device=device, dtype=dtype,
                  expert_parallel_size=ep, tensor_parallel_size=tp,
                  enforce_eager=args.enforce_eager,
+                 enable_prefix_caching=args.enable_prefix_caching,
                  cpu_int4_deltas=args.cpu_int4_deltas)  # fmt: skip
     experts = use * len(prompts) if len(use) == 1 else use
     if eng.parallel:
@@ -753,6 +758,7 @@ def cmd_serve(args) -> None:
                "host_budget_bytes": _size_arg(args.host_budget, "--host-budget"),
                "kv_cache_bytes": _size_arg(args.kv_cache_size, "--kv-cache-size"),
                "enforce_eager": args.enforce_eager or None,
+               "enable_prefix_caching": args.enable_prefix_caching,
                "cpu_int4_deltas": args.cpu_int4_deltas}  # fmt: skip
     from expertswitch.utils.imports import resolve_device
 

@@ -28,6 +28,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # decode steps run eagerly, never replayed from CUDA graphs (vLLM's enforce_eager)
     enforce_eager: bool = False
+    # a prompt's leading blocks already computed for the same expert are reused, not
+    # recomputed (engine/kv_cache.py; vLLM's enable_prefix_caching, on by default as in vLLM)
+    enable_prefix_caching: bool = True
     # on CPU, deltas of up to 4 bits also held in torch's int4 layout and computed by its int4
     # matmul: ~7× faster delta terms, rounded to bf16, for about 2.25× more bytes than 2-bit
     # codes take (4.25× for 1-bit). None: on for bf16 and fp16 engines, whose activations are
@@ -35,12 +38,13 @@ class EngineConfig:
     cpu_int4_deltas: bool | None = None
 
     def __post_init__(self):
-        for name in ("enforce_eager", "cpu_int4_deltas"):
+        flags = ("enforce_eager", "enable_prefix_caching", "cpu_int4_deltas")
+        for name in flags:
             v = getattr(self, name)
             if not isinstance(v, bool) and not (v is None and name == "cpu_int4_deltas"):
                 raise ConfigError(f"{name} must be true or false, got {v!r}")
         for f in fields(self):
-            if f.name in ("enforce_eager", "cpu_int4_deltas"):
+            if f.name in flags:
                 continue
             v = getattr(self, f.name)
             if v is None and f.default is None:

@@ -106,7 +106,10 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len or self.model.cfg.max_position_embeddings,
                                  num_blocks * block)  # fmt: skip
         # (an explicit max_model_len may pass max_position_embeddings: scaled RoPE)
-        self.blocks = BlockManager(num_blocks, block)
+        # dynamic NTK RoPE rotates a key by the length of the sequence that computed it: a
+        # prefix computed for another prompt length is not the same keys
+        caching = cfg.enable_prefix_caching and self.model.rope.kind != "dynamic"
+        self.blocks = BlockManager(num_blocks, block, prefix_caching=caching)
         # one block more than the scheduler hands out: decode graphs' padding rows write there
         self.kv_cache = self.model.new_kv_cache(num_blocks + 1, block)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
@@ -163,6 +166,7 @@ class Engine:
         self._release_idle()
         self.pool.forget(name)
         self.registry.remove(name)
+        self.blocks.forget_expert(name)  # a new archive under this name computes anew
         self._record("remove_expert", name)
 
     def pin_expert(self, name: str, on: bool = True) -> None:
@@ -177,6 +181,12 @@ class Engine:
             ok = True
         finally:  # a failed pin may have evicted others: the other ranks try it too
             self._record("pin_expert", name, on, ok)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache (vLLM's reset_prefix_cache): later prompts compute every
+        token, e.g. for a benchmark's cold start."""
+        self.blocks.reset_prefix_cache()
+        self._record("reset_prefix_cache")
 
     def _load(self, name: str):
         w = load_expert(name, self.registry.get(name).path, self.base_fingerprint,
@@ -242,10 +252,17 @@ class Engine:
                               if r not in self._requests)  # fmt: skip
         elif request_id in self._requests:
             raise ConfigError(f"request id {request_id!r} is already in use")
+        return Request(request_id, ids, expert, sampling, prompt=text,
+                       generator=self._generator(seed),
+                       text=None if tok is None else "")  # fmt: skip
+
+    @staticmethod
+    def _generator(seed: int) -> torch.Generator:
+        """A request's own generator (on the host: the sampler draws one number per step from
+        it, engine/sampler.py)."""
         gen = torch.Generator()
         gen.manual_seed(seed)
-        return Request(request_id, ids, expert, sampling, prompt=text, generator=gen,
-                       text=None if tok is None else "")  # fmt: skip
+        return gen
 
     def _submit(self, req: Request) -> None:
         self._requests[req.request_id] = req
@@ -397,9 +414,8 @@ class Engine:
         kind, *args = op
         if kind == "submit":
             rid, ids, expert, sampling, seed, prompt, has_text = args
-            gen = torch.Generator()
-            gen.manual_seed(seed)
-            self._submit(Request(rid, list(ids), expert, sampling, prompt=prompt, generator=gen,
+            self._submit(Request(rid, list(ids), expert, sampling, prompt=prompt,
+                                 generator=self._generator(seed),
                                  text="" if has_text else None))  # fmt: skip
         elif kind == "abort":
             self.abort(*args)
@@ -407,6 +423,8 @@ class Engine:
             self.add_expert(*args)
         elif kind == "remove_expert":
             self.remove_expert(*args)
+        elif kind == "reset_prefix_cache":
+            self.reset_prefix_cache()
         elif kind == "pin_expert":
             name, on, ok = args
             try:
@@ -580,6 +598,8 @@ class Engine:
         return {
             "kv_blocks_total": self.blocks.num_blocks,
             "kv_blocks_used": self.blocks.num_used,
+            "prefix_cache_queries": self.blocks.queries,
+            "prefix_cache_hits": self.blocks.hits,
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
             "aborted": self.aborted,

@@ -1,9 +1,27 @@
 """Paged KV cache bookkeeping: fixed-size blocks handed to sequences as they grow, returned when
-they finish or are preempted. The tensors themselves are the model's (Decoder.new_kv_cache)."""
+they finish or are preempted. The tensors themselves are the model's (Decoder.new_kv_cache).
+
+Prefix caching (vLLM's automatic prefix caching, nano-vllm's block manager): a full block of
+block_size tokens is registered under a hash of those tokens, the hash of the block before it
+and the expert that computes it (an expert's keys and values differ from the base's for the
+same tokens). A new request takes every leading block of its prompt already registered, with a
+reference count, and computes only the rest. Blocks are registered when they are handed out
+for tokens the step computes, so requests admitted in the same step share them too (a burst
+behind one system prompt, n > 1): every layer writes the step's keys and values before any
+attention reads them. A request released before its step ran (its expert failed to load or was
+deferred, and with it every request that could share its blocks) unregisters the blocks it did
+not compute. A freed block keeps its hash until it is handed out again: free blocks are reused
+least recently freed first, blocks without a hash before them. Shared blocks are full, so
+nobody writes into them; a request always computes its last token itself (it needs that
+token's logits), so a prompt matches at most (len − 1) // block_size blocks. Requests that ask
+for prompt logprobs compute their whole prompt (they need every position's hidden state) and
+match nothing."""
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict
 
 import torch
 
@@ -11,10 +29,30 @@ from expertswitch.engine.request import Request
 from expertswitch.errors import ConfigError
 
 
+def block_hash(parent: bytes, tokens: list[int]) -> bytes:
+    """The hash of a full block from its tokens and the previous block's hash (sha256: the same
+    on every rank, unlike Python's salted str hashes; no practical collisions)."""
+    return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
+
+
+def root_hash(expert: str | None) -> bytes:
+    """The parent of a sequence's first block: which model computed the keys and values."""
+    tag = b"base" if expert is None else b"expert\0" + expert.encode()
+    return hashlib.sha256(tag).digest()
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free: deque[int] = deque(range(num_blocks))
+        self.prefix_caching = prefix_caching
+        # free blocks in the order they are handed out (an ordered set: a cached block leaves
+        # it from the middle when a request takes it back)
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.refs = [0] * num_blocks
+        self.cached: dict[bytes, int] = {}  # hash → block holding those keys and values
+        self.hash_of: dict[int, tuple[bytes, str | None]] = {}  # block → (hash, expert)
+        self.queries = 0  # prompt tokens looked up (prefix caching), as vLLM counts them
+        self.hits = 0  # of those, tokens found in the cache
 
     @property
     def num_free(self) -> int:
@@ -27,28 +65,134 @@ class BlockManager:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def can_allocate(self, tokens: int) -> bool:
-        return self.blocks_for(tokens) <= len(self.free)
+    # prefix lookup -----------------------------------------------------------------------
 
-    def allocate(self, req: Request, tokens: int) -> None:
-        """Give `req` blocks for its first `tokens` tokens (it holds none)."""
+    def _hashes(self, req: Request, n_blocks: int) -> list[bytes]:
+        """The hashes of the request's first n_blocks full blocks (kept on the request: its
+        tokens only grow)."""
+        hs, bs = req.block_hashes, self.block_size
+        toks = req.all_token_ids if len(hs) < n_blocks else None
+        while len(hs) < n_blocks:
+            parent = hs[-1] if hs else root_hash(req.expert)
+            i = len(hs)
+            hs.append(block_hash(parent, toks[i * bs : (i + 1) * bs]))
+        return hs[:n_blocks]
+
+    def match(self, req: Request) -> list[int]:
+        """The cached blocks that hold the request's leading tokens (none once it has
+        blocks, or when it wants prompt logprobs)."""
+        if not self.prefix_caching or req.blocks or req.sampling.prompt_logprobs is not None:
+            return []
+        hits = []
+        for h in self._hashes(req, (req.num_tokens - 1) // self.block_size):
+            b = self.cached.get(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def can_allocate(self, tokens: int, hits: list[int] = ()) -> bool:
+        """Whether `tokens` tokens fit when the first len(hits) blocks are the cached `hits`
+        (a free one among them leaves the free list too)."""
+        revived = sum(1 for b in hits if not self.refs[b])
+        return self.blocks_for(tokens) - len(hits) + revived <= len(self.free)
+
+    def allocate(self, req: Request, tokens: int, hits: list[int] = ()) -> None:
+        """Give `req` blocks for its first `tokens` tokens (it holds none): the cached `hits`
+        (from match) first, its keys and values already computed, then fresh blocks."""
         assert not req.blocks, "allocate: request already holds blocks"
-        n = self.blocks_for(tokens)
-        if n > len(self.free):
+        if not self.can_allocate(tokens, hits):
             raise RuntimeError("allocate without can_allocate")
-        req.blocks = [self.free.popleft() for _ in range(n)]
+        for b in hits:
+            if not self.refs[b]:
+                del self.free[b]
+            self.refs[b] += 1
+        req.blocks = list(hits)
+        req.blocks += [self._take() for _ in range(self.blocks_for(tokens) - len(hits))]
+        req.num_cached = len(hits) * self.block_size
+        req.num_registered = len(hits)
+        self._register(req, tokens // self.block_size)  # full once this step has run
+        # counted once its step has run (register): a request deferred with its expert and
+        # admitted again step after step must not inflate the counts
+        looked_up = self.prefix_caching and req.sampling.prompt_logprobs is None
+        req.lookup = (tokens, req.num_cached) if looked_up else (0, 0)
+
+    def _take(self) -> int:
+        """A free block for new keys and values; one that kept a hash loses it now."""
+        b, _ = self.free.popitem(last=False)
+        self.refs[b] = 1
+        self._forget(b)
+        return b
+
+    def _forget(self, b: int) -> None:
+        entry = self.hash_of.pop(b, None)
+        if entry is not None:
+            del self.cached[entry[0]]
+
+    def register(self, req: Request) -> None:
+        """After a forward pass: register the request's blocks that decoding has filled; after
+        its prefill, count its prompt lookup."""
+        if req.lookup is not None:
+            (tokens, hit), req.lookup = req.lookup, None
+            self.queries += tokens
+            self.hits += hit
+            if req.num_cached_tokens is None:  # its first admission (not a recompute)
+                req.num_cached_tokens = hit
+        self._register(req, req.num_cached // self.block_size)
+
+    def _register(self, req: Request, full: int) -> None:
+        """Register the request's first `full` blocks (a block already cached elsewhere under
+        the same hash stays private)."""
+        if not self.prefix_caching or req.num_registered >= full:
+            return
+        hs = self._hashes(req, full)
+        for i in range(req.num_registered, full):
+            b = req.blocks[i]
+            if hs[i] not in self.cached and b not in self.hash_of:
+                self.cached[hs[i]] = b
+                self.hash_of[b] = (hs[i], req.expert)
+        req.num_registered = full
+
+    # growth and release ------------------------------------------------------------------
 
     def needs_block(self, req: Request) -> bool:
         """True when the request's next token starts a new block."""
         return req.num_cached >= len(req.blocks) * self.block_size
 
     def append_block(self, req: Request) -> None:
-        req.blocks.append(self.free.popleft())
+        req.blocks.append(self._take())
 
     def release(self, req: Request) -> None:
-        self.free.extend(req.blocks)
+        """Return the request's blocks: shared ones lose a reference; the last reference puts
+        a block on the free list, last block first (a prompt's tail is evicted before its head,
+        which more requests share), and a block without a hash at the front (reused before
+        any cached one is evicted). Blocks registered for tokens not yet computed (released
+        before its step ran) lose their hashes."""
+        for b in req.blocks[req.num_cached // self.block_size : req.num_registered]:
+            if b in self.hash_of:
+                self._forget(b)
+        for b in reversed(req.blocks):
+            self.refs[b] -= 1
+            if not self.refs[b]:
+                self.free[b] = None
+                if b not in self.hash_of:
+                    self.free.move_to_end(b, last=False)
         req.blocks = []
         req.num_cached = 0
+        req.num_registered = 0
+        req.lookup = None
+
+    def forget_expert(self, expert: str) -> None:
+        """Drop the cached blocks an expert computed (it is being removed: a new archive under
+        its name must not hit them). Its requests are gone, so none of them is in use."""
+        for b in [b for b, (_, e) in self.hash_of.items() if e == expert]:
+            self._forget(b)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (blocks in use keep their contents; vLLM's
+        /reset_prefix_cache)."""
+        self.cached.clear()
+        self.hash_of.clear()
 
     def slot(self, req: Request, position: int) -> int:
         return (

@@ -2,14 +2,14 @@
 
 Under expert parallelism each rank holds a share of every MoE layer's experts, and under tensor
 slicing a share of every layer's heads and rows, so all ranks run every forward pass on the same
-batch. `generate` hands every rank the same prompts and they step
-in lockstep. A server receives requests on rank 0 alone, so rank 0's engine is the leader: it
-records each operation that changes engine state (a request queued or aborted, an expert
-registered, removed, pinned or unpinned) and broadcasts the pending operations before each
-step. The other ranks (`StepMirror.follow`) replay them, then step too. Their schedulers, KV
-blocks and expert pools stay identical by construction: the engines agreed on their sizes when
-they started, and expert loads happen on the step, never in a background thread
-(`Engine._submit` does not prefetch under expert parallelism).
+batch. `generate` hands every rank the same prompts and they step in lockstep. A server receives
+requests on rank 0 alone, so rank 0's engine is the leader: it records each operation that
+changes engine state (a request queued or aborted, an expert registered, removed, pinned or
+unpinned, the prefix cache reset) and broadcasts the pending operations before each step. The
+other ranks (`StepMirror.follow`) replay them, then step too. Their schedulers, KV blocks and
+expert pools stay identical by construction: the engines agreed on their sizes when they
+started, and expert loads happen on the step, never in a background thread (`Engine._submit`
+does not prefetch under expert parallelism).
 
 One check runs on every step (`agree`, one all-reduce), before the forward pass: the batch the
 scheduler chose, together with the previous step's outputs (tokens, finished, reasons). A step's

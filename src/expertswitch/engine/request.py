@@ -28,6 +28,10 @@ class Request:
     status: Status = Status.WAITING
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys/values are in the cache
+    num_registered: int = 0  # leading blocks registered in the prefix cache (kv_cache.py)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, so far
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission
+    lookup: tuple[int, int] | None = None  # (tokens, found in the cache) until its prefill ran
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     text: str | None = None  # None without a tokenizer
@@ -81,6 +85,7 @@ class RequestOutput:
     new_logprobs: list[Logprob] = field(default_factory=list)  # of new_token_ids, if asked
     prompt_logprobs: list[Logprob | None] | None = None  # if asked (first token: None)
     logprobs: list[Logprob] | None = None  # of all token_ids: on the final output, if asked
+    num_cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
     @classmethod
     def of(cls, r: Request, new: list[int]) -> RequestOutput:
@@ -89,4 +94,4 @@ class RequestOutput:
                    r.finished, r.finish_reason, new, r.error, r.stop_reason, r.prompt, lps,
                    r.prompt_logprobs,
                    list(r.logprobs) if r.finished and r.sampling.logprobs is not None
-                   else None)  # fmt: skip
+                   else None, r.num_cached_tokens or 0)  # fmt: skip

@@ -107,6 +107,7 @@ class ModelRunner:
             start += n
         for r in reqs:
             r.num_cached = r.num_tokens
+            self.blocks.register(r)  # its full blocks, now computed, join the prefix cache
         if moved:  # row j is request perm[j]
             inverse = [0] * len(perm)
             for j, i in enumerate(perm):

@@ -1,13 +1,14 @@
 """Continuous batching across experts (nano-vllm's scheduler, with vLLM's per-step expert cap).
 
 A step is all-prefill or all-decode. Waiting requests go first: admitted in arrival order while
-the step's token budget, the sequence cap, free KV blocks and the cap on distinct experts per
-step allow. A request whose expert would exceed the cap waits at the head of the queue, first
-come first served (vLLM skips it instead, which lets steady traffic to the running experts
-starve it). Otherwise every running request decodes one token; when a request
-needs a new block and none is free, the most recently admitted running request is preempted:
-its blocks are freed and it goes back to the head of the queue, to be recomputed (prompt +
-tokens generated so far) — nothing crashes and no request loses its tokens.
+the step's token budget (tokens to compute: a prefix found in the prefix cache costs none), the
+sequence cap, free KV blocks and the cap on distinct experts per step allow. A request whose
+expert would exceed the cap waits at the head of the queue, first come first served (vLLM skips
+it instead, which lets steady traffic to the running experts starve it). Otherwise every running
+request decodes one token; when a request needs a new block and none is free, the most recently
+admitted running request is preempted: its blocks are freed and it goes back to the head of the
+queue, to be recomputed (prompt + tokens generated so far) — nothing crashes and no request
+loses its tokens.
 """
 
 from __future__ import annotations
@@ -46,20 +47,22 @@ class Scheduler:
         while self.waiting and len(self.running) + len(scheduled) < self.max_num_seqs:
             req = self.waiting[0]
             n = req.num_tokens
-            if scheduled and tokens + n > self.max_num_batched_tokens:
+            hits = self.blocks.match(req)  # prefix-cached blocks: their tokens are not computed
+            new = n - len(hits) * self.blocks.block_size
+            if scheduled and tokens + new > self.max_num_batched_tokens:
                 break
-            if not self.blocks.can_allocate(n):
+            if not self.blocks.can_allocate(n, hits):
                 break
             if not self._experts_ok(active, req.expert):
                 # first come, first served: later requests of the running experts must not
                 # overtake it, or steady traffic to those experts would starve it
                 break
             self.waiting.popleft()
-            self.blocks.allocate(req, n)
+            self.blocks.allocate(req, n, hits)
             req.status = Status.RUNNING
             scheduled.append(req)
             active.add(req.expert)
-            tokens += n
+            tokens += new
         return scheduled
 
     def schedule(self) -> list[Request]:

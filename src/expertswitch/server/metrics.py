@@ -76,6 +76,12 @@ class _EngineCollector:
         for name, n in sorted(s.get("expert_bytes", {}).items()):
             nbytes.add_metric([name], n)
         yield nbytes
+        for key, doc in (
+            ("queries", "prompt tokens looked up in the prefix cache"),
+            ("hits", "prompt tokens found in the prefix cache"),
+        ):
+            yield CounterMetricFamily(f"expertswitch_prefix_cache_{key}", doc,
+                                      value=s[f"prefix_cache_{key}"])  # fmt: skip
         yield CounterMetricFamily("expertswitch_engine_aborts", "requests the engine stopped "
                                   "before they finished (client gone, abort)",
                                   value=s["aborted"])  # fmt: skip

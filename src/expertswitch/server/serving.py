@@ -467,8 +467,13 @@ class OpenAIServing:
     def _usage(job: _Job) -> dict:
         prompt = sum(len(p) for p in job.prompt_tokens)
         completion = sum(c.tokens for c in job.choices)
+        # prompt tokens served from the prefix cache, as OpenAI reports them: each prompt's
+        # first choice (its others, admitted in the same step, compute it beside it)
+        firsts = {c.prompt: c for c in reversed(job.choices)}.values()
+        cached = sum(c.out.num_cached_tokens for c in firsts if c.out is not None)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}  # fmt: skip
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
 
 class Disconnected(Exception):
