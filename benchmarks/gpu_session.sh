@@ -40,6 +40,7 @@ case "${1:-kernels}" in
     step python3 -m pytest -q -x -m gpu tests/test_delta_kernel.py tests/test_paged_attention.py \
       tests/test_pool.py tests/test_engine.py
     step python3 benchmarks/engine.py --part gpu --out "$OUT"
+    step python3 benchmarks/sampler.py --device cuda --out "$OUT"
     ;;
   parallel)  # issue 14's scaling model: one dense and one MoE layer of 1.3B+MoE-128 timed
     step python3 benchmarks/parallel.py --nproc 2 --measure-layers cuda --out "$OUT"

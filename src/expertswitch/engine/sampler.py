@@ -1,5 +1,12 @@
-"""Next-token choice per request: greedy (argmax) or temperature → top-k → top-p → sample, each
-request with its own generator, so a seeded request gets the same tokens in any batch."""
+"""Next-token choice for a whole step at once: logits adjustments on the rows that ask for them,
+then greedy (argmax) or temperature → min_p → top-k → top-p → a draw, batched over the rows
+(one softmax, one cumulative sum and one host transfer for the step, as vLLM batches its
+sampler; a loop over rows made several small kernels and one host synchronisation per request
+and step).
+
+The draw inverts each row's cumulative distribution at one uniform number from the request's
+own generator (on the host: one scalar per request), so a seeded request gets the same tokens in
+any batch."""
 
 from __future__ import annotations
 
@@ -12,37 +19,127 @@ class SamplingFailure(str):
     """In place of a token: why this request's sampling failed (its logits were not finite)."""
 
 
+_BANNED = "every token is banned for this request (logit_bias, min_tokens and stop_token_ids)"
+_NAN = "the model's logits are NaN for this request"
+_NO_DRAW = "sampling failed: the filtered probabilities are not finite or sum to zero"
+
+
 def sample(logits: torch.Tensor, requests: list[Request],
            eos: list[frozenset[int]] | None = None) -> list[int | SamplingFailure]:  # fmt: skip
     """logits fp32 [B, V] (one row per request) → one token id per request; a request whose
     row cannot be sampled gets a SamplingFailure, and the others their tokens. eos: each
-    request's EOS ids (min_tokens bans them; needed when a request sets it). A request with
-    logits adjustments gets them on a copy of its own row: `logits` (whose logprobs are
-    reported) is left as the model gave it."""
-    out: list = logits.argmax(dim=-1).tolist()
-    nan = torch.isnan(logits).any(dim=-1).tolist()  # −inf is legitimate (vocabulary padding)
-    rows: dict[int, torch.Tensor] = {}
-    for i, req in enumerate(requests):
-        if req.sampling.adjusts_logits and not nan[i]:
-            row = logits[i].clone()
-            adjust_logits(row, req, eos[i] if eos else frozenset())
-            if bool(torch.isneginf(row).all()):
-                out[i] = SamplingFailure("every token is banned for this request (logit_bias, "
-                                         "min_tokens and stop_token_ids)")  # fmt: skip
-                continue
-            rows[i] = row
-            out[i] = int(row.argmax())
-    for i, req in enumerate(requests):
-        if isinstance(out[i], SamplingFailure):
-            continue
-        if nan[i]:
-            out[i] = SamplingFailure("the model's logits are NaN for this request")
-        elif not req.sampling.greedy:
-            try:
-                out[i] = _sample_row(rows.get(i, logits[i]), req)
-            except RuntimeError as e:  # e.g. NaN or inf probabilities
-                out[i] = SamplingFailure(f"sampling failed: {str(e).splitlines()[0]}")
+    request's EOS ids (min_tokens bans them; needed when a request sets it). Adjustments work
+    on copies of the rows that ask for them: `logits` (whose logprobs are reported) is left as
+    the model gave it."""
+    dev = logits.device
+    tokens = logits.argmax(dim=-1)  # [B]
+    # [B]: 0 ok, 1 NaN, 2 banned, 3 no draw. argmax takes NaN for the largest value, so a row
+    # holds a NaN exactly when its argmax is one: B reads instead of a pass over [B, V]
+    why = logits.gather(1, tokens.unsqueeze(1)).squeeze(1).isnan().to(torch.int8)
+    adjusted = [i for i, r in enumerate(requests) if r.sampling.adjusts_logits]
+    part = None
+    if adjusted:  # a copy of those rows, adjusted one by one (rare: penalties, bias)
+        idx = torch.tensor(adjusted, device=dev)
+        part = logits.index_select(0, idx)
+        for k, i in enumerate(adjusted):
+            adjust_logits(part[k], requests[i], eos[i] if eos else frozenset())
+        banned = torch.isneginf(part).all(dim=-1)
+        _mark(why, idx, banned, 2)
+        tokens.index_copy_(0, idx, part.argmax(dim=-1))
+    drawn = [i for i, r in enumerate(requests) if not r.sampling.greedy]
+    if drawn:
+        idx = torch.tensor(drawn, device=dev)
+        rows = logits.index_select(0, idx)
+        if part is not None:  # the adjusted rows among them, as adjusted
+            where = {i: k for k, i in enumerate(adjusted)}
+            both = [(j, where[i]) for j, i in enumerate(drawn) if i in where]
+            if both:
+                dst, src = (torch.tensor(c, device=dev) for c in zip(*both))
+                rows.index_copy_(0, dst, part.index_select(0, src))
+        probs = filtered_probs(rows, [requests[i].sampling for i in drawn])
+        ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+        u = uniforms([requests[i].generator for i in drawn])
+        tokens.index_copy_(0, idx, draw(probs, u))
+        _mark(why, idx, ~ok, 3)
+    host = torch.stack([tokens, why.long()]).tolist()  # the step's one host transfer
+    reasons = (None, _NAN, _BANNED, _NO_DRAW)
+    return [t if not w else SamplingFailure(reasons[w]) for t, w in zip(*host)]
+
+
+def _mark(why: torch.Tensor, idx: torch.Tensor, bad: torch.Tensor, code: int) -> None:
+    """why[idx] = code where `bad` and no earlier reason."""
+    prior = why.index_select(0, idx)
+    why.index_copy_(0, idx, torch.where(bad & (prior == 0), code, prior).to(why.dtype))
+
+
+def filtered_probs(x: torch.Tensor, params: list) -> torch.Tensor:
+    """logits [N, V] and each row's SamplingParams → [N, V] probabilities to draw from (not
+    renormalised after top-p: the draw does not need it): temperature, then min_p (tokens below
+    min_p × the top token's probability dropped), then top-k (ties with the k-th kept), then
+    top-p (the smallest prefix, most likely first, whose mass reaches top_p)."""
+    n, v = x.shape
+    dev = x.device
+
+    def column(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=x.dtype, device=dev).unsqueeze(1)  # [N, 1]
+
+    x = x / column([p.temperature for p in params])
+    if any(p.min_p > 0 for p in params):
+        probs = torch.softmax(x, dim=-1)
+        top = probs.max(dim=-1, keepdim=True).values
+        x = x.masked_fill(probs < column([p.min_p for p in params]) * top, float("-inf"))
+    ks = [p.top_k if 0 < p.top_k < v else 0 for p in params]
+    if any(ks):
+        vals = torch.topk(x, max(ks), dim=-1).values  # [N, k_max], descending
+        at = torch.tensor([max(k, 1) - 1 for k in ks], device=dev).unsqueeze(1)
+        kth = vals.gather(1, at)
+        kth = kth.masked_fill(column(ks) == 0, float("-inf"))  # rows without top-k keep all
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if any(p.top_p < 1.0 for p in params):
+        probs = _top_p(probs, column([p.top_p for p in params]))
+    return probs
+
+
+TOP_P_CANDIDATES = 1024  # most likely tokens sorted first; a full sort only where they fall short
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's smallest most-likely-first prefix whose mass reaches top_p [N, 1]. The
+    kept prefix lies inside the TOP_P_CANDIDATES most likely tokens whenever their mass reaches
+    top_p (an LM's distribution, almost always), so only the other rows sort all V (on 2 CPU
+    cores a full sort of 32 rows of 32K costs ~70 ms, their top 1024 a few)."""
+    n, v = probs.shape
+    k = min(v, TOP_P_CANDIDATES)
+    vals, order = torch.topk(probs, k, dim=-1)  # sorted, most likely first
+    keep = torch.cumsum(vals, dim=-1) - vals < top_p  # [N, k]
+    out = torch.zeros_like(probs).scatter_(1, order, vals * keep)
+    if k < v:
+        short = (vals.sum(dim=-1, keepdim=True) < top_p).squeeze(1)  # prefix may run past k
+        if bool(short.any()):  # (a host synchronisation, only with top_p on and k < V)
+            rows = short.nonzero().squeeze(1)
+            sorted_p, full = torch.sort(probs.index_select(0, rows), dim=-1, descending=True)
+            kept = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p.index_select(0, rows)
+            redo = torch.zeros_like(sorted_p).scatter_(1, full, sorted_p * kept)
+            out.index_copy_(0, rows, redo)
     return out
+
+
+def uniforms(generators: list) -> torch.Tensor:
+    """[N] uniform numbers in [0, 1) on the host, one from each request's generator (a CPU
+    generator, or None: torch's global one)."""
+    return torch.tensor([float(torch.rand((), generator=g)) for g in generators])
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[N] token ids, row i drawn with probabilities ∝ probs[i] (non-negative, not necessarily
+    normalised) at u[i] ∈ [0, 1): the first token whose cumulative mass passes u · total.
+    Never a token of probability 0, even where u · total rounds up to the total."""
+    cdf = torch.cumsum(probs, dim=-1)  # [N, V]
+    target = u.to(probs.device, non_blocking=True).unsqueeze(1) * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    last = (probs > 0).cumsum(dim=-1).argmax(dim=-1)  # the last token with mass
+    return torch.minimum(pick, last)
 
 
 def adjust_logits(row: torch.Tensor, req: Request, eos: frozenset[int]) -> None:
@@ -66,25 +163,6 @@ def adjust_logits(row: torch.Tensor, req: Request, eos: frozenset[int]) -> None:
     if (sp.frequency_penalty or sp.presence_penalty) and req.output_token_ids:
         ids, counts = torch.tensor(req.output_token_ids, device=dev).unique(return_counts=True)
         row[ids] -= sp.frequency_penalty * counts.to(row.dtype) + sp.presence_penalty
-
-
-def _sample_row(row: torch.Tensor, req: Request) -> int:
-    sp = req.sampling
-    row = row / sp.temperature
-    if sp.min_p > 0:  # tokens below min_p × the top token's probability are dropped
-        probs = torch.softmax(row, dim=-1)
-        row = row.masked_fill(probs < sp.min_p * probs.max(), float("-inf"))
-    if 0 < sp.top_k < row.numel():
-        kth = torch.topk(row, sp.top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    probs = torch.softmax(row, dim=-1)
-    if sp.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = torch.cumsum(sorted_p, 0) - sorted_p >= sp.top_p
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=req.generator))
 
 
 def logprobs_of(logits: torch.Tensor, tokens: list[int], k: int) -> list[Logprob]:
