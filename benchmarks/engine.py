@@ -353,6 +353,8 @@ def decode_row(model, active: list[ExpertWeights], batch: int, ctx: int, device)
     runner, reqs, table = decode_fixture(model, active, batch, ctx, device)
 
     def step(subset=None):
+        for r in reqs:
+            r.num_new = 1
         runner.run(reqs if subset is None else subset, table)
         for r in reqs:
             r.num_cached = ctx  # run() marks the token cached; keep the fixture as it was
@@ -365,6 +367,8 @@ def decode_row(model, active: list[ExpertWeights], batch: int, ctx: int, device)
         g_runner, g_reqs, _ = decode_fixture(model, active, batch, ctx, device, graphs=True)
 
         def g_step():
+            for r in g_reqs:
+                r.num_new = 1
             g_runner.run(g_reqs, table)
             for r in g_reqs:
                 r.num_cached = ctx

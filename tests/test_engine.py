@@ -147,6 +147,91 @@ def test_requests_joining_mid_generation(llama_engine, solo):
     assert [done[r].token_ids for r in first + later] == expected
 
 
+def test_chunked_prefill_interleaves_decoding_and_keeps_every_answer(llama, solo):
+    """A budget of 8 tokens a step: a 29-token prompt is prefilled in chunks while a request
+    already answering gets a token every step; every answer (tokens, logprobs, prompt
+    logprobs) equals the whole-prompt engine's and transformers'; with chunked prefill off
+    the long prompt runs alone, stalling the other."""
+    base, experts = llama
+    ps, ref = solo
+    names = {"e0": experts[0][0], "e1": experts[1][0]}
+    eng = Engine(base, names, max_num_batched_tokens=8, max_num_seqs=8)
+    short = eng.add_request(ps[0], "e0", GREEDY)  # 3 tokens
+    got = {short: []}
+    for out in eng.step():  # its prefill and first token
+        got[out.request_id] = out.token_ids
+    long = eng.add_request(ps[2], "e1", GREEDY)  # 29 tokens: 7 a step beside the decode
+    stalled = 0
+    while long not in got or len(got[long]) < 1:
+        outs = {o.request_id: o.token_ids for o in eng.step()}
+        assert len(outs.get(short, [])) == len(got[short]) + 1  # never held back
+        got.update(outs)
+        stalled += 1
+    assert stalled == 5  # ceil(29 / 7)
+    while eng.has_unfinished():
+        got.update({o.request_id: o.token_ids for o in eng.step()})
+    assert got[short] == ref[(0, "e0")] and got[long] == ref[(2, "e1")]
+    # a mixed crowd under a small budget, with logprobs and prompt logprobs
+    sp = SamplingParams(temperature=0.0, max_tokens=24, logprobs=1, prompt_logprobs=1)
+    combos = [(2, "e0"), (1, None), (2, "e1"), (0, "e1")]
+    args = ([ps[i] for i, _ in combos], [e for _, e in combos], sp)
+    chunked = eng.generate(*args)
+    whole = Engine(base, names, enable_chunked_prefill=False).generate(*args)
+    for (i, e), a, b in zip(combos, chunked, whole):
+        assert a.token_ids == b.token_ids == ref[(i, e)], (i, e)
+        assert len(a.prompt_logprobs) == len(ps[i]) and a.prompt_logprobs[0] is None
+        for x, y in zip(a.prompt_logprobs[1:] + a.logprobs, b.prompt_logprobs[1:] + b.logprobs):
+            assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-4
+    # off: whole prompts, a step all-prefill or all-decode
+    off = Engine(base, names, max_num_batched_tokens=8, max_num_seqs=8,
+                 enable_chunked_prefill=False)  # fmt: skip
+    a = off.add_request(ps[0], "e0", GREEDY)
+    off.step()
+    b = off.add_request(ps[2], "e1", GREEDY)
+    assert [o.request_id for o in off.step()] == [b]  # the long prompt's step: a waits
+    assert sorted(o.request_id for o in off.step()) == sorted([a, b])
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        Engine(base, names, max_num_batched_tokens=4, max_num_seqs=8)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_an_interrupted_step_leaves_no_uncomputed_block_cached(llama, solo, chunked):
+    """A forward pass that raises (Ctrl-C, out of memory) after the step's blocks were
+    registered: the same prompt afterwards must not reuse keys that were never written
+    (the cache is filled with noise to show it); generate aborts its own requests."""
+    base, _ = llama
+    ps, ref = solo
+    eng = Engine(base, block_size=4, enable_chunked_prefill=chunked)
+    real = eng.model.forward
+
+    def interrupted(*args, **kw):
+        for k, v in eng.kv_cache:  # (nothing is cached yet: no computed key is spoilt)
+            k.normal_()
+            v.normal_()
+        raise KeyboardInterrupt
+
+    def interrupt(*args, **kw):
+        raise KeyboardInterrupt
+
+    eng.model.forward = interrupted
+    stale = eng.add_request(ps[2], None, GREEDY)
+    with pytest.raises(KeyboardInterrupt):
+        eng.step()
+    eng.model.forward = real
+    fresh = eng.add_request(ps[2], None, GREEDY)
+    done = {}
+    while eng.has_unfinished():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert done[fresh].token_ids == ref[(2, None)] == done[stale].token_ids
+    eng.model.forward = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        eng.generate(ps[1], None, GREEDY)
+    eng.model.forward = real
+    assert not eng.has_unfinished() and not eng.has_outputs()
+    assert eng.blocks.num_free == eng.blocks.num_blocks
+    assert eng.generate(ps[1], None, GREEDY)[0].token_ids == ref[(1, None)]
+
+
 def test_preemption_under_kv_pressure_keeps_tokens(llama, solo):
     base, experts = llama
     ps, ref = solo

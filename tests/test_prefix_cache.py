@@ -147,6 +147,20 @@ def test_requests_admitted_together_share_and_a_failed_step_unregisters():
     assert bm.match(req(range(10), expert="e")) == []
 
 
+def test_blocks_whose_hashes_are_dropped_are_reused_first():
+    bm = BlockManager(6, BS, prefix_caching=True)
+    for rid, toks, expert in (("a", range(8), "x"), ("b", range(20, 28), "y")):
+        r = req(toks, expert=expert, rid=rid)
+        admit(bm, r)
+        compute(bm, r)
+        bm.release(r)  # 2 cached blocks each, at the back of the free list
+    assert list(bm.free) == [4, 5, 1, 0, 3, 2]
+    bm.forget_expert("x")  # its blocks now hold nothing anyone can reuse
+    assert set(list(bm.free)[:2]) == {0, 1} and list(bm.free)[2:] == [4, 5, 3, 2]
+    bm.reset_prefix_cache()
+    assert set(list(bm.free)[:2]) == {2, 3}
+
+
 @st.composite
 def programs(draw):
     ops = draw(st.lists(st.tuples(st.sampled_from("aasscddrx"), st.integers(0, 2**16)),

@@ -1,8 +1,9 @@
 """The batched sampler (engine/sampler.py) against a per-row reference: the distribution it
 draws from (temperature, min_p, top-k, top-p) equals the reference's row by row for any mix of
-parameters in one batch; the exponential race draws tokens with those probabilities; a seeded
-request gets the same token whatever its batch; a bad row fails alone; adjusted rows are
-sampled as adjusted while the model's logits stay untouched."""
+parameters in one batch, through top-p's candidates and its full-sort fallback; the inverse-CDF
+draw picks tokens with those probabilities, tiny ones included; a seeded request gets the same
+token whatever its batch and its neighbours' parameters; a bad row fails alone; adjusted rows
+are sampled as adjusted while the model's logits stay untouched."""
 
 import math
 
@@ -45,13 +46,22 @@ PARAMS = st.builds(
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(PARAMS, min_size=1, max_size=6), st.integers(0, 2**31 - 1))
-def test_filtered_probs_equal_the_per_row_reference(params, seed):
+@given(st.lists(PARAMS, min_size=1, max_size=6), st.integers(0, 2**31 - 1),
+       st.sampled_from([4, 1024]))  # fmt: skip
+def test_filtered_probs_equal_the_per_row_reference(params, seed, candidates):
+    """The same support exactly (a token kept or dropped alike) and the same values; 4 top-p
+    candidates of 300 tokens sends most rows to the full sort, 1024 none."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(params), 40, generator=g) * 3
-    got = filtered_probs(x.clone(), params)
+    x = torch.randn(len(params), 300, generator=g) * 3
+    saved, sampler.TOP_P_CANDIDATES = sampler.TOP_P_CANDIDATES, candidates
+    try:
+        got = filtered_probs(x.clone(), params)
+    finally:
+        sampler.TOP_P_CANDIDATES = saved
     for i, sp in enumerate(params):
-        torch.testing.assert_close(got[i], reference_probs(x[i], sp), rtol=0, atol=1e-6)
+        want = reference_probs(x[i], sp)
+        assert torch.equal(got[i] > 0, want > 0), sp
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-12)
 
 
 def test_top_k_keeps_ties_with_the_kth():
@@ -80,6 +90,10 @@ def test_draws_follow_the_probabilities():
     n = 8000
     u = uniforms([torch.Generator().manual_seed(i) for i in range(n)])
     _close_to(torch.bincount(draw(p.expand(n, 6) * 3.0, u), minlength=6).double(), p)
+    # a token of probability 1e-9 after 0.6 of mass is reachable (a float32 sum drops it)
+    tiny = torch.tensor([[0.6, 1e-9, 0.4]])
+    c = tiny[0].double().cumsum(0)
+    assert draw(tiny, ((c[0] + c[1]) / 2 / c[2]).reshape(1)).tolist() == [1]
     # u at the edges: the first token with mass, and never the zero-mass tail
     edges = draw(torch.tensor([[0.0, 0.3, 0.7, 0.0]] * 3), torch.tensor([0.0, 0.9999999, 1.0]))
     assert edges.tolist() == [1, 2, 2]
@@ -108,6 +122,15 @@ def test_a_seeded_request_draws_the_same_token_in_any_batch():
     alone = [sample(logits[i : i + 1], [_req(seed=i, **sp)])[0] for i in range(6)]
     together = sample(logits, [_req(seed=i, **sp) for i in range(6)])
     assert together == alone
+    # beside rows with other parameters (top_p 1 and < 1, top_k, min_p) in one batch
+    others = [{"temperature": 1.0, "top_p": 1.0}, {"temperature": 0.6, "top_p": 0.5},
+              {"temperature": 1.2, "top_k": 3, "min_p": 0.1}]  # fmt: skip
+    big = torch.randn(4, 50_000, generator=g)
+    mine = {"temperature": 1.0}  # no top-p: its row keeps all 50K tokens, tail included
+    for seed in range(20):
+        solo = sample(big[:1], [_req(seed=seed, **mine)])[0]
+        crowd = sample(big, [_req(seed=seed, **mine), *(_req(seed=9, **o) for o in others)])
+        assert crowd[0] == solo
     # and beside greedy rows, in another order
     order = [4, 1, 5]
     mixed = sample(torch.cat([logits[order], logits[:2]]),

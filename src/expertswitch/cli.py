@@ -201,6 +201,12 @@ def _add_step_flags(p) -> None:
                    default=True,
                    help="reuse the keys and values of a prompt's leading blocks already "
                    "computed for the same expert (default: on, as in vLLM)")  # fmt: skip
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="prefill long prompts in chunks beside the running requests' decode "
+                   "tokens (default: on, as in vLLM)")  # fmt: skip
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096, metavar="N",
+                   help="tokens computed in one step (default 4096)")  # fmt: skip
     p.add_argument("--cpu-int4-deltas", action=argparse.BooleanOptionalAction,
                    default=None,
                    help="on CPU, compute deltas of up to 4 bits with torch's int4 matmul "
@@ -612,6 +618,8 @@ def _generate(args, prompts, use, sampling, dtype) -> None:
                  expert_parallel_size=ep, tensor_parallel_size=tp,
                  enforce_eager=args.enforce_eager,
                  enable_prefix_caching=args.enable_prefix_caching,
+                 enable_chunked_prefill=args.enable_chunked_prefill,
+                 max_num_batched_tokens=args.max_num_batched_tokens,
                  cpu_int4_deltas=args.cpu_int4_deltas)  # fmt: skip
     experts = use * len(prompts) if len(use) == 1 else use
     if eng.parallel:
@@ -759,6 +767,8 @@ def cmd_serve(args) -> None:
                "kv_cache_bytes": _size_arg(args.kv_cache_size, "--kv-cache-size"),
                "enforce_eager": args.enforce_eager or None,
                "enable_prefix_caching": args.enable_prefix_caching,
+               "enable_chunked_prefill": args.enable_chunked_prefill,
+               "max_num_batched_tokens": args.max_num_batched_tokens,
                "cpu_int4_deltas": args.cpu_int4_deltas}  # fmt: skip
     from expertswitch.utils.imports import resolve_device
 

@@ -10,8 +10,9 @@ from expertswitch.errors import ConfigError
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 64  # sequences in one step
-    max_num_batched_tokens: int = 4096  # prompt tokens in one prefill step (one longer prompt
-    #                                     still runs, alone)
+    max_num_batched_tokens: int = 4096  # tokens computed in one step (a longer prompt is
+    #                                     prefilled in chunks; without chunked prefill it
+    #                                     runs alone)
     block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int | None = None  # default: from kv_cache_bytes
     kv_cache_bytes: int | None = None  # default: CPU 512 MiB at most; GPU what is free
@@ -31,6 +32,10 @@ class EngineConfig:
     # a prompt's leading blocks already computed for the same expert are reused, not
     # recomputed (engine/kv_cache.py; vLLM's enable_prefix_caching, on by default as in vLLM)
     enable_prefix_caching: bool = True
+    # prompts prefilled in chunks of what a step's token budget has left, beside the running
+    # requests' decode tokens (engine/scheduler.py; vLLM's enable_chunked_prefill, on by
+    # default as in vLLM); off: all-prefill or all-decode steps, whole prompts
+    enable_chunked_prefill: bool = True
     # on CPU, deltas of up to 4 bits also held in torch's int4 layout and computed by its int4
     # matmul: ~7× faster delta terms, rounded to bf16, for about 2.25× more bytes than 2-bit
     # codes take (4.25× for 1-bit). None: on for bf16 and fp16 engines, whose activations are
@@ -38,7 +43,12 @@ class EngineConfig:
     cpu_int4_deltas: bool | None = None
 
     def __post_init__(self):
-        flags = ("enforce_eager", "enable_prefix_caching", "cpu_int4_deltas")
+        flags = (
+            "enforce_eager",
+            "enable_prefix_caching",
+            "enable_chunked_prefill",
+            "cpu_int4_deltas",
+        )
         for name in flags:
             v = getattr(self, name)
             if not isinstance(v, bool) and not (v is None and name == "cpu_int4_deltas"):
@@ -53,3 +63,9 @@ class EngineConfig:
                 raise ConfigError(f"{f.name} must be a positive integer, got {v!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("max_model_len must leave room for a prompt and one token (≥ 2)")
+        if self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}): a step must hold one token of every "
+                "running request; raise it or lower max_num_seqs"
+            )

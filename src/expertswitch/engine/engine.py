@@ -113,7 +113,8 @@ class Engine:
         # one block more than the scheduler hands out: decode graphs' padding rows write there
         self.kv_cache = self.model.new_kv_cache(num_blocks + 1, block)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   cfg.max_active_experts)  # fmt: skip
+                                   cfg.max_active_experts,
+                                   chunked_prefill=cfg.enable_chunked_prefill)  # fmt: skip
         graphs = None
         if not cfg.enforce_eager:
             graphs = DecodeGraphs(self.model, self.kv_cache, num_blocks, block,
@@ -366,20 +367,28 @@ class Engine:
             # what was scheduled and what runs after the expert loads (one rank's failed or
             # deferred load would change it), with the previous step's outputs (one collective
             # a step: engine/mirror.py)
-            batch = [(r.request_id, r.num_tokens, r.num_cached, r.status is Status.RUNNING)
-                     for r in reqs]  # fmt: skip
+            batch = [(r.request_id, r.num_tokens, r.num_cached, r.num_new,
+                      r.status is Status.RUNNING) for r in reqs]  # fmt: skip
             self._agree("the batch or the previous step's tokens", (batch, self._last_outputs))
             self._last_outputs = None
         if not reqs:
             return []
+        ready: list[Request] = []  # (a prompt prefilled only in part samples nothing yet)
         if live:
-            logits = self.runner.run(live, {None: None, **self._held})
+            try:
+                logits, ready = self.runner.run(live, {None: None, **self._held})
+            except BaseException:  # (KeyboardInterrupt, out of memory): the requests stay,
+                for r in live:  # to compute these tokens again; blocks registered for them
+                    self.blocks.forget_uncomputed(r)  # hold no keys and must not be reused
+                    r.num_new = 0
+                raise
+        if ready:
             eos = None
-            if any(r.sampling.min_tokens for r in live):  # banned until min_tokens
-                eos = [self.registry.eos(r.expert) for r in live]
-            tokens = sample(logits, live, eos)
-            self._record_logprobs(logits, live, tokens)
-            for r, tok in zip(live, tokens):
+            if any(r.sampling.min_tokens for r in ready):  # banned until min_tokens
+                eos = [self.registry.eos(r.expert) for r in ready]
+            tokens = sample(logits, ready, eos)
+            self._record_logprobs(logits, ready, tokens)
+            for r, tok in zip(ready, tokens):
                 if isinstance(tok, SamplingFailure):
                     self._finish(r, "error", str(tok))
                 else:
@@ -564,13 +573,19 @@ class Engine:
         ids = {r.request_id for r in reqs}
         final: dict[str, RequestOutput] = {}
         with tqdm(total=n, desc="generating", disable=not progress, unit="req") as bar:
-            while len(final) < n:
-                for out in self._step():
-                    if out.request_id not in ids:
-                        self._undelivered.append(out)
-                    elif out.finished:
-                        final[out.request_id] = out
-                        bar.update(1)
+            try:
+                while len(final) < n:
+                    for out in self._step():
+                        if out.request_id not in ids:
+                            self._undelivered.append(out)
+                        elif out.finished:
+                            final[out.request_id] = out
+                            bar.update(1)
+            except BaseException:  # (Ctrl-C in a notebook): nobody waits for the rest now
+                for r in reqs:
+                    self.abort(r.request_id)  # (a finished one is left alone)
+                self._undelivered = [o for o in self._undelivered if o.request_id not in ids]
+                raise
         if self.mirror is None:  # ranks in lockstep: their last tokens agree too
             self.check_last_step()
         return [final[r.request_id] for r in reqs]

@@ -168,9 +168,7 @@ class BlockManager:
         which more requests share), and a block without a hash at the front (reused before
         any cached one is evicted). Blocks registered for tokens not yet computed (released
         before its step ran) lose their hashes."""
-        for b in req.blocks[req.num_cached // self.block_size : req.num_registered]:
-            if b in self.hash_of:
-                self._forget(b)
+        self.forget_uncomputed(req)
         for b in reversed(req.blocks):
             self.refs[b] -= 1
             if not self.refs[b]:
@@ -185,14 +183,28 @@ class BlockManager:
     def forget_expert(self, expert: str) -> None:
         """Drop the cached blocks an expert computed (it is being removed: a new archive under
         its name must not hit them). Its requests are gone, so none of them is in use."""
-        for b in [b for b, (_, e) in self.hash_of.items() if e == expert]:
-            self._forget(b)
+        self._drop([b for b, (_, e) in self.hash_of.items() if e == expert])
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (blocks in use keep their contents; vLLM's
         /reset_prefix_cache)."""
-        self.cached.clear()
-        self.hash_of.clear()
+        self._drop(list(self.hash_of))
+
+    def forget_uncomputed(self, req: Request) -> None:
+        """The step that would have computed the request's scheduled tokens did not run (an
+        exception in the forward pass): the blocks registered for them hold no keys yet."""
+        bs = self.block_size
+        self._drop([b for b in req.blocks[req.num_cached // bs : req.num_registered]
+                    if b in self.hash_of])  # fmt: skip
+        req.num_registered = min(req.num_registered, req.num_cached // bs)
+
+    def _drop(self, blocks: list[int]) -> None:
+        """Unregister blocks; free ones among them go to the front of the free list, reused
+        before any block that still holds a hash."""
+        for b in blocks:
+            self._forget(b)
+            if b in self.free:
+                self.free.move_to_end(b, last=False)
 
     def slot(self, req: Request, position: int) -> int:
         return (

@@ -28,6 +28,7 @@ class Request:
     status: Status = Status.WAITING
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys/values are in the cache
+    num_new: int = 0  # tokens this step computes (from num_cached on): set by the scheduler
     num_registered: int = 0  # leading blocks registered in the prefix cache (kv_cache.py)
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, so far
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission

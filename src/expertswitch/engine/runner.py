@@ -1,6 +1,7 @@
-"""One forward pass for a scheduled step: flatten the sequences' new tokens, build the step's
-context (expert slots, cache slots, block tables), run the decoder, return the logits of each
-sequence's last token."""
+"""One forward pass for a scheduled step: flatten the tokens each sequence computes this step
+(a decode token, a whole prompt, or a chunk of one), build the step's context (expert slots,
+cache slots, block tables), run the decoder, return the logits of the last token of each
+sequence whose tokens are then all computed."""
 
 from __future__ import annotations
 
@@ -34,13 +35,14 @@ class ModelRunner:
 
     def prepare(self, reqs: list[Request], experts: dict[str | None, ExpertWeights],
                 order: list[str]):  # fmt: skip
-        """Flat inputs of the new tokens of `reqs` (prefill: all uncached tokens; decode: the
-        last one); `order`: the experts of `reqs` in slot order."""
+        """Flat inputs of this step's tokens of `reqs` (each request's `num_new` from
+        `num_cached` on); `order`: the experts of `reqs` in slot order. → (ids, context,
+        each request's expert slot)."""
         ids, positions, seq_lens, slots, q_lens, kv_lens, slot_of_row = [], [], [], [], [], [], []
         slot_index = {name: i for i, name in enumerate(order)}
         for r in reqs:
             toks = r.all_token_ids
-            start, end = r.num_cached, len(toks)
+            start, end = r.num_cached, r.num_cached + r.num_new
             ids.extend(toks[start:end])
             positions.extend(range(start, end))
             seq_lens.extend([end] * (end - start))
@@ -68,63 +70,64 @@ class ModelRunner:
                 self.graphs.reset()  # its graphs read the old tables
         eb = ExpertBatch.from_host(active, slot_of_row, self.device)
         eb.tables = self._tables
-        last_slots = [slot_index.get(r.expert, -1) for r in reqs]
-        last_eb = ExpertBatch.from_host(active, last_slots, self.device)
-        last_eb.tables = self._tables
-        return self._tensor(ids), StepContext(eb, attention), last_eb
+        return self._tensor(ids), StepContext(eb, attention), [slot_index.get(r.expert, -1)
+                                                                for r in reqs]  # fmt: skip
 
-    def run(self, reqs: list[Request], experts: dict[str | None, ExpertWeights]) -> torch.Tensor:
-        """→ fp32 logits [B, V], one row per request; marks their tokens as cached. A request
-        that asks for prompt logprobs gets them on its first prefill."""
+    def run(self, reqs: list[Request], experts: dict[str | None, ExpertWeights]):
+        """Compute each request's `num_new` tokens (marking them cached) → (fp32 logits
+        [R, V], the R requests whose tokens are now all computed, in the logits' row order:
+        those sample a token). A prompt prefilled in chunks gets its prompt logprobs, when it
+        asks for them, chunk by chunk."""
         # slots in name order: the same experts give the same tables (and decode graphs);
         # each expert's rows in one run (base first, then experts by slot): the CPU paths
-        # slice them; the logits go back to the callers' order at the end
+        # slice them
         names = sorted({r.expert for r in reqs if r.expert is not None})
         rank = {n: i for i, n in enumerate(names)}
-        perm = sorted(range(len(reqs)), key=lambda i: rank.get(reqs[i].expert, -1))
-        moved = perm != list(range(len(reqs)))
-        if moved:
-            reqs = [reqs[i] for i in perm]
-        ids, ctx, last_eb = self.prepare(reqs, experts, names)
+        reqs = sorted(reqs, key=lambda r: rank.get(r.expert, -1))  # stable
+        ids, ctx, slots = self.prepare(reqs, experts, names)
         if self.graphs is not None and self.graphs.usable(ctx):
             hidden = self.graphs.forward(ids, ctx)
         else:
             hidden = self.model.forward(ids, ctx, self.kv_cache)
         q_lens = ctx.attention.q_lens
-        if all(q == 1 for q in q_lens):  # decode: every row is a sequence's last
+        ready = [i for i, r in enumerate(reqs) if r.num_cached + r.num_new == r.num_tokens]
+        last_eb = ExpertBatch.from_host(ctx.experts.experts, [slots[i] for i in ready],
+                                        self.device)  # fmt: skip
+        last_eb.tables = self._tables
+        logits = None  # (no sequence finished its prompt this step)
+        if len(ready) == len(reqs) and all(q == 1 for q in q_lens):  # decode: rows are last
             logits = self.model.logits(hidden, last_eb)
-        else:
+        elif ready:
             ends = torch.cumsum(self._tensor(q_lens), 0) - 1
-            logits = self.model.logits(hidden.index_select(0, ends), last_eb)
+            rows = ends.index_select(0, self._tensor(ready))
+            logits = self.model.logits(hidden.index_select(0, rows), last_eb)
         start = 0
-        wanted = any(r.sampling.prompt_logprobs is not None and r.num_cached == 0 for r in reqs)
-        slots = last_eb.row_slot.tolist() if wanted else [None] * len(reqs)  # (a host sync)
         for r, n, slot in zip(reqs, q_lens, slots):
             k = r.sampling.prompt_logprobs
-            if k is not None and r.prompt_logprobs is None and r.num_cached == 0:
-                r.prompt_logprobs = self._prompt_logprobs(r, hidden[start : start + n], slot,
-                                                          last_eb, k)  # fmt: skip
+            p = len(r.prompt_token_ids)
+            if k is not None and r.num_cached < p and len(r.prompt_logprobs or ()) < p:
+                self._prompt_logprobs(r, hidden[start : start + n], slot, last_eb, k)
             start += n
         for r in reqs:
-            r.num_cached = r.num_tokens
+            r.num_cached += r.num_new
+            r.num_new = 0
             self.blocks.register(r)  # its full blocks, now computed, join the prefix cache
-        if moved:  # row j is request perm[j]
-            inverse = [0] * len(perm)
-            for j, i in enumerate(perm):
-                inverse[i] = j
-            logits = logits.index_select(0, self._tensor(inverse))
-        return logits
+        return logits, [reqs[i] for i in ready]
 
     def _prompt_logprobs(self, r: Request, hidden, slot: int, like: ExpertBatch, k: int):
-        """Position t's logits score prompt token t+1 (the first token has none), in chunks of
-        rows so that a long prompt holds [chunk, V] logits, not [P, V]."""
+        """This step's rows of the prompt, from position num_cached: position t's logits
+        score prompt token t+1 (the first token has none; the last prompt position scores
+        the first generated token, not reported here), appended to r.prompt_logprobs, in
+        chunks of rows so that a long prompt holds [chunk, V] logits, not [P, V]."""
         prompt = r.prompt_token_ids
-        out: list = [None]
+        if r.num_cached == 0:
+            r.prompt_logprobs = [None]  # (again after a preemption: the list starts over)
+        first = r.num_cached  # positions first .. first + rows − 1
+        rows = min(len(hidden), len(prompt) - 1 - first)  # the last position scores nothing
         chunk = 256
-        for a in range(0, len(prompt) - 1, chunk):
-            b = min(a + chunk, len(prompt) - 1)
+        for a in range(0, rows, chunk):
+            b = min(a + chunk, rows)
             eb = ExpertBatch.build(like.experts, self._tensor([slot] * (b - a)))
             eb.tables = like.tables
             logits = self.model.logits(hidden[a:b], eb)
-            out += logprobs_of(logits, prompt[a + 1 : b + 1], k)
-        return out
+            r.prompt_logprobs += logprobs_of(logits, prompt[first + a + 1 : first + b + 1], k)

@@ -1,14 +1,22 @@
-"""Continuous batching across experts (nano-vllm's scheduler, with vLLM's per-step expert cap).
+"""Continuous batching across experts (nano-vllm's scheduler, with vLLM's per-step expert cap
+and, by default, vLLM's chunked prefill).
 
-A step is all-prefill or all-decode. Waiting requests go first: admitted in arrival order while
-the step's token budget (tokens to compute: a prefix found in the prefix cache costs none), the
-sequence cap, free KV blocks and the cap on distinct experts per step allow. A request whose
-expert would exceed the cap waits at the head of the queue, first come first served (vLLM skips
-it instead, which lets steady traffic to the running experts starve it). Otherwise every running
-request decodes one token; when a request needs a new block and none is free, the most recently
-admitted running request is preempted: its blocks are freed and it goes back to the head of the
-queue, to be recomputed (prompt + tokens generated so far) — nothing crashes and no request
-loses its tokens.
+Each step has a budget of max_num_batched_tokens tokens to compute. Running requests go first:
+one token each for those decoding, then for each prompt still being prefilled its next chunk
+(as much as the budget has left). Then waiting requests are admitted in arrival
+order while the budget, the sequence cap, free KV blocks and the cap on distinct experts per
+step allow, each with as much of its prompt as the budget has left (a prefix found in the prefix
+cache costs nothing). So a long prompt no longer stalls the running requests' decoding, and a
+step can hold decode rows beside prefill chunks. A request whose expert would exceed the cap
+waits at the head of the queue, first come first served (vLLM skips it instead, which lets
+steady traffic to the running experts starve it). When a decoding request needs a new block and
+none is free, the most recently admitted running request is preempted: its blocks are freed and
+it goes back to the head of the queue, to be recomputed (prompt + tokens generated so far) —
+nothing crashes and no request loses its tokens; nothing is admitted in that step.
+
+With chunked prefill off (`enable_chunked_prefill=False`), a step is all-prefill or all-decode
+as before: waiting requests first, each with its whole prompt (one longer than the budget runs
+alone), else one token for every running request.
 """
 
 from __future__ import annotations
@@ -21,13 +29,15 @@ from expertswitch.engine.request import Request, Status
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_active_experts: int | None = None):  # fmt: skip
+                 max_active_experts: int | None = None, chunked_prefill: bool = True):  # fmt: skip
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_active_experts = max_active_experts
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.preemptions = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -40,16 +50,16 @@ class Scheduler:
         return cap is None or expert is None or expert in active or \
             len({e for e in active if e is not None}) < cap  # fmt: skip
 
-    def _admit(self) -> list[Request]:
-        scheduled: list[Request] = []
-        tokens = 0
+    def _admit(self, budget: int, scheduled: list[Request], chunked: bool) -> None:
+        """Admit waiting requests into `scheduled` while `budget` tokens are left; chunked: a
+        prompt may take what is left of the budget and go on in later steps."""
         active = {r.expert for r in self.running}
-        while self.waiting and len(self.running) + len(scheduled) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]
             n = req.num_tokens
             hits = self.blocks.match(req)  # prefix-cached blocks: their tokens are not computed
             new = n - len(hits) * self.blocks.block_size
-            if scheduled and tokens + new > self.max_num_batched_tokens:
+            if not chunked and scheduled and new > budget:
                 break
             if not self.blocks.can_allocate(n, hits):
                 break
@@ -58,40 +68,68 @@ class Scheduler:
                 # overtake it, or steady traffic to those experts would starve it
                 break
             self.waiting.popleft()
-            self.blocks.allocate(req, n, hits)
+            self.blocks.allocate(req, n, hits)  # blocks for the whole prompt at once
             req.status = Status.RUNNING
+            req.num_new = min(new, budget) if chunked else new
+            self.running.append(req)
             scheduled.append(req)
             active.add(req.expert)
-            tokens += new
-        return scheduled
+            budget -= req.num_new
+
+    def _grow(self, req: Request) -> bool:
+        """Room for a decoding request's next token: a new block when it starts one, taken
+        from the most recently admitted running request when none is free. False if `req`
+        itself was preempted."""
+        while self.blocks.needs_block(req) and not self.blocks.num_free:
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is req:
+                return False
+        if self.blocks.needs_block(req):
+            self.blocks.append_block(req)
+        return True
 
     def schedule(self) -> list[Request]:
-        """The requests of this step: newly admitted ones (prefill), else all running ones
-        (decode)."""
-        scheduled = self._admit()
+        """The requests of this step, each with `num_new` tokens to compute (the uncomputed
+        tokens it has, or the chunk of them this step's budget holds)."""
+        if not self.chunked_prefill:
+            return self._schedule_whole()
+        scheduled: list[Request] = []
+        budget = self.max_num_batched_tokens
+        preemptions = self.preemptions
+        # decoding requests first, then prompts part-way through their prefill: a long
+        # prompt's chunks never hold back the tokens of requests already answering
+        decoding = [r for r in self.running if r.num_tokens - r.num_cached == 1]
+        filling = [r for r in self.running if r.num_tokens - r.num_cached > 1]
+        for req in decoding + filling:
+            if budget <= 0:
+                break
+            if req in self.running and self._grow(req):  # (not preempted to make room)
+                req.num_new = min(req.num_tokens - req.num_cached, budget)
+                budget -= req.num_new
+                scheduled.append(req)
+        if self.preemptions == preemptions:  # a request just preempted must not come back
+            self._admit(budget, scheduled, chunked=True)  # in the step that preempted it
+        return scheduled
+
+    def _schedule_whole(self) -> list[Request]:
+        """All-prefill or all-decode steps, whole prompts (chunked prefill off)."""
+        scheduled: list[Request] = []
+        self._admit(self.max_num_batched_tokens, scheduled, chunked=False)
         if scheduled:
-            self.running.extend(scheduled)
             return scheduled
-        decoding: list[Request] = []
         for req in list(self.running):
-            if req not in self.running:  # preempted below to make room
-                continue
-            while self.blocks.needs_block(req) and not self.blocks.num_free:
-                victim = self.running[-1]
-                self.preempt(victim)
-                if victim is req:
-                    break
-            if req in self.running:
-                if self.blocks.needs_block(req):
-                    self.blocks.append_block(req)
-                decoding.append(req)
-        return decoding
+            if req in self.running and self._grow(req):
+                req.num_new = req.num_tokens - req.num_cached
+                scheduled.append(req)
+        return scheduled
 
     def preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.blocks.release(req)
         req.status = Status.WAITING
         req.preemptions += 1
+        self.preemptions += 1
         self.waiting.appendleft(req)
 
     def finish(self, req: Request) -> None:

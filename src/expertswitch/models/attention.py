@@ -160,7 +160,10 @@ def _one_sequence_at_a_time(q, k_cache, v_cache, layout: PaddedLayout, window, s
         vals = v_cache.index_select(0, blocks).view(-1, kvh, d)[:kv_len]
         keys = keys.transpose(0, 1).repeat_interleave(h // kvh, dim=0).to(q.dtype)  # [h, K, D]
         vals = vals.transpose(0, 1).repeat_interleave(h // kvh, dim=0).to(q.dtype)
-        qs = q[start : start + q_len].transpose(0, 1)  # [h, Q, D]
+        # 4-D [1, h, Q, D]: SDPA's fused kernels take only batched inputs (3-D ones fall back
+        # to the math path: 70 ms against 9 ms for 1500 causal queries, 4 heads, 2 CPU cores)
+        qs = q[start : start + q_len].transpose(0, 1).unsqueeze(0)
+        keys, vals = keys.unsqueeze(0), vals.unsqueeze(0)
         if q_len == kv_len and window is None:
             o = F.scaled_dot_product_attention(qs, keys, vals, is_causal=True, scale=scale)
         else:
@@ -168,6 +171,6 @@ def _one_sequence_at_a_time(q, k_cache, v_cache, layout: PaddedLayout, window, s
             j = torch.arange(kv_len, device=q.device)
             mask = (j <= pos) & (j > pos - window) if window is not None else j <= pos
             o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
-        outs.append(o.transpose(0, 1).reshape(q_len, h * d))
+        outs.append(o[0].transpose(0, 1).reshape(q_len, h * d))
         start += q_len
     return torch.cat(outs)
