@@ -232,12 +232,57 @@ def test_an_interrupted_step_leaves_no_uncomputed_block_cached(llama, solo, chun
     assert eng.generate(ps[1], None, GREEDY)[0].token_ids == ref[(1, None)]
 
 
-def test_preemption_under_kv_pressure_keeps_tokens(llama, solo):
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("where", ["forward", "logits", "sample"])
+def test_a_step_interrupted_anywhere_resumes_exactly(llama, chunked, where, monkeypatch):
+    """An exception in the forward pass (the second chunk), in the prompt logprobs' logits or
+    in sampling: stepping on, the request ends with the answer and prompt logprobs of an
+    uninterrupted run, none twice, and every block comes back."""
+    from expertswitch.engine import engine as engine_module
+
+    base, _ = llama
+    ps = prompts(3)
+    opts = {"max_num_batched_tokens": 8, "max_num_seqs": 8} if chunked else {}
+    sp = SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=1, logprobs=1)
+    want = Engine(base, block_size=4, enable_chunked_prefill=chunked, **opts).generate(
+        ps[2], None, sp)[0]  # fmt: skip
+    eng = Engine(base, block_size=4, enable_chunked_prefill=chunked, **opts)
+    owner, name = {"forward": (eng.model, "forward"), "logits": (eng.model, "logits"),
+                   "sample": (engine_module, "sample")}[where]  # fmt: skip
+    real, calls = getattr(owner, name), []
+
+    def faulty(*args, **kw):
+        calls.append(1)
+        if len(calls) == (1 if where == "sample" else 2):
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(owner, name, faulty)
+    rid = eng.add_request(ps[2], None, sp)
+    done = {}
+    with pytest.raises(KeyboardInterrupt):
+        while eng.has_unfinished():
+            done.update({o.request_id: o for o in eng.step() if o.finished})
+    for _ in range(100):  # (a bound: a request left unschedulable would spin for ever)
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert not eng.has_unfinished()
+    got = done[rid]
+    assert got.token_ids == want.token_ids and len(got.logprobs) == len(want.logprobs)
+    assert len(got.prompt_logprobs) == len(ps[2])
+    for a, b in zip(got.prompt_logprobs[1:] + got.logprobs,
+                    want.prompt_logprobs[1:] + want.logprobs):  # fmt: skip
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-5
+    assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+@pytest.mark.parametrize("budget", [4096, 8])
+def test_preemption_under_kv_pressure_keeps_tokens(llama, solo, budget):
+    """budget 8: prompts are prefilled in chunks, so a request can be preempted part-way."""
     base, experts = llama
     ps, ref = solo
     # 6 blocks of 8 tokens: three requests of up to 53 tokens cannot all stay resident
     eng = Engine(base, {"e0": experts[0][0], "e1": experts[1][0]}, num_kv_blocks=6, block_size=8,
-                 max_model_len=48)  # fmt: skip
+                 max_model_len=48, max_num_batched_tokens=budget, max_num_seqs=8)  # fmt: skip
     reqs = [(2, "e0"), (1, "e1"), (2, None)]
     rids = [eng.add_request(ps[i], e, GREEDY) for i, e in reqs]
     preempted, done = 0, {}
@@ -422,9 +467,18 @@ def test_rope_scaling_kinds_equal_transformers(tmp_path, rope):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     eng = Engine(tmp_path / "base", max_model_len=64)
-    for p in prompts(2, (5, 24)):
-        out = eng.generate(p, sampling=SamplingParams(temperature=0.0, max_tokens=16))[0]
-        assert out.token_ids == hf_greedy(tmp_path / "base", p, 16)
+    # a prompt past max_position_embeddings prefilled in chunks of 8: dynamic NTK rotates
+    # every prompt key by the whole prompt's length, as transformers does
+    chunked = Engine(tmp_path / "base", max_model_len=64, max_num_batched_tokens=8,
+                     max_num_seqs=8)  # fmt: skip
+    sp = SamplingParams(temperature=0.0, max_tokens=16, logprobs=0)
+    for p in prompts(3, (5, 24, 40)):
+        ref = hf_greedy(tmp_path / "base", p, 16)
+        whole, parts = eng.generate(p, sampling=sp)[0], chunked.generate(p, sampling=sp)[0]
+        assert whole.token_ids == parts.token_ids == ref
+        # (a chunk rotated by its own end instead differs by ~5e-4 here, without a flip)
+        for a, b in zip(whole.logprobs, parts.logprobs):
+            assert abs(a.logprob - b.logprob) < 2e-5
 
 
 def test_expert_with_larger_vocabulary_and_quantized_embeddings(tmp_path):

@@ -161,6 +161,20 @@ def test_blocks_whose_hashes_are_dropped_are_reused_first():
     assert set(list(bm.free)[:2]) == {2, 3}
 
 
+def test_a_chunked_prompt_registers_its_blocks_as_chunks_are_computed():
+    """Blocks of later chunks hold no keys yet: nobody may match them before their chunk ran."""
+    bm = BlockManager(8, BS, prefix_caching=True)
+    a = req(range(13), rid="a")
+    bm.allocate(a, 13, [], computing=5)  # the first chunk: tokens 0-4
+    assert len(bm.hash_of) == 1 and len(bm.match(req(range(13), rid="b"))) == 1
+    a.num_cached = 5
+    bm.register(a)
+    assert len(bm.hash_of) == 1  # block 1 holds token 4 only
+    a.num_cached = 13
+    bm.register(a)
+    assert len(bm.hash_of) == 3 and len(bm.match(req(range(13), rid="c"))) == 3
+
+
 @st.composite
 def programs(draw):
     ops = draw(st.lists(st.tuples(st.sampled_from("aasscddrx"), st.integers(0, 2**16)),

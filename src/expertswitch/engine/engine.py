@@ -360,8 +360,9 @@ class Engine:
             if r.expert in failed:
                 self.scheduler.finish(r)
                 r.finish("error", failed[r.expert])
-            elif r.expert in deferred:
-                self.scheduler.preempt(r)  # back to the queue until its expert fits
+        for r in reversed(reqs):  # back to the head of the queue in their order
+            if r.expert in deferred:
+                self.scheduler.preempt(r)  # until its expert fits
         live = [r for r in reqs if r.status is Status.RUNNING]
         if self.parallel:  # before the forward pass, whose collectives need the same batch:
             # what was scheduled and what runs after the expert loads (one rank's failed or
@@ -383,21 +384,32 @@ class Engine:
                     r.num_new = 0
                 raise
         if ready:
-            eos = None
-            if any(r.sampling.min_tokens for r in ready):  # banned until min_tokens
-                eos = [self.registry.eos(r.expert) for r in ready]
-            tokens = sample(logits, ready, eos)
-            self._record_logprobs(logits, ready, tokens)
-            for r, tok in zip(ready, tokens):
-                if isinstance(tok, SamplingFailure):
-                    self._finish(r, "error", str(tok))
-                else:
-                    self._append(r, tok)
+            try:
+                self._sample(logits, ready)
+            except BaseException:  # (Ctrl-C): a request left without its token recomputes
+                for r in reversed(ready):  # its last one (preempted: no shared block is
+                    if r.status is Status.RUNNING and r.num_cached == r.num_tokens:  # rewritten)
+                        del r.logprobs[len(r.output_token_ids) :]
+                        self.scheduler.preempt(r)
+                raise
         self._release_idle()
         outs = self._outputs(reqs)
         if self.parallel:  # checked with the next step's batch (or by check_last_step)
             self._last_outputs = step_digest(outs)
         return outs
+
+    def _sample(self, logits: torch.Tensor, ready: list[Request]) -> None:
+        """A token for each request whose tokens are all computed (logits row i: ready[i])."""
+        eos = None
+        if any(r.sampling.min_tokens for r in ready):  # banned until min_tokens
+            eos = [self.registry.eos(r.expert) for r in ready]
+        tokens = sample(logits, ready, eos)
+        self._record_logprobs(logits, ready, tokens)
+        for r, tok in zip(ready, tokens):
+            if isinstance(tok, SamplingFailure):
+                self._finish(r, "error", str(tok))
+            else:
+                self._append(r, tok)
 
     def check_last_step(self) -> None:
         """Ranks stepping together: check the last step's outputs, which no next step's

@@ -97,9 +97,12 @@ class BlockManager:
         revived = sum(1 for b in hits if not self.refs[b])
         return self.blocks_for(tokens) - len(hits) + revived <= len(self.free)
 
-    def allocate(self, req: Request, tokens: int, hits: list[int] = ()) -> None:
+    def allocate(self, req: Request, tokens: int, hits: list[int] = (),
+                 computing: int | None = None) -> None:  # fmt: skip
         """Give `req` blocks for its first `tokens` tokens (it holds none): the cached `hits`
-        (from match) first, its keys and values already computed, then fresh blocks."""
+        (from match) first, its keys and values already computed, then fresh blocks.
+        computing: how many tokens after the hits its step computes (default: all; a chunk of
+        a prompt: the blocks of later chunks are registered when those run)."""
         assert not req.blocks, "allocate: request already holds blocks"
         if not self.can_allocate(tokens, hits):
             raise RuntimeError("allocate without can_allocate")
@@ -111,7 +114,8 @@ class BlockManager:
         req.blocks += [self._take() for _ in range(self.blocks_for(tokens) - len(hits))]
         req.num_cached = len(hits) * self.block_size
         req.num_registered = len(hits)
-        self._register(req, tokens // self.block_size)  # full once this step has run
+        end = tokens if computing is None else req.num_cached + computing
+        self._register(req, end // self.block_size)  # full once this step has run
         # counted once its step has run (register): a request deferred with its expert and
         # admitted again step after step must not inflate the counts
         looked_up = self.prefix_caching and req.sampling.prompt_logprobs is None

@@ -91,8 +91,11 @@ class RequestOutput:
     @classmethod
     def of(cls, r: Request, new: list[int]) -> RequestOutput:
         lps = r.logprobs[len(r.logprobs) - len(new) :] if r.sampling.logprobs is not None else []
+        plps = r.prompt_logprobs  # (a prompt stopped part-way through its prefill: none)
+        if plps is not None and len(plps) < len(r.prompt_token_ids):
+            plps = None
         return cls(r.request_id, r.prompt_token_ids, list(r.output_token_ids), r.text, r.expert,
                    r.finished, r.finish_reason, new, r.error, r.stop_reason, r.prompt, lps,
-                   r.prompt_logprobs,
+                   plps,
                    list(r.logprobs) if r.finished and r.sampling.logprobs is not None
                    else None, r.num_cached_tokens or 0)  # fmt: skip

@@ -45,7 +45,9 @@ class ModelRunner:
             start, end = r.num_cached, r.num_cached + r.num_new
             ids.extend(toks[start:end])
             positions.extend(range(start, end))
-            seq_lens.extend([end] * (end - start))
+            # dynamic NTK RoPE rotates by the sequence's length: a chunk's keys as the whole
+            # prompt's (transformers rotates every prompt key by the prompt's length)
+            seq_lens.extend([r.num_tokens] * (end - start))
             slots.extend(self.blocks.slot(r, p) for p in range(start, end))
             q_lens.append(end - start)
             kv_lens.append(end)
@@ -101,33 +103,37 @@ class ModelRunner:
             ends = torch.cumsum(self._tensor(q_lens), 0) - 1
             rows = ends.index_select(0, self._tensor(ready))
             logits = self.model.logits(hidden.index_select(0, rows), last_eb)
-        start = 0
+        start, scored = 0, []
         for r, n, slot in zip(reqs, q_lens, slots):
             k = r.sampling.prompt_logprobs
             p = len(r.prompt_token_ids)
             if k is not None and r.num_cached < p and len(r.prompt_logprobs or ()) < p:
-                self._prompt_logprobs(r, hidden[start : start + n], slot, last_eb, k)
+                scored.append((r, self._prompt_logprobs(r, hidden[start : start + n], slot,
+                                                        last_eb, k)))  # fmt: skip
             start += n
+        for r, lps in scored:  # (kept only once the whole step has run)
+            r.prompt_logprobs = ([None] if r.num_cached == 0 else r.prompt_logprobs) + lps
         for r in reqs:
             r.num_cached += r.num_new
             r.num_new = 0
             self.blocks.register(r)  # its full blocks, now computed, join the prefix cache
         return logits, [reqs[i] for i in ready]
 
-    def _prompt_logprobs(self, r: Request, hidden, slot: int, like: ExpertBatch, k: int):
+    def _prompt_logprobs(self, r: Request, hidden, slot: int, like: ExpertBatch,
+                         k: int) -> list:  # fmt: skip
         """This step's rows of the prompt, from position num_cached: position t's logits
         score prompt token t+1 (the first token has none; the last prompt position scores
-        the first generated token, not reported here), appended to r.prompt_logprobs, in
-        chunks of rows so that a long prompt holds [chunk, V] logits, not [P, V]."""
+        the first generated token, not reported here), in chunks of rows so that a long
+        prompt holds [chunk, V] logits, not [P, V]."""
         prompt = r.prompt_token_ids
-        if r.num_cached == 0:
-            r.prompt_logprobs = [None]  # (again after a preemption: the list starts over)
         first = r.num_cached  # positions first .. first + rows − 1
         rows = min(len(hidden), len(prompt) - 1 - first)  # the last position scores nothing
+        out: list = []
         chunk = 256
         for a in range(0, rows, chunk):
             b = min(a + chunk, rows)
             eb = ExpertBatch.build(like.experts, self._tensor([slot] * (b - a)))
             eb.tables = like.tables
             logits = self.model.logits(hidden[a:b], eb)
-            r.prompt_logprobs += logprobs_of(logits, prompt[first + a + 1 : first + b + 1], k)
+            out += logprobs_of(logits, prompt[first + a + 1 : first + b + 1], k)
+        return out

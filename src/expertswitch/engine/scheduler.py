@@ -68,9 +68,10 @@ class Scheduler:
                 # overtake it, or steady traffic to those experts would starve it
                 break
             self.waiting.popleft()
-            self.blocks.allocate(req, n, hits)  # blocks for the whole prompt at once
-            req.status = Status.RUNNING
             req.num_new = min(new, budget) if chunked else new
+            # blocks for the whole prompt at once; registered as their chunks are computed
+            self.blocks.allocate(req, n, hits, computing=req.num_new)
+            req.status = Status.RUNNING
             self.running.append(req)
             scheduled.append(req)
             active.add(req.expert)
