@@ -828,11 +828,13 @@ def test_reconstruct_in_float32_keeps_the_delta(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_attention_one_sequence_at_a_time(arch, llama_engine, solo, tmp_path, monkeypatch):
-    """The per-sequence attention path (taken when a padded batch would be huge), forced for
-    every step: causal without a mask for whole prompts, masks for decode and the window."""
+    """The per-sequence attention path (taken when a padded batch would be huge or a prompt
+    is long), forced for every step, one sequence alone included: causal without a mask for
+    whole prompts, masks for decode and the window."""
     from expertswitch.models import attention
 
     monkeypatch.setattr(attention, "PADDED_LIMIT", 0)
+    monkeypatch.setattr(attention, "LONG_PREFILL", 1)
     monkeypatch.setattr(attention, "ATTENTION_PATH", "torch")
     if arch == "llama":
         ps, ref = solo
