@@ -173,3 +173,26 @@ def test_an_all_banned_drawn_row_fails(n_rows):
     got = sample(logits, reqs)
     assert isinstance(got[0], SamplingFailure) and "banned" in got[0]
     assert all(isinstance(t, int) for t in got[1:])
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_sampler_draws_as_on_the_host():
+    """CUDA logits: the same filtered distributions as on the CPU, and a seeded request draws
+    the same token (its uniform comes from its host generator), except in a row or two where
+    the devices' float sums put a token on the other side of the top-p line or u on the other
+    side of a token boundary."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(64, 32000, generator=g) * 4
+    params = [SamplingParams(temperature=0.8, top_p=(1.0, 0.9, 0.5)[i % 3], top_k=(0, 50)[i % 2])
+              for i in range(64)]  # fmt: skip
+    host = filtered_probs(logits.clone(), params)
+    device = filtered_probs(logits.cuda(), params).cpu()
+    tv = (device / device.sum(-1, keepdim=True) - host / host.sum(-1, keepdim=True)).abs()
+    assert int((tv.sum(-1) > 1e-4).sum()) <= 2  # total variation per row
+
+    def reqs():
+        return [Request("r", [1], None, sp, generator=torch.Generator().manual_seed(i))
+                for i, sp in enumerate(params)]  # fmt: skip
+
+    same = sum(a == b for a, b in zip(sample(logits.cuda(), reqs()), sample(logits, reqs())))
+    assert same >= 62
