@@ -7,6 +7,7 @@ writes what it found to $PARALLEL_OUT (JSON) — the test asserts on it.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -590,10 +591,14 @@ def main() -> int:
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump({"world": world, "ranks": gathered}, f, indent=1)
-        if scenario == "deepspeed":  # DeepSpeed's CPU comm op aborts in its teardown now and
-            dist.barrier()  # then ("terminate called without an active exception"): skip it
-            sys.stdout.flush()
-            os._exit(0)
+        # Teardown aborts now and then on gloo ("terminate called without an active
+        # exception": first with DeepSpeed's CPU comm op, then once in CI after the engine
+        # scenario had written its results). Once every rank is past the gather there is
+        # nothing left to tear down that a test reads: leave without it.
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except Exception:
         traceback.print_exc()
         return 1
@@ -604,5 +609,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     assert expert_groups  # imported for the side effect-free check that the package loads
+    faulthandler.enable()  # an abort in C++ (gloo) prints where each Python thread was
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.exit(main())

@@ -230,6 +230,18 @@ def test_generate_command_without_tokenizer_prints_ids(llama, capsys):  # noqa: 
     assert main(["generate", "--base", str(base), "--expert", f"base={experts[0][0]}",
                  "--prompt-ids", "5"]) == 2  # fmt: skip
     assert "reserved" in capsys.readouterr().err
+    # the step flags reach the engine: one request at a time gives the same two answers
+    two = argv + ["--prompt-ids", "9,8"]
+    assert main(two) == 0
+    both = capsys.readouterr().out
+    assert main(two + ["--max-num-seqs", "1", "--max-num-batched-tokens", "2"]) == 0
+    assert capsys.readouterr().out == both and both.startswith(out)
+    assert main(argv + ["--max-model-len", "5"]) == 0  # 3 prompt tokens leave room for 2
+    ids = out.split(" -> '")[1].split("'")[0].split()
+    cut = out.replace(" ".join(ids), " ".join(ids[:2]))
+    assert len(ids) == 4 and capsys.readouterr().out == cut
+    assert main(argv + ["--max-model-len", "3"]) == 2  # no room for one token
+    assert "the context holds 3" in capsys.readouterr().err
 
 
 def test_stream_ends_after_abort_and_caps_come_back(llama, solo):  # noqa: F811

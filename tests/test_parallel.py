@@ -34,7 +34,8 @@ def torchrun(nproc: int, scenario: str, tmp_path: Path) -> dict:
            f"--nproc-per-node={nproc}", str(WORKER), scenario, str(out)]  # fmt: skip
     env = dict(_env(), PARALLEL_TMP=str(tmp_path))
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0 and out.exists(), run.stdout[-3000:] + run.stderr[-6000:]
+    said = f"exit code {run.returncode}, results written: {out.exists()}\n"
+    assert run.returncode == 0 and out.exists(), said + run.stdout[-3000:] + run.stderr[-6000:]
     return json.loads(out.read_text())
 
 

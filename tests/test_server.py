@@ -492,7 +492,15 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"model": "math", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
     ({"model": "math", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"model": "math", "messages": [{"role": "user", "content": "x"}],
-      "response_format": {"type": "json_object"}}, 400, "response_format"),
+      "response_format": {"type": "xml"}}, 400, "type 'xml' is not supported"),
+    ({"model": "math", "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema"}}, 400, "needs json_schema"),
+    ({"model": "math", "prompt": "x", "guided_json": {"type": "string", "format": "date"}},
+     400, "keyword 'format'"),
+    ({"model": "math", "prompt": "x", "guided_regex": "[0-9]+"}, 400, "regex is not supported"),
+    ({"model": "math", "prompt": "x", "guided_choice": ["a"], "guided_json": {}}, 400,
+     "give one"),
+    ({"model": "math", "prompt": "x", "structured_outputs": {"jsn": {}}}, 400, "takes json"),
     ({"model": "math", "prompt": "x", "logprobs": 21}, 400, "logprobs must be"),
     ({"model": "math", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      400, "needs logprobs"),
@@ -652,3 +660,38 @@ def test_serve_command_refuses_unsafe_admin_and_bad_sizes(family, capsys):
     assert "--api-key" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="too large"):
         _size_arg("1e400", "--gpu-budget")
+
+
+def test_structured_outputs_over_http(server, client, reference):
+    """OpenAI's response_format (json_schema through the official client, json_object) and
+    vLLM's guided_choice / structured_outputs: answers follow them, and equal the same
+    constraint served alone by the independent engine (greedy)."""
+    from expertswitch.engine import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"},
+                                               "why": {"type": "string", "maxLength": 8}},
+              "required": ["answer"]}  # fmt: skip
+    messages = [{"role": "user", "content": "2 + 3 = ?"}]
+    r = client.chat.completions.create(
+        model="math",
+        messages=messages,
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    text = r.choices[0].message.content
+    want = alone(reference, chat_ids(reference, messages), "math", 40,
+                 structured_outputs=StructuredOutputsParams(json=schema))  # fmt: skip
+    assert text == want
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text)["answer"], int)
+    r = client.completions.create(model="code", prompt="x =", max_tokens=8, temperature=0.9,
+                                  seed=4, n=3,
+                                  extra_body={"guided_choice": ["yes", "no"]})  # fmt: skip
+    assert all(c.text in ("yes", "no") and c.finish_reason == "stop" for c in r.choices)
+    body = {"model": "base", "prompt": "{", "max_tokens": 30, "temperature": 0,
+            "structured_outputs": {"json_object": True}}  # fmt: skip
+    got = httpx.post(server[0].url + "/v1/completions", json=body, timeout=60).json()
+    want = alone(reference, "{", None, 30,
+                 structured_outputs=StructuredOutputsParams(json_object=True))  # fmt: skip
+    assert got["choices"][0]["text"] == want and want.lstrip().startswith("{")

@@ -207,6 +207,11 @@ def _add_step_flags(p) -> None:
                    "tokens (default: on, as in vLLM)")  # fmt: skip
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, metavar="N",
                    help="tokens computed in one step (default 4096)")  # fmt: skip
+    p.add_argument("--max-num-seqs", type=int, default=64, metavar="N",
+                   help="requests running in one step (default 64)")  # fmt: skip
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="longest prompt + answer in tokens (default: the model's "
+                   "max_position_embeddings)")  # fmt: skip
     p.add_argument("--cpu-int4-deltas", action=argparse.BooleanOptionalAction,
                    default=None,
                    help="on CPU, compute deltas of up to 4 bits with torch's int4 matmul "
@@ -264,8 +269,6 @@ def _add_serve(sub) -> None:
                    help="slice the attention and MLP layers over N ranks (torchrun, as "
                    "above); combines with --expert-parallel-size")  # fmt: skip
     _add_step_flags(p)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
         "--max-tokens-limit",
         type=int,
@@ -620,6 +623,7 @@ def _generate(args, prompts, use, sampling, dtype) -> None:
                  enable_prefix_caching=args.enable_prefix_caching,
                  enable_chunked_prefill=args.enable_chunked_prefill,
                  max_num_batched_tokens=args.max_num_batched_tokens,
+                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                  cpu_int4_deltas=args.cpu_int4_deltas)  # fmt: skip
     experts = use * len(prompts) if len(use) == 1 else use
     if eng.parallel:

@@ -5,7 +5,8 @@ from expertswitch.engine import Engine, SamplingParams
 
 from expertswitch.engine.config import EngineConfig
 from expertswitch.engine.engine import Engine
+from expertswitch.engine.guided import StructuredOutputsParams
 from expertswitch.engine.request import RequestOutput
 from expertswitch.engine.sampling import SamplingParams
 
-__all__ = ["Engine", "EngineConfig", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "EngineConfig", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]

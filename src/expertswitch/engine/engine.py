@@ -29,6 +29,7 @@ import torch
 
 from expertswitch.engine.config import EngineConfig
 from expertswitch.engine.graphs import DecodeGraphs
+from expertswitch.engine.guided import Guide, token_index
 from expertswitch.engine.kv_cache import BlockManager, auto_num_blocks
 from expertswitch.engine.mirror import StepMirror, agree, min_over_ranks, rank0_value, step_digest
 from expertswitch.engine.pool import ExpertLoadError, ExpertPool, PoolError, PoolFullError
@@ -248,14 +249,28 @@ class Engine:
         if bad:
             raise ConfigError(f"logit_bias names token id {bad[0]}, outside the vocabulary "
                               f"(size {vocab})")  # fmt: skip
+        if sampling.structured_outputs is not None and tok is None:
+            raise ConfigError("structured outputs need a tokenizer (they constrain the text); "
+                              f"{self.base_path} has none")  # fmt: skip
         if request_id is None:
             request_id = next(r for r in (f"req-{i}" for i in self._ids)
                               if r not in self._requests)  # fmt: skip
         elif request_id in self._requests:
             raise ConfigError(f"request id {request_id!r} is already in use")
         return Request(request_id, ids, expert, sampling, prompt=text,
-                       generator=self._generator(seed),
-                       text=None if tok is None else "")  # fmt: skip
+                       generator=self._generator(seed), text=None if tok is None else "",
+                       guide=self._guide(expert, sampling))  # fmt: skip
+
+    def _guide(self, expert: str | None, sampling: SamplingParams) -> Guide | None:
+        """A request's place in its structured output (None without one)."""
+        so = sampling.structured_outputs
+        if so is None:
+            return None
+        stop = set(sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            stop |= self.registry.eos(expert)
+        index = token_index(self.tokenizer_for(expert), self.registry.vocab(expert))
+        return Guide(so.grammar_, index, frozenset(stop))
 
     @staticmethod
     def _generator(seed: int) -> torch.Generator:
@@ -437,7 +452,8 @@ class Engine:
             rid, ids, expert, sampling, seed, prompt, has_text = args
             self._submit(Request(rid, list(ids), expert, sampling, prompt=prompt,
                                  generator=self._generator(seed),
-                                 text="" if has_text else None))  # fmt: skip
+                                 text="" if has_text else None,
+                                 guide=self._guide(expert, sampling)))  # fmt: skip
         elif kind == "abort":
             self.abort(*args)
         elif kind == "add_expert":
@@ -510,6 +526,10 @@ class Engine:
             r.stop_floor = len(r.text)  # stop strings must end past the first min_tokens − 1
         r.output_token_ids.append(token)
         sp = r.sampling
+        if r.guide is not None and not r.guide.advance(token):  # (the mask allows no such token)
+            self._finish(r, "error", f"structured output: token {token} does not continue the "
+                         "answer")  # fmt: skip
+            return
         tok = self.tokenizer_for(r.expert)
         if tok is not None:  # the whole output each time: exact for any tokenizer
             r.text = tok.decode(r.output_token_ids, skip_special_tokens=True)
@@ -518,8 +538,11 @@ class Engine:
         if token in sp.stop_token_ids:
             r.stop_reason = token
             self._finish(r, "stop")
-        elif (not sp.ignore_eos and token in eos) or (sp.stop and not early
-                                                       and self._hit_stop(r)):  # fmt: skip
+        elif (
+            (not sp.ignore_eos and token in eos)
+            or (sp.stop and not early and self._hit_stop(r))
+            or (r.guide is not None and r.guide.complete)  # nothing may follow (closed JSON)
+        ):
             self._finish(r, "stop")
         elif len(r.output_token_ids) >= sp.max_tokens or r.num_tokens >= self.max_model_len:
             self._finish(r, "length")

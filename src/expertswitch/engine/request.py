@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -43,6 +44,7 @@ class Request:
     emitted: int = 0  # output tokens already reported by step()
     logprobs: list[Logprob] = field(default_factory=list)  # one per output token, if asked
     prompt_logprobs: list[Logprob | None] | None = None  # one per prompt token, if asked
+    guide: Any = None  # its place in its structured output (engine/guided.py Guide), if any
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -21,7 +21,10 @@ class SamplingFailure(str):
     """In place of a token: why this request's sampling failed (its logits were not finite)."""
 
 
-_BANNED = "every token is banned for this request (logit_bias, min_tokens and stop_token_ids)"
+_BANNED = (
+    "every token is banned for this request (logit_bias, min_tokens, stop_token_ids and "
+    "structured outputs)"
+)
 _NAN = "the model's logits are NaN for this request"
 _NO_DRAW = "sampling failed: the filtered probabilities are not finite or sum to zero"
 
@@ -170,6 +173,8 @@ def adjust_logits(row: torch.Tensor, req: Request, eos: frozenset[int]) -> None:
     if (sp.frequency_penalty or sp.presence_penalty) and req.output_token_ids:
         ids, counts = torch.tensor(req.output_token_ids, device=dev).unique(return_counts=True)
         row[ids] -= sp.frequency_penalty * counts.to(row.dtype) + sp.presence_penalty
+    if req.guide is not None:  # last: no bias brings back a token the constraint bans
+        req.guide.mask(row)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: list[int], k: int) -> list[Logprob]:

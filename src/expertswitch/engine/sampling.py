@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from expertswitch.engine.guided import StructuredOutputsParams
 from expertswitch.errors import ConfigError
 
 
@@ -32,6 +33,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
     min_p: float = 0.0
+    # the answer held to a JSON schema, any JSON object or one of given strings (vLLM's
+    # structured_outputs; engine/guided.py): a StructuredOutputsParams or its fields as a dict
+    structured_outputs: StructuredOutputsParams | dict | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -73,6 +77,17 @@ class SamplingParams:
             raise ConfigError("logit_bias maps token ids (non-negative integers) to biases in "
                               "[-100, 100]")  # fmt: skip
         self.logit_bias = dict(bias) or None
+        so = self.structured_outputs
+        if isinstance(so, dict):
+            try:
+                so = StructuredOutputsParams(**so)
+            except TypeError:
+                raise ConfigError("structured_outputs takes json, json_object or choice; got "
+                                  f"{sorted(so)}") from None  # fmt: skip
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise ConfigError("structured_outputs must be a StructuredOutputsParams (or a dict "
+                              "of its fields)")  # fmt: skip
+        self.structured_outputs = so
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
@@ -83,7 +98,8 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         """Whether any logits adjustment is on (the sampler skips rows without one)."""
         return bool(self.logit_bias or self.min_tokens or self.presence_penalty
-                    or self.frequency_penalty or self.repetition_penalty != 1)  # fmt: skip
+                    or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.structured_outputs is not None)  # fmt: skip
 
     @property
     def greedy(self) -> bool:

@@ -1,8 +1,10 @@
 """The OpenAI request bodies the server accepts (vLLM's fields and defaults), and what they map to.
 
-Fields OpenAI or vLLM define that the engine cannot honour (tools, response formats, a suffix)
-are refused with a 400 that names them only when they would change the answer: a default value
-(`tools: []`, `response_format: {"type": "text"}`) is accepted. Sampling follows vLLM's
+Fields OpenAI or vLLM define that the engine cannot honour (tools, a suffix, regex or grammar
+constraints) are refused with a 400 that names them only when they would change the answer: a
+default value (`tools: []`, `response_format: {"type": "text"}`) is accepted. Structured
+outputs come as OpenAI's `response_format` (json_object, json_schema) or vLLM's
+`structured_outputs` / `guided_json` / `guided_choice`. Sampling follows vLLM's
 parameters, penalties, logit_bias, min_tokens and min_p included. Unknown fields are ignored,
 as vLLM does, so clients written for other servers keep working.
 """
@@ -13,7 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from expertswitch.engine import SamplingParams
+from expertswitch.engine import SamplingParams, StructuredOutputsParams
+from expertswitch.errors import ConfigError
 from expertswitch.server.errors import HTTPError
 
 
@@ -50,6 +53,13 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     min_p: float | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's (json, json_object, choice, ...)
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names
+    guided_choice: list[str] | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 class CompletionRequest(_Request):
@@ -66,7 +76,6 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -96,8 +105,7 @@ def refuse_unsupported(req: _Request) -> None:
         if req.top_logprobs and not req.logprobs:
             raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         unsupported["tools"] = bool(req.tools) and req.tool_choice not in (None, "none")
-        fmt = (req.response_format or {}).get("type", "text")
-        unsupported["response_format"] = fmt != "text"
+    unsupported["guided_whitespace_pattern"] = req.guided_whitespace_pattern is not None
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise HTTPError(400, f"{bad[0]} is not supported by this server; leave it out (or at "
@@ -140,7 +148,50 @@ def sampling_params(req: _Request, max_tokens: int, choice: int) -> SamplingPara
         logit_bias=_logit_bias(req.logit_bias),
         min_tokens=req.min_tokens,
         min_p=req.min_p or 0.0,
+        structured_outputs=structured_outputs(req),
     )
+
+
+def structured_outputs(req: _Request) -> StructuredOutputsParams | None:
+    """The request's constraint on its answer, from whichever field names it (one at most):
+    OpenAI's response_format, vLLM's structured_outputs, guided_json, guided_choice,
+    guided_regex or guided_grammar (the last two refused)."""
+    asked = {}
+    fmt = req.response_format
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            asked["response_format"] = {"json_object": True}
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if schema is None:
+                raise HTTPError(400, "response_format of type json_schema needs json_schema: "
+                                '{"name": ..., "schema": {...}}',
+                                param="response_format")  # fmt: skip
+            asked["response_format"] = {"json": schema}
+        elif kind != "text":
+            raise HTTPError(400, f"response_format type {kind!r} is not supported: use text, "
+                            "json_object or json_schema", param="response_format")  # fmt: skip
+    if req.structured_outputs is not None:
+        asked["structured_outputs"] = dict(req.structured_outputs)
+    for name, key in (("guided_json", "json"), ("guided_choice", "choice"),
+                      ("guided_regex", "regex"), ("guided_grammar", "grammar")):  # fmt: skip
+        if getattr(req, name) is not None:
+            asked[name] = {key: getattr(req, name)}
+    if len(asked) > 1:
+        raise HTTPError(400, f"{' and '.join(asked)} both constrain the answer: give one",
+                        param=next(iter(asked)))  # fmt: skip
+    if not asked:
+        return None
+    ((name, fields),) = asked.items()
+    try:
+        return StructuredOutputsParams(**fields)
+    except TypeError:
+        raise HTTPError(400, f"{name} takes json, json_object or choice (and whitespace); got "
+                        f"{sorted(fields)}", param=name) from None  # fmt: skip
+    except ConfigError as e:
+        raise HTTPError(400, f"{name}: {e}", param=name) from None
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

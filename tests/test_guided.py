@@ -1,0 +1,344 @@
+"""Structured outputs (engine/guided.py): the character automaton against Python's own JSON
+parser and an independent schema check written here, the trie walk against reading every token
+one by one, and the engine's answers (greedy and sampled, mixed with free requests) parsed and
+checked."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expertswitch.engine import Engine, SamplingParams, StructuredOutputsParams
+from expertswitch.engine.guided import Grammar, token_index
+from expertswitch.errors import ConfigError
+
+ANY = StructuredOutputsParams(json={}, whitespace=64).grammar_
+
+
+def read(g: Grammar, text: str):
+    """(every prefix readable, whole text is an answer, nothing may follow)."""
+    state = g.initial()
+    for ch in text:
+        state = g.step(state, ch)
+        if state is None:
+            return False, False, False
+    return True, g.accepts(state), not state[0]
+
+
+def _no_constants(name):
+    raise ValueError(name)
+
+
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text, parse_constant=_no_constants)  # NaN / Infinity are not JSON
+    except ValueError:
+        return False
+    return True
+
+
+scalars = st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.text(max_size=6) \
+    | st.floats(allow_nan=False, allow_infinity=False)  # fmt: skip
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+                      max_leaves=12)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(values, st.sampled_from([None, 0, 2]), st.booleans())
+def test_any_json_reads_what_json_dumps_writes(value, indent, ascii_only):
+    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only)
+    ok, whole, closed = read(ANY, text)
+    assert ok and whole, text
+    assert closed == (not isinstance(value, (int, float)) or isinstance(value, bool)), text
+
+
+ALPHABET = '{}[]",: 0123456789.eE+-tfnrulasxdDz\\\n'
+JSONISH = st.text(alphabet=ALPHABET, max_size=24)
+
+
+def _edited(text_pos_edit):
+    text, pos, (kind, ch) = text_pos_edit
+    pos = min(pos, len(text))
+    if kind == "insert":
+        return text[:pos] + ch + text[pos:]
+    if kind == "replace":
+        return text[:pos] + ch + text[pos + 1 :]
+    return text[:pos] + text[pos + 1 :]
+
+
+edits = st.tuples(st.sampled_from(["insert", "replace", "delete"]), st.sampled_from(ALPHABET))
+edited_json = st.tuples(values.map(json.dumps), st.integers(0, 40), edits).map(_edited)
+
+
+@settings(max_examples=2500, deadline=None)
+@given(st.one_of(JSONISH, edited_json, edited_json.flatmap(
+    lambda t: st.tuples(st.just(t), st.integers(0, 40), edits).map(_edited))))  # fmt: skip
+def test_any_json_accepts_exactly_what_pythons_parser_accepts(text):
+    """Random JSON-like text and valid JSON with text spliced in: the automaton takes a text
+    as a whole answer exactly when json.loads does (texts without blank ends, which Python
+    allows and the automaton leaves out by design)."""
+    if text != text.strip(" \n") or not text:
+        return
+    ok, whole, _ = read(ANY, text)
+    assert (ok and whole) == is_json(text), text
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 4},
+        "age": {"type": "integer"},
+        "score": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+        "tags": {"type": "array", "items": {"enum": ["a", "bc", 1, 12]}, "maxItems": 2},
+        "pet": {"$ref": "#/$defs/Pet"},
+    },
+    "required": ["name", "age"],
+    "$defs": {
+        "Pet": {
+            "type": "object",
+            "properties": {
+                "kind": {"const": "cat"},
+                "next": {"anyOf": [{"$ref": "#/$defs/Pet"}, {"type": "null"}]},
+            },
+            "required": ["kind"],
+        }
+    },  # fmt: skip
+}
+
+
+def conforms(v, s, defs=SCHEMA["$defs"]) -> bool:
+    """SCHEMA's subset, checked on the parsed value (and its keys' order: declared order)."""
+    if "$ref" in s:
+        return conforms(v, defs[s["$ref"].rsplit("/", 1)[1]])
+    if "anyOf" in s:
+        return any(conforms(v, b) for b in s["anyOf"])
+    if "const" in s:
+        return type(v) is type(s["const"]) and v == s["const"]
+    if "enum" in s:
+        return any(type(v) is type(e) and v == e for e in s["enum"])
+    t = s.get("type")
+    if t == "null":
+        return v is None
+    if t == "integer":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t == "number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t == "string":
+        return isinstance(v, str) and s.get("minLength", 0) <= len(v) <= s.get("maxLength", 1e9)
+    if t == "array":
+        return isinstance(v, list) and len(v) <= s.get("maxItems", 1e9) and all(
+            conforms(x, s["items"]) for x in v)  # fmt: skip
+    if t == "object":
+        names = list(s["properties"])
+        keys = list(v) if isinstance(v, dict) else None
+        return (keys is not None and all(k in names for k in keys)
+                and keys == sorted(keys, key=names.index)
+                and all(r in keys for r in s.get("required", []))
+                and all(conforms(v[k], s["properties"][k]) for k in keys))  # fmt: skip
+    raise AssertionError(s)
+
+
+field_values = st.one_of(st.none(), st.booleans(), st.integers(-30, 30), st.floats(-5, 5),
+                         st.sampled_from(["", "x", "abcd", "abcde", "a", "bc", "cat", "ab\nc",
+                                                         "abc\u00e9", "abcd\t", "é"]),
+                         st.lists(st.sampled_from(["a", "bc", 1, 12, 2, "d"]), max_size=3),
+                         st.fixed_dictionaries({"kind": st.sampled_from(["cat", "dog"])},
+                                               optional={"next": st.none()}))  # fmt: skip
+objects = st.lists(st.tuples(st.sampled_from(["name", "age", "score", "tags", "pet", "x"]),
+                             field_values), max_size=6).map(dict)  # fmt: skip
+
+
+@settings(max_examples=600, deadline=None)
+@given(objects, st.sampled_from([None, 1]))
+def test_schema_accepts_exactly_what_conforms(value, indent):
+    g = StructuredOutputsParams(json=SCHEMA, whitespace=64).grammar_
+    text = json.dumps(value, indent=indent)
+    ok, whole, closed = read(g, text)
+    assert (ok and whole) == conforms(value, SCHEMA), text
+    assert closed == (ok and whole)
+
+
+PRINTABLE = [chr(c) for c in range(0x20, 0x7F)] + ["\n", "é"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.randoms(use_true_random=False), st.sampled_from(["schema", "any", "choice"]))
+def test_no_walk_reaches_a_dead_end(rnd, which):
+    """Reading characters the automaton allows, chosen at random, never leads to a state that
+    allows none while the answer is open (a sampled request would be stuck)."""
+    g = {"schema": StructuredOutputsParams(json=SCHEMA).grammar_, "any": ANY,
+         "choice": StructuredOutputsParams(choice=["ab", "abc", "b"]).grammar_}[which]  # fmt: skip
+    state = g.initial()
+    for _ in range(60):
+        if not state[0]:
+            return
+        options = [s for s in (g.step(state, ch) for ch in PRINTABLE) if s is not None]
+        assert options or g.accepts(state), state
+        if not options:
+            return
+        state = rnd.choice(options)
+
+
+def test_string_lengths_count_characters_escapes_included():
+    g = StructuredOutputsParams(json=SCHEMA).grammar_
+    for name, ok in (
+        ("abcd", True),
+        ("abc\\t", True),
+        ("abc\\u00e9", True),
+        ("é", True),
+        ("abcd\\t", False),
+        ("abcd\\u00e9", False),
+        ("abcde", False),
+        ("", False),
+    ):
+        assert read(g, f'{{"name": "{name}", "age": 1}}')[1] == ok, name
+
+
+def test_choices_and_their_ends():
+    g = StructuredOutputsParams(choice=["yes", "yes!", "no"]).grammar_
+    assert read(g, "yes") == (True, True, False)  # "yes!" may still follow
+    assert read(g, "yes!") == (True, True, True)
+    assert read(g, "no") == (True, True, True)
+    assert read(g, "ye") == (True, False, False)
+    assert read(g, "nope")[0] is False
+
+
+def test_whitespace_is_capped():
+    g = StructuredOutputsParams(json_object=True).grammar_  # default: 2 blanks in a row
+    assert read(g, '{ "a" :  1}')[1]
+    assert not read(g, '{   "a": 1}')[0]
+    assert not read(StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+                    .grammar_, '{"a": 1}')[0]  # fmt: skip
+    assert not read(g, "[1]")[0]  # json_object: an object
+
+
+@pytest.mark.parametrize("spec, says", [
+    ({"json": {"type": "string", "pattern": "a+"}}, "keyword 'pattern'"),
+    ({"json": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}},
+     "start differently"),
+    ({"json": {"$ref": "#/$defs/Nope"}}, "points nowhere"),
+    ({"json": {"type": "strng"}}, "type must be one of"),
+    ({"json": {"properties": {"a": {}}, "required": ["b"]}}, "'b' is not among"),
+    ({"json": {"type": "array", "minItems": 3, "maxItems": 2}}, "maximum below"),
+    ({"json": "{not json"}, "not valid JSON"),
+    ({"json": [1]}, "is an object"),
+    ({"regex": "[a-z]+"}, "by regex is not supported"),
+    ({"choice": []}, "non-empty list"),
+    ({}, "exactly one of"),
+    ({"json": {}, "choice": ["a"]}, "exactly one of"),
+    ({"json_object": True, "whitespace": -1}, "whitespace"),
+])  # fmt: skip
+def test_bad_constraints_say_what_is_wrong(spec, says):
+    with pytest.raises(ConfigError, match=says):
+        StructuredOutputsParams(**spec)
+    with pytest.raises(ConfigError):
+        SamplingParams(structured_outputs=dict(spec))
+
+
+def test_pickled_params_keep_their_grammar():
+    """Sampling parameters travel to other ranks pickled."""
+    sp = SamplingParams(structured_outputs={"json": SCHEMA})
+    back = pickle.loads(pickle.dumps(sp))
+    assert read(back.structured_outputs.grammar_, '{"name": "ab", "age": 3}')[1]
+
+
+# ---- with a tokenizer and a model --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A random tiny Llama with a real BPE tokenizer trained on code and prose."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from expertswitch.zoo.corpora import load_corpora
+    from expertswitch.zoo.tokenizer import train_tokenizer
+
+    corpora = load_corpora(0, scale=0.05)
+    tok = train_tokenizer([d for c in corpora.values() for d in c.train[:80]], 600)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                      max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("guided") / "base"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine(model, {}, dtype=torch.float32)
+
+
+def test_allowed_tokens_are_every_token_one_by_one(engine):
+    """The trie walk equals reading each token's text alone, in states met along answers."""
+    index = token_index(engine.tokenizer, engine.registry.vocab(None))
+    g = StructuredOutputsParams(json=SCHEMA).grammar_
+    assert len(index.text) > 400  # the tokenizer's words, not a stub
+    answer = '{"name": "ab\\u00e9", "age": -12, "tags": ["bc", 12], "pet": {"kind": "cat"}}'
+    state, checked = g.initial(), 0
+    for ch in answer:
+        brute = sorted(i for i, t in index.text.items() if g.read(state, t) is not None)
+        assert g.allowed(index, state) == brute, repr(ch)
+        checked += len(brute) > 0
+        state = g.step(state, ch)
+    assert checked == len(answer)
+
+
+def _sampling(so, temperature, seed=None, max_tokens=80):
+    return SamplingParams(temperature=temperature, seed=seed, max_tokens=max_tokens,
+                          structured_outputs=so)  # fmt: skip
+
+
+def test_answers_follow_the_schema(engine):
+    """A random model, sampled hot: every answer that ends is JSON that conforms; one cut at
+    max_tokens is a prefix the automaton reads. Free requests in the same batch get the tokens
+    they get alone."""
+    so = StructuredOutputsParams(json=SCHEMA)
+    prompts = ["def f(x):", "The cat", "{", "1 + 2 ="]
+    free = SamplingParams(temperature=0.8, seed=3, max_tokens=12)
+    alone = engine.generate(prompts[:1], None, free)[0].token_ids
+    params = [_sampling(so, 1.0, seed=s) for s in range(len(prompts))] + [free]
+    outs = engine.generate(prompts + prompts[:1], None, params)
+    assert outs[-1].token_ids == alone
+    ended = 0
+    assert all(o.finish_reason in ("stop", "length") for o in outs), [o.error for o in outs]
+    for o in outs[:-1]:
+        if o.finish_reason == "stop":
+            ended += 1
+            assert conforms(json.loads(o.text), SCHEMA), o.text
+        else:
+            assert o.finish_reason == "length" and read(so.grammar_, o.text)[0], o.text
+    assert ended >= 1
+    # greedy, and a seeded answer the same alone as in the batch
+    seeded = engine.generate(prompts[2:3], None, _sampling(so, 1.0, seed=2))[0]
+    assert seeded.token_ids == outs[2].token_ids
+    greedy = engine.generate(prompts, None, _sampling(so, 0.0))
+    assert all(read(so.grammar_, o.text)[0] for o in greedy)
+
+
+def test_choice_and_json_object(engine):
+    choice = StructuredOutputsParams(choice=["alpha", "beta", "gamma delta"])
+    outs = engine.generate(["x"] * 6, None, [_sampling(choice, 1.0, seed=s) for s in range(6)])
+    assert all(o.text in choice.choice and o.finish_reason == "stop" for o in outs)
+    assert len({o.text for o in outs}) > 1  # sampled, not forced to one
+    obj = StructuredOutputsParams(json_object=True)
+    outs = engine.generate(["a", "b"], None, [_sampling(obj, 0.7, seed=s, max_tokens=200)
+                                              for s in range(2)])  # fmt: skip
+    for o in outs:
+        assert read(obj.grammar_, o.text)[0]
+        if o.finish_reason == "stop":
+            assert isinstance(json.loads(o.text), dict)
+
+
+def test_a_tokenizer_is_needed(engine, model):
+    bare = Engine(model, {}, dtype=torch.float32, tokenizer=False)
+    with pytest.raises(ConfigError, match="need a tokenizer"):
+        bare.add_request([5, 6], None, _sampling(StructuredOutputsParams(json_object=True), 0))
