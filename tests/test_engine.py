@@ -192,6 +192,17 @@ def test_chunked_prefill_interleaves_decoding_and_keeps_every_answer(llama, solo
     assert sorted(o.request_id for o in off.step()) == sorted([a, b])
     with pytest.raises(ConfigError, match="max_num_batched_tokens"):
         Engine(base, names, max_num_batched_tokens=4, max_num_seqs=8)
+    # a prompt's chunk capped at 3 tokens a step (vLLM's long_prefill_token_threshold): two
+    # long prompts share the steps (neither waits for the other) and keep their answers
+    capped = Engine(base, names, max_num_batched_tokens=64, long_prefill_token_threshold=3)
+    ids = {capped.add_request(ps[2], e, GREEDY): e for e in ("e1", "e0")}
+    assert capped.step() == [] and [r.num_cached for r in capped.scheduler.running] == [3, 3]
+    got = {}
+    while capped.has_unfinished():
+        for o in capped.step():
+            got[o.request_id] = o.token_ids
+    assert all(got[i] == ref[(2, e)] for i, e in ids.items())
+    assert Engine(base, names, long_prefill_token_threshold=0).scheduler.long_prefill > 2**60
 
 
 @pytest.mark.parametrize("chunked", [True, False])

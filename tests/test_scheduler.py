@@ -31,17 +31,18 @@ def workloads(draw):
         for _ in range(n)
     ]
     return (arrivals, draw(st.integers(2, 16)), draw(st.integers(1, 4)),
-            draw(st.integers(0, 4)), draw(st.booleans()))  # fmt: skip
+            draw(st.integers(0, 4)), draw(st.booleans()),
+            draw(st.sampled_from([None, 1, 2, 5])))  # fmt: skip
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_scheduled_steps_keep_every_promise(workload):
-    arrivals, extra_blocks, seqs, extra_budget, chunked = workload
+    arrivals, extra_blocks, seqs, extra_budget, chunked, cap = workload
     longest = max(len(p) + m for _, p, _, m in arrivals)
     blocks = BlockManager(-(-longest // BS) + extra_blocks, BS, prefix_caching=True)
     budget = seqs + extra_budget
-    sched = Scheduler(blocks, seqs, budget, chunked_prefill=chunked)
+    sched = Scheduler(blocks, seqs, budget, chunked_prefill=chunked, long_prefill=cap)
     store: dict[int, tuple] = {}  # cache slot → (expert, tokens up to and with its position)
     reqs = []
     step = 0
@@ -63,6 +64,7 @@ def test_scheduled_steps_keep_every_promise(workload):
         total = sum(r.num_new for r in batch)
         if chunked:
             assert total <= budget
+            assert cap is None or all(r.num_new <= cap for r in batch)
             if sched.preemptions == preemptions:  # answering requests are never held back
                 assert all(r in batch for r in decoding)
         else:

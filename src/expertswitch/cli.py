@@ -207,6 +207,9 @@ def _add_step_flags(p) -> None:
                    "tokens (default: on, as in vLLM)")  # fmt: skip
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, metavar="N",
                    help="tokens computed in one step (default 4096)")  # fmt: skip
+    p.add_argument("--long-prefill-token-threshold", type=int, default=None, metavar="N",
+                   help="the most tokens of one prompt computed in a step (default: what the "
+                   "step's budget has left)")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=64, metavar="N",
                    help="requests running in one step (default 64)")  # fmt: skip
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
@@ -624,6 +627,7 @@ def _generate(args, prompts, use, sampling, dtype) -> None:
                  enable_chunked_prefill=args.enable_chunked_prefill,
                  max_num_batched_tokens=args.max_num_batched_tokens,
                  max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                 long_prefill_token_threshold=args.long_prefill_token_threshold,
                  cpu_int4_deltas=args.cpu_int4_deltas)  # fmt: skip
     experts = use * len(prompts) if len(use) == 1 else use
     if eng.parallel:
@@ -773,6 +777,7 @@ def cmd_serve(args) -> None:
                "enable_prefix_caching": args.enable_prefix_caching,
                "enable_chunked_prefill": args.enable_chunked_prefill,
                "max_num_batched_tokens": args.max_num_batched_tokens,
+               "long_prefill_token_threshold": args.long_prefill_token_threshold,
                "cpu_int4_deltas": args.cpu_int4_deltas}  # fmt: skip
     from expertswitch.utils.imports import resolve_device
 

@@ -13,6 +13,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096  # tokens computed in one step (a longer prompt is
     #                                     prefilled in chunks; without chunked prefill it
     #                                     runs alone)
+    # the most tokens of one prompt computed in a step (vLLM's long_prefill_token_threshold;
+    # None or 0: as many as the budget has left): several long prompts, or short prompts
+    # arriving behind a long one, share the steps instead of waiting for it (chunked only)
+    long_prefill_token_threshold: int | None = None
     block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int | None = None  # default: from kv_cache_bytes
     kv_cache_bytes: int | None = None  # default: CPU 512 MiB at most; GPU what is free
@@ -43,6 +47,8 @@ class EngineConfig:
     cpu_int4_deltas: bool | None = None
 
     def __post_init__(self):
+        if self.long_prefill_token_threshold == 0:  # vLLM's "off"
+            self.long_prefill_token_threshold = None
         flags = (
             "enforce_eager",
             "enable_prefix_caching",

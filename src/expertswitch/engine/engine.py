@@ -115,7 +115,8 @@ class Engine:
         self.kv_cache = self.model.new_kv_cache(num_blocks + 1, block)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.max_active_experts,
-                                   chunked_prefill=cfg.enable_chunked_prefill)  # fmt: skip
+                                   chunked_prefill=cfg.enable_chunked_prefill,
+                                   long_prefill=cfg.long_prefill_token_threshold)  # fmt: skip
         graphs = None
         if not cfg.enforce_eager:
             graphs = DecodeGraphs(self.model, self.kv_cache, num_blocks, block,

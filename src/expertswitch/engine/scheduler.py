@@ -6,7 +6,9 @@ one token each for those decoding, then for each prompt still being prefilled it
 (as much as the budget has left). Then waiting requests are admitted in arrival
 order while the budget, the sequence cap, free KV blocks and the cap on distinct experts per
 step allow, each with as much of its prompt as the budget has left (a prefix found in the prefix
-cache costs nothing). So a long prompt no longer stalls the running requests' decoding, and a
+cache costs nothing), and at most `long_prefill` tokens of it when that is set (vLLM's
+long_prefill_token_threshold: long prompts then share the steps with each other and with the
+short prompts behind them). So a long prompt no longer stalls the running requests' decoding, and a
 step can hold decode rows beside prefill chunks. A request whose expert would exceed the cap
 waits at the head of the queue, first come first served (vLLM skips it instead, which lets
 steady traffic to the running experts starve it). When a decoding request needs a new block and
@@ -29,12 +31,14 @@ from expertswitch.engine.request import Request, Status
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_active_experts: int | None = None, chunked_prefill: bool = True):  # fmt: skip
+                 max_active_experts: int | None = None, chunked_prefill: bool = True,
+                 long_prefill: int | None = None):  # fmt: skip
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_active_experts = max_active_experts
         self.chunked_prefill = chunked_prefill
+        self.long_prefill = long_prefill or 1 << 62  # a prompt's chunk in one step, at most
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -68,7 +72,7 @@ class Scheduler:
                 # overtake it, or steady traffic to those experts would starve it
                 break
             self.waiting.popleft()
-            req.num_new = min(new, budget) if chunked else new
+            req.num_new = min(new, budget, self.long_prefill) if chunked else new
             # blocks for the whole prompt at once; registered as their chunks are computed
             self.blocks.allocate(req, n, hits, computing=req.num_new)
             req.status = Status.RUNNING
@@ -106,7 +110,7 @@ class Scheduler:
             if budget <= 0:
                 break
             if req in self.running and self._grow(req):  # (not preempted to make room)
-                req.num_new = min(req.num_tokens - req.num_cached, budget)
+                req.num_new = min(req.num_tokens - req.num_cached, budget, self.long_prefill)
                 budget -= req.num_new
                 scheduled.append(req)
         if self.preemptions == preemptions:  # a request just preempted must not come back
