@@ -7,8 +7,10 @@
             cumulative sum and one uniform number per request
 
 Logits [B, 32000] fp32: "flat" (randn: top-p's prefix runs past 1024 candidates, the batched
-path's worst case) and "peaked" (randn · 4, nearer an LM's). Milliseconds per step, median of
---iters runs.
+path's worst case) and "peaked" (randn · 4, nearer an LM's). "penalties": repetition 1.1,
+presence 0.5, frequency 0.3 and a logit_bias on requests with 256-token prompts and 64 tokens
+generated (per row: adjust_logits one request at a time, as before; batched: adjust_rows).
+Milliseconds per step, median of --iters runs.
 
     python benchmarks/sampler.py                 # CPU
     python benchmarks/sampler.py --device cuda   # GPU
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import run_info, write_results  # noqa: E402
 
 from expertswitch.engine.request import Request  # noqa: E402
-from expertswitch.engine.sampler import sample  # noqa: E402
+from expertswitch.engine.sampler import adjust_logits, sample  # noqa: E402
 from expertswitch.engine.sampling import SamplingParams  # noqa: E402
 
 
@@ -38,9 +40,17 @@ def per_row(logits: torch.Tensor, reqs: list[Request]) -> list[int]:
     nan = torch.isnan(logits).any(dim=-1).tolist()  # its NaN check
     for i, r in enumerate(reqs):
         sp = r.sampling
-        if sp.greedy or nan[i]:
+        if nan[i]:
             continue
-        row = logits[i] / sp.temperature
+        row = logits[i]
+        if sp.adjusts_logits:
+            row = row.clone()
+            adjust_logits(row, r, frozenset())
+            if sp.greedy:
+                out[i] = int(row.argmax())
+        if sp.greedy:
+            continue
+        row = row / sp.temperature
         if sp.min_p > 0:
             probs = torch.softmax(row, dim=-1)
             row = row.masked_fill(probs < sp.min_p * probs.max(), float("-inf"))
@@ -80,6 +90,13 @@ def main() -> None:
         "T=0.7, top_k=50": {"temperature": 0.7, "top_k": 50},
         "T=1": {"temperature": 1.0},
         "greedy": {"temperature": 0.0},
+        "penalties": {
+            "temperature": 0.8,
+            "repetition_penalty": 1.1,
+            "presence_penalty": 0.5,
+            "frequency_penalty": 0.3,
+            "logit_bias": {7: 2.0, 11: -100.0},
+        },
     }
     g = torch.Generator().manual_seed(0)
     rows, md = [], ["| batch | logits | sampling | per row (ms) | batched (ms) | speed-up |",
@@ -93,6 +110,10 @@ def main() -> None:
                     continue  # only top-p's cost depends on the shape
                 gens = [torch.Generator().manual_seed(i) for i in range(b)]
                 reqs = [Request("r", [1], None, SamplingParams(**sp), generator=g) for g in gens]
+                if name == "penalties":
+                    for r in reqs:
+                        ids = torch.randint(args.vocab, (320,), generator=g).tolist()
+                        r.prompt_token_ids, r.output_token_ids = ids[:256], ids[256:]
                 old = timed(per_row, logits, reqs, args.device, args.iters)
                 new = timed(sample, logits, reqs, args.device, args.iters)
                 rows.append({"batch": b, "logits": shape, "sampling": name, "per_row_ms": old,

@@ -5,11 +5,13 @@ plain loop over OpenAI's definition, min_tokens banning EOS and stop ids; then t
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_engine import hf_greedy, llama, prompts, solo  # noqa: F401 (fixtures)
 
 from expertswitch.engine import Engine, SamplingParams
 from expertswitch.engine.request import Request
-from expertswitch.engine.sampler import SamplingFailure, adjust_logits, sample
+from expertswitch.engine.sampler import SamplingFailure, adjust_logits, adjust_rows, sample
 from expertswitch.errors import ConfigError
 
 V = 50
@@ -102,6 +104,34 @@ def test_adjustments_apply_in_vllms_order_and_a_fully_banned_row_fails():
     greedy = _request([1], [])
     got = sample(torch.stack([row, row]), [everything, greedy], [frozenset()] * 2)
     assert isinstance(got[0], SamplingFailure) and "banned" in got[0] and got[1] == 5
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.fixed_dictionaries({
+    "prompt": st.lists(st.integers(0, V - 1), min_size=1, max_size=8),
+    "output": st.lists(st.integers(0, V - 1), max_size=8),
+    "sp": st.fixed_dictionaries({}, optional={
+        "repetition_penalty": st.sampled_from([0.5, 1.0, 1.7]),
+        "presence_penalty": st.sampled_from([0.0, -1.0, 0.6]),
+        "frequency_penalty": st.sampled_from([0.0, 1.5, -0.4]),
+        "logit_bias": st.dictionaries(st.integers(0, V - 1), st.sampled_from([-100.0, 2.5]),
+                                      max_size=3),
+        "min_tokens": st.integers(0, 4),
+        "stop_token_ids": st.lists(st.integers(0, V - 1), max_size=2),
+        "ignore_eos": st.booleans()}),
+    "eos": st.frozensets(st.integers(0, V - 1), max_size=2)}), min_size=1, max_size=6),
+    st.integers(0, 2**31))  # fmt: skip
+def test_batched_adjustments_equal_one_row_at_a_time(rows, seed):
+    """The sampler's adjust_rows (every row at once) against adjust_logits row by row, for any
+    mix of penalties, biases, min_tokens bans and EOS sets."""
+    reqs = [_request(r["prompt"], r["output"], **r["sp"]) for r in rows]
+    eos = [r["eos"] for r in rows]
+    logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(seed)) * 3
+    batched = logits.clone()
+    adjust_rows(batched, reqs, eos)
+    for k, req in enumerate(reqs):
+        torch.testing.assert_close(batched[k], _adjusted(logits[k], req, eos[k]), rtol=0,
+                                   atol=1e-6)  # fmt: skip
 
 
 def test_expert_batch_ranges_follow_sorted_slots():

@@ -46,8 +46,8 @@ def sample(logits: torch.Tensor, requests: list[Request],
     if adjusted:  # a copy of those rows, adjusted one by one (rare: penalties, bias)
         idx = torch.tensor(adjusted, device=dev)
         part = logits.index_select(0, idx)
-        for k, i in enumerate(adjusted):
-            adjust_logits(part[k], requests[i], eos[i] if eos else frozenset())
+        adjust_rows(part, [requests[i] for i in adjusted],
+                    [eos[i] for i in adjusted] if eos else None)  # fmt: skip
         banned = torch.isneginf(part).all(dim=-1)
         _mark(why, idx, banned, 2)
         tokens.index_copy_(0, idx, part.argmax(dim=-1))
@@ -152,9 +152,67 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(pick, last)
 
 
+def adjust_rows(rows: torch.Tensor, reqs: list[Request], eos: list[frozenset[int]] | None) -> None:
+    """`adjust_logits` for every row at once, in place (rows [R, V], row k: reqs[k]): each
+    adjustment is one scatter or one masked update over the rows that ask for it, not a few
+    small kernels per request."""
+    dev, vocab = rows.device, rows.shape[1]
+
+    def pairs(per_row):  # [(row, [token ids])] -> (row index tensor, token index tensor)
+        r = [k for k, ids in per_row for _ in ids]
+        t = [i for _, ids in per_row for i in ids]
+        return torch.tensor(r, device=dev, dtype=torch.long), torch.tensor(
+            t, device=dev, dtype=torch.long
+        )
+
+    bias = [(k, r.sampling.logit_bias) for k, r in enumerate(reqs) if r.sampling.logit_bias]
+    if bias:
+        r, t = pairs([(k, list(b)) for k, b in bias])
+        vals = torch.tensor([v for _, b in bias for v in b.values()], device=dev,
+                            dtype=rows.dtype)  # fmt: skip
+        rows.index_put_((r, t), vals, accumulate=True)
+    early = []
+    for k, req in enumerate(reqs):
+        sp = req.sampling
+        if len(req.output_token_ids) < sp.min_tokens:
+            banned = set(sp.stop_token_ids) | (set() if sp.ignore_eos or eos is None else eos[k])
+            early.append((k, sorted(t for t in banned if t < vocab)))
+    if any(ids for _, ids in early):
+        rows[pairs(early)] = float("-inf")
+    rep = [(k, sorted(set(r.all_token_ids))) for k, r in enumerate(reqs)
+           if r.sampling.repetition_penalty != 1]  # fmt: skip
+    if rep:
+        which = torch.tensor([k for k, _ in rep], device=dev)
+        seen = torch.zeros(len(rep), vocab, dtype=torch.bool, device=dev)
+        seen[pairs([(j, ids) for j, (_, ids) in enumerate(rep)])] = True
+        p = torch.tensor([reqs[k].sampling.repetition_penalty for k, _ in rep], device=dev,
+                         dtype=rows.dtype)[:, None]  # fmt: skip
+        sub = rows.index_select(0, which)
+        sub = torch.where(seen, torch.where(sub > 0, sub / p, sub * p), sub)
+        rows.index_copy_(0, which, sub)
+    pen = [k for k, r in enumerate(reqs) if (r.sampling.frequency_penalty
+           or r.sampling.presence_penalty) and r.output_token_ids]  # fmt: skip
+    if pen:
+        which = torch.tensor(pen, device=dev)
+        counts = torch.zeros(len(pen), vocab, dtype=rows.dtype, device=dev)
+        r, t = pairs([(j, reqs[k].output_token_ids) for j, k in enumerate(pen)])
+        counts.index_put_((r, t), torch.ones(len(t), device=dev, dtype=rows.dtype),
+                          accumulate=True)  # fmt: skip
+        freq, pres = (torch.tensor([getattr(reqs[k].sampling, f) for k in pen], device=dev,
+                                   dtype=rows.dtype)[:, None]
+                      for f in ("frequency_penalty", "presence_penalty"))  # fmt: skip
+        sub = rows.index_select(0, which) - (counts * freq + (counts > 0) * pres)
+        rows.index_copy_(0, which, sub)
+    guided = [k for k, r in enumerate(reqs) if r.guide is not None]
+    for k in guided:  # last: no bias brings back a token the constraint bans
+        reqs[k].guide.mask(rows[k])
+
+
 def adjust_logits(row: torch.Tensor, req: Request, eos: frozenset[int]) -> None:
     """In place, in vLLM's order: logit_bias, min_tokens, then the repetition, frequency and
-    presence penalties (sampling.py has their definitions)."""
+    presence penalties (sampling.py has their definitions); a structured output's ban last.
+    One row at a time: the definition `adjust_rows` (what the sampler runs) is tested
+    against."""
     sp, dev = req.sampling, row.device
     if sp.logit_bias:
         ids = torch.tensor(list(sp.logit_bias), device=dev)
