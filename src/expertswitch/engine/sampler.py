@@ -181,28 +181,22 @@ def adjust_rows(rows: torch.Tensor, reqs: list[Request], eos: list[frozenset[int
         rows[pairs(early)] = float("-inf")
     rep = [(k, sorted(set(r.all_token_ids))) for k, r in enumerate(reqs)
            if r.sampling.repetition_penalty != 1]  # fmt: skip
-    if rep:
-        which = torch.tensor([k for k, _ in rep], device=dev)
-        seen = torch.zeros(len(rep), vocab, dtype=torch.bool, device=dev)
-        seen[pairs([(j, ids) for j, (_, ids) in enumerate(rep)])] = True
-        p = torch.tensor([reqs[k].sampling.repetition_penalty for k, _ in rep], device=dev,
-                         dtype=rows.dtype)[:, None]  # fmt: skip
-        sub = rows.index_select(0, which)
-        sub = torch.where(seen, torch.where(sub > 0, sub / p, sub * p), sub)
-        rows.index_copy_(0, which, sub)
-    pen = [k for k, r in enumerate(reqs) if (r.sampling.frequency_penalty
+    if rep:  # on the seen tokens only (sparse: a pass over [R, V] costs more on a CPU)
+        r, t = pairs(rep)
+        p = torch.tensor([reqs[k].sampling.repetition_penalty for k, ids in rep for _ in ids],
+                         device=dev, dtype=rows.dtype)  # fmt: skip
+        vals = rows[r, t]
+        rows[r, t] = torch.where(vals > 0, vals / p, vals * p)
+    pen = [(k, r.output_token_ids) for k, r in enumerate(reqs) if (r.sampling.frequency_penalty
            or r.sampling.presence_penalty) and r.output_token_ids]  # fmt: skip
     if pen:
-        which = torch.tensor(pen, device=dev)
-        counts = torch.zeros(len(pen), vocab, dtype=rows.dtype, device=dev)
-        r, t = pairs([(j, reqs[k].output_token_ids) for j, k in enumerate(pen)])
-        counts.index_put_((r, t), torch.ones(len(t), device=dev, dtype=rows.dtype),
-                          accumulate=True)  # fmt: skip
-        freq, pres = (torch.tensor([getattr(reqs[k].sampling, f) for k in pen], device=dev,
-                                   dtype=rows.dtype)[:, None]
+        r, t = pairs(pen)
+        key, counts = torch.unique(r * vocab + t, return_counts=True)
+        r, t = key // vocab, key % vocab
+        freq, pres = (torch.tensor([getattr(req.sampling, f) for req in reqs], device=dev,
+                                   dtype=rows.dtype)[r]
                       for f in ("frequency_penalty", "presence_penalty"))  # fmt: skip
-        sub = rows.index_select(0, which) - (counts * freq + (counts > 0) * pres)
-        rows.index_copy_(0, which, sub)
+        rows[r, t] -= freq * counts.to(rows.dtype) + pres
     guided = [k for k, r in enumerate(reqs) if r.guide is not None]
     for k in guided:  # last: no bias brings back a token the constraint bans
         reqs[k].guide.mask(rows[k])
