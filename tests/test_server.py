@@ -695,3 +695,24 @@ def test_structured_outputs_over_http(server, client, reference):
     want = alone(reference, "{", None, 30,
                  structured_outputs=StructuredOutputsParams(json_object=True))  # fmt: skip
     assert got["choices"][0]["text"] == want and want.lstrip().startswith("{")
+
+
+def test_tokenize_and_detokenize_as_vllm(server, reference):
+    """vLLM's /tokenize (a prompt, or chat messages through the template) and /detokenize."""
+    url = server[0].url
+    r = httpx.post(url + "/tokenize", json={"model": "math", "prompt": "x = 1"}).json()
+    assert r["tokens"] == list(reference.tokenizer.encode("x = 1"))
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == reference.max_model_len
+    messages = [{"role": "user", "content": "2 + 3 = ?"}]
+    r = httpx.post(url + "/tokenize", json={"messages": messages, "return_token_strs": True})
+    body = r.json()
+    assert body["tokens"] == chat_ids(reference, messages)
+    assert body["token_strs"] == reference.tokenizer.convert_ids_to_tokens(body["tokens"])
+    r = httpx.post(url + "/detokenize", json={"model": "auto", "tokens": body["tokens"]}).json()
+    assert r["prompt"] == reference.tokenizer.decode(body["tokens"])
+    assert (
+        "outside the vocabulary"
+        in _error(httpx.post(url + "/detokenize", json={"tokens": [10**6]}), 400)["message"]
+    )
+    assert "either prompt" in _error(httpx.post(url + "/tokenize", json={}), 400)["message"]
+    _error(httpx.post(url + "/tokenize", json={"model": "nope", "prompt": "x"}), 404)

@@ -20,8 +20,10 @@ from expertswitch.server.metrics import Metrics
 from expertswitch.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ExpertLoad,
     ExpertName,
+    TokenizeRequest,
 )
 from expertswitch.server.serving import AUTO, Disconnected, OpenAIServing, ServerConfig
 
@@ -117,6 +119,14 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(body: ChatCompletionRequest, request: Request):
         return await serving.chat(body, request)
+
+    @app.post("/tokenize", dependencies=guarded)  # vLLM's
+    async def tokenize(body: TokenizeRequest):
+        return await serving.tokenize(body)
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(body: DetokenizeRequest):
+        return await serving.detokenize(body)
 
     @app.get("/v1/experts", dependencies=guarded)
     async def experts():

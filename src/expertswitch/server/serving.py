@@ -31,6 +31,8 @@ from expertswitch.server.metrics import Metrics
 from expertswitch.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_messages,
     prompt_list,
     refuse_unsupported,
@@ -175,17 +177,7 @@ class OpenAIServing:
 
         def render(engine: Engine):
             tok = engine.tokenizer_for(target.expert)
-            template = None if getattr(tok, "chat_template", None) else self.cfg.chat_template
-            if template is None and not getattr(tok, "chat_template", None):
-                raise ConfigError("this model's tokenizer has no chat template: start the "
-                                  "server with --chat-template FILE, or use "
-                                  "/v1/completions")  # fmt: skip
-            try:
-                text = tok.apply_chat_template(messages, tokenize=False, chat_template=template,
-                                               add_generation_prompt=req.add_generation_prompt,
-                                               **kwargs)  # fmt: skip
-            except Exception as e:  # jinja: a role or layout the template refuses
-                raise ConfigError(f"the chat template cannot render these messages: {e}") from e
+            text = self._render(tok, messages, req.add_generation_prompt, kwargs)
             # the template writes its own special tokens (BOS...): encode without adding more
             return [list(tok.encode(text, add_special_tokens=False))], [text], tok
 
@@ -196,6 +188,69 @@ class OpenAIServing:
         if max_tokens is None:  # vLLM: the rest of the context (within the server's limit)
             max_tokens = max(1, min(self._limit(), self.engine.max_model_len - len(ids[0])))
         return await self._serve("chat", req, http, target, ids, texts, False, max_tokens, tok)
+
+    def _render(self, tok, messages, add_generation_prompt: bool, kwargs: dict) -> str:
+        """Chat messages → the prompt text the tokenizer's chat template (or the server's
+        --chat-template) makes."""
+        if tok is None:
+            raise ConfigError("this model has no tokenizer: send token ids to /v1/completions")
+        template = None if getattr(tok, "chat_template", None) else self.cfg.chat_template
+        if template is None and not getattr(tok, "chat_template", None):
+            raise ConfigError("this model's tokenizer has no chat template: start the "
+                              "server with --chat-template FILE, or use "
+                              "/v1/completions")  # fmt: skip
+        try:
+            return tok.apply_chat_template(messages, tokenize=False, chat_template=template,
+                                           add_generation_prompt=add_generation_prompt,
+                                           **kwargs)  # fmt: skip
+        except Exception as e:  # jinja: a role or layout the template refuses
+            raise ConfigError(f"the chat template cannot render these messages: {e}") from e
+
+    async def _tokenizer_of(self, model: str | None) -> str | None:
+        """The expert whose tokenizer a /tokenize or /detokenize request means (None: the
+        base's, also for `auto`, which routes only what it generates)."""
+        if model is None or model == AUTO:
+            return None
+        return (await self.resolve(model, None)).expert
+
+    async def tokenize(self, req: TokenizeRequest) -> dict:
+        if (req.prompt is None) == (req.messages is None):
+            raise HTTPError(400, "give either prompt (text) or messages (chat) to tokenize",
+                            param="prompt")  # fmt: skip
+        messages = None if req.messages is None else chat_messages(req.messages)
+        expert = await self._tokenizer_of(req.model)
+
+        def encode(engine: Engine):
+            tok = engine.tokenizer_for(expert)
+            if messages is not None:
+                text = self._render(tok, messages, req.add_generation_prompt,
+                                    req.chat_template_kwargs or {})  # fmt: skip
+                ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
+            else:
+                if tok is None:
+                    raise ConfigError("this model has no tokenizer: nothing to tokenize with")
+                ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+            strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
+            return list(ids), strs
+
+        ids, strs = await self._engine_call(encode)
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids,
+                "token_strs": strs}  # fmt: skip
+
+    async def detokenize(self, req: DetokenizeRequest) -> dict:
+        expert = await self._tokenizer_of(req.model)
+
+        def decode(engine: Engine) -> str:
+            tok = engine.tokenizer_for(expert)
+            if tok is None:
+                raise ConfigError("this model has no tokenizer: nothing to detokenize with")
+            vocab = engine.registry.vocab(expert)
+            bad = [t for t in req.tokens if not 0 <= t < vocab]
+            if bad:
+                raise ConfigError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
+            return tok.decode(req.tokens)
+
+        return {"prompt": await self._engine_call(decode)}
 
     # the common path ---------------------------------------------------------------------
 
