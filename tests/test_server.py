@@ -716,3 +716,48 @@ def test_tokenize_and_detokenize_as_vllm(server, reference):
     )
     assert "either prompt" in _error(httpx.post(url + "/tokenize", json={}), 400)["message"]
     _error(httpx.post(url + "/tokenize", json={"model": "nope", "prompt": "x"}), 404)
+
+
+def test_a_named_tool_call_holds_its_arguments_to_the_schema(server, client, reference):
+    """tool_choice naming a function (or "required" with one tool): the answer is the call's
+    arguments, held to the function's parameters (vLLM's named function calling), streamed
+    as tool-call deltas too; "auto" and unknown names are refused with what to do."""
+    from expertswitch.engine import StructuredOutputsParams
+
+    params = {"type": "object", "properties": {"a": {"type": "integer"},
+                                               "b": {"type": "integer"}},
+              "required": ["a", "b"]}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "add", "parameters": params}},
+             {"type": "function", "function": {"name": "noop"}}]  # fmt: skip
+    messages = [{"role": "user", "content": "2 + 3 = ?"}]
+    ask = {
+        "model": "math",
+        "messages": messages,
+        "max_tokens": 40,
+        "temperature": 0,
+        "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "add"}},
+    }
+    r = client.chat.completions.create(**ask)
+    call = r.choices[0].message.tool_calls[0]
+    want = alone(reference, chat_ids(reference, messages), "math", 40,
+                 structured_outputs=StructuredOutputsParams(json=params))  # fmt: skip
+    assert call.function.name == "add" and call.function.arguments == want and call.id
+    if r.choices[0].finish_reason == "stop":
+        assert set(json.loads(want)) == {"a", "b"}
+    streamed, names = "", []
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            streamed += d.function.arguments or ""
+            names += [d.function.name] if d.function.name else []
+    assert streamed == want and names == ["add"]
+    one = client.chat.completions.create(**{**ask, "tools": tools[:1], "tool_choice": "required"})
+    assert one.choices[0].message.tool_calls[0].function.arguments == want
+    url = server[0].url + "/v1/chat/completions"
+    for choice, needle in (
+        ("auto", "tool-call parser"),
+        ("required", "name the function"),
+        ({"type": "function", "function": {"name": "mul"}}, "not among"),
+    ):
+        body = {**ask, "tool_choice": choice}
+        assert needle in _error(httpx.post(url, json=body, timeout=60), 400)["message"]

@@ -125,7 +125,7 @@ def refuse_unsupported(req: _Request) -> None:
         assert isinstance(req, ChatCompletionRequest)
         if req.top_logprobs and not req.logprobs:
             raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        unsupported["tools"] = bool(req.tools) and req.tool_choice not in (None, "none")
+        forced_tool(req)  # (a 400 for a tool choice it cannot hold the answer to)
     unsupported["guided_whitespace_pattern"] = req.guided_whitespace_pattern is not None
     bad = [k for k, v in unsupported.items() if v]
     if bad:
@@ -135,6 +135,48 @@ def refuse_unsupported(req: _Request) -> None:
         raise HTTPError(400, f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
     if req.best_of not in (None, req.n):
         raise HTTPError(400, "best_of is not supported unless it equals n", param="best_of")
+
+
+def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
+    """(name, parameters schema) of the function a chat request makes the model call
+    (tool_choice naming a function, or "required" with one tool: the answer is held to its
+    parameters, as vLLM does); None when the model answers in text (no tools, tool_choice
+    "none", or tools left to the model's choice with tool_choice unset). "auto" needs a
+    model-specific tool-call parser, which this server does not have: a 400 says so."""
+    choice, tools = req.tool_choice, req.tools or []
+    if not tools or choice in (None, "none"):
+        if isinstance(choice, dict) or choice == "required":
+            raise HTTPError(400, "tool_choice names a tool but tools is empty: give the tools",
+                            param="tool_choice")  # fmt: skip
+        return None
+    named = {}
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise HTTPError(400, 'each tool is {"type": "function", "function": {"name": ..., '
+                            '"parameters": {...}}}', param="tools")  # fmt: skip
+        params = fn.get("parameters", {"type": "object"})
+        if not isinstance(params, dict):
+            raise HTTPError(400, f"tool {fn['name']!r}: parameters must be a JSON schema object",
+                            param="tools")  # fmt: skip
+        named[fn["name"]] = params
+    if choice == "required":
+        if len(named) != 1:
+            raise HTTPError(400, f'tool_choice "required" over {len(named)} tools is not '
+                            "supported: name the function to call "
+                            '({"type": "function", "function": {"name": ...}})',
+                            param="tool_choice")  # fmt: skip
+        return next(iter(named.items()))
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" \
+            else None  # fmt: skip
+        if name not in named:
+            raise HTTPError(400, f"tool_choice names function {name!r}, which is not among the "
+                            f"tools ({', '.join(named)})", param="tool_choice")  # fmt: skip
+        return name, named[name]
+    raise HTTPError(400, f"tool_choice {choice!r} needs a tool-call parser for this model, "
+                    "which this server does not have: name the function to call, or use "
+                    '"required" with one tool, or "none"', param="tool_choice")  # fmt: skip
 
 
 def logprob_counts(req: _Request) -> tuple[int | None, int | None]:
@@ -194,6 +236,9 @@ def structured_outputs(req: _Request) -> StructuredOutputsParams | None:
         elif kind != "text":
             raise HTTPError(400, f"response_format type {kind!r} is not supported: use text, "
                             "json_object or json_schema", param="response_format")  # fmt: skip
+    tool = forced_tool(req) if isinstance(req, ChatCompletionRequest) else None
+    if tool is not None:
+        asked["tool_choice"] = {"json": tool[1]}
     if req.structured_outputs is not None:
         asked["structured_outputs"] = dict(req.structured_outputs)
     for name, key in (("guided_json", "json"), ("guided_choice", "choice"),

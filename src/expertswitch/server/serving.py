@@ -34,6 +34,7 @@ from expertswitch.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
     chat_messages,
+    forced_tool,
     prompt_list,
     refuse_unsupported,
     sampling_params,
@@ -89,6 +90,7 @@ class _Job:
     echo: bool
     logprobs: LogprobFormatter | None = None  # when the request asks for logprobs
     score_only: bool = False  # echo with max_tokens 0: the generated token is not shown
+    tool: str | None = None  # chat: the function the answer calls (its arguments, as JSON)
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -173,10 +175,12 @@ class OpenAIServing:
         refuse_unsupported(req)
         messages = chat_messages(req.messages)
         target = await self.resolve(req.model, messages)
-        kwargs = req.chat_template_kwargs or {}
+        kwargs = dict(req.chat_template_kwargs or {})
 
         def render(engine: Engine):
             tok = engine.tokenizer_for(target.expert)
+            if req.tools:  # (templates that describe tools to the model use them)
+                kwargs.setdefault("tools", req.tools)
             text = self._render(tok, messages, req.add_generation_prompt, kwargs)
             # the template writes its own special tokens (BOS...): encode without adding more
             return [list(tok.encode(text, add_special_tokens=False))], [text], tok
@@ -317,8 +321,9 @@ class OpenAIServing:
             raise HTTPError(400, str(e), code=code) from None
         choices = [_Choice(rid, k, i, started=start) for k, (rid, i, _) in enumerate(plan)]
         fmt = LogprobFormatter(tok) if params[0].logprobs is not None else None
+        tool = forced_tool(req) if kind == "chat" else None
         job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, score_only,
-                   id=job_id)  # fmt: skip
+                   tool=tool and tool[0], id=job_id)  # fmt: skip
         self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
         for c in choices:
             c.sent = texts[c.prompt] if echo else ""
@@ -496,6 +501,12 @@ class OpenAIServing:
                lp: dict | None = None):  # fmt: skip
         if job.kind == "chat":
             delta = {"role": "assistant", "content": ""} if opening else {"content": text}
+            if job.tool is not None:  # the arguments stream as the tool call's
+                call = {"index": 0, "function": {"arguments": text}}
+                if opening:
+                    call = {"index": 0, "id": _call_id(job, c), "type": "function",
+                            "function": {"name": job.tool, "arguments": ""}}  # fmt: skip
+                delta = {**delta, "tool_calls": [call]} if opening else {"tool_calls": [call]}
             choice = {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             if opening:
@@ -511,7 +522,11 @@ class OpenAIServing:
             text = (job.prompt_texts[c.prompt] if job.echo else "") + _generated(job, c.out)
             base = {"index": c.index, "logprobs": self._choice_logprobs(job, c),
                     "finish_reason": c.finish, "stop_reason": c.out.stop_reason}  # fmt: skip
-            if job.kind == "chat":
+            if job.kind == "chat" and job.tool is not None:  # vLLM's shape for a named call
+                base["message"] = {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": _call_id(job, c), "type": "function",
+                     "function": {"name": job.tool, "arguments": text}}]}  # fmt: skip
+            elif job.kind == "chat":
                 base["message"] = {"role": "assistant", "content": text}
             else:
                 base["text"] = text
@@ -563,6 +578,10 @@ def _watch_disconnect(http: Request, collector: OutputCollector) -> asyncio.Task
 
 def _generated(job: _Job, out: RequestOutput) -> str:
     return "" if job.score_only else out.text or ""
+
+
+def _call_id(job: _Job, c: _Choice) -> str:
+    return f"call-{job.id.rsplit('-', 1)[-1][:16]}-{c.index}"
 
 
 def _sse(obj: dict) -> str:
