@@ -233,12 +233,48 @@ def test_whitespace_is_capped():
     ({}, "exactly one of"),
     ({"json": {}, "choice": ["a"]}, "exactly one of"),
     ({"json_object": True, "whitespace": -1}, "whitespace"),
+    ({"json_object": "no"}, "true or false"),
+    ({"json_object": True, "whitespace_pattern": "[ ]?"}, "whitespace_pattern is not"),
+    ({"json": {"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}}, "refers to itself"),
+    ({"json": {"$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"allOf": [{"$ref": "#/$defs/A"}]}},
+               "$ref": "#/$defs/A"}}, "refers to itself"),
+    ({"json": {"enum": [1.0, float("inf")]}}, "cannot be written as JSON"),
+    ({"json": {"$defs": {"S": {"type": "string"}}, "$ref": "#/$defs/S", "maxLength": 2}},
+     "beside \\$ref"),
+    ({"json": {"enum": ["a", "abcdef"], "maxLength": 2}}, "enum / const beside 'maxLength'"),
+    ({"json": {"type": "integer", "enum": ["a"]}}, "no enum value is of type"),
+    ({"json": {"$ref": []}}, "only local"),
+    ({"json": {"properties": {"a": {}}, "required": [["a"]]}}, "property names"),
+    ({"json": {"oneOf": [{"type": "number"}, {"type": "integer"}]}}, "start differently"),
+    ({"json": {"items": json.loads('{"items": ' * 900 + "{}" + "}" * 900)}}, "nested too deeply"),
 ])  # fmt: skip
 def test_bad_constraints_say_what_is_wrong(spec, says):
     with pytest.raises(ConfigError, match=says):
         StructuredOutputsParams(**spec)
     with pytest.raises(ConfigError):
         SamplingParams(structured_outputs=dict(spec))
+
+
+def test_schema_edges():
+    """Beside enum a type filters its values; Union[int, float] is one number; non-ASCII keys
+    and values are written as themselves; an answer starts with its value; a long array's
+    items do not make new states (its masks repeat)."""
+    g = StructuredOutputsParams(json={"type": "string", "enum": ["a", 5, "b"]}).grammar_
+    assert read(g, '"a"')[1] and not read(g, "5")[0]
+    g = StructuredOutputsParams(json={"anyOf": [{"type": "integer"}, {"type": "number"},
+                                                {"type": "null"}]}).grammar_  # fmt: skip
+    assert read(g, "1.5")[1] and read(g, "null")[1]
+    g = StructuredOutputsParams(json={"anyOf": [{"type": "integer"}, {"type": "integer"}]}).grammar_
+    assert not read(g, "1.5")[0]
+    g = StructuredOutputsParams(json={"properties": {"名前": {"enum": ["café"]}}}).grammar_
+    assert read(g, '{"名前": "café"}')[1]
+    assert not read(StructuredOutputsParams(json_object=True).grammar_, " {}")[0]
+    g = StructuredOutputsParams(json={"type": "array", "items": {"type": "integer"}}).grammar_
+    states = {g.read(g.initial(), "[" + ",".join(["7"] * n) + ",") for n in (1, 5, 50)}
+    assert len(states) == 1
+    g = StructuredOutputsParams(json={"$defs": {"T": {"type": "array", "items": {"$ref": "#"}}},
+                                      "$ref": "#/$defs/T"}).grammar_  # fmt: skip
+    assert read(g, "[[], [[]]]")[1]
 
 
 def test_pickled_params_keep_their_grammar():
@@ -336,6 +372,20 @@ def test_choice_and_json_object(engine):
         assert read(obj.grammar_, o.text)[0]
         if o.finish_reason == "stop":
             assert isinstance(json.loads(o.text), dict)
+
+
+def test_an_answer_nothing_can_extend_stops_even_without_eos(engine):
+    """A top-level integer 0 (nothing may follow it) ends the request though EOS is ignored
+    (it would have no token left to sample); stop ids outside the vocabulary are refused."""
+    so = StructuredOutputsParams(json={"type": "integer"})
+    zero = engine.tokenizer.convert_tokens_to_ids("0")
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logit_bias={zero: 100},
+                        structured_outputs=so)  # fmt: skip
+    out = engine.generate(["n ="], None, sp)[0]
+    assert out.text == "0" and out.finish_reason == "stop"
+    with pytest.raises(ConfigError, match="stop_token_ids names token id"):
+        engine.add_request("x", None, SamplingParams(stop_token_ids=[10**6],
+                                                     structured_outputs=so))  # fmt: skip
 
 
 def test_a_tokenizer_is_needed(engine, model):

@@ -246,10 +246,12 @@ class Engine:
         text, ids = self._encode(prompt, tok)
         self.check_prompt(ids, expert)
         vocab = self.registry.vocab(expert)
-        bad = [t for t in sampling.logit_bias or () if t >= vocab]
-        if bad:
-            raise ConfigError(f"logit_bias names token id {bad[0]}, outside the vocabulary "
-                              f"(size {vocab})")  # fmt: skip
+        for name, named in (("logit_bias", sampling.logit_bias or ()),
+                            ("stop_token_ids", sampling.stop_token_ids)):  # fmt: skip
+            bad = [t for t in named if t >= vocab]
+            if bad:
+                raise ConfigError(f"{name} names token id {bad[0]}, outside the vocabulary "
+                                  f"(size {vocab})")  # fmt: skip
         if sampling.structured_outputs is not None and tok is None:
             raise ConfigError("structured outputs need a tokenizer (they constrain the text); "
                               f"{self.base_path} has none")  # fmt: skip

@@ -20,7 +20,10 @@ object without `properties` takes any keys), `items`, `minItems`, `maxItems`, `m
 one-element `allOf`; annotations (`title`, `description`, `default`, ...) are ignored. Any other
 keyword (`pattern`, `format`, `minimum`, ...) is refused with an error naming it: the answer
 would not be held to it. Tokens whose text is not whole characters (a lone byte of a UTF-8
-sequence) are never allowed under a constraint. Whitespace between JSON tokens runs to at most
+sequence) are never allowed under a constraint. An answer starts with its value (no blanks
+first), and a request whose answer nothing can extend stops there, even before min_tokens or
+with ignore_eos. Keys and enum strings are written as themselves (`"café"`, not
+`"caf\\u00e9"`). Whitespace between JSON tokens runs to at most
 `whitespace` characters (default 2; vLLM's `disable_any_whitespace` is 0): a model that never
 saw JSON otherwise fills its answer with blank lines (measured on the tiny family: 16 allowed
 blanks gave 9 of 12 answers cut at max_tokens).
@@ -28,8 +31,11 @@ blanks gave 9 of 12 answers cut at max_tokens).
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +51,20 @@ _ESCAPES = '"\\/bfnrt'
 _ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment",
                 "readOnly", "writeOnly", "deprecated", "$defs", "definitions"}  # fmt: skip
 _TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def _json_type(v) -> set[str]:
+    """The JSON schema types a Python value (from JSON) has."""
+    if isinstance(v, bool):
+        return {"boolean"}
+    if isinstance(v, int):
+        return {"integer", "number"}
+    if isinstance(v, float):
+        return {"number"} | ({"integer"} if v.is_integer() else set())
+    return {str: {"string"}, type(None): {"null"}, list: {"array"},
+            dict: {"object"}}.get(type(v), set())  # fmt: skip
+
+
 _FIRST = {"object": "{", "array": "[", "string": '"', "number": "-" + _DIGITS,
           "integer": "-" + _DIGITS, "boolean": "tf", "null": "n"}  # fmt: skip
 
@@ -62,13 +82,24 @@ class StructuredOutputsParams:
     grammar: str | None = None
     whitespace: int = WHITESPACE  # blank characters in a row between JSON tokens
     disable_any_whitespace: bool = False  # vLLM's name for whitespace=0
+    # vLLM's other keys: accepted where they change nothing here (no fallback backend; only
+    # declared properties are generated anyway), refused where they would
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
     grammar_: Grammar | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        for name in ("regex", "grammar"):
+        for name in ("regex", "grammar", "structural_tag", "whitespace_pattern"):
             if getattr(self, name) is not None:
                 raise ConfigError(f"structured output by {name} is not supported: use json (a "
-                                  "JSON schema), json_object or choice")  # fmt: skip
+                                  "JSON schema), json_object or choice (and whitespace: the "
+                                  "blanks allowed in a row)")  # fmt: skip
+        for name in ("json_object", "disable_any_whitespace", "disable_fallback",
+                     "disable_additional_properties"):  # fmt: skip
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         given = [n for n in ("json", "json_object", "choice")
                  if getattr(self, n) not in (None, False)]  # fmt: skip
         if len(given) != 1:
@@ -98,18 +129,18 @@ class StructuredOutputsParams:
                 raise ConfigError("a JSON schema is an object (a dict), e.g. "
                                   '{"type": "object", "properties": {...}}')  # fmt: skip
             self.json = schema
-            try:
-                text = json.dumps(schema)  # (key order kept: properties come in it)
-            except (TypeError, ValueError) as e:
+            try:  # (key order kept: properties come in it; no NaN / Infinity, not JSON)
+                text = json.dumps(schema, allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as e:
                 raise ConfigError(f"the JSON schema cannot be written as JSON: {e}") from None
-            self.grammar_ = _compiled(("json", text, ws))
+            self.grammar_ = _compiled(("json", text, ws), schema)
 
 
 _GRAMMARS: dict[tuple, Grammar] = {}  # the last few compiled (a server sees one schema often)
 _GRAMMARS_LOCK = threading.Lock()
 
 
-def _compiled(key: tuple) -> Grammar:
+def _compiled(key: tuple, schema: dict | None = None) -> Grammar:
     """The Grammar of ("choice", texts) or ("json", schema text, whitespace), compiled once."""
     with _GRAMMARS_LOCK:
         g = _GRAMMARS.pop(key, None)
@@ -117,10 +148,10 @@ def _compiled(key: tuple) -> Grammar:
         if key[0] == "choice":
             g = Grammar.choices(list(key[1]))
         else:
-            g = Grammar.schema(json.loads(key[1]), key[2])
+            g = Grammar.schema(json.loads(key[1]) if schema is None else schema, key[2])
     with _GRAMMARS_LOCK:
         _GRAMMARS[key] = g  # most recent last
-        while len(_GRAMMARS) > 64:
+        while len(_GRAMMARS) > 32:
             del _GRAMMARS[next(iter(_GRAMMARS))]
     return g
 
@@ -176,8 +207,7 @@ class Grammar:
         self.whitespace = whitespace
         self.nodes: list[_Node] = [_Node()]
         self.root: tuple = ()
-        self._lock = threading.Lock()
-        self._cache: dict[int, dict] = {}  # per TokenIndex id: state -> allowed ids
+        self.serial = next(_SERIALS)  # its masks' key in _MASKS (ids of freed objects recur)
 
     def __getstate__(self):  # (sampling parameters travel to other ranks pickled)
         return {"nodes": self.nodes, "root": self.root, "whitespace": self.whitespace}
@@ -195,7 +225,14 @@ class Grammar:
     @classmethod
     def schema(cls, schema: dict, whitespace: int = WHITESPACE) -> Grammar:
         g = cls(whitespace)
-        g.root = (("V", _Compiler(g, schema).node(schema, "#")),)
+        try:
+            compiler = _Compiler(g, schema)
+            g.root = (("V", compiler.node(schema, "#")),)
+            compiler.check_progress()
+        except RecursionError:
+            raise ConfigError("the JSON schema is nested too deeply") from None
+        except (TypeError, AttributeError) as e:  # a keyword's value of the wrong kind
+            raise ConfigError(f"the JSON schema is malformed: {e}") from None
         return g
 
     # one character --------------------------------------------------------------------------
@@ -207,7 +244,9 @@ class Grammar:
         top = stack[-1]
         kind = top[0]
         if ch in _WS and kind in "VOA":  # (an O or A frame on top is between tokens)
-            return None if blanks >= self.whitespace else (stack, blanks + 1)
+            if blanks >= self.whitespace or len(stack) == 1 and kind == "V":
+                return None  # (and the answer starts with its value, as clients expect)
+            return stack, blanks + 1
         if kind == "V":
             return self._value(stack[:-1], top[1], ch)
         if kind == "S":
@@ -260,7 +299,11 @@ class Grammar:
             if top[2] == "colon":  # a free key's string: its ":" comes next
                 return stack, 0
             return stack[:-1] + (("O", top[1], "next", top[3], 0),), 0
-        return stack[:-1] + (("A", top[1], "next", top[3] + 1),), 0
+        node = self.nodes[top[1]]
+        if node.max_items is None and node.min_items == 0:
+            return stack[:-1] + (("A", top[1], "next", 0),), 0  # uncounted: states repeat
+        cap = max(node.min_items, node.max_items or 0)  # counts past it change nothing
+        return stack[:-1] + (("A", top[1], "next", min(top[3] + 1, cap)),), 0
 
     def _string(self, stack: tuple, top: tuple, ch: str) -> tuple | None:
         _, nid, esc, n = top
@@ -409,9 +452,8 @@ class Grammar:
     def banned(self, index: TokenIndex, state: tuple) -> torch.Tensor:
         """bool [vocab] on the host: True for the tokens `state` cannot read (memoised per
         state: inside a string or between values, states repeat step after step)."""
-        with self._lock:
-            memo = self._cache.setdefault(id(index), {})
-            hit = memo.get(state)
+        key = (self.serial, index.serial, state)
+        hit = _MASKS.get(key)
         if hit is not None:
             return hit
         banned = torch.ones(index.vocab_size, dtype=torch.bool)
@@ -439,12 +481,45 @@ class Grammar:
                 if child[1]:
                     todo.append((child, nxt))
         if ids:
-            banned[torch.tensor(ids)] = False
-        with self._lock:
-            if len(memo) > 4096:  # a bound for schemas whose states never repeat
-                memo.clear()
-            memo[state] = banned
+            banned[torch.tensor(ids, dtype=torch.long)] = False
+        _MASKS.put(key, banned)
         return banned
+
+    def stuck(self, index: TokenIndex, state: tuple) -> bool:
+        """No token can continue `state` (a whole answer that nothing may extend)."""
+        return not state[0] or bool(self.banned(index, state).all())
+
+
+class _MaskCache:
+    """Banned-token masks of every grammar and vocabulary, least recently used dropped first
+    past a byte budget (states that never repeat, such as a long array's items under
+    maxItems, cannot grow it without bound)."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used = budget_bytes, 0
+        self._lock = threading.Lock()
+        self._masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        with self._lock:
+            mask = self._masks.get(key)
+            if mask is not None:
+                self._masks.move_to_end(key)
+            return mask
+
+    def put(self, key: tuple, mask: torch.Tensor) -> None:
+        with self._lock:
+            if key in self._masks:
+                return
+            self._masks[key] = mask
+            self.used += mask.numel()
+            while self.used > self.budget and len(self._masks) > 1:
+                _, old = self._masks.popitem(last=False)
+                self.used -= old.numel()
+
+
+_SERIALS = itertools.count()
+_MASKS = _MaskCache(256 * 2**20)  # bool masks: one byte per vocabulary entry
 
 
 class _Compiler:
@@ -464,6 +539,10 @@ class _Compiler:
         if not isinstance(s, dict):
             raise ConfigError(f"JSON schema at {where}: a schema is an object, got {s!r}")
         if "$ref" in s:
+            if set(s) - _ANNOTATIONS - {"$ref"}:
+                raise ConfigError(f"JSON schema at {where}: keywords beside $ref are not "
+                                  f"supported ({sorted(set(s) - _ANNOTATIONS - {'$ref'})[0]!r}); "
+                                  "move them into the referenced schema")  # fmt: skip
             return self.ref(s["$ref"], where)
         if "allOf" in s:
             parts = s["allOf"]
@@ -487,10 +566,7 @@ class _Compiler:
         if branches is not None:
             return self.alts(s, branches, where)
         if "const" in s or "enum" in s:
-            values = [s["const"]] if "const" in s else s["enum"]
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"JSON schema at {where}: enum must be a non-empty list")
-            return self.add(_Node(choices=tuple(sorted({json.dumps(v) for v in values}))))
+            return self.choices(s, where)
         types = s.get("type")
         if types is not None:
             types = [types] if isinstance(types, str) else types
@@ -501,6 +577,44 @@ class _Compiler:
         nid = self.add(_Node())  # a placeholder: properties may refer back to it
         self.g.nodes[nid] = self.shape(s, types, where)
         return nid
+
+    def choices(self, s: dict, where: str) -> int:
+        """enum / const: the values' JSON texts (those of the declared type, if one is)."""
+        values = [s["const"]] if "const" in s else s["enum"]
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"JSON schema at {where}: enum must be a non-empty list")
+        other = set(s) - _ANNOTATIONS - {"enum", "const", "type"}
+        if other or ("enum" in s and "const" in s):
+            raise ConfigError(f"JSON schema at {where}: enum / const beside "
+                              f"{sorted(other)[0] if other else 'each other'!r} is not "
+                              "supported: list only the allowed values")  # fmt: skip
+        if "type" in s:
+            types = [s["type"]] if isinstance(s["type"], str) else s["type"]
+            values = [v for v in values if _json_type(v) & set(types)]
+            if not values:
+                raise ConfigError(f"JSON schema at {where}: no enum value is of type "
+                                  f"{s['type']!r}")  # fmt: skip
+        try:
+            texts = {json.dumps(v, ensure_ascii=False, allow_nan=False) for v in values}
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"JSON schema at {where}: an enum value is not JSON: {e}") from None
+        return self.add(_Node(choices=tuple(sorted(texts))))
+
+    def check_progress(self) -> None:
+        """Refuse references that reach themselves without reading a character (A = $ref A,
+        or A = anyOf[A, ...]): the automaton would chase them forever."""
+        for start in range(len(self.g.nodes)):
+            todo, seen = [start], set()
+            while todo:
+                nid = todo.pop()
+                for nxt in self.g.nodes[nid].alts or ():
+                    if nxt == start:
+                        raise ConfigError("the JSON schema refers to itself without any JSON "
+                                          "in between ($ref or anyOf reaching back to where it "
+                                          "started)")  # fmt: skip
+                    if nxt not in seen:
+                        seen.add(nxt)
+                        todo.append(nxt)
 
     def shape(self, s: dict, types, where: str) -> _Node:
         def count(key):
@@ -516,11 +630,14 @@ class _Compiler:
             if not isinstance(declared, dict) or not isinstance(required, list):
                 raise ConfigError(f"JSON schema at {where}: properties must be an object and "
                                   "required a list")  # fmt: skip
+            if not all(isinstance(r, str) for r in required):
+                raise ConfigError(f"JSON schema at {where}: required lists property names")
             missing = [r for r in required if r not in declared]
             if missing:
                 raise ConfigError(f"JSON schema at {where}: required property {missing[0]!r} "
                                   "is not among its properties")  # fmt: skip
-            props = tuple((json.dumps(k), self.node(v, f"{where}/properties/{k}"), k in required)
+            props = tuple((json.dumps(k, ensure_ascii=False),
+                           self.node(v, f"{where}/properties/{k}"), k in required)
                           for k, v in declared.items())  # fmt: skip
             free = False
         elif "required" in s and s["required"]:
@@ -545,15 +662,12 @@ class _Compiler:
             raise ConfigError(f"JSON schema at {where}: anyOf / oneOf beside other keywords is "
                               "not supported; move them into each branch")  # fmt: skip
         ids = [self.node(b, f"{where}/anyOf/{i}") for i, b in enumerate(branches)]
-        numeric = [
-            i
-            for i in ids
-            if self.g.nodes[i]
-            in (_Node(types=frozenset({"integer"})), _Node(types=frozenset({"number"})))
-        ]
-        if len(numeric) > 1:  # Union[int, float]: one number node takes both
-            ids = [i for i in ids if i not in numeric]
-            ids.append(self.add(_Node(types=frozenset({"integer", "number"}))))
+        plain = (_Node(types=frozenset({"integer"})), _Node(types=frozenset({"number"})))
+        numeric = [i for i in ids if self.g.nodes[i] in plain]
+        if len(numeric) > 1 and "anyOf" in s:  # Union[int, float]: one node takes both (not
+            # under oneOf, where a value both branches take matches neither)
+            union = frozenset().union(*(self.g.nodes[i].types for i in numeric))
+            ids = [i for i in ids if i not in numeric] + [self.add(_Node(types=union))]
         seen: set[str] = set()
         for i in ids:
             first = self.first(i, set())
@@ -578,14 +692,17 @@ class _Compiler:
         return set("".join(_FIRST[t] for t in types))
 
     def ref(self, ref, where: str) -> int:
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise ConfigError(f"JSON schema at {where}: only local $ref ('#/$defs/Name', '#') "
+                              f"is supported, got {ref!r}")  # fmt: skip
         if ref in self.refs:
             return self.refs[ref]
-        if not isinstance(ref, str) or not ref.startswith("#/"):
-            raise ConfigError(f"JSON schema at {where}: only local $ref ('#/$defs/Name') is "
-                              f"supported, got {ref!r}")  # fmt: skip
         target: Any = self.doc
-        for part in ref[2:].split("/"):
+        for part in ref[2:].split("/") if ref != "#" else ():
             part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+                continue
             if not isinstance(target, dict) or part not in target:
                 raise ConfigError(f"JSON schema at {where}: $ref {ref!r} points nowhere")
             target = target[part]
@@ -612,6 +729,7 @@ class TokenIndex:
 
     def __init__(self, tok, vocab_size: int):
         self.vocab_size = vocab_size
+        self.serial = next(_SERIALS)
         self.trie: tuple = ([], {})
         self.other_trie: tuple = ([], {})
         self.text: dict[int, str] = {}
@@ -642,18 +760,17 @@ class TokenIndex:
         self.plain_ids = torch.tensor([i for _, i in plain], dtype=torch.long)
 
 
-_INDEXES: dict[tuple[int, int], TokenIndex] = {}
+_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {size: index}
 _INDEX_LOCK = threading.Lock()
 
 
 def token_index(tok, vocab_size: int) -> TokenIndex:
-    """The (cached) TokenIndex of a tokenizer."""
-    key = (id(tok), vocab_size)
+    """The TokenIndex of a tokenizer (built once; forgotten with the tokenizer)."""
     with _INDEX_LOCK:
-        index = _INDEXES.get(key)
-        if index is None:
-            index = _INDEXES[key] = TokenIndex(tok, vocab_size)
-        return index
+        per = _INDEXES.setdefault(tok, {})
+        if vocab_size not in per:
+            per[vocab_size] = TokenIndex(tok, vocab_size)
+        return per[vocab_size]
 
 
 class Guide:
@@ -665,15 +782,17 @@ class Guide:
 
     @property
     def complete(self) -> bool:
-        """Nothing may follow: the request stops."""
-        return not self.state[0]
+        """A whole answer nothing may extend (a closed object, a last choice, an integer 0 at
+        the top): the request stops."""
+        return self.grammar.accepts(self.state) and self.grammar.stuck(self.index, self.state)
 
     def banned(self) -> torch.Tensor:
         """bool [vocab] on the host: the tokens this request may not sample now."""
         banned = self.grammar.banned(self.index, self.state)
-        if self.stop_ids and self.grammar.accepts(self.state):  # it may end here
+        stops = sorted(t for t in self.stop_ids if t < len(banned))
+        if stops and self.grammar.accepts(self.state):  # it may end here
             banned = banned.clone()
-            banned[torch.tensor(sorted(t for t in self.stop_ids if t < len(banned)))] = False
+            banned[torch.tensor(stops, dtype=torch.long)] = False
         return banned
 
     def advance(self, token: int) -> bool:

@@ -199,7 +199,10 @@ def adjust_rows(rows: torch.Tensor, reqs: list[Request], eos: list[frozenset[int
         rows[r, t] -= freq * counts.to(rows.dtype) + pres
     guided = [k for k, r in enumerate(reqs) if r.guide is not None]
     for k in guided:  # last: no bias brings back a token the constraint bans
-        reqs[k].guide.mask(rows[k])
+        try:
+            reqs[k].guide.mask(rows[k])
+        except Exception:  # noqa: BLE001 - this request fails alone (every token banned)
+            rows[k] = float("-inf")
 
 
 def adjust_logits(row: torch.Tensor, req: Request, eos: frozenset[int]) -> None:

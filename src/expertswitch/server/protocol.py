@@ -234,8 +234,9 @@ def structured_outputs(req: _Request) -> StructuredOutputsParams | None:
                                 param="response_format")  # fmt: skip
             asked["response_format"] = {"json": schema}
         elif kind != "text":
-            raise HTTPError(400, f"response_format type {kind!r} is not supported: use text, "
-                            "json_object or json_schema", param="response_format")  # fmt: skip
+            said = "has no type" if kind is None else f"type {kind!r} is not supported"
+            raise HTTPError(400, f"response_format {said}: use text, json_object or "
+                            "json_schema", param="response_format")  # fmt: skip
     tool = forced_tool(req) if isinstance(req, ChatCompletionRequest) else None
     if tool is not None:
         asked["tool_choice"] = {"json": tool[1]}
