@@ -97,6 +97,21 @@ SCHEMA = {
         "score": {"anyOf": [{"type": "number"}, {"type": "null"}]},
         "tags": {"type": "array", "items": {"enum": ["a", "bc", 1, 12]}, "maxItems": 2},
         "pet": {"$ref": "#/$defs/Pet"},
+        "animal": {
+            "oneOf": [  # a tagged union (pydantic's discriminated union)
+                {
+                    "type": "object",
+                    "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
+                    "required": ["kind"],
+                },
+                {
+                    "type": "object",
+                    "properties": {"kind": {"enum": ["dog", "wolf"]}, "good": {"type": "boolean"}},
+                    "required": ["kind", "good"],
+                },
+                {"type": "null"},
+            ]
+        },
     },
     "required": ["name", "age"],
     "$defs": {
@@ -118,6 +133,8 @@ def conforms(v, s, defs=SCHEMA["$defs"]) -> bool:
         return conforms(v, defs[s["$ref"].rsplit("/", 1)[1]])
     if "anyOf" in s:
         return any(conforms(v, b) for b in s["anyOf"])
+    if "oneOf" in s:
+        return sum(conforms(v, b) for b in s["oneOf"]) == 1
     if "const" in s:
         return type(v) is type(s["const"]) and v == s["const"]
     if "enum" in s:
@@ -125,6 +142,8 @@ def conforms(v, s, defs=SCHEMA["$defs"]) -> bool:
     t = s.get("type")
     if t == "null":
         return v is None
+    if t == "boolean":
+        return isinstance(v, bool)
     if t == "integer":
         return isinstance(v, int) and not isinstance(v, bool)
     if t == "number":
@@ -150,8 +169,13 @@ field_values = st.one_of(st.none(), st.booleans(), st.integers(-30, 30), st.floa
                          st.lists(st.sampled_from(["a", "bc", 1, 12, 2, "d"]), max_size=3),
                          st.fixed_dictionaries({"kind": st.sampled_from(["cat", "dog"])},
                                                optional={"next": st.none()}))  # fmt: skip
+animals = st.one_of(st.none(), st.fixed_dictionaries(
+    {"kind": st.sampled_from(["cat", "dog", "wolf", "cow"])},
+    optional={"lives": st.integers(0, 9), "good": st.booleans()}))  # fmt: skip
 objects = st.lists(st.tuples(st.sampled_from(["name", "age", "score", "tags", "pet", "x"]),
-                             field_values), max_size=6).map(dict)  # fmt: skip
+                             field_values)
+                   | st.tuples(st.just("animal"), animals | field_values),
+                   max_size=6).map(dict)  # fmt: skip
 
 
 @settings(max_examples=600, deadline=None)
@@ -183,6 +207,16 @@ def test_no_walk_reaches_a_dead_end(rnd, which):
         if not options:
             return
         state = rnd.choice(options)
+
+
+@settings(max_examples=300, deadline=None)
+@given(animals | field_values)
+def test_tagged_union_accepts_exactly_what_conforms(value):
+    """oneOf objects told apart by their first key's strings: after the tag, the object goes
+    on as its branch (a dog needs `good` and has no `lives`)."""
+    s = SCHEMA["properties"]["animal"]
+    ok, whole, _ = read(StructuredOutputsParams(json=s).grammar_, json.dumps(value))
+    assert (ok and whole) == conforms(value, s), value
 
 
 def test_string_lengths_count_characters_escapes_included():

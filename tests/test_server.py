@@ -753,11 +753,33 @@ def test_a_named_tool_call_holds_its_arguments_to_the_schema(server, client, ref
     assert streamed == want and names == ["add"]
     one = client.chat.completions.create(**{**ask, "tools": tools[:1], "tool_choice": "required"})
     assert one.choices[0].message.tool_calls[0].function.arguments == want
+    # "required" over both tools: a JSON list of calls, each held to its own function (vLLM's
+    # schema: a tagged union on "name"), sampled hot so that both shapes come up
+    from expertswitch.server.protocol import ChatCompletionRequest, forced_tool
+
+    every = {**ask, "tool_choice": "required", "temperature": 1.0, "max_tokens": 60}
+    _, schema = forced_tool(ChatCompletionRequest(**every))
+    seen = set()
+    for seed in range(6):
+        r = client.chat.completions.create(**every, seed=seed)
+        want = alone_output(reference, chat_ids(reference, messages), "math", 60,
+                            temperature=1.0, seed=seed,
+                            structured_outputs=StructuredOutputsParams(json=schema))  # fmt: skip
+        msg = r.choices[0].message
+        if want.finish_reason != "stop":
+            assert msg.content == want.text and not msg.tool_calls
+            continue
+        calls = json.loads(want.text)
+        assert [(t.function.name, json.loads(t.function.arguments)) for t in msg.tool_calls] \
+            == [(c["name"], c["parameters"]) for c in calls]  # fmt: skip
+        for c in calls:
+            seen.add(c["name"])
+            if c["name"] == "add":
+                assert set(c["parameters"]) == {"a", "b"}
+    assert seen, "no answer closed"
     url = server[0].url + "/v1/chat/completions"
-    for choice, needle in (
-        ("auto", "tool-call parser"),
-        ("required", "name the function"),
-        ({"type": "function", "function": {"name": "mul"}}, "not among"),
-    ):
-        body = {**ask, "tool_choice": choice}
+    for body, needle in (({**ask, "tool_choice": "auto"}, "tool-call parser"),
+                         ({**every, "stream": True}, "drop stream"),
+                         ({**ask, "tool_choice": {"type": "function", "function": {"name": "mul"}}},
+                          "not among")):  # fmt: skip
         assert needle in _error(httpx.post(url, json=body, timeout=60), 400)["message"]

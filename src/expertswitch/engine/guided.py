@@ -16,15 +16,18 @@ The JSON schema subset: `type` (one or a list), `enum`, `const`, `properties` (g
 their order; `required` ones always, the others may be left out), `additionalProperties` (an
 object without `properties` takes any keys), `items`, `minItems`, `maxItems`, `minLength`,
 `maxLength`, `anyOf`/`oneOf` whose branches start with different characters (pydantic's
-`Optional[X]`, `Union[int, str]`), `$ref` into `$defs`/`definitions` (recursion included), a
-one-element `allOf`; annotations (`title`, `description`, `default`, ...) are ignored. Any other
-keyword (`pattern`, `format`, `minimum`, ...) is refused with an error naming it: the answer
-would not be held to it. Tokens whose text is not whole characters (a lone byte of a UTF-8
-sequence) are never allowed under a constraint. An answer starts with its value (no blanks
-first), and a request whose answer nothing can extend stops there, even before min_tokens or
-with ignore_eos. Keys and enum strings are written as themselves (`"café"`, not
-`"caf\\u00e9"`). Whitespace between JSON tokens runs to at most
-`whitespace` characters (default 2; vLLM's `disable_any_whitespace` is 0): a model that never
+`Optional[X]`, `Union[int, str]`), object branches of an `anyOf`/`oneOf` as a tagged union
+when each starts with the same required key holding its own strings (pydantic's discriminated
+unions; vLLM's tool calls, `{"name": {"enum": ["add"]}, "parameters": ...}`), `$ref` into
+`$defs`/`definitions` (recursion included), a one-element `allOf`; annotations (`title`,
+`description`, `default`, ...) are ignored. Any other keyword (`pattern`, `format`,
+`minimum`, ...) is refused with an error naming it: the answer would not be held to it.
+Tokens whose text is not whole characters (a lone byte of a UTF-8 sequence) are never allowed
+under a constraint. An answer starts with its value (no blanks first), and a request whose
+answer nothing can extend stops there, even before min_tokens or with ignore_eos. Keys and
+enum strings are written as themselves (`"café"`, not `"caf\\u00e9"`). Whitespace between
+JSON tokens runs to at most `whitespace` characters (default 2; vLLM's
+`disable_any_whitespace` is 0): a model that never
 saw JSON otherwise fills its answer with blank lines (measured on the tiny family: 16 allowed
 blanks gave 9 of 12 answers cut at max_tokens).
 """
@@ -198,6 +201,11 @@ class _Node:
     max_items: int | None = None
     min_len: int = 0
     max_len: int | None = None
+    # a tagged union of objects (anyOf / oneOf whose branches start with the same required
+    # key holding distinct strings: pydantic's discriminated unions, vLLM's tool calls):
+    # ((the tag's JSON text, the branch's node id), ...); once the tag is read, the object
+    # goes on as that branch
+    tags: tuple | None = None
 
 
 class Grammar:
@@ -358,8 +366,13 @@ class Grammar:
                 obj = stack[-2]
                 at, value = self._key(obj[1], text)
                 return stack[:-2] + (("O", obj[1], "colon", at, value),), 0
-            if text in left and len(left) == 1:
-                return self._done(stack[:-1])  # nothing longer can follow
+            if text in left and len(left) == 1:  # nothing longer can follow
+                below = stack[:-1]
+                obj = below[-1] if below else None
+                if obj is not None and obj[0] == "O" and self.nodes[obj[1]].tags:
+                    branch = dict(self.nodes[obj[1]].tags)[text]  # a union's tag: its branch
+                    below = below[:-1] + (("O", branch, "value", 1, 0),)
+                return self._done(below)
             return stack[:-1] + (("C", left, text),), 0
         if prefix in cands and stack[:-1] and not key:
             return self.step(self._done(stack[:-1]), ch)  # e.g. 1 of enum [1, 12], then ","
@@ -668,6 +681,11 @@ class _Compiler:
             # under oneOf, where a value both branches take matches neither)
             union = frozenset().union(*(self.g.nodes[i].types for i in numeric))
             ids = [i for i in ids if i not in numeric] + [self.add(_Node(types=union))]
+        objects = [i for i in ids if self.first(i, set()) == {"{"}]
+        if len(objects) > 1:
+            union = self.tagged(objects)
+            if union is not None:
+                ids = [i for i in ids if i not in objects] + [union]
         seen: set[str] = set()
         for i in ids:
             first = self.first(i, set())
@@ -677,6 +695,32 @@ class _Compiler:
                                   "array); these overlap")  # fmt: skip
             seen |= first
         return self.add(_Node(alts=tuple(ids)))
+
+    def tagged(self, ids: list[int]) -> int | None:
+        """A tagged union of object branches (each's first declared property the same
+        required key, its value a const / enum of strings no other branch has), or None."""
+
+        def resolve(i):  # through $ref's one-branch nodes
+            while self.g.nodes[i].alts is not None and len(self.g.nodes[i].alts) == 1:
+                i = self.g.nodes[i].alts[0]
+            return i
+
+        key, tags = None, []
+        for b in map(resolve, ids):
+            node = self.g.nodes[b]
+            if node.types != frozenset({"object"}) or not node.props or not node.props[0][2]:
+                return None
+            k, value, _ = node.props[0]
+            texts = self.g.nodes[resolve(value)].choices
+            if texts is None or not all(t.startswith('"') for t in texts) or key not in (None, k):
+                return None
+            key = k
+            tags += [(t, b) for t in texts]
+        if len({t for t, _ in tags}) != len(tags):
+            return None
+        names = self.add(_Node(choices=tuple(sorted(t for t, _ in tags))))
+        return self.add(_Node(types=frozenset({"object"}), props=((key, names, True),),
+                              free_keys=False, tags=tuple(tags)))  # fmt: skip
 
     def first(self, nid: int, busy: set) -> set[str]:
         """The characters a value of node `nid` can start with."""

@@ -137,10 +137,15 @@ def refuse_unsupported(req: _Request) -> None:
         raise HTTPError(400, "best_of is not supported unless it equals n", param="best_of")
 
 
+ANY_TOOL = ""  # forced_tool's name for "required" over several tools
+
+
 def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
     """(name, parameters schema) of the function a chat request makes the model call
     (tool_choice naming a function, or "required" with one tool: the answer is held to its
-    parameters, as vLLM does); None when the model answers in text (no tools, tool_choice
+    parameters, as vLLM does); (ANY_TOOL, schema) for "required" over several tools (the
+    answer is a JSON list of {"name", "parameters"} calls, each held to its function's
+    parameters: vLLM's schema); None when the model answers in text (no tools, tool_choice
     "none", or tools left to the model's choice with tool_choice unset). "auto" needs a
     model-specific tool-call parser, which this server does not have: a 400 says so."""
     choice, tools = req.tool_choice, req.tools or []
@@ -161,12 +166,15 @@ def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
                             param="tools")  # fmt: skip
         named[fn["name"]] = params
     if choice == "required":
-        if len(named) != 1:
-            raise HTTPError(400, f'tool_choice "required" over {len(named)} tools is not '
-                            "supported: name the function to call "
-                            '({"type": "function", "function": {"name": ...}})',
+        if len(named) == 1:
+            return next(iter(named.items()))
+        if req.stream:
+            raise HTTPError(400, 'tool_choice "required" over several tools is answered whole: '
+                            "drop stream, or name the function to call",
                             param="tool_choice")  # fmt: skip
-        return next(iter(named.items()))
+        calls = [{"type": "object", "properties": {"name": {"enum": [n]}, "parameters": p},
+                  "required": ["name", "parameters"]} for n, p in named.items()]  # fmt: skip
+        return ANY_TOOL, {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" \
             else None  # fmt: skip

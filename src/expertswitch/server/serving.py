@@ -29,6 +29,7 @@ from expertswitch.server.errors import HTTPError, error_body
 from expertswitch.server.logprobs import LogprobFormatter
 from expertswitch.server.metrics import Metrics
 from expertswitch.server.protocol import (
+    ANY_TOOL,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -523,9 +524,7 @@ class OpenAIServing:
             base = {"index": c.index, "logprobs": self._choice_logprobs(job, c),
                     "finish_reason": c.finish, "stop_reason": c.out.stop_reason}  # fmt: skip
             if job.kind == "chat" and job.tool is not None:  # vLLM's shape for a named call
-                base["message"] = {"role": "assistant", "content": "", "tool_calls": [
-                    {"id": _call_id(job, c), "type": "function",
-                     "function": {"name": job.tool, "arguments": text}}]}  # fmt: skip
+                base["message"] = _tool_message(job, c, text)
             elif job.kind == "chat":
                 base["message"] = {"role": "assistant", "content": text}
             else:
@@ -580,8 +579,34 @@ def _generated(job: _Job, out: RequestOutput) -> str:
     return "" if job.score_only else out.text or ""
 
 
-def _call_id(job: _Job, c: _Choice) -> str:
-    return f"call-{job.id.rsplit('-', 1)[-1][:16]}-{c.index}"
+def _call_id(job: _Job, c: _Choice, k: int = 0) -> str:
+    return f"call-{job.id.rsplit('-', 1)[-1][:16]}-{c.index}" + (f"-{k}" if k else "")
+
+
+def _tool_message(job: _Job, c: _Choice, text: str) -> dict:
+    """The assistant message of a forced tool call: the named function with `text` as its
+    arguments, or ("required" over several tools) each call of the JSON list `text` holds;
+    an answer cut short (max_tokens) that is not JSON yet stays as its text."""
+    if job.tool != ANY_TOOL:
+        calls = [(job.tool, text)]
+    else:
+        try:
+            calls = [(call["name"], json.dumps(call["parameters"], ensure_ascii=False))
+                     for call in json.loads(text)]  # fmt: skip
+        except (ValueError, TypeError, KeyError):
+            return {"role": "assistant", "content": text, "tool_calls": []}
+    return {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": _call_id(job, c, k),
+                "type": "function",
+                "function": {"name": name, "arguments": args},
+            }
+            for k, (name, args) in enumerate(calls)
+        ],
+    }
 
 
 def _sse(obj: dict) -> str:
