@@ -120,6 +120,8 @@ def test_engine_limits_are_validated(llama):  # noqa: F811
         {"num_kv_blocks": -3},
         {"max_model_len": 1},
         {"max_num_batched_tokens": 1.5},
+        {"long_prefill_token_threshold": -1},
+        {"long_prefill_token_threshold": 8, "enable_chunked_prefill": False},
     )
     for bad in bads:
         with pytest.raises(ConfigError):

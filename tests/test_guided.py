@@ -306,6 +306,19 @@ def test_schema_edges():
     g = StructuredOutputsParams(json={"type": "array", "items": {"type": "integer"}}).grammar_
     states = {g.read(g.initial(), "[" + ",".join(["7"] * n) + ",") for n in (1, 5, 50)}
     assert len(states) == 1
+    # unions inside unions (directly, or a $ref to a oneOf), with pydantic's discriminator
+    a = {"type": "object", "properties": {"k": {"const": "a"}, "x": {"type": "integer"}},
+         "required": ["k", "x"]}  # fmt: skip
+    b = {"type": "object", "properties": {"k": {"const": "b"}, "y": {"type": "string"}},
+         "required": ["k", "y"]}  # fmt: skip
+    c = {"type": "object", "properties": {"k": {"const": "c"}}, "required": ["k"]}
+    for schema in ({"anyOf": [{"anyOf": [a, b]}, c]},
+                   {"$defs": {"AB": {"oneOf": [a, b], "discriminator": {"propertyName": "k"}}},
+                    "anyOf": [{"$ref": "#/$defs/AB"}, c]}):  # fmt: skip
+        g = StructuredOutputsParams(json=schema).grammar_
+        assert read(g, '{"k": "a", "x": 1}')[1] and read(g, '{"k": "b", "y": ""}')[1]
+        assert not read(g, '{"k": "a"}')[1] and not read(g, '{"k": "a", "y": ""}')[0]
+        assert read(g, '{"k": "c"}')[1]
     g = StructuredOutputsParams(json={"$defs": {"T": {"type": "array", "items": {"$ref": "#"}}},
                                       "$ref": "#/$defs/T"}).grammar_  # fmt: skip
     assert read(g, "[[], [[]]]")[1]

@@ -777,9 +777,56 @@ def test_a_named_tool_call_holds_its_arguments_to_the_schema(server, client, ref
             if c["name"] == "add":
                 assert set(c["parameters"]) == {"a", "b"}
     assert seen, "no answer closed"
+    assert r.choices[0].finish_reason in ("tool_calls", "length")  # "required": OpenAI's
+    assert one.choices[0].finish_reason in ("tool_calls", "length")
+    # a tool's $defs under "required" beside another tool; a tool without parameters takes
+    # none (arguments "{}")
+    point = {"type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "required": ["p"],
+             "$defs": {"P": {"type": "object", "properties": {"x": {"type": "integer"}},
+                             "required": ["x"]}}}  # fmt: skip
+    defs = [{"type": "function", "function": {"name": "at", "parameters": point}},
+            {"type": "function", "function": {"name": "noop"}}]  # fmt: skip
+    ok = {**every, "tools": defs}
+    _, schema = forced_tool(ChatCompletionRequest(**ok))
+    for seed in range(3):
+        msg = client.chat.completions.create(**ok, seed=seed).choices[0].message
+        for t in msg.tool_calls or []:
+            args = json.loads(t.function.arguments)
+            assert args == {} if t.function.name == "noop" else isinstance(args["p"]["x"], int)
+    assert read_ok(schema, '[{"name": "at", "parameters": {"p": {"x": 1}}}, '
+                           '{"name": "noop", "parameters": {}}]')  # fmt: skip
     url = server[0].url + "/v1/chat/completions"
     for body, needle in (({**ask, "tool_choice": "auto"}, "tool-call parser"),
+                         ({**ask, "tool_choice": {"type": "function", "function": "add"}},
+                          "not among"),
+                         ({**ask, "tool_choice": {"type": "function",
+                                                  "function": {"name": ["add"]}}}, "not among"),
+                         ({**ask, "tools": tools + tools[:1]}, "must differ"),
                          ({**every, "stream": True}, "drop stream"),
                          ({**ask, "tool_choice": {"type": "function", "function": {"name": "mul"}}},
                           "not among")):  # fmt: skip
         assert needle in _error(httpx.post(url, json=body, timeout=60), 400)["message"]
+
+
+def read_ok(schema, text) -> bool:
+    from expertswitch.engine import StructuredOutputsParams
+
+    g = StructuredOutputsParams(json=schema).grammar_
+    state = g.read(g.initial(), text)
+    return state is not None and g.accepts(state)
+
+
+def test_earlier_tool_calls_reach_the_chat_template():
+    """An assistant turn's tool_calls (arguments parsed, as vLLM gives templates) and a tool
+    turn's tool_call_id and name are kept for the template."""
+    from expertswitch.server.protocol import chat_messages
+
+    msgs = chat_messages([
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "w", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "name": "w", "content": "sunny"},
+    ])  # fmt: skip
+    assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert msgs[2] == {"role": "tool", "content": "sunny", "name": "w", "tool_call_id": "c1"}

@@ -49,6 +49,9 @@ class EngineConfig:
     def __post_init__(self):
         if self.long_prefill_token_threshold == 0:  # vLLM's "off"
             self.long_prefill_token_threshold = None
+        if self.long_prefill_token_threshold is not None and not self.enable_chunked_prefill:
+            raise ConfigError("long_prefill_token_threshold caps a prompt's chunks: it needs "
+                              "chunked prefill; enable it or drop the threshold")  # fmt: skip
         flags = (
             "enforce_eager",
             "enable_prefix_caching",

@@ -569,7 +569,8 @@ class _Compiler:
             return self.node(parts[0], where + "/allOf/0")
         known = _ANNOTATIONS | {"type", "enum", "const", "properties", "required",
                                 "additionalProperties", "items", "minItems", "maxItems",
-                                "minLength", "maxLength", "anyOf", "oneOf"}  # fmt: skip
+                                "minLength", "maxLength", "anyOf", "oneOf",
+                                "discriminator"}  # fmt: skip
         unknown = sorted(set(s) - known)
         if unknown:
             raise ConfigError(f"JSON schema at {where}: keyword {unknown[0]!r} is not supported "
@@ -671,7 +672,8 @@ class _Compiler:
     def alts(self, s: dict, branches, where: str) -> int:
         if not isinstance(branches, list) or not branches:
             raise ConfigError(f"JSON schema at {where}: anyOf / oneOf must be a non-empty list")
-        if set(s) - _ANNOTATIONS - {"anyOf", "oneOf"}:
+        if set(s) - _ANNOTATIONS - {"anyOf", "oneOf", "discriminator"}:  # (pydantic names the
+            # tag of a discriminated union; the union is found from the branches themselves)
             raise ConfigError(f"JSON schema at {where}: anyOf / oneOf beside other keywords is "
                               "not supported; move them into each branch")  # fmt: skip
         ids = [self.node(b, f"{where}/anyOf/{i}") for i, b in enumerate(branches)]
@@ -715,7 +717,9 @@ class _Compiler:
             if texts is None or not all(t.startswith('"') for t in texts) or key not in (None, k):
                 return None
             key = k
-            tags += [(t, b) for t in texts]
+            # a union among the branches (anyOf[anyOf[A, B], C], a $ref to a oneOf): its own
+            # branches, not itself (it declares the tag alone)
+            tags += list(node.tags) if node.tags else [(t, b) for t in texts]
         if len({t for t, _ in tags}) != len(tags):
             return None
         names = self.add(_Node(choices=tuple(sorted(t for t, _ in tags))))

@@ -184,19 +184,18 @@ def adjust_rows(rows: torch.Tensor, reqs: list[Request], eos: list[frozenset[int
     if rep:  # on the seen tokens only (sparse: a pass over [R, V] costs more on a CPU)
         r, t = pairs(rep)
         p = torch.tensor([reqs[k].sampling.repetition_penalty for k, ids in rep for _ in ids],
-                         device=dev, dtype=rows.dtype)  # fmt: skip
-        vals = rows[r, t]
-        rows[r, t] = torch.where(vals > 0, vals / p, vals * p)
+                         device=dev)  # fmt: skip
+        vals = rows[r, t].float()  # (fp32 arithmetic, as with adjust_logits' Python floats)
+        rows[r, t] = torch.where(vals > 0, vals / p, vals * p).to(rows.dtype)
     pen = [(k, r.output_token_ids) for k, r in enumerate(reqs) if (r.sampling.frequency_penalty
            or r.sampling.presence_penalty) and r.output_token_ids]  # fmt: skip
     if pen:
         r, t = pairs(pen)
         key, counts = torch.unique(r * vocab + t, return_counts=True)
         r, t = key // vocab, key % vocab
-        freq, pres = (torch.tensor([getattr(req.sampling, f) for req in reqs], device=dev,
-                                   dtype=rows.dtype)[r]
+        freq, pres = (torch.tensor([getattr(req.sampling, f) for req in reqs], device=dev)[r]
                       for f in ("frequency_penalty", "presence_penalty"))  # fmt: skip
-        rows[r, t] -= freq * counts.to(rows.dtype) + pres
+        rows[r, t] = (rows[r, t].float() - (freq * counts + pres)).to(rows.dtype)
     guided = [k for k, r in enumerate(reqs) if r.guide is not None]
     for k in guided:  # last: no bias brings back a token the constraint bans
         try:

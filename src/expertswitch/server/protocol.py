@@ -11,6 +11,8 @@ as vLLM does, so clients written for other servers keep working.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -90,6 +92,7 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
 
 
@@ -154,17 +157,16 @@ def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
             raise HTTPError(400, "tool_choice names a tool but tools is empty: give the tools",
                             param="tool_choice")  # fmt: skip
         return None
-    named = {}
+    named: dict[str, dict] = {}
     for t in tools:
         fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise HTTPError(400, 'each tool is {"type": "function", "function": {"name": ..., '
                             '"parameters": {...}}}', param="tools")  # fmt: skip
-        params = fn.get("parameters", {"type": "object"})
-        if not isinstance(params, dict):
-            raise HTTPError(400, f"tool {fn['name']!r}: parameters must be a JSON schema object",
+        if fn["name"] in named:
+            raise HTTPError(400, f"two tools are named {fn['name']!r}: tool names must differ",
                             param="tools")  # fmt: skip
-        named[fn["name"]] = params
+        named[fn["name"]] = _parameters(fn["name"], fn.get("parameters"))
     if choice == "required":
         if len(named) == 1:
             return next(iter(named.items()))
@@ -172,19 +174,55 @@ def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
             raise HTTPError(400, 'tool_choice "required" over several tools is answered whole: '
                             "drop stream, or name the function to call",
                             param="tool_choice")  # fmt: skip
-        calls = [{"type": "object", "properties": {"name": {"enum": [n]}, "parameters": p},
-                  "required": ["name", "parameters"]} for n, p in named.items()]  # fmt: skip
-        return ANY_TOOL, {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        return ANY_TOOL, _calls_schema(named)
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" \
-            else None  # fmt: skip
-        if name not in named:
+        fn = choice.get("function") if choice.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or name not in named:
             raise HTTPError(400, f"tool_choice names function {name!r}, which is not among the "
-                            f"tools ({', '.join(named)})", param="tool_choice")  # fmt: skip
+                            f"tools ({', '.join(named)}); write "
+                            '{"type": "function", "function": {"name": ...}}',
+                            param="tool_choice")  # fmt: skip
         return name, named[name]
     raise HTTPError(400, f"tool_choice {choice!r} needs a tool-call parser for this model, "
                     "which this server does not have: name the function to call, or use "
-                    '"required" with one tool, or "none"', param="tool_choice")  # fmt: skip
+                    '"required", or "none"', param="tool_choice")  # fmt: skip
+
+
+def _parameters(name: str, params) -> dict:
+    """A tool's parameters schema for its arguments: no parameters means none (an empty
+    object, as OpenAI documents it); a schema without a type is an object's."""
+    if params is None or params == {}:
+        return {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        raise HTTPError(400, f"tool {name!r}: parameters must be a JSON schema object",
+                        param="tools")  # fmt: skip
+    if not {"type", "$ref", "anyOf", "oneOf", "allOf", "enum", "const"} & set(params):
+        params = {**params, "type": "object"}
+    return params
+
+
+def _calls_schema(named: dict[str, dict]) -> dict:
+    """vLLM's schema for "required" over several tools: a list of {"name", "parameters"}
+    calls, each held to its own function's parameters. Each tool's $defs / definitions move
+    to the top, where its references ("#/$defs/Name") then point."""
+    defs: dict[str, dict] = {}
+    calls = []
+    for name, params in named.items():
+        params = dict(params)
+        if '"$ref": "#"' in json.dumps(params):
+            raise HTTPError(400, f"tool {name!r}: a $ref to the whole schema ('#') cannot be "
+                            'resolved beside other tools; name the function to call',
+                            param="tools")  # fmt: skip
+        for key in ("$defs", "definitions"):
+            for d, schema in (params.pop(key, None) or {}).items():
+                if defs.setdefault(key, {}).setdefault(d, schema) != schema:
+                    raise HTTPError(400, f"tools define {key}/{d} differently: rename one",
+                                    param="tools")  # fmt: skip
+        calls.append({"type": "object", "properties": {"name": {"enum": [name]},
+                                                       "parameters": params},
+                      "required": ["name", "parameters"]})  # fmt: skip
+    return {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **defs}
 
 
 def logprob_counts(req: _Request) -> tuple[int | None, int | None]:
@@ -310,8 +348,26 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
         elif not isinstance(content, str):
             raise HTTPError(400, f"messages[{i}].content must be a string or a list of text "
                             "parts", param="messages")  # fmt: skip
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        for key in ("name", "tool_call_id"):
+            if isinstance(m.get(key), str):
+                msg[key] = m[key]
+        if isinstance(m.get("tool_calls"), list):  # an earlier turn's calls, for templates
+            msg["tool_calls"] = [_call_for_template(c) for c in m["tool_calls"]]
+        out.append(msg)
     return out
+
+
+def _call_for_template(call):
+    """A tool call of an earlier assistant turn as chat templates read it (vLLM's): its
+    arguments parsed from their JSON text."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    fn = dict(call["function"])
+    if isinstance(fn.get("arguments"), str):
+        with contextlib.suppress(ValueError):
+            fn["arguments"] = json.loads(fn["arguments"])
+    return {**call, "function": fn}
 
 
 def prompt_list(prompt) -> list[str | list[int]]:

@@ -92,6 +92,7 @@ class _Job:
     logprobs: LogprobFormatter | None = None  # when the request asks for logprobs
     score_only: bool = False  # echo with max_tokens 0: the generated token is not shown
     tool: str | None = None  # chat: the function the answer calls (its arguments, as JSON)
+    tool_required: bool = False  # tool_choice "required": a whole answer ends "tool_calls"
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -214,6 +215,8 @@ class OpenAIServing:
     async def _tokenizer_of(self, model: str | None) -> str | None:
         """The expert whose tokenizer a /tokenize or /detokenize request means (None: the
         base's, also for `auto`, which routes only what it generates)."""
+        if model == AUTO and self.router is None:
+            await self.resolve(model, None)  # the 404 chat and completions give
         if model is None or model == AUTO:
             return None
         return (await self.resolve(model, None)).expert
@@ -228,8 +231,10 @@ class OpenAIServing:
         def encode(engine: Engine):
             tok = engine.tokenizer_for(expert)
             if messages is not None:
-                text = self._render(tok, messages, req.add_generation_prompt,
-                                    req.chat_template_kwargs or {})  # fmt: skip
+                kwargs = dict(req.chat_template_kwargs or {})
+                if req.tools:  # as chat renders them
+                    kwargs.setdefault("tools", req.tools)
+                text = self._render(tok, messages, req.add_generation_prompt, kwargs)
                 ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
             else:
                 if tok is None:
@@ -324,7 +329,8 @@ class OpenAIServing:
         fmt = LogprobFormatter(tok) if params[0].logprobs is not None else None
         tool = forced_tool(req) if kind == "chat" else None
         job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, score_only,
-                   tool=tool and tool[0], id=job_id)  # fmt: skip
+                   tool=tool and tool[0], tool_required=req_tool_required(req),
+                   id=job_id)  # fmt: skip
         self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
         for c in choices:
             c.sent = texts[c.prompt] if echo else ""
@@ -439,6 +445,8 @@ class OpenAIServing:
         if out.finished:
             c.finish = {"abort": "abort", "error": "error"}.get(out.finish_reason,
                                                                 out.finish_reason)  # fmt: skip
+            if job.tool_required and c.finish == "stop":  # (OpenAI's and vLLM's reason)
+                c.finish = "tool_calls"
             m.requests.labels(name, out.finish_reason).inc()
             m.e2e.labels(name).observe(now - c.started)
             c.out = out
@@ -577,6 +585,10 @@ def _watch_disconnect(http: Request, collector: OutputCollector) -> asyncio.Task
 
 def _generated(job: _Job, out: RequestOutput) -> str:
     return "" if job.score_only else out.text or ""
+
+
+def req_tool_required(req) -> bool:
+    return bool(getattr(req, "tools", None)) and getattr(req, "tool_choice", None) == "required"
 
 
 def _call_id(job: _Job, c: _Choice, k: int = 0) -> str:
