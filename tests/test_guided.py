@@ -324,6 +324,36 @@ def test_schema_edges():
     assert read(g, "[[], [[]]]")[1]
 
 
+KEYWORDS = ["type", "enum", "const", "properties", "required", "additionalProperties", "items",
+            "minItems", "maxItems", "minLength", "maxLength", "anyOf", "oneOf", "allOf", "$ref",
+            "$defs", "title", "pattern", "discriminator"]  # fmt: skip
+junk = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 5) | st.floats() | st.text(max_size=5)
+    | st.sampled_from(["object", "array", "string", "integer", "number", "null", "boolean",
+                       "#", "#/$defs/A", "#/$defs/B", "#/properties/a"]),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(KEYWORDS + ["a", "b", "A", "B"]), inner, max_size=4),
+    max_leaves=14)  # fmt: skip
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(KEYWORDS), junk, max_size=5),
+    st.text(alphabet='{}[]",: 0123456789.-tfnulabe', max_size=12),
+)
+def test_any_schema_compiles_or_says_why(schema, text):
+    """Fuzzed schemas (any nesting of the keywords, wrong kinds of values, dangling and
+    circular references): a grammar or a ConfigError, never another exception; a compiled one
+    reads any text without raising and never accepts what is not JSON."""
+    try:
+        g = StructuredOutputsParams(json=schema).grammar_
+    except ConfigError:
+        return
+    ok, whole, _ = read(g, text)
+    if ok and whole:
+        assert is_json(text), (schema, text)
+
+
 def test_pickled_params_keep_their_grammar():
     """Sampling parameters travel to other ranks pickled."""
     sp = SamplingParams(structured_outputs={"json": SCHEMA})

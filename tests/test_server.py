@@ -769,7 +769,7 @@ def test_a_named_tool_call_holds_its_arguments_to_the_schema(server, client, ref
         if want.finish_reason != "stop":
             assert msg.content == want.text and not msg.tool_calls
             continue
-        calls = json.loads(want.text)
+        calls, closed = json.loads(want.text), seed
         assert [(t.function.name, json.loads(t.function.arguments)) for t in msg.tool_calls] \
             == [(c["name"], c["parameters"]) for c in calls]  # fmt: skip
         for c in calls:
@@ -777,6 +777,15 @@ def test_a_named_tool_call_holds_its_arguments_to_the_schema(server, client, ref
             if c["name"] == "add":
                 assert set(c["parameters"]) == {"a", "b"}
     assert seen, "no answer closed"
+    # streamed: the calls come whole, in the chunk that finishes (an answer that closed)
+    chunks = list(client.chat.completions.create(**every, seed=closed, stream=True))
+    calls = [t for ch in chunks for t in (ch.choices[0].delta.tool_calls or [])]
+    final = client.chat.completions.create(**every, seed=closed).choices[0]
+    assert [(t.function.name, t.function.arguments) for t in calls] == [
+        (t.function.name, t.function.arguments) for t in final.message.tool_calls
+    ]
+    assert len({t.id for t in calls}) == len(calls) >= 1 and all(t.id for t in calls)
+    assert chunks[-1].choices[0].finish_reason == final.finish_reason == "tool_calls"
     assert r.choices[0].finish_reason in ("tool_calls", "length")  # "required": OpenAI's
     assert one.choices[0].finish_reason in ("tool_calls", "length")
     # a tool's $defs under "required" beside another tool; a tool without parameters takes
@@ -802,7 +811,6 @@ def test_a_named_tool_call_holds_its_arguments_to_the_schema(server, client, ref
                          ({**ask, "tool_choice": {"type": "function",
                                                   "function": {"name": ["add"]}}}, "not among"),
                          ({**ask, "tools": tools + tools[:1]}, "must differ"),
-                         ({**every, "stream": True}, "drop stream"),
                          ({**ask, "tool_choice": {"type": "function", "function": {"name": "mul"}}},
                           "not among")):  # fmt: skip
         assert needle in _error(httpx.post(url, json=body, timeout=60), 400)["message"]

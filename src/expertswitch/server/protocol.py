@@ -148,8 +148,9 @@ def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
     (tool_choice naming a function, or "required" with one tool: the answer is held to its
     parameters, as vLLM does); (ANY_TOOL, schema) for "required" over several tools (the
     answer is a JSON list of {"name", "parameters"} calls, each held to its function's
-    parameters: vLLM's schema); None when the model answers in text (no tools, tool_choice
-    "none", or tools left to the model's choice with tool_choice unset). "auto" needs a
+    parameters: vLLM's schema; streamed whole, in the last chunk); None when the model
+    answers in text (no tools, tool_choice "none", or tools left to the model's choice with
+    tool_choice unset). "auto" needs a
     model-specific tool-call parser, which this server does not have: a 400 says so."""
     choice, tools = req.tool_choice, req.tools or []
     if not tools or choice in (None, "none"):
@@ -170,10 +171,6 @@ def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
     if choice == "required":
         if len(named) == 1:
             return next(iter(named.items()))
-        if req.stream:
-            raise HTTPError(400, 'tool_choice "required" over several tools is answered whole: '
-                            "drop stream, or name the function to call",
-                            param="tool_choice")  # fmt: skip
         return ANY_TOOL, _calls_schema(named)
     if isinstance(choice, dict):
         fn = choice.get("function") if choice.get("type") == "function" else None

@@ -12,6 +12,7 @@ engine frees their sequences and KV blocks before its next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -22,6 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from expertswitch.engine import Engine
+from expertswitch.engine.guided import token_index
 from expertswitch.engine.request import Logprob, RequestOutput
 from expertswitch.errors import ConfigError
 from expertswitch.server.async_engine import AsyncEngine, ClientGone, OutputCollector
@@ -318,6 +320,12 @@ class OpenAIServing:
                 raise
             return added
 
+        if params[0].structured_outputs is not None and tok is not None:
+            # the tokenizer's tries are built once, here rather than on the engine's thread
+            # (~1 s for a 152K vocabulary, which every running request would wait out)
+            with contextlib.suppress(ConfigError):  # (an expert removed meanwhile: the
+                vocab = self.engine.registry.vocab(target.expert)  # engine says so below)
+                await asyncio.to_thread(token_index, tok, vocab)
         start = time.perf_counter()
         collector = OutputCollector()
         try:
@@ -404,6 +412,8 @@ class OpenAIServing:
                         yield _sse(error_body(500, f"{job.target.name}: {out.error}"))
                         yield "data: [DONE]\n\n"
                         return
+                    if job.tool == ANY_TOOL and not out.finished:
+                        continue  # several calls: sent whole, once the list is read
                     delta = self._delta(job, c, out)
                     lp = self._stream_logprobs(job, c)
                     if delta or out.finished or lp is not None:
@@ -510,7 +520,14 @@ class OpenAIServing:
                lp: dict | None = None):  # fmt: skip
         if job.kind == "chat":
             delta = {"role": "assistant", "content": ""} if opening else {"content": text}
-            if job.tool is not None:  # the arguments stream as the tool call's
+            if job.tool == ANY_TOOL:  # the calls, whole, with the finish
+                if not opening:
+                    msg = _tool_message(job, c, _generated(job, c.out) if c.out else "")
+                    calls = msg["tool_calls"]
+                    delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+                    if not calls:  # cut short: its text
+                        delta = {"content": msg["content"]}
+            elif job.tool is not None:  # the arguments stream as the tool call's
                 call = {"index": 0, "function": {"arguments": text}}
                 if opening:
                     call = {"index": 0, "id": _call_id(job, c), "type": "function",
