@@ -469,3 +469,54 @@ def test_a_tokenizer_is_needed(engine, model):
     bare = Engine(model, {}, dtype=torch.float32, tokenizer=False)
     with pytest.raises(ConfigError, match="need a tokenizer"):
         bare.add_request([5, 6], None, _sampling(StructuredOutputsParams(json_object=True), 0))
+
+
+@pytest.mark.parametrize("special_bytes", [False, True])
+def test_sentencepiece_style_tokenizers_answer_what_they_read(tmp_path, special_bytes):
+    """A Llama-style tokenizer (Metaspace, byte fallback, the first space stripped on decode),
+    its byte tokens plain or special (special ones vanish from decoded answers, so they are
+    never allowed): every answer that closes parses, and its text is exactly the text the
+    automaton read token by token."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    from expertswitch.zoo.corpora import load_corpora
+
+    corpora = load_corpora(0, scale=0.05)
+    raw = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])  # fmt: skip
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    specials = ["<unk>", "<s>", "</s>"] + (byte_tokens if special_bytes else [])
+    raw.train_from_iterator([d for c in corpora.values() for d in c.train[:80]],
+                            trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                                show_progress=False))  # fmt: skip
+    if not special_bytes:
+        raw.add_tokens([AddedToken(b, special=False, normalized=False) for b in byte_tokens])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")  # fmt: skip
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "sp")
+    tok.save_pretrained(tmp_path / "sp")
+    eng = Engine(tmp_path / "sp", {}, dtype=torch.float32)
+    index = token_index(eng.tokenizer, eng.registry.vocab(None))
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "n": {"type": "integer"}},
+              "required": ["name", "n"]}  # fmt: skip
+    closed = 0
+    for so in (StructuredOutputsParams(json=schema), StructuredOutputsParams(json_object=True),
+               StructuredOutputsParams(choice=["yes", "no way"])):  # fmt: skip
+        outs = eng.generate(["x"] * 6, None, [_sampling(so, 1.0, seed=s, max_tokens=60)
+                                              for s in range(6)])  # fmt: skip
+        for o in outs:
+            read_text = "".join(index.text.get(t, "") for t in o.token_ids)
+            assert o.text == read_text, (o.text, read_text)
+            if o.finish_reason == "stop":
+                closed += 1
+                assert o.text in so.choice if so.choice else is_json(o.text), o.text
+    assert closed >= 6

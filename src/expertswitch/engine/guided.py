@@ -784,13 +784,16 @@ class TokenIndex:
         special = set(getattr(tok, "all_special_ids", []) or [])
         size = min(vocab_size, len(tok))
         anchor_ids = tok.encode("a", add_special_tokens=False)[-1:]
-        anchor = tok.decode(anchor_ids, clean_up_tokenization_spaces=False)
+        # decoded as the engine decodes answers (skip_special_tokens), so that a token that
+        # would vanish from the text (an added special token) is never allowed
+        opts = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+        anchor = tok.decode(anchor_ids, **opts)
         plain: list[tuple[int, int]] = []
         for i in range(size):
             if i in special:
                 continue
             # after another token, so a word-initial space (SentencePiece's ▁) is kept
-            text = tok.decode(anchor_ids + [i], clean_up_tokenization_spaces=False)[len(anchor) :]
+            text = tok.decode(anchor_ids + [i], **opts)[len(anchor) :]
             if not text or "\ufffd" in text:
                 continue
             self.text[i] = text
