@@ -264,6 +264,8 @@ def test_whitespace_is_capped():
     ({"json": [1]}, "is an object"),
     ({"regex": "[a-z]+"}, "by regex is not supported"),
     ({"choice": []}, "non-empty list"),
+    ({"choice": [str(i) for i in range(5000)]}, "at most 4096"),
+    ({"json": {"enum": list(range(5000))}}, "at most 4096"),
     ({}, "exactly one of"),
     ({"json": {}, "choice": ["a"]}, "exactly one of"),
     ({"json_object": True, "whitespace": -1}, "whitespace"),

@@ -117,6 +117,7 @@ class StructuredOutputsParams:
             if (not isinstance(self.choice, (list, tuple)) or not self.choice
                     or not all(isinstance(c, str) and c for c in self.choice)):  # fmt: skip
                 raise ConfigError("choice must be a non-empty list of non-empty strings")
+            _check_choices(self.choice, "choice")
             self.choice = list(self.choice)
             self.grammar_ = _compiled(("choice", tuple(sorted(set(self.choice)))))
         elif self.json_object:
@@ -137,6 +138,15 @@ class StructuredOutputsParams:
             except (TypeError, ValueError, RecursionError) as e:
                 raise ConfigError(f"the JSON schema cannot be written as JSON: {e}") from None
             self.grammar_ = _compiled(("json", text, ws), schema)
+
+
+MAX_CHOICES = 4096  # choices (or enum values) in one constraint: each step filters them
+
+
+def _check_choices(values: list, what: str) -> None:
+    if len(values) > MAX_CHOICES:
+        raise ConfigError(f"{what} has {len(values)} values; at most {MAX_CHOICES} are "
+                          "supported (each generated character filters them)")  # fmt: skip
 
 
 _GRAMMARS: dict[tuple, Grammar] = {}  # the last few compiled (a server sees one schema often)
@@ -597,6 +607,7 @@ class _Compiler:
         values = [s["const"]] if "const" in s else s["enum"]
         if not isinstance(values, list) or not values:
             raise ConfigError(f"JSON schema at {where}: enum must be a non-empty list")
+        _check_choices(values, f"JSON schema at {where}: enum")
         other = set(s) - _ANNOTATIONS - {"enum", "const", "type"}
         if other or ("enum" in s and "const" in s):
             raise ConfigError(f"JSON schema at {where}: enum / const beside "
