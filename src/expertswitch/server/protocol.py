@@ -143,6 +143,12 @@ def refuse_unsupported(req: _Request) -> None:
 ANY_TOOL = ""  # forced_tool's name for "required" over several tools
 
 
+def tool_choice_required(req: _Request) -> bool:
+    """tool_choice "required" with tools: a whole answer ends with "tool_calls"."""
+    return isinstance(req, ChatCompletionRequest) and bool(req.tools) \
+        and req.tool_choice == "required"  # fmt: skip
+
+
 def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
     """(name, parameters schema) of the function a chat request makes the model call
     (tool_choice naming a function, or "required" with one tool: the answer is held to its
@@ -231,9 +237,15 @@ def logprob_counts(req: _Request) -> tuple[int | None, int | None]:
     return ((req.top_logprobs or 0) if req.logprobs else None), None
 
 
-def sampling_params(req: _Request, max_tokens: int, choice: int) -> SamplingParams:
+_UNSET = object()
+
+
+def sampling_params(req: _Request, max_tokens: int, choice: int,
+                    structured=_UNSET) -> SamplingParams:  # fmt: skip
     """The engine's SamplingParams for choice `choice` of `req` (ConfigError when invalid).
-    A seeded request with n > 1 seeds its choices seed, seed+1, ... so they differ."""
+    A seeded request with n > 1 seeds its choices seed, seed+1, ... so they differ.
+    structured: the request's `structured_outputs(req)`, when the caller has it already (the
+    same for every choice)."""
     seed = None if req.seed is None else (req.seed + choice) % 2**63
     logprobs, prompt_logprobs = logprob_counts(req)
     return SamplingParams(
@@ -254,7 +266,7 @@ def sampling_params(req: _Request, max_tokens: int, choice: int) -> SamplingPara
         logit_bias=_logit_bias(req.logit_bias),
         min_tokens=req.min_tokens,
         min_p=req.min_p or 0.0,
-        structured_outputs=structured_outputs(req),
+        structured_outputs=structured_outputs(req) if structured is _UNSET else structured,
     )
 
 

@@ -41,6 +41,8 @@ from expertswitch.server.protocol import (
     prompt_list,
     refuse_unsupported,
     sampling_params,
+    structured_outputs,
+    tool_choice_required,
 )
 
 AUTO = "auto"
@@ -301,7 +303,8 @@ class OpenAIServing:
                             f"{max_tokens} to generate): lower max_tokens or shorten the prompt",
                             param="max_tokens", code="context_length_exceeded")  # fmt: skip
         try:
-            params = [sampling_params(req, max_tokens, j) for j in range(req.n)]
+            structured = structured_outputs(req)  # (once: the same for every choice)
+            params = [sampling_params(req, max_tokens, j, structured) for j in range(req.n)]
         except ConfigError as e:
             raise HTTPError(400, str(e)) from None
         stops = params[0].stop
@@ -337,7 +340,7 @@ class OpenAIServing:
         fmt = LogprobFormatter(tok) if params[0].logprobs is not None else None
         tool = forced_tool(req) if kind == "chat" else None
         job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, score_only,
-                   tool=tool and tool[0], tool_required=req_tool_required(req),
+                   tool=tool and tool[0], tool_required=tool_choice_required(req),
                    id=job_id)  # fmt: skip
         self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
         for c in choices:
@@ -602,10 +605,6 @@ def _watch_disconnect(http: Request, collector: OutputCollector) -> asyncio.Task
 
 def _generated(job: _Job, out: RequestOutput) -> str:
     return "" if job.score_only else out.text or ""
-
-
-def req_tool_required(req) -> bool:
-    return bool(getattr(req, "tools", None)) and getattr(req, "tool_choice", None) == "required"
 
 
 def _call_id(job: _Job, c: _Choice, k: int = 0) -> str:
