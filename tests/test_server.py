@@ -235,12 +235,15 @@ def test_request_fields_map_to_sampling_params():
                             presence_penalty=0.6, frequency_penalty=-0.4,
                             repetition_penalty=1.3, logit_bias={"7": 3.0, "11": -100},
                             min_tokens=2, min_p=0.05, seed=4, stop=["\n"],
-                            stop_token_ids=[9], ignore_eos=True)  # fmt: skip
+                            stop_token_ids=[9], ignore_eos=True,
+                            include_stop_str_in_output=True,
+                            skip_special_tokens=False)  # fmt: skip
     sp = sampling_params(req, 10, 1)
     assert (sp.temperature, sp.top_p, sp.top_k, sp.seed, sp.max_tokens) == (0.7, 0.9, 5, 5, 10)
     assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty) == (0.6, -0.4, 1.3)
     assert sp.logit_bias == {7: 3.0, 11: -100} and sp.min_tokens == 2 and sp.min_p == 0.05
     assert sp.stop == ["\n"] and sp.stop_token_ids == [9] and sp.ignore_eos
+    assert sp.include_stop_str_in_output and not sp.skip_special_tokens
     plain = sampling_params(CompletionRequest(model="m", prompt="x"), 10, 0)
     assert not plain.adjusts_logits and plain.min_p == 0 and plain.repetition_penalty == 1
 
@@ -658,6 +661,12 @@ def test_serve_command_refuses_unsafe_admin_and_bad_sizes(family, capsys):
     base, _, _ = family
     assert main(["serve", "--base", str(base), "--enable-admin", "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err
+    assert main(["serve", "--base", str(base), "--enable-auto-tool-choice"]) == 2
+    assert "needs --tool-call-parser NAME" in capsys.readouterr().err
+    assert main(["serve", "--base", str(base), "--tool-call-parser", "hermes2"]) == 2
+    assert "choose one of hermes, llama3_json, mistral, pythonic" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown tool-call parser"):
+        ServerConfig(tool_call_parser="qwen")
     with pytest.raises(ConfigError, match="too large"):
         _size_arg("1e400", "--gpu-budget")
 
@@ -814,6 +823,106 @@ def test_a_named_tool_call_holds_its_arguments_to_the_schema(server, client, ref
                          ({**ask, "tool_choice": {"type": "function", "function": {"name": "mul"}}},
                           "not among")):  # fmt: skip
         assert needle in _error(httpx.post(url, json=body, timeout=60), 400)["message"]
+
+
+def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference):
+    """With a tool-call parser (vLLM's --enable-auto-tool-choice --tool-call-parser hermes),
+    tools with tool_choice "auto" or unset leave the model to call or not, and its answer is
+    read: the calls it writes become tool_calls (finish_reason "tool_calls"), the text
+    before them content, streamed as content deltas then each call whole. Here the model is
+    made to write a call with a choice constraint; "none" leaves the same text as content."""
+    base, archives, _ = family
+    app, aengine = build_app(base, archives, None, device="cpu", dtype=torch.float32,
+                             cfg=ServerConfig(tool_call_parser="hermes"))  # fmt: skip
+    tools = [{"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+             for name in ("get_weather", "get_time")]  # fmt: skip
+    said = (
+        'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
+        '"Paris"}}\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}'
+    )
+    ask = {"model": "code", "messages": [{"role": "user", "content": "weather?"}],
+           "tools": tools, "max_tokens": 200, "temperature": 0,
+           "extra_body": {"structured_outputs": {"choice": [said]}}}  # fmt: skip
+    try:
+        with ServerThread(app) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                                   timeout=300)  # fmt: skip
+            for choice in ({}, {"tool_choice": "auto"}):
+                r = client.chat.completions.create(**ask, **choice, n=2)
+                for c in r.choices:
+                    assert c.finish_reason == "tool_calls"
+                    assert c.message.content == "Let me look.\n"
+                    calls = [(t.function.name, json.loads(t.function.arguments))
+                             for t in c.message.tool_calls]  # fmt: skip
+                    assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+                    assert len({t.id for t in c.message.tool_calls}) == 2
+            content, deltas, chunks = "", [], []
+            for chunk in client.chat.completions.create(**ask, stream=True):
+                chunks.append(chunk)
+                d = chunk.choices[0].delta
+                content += d.content or ""
+                deltas += d.tool_calls or []
+            assert content == "Let me look.\n"
+            assert [(t.index, t.function.name, json.loads(t.function.arguments))
+                    for t in deltas] == [(0, "get_weather", {"city": "Paris"}),
+                                         (1, "get_time", {})]  # fmt: skip
+            assert all(t.id and t.type == "function" for t in deltas)
+            assert chunks[-1].choices[0].finish_reason == "tool_calls"
+            # an answer without calls is all content; "none" does not read calls
+            plain = client.chat.completions.create(
+                **{**ask, "extra_body": {"structured_outputs": {"choice": ["No call: <tool"]}}}
+            )
+            assert plain.choices[0].message.content == "No call: <tool"
+            assert not plain.choices[0].message.tool_calls
+            assert plain.choices[0].finish_reason == "stop"
+            off = client.chat.completions.create(**ask, tool_choice="none")
+            assert off.choices[0].message.content == said and not off.choices[0].message.tool_calls
+            # the answer is read with special tokens kept (some models' markers are special);
+            # the EOS that ends it is not part of it
+            bos = reference.tokenizer.bos_token
+            bias = {"logit_bias": {str(reference.tokenizer.bos_token_id): 100}}
+            marked = client.chat.completions.create(**{**ask, "max_tokens": 3, "extra_body": bias})
+            assert marked.choices[0].message.content == bos * 3
+    finally:
+        aengine.close()
+
+
+def test_the_token_that_stops_an_answer_is_not_its_text(server, client, reference):
+    """As vLLM: the EOS or stop_token_ids entry that ends an answer is not part of its text
+    (include_stop_str_in_output keeps it), and skip_special_tokens false keeps special
+    tokens in the text."""
+    tok = reference.tokenizer
+    eos, bos, word = (
+        tok.eos_token_id,
+        tok.bos_token_id,
+        tok.encode("x", add_special_tokens=False)[0],
+    )
+
+    def gen(max_tokens=6, **kw):
+        return alone_output(reference, "x = 1", None, max_tokens, **kw)
+
+    out = gen(min_tokens=2, logit_bias={eos: 100.0})
+    assert len(out.token_ids) == 3 and out.token_ids[-1] == eos
+    assert out.text == tok.decode(out.token_ids[:2], skip_special_tokens=True)
+    kept = gen(min_tokens=2, logit_bias={eos: 100.0}, skip_special_tokens=False)
+    assert kept.token_ids == out.token_ids
+    assert kept.text == tok.decode(out.token_ids[:2], skip_special_tokens=False)
+    both = gen(min_tokens=2, logit_bias={eos: 100.0}, skip_special_tokens=False,
+               include_stop_str_in_output=True)  # fmt: skip
+    assert both.text == tok.decode(out.token_ids, skip_special_tokens=False)
+    assert both.text.endswith(tok.eos_token) and not kept.text.endswith(tok.eos_token)
+    stopped = gen(logit_bias={word: 100.0}, stop_token_ids=[word])
+    assert stopped.token_ids == [word] and stopped.text == "" and stopped.stop_reason == word
+    shown = gen(logit_bias={word: 100.0}, stop_token_ids=[word], include_stop_str_in_output=True)
+    assert shown.text == tok.decode([word])
+    assert gen(logit_bias={bos: 100.0}, max_tokens=3).text == ""
+    assert gen(logit_bias={bos: 100.0}, max_tokens=3, skip_special_tokens=False).text \
+        == tok.bos_token * 3  # fmt: skip
+    r = client.completions.create(model="base", prompt="x = 1", max_tokens=3, temperature=0,
+                                  logit_bias={str(bos): 100},
+                                  extra_body={"skip_special_tokens": False})  # fmt: skip
+    assert r.choices[0].text == tok.bos_token * 3
 
 
 def read_ok(schema, text) -> bool:

@@ -285,6 +285,13 @@ def _add_serve(sub) -> None:
         metavar="FILE",
         help="a Jinja chat template for tokenizers that have none",
     )
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='tool_choice "auto" (the default when a chat request gives tools): the '
+                   "model decides whether to call, and --tool-call-parser reads its calls "
+                   "(vLLM's flags)")  # fmt: skip
+    p.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="the format the model writes tool calls in: hermes (Qwen2.5, Hermes), "
+                   "llama3_json (Llama 3.1), mistral or pythonic (Llama 3.2/4)")  # fmt: skip
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads on a CPU engine (default: all cores but one, which the "
                    "HTTP side needs; measured +60%% tokens/s on 2 cores)")  # fmt: skip
@@ -734,6 +741,7 @@ def cmd_serve(args) -> None:
 
     require_serve()
     from expertswitch.server import ServerConfig
+    from expertswitch.server.tool_parsers import TOOL_PARSERS
 
     experts = _expert_args(args.expert)
     base, router = args.base, args.router
@@ -764,11 +772,25 @@ def cmd_serve(args) -> None:
                 template = f.read()
         except OSError as e:
             raise ConfigError(f"--chat-template {args.chat_template}: {e.strerror}") from None
+    if args.tool_call_parser is not None and args.tool_call_parser not in TOOL_PARSERS:
+        raise ConfigError(f"unknown --tool-call-parser {args.tool_call_parser!r}: choose one of "
+                          f"{', '.join(TOOL_PARSERS)}")  # fmt: skip
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser NAME: the format "
+                          f"the model writes its calls in ({', '.join(TOOL_PARSERS)})")  # fmt: skip
+    if args.tool_call_parser is not None and not args.enable_auto_tool_choice:
+        print(
+            f"note: --tool-call-parser {args.tool_call_parser} is used only with "
+            '--enable-auto-tool-choice (tool_choice "auto" stays off)',
+            file=sys.stderr,
+        )
     cfg = ServerConfig(base_name=args.served_model_name,
                        api_key=api_key,
                        enable_admin=args.enable_admin,
                        max_request_bytes=_size_arg(args.max_request_bytes, "--max-request-bytes"),
-                       max_tokens_limit=args.max_tokens_limit, chat_template=template)  # fmt: skip
+                       max_tokens_limit=args.max_tokens_limit, chat_template=template,
+                       tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice
+                       else None)  # fmt: skip
     options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                "device_budget_bytes": _size_arg(args.gpu_budget, "--gpu-budget"),
                "host_budget_bytes": _size_arg(args.host_budget, "--host-budget"),

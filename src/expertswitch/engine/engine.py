@@ -533,10 +533,15 @@ class Engine:
             self._finish(r, "error", f"structured output: token {token} does not continue the "
                          "answer")  # fmt: skip
             return
+        eos = self.registry.eos(r.expert)
+        stopper = token in sp.stop_token_ids or (not sp.ignore_eos and token in eos)
         tok = self.tokenizer_for(r.expert)
         if tok is not None:  # the whole output each time: exact for any tokenizer
-            r.text = tok.decode(r.output_token_ids, skip_special_tokens=True)
-        eos = self.registry.eos(r.expert)
+            # (a token that stops the answer is not part of its text: vLLM's rule)
+            shown = r.output_token_ids
+            if stopper and not sp.include_stop_str_in_output:
+                shown = shown[:-1]
+            r.text = tok.decode(shown, skip_special_tokens=sp.skip_special_tokens)
         early = len(r.output_token_ids) < sp.min_tokens  # (EOS and stop ids are banned then)
         if token in sp.stop_token_ids:
             r.stop_reason = token

@@ -19,7 +19,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # stop strings, and the token that stopped the answer (EOS or a stop_token_ids entry),
+    # are cut from its text unless this is set (vLLM's rule)
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # the text leaves out special tokens (vLLM's default)
     logprobs: int | None = None  # per generated token: its logprob and the top-k (0: its own)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     # logits adjustments, as vLLM applies them before temperature: logit_bias (token id →
@@ -53,6 +56,9 @@ class SamplingParams:
                               f"{self.top_k!r}")  # fmt: skip
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):

@@ -1,10 +1,12 @@
 """The OpenAI request bodies the server accepts (vLLM's fields and defaults), and what they map to.
 
-Fields OpenAI or vLLM define that the engine cannot honour (tools, a suffix, regex or grammar
-constraints) are refused with a 400 that names them only when they would change the answer: a
-default value (`tools: []`, `response_format: {"type": "text"}`) is accepted. Structured
-outputs come as OpenAI's `response_format` (json_object, json_schema) or vLLM's
-`structured_outputs` / `guided_json` / `guided_choice`. Sampling follows vLLM's
+Fields OpenAI or vLLM define that the engine cannot honour (a suffix, regex or grammar
+constraints, tool_choice "auto" on a server without a tool-call parser) are refused with a 400
+that names them only when they would change the answer: a default value (`tools: []`,
+`response_format: {"type": "text"}`) is accepted. Structured outputs come as OpenAI's
+`response_format` (json_object, json_schema) or vLLM's `structured_outputs` / `guided_json` /
+`guided_choice`; tools as a named function or "required" (the answer held to the parameters)
+or "auto" (the answer read by the server's tool-call parser). Sampling follows vLLM's
 parameters, penalties, logit_bias, min_tokens and min_p included. Unknown fields are ignored,
 as vLLM does, so clients written for other servers keep working.
 """
@@ -15,11 +17,12 @@ import contextlib
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 from expertswitch.engine import SamplingParams, StructuredOutputsParams
 from expertswitch.errors import ConfigError
 from expertswitch.server.errors import HTTPError
+from expertswitch.server.tool_parsers import TOOL_PARSERS
 
 
 class _Request(BaseModel):
@@ -80,6 +83,10 @@ class ChatCompletionRequest(_Request):
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # the server's tool-call parser (--tool-call-parser), set by the server before any check:
+    # with one, tools with tool_choice "auto" (or unset, vLLM's default then) leave the
+    # model to call them or not, and its answer is parsed for calls
+    _tool_parser: str | None = PrivateAttr(default=None)
 
 
 class TokenizeRequest(BaseModel):
@@ -121,7 +128,7 @@ _DEFAULTED = {"n", "stream", "echo", "ignore_eos", "include_stop_str_in_output",
 
 def refuse_unsupported(req: _Request) -> None:
     """400 for options that would change the answer in ways the engine does not implement."""
-    unsupported = {"skip_special_tokens": req.skip_special_tokens is False}
+    unsupported = {}
     if isinstance(req, CompletionRequest):
         unsupported["suffix"] = bool(req.suffix)
     else:
@@ -143,6 +150,13 @@ def refuse_unsupported(req: _Request) -> None:
 ANY_TOOL = ""  # forced_tool's name for "required" over several tools
 
 
+def auto_tools(req: _Request) -> bool:
+    """Whether the model's answer is read for tool calls by the server's parser (tools given,
+    tool_choice "auto" or unset, and a parser on the server)."""
+    return isinstance(req, ChatCompletionRequest) and bool(req.tools) \
+        and req.tool_choice in (None, "auto") and req._tool_parser is not None  # fmt: skip
+
+
 def tool_choice_required(req: _Request) -> bool:
     """tool_choice "required" with tools: a whole answer ends with "tool_calls"."""
     return isinstance(req, ChatCompletionRequest) and bool(req.tools) \
@@ -155,9 +169,9 @@ def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
     parameters, as vLLM does); (ANY_TOOL, schema) for "required" over several tools (the
     answer is a JSON list of {"name", "parameters"} calls, each held to its function's
     parameters: vLLM's schema; streamed whole, in the last chunk); None when the model
-    answers in text (no tools, tool_choice "none", or tools left to the model's choice with
-    tool_choice unset). "auto" needs a
-    model-specific tool-call parser, which this server does not have: a 400 says so."""
+    answers freely (no tools, tool_choice "none", or tools left to the model's choice: with
+    tool_choice unset, or "auto" — which needs the server's tool-call parser to read the
+    calls, else a 400 says how to start the server)."""
     choice, tools = req.tool_choice, req.tools or []
     if not tools or choice in (None, "none"):
         if isinstance(choice, dict) or choice == "required":
@@ -187,9 +201,16 @@ def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
                             '{"type": "function", "function": {"name": ...}}',
                             param="tool_choice")  # fmt: skip
         return name, named[name]
-    raise HTTPError(400, f"tool_choice {choice!r} needs a tool-call parser for this model, "
-                    "which this server does not have: name the function to call, or use "
-                    '"required", or "none"', param="tool_choice")  # fmt: skip
+    if choice == "auto" and req._tool_parser is not None:
+        return None
+    if choice == "auto":
+        raise HTTPError(400, 'tool_choice "auto" needs a tool-call parser for this model: '
+                        "start the server with --enable-auto-tool-choice --tool-call-parser "
+                        f"NAME ({', '.join(TOOL_PARSERS)}), or name the function to call, or "
+                        'use "required" or "none"', param="tool_choice")  # fmt: skip
+    raise HTTPError(400, f"tool_choice {choice!r} is not one of \"none\", \"auto\", "
+                    '"required" or {"type": "function", "function": {"name": ...}}',
+                    param="tool_choice")  # fmt: skip
 
 
 def _parameters(name: str, params) -> dict:
@@ -258,6 +279,8 @@ def sampling_params(req: _Request, max_tokens: int, choice: int,
         stop_token_ids=req.stop_token_ids or [],
         ignore_eos=req.ignore_eos,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        # (tool calls are read with special tokens kept: some models' markers are special)
+        skip_special_tokens=req.skip_special_tokens and not auto_tools(req),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         presence_penalty=req.presence_penalty or 0.0,

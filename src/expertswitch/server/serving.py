@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import threading
 import time
@@ -36,6 +37,7 @@ from expertswitch.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    auto_tools,
     chat_messages,
     forced_tool,
     prompt_list,
@@ -44,6 +46,7 @@ from expertswitch.server.protocol import (
     structured_outputs,
     tool_choice_required,
 )
+from expertswitch.server.tool_parsers import TOOL_PARSERS, ToolCall, ToolParser, ToolStream, extract
 
 AUTO = "auto"
 MAX_CHOICES = 1024  # sequences one HTTP request may queue (prompts × n)
@@ -57,6 +60,14 @@ class ServerConfig:
     max_request_bytes: int = 4 * 2**20
     max_tokens_limit: int | None = None  # default: the engine's context length
     chat_template: str | None = None  # used when a tokenizer has none
+    # tool_choice "auto": the format the model writes its calls in (tool_parsers.py); None:
+    # "auto" is refused (vLLM's --enable-auto-tool-choice --tool-call-parser NAME)
+    tool_call_parser: str | None = None
+
+    def __post_init__(self):
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ConfigError(f"unknown tool-call parser {self.tool_call_parser!r}: choose one "
+                              f"of {', '.join(TOOL_PARSERS)}")  # fmt: skip
 
 
 @dataclass
@@ -81,6 +92,7 @@ class _Choice:
     plps: list | None = None  # of the prompt tokens, if asked (echo)
     lp_sent: int = -1  # streaming: logprobs entries already sent (−1: the prompt's too)
     lp_offset: int = 0  # streaming: text offset of the next token
+    tools: ToolStream | None = None  # streaming, tool_choice "auto": the calls sent so far
 
 
 @dataclass
@@ -97,6 +109,7 @@ class _Job:
     score_only: bool = False  # echo with max_tokens 0: the generated token is not shown
     tool: str | None = None  # chat: the function the answer calls (its arguments, as JSON)
     tool_required: bool = False  # tool_choice "required": a whole answer ends "tool_calls"
+    parser: ToolParser | None = None  # tool_choice "auto": reads the calls out of the answer
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -178,6 +191,7 @@ class OpenAIServing:
                                  max_tokens, tok)  # fmt: skip
 
     async def chat(self, req: ChatCompletionRequest, http: Request):
+        req._tool_parser = self.cfg.tool_call_parser
         refuse_unsupported(req)
         messages = chat_messages(req.messages)
         target = await self.resolve(req.model, messages)
@@ -339,12 +353,14 @@ class OpenAIServing:
         choices = [_Choice(rid, k, i, started=start) for k, (rid, i, _) in enumerate(plan)]
         fmt = LogprobFormatter(tok) if params[0].logprobs is not None else None
         tool = forced_tool(req) if kind == "chat" else None
+        parser = TOOL_PARSERS[self.cfg.tool_call_parser] if auto_tools(req) else None
         job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, score_only,
                    tool=tool and tool[0], tool_required=tool_choice_required(req),
-                   id=job_id)  # fmt: skip
+                   parser=parser, id=job_id)  # fmt: skip
         self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
         for c in choices:
             c.sent = texts[c.prompt] if echo else ""
+            c.tools = ToolStream(parser) if parser is not None and req.stream else None
         if req.stream:
             return await self._stream(job, req, http)
         return await self._collect(job, http)
@@ -418,9 +434,17 @@ class OpenAIServing:
                     if job.tool == ANY_TOOL and not out.finished:
                         continue  # several calls: sent whole, once the list is read
                     delta = self._delta(job, c, out)
+                    calls = []
+                    if c.tools is not None:  # tool_choice "auto": content, then calls
+                        delta, calls = c.tools.feed(c.sent, out.finished)
+                        if out.finished and c.tools.calls:
+                            c.finish = _called(c.finish)
                     lp = self._stream_logprobs(job, c)
-                    if delta or out.finished or lp is not None:
-                        yield _sse(self._chunk(job, c, text=delta, finish=c.finish, lp=lp))
+                    if delta or calls or out.finished or lp is not None:
+                        k = len(c.tools.calls) - len(calls) if calls else 0
+                        yield _sse(self._chunk(job, c, text=delta, finish=c.finish, lp=lp,
+                                               calls=[(k + i, call) for i, call in
+                                                      enumerate(calls)]))  # fmt: skip
                 if not pending:
                     break
                 batch = await job.collector.get()
@@ -520,9 +544,13 @@ class OpenAIServing:
         return job.logprobs.completion(self._entries(job, c, -1), 0)
 
     def _chunk(self, job: _Job, c: _Choice, text: str = "", finish=None, opening=False,
-               lp: dict | None = None):  # fmt: skip
+               lp: dict | None = None, calls: list[tuple[int, ToolCall]] = ()):  # fmt: skip
         if job.kind == "chat":
             delta = {"role": "assistant", "content": ""} if opening else {"content": text}
+            if calls:  # tool_choice "auto": each call whole, once complete
+                delta = {"content": text} if text else {}
+                delta["tool_calls"] = [{"index": k, **_call_json(job, c, k, call)}
+                                       for k, call in calls]  # fmt: skip
             if job.tool == ANY_TOOL:  # the calls, whole, with the finish
                 if not opening:
                     msg = _tool_message(job, c, _generated(job, c.out) if c.out else "")
@@ -553,6 +581,13 @@ class OpenAIServing:
                     "finish_reason": c.finish, "stop_reason": c.out.stop_reason}  # fmt: skip
             if job.kind == "chat" and job.tool is not None:  # vLLM's shape for a named call
                 base["message"] = _tool_message(job, c, text)
+            elif job.kind == "chat" and job.parser is not None:  # tool_choice "auto"
+                content, calls = extract(job.parser, text)
+                base["message"] = {"role": "assistant", "content": content}
+                if calls:
+                    base["message"]["tool_calls"] = [_call_json(job, c, k, call)
+                                                     for k, call in enumerate(calls)]  # fmt: skip
+                    base["finish_reason"] = _called(c.finish)
             elif job.kind == "chat":
                 base["message"] = {"role": "assistant", "content": text}
             else:
@@ -609,6 +644,22 @@ def _generated(job: _Job, out: RequestOutput) -> str:
 
 def _call_id(job: _Job, c: _Choice, k: int = 0) -> str:
     return f"call-{job.id.rsplit('-', 1)[-1][:16]}-{c.index}" + (f"-{k}" if k else "")
+
+
+def _call_json(job: _Job, c: _Choice, k: int, call: ToolCall) -> dict:
+    """A call read by tool_choice "auto"'s parser, as OpenAI's tool_calls entry. Mistral's
+    chat templates refuse a later turn whose call ids are not 9 letters or digits: its calls
+    get such ids (vLLM's)."""
+    cid = _call_id(job, c, k)
+    if job.parser is not None and job.parser.name == "mistral":
+        cid = hashlib.sha256(cid.encode()).hexdigest()[:9]
+    return {"id": cid, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}  # fmt: skip
+
+
+def _called(finish: str | None) -> str | None:
+    """An answer that called tools ends "tool_calls" (vLLM's and OpenAI's reason)."""
+    return "tool_calls" if finish in ("stop", "length") else finish
 
 
 def _tool_message(job: _Job, c: _Choice, text: str) -> dict:

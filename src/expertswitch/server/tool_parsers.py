@@ -1,0 +1,289 @@
+"""Tool calls read out of a model's answer, for tool_choice "auto" (vLLM's
+`--enable-auto-tool-choice --tool-call-parser NAME`): the model decides whether to call, and
+writes its calls in its own format, which a parser turns into OpenAI's `tool_calls`.
+
+    hermes       <tool_call>{"name": ..., "arguments": {...}}</tool_call> ...   (Qwen2/2.5/3,
+                 Hermes, and most models fine-tuned on Hermes' format)
+    llama3_json  {"name": ..., "parameters": {...}}; ...  opening the answer, after
+                 <|python_tag|> or not (Llama 3.1-3.3)
+    mistral      [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]  or the newer
+                 [TOOL_CALLS]name[ARGS]{...}  (Mistral, Mixtral)
+    pythonic     [get_weather(city="Paris"), ...]  opening the answer (Llama 3.2, Llama 4)
+
+    parser = TOOL_PARSERS["hermes"]
+    content, calls = extract(parser, text)     # a whole answer
+    stream = ToolStream(parser)                # an answer as it grows
+    content_delta, new_calls = stream.feed(text_so_far, final=False)
+
+A parser reads the answer with its special tokens kept (the server decodes tool-call
+answers with skip_special_tokens off, as vLLM does: some models' markers are special tokens).
+What is not a well-formed call stays content — a malformed call block included — so nothing
+the model wrote is dropped. Streaming sends text as content until a call may begin (a partial
+marker is held back), then each call whole, once it is complete; the content and calls a
+stream sends add up to what `extract` finds in the whole answer.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # the arguments object as JSON text
+
+
+class ToolParser:
+    """One model family's format. `start(text)`: where calls begin (None: not, or not yet
+    known); `safe(text)`: how much of a text with no start yet can go out as content;
+    `parse(part, final)`: (calls, rest) for `part` = the text from the start — with final
+    False only the calls already complete, which stay the first calls of the final parse;
+    rest (final) is the text of `part` that is not a call."""
+
+    name = ""
+
+    def start(self, text: str) -> int | None:
+        raise NotImplementedError
+
+    def safe(self, text: str) -> int:
+        raise NotImplementedError
+
+    def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
+        raise NotImplementedError
+
+
+class _Marked(ToolParser):
+    """Calls open with a marker anywhere in the answer; text before it is content."""
+
+    marker = ""
+
+    def start(self, text: str) -> int | None:
+        at = text.find(self.marker)
+        return None if at < 0 else at
+
+    def safe(self, text: str) -> int:
+        return len(text) - _partial_suffix(text, self.marker)
+
+
+class _Opening(ToolParser):
+    """Calls only open the answer (after blanks): an answer that opens otherwise is content."""
+
+    openers: tuple[str, ...] = ()
+
+    def _opens(self, text: str) -> bool | None:
+        """True: calls open `text`; False: they cannot; None: not known yet."""
+        head = text.lstrip()
+        if not head:
+            return None
+        if any(head.startswith(o) for o in self.openers):
+            return True
+        return None if any(o.startswith(head) for o in self.openers) else False
+
+    def start(self, text: str) -> int | None:
+        return len(text) - len(text.lstrip()) if self._opens(text) else None
+
+    def safe(self, text: str) -> int:
+        return len(text) if self._opens(text) is False else 0
+
+
+class Hermes(_Marked):
+    name, marker, end = "hermes", "<tool_call>", "</tool_call>"
+
+    def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
+        calls, rest, at = [], [], 0
+        while at < len(part):
+            begin = part.find(self.marker, at)
+            if begin < 0:
+                rest.append(part[at:])
+                break
+            rest.append(part[at:begin])
+            close = part.find(self.end, begin)
+            if close < 0 and not final:
+                break  # (the last call is not complete yet)
+            stop = len(part) if close < 0 else close + len(self.end)
+            # (an unclosed last call counts when its JSON is whole: the answer may have ended
+            # at EOS or max_tokens right after it, as vLLM reads it)
+            call = _call(part[begin + len(self.marker) : close if close >= 0 else len(part)])
+            if call is None:
+                rest.append(part[begin:stop])
+            else:
+                calls.append(call)
+            at = stop
+        return calls, "".join(r for r in rest if r.strip())
+
+
+class Llama3Json(_Opening):
+    name, tag = "llama3_json", "<|python_tag|>"
+    openers = ("{", tag)
+
+    def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
+        at = len(self.tag) if part.startswith(self.tag) else 0
+        calls, done = [], at
+        while True:
+            while at < len(part) and (part[at].isspace() or part[at] == ";"):
+                at += 1  # (calls are separated by "; ")
+            if at == len(part):
+                return calls, ""
+            try:
+                obj, end = _DECODER.raw_decode(part, at)
+            except (ValueError, RecursionError):
+                break  # not JSON, or not whole yet
+            call = _call_of(obj)
+            if call is None:
+                break
+            calls.append(call)
+            at = done = end
+        if not calls:
+            return [], part
+        return calls, part[done:]
+
+
+class Mistral(_Marked):
+    name, marker = "mistral", "[TOOL_CALLS]"
+    args, call_id = "[ARGS]", "[CALL_ID]"
+
+    def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
+        if not final:
+            return [], ""  # (sent whole, at the end)
+        body = part[len(self.marker) :].strip()
+        calls: list[ToolCall] = []
+        if body[:1] in ("[", "{"):  # [TOOL_CALLS][{"name": ..., "arguments": ...}, ...]
+            try:
+                obj, end = _DECODER.raw_decode(body)
+            except (ValueError, RecursionError):
+                return [], part
+            calls = [c for c in map(_call_of, obj if isinstance(obj, list) else [obj]) if c]
+            if len(calls) != (len(obj) if isinstance(obj, list) else 1):
+                return [], part
+            return calls, body[end:] if body[end:].strip() else ""
+        for piece in body.split(self.marker):  # name[ARGS]{...}[TOOL_CALLS]name[ARGS]{...}
+            name, sep, args = piece.partition(self.args)
+            name = name.split(self.call_id)[0].strip()
+            call = _call_of({"name": name, "arguments": _loads(args)}) if sep else None
+            if call is None or not name:
+                return [], part
+            calls.append(call)
+        return calls, ""
+
+
+class Pythonic(_Opening):
+    name, openers = "pythonic", ("[",)
+
+    def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
+        if not final:
+            return [], ""
+        try:
+            tree = ast.parse(part.strip(), mode="eval").body
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return [], part
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return [], part
+        calls = []
+        for node in tree.elts:
+            if not isinstance(node, ast.Call) or node.args:
+                return [], part
+            try:
+                name = ast.unparse(node.func)
+                kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+                return [], part
+            args = None if None in kwargs else _dumps(kwargs)  # (None: **kwargs, or a set,
+            if args is None or not all(p.isidentifier() for p in name.split(".")):  # bytes...)
+                return [], part  # (or a call of something that is not a name)
+            calls.append(ToolCall(name, args))
+        return calls, ""
+
+
+TOOL_PARSERS: dict[str, ToolParser] = {p.name: p for p in (Hermes(), Llama3Json(), Mistral(),
+                                                           Pythonic())}  # fmt: skip
+
+
+def extract(parser: ToolParser, text: str) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls) of a whole answer: content None when it is blank beside calls."""
+    at = parser.start(text)
+    if at is None:
+        return text, []
+    calls, rest = parser.parse(text[at:], final=True)
+    if not calls:
+        return text, []
+    content = text[:at] + rest
+    return (content if content.strip() else None), calls
+
+
+class ToolStream:
+    """One streamed answer's content and calls, as they become known (see the module)."""
+
+    def __init__(self, parser: ToolParser):
+        self.parser = parser
+        self.content = ""  # sent so far
+        self.calls: list[ToolCall] = []  # sent so far
+
+    def feed(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
+        """(content to send, new calls) now that the answer reads `text`."""
+        if final:
+            content, calls = extract(self.parser, text)
+            content = content or ""
+        else:
+            at = self.parser.start(text)
+            if at is None:
+                content, calls = text[: self.parser.safe(text)], []
+            else:
+                content, calls = text[:at], self.parser.parse(text[at:], final=False)[0]
+        # blank content waits (it may be all there is beside calls: then none is sent; an
+        # answer without calls is all content); what was sent is a prefix of what is found
+        # later (a start is never before text that went out)
+        sent = content.strip() or (final and not calls)
+        delta = content[len(self.content) :] if sent else ""
+        self.content += delta
+        new = calls[len(self.calls) :]
+        self.calls += new
+        return delta, new
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that begins `marker` (and is shorter)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def _not_json(word: str):
+    raise ValueError(f"{word} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_not_json)  # (NaN and Infinity are not JSON)
+
+
+def _loads(text: str):
+    try:
+        return _DECODER.decode(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _dumps(obj) -> str | None:
+    """JSON text, or None for what JSON cannot hold (1e400 read as inf, a set...)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def _call(body: str) -> ToolCall | None:
+    return _call_of(_loads(body.strip()))
+
+
+def _call_of(obj) -> ToolCall | None:
+    """{"name": ..., "arguments" (or "parameters"): {...}} → a ToolCall; None if it is not
+    one. Arguments given as JSON text are read; missing ones are none ({})."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        args = _loads(args)
+    text = _dumps(args) if isinstance(args, dict) else None
+    return None if text is None else ToolCall(obj["name"], text)

@@ -1,0 +1,219 @@
+"""Tool calls read out of answers (tool_choice "auto"): each format's calls, content and
+malformed calls against hand-written expectations, and streaming — any answer, cut into
+pieces anywhere — adding up to what the whole answer parses to, never sending as content text
+that turns out to be a call."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expertswitch.server.tool_parsers import TOOL_PARSERS, ToolStream, extract
+
+W = '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}'
+T = '{"name": "get_time", "arguments": {}}'
+WEATHER = ("get_weather", {"city": "Paris", "days": 3})
+TIME = ("get_time", {})
+
+CASES = {
+    "hermes": [
+        (f"<tool_call>\n{W}\n</tool_call>", None, [WEATHER]),
+        (
+            f"Let me look.\n<tool_call>\n{W}\n</tool_call>\n<tool_call>\n{T}\n</tool_call>",
+            "Let me look.\n",
+            [WEATHER, TIME],
+        ),
+        (f"<tool_call>{W}", None, [WEATHER]),  # unclosed at EOS: whole JSON still counts
+        (
+            f"<tool_call>{W}</tool_call> and then <tool_call>{{oops</tool_call>",
+            " and then <tool_call>{oops</tool_call>",
+            [WEATHER],
+        ),  # a bad block stays content
+        (
+            '<tool_call>{"name": "f", "parameters": {"a": [1, null]}}</tool_call>',
+            None,
+            [("f", {"a": [1, None]})],
+        ),
+        (
+            '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>',
+            None,
+            [("f", {"a": 1})],
+        ),  # arguments given as JSON text
+        (
+            '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>',
+            '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>',
+            [],
+        ),
+        (
+            '<tool_call>{"name": "f", "arguments": {"x": 1e400}}</tool_call>',
+            '<tool_call>{"name": "f", "arguments": {"x": 1e400}}</tool_call>',
+            [],
+        ),
+        (
+            '<tool_call>{"arguments": {}}</tool_call>',
+            '<tool_call>{"arguments": {}}</tool_call>',
+            [],
+        ),
+        ("No tools needed: 2 + 2 = 4. <tool", "No tools needed: 2 + 2 = 4. <tool", []),
+    ],
+    "llama3_json": [
+        ('{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}', None, [WEATHER]),
+        (f"<|python_tag|>{W}; {T}", None, [WEATHER, TIME]),
+        (f"  \n{W}", None, [WEATHER]),
+        (f"{W} that was it", " that was it", [WEATHER]),
+        (f"Sure. {W}", f"Sure. {W}", []),  # calls only open the answer
+        ('{"a": 1}', '{"a": 1}', []),
+        ("{not json", "{not json", []),
+    ],
+    "mistral": [
+        (f"[TOOL_CALLS][{W}, {T}]", None, [WEATHER, TIME]),
+        (f"Checking.[TOOL_CALLS] [{W}]", "Checking.", [WEATHER]),
+        (
+            '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 3}[TOOL_CALLS]get_time[ARGS]{}',
+            None,
+            [WEATHER, TIME],
+        ),
+        ("[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS]{}", None, [TIME]),
+        ("[TOOL_CALLS][{oops}]", "[TOOL_CALLS][{oops}]", []),
+        ("[TOOL_CALLS]get_time[ARGS]{", "[TOOL_CALLS]get_time[ARGS]{", []),
+        (f'[TOOL_CALLS][{W}, {{"x": 1}}]', f'[TOOL_CALLS][{W}, {{"x": 1}}]', []),
+    ],
+    "pythonic": [
+        ('[get_weather(city="Paris", days=3), get_time()]', None, [WEATHER, TIME]),
+        (
+            "[f(a=[1, -2.5], b={'k': None}, c=True)]",
+            None,
+            [("f", {"a": [1, -2.5], "b": {"k": None}, "c": True})],
+        ),
+        ("[tools.search(q='x')]", None, [("tools.search", {"q": "x"})]),
+        ("[f(1)]", "[f(1)]", []),  # positional arguments have no names
+        ("[f(a=x)]", "[f(a=x)]", []),  # not a literal
+        ("[f(a={1, 2})]", "[f(a={1, 2})]", []),  # a set is not JSON
+        ("[f(a=1e999)]", "[f(a=1e999)]", []),
+        ("[f(**k)]", "[f(**k)]", []),
+        ("[1, 2]", "[1, 2]", []),
+        ("[see here](http://x)", "[see here](http://x)", []),
+        ("The answer is [f(a=1)]", "The answer is [f(a=1)]", []),
+    ],
+}
+
+
+def _read(calls):
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize("name,text,content,calls",
+                         [(n, *c) for n, cases in CASES.items() for c in cases])  # fmt: skip
+def test_each_format_reads_its_calls(name, text, content, calls):
+    got_content, got_calls = extract(TOOL_PARSERS[name], text)
+    assert got_content == content
+    assert _read(got_calls) == calls
+    for c in got_calls:  # arguments are JSON text a client can load
+        assert json.loads(c.arguments) == json.loads(c.arguments, parse_constant=None)
+
+
+def stream(name: str, text: str, cuts: list[int]):
+    """Feed `text` in the pieces `cuts` makes: (the content sent, the calls sent)."""
+    s, content, calls = ToolStream(TOOL_PARSERS[name]), "", []
+    for n in [*sorted(cuts), None]:
+        delta, new = s.feed(text if n is None else text[:n], final=n is None)
+        content += delta
+        calls += new
+    return content, calls
+
+
+PIECES = {  # whole calls, and the pieces of calls (cut anywhere, or broken)
+    "hermes": [
+        f"<tool_call>\n{W}\n</tool_call>",
+        f"<tool_call>{T}",
+        "<tool_call>",
+        "</tool_call>",
+        f"\n{W}\n",
+        T,
+        "<tool",
+        "_call>",
+        "{oops",
+        "\n",
+    ],
+    "llama3_json": [W, T, "; ", "<|python_tag|>", "<|py", "{", "}", " "],
+    "mistral": [
+        f"[TOOL_CALLS][{W}]",
+        "[TOOL_CALLS]get_time[ARGS]{}",
+        "[TOOL_CALLS]",
+        "[TOOL_",
+        f"[{W}]",
+        "get_time[ARGS]{}",
+        "[ARGS]",
+        "{",
+        " ",
+    ],
+    "pythonic": [
+        '[get_weather(city="Paris", days=3)]',
+        "[get_time(), get_time()]",
+        "[",
+        "]",
+        'get_weather(city="Paris", days=3)',
+        "get_time()",
+        ", ",
+        "(",
+        " ",
+    ],
+}
+
+
+@st.composite
+def answers(draw):
+    name = draw(st.sampled_from(sorted(PIECES)))
+    words = st.sampled_from(["Sure.", "ok", " ", "\n", "a<b", "[x]", "{y}", "tool"])
+    pieces = st.sampled_from(PIECES[name])
+    parts = draw(st.lists(st.one_of(pieces, pieces, words), max_size=10))
+    text = "".join(parts)
+    every = draw(st.booleans())  # a token per character, or a few long tokens
+    cuts = list(range(len(text))) if every else draw(st.lists(st.integers(0, len(text)),
+                                                              max_size=8))  # fmt: skip
+    return name, text, cuts
+
+
+@settings(max_examples=600, deadline=None)
+@given(answers())
+def test_a_stream_adds_up_to_the_whole_answer(case):
+    name, text, cuts = case
+    content, calls = stream(name, text, cuts)
+    want_content, want_calls = extract(TOOL_PARSERS[name], text)
+    assert content == (want_content or "")
+    assert calls == want_calls
+
+
+def test_a_stream_sends_content_early_and_each_call_once_complete():
+    text = f"Let me look.\n<tool_call>\n{W}\n</tool_call>\n<tool_call>\n{T}\n</tool_call>"
+    s = ToolStream(TOOL_PARSERS["hermes"])
+    assert s.feed("Let me look.\n<tool", False) == ("Let me look.\n", [])  # "<tool" held
+    first = text.index("</tool_call>") + len("</tool_call>")
+    delta, new = s.feed(text[: first - 1], False)
+    assert (delta, new) == ("", [])  # not closed yet
+    delta, new = s.feed(text[:first], False)
+    assert delta == "" and _read(new) == [WEATHER]  # sent as soon as it is whole
+    delta, new = s.feed(text, True)
+    assert delta == "" and _read(new) == [TIME]
+    plain = ToolStream(TOOL_PARSERS["llama3_json"])
+    assert plain.feed("  ", False) == ("", [])  # blank: not known yet
+    assert plain.feed("  Hi", False) == ("  Hi", [])  # not a call: content at once
+
+
+def test_mistral_calls_get_ids_its_chat_templates_accept():
+    """Mistral's templates refuse a later turn whose call ids are not 9 letters or digits."""
+    from expertswitch.server.serving import Target, _call_json, _Choice, _Job
+    from expertswitch.server.tool_parsers import ToolCall
+
+    def ids(parser):
+        job = _Job("chat", Target(None, "base"), [], None, [], [], [], False,
+                   parser=TOOL_PARSERS[parser], id="chatcmpl-" + "ab" * 16)  # fmt: skip
+        return [_call_json(job, _Choice("r", i, 0), k, ToolCall("f", "{}"))["id"]
+                for i in range(3) for k in range(3)]  # fmt: skip
+
+    mistral = ids("mistral")
+    assert len(set(mistral)) == 9 and all(len(x) == 9 and x.isalnum() for x in mistral)
+    assert len(set(ids("hermes"))) == 9
