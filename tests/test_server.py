@@ -825,25 +825,35 @@ def test_a_named_tool_call_holds_its_arguments_to_the_schema(server, client, ref
         assert needle in _error(httpx.post(url, json=body, timeout=60), 400)["message"]
 
 
-def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference):
-    """With a tool-call parser (vLLM's --enable-auto-tool-choice --tool-call-parser hermes),
-    tools with tool_choice "auto" or unset leave the model to call or not, and its answer is
-    read: the calls it writes become tool_calls (finish_reason "tool_calls"), the text
+SAID = {  # one answer that calls get_weather then get_time, in each format tested over HTTP
+    "hermes": (
+        'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
+        '"Paris"}}\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}'
+    ),
+    "pythonic": '[get_weather(city="Paris"), get_time()]',
+}
+
+
+@pytest.mark.parametrize("parser", sorted(SAID))
+def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference, parser):
+    """With a tool-call parser (vLLM's --enable-auto-tool-choice --tool-call-parser NAME),
+    tools with tool_choice "auto" or left out leave the model to call or not, and its answer
+    is read: the calls it writes become tool_calls (finish_reason "tool_calls"), the text
     before them content, streamed as content deltas then each call whole. Here the model is
-    made to write a call with a choice constraint; "none" leaves the same text as content."""
+    made to write calls with a choice constraint; "none" or an explicit null leaves the same
+    text as content; an answer max_tokens cuts keeps "length"."""
     base, archives, _ = family
     app, aengine = build_app(base, archives, None, device="cpu", dtype=torch.float32,
-                             cfg=ServerConfig(tool_call_parser="hermes"))  # fmt: skip
+                             cfg=ServerConfig(tool_call_parser=parser))  # fmt: skip
     tools = [{"type": "function", "function": {"name": name, "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}
              for name in ("get_weather", "get_time")]  # fmt: skip
-    said = (
-        'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
-        '"Paris"}}\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}'
-    )
+    said = SAID[parser]
+    before = "Let me look.\n" if parser == "hermes" else None
     ask = {"model": "code", "messages": [{"role": "user", "content": "weather?"}],
            "tools": tools, "max_tokens": 200, "temperature": 0,
            "extra_body": {"structured_outputs": {"choice": [said]}}}  # fmt: skip
+    want = [("get_weather", {"city": "Paris"}), ("get_time", {})]
     try:
         with ServerThread(app) as srv:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
@@ -852,10 +862,10 @@ def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference):
                 r = client.chat.completions.create(**ask, **choice, n=2)
                 for c in r.choices:
                     assert c.finish_reason == "tool_calls"
-                    assert c.message.content == "Let me look.\n"
+                    assert c.message.content == before
                     calls = [(t.function.name, json.loads(t.function.arguments))
                              for t in c.message.tool_calls]  # fmt: skip
-                    assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+                    assert calls == want
                     assert len({t.id for t in c.message.tool_calls}) == 2
             content, deltas, chunks = "", [], []
             for chunk in client.chat.completions.create(**ask, stream=True):
@@ -863,27 +873,50 @@ def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference):
                 d = chunk.choices[0].delta
                 content += d.content or ""
                 deltas += d.tool_calls or []
-            assert content == "Let me look.\n"
+            assert content == (before or "")
             assert [(t.index, t.function.name, json.loads(t.function.arguments))
-                    for t in deltas] == [(0, "get_weather", {"city": "Paris"}),
-                                         (1, "get_time", {})]  # fmt: skip
+                    for t in deltas] == [(k, *w) for k, w in enumerate(want)]  # fmt: skip
             assert all(t.id and t.type == "function" for t in deltas)
             assert chunks[-1].choices[0].finish_reason == "tool_calls"
-            # an answer without calls is all content; "none" does not read calls
-            plain = client.chat.completions.create(
-                **{**ask, "extra_body": {"structured_outputs": {"choice": ["No call: <tool"]}}}
-            )
-            assert plain.choices[0].message.content == "No call: <tool"
-            assert not plain.choices[0].message.tool_calls
-            assert plain.choices[0].finish_reason == "stop"
+            # an answer without calls is all content, streamed too (a held-back partial
+            # marker included); "none" and an explicit null do not read calls
+            plain = {**ask, "extra_body": {"structured_outputs": {"choice": ["No call: <tool"]}}}
+            r = client.chat.completions.create(**plain)
+            assert r.choices[0].message.content == "No call: <tool"
+            assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason == "stop"
+            streamed = [ch.choices[0].delta for ch in
+                        client.chat.completions.create(**plain, stream=True)]  # fmt: skip
+            assert "".join(d.content or "" for d in streamed) == "No call: <tool"
+            assert not any(d.tool_calls for d in streamed)
             off = client.chat.completions.create(**ask, tool_choice="none")
             assert off.choices[0].message.content == said and not off.choices[0].message.tool_calls
-            # the answer is read with special tokens kept (some models' markers are special);
-            # the EOS that ends it is not part of it
+            body = {k: v for k, v in ask.items() if k != "extra_body"}
+            null = httpx.post(srv.url + "/v1/chat/completions", timeout=300, json={
+                **body, **ask["extra_body"], "tool_choice": None}).json()  # fmt: skip
+            assert null["choices"][0]["message"]["content"] == said
+            # cut short by max_tokens after the first call: "length", the call read
+            if parser == "hermes":
+                short = said[: said.index("</tool_call>") + 30]
+                n = len(reference.tokenizer.encode(short, add_special_tokens=False))
+                cut = client.chat.completions.create(**{**ask, "max_tokens": n, "extra_body": {
+                    "structured_outputs": {"choice": [short + "x" * 40]}}})  # fmt: skip
+                assert cut.choices[0].finish_reason == "length"
+                # a lone surrogate's escape in the arguments: sent escaped, streamed too
+                odd = '<tool_call>{"name": "get_time", "arguments": {"a": "\\ud800"}}</tool_call>'
+                odd_ask = {**ask, "extra_body": {"structured_outputs": {"choice": [odd]}}}
+                for stream in (False, True):
+                    r = client.chat.completions.create(**odd_ask, stream=stream)
+                    calls = [t for ch in r for t in ch.choices[0].delta.tool_calls or []] \
+                        if stream else r.choices[0].message.tool_calls  # fmt: skip
+                    assert json.loads(calls[0].function.arguments) == {"a": "\ud800"}
+                assert [t.function.name for t in cut.choices[0].message.tool_calls] \
+                    == ["get_weather"]  # fmt: skip
+            # hermes reads answers with special tokens kept (some models' markers are
+            # special), as vLLM does; pythonic as the request asks (skipped)
             bos = reference.tokenizer.bos_token
             bias = {"logit_bias": {str(reference.tokenizer.bos_token_id): 100}}
             marked = client.chat.completions.create(**{**ask, "max_tokens": 3, "extra_body": bias})
-            assert marked.choices[0].message.content == bos * 3
+            assert marked.choices[0].message.content == (bos * 3 if parser == "hermes" else "")
     finally:
         aengine.close()
 

@@ -58,6 +58,18 @@ CASES = {
             [],
         ),
         ("No tools needed: 2 + 2 = 4. <tool", "No tools needed: 2 + 2 = 4. <tool", []),
+        # a lone surrogate (a \ud800 escape) cannot go out as UTF-8: escaped in arguments,
+        # not a call in a name
+        (
+            '<tool_call>{"name": "f", "arguments": {"a": "\\ud800 é"}}</tool_call>',
+            None,
+            [("f", {"a": "\ud800 é"})],
+        ),
+        (
+            '<tool_call>{"name": "\\ud800", "arguments": {}}</tool_call>',
+            '<tool_call>{"name": "\\ud800", "arguments": {}}</tool_call>',
+            [],
+        ),
     ],
     "llama3_json": [
         ('{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}', None, [WEATHER]),
@@ -94,6 +106,7 @@ CASES = {
         ("[f(a={1, 2})]", "[f(a={1, 2})]", []),  # a set is not JSON
         ("[f(a=1e999)]", "[f(a=1e999)]", []),
         ("[f(**k)]", "[f(**k)]", []),
+        ("[f(a='\\ud800')]", None, [("f", {"a": "\ud800"})]),
         ("[1, 2]", "[1, 2]", []),
         ("[see here](http://x)", "[see here](http://x)", []),
         ("The answer is [f(a=1)]", "The answer is [f(a=1)]", []),
@@ -111,8 +124,14 @@ def test_each_format_reads_its_calls(name, text, content, calls):
     got_content, got_calls = extract(TOOL_PARSERS[name], text)
     assert got_content == content
     assert _read(got_calls) == calls
-    for c in got_calls:  # arguments are JSON text a client can load
-        assert json.loads(c.arguments) == json.loads(c.arguments, parse_constant=None)
+    for c in got_calls:  # arguments: strict JSON text (no NaN or Infinity), sendable as UTF-8
+        json.loads(c.arguments, parse_constant=_not_json)
+        c.arguments.encode("utf-8")
+        c.name.encode("utf-8")
+
+
+def _not_json(word):
+    raise AssertionError(f"{word} in arguments")
 
 
 def stream(name: str, text: str, cuts: list[int]):
@@ -210,10 +229,21 @@ def test_mistral_calls_get_ids_its_chat_templates_accept():
 
     def ids(parser):
         job = _Job("chat", Target(None, "base"), [], None, [], [], [], False,
-                   parser=TOOL_PARSERS[parser], id="chatcmpl-" + "ab" * 16)  # fmt: skip
+                   parser=TOOL_PARSERS[parser], id="chatcmpl-" + "ab" * 16,
+                   short_call_ids=parser == "mistral")  # fmt: skip
         return [_call_json(job, _Choice("r", i, 0), k, ToolCall("f", "{}"))["id"]
                 for i in range(3) for k in range(3)]  # fmt: skip
 
     mistral = ids("mistral")
     assert len(set(mistral)) == 9 and all(len(x) == 9 and x.isalnum() for x in mistral)
     assert len(set(ids("hermes"))) == 9
+
+
+def test_an_answer_cut_short_keeps_length():
+    """Calls read from an answer that max_tokens cut: finish_reason stays "length" (the
+    client must know the answer may be missing calls); one that ended by itself:
+    "tool_calls"; errors and aborts stay."""
+    from expertswitch.server.serving import _called
+
+    assert [_called(f) for f in ("stop", "length", "abort", "error")] == [
+        "tool_calls", "length", "abort", "error"]  # fmt: skip

@@ -152,9 +152,11 @@ ANY_TOOL = ""  # forced_tool's name for "required" over several tools
 
 def auto_tools(req: _Request) -> bool:
     """Whether the model's answer is read for tool calls by the server's parser (tools given,
-    tool_choice "auto" or unset, and a parser on the server)."""
-    return isinstance(req, ChatCompletionRequest) and bool(req.tools) \
-        and req.tool_choice in (None, "auto") and req._tool_parser is not None  # fmt: skip
+    tool_choice "auto" or left out — not an explicit null, as in vLLM — and a parser on the
+    server)."""
+    if not isinstance(req, ChatCompletionRequest) or not req.tools or req._tool_parser is None:
+        return False
+    return req.tool_choice == "auto" or "tool_choice" not in req.model_fields_set
 
 
 def tool_choice_required(req: _Request) -> bool:
@@ -279,8 +281,10 @@ def sampling_params(req: _Request, max_tokens: int, choice: int,
         stop_token_ids=req.stop_token_ids or [],
         ignore_eos=req.ignore_eos,
         include_stop_str_in_output=req.include_stop_str_in_output,
-        # (tool calls are read with special tokens kept: some models' markers are special)
-        skip_special_tokens=req.skip_special_tokens and not auto_tools(req),
+        # (hermes and mistral calls are read with special tokens kept, as vLLM reads them:
+        # some of those models' markers are special tokens)
+        skip_special_tokens=req.skip_special_tokens
+        and not (auto_tools(req) and TOOL_PARSERS[req._tool_parser].keeps_special_tokens),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         presence_penalty=req.presence_penalty or 0.0,

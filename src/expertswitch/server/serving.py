@@ -46,7 +46,14 @@ from expertswitch.server.protocol import (
     structured_outputs,
     tool_choice_required,
 )
-from expertswitch.server.tool_parsers import TOOL_PARSERS, ToolCall, ToolParser, ToolStream, extract
+from expertswitch.server.tool_parsers import (
+    TOOL_PARSERS,
+    ToolCall,
+    ToolParser,
+    ToolStream,
+    extract,
+    json_text,
+)
 
 AUTO = "auto"
 MAX_CHOICES = 1024  # sequences one HTTP request may queue (prompts × n)
@@ -110,6 +117,7 @@ class _Job:
     tool: str | None = None  # chat: the function the answer calls (its arguments, as JSON)
     tool_required: bool = False  # tool_choice "required": a whole answer ends "tool_calls"
     parser: ToolParser | None = None  # tool_choice "auto": reads the calls out of the answer
+    short_call_ids: bool = False  # Mistral's 9-character call ids (see _call_id)
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -356,7 +364,8 @@ class OpenAIServing:
         parser = TOOL_PARSERS[self.cfg.tool_call_parser] if auto_tools(req) else None
         job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, score_only,
                    tool=tool and tool[0], tool_required=tool_choice_required(req),
-                   parser=parser, id=job_id)  # fmt: skip
+                   parser=parser, id=job_id,
+                   short_call_ids=self.cfg.tool_call_parser == "mistral")  # fmt: skip
         self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
         for c in choices:
             c.sent = texts[c.prompt] if echo else ""
@@ -643,23 +652,23 @@ def _generated(job: _Job, out: RequestOutput) -> str:
 
 
 def _call_id(job: _Job, c: _Choice, k: int = 0) -> str:
-    return f"call-{job.id.rsplit('-', 1)[-1][:16]}-{c.index}" + (f"-{k}" if k else "")
+    """A call's id, unique in the server's answers. Mistral's chat templates refuse a later
+    turn whose call ids are not 9 letters or digits: a server reading Mistral's calls gives
+    every call such an id (vLLM's)."""
+    cid = f"call-{job.id.rsplit('-', 1)[-1][:16]}-{c.index}" + (f"-{k}" if k else "")
+    return hashlib.sha256(cid.encode()).hexdigest()[:9] if job.short_call_ids else cid
 
 
 def _call_json(job: _Job, c: _Choice, k: int, call: ToolCall) -> dict:
-    """A call read by tool_choice "auto"'s parser, as OpenAI's tool_calls entry. Mistral's
-    chat templates refuse a later turn whose call ids are not 9 letters or digits: its calls
-    get such ids (vLLM's)."""
-    cid = _call_id(job, c, k)
-    if job.parser is not None and job.parser.name == "mistral":
-        cid = hashlib.sha256(cid.encode()).hexdigest()[:9]
-    return {"id": cid, "type": "function",
+    """A call read by tool_choice "auto"'s parser, as OpenAI's tool_calls entry."""
+    return {"id": _call_id(job, c, k), "type": "function",
             "function": {"name": call.name, "arguments": call.arguments}}  # fmt: skip
 
 
 def _called(finish: str | None) -> str | None:
-    """An answer that called tools ends "tool_calls" (vLLM's and OpenAI's reason)."""
-    return "tool_calls" if finish in ("stop", "length") else finish
+    """An answer that called tools and ended by itself ends "tool_calls" (vLLM's and
+    OpenAI's reason); one cut short keeps "length", so that the client knows."""
+    return "tool_calls" if finish == "stop" else finish
 
 
 def _tool_message(job: _Job, c: _Choice, text: str) -> dict:
@@ -670,8 +679,7 @@ def _tool_message(job: _Job, c: _Choice, text: str) -> dict:
         calls = [(job.tool, text)]
     else:
         try:
-            calls = [(call["name"], json.dumps(call["parameters"], ensure_ascii=False))
-                     for call in json.loads(text)]  # fmt: skip
+            calls = [(call["name"], json_text(call["parameters"])) for call in json.loads(text)]
         except (ValueError, TypeError, KeyError):
             return {"role": "assistant", "content": text, "tool_calls": []}
     return {

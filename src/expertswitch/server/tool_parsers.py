@@ -15,8 +15,9 @@ writes its calls in its own format, which a parser turns into OpenAI's `tool_cal
     stream = ToolStream(parser)                # an answer as it grows
     content_delta, new_calls = stream.feed(text_so_far, final=False)
 
-A parser reads the answer with its special tokens kept (the server decodes tool-call
-answers with skip_special_tokens off, as vLLM does: some models' markers are special tokens).
+hermes and mistral read the answer with its special tokens kept (the server decodes their
+answers with skip_special_tokens off, as vLLM does: some of those models' markers are special
+tokens); llama3_json and pythonic read it as the request decodes it (<|python_tag|> skipped).
 What is not a well-formed call stays content — a malformed call block included — so nothing
 the model wrote is dropped. Streaming sends text as content until a call may begin (a partial
 marker is held back), then each call whole, once it is complete; the content and calls a
@@ -44,6 +45,7 @@ class ToolParser:
     rest (final) is the text of `part` that is not a call."""
 
     name = ""
+    keeps_special_tokens = False  # the answer is decoded with special tokens kept (markers)
 
     def start(self, text: str) -> int | None:
         raise NotImplementedError
@@ -91,6 +93,7 @@ class _Opening(ToolParser):
 
 class Hermes(_Marked):
     name, marker, end = "hermes", "<tool_call>", "</tool_call>"
+    keeps_special_tokens = True
 
     def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
         calls, rest, at = [], [], 0
@@ -143,6 +146,7 @@ class Llama3Json(_Opening):
 
 class Mistral(_Marked):
     name, marker = "mistral", "[TOOL_CALLS]"
+    keeps_special_tokens = True
     args, call_id = "[ARGS]", "[CALL_ID]"
 
     def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
@@ -190,7 +194,7 @@ class Pythonic(_Opening):
                 kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
             except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
                 return [], part
-            args = None if None in kwargs else _dumps(kwargs)  # (None: **kwargs, or a set,
+            args = None if None in kwargs else json_text(kwargs)  # (None: **kwargs, or a set,
             if args is None or not all(p.isidentifier() for p in name.split(".")):  # bytes...)
                 return [], part  # (or a call of something that is not a name)
             calls.append(ToolCall(name, args))
@@ -265,12 +269,23 @@ def _loads(text: str):
         return None
 
 
-def _dumps(obj) -> str | None:
-    """JSON text, or None for what JSON cannot hold (1e400 read as inf, a set...)."""
+def json_text(obj) -> str | None:
+    """JSON text of `obj` (non-ASCII as is, as vLLM writes arguments), or None for what JSON
+    cannot hold (1e400 read as inf, a set...). A string with a lone surrogate (read from a
+    "\\ud800" escape) cannot be sent as UTF-8: the text then escapes it, as JSON allows."""
     try:
-        return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
         return None
+    return text if _utf8(text) else json.dumps(obj, allow_nan=False)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _call(body: str) -> ToolCall | None:
@@ -285,5 +300,6 @@ def _call_of(obj) -> ToolCall | None:
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         args = _loads(args)
-    text = _dumps(args) if isinstance(args, dict) else None
-    return None if text is None else ToolCall(obj["name"], text)
+    text = json_text(args) if isinstance(args, dict) else None
+    ok = text is not None and _utf8(obj["name"])  # (a name is sent as it is)
+    return ToolCall(obj["name"], text) if ok else None
