@@ -83,9 +83,14 @@ def request_stream(family, n: int) -> list[tuple[str | None, str]]:
     return out
 
 
-def run_ours(family, archives, stream, lengths: list[int], int4: bool = False) -> dict:
-    """int4: the delta terms through torch's CPU int4 matmul (kernels/delta_cpu.to_int4)."""
+def run_ours(family, archives, stream, lengths: list[int], int4: bool = False,
+             path: str = "auto") -> dict:  # fmt: skip
+    """int4: the delta terms through torch's CPU int4 matmul (kernels/delta_cpu.to_int4);
+    path: models/layers.DELTA_PATH ("per-expert": without stacking the experts' deltas)."""
     from expertswitch.engine import Engine, SamplingParams
+    from expertswitch.models import layers
+
+    layers.DELTA_PATH = path
 
     t0 = time.perf_counter()
     eng = Engine(family.base, archives, max_num_seqs=len(stream), cpu_int4_deltas=int4)
@@ -96,6 +101,7 @@ def run_ours(family, archives, stream, lengths: list[int], int4: bool = False) -
     t0 = time.perf_counter()
     outs = eng.generate([p for _, p in stream], [e for e, _ in stream], params)
     seconds = time.perf_counter() - t0
+    layers.DELTA_PATH = "auto"
     tokens = sum(len(o.token_ids) for o in outs)
     return {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds, "load_s": load_s,
             "texts": [o.text for o in outs]}  # fmt: skip
@@ -171,20 +177,24 @@ def cpu_part(args) -> tuple[dict, str]:
         stream = request_stream(family, args.requests)
         for label, lengths in scenarios.items():
             ours = run_ours(family, archives, stream, lengths)
+            alone = run_ours(family, archives, stream, lengths, path="per-expert")
             int4 = run_ours(family, archives, stream, lengths, int4=True)
             hf = run_transformers(family, recs, stream, lengths)
             ceiling = batching_ceiling(family, stream, lengths)
             hf_texts = hf.pop("texts")
             same = sum(a == b for a, b in zip(ours.pop("texts"), hf_texts))
+            alone.pop("texts")
             same_int4 = sum(a == b for a, b in zip(int4.pop("texts"), hf_texts))
             ratio = ours["tok_s"] / hf["tok_s"]
             ratio_int4 = int4["tok_s"] / hf["tok_s"]
             results[label] = {"lengths": lengths, "ours": ours, "ours_int4": int4,
+                              "ours_per_expert": alone,
                               "transformers": hf, "transformers_base_one_batch": ceiling,
                               "ratio": ratio, "ratio_int4": ratio_int4, "goal": 3.0,
                               "met": max(ratio, ratio_int4) >= 3.0, "identical_texts": same,
                               "identical_texts_int4": same_int4}  # fmt: skip
             rows = [("ours: Engine, packed deltas, one running batch", ours),
+                    ("ours, each expert's delta term alone (before stacking)", alone),
                     ("ours, delta terms by torch's CPU int4 matmul (bf16)", int4),
                     ("transformers, one expert at a time (batches of 8)", hf),
                     ("transformers, base only, all 32 in one batch (ceiling)",

@@ -329,3 +329,57 @@ def test_tensor_parallel_slices_through_the_kernel(bits, group):
         rs = torch.tensor([{0: 0, 2: 1}.get(s, -1) for s in row_slot.tolist()], device=DEVICE)
         full = delta_matmul_reference(x, rs, [whole[0], whole[2]])
         assert rel_err(run(x, rs, parts), full[:, lo:hi]) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", [(37, 100, 32), (16, 352, 128), (20, 100, 100)])
+def test_cpu_stacked_experts_match_the_reference_row_by_row(bits, symmetric, shape):
+    """The CPU path that stacks several experts' deltas of a weight (one dequantization pass,
+    one batched matmul; models/layers._add_stacked) against each row's own expert's
+    PackedDelta.matmul_reference: experts with different salient counts (none included) and
+    scale_exps, base-only rows left exactly as they were, rows in any order, an output wider
+    than the weight (a larger vocabulary), an expert of another format or without the weight
+    beside them, and rows spread too unevenly to stack (the per-expert path)."""
+    from expertswitch.models import layers
+    from expertswitch.models.context import ExpertBatch
+    from expertswitch.models.expert_weights import ExpertWeights
+
+    if DEVICE != "cpu":
+        pytest.skip("the CPU path")
+    n, k, group = shape
+    deltas = [make_delta(n, k, bits, group, symmetric, sal, seed=10 * bits + i,
+                         magnitude=2.0**-i) for i, sal in enumerate((3, 0, 5, 1))]  # fmt: skip
+    other = make_delta(n, k, 1 if bits != 1 else 2, group, symmetric, 2, seed=99)
+    experts = [ExpertWeights(f"e{i}", None, {"w": d}) for i, d in enumerate(deltas)]
+    experts += [ExpertWeights("other", None, {"w": other}), ExpertWeights("none", None, {})]
+    owner = [*deltas, other, None]
+    g = torch.Generator().manual_seed(bits)
+    cases = ((23, None), (9, [0, 1, 2, 3, 4, 5, -1, 2, 0]), (13, [0] * 10 + [1, 2, -1]))
+    for t, spread in cases:
+        row_slot = torch.randint(-1, len(experts), (t,), generator=g) if spread is None \
+            else torch.tensor(spread)  # fmt: skip
+        x = torch.randn(t, k, generator=g)
+        eb = ExpertBatch.build(experts, row_slot)
+        calls = []
+        real = layers.StackedDeltas.bmm
+        layers.StackedDeltas.bmm = lambda self, xg, calls=calls, real=real: (
+            calls.append(xg.shape) or real(self, xg))  # fmt: skip
+        before = torch.randn(t, n + 3, generator=g)
+        try:  # into zeros (the delta term alone, to fp32 rounding), then added into y
+            zero, y = torch.zeros(t, n + 3), before.clone()
+            layers.add_deltas(zero, x, eb, "w")
+            layers.add_deltas(y, x, eb, "w")
+        finally:
+            layers.StackedDeltas.bmm = real
+        # (the last case: 10 rows beside 1 and 1 would pad 12 to 30: per expert instead)
+        assert calls if spread != cases[2][1] else not calls
+        assert torch.equal(y, before + zero)
+        for r in range(t):
+            s = int(row_slot[r])
+            d = owner[s] if s >= 0 else None
+            if d is None:  # base only, or an expert without this weight: untouched
+                assert not zero[r].any(), (t, r, s)
+                continue
+            assert not zero[r, n:].any()
+            assert rel_err(zero[r, :n], d.matmul_reference(x[r : r + 1])[0]) < 1e-5, (t, r, s)
