@@ -667,6 +667,9 @@ def test_serve_command_refuses_unsafe_admin_and_bad_sizes(family, capsys):
     assert "choose one of hermes, llama3_json, mistral, pythonic" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown tool-call parser"):
         ServerConfig(tool_call_parser="qwen")
+    assert main(["serve", "--base", str(base), "--reasoning-parser", "r1"]) == 2
+    assert "unknown reasoning parser 'r1': choose one of deepseek_r1, qwen3" \
+        in capsys.readouterr().err  # fmt: skip
     with pytest.raises(ConfigError, match="too large"):
         _size_arg("1e400", "--gpu-budget")
 
@@ -917,6 +920,47 @@ def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference, pa
             bias = {"logit_bias": {str(reference.tokenizer.bos_token_id): 100}}
             marked = client.chat.completions.create(**{**ask, "max_tokens": 3, "extra_body": bias})
             assert marked.choices[0].message.content == (bos * 3 if parser == "hermes" else "")
+    finally:
+        aengine.close()
+
+
+def test_a_reasoning_parser_splits_the_thinking_from_the_answer(family):
+    """--reasoning-parser deepseek_r1 (beside --tool-call-parser hermes): the text before
+    </think> is reasoning_content (and vLLM's newer `reasoning`), the rest content, where the
+    calls are read; streamed as reasoning deltas, then content and calls adding up to the
+    same; include_reasoning false drops the thinking."""
+    base, archives, _ = family
+    app, aengine = build_app(base, archives, None, device="cpu", dtype=torch.float32,
+                             cfg=ServerConfig(tool_call_parser="hermes",
+                                              reasoning_parser="deepseek_r1"))  # fmt: skip
+    said = ('I need the weather.</think>Checking.<tool_call>{"name": "get_time", '
+            '"arguments": {}}</tool_call>')  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    ask = {"model": "code", "messages": [{"role": "user", "content": "time?"}],
+           "max_tokens": 200, "temperature": 0,
+           "extra_body": {"structured_outputs": {"choice": [said]}}}  # fmt: skip
+    try:
+        with ServerThread(app) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
+                                   timeout=300)  # fmt: skip
+            msg = client.chat.completions.create(**ask, tools=tools).choices[0].message
+            assert msg.reasoning_content == msg.reasoning == "I need the weather."
+            assert msg.content == "Checking."
+            assert [t.function.name for t in msg.tool_calls] == ["get_time"]
+            thought, content, calls = "", "", []
+            for chunk in client.chat.completions.create(**ask, tools=tools, stream=True):
+                d = chunk.choices[0].delta
+                thought += getattr(d, "reasoning_content", None) or ""
+                content += d.content or ""
+                calls += [t.function.name for t in d.tool_calls or []]
+            assert (thought, content, calls) == ("I need the weather.", "Checking.", ["get_time"])
+            plain = client.chat.completions.create(**ask).choices[0].message  # no tools
+            assert plain.content == 'Checking.<tool_call>{"name": "get_time", "arguments": {}}' \
+                "</tool_call>" and plain.reasoning_content == "I need the weather."  # fmt: skip
+            hidden = client.chat.completions.create(**{**ask, "extra_body": {
+                **ask["extra_body"], "include_reasoning": False}}).choices[0].message  # fmt: skip
+            assert hidden.content == plain.content
+            assert getattr(hidden, "reasoning_content", None) is None
     finally:
         aengine.close()
 

@@ -83,6 +83,7 @@ class ChatCompletionRequest(_Request):
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True  # vLLM's: false drops the thinking (a reasoning parser's)
     # the server's tool-call parser (--tool-call-parser), set by the server before any check:
     # with one, tools with tool_choice "auto" (or unset, vLLM's default then) leave the
     # model to call them or not, and its answer is parsed for calls
@@ -123,7 +124,8 @@ class ExpertName(BaseModel):
 
 MAX_N = 128  # OpenAI's own limit on `n`
 _DEFAULTED = {"n", "stream", "echo", "ignore_eos", "include_stop_str_in_output",
-              "skip_special_tokens", "min_tokens", "add_generation_prompt"}  # fmt: skip
+              "skip_special_tokens", "min_tokens", "add_generation_prompt",
+              "include_reasoning"}  # fmt: skip
 
 
 def refuse_unsupported(req: _Request) -> None:

@@ -46,6 +46,12 @@ from expertswitch.server.protocol import (
     structured_outputs,
     tool_choice_required,
 )
+from expertswitch.server.reasoning import (
+    REASONING_PARSERS,
+    ReasoningParser,
+    ReasoningStream,
+    split,
+)
 from expertswitch.server.tool_parsers import (
     TOOL_PARSERS,
     ToolCall,
@@ -70,11 +76,18 @@ class ServerConfig:
     # tool_choice "auto": the format the model writes its calls in (tool_parsers.py); None:
     # "auto" is refused (vLLM's --enable-auto-tool-choice --tool-call-parser NAME)
     tool_call_parser: str | None = None
+    # a reasoning model's thinking split from its answer (reasoning.py; vLLM's
+    # --reasoning-parser NAME); None: the thinking stays in the content
+    reasoning_parser: str | None = None
 
     def __post_init__(self):
-        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
-            raise ConfigError(f"unknown tool-call parser {self.tool_call_parser!r}: choose one "
-                              f"of {', '.join(TOOL_PARSERS)}")  # fmt: skip
+        for what, name, known in (
+            ("tool-call", self.tool_call_parser, TOOL_PARSERS),
+            ("reasoning", self.reasoning_parser, REASONING_PARSERS),
+        ):
+            if name is not None and name not in known:
+                raise ConfigError(f"unknown {what} parser {name!r}: choose one of "
+                                  f"{', '.join(known)}")  # fmt: skip
 
 
 @dataclass
@@ -100,6 +113,8 @@ class _Choice:
     lp_sent: int = -1  # streaming: logprobs entries already sent (−1: the prompt's too)
     lp_offset: int = 0  # streaming: text offset of the next token
     tools: ToolStream | None = None  # streaming, tool_choice "auto": the calls sent so far
+    thinking: ReasoningStream | None = None  # streaming, a reasoning parser: reasoning sent
+    content_sent: int = 0  # streaming, a reasoning parser without tools: content characters
 
 
 @dataclass
@@ -118,6 +133,8 @@ class _Job:
     tool_required: bool = False  # tool_choice "required": a whole answer ends "tool_calls"
     parser: ToolParser | None = None  # tool_choice "auto": reads the calls out of the answer
     short_call_ids: bool = False  # Mistral's 9-character call ids (see _call_id)
+    reasoning: ReasoningParser | None = None  # chat: splits the thinking from the content
+    show_reasoning: bool = True  # include_reasoning (vLLM's): false drops the thinking
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -362,14 +379,19 @@ class OpenAIServing:
         fmt = LogprobFormatter(tok) if params[0].logprobs is not None else None
         tool = forced_tool(req) if kind == "chat" else None
         parser = TOOL_PARSERS[self.cfg.tool_call_parser] if auto_tools(req) else None
+        thinking = None  # (a forced tool call is held to JSON from its first token)
+        if kind == "chat" and tool is None and self.cfg.reasoning_parser is not None:
+            thinking = REASONING_PARSERS[self.cfg.reasoning_parser]
         job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, score_only,
                    tool=tool and tool[0], tool_required=tool_choice_required(req),
                    parser=parser, id=job_id,
-                   short_call_ids=self.cfg.tool_call_parser == "mistral")  # fmt: skip
+                   short_call_ids=self.cfg.tool_call_parser == "mistral", reasoning=thinking,
+                   show_reasoning=getattr(req, "include_reasoning", True))  # fmt: skip
         self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
         for c in choices:
             c.sent = texts[c.prompt] if echo else ""
             c.tools = ToolStream(parser) if parser is not None and req.stream else None
+            c.thinking = ReasoningStream(thinking) if thinking is not None and req.stream else None
         if req.stream:
             return await self._stream(job, req, http)
         return await self._collect(job, http)
@@ -443,17 +465,24 @@ class OpenAIServing:
                     if job.tool == ANY_TOOL and not out.finished:
                         continue  # several calls: sent whole, once the list is read
                     delta = self._delta(job, c, out)
-                    calls = []
+                    content, thought, calls = c.sent, "", []
+                    if c.thinking is not None:  # the thinking, then the content
+                        thought, content = c.thinking.feed(c.sent, out.finished)
+                        thought = thought if job.show_reasoning else ""
+                        content = content or ""
+                        if c.tools is None:
+                            delta, c.content_sent = content[c.content_sent :], len(content)
                     if c.tools is not None:  # tool_choice "auto": content, then calls
-                        delta, calls = c.tools.feed(c.sent, out.finished)
+                        delta, calls = c.tools.feed(content, out.finished)
                         if out.finished and c.tools.calls:
                             c.finish = _called(c.finish)
                     lp = self._stream_logprobs(job, c)
-                    if delta or calls or out.finished or lp is not None:
+                    if delta or calls or thought or out.finished or lp is not None:
                         k = len(c.tools.calls) - len(calls) if calls else 0
                         yield _sse(self._chunk(job, c, text=delta, finish=c.finish, lp=lp,
                                                calls=[(k + i, call) for i, call in
-                                                      enumerate(calls)]))  # fmt: skip
+                                                      enumerate(calls)],
+                                               thought=thought))  # fmt: skip
                 if not pending:
                     break
                 batch = await job.collector.get()
@@ -553,11 +582,15 @@ class OpenAIServing:
         return job.logprobs.completion(self._entries(job, c, -1), 0)
 
     def _chunk(self, job: _Job, c: _Choice, text: str = "", finish=None, opening=False,
-               lp: dict | None = None, calls: list[tuple[int, ToolCall]] = ()):  # fmt: skip
+               lp: dict | None = None, calls: list[tuple[int, ToolCall]] = (),
+               thought: str = ""):  # fmt: skip
         if job.kind == "chat":
             delta = {"role": "assistant", "content": ""} if opening else {"content": text}
-            if calls:  # tool_choice "auto": each call whole, once complete
+            if calls or (thought and not text):  # (no empty content beside them)
                 delta = {"content": text} if text else {}
+            if thought:  # the thinking (vLLM's reasoning_content, and its newer name)
+                delta["reasoning_content"] = delta["reasoning"] = thought
+            if calls:  # tool_choice "auto": each call whole, once complete
                 delta["tool_calls"] = [{"index": k, **_call_json(job, c, k, call)}
                                        for k, call in calls]  # fmt: skip
             if job.tool == ANY_TOOL:  # the calls, whole, with the finish
@@ -590,15 +623,10 @@ class OpenAIServing:
                     "finish_reason": c.finish, "stop_reason": c.out.stop_reason}  # fmt: skip
             if job.kind == "chat" and job.tool is not None:  # vLLM's shape for a named call
                 base["message"] = _tool_message(job, c, text)
-            elif job.kind == "chat" and job.parser is not None:  # tool_choice "auto"
-                content, calls = extract(job.parser, text)
-                base["message"] = {"role": "assistant", "content": content}
-                if calls:
-                    base["message"]["tool_calls"] = [_call_json(job, c, k, call)
-                                                     for k, call in enumerate(calls)]  # fmt: skip
-                    base["finish_reason"] = _called(c.finish)
             elif job.kind == "chat":
-                base["message"] = {"role": "assistant", "content": text}
+                base["message"] = msg = _message(job, c, text)
+                if msg.get("tool_calls"):
+                    base["finish_reason"] = _called(c.finish)
             else:
                 base["text"] = text
             choices.append(base)
@@ -657,6 +685,22 @@ def _call_id(job: _Job, c: _Choice, k: int = 0) -> str:
     every call such an id (vLLM's)."""
     cid = f"call-{job.id.rsplit('-', 1)[-1][:16]}-{c.index}" + (f"-{k}" if k else "")
     return hashlib.sha256(cid.encode()).hexdigest()[:9] if job.short_call_ids else cid
+
+
+def _message(job: _Job, c: _Choice, text: str) -> dict:
+    """A chat answer's assistant message: with a reasoning parser its thinking apart
+    (reasoning_content, and vLLM's newer name reasoning; content None when it has none), with
+    tool_choice "auto" the calls read out of its content."""
+    msg: dict = {"role": "assistant", "content": text}
+    if job.reasoning is not None:
+        thought, msg["content"] = split(job.reasoning, text)
+        if job.show_reasoning:
+            msg["reasoning_content"] = msg["reasoning"] = thought
+    if job.parser is not None and msg["content"] is not None:
+        msg["content"], calls = extract(job.parser, msg["content"])
+        if calls:
+            msg["tool_calls"] = [_call_json(job, c, k, call) for k, call in enumerate(calls)]
+    return msg
 
 
 def _call_json(job: _Job, c: _Choice, k: int, call: ToolCall) -> dict:

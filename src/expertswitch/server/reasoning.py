@@ -1,0 +1,101 @@
+"""A reasoning model's thinking, split from its answer (vLLM's `--reasoning-parser NAME`): the
+text between <think> and </think> goes to the message's `reasoning_content` (and vLLM's newer
+`reasoning`), the rest to `content` — where a tool-call parser then reads calls.
+
+    deepseek_r1  the answer starts inside the thinking (R1's template writes <think> into the
+                 prompt): everything before </think> is reasoning; no </think>: all of it is
+    qwen3        thinking only when the answer opens with <think> (enable_thinking false
+                 writes none): then as deepseek_r1; otherwise all content
+
+    parser = REASONING_PARSERS["qwen3"]
+    reasoning, content = split(parser, text)          # a whole answer (either may be None)
+    stream = ReasoningStream(parser)
+    reasoning_delta, content_so_far = stream.feed(text_so_far, final=False)
+
+Streaming sends reasoning as it comes, holding back what may be the start of </think> (or,
+for qwen3, of an opening <think>); the reasoning a stream sends adds up to what `split` finds
+in the whole answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+START, END = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class ReasoningParser:
+    name: str
+    starts_inside: bool  # the answer begins inside the thinking (its <think> is in the prompt)
+
+
+REASONING_PARSERS = {p.name: p for p in (ReasoningParser("deepseek_r1", True),
+                                         ReasoningParser("qwen3", False))}  # fmt: skip
+
+
+def split(parser: ReasoningParser, text: str) -> tuple[str | None, str | None]:
+    """(reasoning, content) of a whole answer; None for a part it does not have."""
+    if not _thinks(parser, text, final=True):
+        return None, text
+    body = _after_start(text)
+    end = body.find(END)
+    if end < 0:
+        return body, None  # (cut short while thinking, or never closed)
+    content = body[end + len(END) :]
+    return body[:end], content or None
+
+
+class ReasoningStream:
+    """One streamed answer's reasoning, and its content so far (see the module)."""
+
+    def __init__(self, parser: ReasoningParser):
+        self.parser = parser
+        self.sent = 0  # reasoning characters sent
+
+    def feed(self, text: str, final: bool) -> tuple[str, str | None]:
+        """(reasoning to send, the content so far: None while the answer is still thinking,
+        or may still open with <think>)."""
+        if final:
+            reasoning, content = split(self.parser, text)
+            reasoning = reasoning or ""
+        else:
+            thinks = _thinks(self.parser, text, final=False)
+            if thinks is None:  # (it may yet open with <think>)
+                return "", None
+            if not thinks:
+                return "", text
+            body = _after_start(text)
+            end = body.find(END)
+            if end < 0:
+                reasoning, content = body[: len(body) - _partial_end(body)], None
+            else:
+                reasoning, content = body[:end], body[end + len(END) :]
+        delta = reasoning[self.sent :]
+        self.sent += len(delta)
+        return delta, content
+
+
+def _thinks(parser: ReasoningParser, text: str, final: bool) -> bool | None:
+    """Whether the answer is thinking at its start (None: not known yet — it may still open
+    with <think>, which is then cut from the reasoning)."""
+    head = text.lstrip()
+    if head.startswith(START):
+        return True
+    if not final and START.startswith(head):
+        return None
+    return parser.starts_inside
+
+
+def _after_start(text: str) -> str:
+    """The answer without the <think> that opens it, if one does (with blanks before it)."""
+    head = text.lstrip()
+    return head[len(START) :] if head.startswith(START) else text
+
+
+def _partial_end(text: str) -> int:
+    """The length of the longest end of `text` that begins </think> (and is shorter)."""
+    for n in range(min(len(END) - 1, len(text)), 0, -1):
+        if END.startswith(text[-n:]):
+            return n
+    return 0
