@@ -961,6 +961,13 @@ def test_a_reasoning_parser_splits_the_thinking_from_the_answer(family):
                 **ask["extra_body"], "include_reasoning": False}}).choices[0].message  # fmt: skip
             assert hidden.content == plain.content
             assert getattr(hidden, "reasoning_content", None) is None
+            # an answer held to JSON from its first token has no thinking: all content
+            schema = {"type": "object", "properties": {"a": {"type": "integer"}},
+                      "required": ["a"]}  # fmt: skip
+            held = client.chat.completions.create(**{**ask, "max_tokens": 30, "extra_body": {
+                "structured_outputs": {"json": schema}}}).choices[0].message  # fmt: skip
+            assert "a" in json.loads(held.content)
+            assert getattr(held, "reasoning_content", None) is None
     finally:
         aengine.close()
 

@@ -379,8 +379,10 @@ class OpenAIServing:
         fmt = LogprobFormatter(tok) if params[0].logprobs is not None else None
         tool = forced_tool(req) if kind == "chat" else None
         parser = TOOL_PARSERS[self.cfg.tool_call_parser] if auto_tools(req) else None
-        thinking = None  # (a forced tool call is held to JSON from its first token)
-        if kind == "chat" and tool is None and self.cfg.reasoning_parser is not None:
+        thinking = None  # (an answer held to JSON — a forced tool call's included — is held
+        # from its first token: it has no thinking to split off; a choice may hold one)
+        free = structured is None or structured.choice is not None
+        if kind == "chat" and free and self.cfg.reasoning_parser is not None:
             thinking = REASONING_PARSERS[self.cfg.reasoning_parser]
         job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, score_only,
                    tool=tool and tool[0], tool_required=tool_choice_required(req),
