@@ -315,6 +315,39 @@ def test_completion_logprobs_with_echo_equal_transformers(family, client, refere
     # (every position's own logprob is compared above; the top-3 where the ids decode apart,
     # which the fixture's 384-token byte-level vocabulary makes about half of them)
     assert checked >= len(full) // 3
+    # vLLM's prompt_logprobs (here 3, beside echo's 1: each shows its own k): per prompt token
+    # its logprob and rank, and the 3 most likely, keyed by token id
+    r = client.completions.create(model="math", prompt=prompt, max_tokens=1, temperature=0,
+                                  echo=True, logprobs=1,
+                                  extra_body={"prompt_logprobs": 3})  # fmt: skip
+    assert all(len(t) <= 2 for t in r.choices[0].logprobs.top_logprobs[1:])
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for i in range(1, len(ids)):
+        row = want[i - 1]
+        mine = plp[i][str(ids[i])]
+        assert abs(mine["logprob"] - row[ids[i]].item()) < 2e-3, i
+        above = (row > row[ids[i]] + 1e-4).sum().item() + 1
+        near = (row > row[ids[i]] - 1e-4).sum().item()  # (ties within rounding: either)
+        assert above <= mine["rank"] <= near, (i, mine, above, near)
+        assert mine["decoded_token"] == tok.decode([ids[i]])
+        for rank, t in enumerate(row.topk(3).indices.tolist(), 1):
+            if str(t) != str(ids[i]):
+                assert plp[i][str(t)]["rank"] == rank or abs(
+                    plp[i][str(t)]["logprob"] - row[t].item()) < 2e-3  # fmt: skip
+        assert len(plp[i]) in (3, 4)
+    chat = client.chat.completions.create(model="math", max_tokens=1, extra_body={
+        "prompt_logprobs": 0}, messages=[{"role": "user", "content": "2 + 3?"}])  # fmt: skip
+    cplp = chat.model_extra["prompt_logprobs"]
+    ids = chat_ids(reference, [{"role": "user", "content": "2 + 3?"}])
+    assert len(cplp) == len(ids) and cplp[0] is None
+    assert all(list(e) == [str(t)] for e, t in zip(cplp[1:], ids[1:]))
+    with pytest.raises(openai.BadRequestError, match="not available with stream"):
+        client.completions.create(model="math", prompt=prompt, max_tokens=1, stream=True,
+                                  extra_body={"prompt_logprobs": 1})  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs must be"):
+        client.completions.create(model="math", prompt=prompt, max_tokens=1,
+                                  extra_body={"prompt_logprobs": -1})  # fmt: skip
 
 
 def test_echo_with_zero_max_tokens_scores_the_prompt_alone(client):
@@ -728,6 +761,37 @@ def test_tokenize_and_detokenize_as_vllm(server, reference):
     )
     assert "either prompt" in _error(httpx.post(url + "/tokenize", json={}), 400)["message"]
     _error(httpx.post(url + "/tokenize", json={"model": "nope", "prompt": "x"}), 404)
+
+
+def test_continue_final_message_and_continuous_usage(server, client, reference):
+    """vLLM's continue_final_message leaves the last (assistant) message open for the answer
+    to continue (with add_generation_prompt false, else a 400 says so), in /tokenize too; and
+    stream_options.continuous_usage_stats puts each choice's usage so far in every chunk."""
+    url = server[0].url
+    messages = [{"role": "user", "content": "2 + 3 = ?"},
+                {"role": "assistant", "content": "It is"}]  # fmt: skip
+    open_ids = list(reference.tokenizer.encode("<|user|>\n2 + 3 = ?</s>\n<|assistant|>\nIt is",
+                                               add_special_tokens=False))  # fmt: skip
+    r = httpx.post(url + "/tokenize", json={"messages": messages, "add_generation_prompt": False,
+                                            "continue_final_message": True}).json()  # fmt: skip
+    assert r["tokens"] == open_ids
+    body = {"model": "math", "messages": messages, "max_tokens": 6, "temperature": 0,
+            "add_generation_prompt": False, "continue_final_message": True}  # fmt: skip
+    got = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+    assert got["choices"][0]["message"]["content"] == alone(reference, open_ids, "math", 6)
+    for bad, says in (
+        ({**body, "add_generation_prompt": True}, "add_generation_prompt to false"),
+        ({**body, "messages": messages[:1]}, "must be the assistant's"),
+    ):
+        assert says in _error(httpx.post(url + "/v1/chat/completions", json=bad), 400)["message"]
+    chunks = list(client.chat.completions.create(
+        model="math", messages=messages[:1], max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))  # fmt: skip
+    usages = [c.usage for c in chunks]
+    assert all(u is not None for u in usages)
+    counts = [u.completion_tokens for u in usages[:-1]]
+    assert counts == sorted(counts) and counts[-1] == usages[-1].completion_tokens == 5
+    assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in usages)
 
 
 def test_a_named_tool_call_holds_its_arguments_to_the_schema(server, client, reference):

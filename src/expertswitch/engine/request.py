@@ -70,6 +70,7 @@ class Logprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
+    rank: int = 1  # the token's place among all tokens, most likely first (1 + those above)
 
 
 @dataclass

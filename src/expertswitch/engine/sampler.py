@@ -235,7 +235,8 @@ def logprobs_of(logits: torch.Tensor, tokens: list[int], k: int) -> list[Logprob
     """logits fp32 [N, V] and the token chosen after each row → each token's log-probability
     under the row's distribution and the row's top-k tokens."""
     lsm = torch.log_softmax(logits, dim=-1)  # [N, V]
-    chosen = lsm.gather(1, torch.tensor(tokens, device=lsm.device)[:, None])[:, 0].tolist()
+    chosen = lsm.gather(1, torch.tensor(tokens, device=lsm.device)[:, None])  # [N, 1]
+    ranks = ((lsm > chosen).sum(-1) + 1).tolist()  # (vLLM's rank: 1 + the tokens above it)
     top_v, top_i = lsm.topk(k, dim=-1) if k else (lsm[:, :0], lsm[:, :0].long())
-    rows = zip(tokens, chosen, top_i.tolist(), top_v.tolist())
-    return [Logprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in rows]
+    rows = zip(tokens, chosen[:, 0].tolist(), top_i.tolist(), top_v.tolist(), ranks)
+    return [Logprob(t, lp, list(zip(ids, vals)), r) for t, lp, ids, vals, r in rows]

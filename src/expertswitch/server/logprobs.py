@@ -6,6 +6,9 @@
     chat         {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token",
                   "logprob", "bytes"}, ...]}, ...]}
 
+    prompt_logprobs  vLLM's: per prompt token (the first: null) {token id: {"logprob", "rank",
+                  "decoded_token"}} for the prompt's token and the k most likely
+
 As vLLM does, a completion's top_logprobs always holds the chosen token, so it may have k + 1
 entries. Token texts are the tokenizer's decode of the single id (a partial UTF-8 character
 decodes to U+FFFD; `bytes` in the chat shape is the UTF-8 of that text).
@@ -17,8 +20,11 @@ from expertswitch.engine.request import Logprob
 
 
 class LogprobFormatter:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, k: int | None = None):
+        """k: the most likely tokens shown per position (None: all the records hold; they
+        may hold more when the prompt's were asked for more)."""
         self.tok = tokenizer
+        self.k = k
         self._texts: dict[int, str] = {}
 
     def text(self, token_id: int) -> str:
@@ -41,7 +47,7 @@ class LogprobFormatter:
                 tops.append(None)
                 continue
             lps.append(lp.logprob)
-            top = {self.text(i): v for i, v in lp.top}
+            top = {self.text(i): v for i, v in lp.top[: self.k]}
             top.setdefault(text, lp.logprob)
             tops.append(top)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
@@ -53,5 +59,21 @@ class LogprobFormatter:
             return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
 
         return {"content": [{**one(lp.token_id, lp.logprob),
-                             "top_logprobs": [one(i, v) for i, v in lp.top]}
+                             "top_logprobs": [one(i, v) for i, v in lp.top[: self.k]]}
                             for lp in entries]}  # fmt: skip
+
+    def prompt(self, token_ids: list[int], entries: list[Logprob | None], k: int) -> list:
+        """vLLM's prompt_logprobs of a prompt: null for the first token (nothing scores it),
+        then {token id: {"logprob", "rank", "decoded_token"}} — the prompt's token and the k
+        most likely."""
+        out: list = []
+        for tid, lp in zip(token_ids, entries):
+            if lp is None:
+                out.append(None)
+                continue
+            top = {str(i): {"logprob": v, "rank": r + 1, "decoded_token": self.text(i)}
+                   for r, (i, v) in enumerate(lp.top[:k])}  # fmt: skip
+            top.setdefault(str(tid), {"logprob": lp.logprob, "rank": lp.rank,
+                                      "decoded_token": self.text(tid)})  # fmt: skip
+            out.append(top)
+        return out

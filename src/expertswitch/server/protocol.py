@@ -57,6 +57,7 @@ class _Request(BaseModel):
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     min_p: float | None = None
+    prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs and top k
     user: str | None = None
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's (json, json_object, choice, ...)
@@ -82,6 +83,8 @@ class ChatCompletionRequest(_Request):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    # vLLM's: the last (assistant) message is left open for the answer to continue
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     include_reasoning: bool = True  # vLLM's: false drops the thinking (a reasoning parser's)
     # the server's tool-call parser (--tool-call-parser), set by the server before any check:
@@ -99,6 +102,7 @@ class TokenizeRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
@@ -125,7 +129,7 @@ class ExpertName(BaseModel):
 MAX_N = 128  # OpenAI's own limit on `n`
 _DEFAULTED = {"n", "stream", "echo", "ignore_eos", "include_stop_str_in_output",
               "skip_special_tokens", "min_tokens", "add_generation_prompt",
-              "include_reasoning"}  # fmt: skip
+              "include_reasoning", "continue_final_message"}  # fmt: skip
 
 
 def refuse_unsupported(req: _Request) -> None:
@@ -139,6 +143,9 @@ def refuse_unsupported(req: _Request) -> None:
             raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         forced_tool(req)  # (a 400 for a tool choice it cannot hold the answer to)
     unsupported["guided_whitespace_pattern"] = req.guided_whitespace_pattern is not None
+    if req.prompt_logprobs is not None and req.stream:
+        raise HTTPError(400, "prompt_logprobs is not available with stream: true (vLLM's "
+                        "rule); ask without streaming", param="prompt_logprobs")  # fmt: skip
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise HTTPError(400, f"{bad[0]} is not supported by this server; leave it out (or at "
@@ -255,11 +262,15 @@ def _calls_schema(named: dict[str, dict]) -> dict:
 
 def logprob_counts(req: _Request) -> tuple[int | None, int | None]:
     """(logprobs, prompt_logprobs) for the engine: how many top tokens per generated / prompt
-    token (None: not asked). Prompt logprobs come with a completion's echo."""
+    token (None: not asked). Prompt logprobs come with a completion's echo, or vLLM's
+    prompt_logprobs (the more of the two)."""
+    asked = req.prompt_logprobs
     if isinstance(req, CompletionRequest):
-        return req.logprobs, (req.logprobs if req.echo and req.logprobs is not None else None)
+        echoed = req.logprobs if req.echo and req.logprobs is not None else None
+        both = [k for k in (echoed, asked) if k is not None]
+        return req.logprobs, (max(both) if both else None)
     assert isinstance(req, ChatCompletionRequest)
-    return ((req.top_logprobs or 0) if req.logprobs else None), None
+    return ((req.top_logprobs or 0) if req.logprobs else None), asked
 
 
 _UNSET = object()

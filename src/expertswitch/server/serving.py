@@ -135,6 +135,8 @@ class _Job:
     short_call_ids: bool = False  # Mistral's 9-character call ids (see _call_id)
     reasoning: ReasoningParser | None = None  # chat: splits the thinking from the content
     show_reasoning: bool = True  # include_reasoning (vLLM's): false drops the thinking
+    prompt_k: int | None = None  # vLLM's prompt_logprobs, when asked: the top k shown
+    prompt_lp: LogprobFormatter | None = None  # ... and their formatter
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -226,7 +228,7 @@ class OpenAIServing:
             tok = engine.tokenizer_for(target.expert)
             if req.tools:  # (templates that describe tools to the model use them)
                 kwargs.setdefault("tools", req.tools)
-            text = self._render(tok, messages, req.add_generation_prompt, kwargs)
+            text = self._render(tok, messages, req, kwargs)
             # the template writes its own special tokens (BOS...): encode without adding more
             return [list(tok.encode(text, add_special_tokens=False))], [text], tok
 
@@ -238,9 +240,16 @@ class OpenAIServing:
             max_tokens = max(1, min(self._limit(), self.engine.max_model_len - len(ids[0])))
         return await self._serve("chat", req, http, target, ids, texts, False, max_tokens, tok)
 
-    def _render(self, tok, messages, add_generation_prompt: bool, kwargs: dict) -> str:
+    def _render(self, tok, messages, req, kwargs: dict) -> str:
         """Chat messages → the prompt text the tokenizer's chat template (or the server's
-        --chat-template) makes."""
+        --chat-template) makes, with the request's add_generation_prompt and
+        continue_final_message (vLLM's: the last, assistant message left open)."""
+        if req.continue_final_message and req.add_generation_prompt:
+            raise ConfigError("continue_final_message continues the last message: set "
+                              "add_generation_prompt to false with it (vLLM's rule)")  # fmt: skip
+        if req.continue_final_message and messages[-1]["role"] != "assistant":
+            raise ConfigError("continue_final_message continues the last message, which must "
+                              f"be the assistant's, not the {messages[-1]['role']}'s")  # fmt: skip
         if tok is None:
             raise ConfigError("this model has no tokenizer: send token ids to /v1/completions")
         template = None if getattr(tok, "chat_template", None) else self.cfg.chat_template
@@ -250,7 +259,8 @@ class OpenAIServing:
                               "/v1/completions")  # fmt: skip
         try:
             return tok.apply_chat_template(messages, tokenize=False, chat_template=template,
-                                           add_generation_prompt=add_generation_prompt,
+                                           add_generation_prompt=req.add_generation_prompt,
+                                           continue_final_message=req.continue_final_message,
                                            **kwargs)  # fmt: skip
         except Exception as e:  # jinja: a role or layout the template refuses
             raise ConfigError(f"the chat template cannot render these messages: {e}") from e
@@ -277,7 +287,7 @@ class OpenAIServing:
                 kwargs = dict(req.chat_template_kwargs or {})
                 if req.tools:  # as chat renders them
                     kwargs.setdefault("tools", req.tools)
-                text = self._render(tok, messages, req.add_generation_prompt, kwargs)
+                text = self._render(tok, messages, req, kwargs)
                 ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
             else:
                 if tok is None:
@@ -376,7 +386,8 @@ class OpenAIServing:
             code = "context_length_exceeded" if "context holds" in str(e) else None
             raise HTTPError(400, str(e), code=code) from None
         choices = [_Choice(rid, k, i, started=start) for k, (rid, i, _) in enumerate(plan)]
-        fmt = LogprobFormatter(tok) if params[0].logprobs is not None else None
+        fmt = LogprobFormatter(tok, params[0].logprobs) if params[0].logprobs is not None \
+            else None  # fmt: skip
         tool = forced_tool(req) if kind == "chat" else None
         parser = TOOL_PARSERS[self.cfg.tool_call_parser] if auto_tools(req) else None
         thinking = None  # (an answer held to JSON — a forced tool call's included — is held
@@ -388,7 +399,10 @@ class OpenAIServing:
                    tool=tool and tool[0], tool_required=tool_choice_required(req),
                    parser=parser, id=job_id,
                    short_call_ids=self.cfg.tool_call_parser == "mistral", reasoning=thinking,
-                   show_reasoning=getattr(req, "include_reasoning", True))  # fmt: skip
+                   show_reasoning=getattr(req, "include_reasoning", True),
+                   prompt_k=req.prompt_logprobs,
+                   prompt_lp=None if req.prompt_logprobs is None
+                   else LogprobFormatter(tok))  # fmt: skip
         self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
         for c in choices:
             c.sent = texts[c.prompt] if echo else ""
@@ -441,16 +455,19 @@ class OpenAIServing:
         if err is not None:
             self._abandon(job, pending)
             raise HTTPError(503, f"{job.target.name}: {err.error}", code="expert_unavailable")
-        usage = bool((req.stream_options or {}).get("include_usage"))
-        return _ClosingStream(self._events(job, pending, first, usage),
+        opts = req.stream_options or {}
+        usage = bool(opts.get("include_usage"))
+        every = bool(opts.get("continuous_usage_stats"))  # vLLM's: usage in every chunk
+        return _ClosingStream(self._events(job, pending, first, usage, every),
                               media_type="text/event-stream",
                               headers={"Cache-Control": "no-cache"})  # fmt: skip
 
-    async def _events(self, job: _Job, pending: dict[str, _Choice], first, usage: bool):
+    async def _events(self, job: _Job, pending: dict[str, _Choice], first, usage: bool,
+                      every: bool = False):  # fmt: skip
         try:
             for c in job.choices:  # the role (chat) or the echoed prompt of every choice
                 if job.kind == "chat" or c.sent:
-                    yield _sse(self._chunk(job, c, opening=True))
+                    yield _sse(self._with_usage(job, c, self._chunk(job, c, opening=True), every))
             batch = first
             while True:
                 for out in batch:
@@ -481,10 +498,10 @@ class OpenAIServing:
                     lp = self._stream_logprobs(job, c)
                     if delta or calls or thought or out.finished or lp is not None:
                         k = len(c.tools.calls) - len(calls) if calls else 0
-                        yield _sse(self._chunk(job, c, text=delta, finish=c.finish, lp=lp,
-                                               calls=[(k + i, call) for i, call in
-                                                      enumerate(calls)],
-                                               thought=thought))  # fmt: skip
+                        chunk = self._chunk(job, c, text=delta, finish=c.finish, lp=lp,
+                                            calls=[(k + i, call) for i, call in
+                                                   enumerate(calls)], thought=thought)  # fmt: skip
+                        yield _sse(self._with_usage(job, c, chunk, every))
                 if not pending:
                     break
                 batch = await job.collector.get()
@@ -494,6 +511,15 @@ class OpenAIServing:
             yield "data: [DONE]\n\n"
         finally:  # client gone (cancelled here) or an error: free them now
             self._abandon(job, pending)
+
+    @staticmethod
+    def _with_usage(job: _Job, c: _Choice, chunk: dict, every: bool) -> dict:
+        """With vLLM's continuous_usage_stats, each chunk carries its choice's usage so far."""
+        if every:
+            prompt = len(job.prompt_tokens[c.prompt])
+            chunk["usage"] = {"prompt_tokens": prompt, "completion_tokens": c.tokens,
+                              "total_tokens": prompt + c.tokens}  # fmt: skip
+        return chunk
 
     def _abandon(self, job: _Job, pending: dict[str, _Choice]) -> None:
         for rid in list(pending):
@@ -631,8 +657,19 @@ class OpenAIServing:
                     base["finish_reason"] = _called(c.finish)
             else:
                 base["text"] = text
+            if job.prompt_lp is not None and job.kind == "completion":
+                base["prompt_logprobs"] = self._prompt_logprobs(job, c)
             choices.append(base)
-        return {**self._head(job, chunk=False), "choices": choices, "usage": self._usage(job)}
+        body = {**self._head(job, chunk=False), "choices": choices}
+        if job.prompt_lp is not None and job.kind == "chat":  # (one prompt: vLLM's top level)
+            body["prompt_logprobs"] = self._prompt_logprobs(job, job.choices[0])
+        return {**body, "usage": self._usage(job)}
+
+    @staticmethod
+    def _prompt_logprobs(job: _Job, c: _Choice) -> list | None:
+        if c.plps is None:
+            return None
+        return job.prompt_lp.prompt(job.prompt_tokens[c.prompt], c.plps, job.prompt_k)
 
     @staticmethod
     def _usage(job: _Job) -> dict:
