@@ -467,6 +467,46 @@ def test_an_answer_nothing_can_extend_stops_even_without_eos(engine):
                                                      structured_outputs=so))  # fmt: skip
 
 
+def test_a_reasoning_answer_thinks_freely_then_follows_the_constraint(engine):
+    """reasoning_end: no token is banned (and the answer is never complete) until the texts
+    read make "</think>" — across token boundaries — and from there the constraint holds
+    (the answer starts at once, as any held answer does); a token running past the end into
+    what cannot start the answer breaks it; the engine's answers think freely."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    so = StructuredOutputsParams(json=schema, reasoning_end="</think>")
+    tok = engine.tokenizer
+    thinking = tok.encode("I should think {[ about it.</think>", add_special_tokens=False)
+    answer = tok.encode('{"a": 12}', add_special_tokens=False)
+    assert len(tok.encode("</think>", add_special_tokens=False)) > 1  # (split over tokens)
+    guide = engine._guide(None, _sampling(so, 0.0))
+    vocab = engine.registry.vocab(None)
+    for t in thinking:
+        row = torch.zeros(vocab)
+        guide.mask(row)
+        assert torch.isfinite(row).all() and not guide.complete  # free while thinking
+        assert guide.advance(t)
+    assert not guide.thinking
+    for t in answer:
+        row = torch.zeros(vocab)
+        guide.mask(row)
+        assert torch.isinf(row).any() and torch.isfinite(row[t])  # held, and t allowed
+        assert guide.advance(t)
+    assert guide.complete
+    broken = engine._guide(None, _sampling(so, 0.0))
+    assert all(broken.advance(t) for t in tok.encode("x</think", add_special_tokens=False))
+    texts = broken.inner.index.text
+    past = [t for t, text in texts.items() if len(text) > 1 and text[0] == ">" and text[1] != "{"
+            and not text[1:].isspace()]  # fmt: skip
+    assert past and not broken.advance(past[0])  # ">x": past the end, into what cannot start
+    with pytest.raises(ConfigError, match="reasoning_end must be a non-empty string"):
+        StructuredOutputsParams(json_object=True, reasoning_end="")
+    # the engine: a random model thinks freely (its text unconstrained), its end not forced
+    free = engine.generate(["x"], None, _sampling(so, 1.0, seed=1, max_tokens=30))[0]
+    held = engine.generate(["x"], None, _sampling(StructuredOutputsParams(json=schema), 1.0,
+                                                  seed=1, max_tokens=30))[0]  # fmt: skip
+    assert free.finish_reason in ("stop", "length") and free.token_ids != held.token_ids
+
+
 def test_a_tokenizer_is_needed(engine, model):
     bare = Engine(model, {}, dtype=torch.float32, tokenizer=False)
     with pytest.raises(ConfigError, match="need a tokenizer"):

@@ -1025,13 +1025,24 @@ def test_a_reasoning_parser_splits_the_thinking_from_the_answer(family):
                 **ask["extra_body"], "include_reasoning": False}}).choices[0].message  # fmt: skip
             assert hidden.content == plain.content
             assert getattr(hidden, "reasoning_content", None) is None
-            # an answer held to JSON from its first token has no thinking: all content
+            # an answer held to JSON thinks first (free until </think>, as vLLM holds it);
+            # the tiny model, never closing its thinking, answers with reasoning alone
             schema = {"type": "object", "properties": {"a": {"type": "integer"}},
                       "required": ["a"]}  # fmt: skip
-            held = client.chat.completions.create(**{**ask, "max_tokens": 30, "extra_body": {
-                "structured_outputs": {"json": schema}}}).choices[0].message  # fmt: skip
-            assert "a" in json.loads(held.content)
-            assert getattr(held, "reasoning_content", None) is None
+            as_json = {**ask, "max_tokens": 30, "extra_body": {"structured_outputs": {
+                "json": schema}}}  # fmt: skip
+            held = client.chat.completions.create(**as_json).choices[0].message
+            assert held.reasoning_content and "</think>" not in held.reasoning_content
+            assert held.content is None or "a" in json.loads(held.content)
+            # a prompt that closed the thinking (Qwen3's enable_thinking false, or an assistant
+            # turn continued after its </think>): held from the first token, all content
+            closed = client.chat.completions.create(**{**as_json, "messages": [
+                {"role": "user", "content": "time?"},
+                {"role": "assistant", "content": "<think>ok</think>"}],
+                "extra_body": {**as_json["extra_body"], "add_generation_prompt": False,
+                               "continue_final_message": True}}).choices[0].message  # fmt: skip
+            assert "a" in json.loads(closed.content)
+            assert getattr(closed, "reasoning_content", None) is None
     finally:
         aengine.close()
 

@@ -29,7 +29,7 @@ import torch
 
 from expertswitch.engine.config import EngineConfig
 from expertswitch.engine.graphs import DecodeGraphs
-from expertswitch.engine.guided import Guide, token_index
+from expertswitch.engine.guided import Guide, ThinkFirst, token_index
 from expertswitch.engine.kv_cache import BlockManager, auto_num_blocks
 from expertswitch.engine.mirror import StepMirror, agree, min_over_ranks, rank0_value, step_digest
 from expertswitch.engine.pool import ExpertLoadError, ExpertPool, PoolError, PoolFullError
@@ -264,8 +264,9 @@ class Engine:
                        generator=self._generator(seed), text=None if tok is None else "",
                        guide=self._guide(expert, sampling))  # fmt: skip
 
-    def _guide(self, expert: str | None, sampling: SamplingParams) -> Guide | None:
-        """A request's place in its structured output (None without one)."""
+    def _guide(self, expert: str | None, sampling: SamplingParams) -> Guide | ThinkFirst | None:
+        """A request's place in its structured output (None without one; free until the
+        thinking ends when the constraint has a reasoning_end)."""
         so = sampling.structured_outputs
         if so is None:
             return None
@@ -273,7 +274,8 @@ class Engine:
         if not sampling.ignore_eos:
             stop |= self.registry.eos(expert)
         index = token_index(self.tokenizer_for(expert), self.registry.vocab(expert))
-        return Guide(so.grammar_, index, frozenset(stop))
+        guide = Guide(so.grammar_, index, frozenset(stop))
+        return guide if so.reasoning_end is None else ThinkFirst(guide, so.reasoning_end)
 
     @staticmethod
     def _generator(seed: int) -> torch.Generator:

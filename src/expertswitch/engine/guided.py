@@ -91,6 +91,10 @@ class StructuredOutputsParams:
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
     structural_tag: str | None = None
+    # a reasoning model thinks first: the answer is free until it writes this text (e.g.
+    # "</think>"), and held to the constraint from there (vLLM applies structured outputs
+    # after the reasoning parser's end of thinking the same way)
+    reasoning_end: str | None = None
     grammar_: Grammar | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -108,6 +112,9 @@ class StructuredOutputsParams:
         if len(given) != 1:
             raise ConfigError("structured outputs take exactly one of json (a JSON schema), "
                               f"json_object or choice; got {given or 'none'}")  # fmt: skip
+        end = self.reasoning_end
+        if end is not None and (not isinstance(end, str) or not end):
+            raise ConfigError(f"reasoning_end must be a non-empty string, got {end!r}")
         if self.disable_any_whitespace:
             self.whitespace = 0
         ws = self.whitespace
@@ -833,6 +840,46 @@ def token_index(tok, vocab_size: int) -> TokenIndex:
         if vocab_size not in per:
             per[vocab_size] = TokenIndex(tok, vocab_size)
         return per[vocab_size]
+
+
+class ThinkFirst:
+    """A Guide's answer with thinking before it: free (no mask, never complete) until the
+    token texts read make `end`; then the inner guide reads the rest of that token's text
+    (its leading blanks dropped) and holds every token after (no blanks before the answer,
+    as at the start of any held answer)."""
+
+    def __init__(self, inner: Guide, end: str):
+        self.inner, self.end = inner, end
+        self.thinking = True
+        self._tail = ""  # the thinking's last characters: where `end` may be forming
+
+    @property
+    def complete(self) -> bool:
+        return not self.thinking and self.inner.complete
+
+    def mask(self, row: torch.Tensor) -> None:
+        if not self.thinking:
+            self.inner.mask(row)
+
+    def advance(self, token: int) -> bool:
+        if not self.thinking:
+            return self.inner.advance(token)
+        if token in self.inner.stop_ids:
+            return True
+        text = self._tail + self.inner.index.text.get(token, "")
+        at = text.find(self.end)
+        if at < 0:
+            self._tail = text[-(len(self.end) - 1) :] if len(self.end) > 1 else ""
+            return True
+        self.thinking = False
+        rest = text[at + len(self.end) :].lstrip()
+        if not rest:
+            return True
+        state = self.inner.grammar.read(self.inner.state, rest)
+        if state is None:  # (the token went on past the end with what cannot start it)
+            return False
+        self.inner.state = state
+        return True
 
 
 class Guide:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import threading
@@ -47,6 +48,7 @@ from expertswitch.server.protocol import (
     tool_choice_required,
 )
 from expertswitch.server.reasoning import (
+    END,
     REASONING_PARSERS,
     ReasoningParser,
     ReasoningStream,
@@ -351,8 +353,12 @@ class OpenAIServing:
                             f"asks for {longest + max_tokens} ({longest} in the prompt, "
                             f"{max_tokens} to generate): lower max_tokens or shorten the prompt",
                             param="max_tokens", code="context_length_exceeded")  # fmt: skip
+        tool = forced_tool(req) if kind == "chat" else None
         try:
             structured = structured_outputs(req)  # (once: the same for every choice)
+            closed = kind == "chat" and texts[0].rstrip().endswith(END)  # (no thinking)
+            if self._thinks_first(kind, structured, tool, closed):
+                structured = dataclasses.replace(structured, reasoning_end=END)
             params = [sampling_params(req, max_tokens, j, structured) for j in range(req.n)]
         except ConfigError as e:
             raise HTTPError(400, str(e)) from None
@@ -388,12 +394,11 @@ class OpenAIServing:
         choices = [_Choice(rid, k, i, started=start) for k, (rid, i, _) in enumerate(plan)]
         fmt = LogprobFormatter(tok, params[0].logprobs) if params[0].logprobs is not None \
             else None  # fmt: skip
-        tool = forced_tool(req) if kind == "chat" else None
         parser = TOOL_PARSERS[self.cfg.tool_call_parser] if auto_tools(req) else None
-        thinking = None  # (an answer held to JSON — a forced tool call's included — is held
-        # from its first token: it has no thinking to split off; a choice may hold one)
-        free = structured is None or structured.choice is not None
-        if kind == "chat" and free and self.cfg.reasoning_parser is not None:
+        thinking = None  # (an answer held to JSON from its first token — a forced tool
+        # call's — has no thinking to split off; a choice may hold one)
+        free = structured is None or structured.choice is not None or structured.reasoning_end
+        if kind == "chat" and free and not closed and self.cfg.reasoning_parser is not None:
             thinking = REASONING_PARSERS[self.cfg.reasoning_parser]
         job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, score_only,
                    tool=tool and tool[0], tool_required=tool_choice_required(req),
@@ -411,6 +416,17 @@ class OpenAIServing:
         if req.stream:
             return await self._stream(job, req, http)
         return await self._collect(job, http)
+
+    def _thinks_first(self, kind: str, structured, tool, closed: bool) -> bool:
+        """With a reasoning parser, a chat answer held to JSON (response_format, guided_json)
+        thinks first, the constraint holding from </think> on (as vLLM applies it) — unless
+        the prompt closed the thinking already (`closed`: Qwen3's enable_thinking false
+        writes an empty <think></think>; the answer then has no thinking to split off
+        either). A forced tool call's arguments stream from the first token: held from
+        there."""
+        return (kind == "chat" and self.cfg.reasoning_parser is not None and tool is None
+                and structured is not None and structured.choice is None
+                and not closed)  # fmt: skip
 
     async def _collect(self, job: _Job, http: Request):
         pending = job.by_id()
