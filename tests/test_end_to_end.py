@@ -178,6 +178,15 @@ def test_cli_errors_are_one_line(tmp_path, llama_pair, capsys):
     assert rc == 2 and err.startswith("error: checkpoint directory") and "Traceback" not in err
     assert main(["inspect", str(tmp_path)]) == 2
     assert "not an expert archive" in capsys.readouterr().err
+    # a PEFT LoRA adapter where an archive or a checkpoint is expected: what to do with it
+    peft = tmp_path / "adapter"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    assert main(["inspect", str(peft)]) == 2
+    assert "is a PEFT adapter" in capsys.readouterr().err
+    rc = main(["compress", "--base", str(base_dir), "--expert", str(peft),
+               "--out", str(tmp_path / "o"), "--quiet"])  # fmt: skip
+    assert rc == 2 and "merge_and_unload" in capsys.readouterr().err
     rc = main(["compress", "--base", str(base_dir), "--expert", str(base_dir),
                "--out", str(tmp_path / "o"), "--bits", "5", "--quiet"])  # fmt: skip
     assert rc == 2 and "bits=5" in capsys.readouterr().err

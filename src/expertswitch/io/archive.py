@@ -272,6 +272,11 @@ def _read_manifest(path: Path) -> dict:
     if not path.is_dir():
         raise ArchiveError(f"expert archive {path} does not exist (expected a directory)")
     mf = path / MANIFEST
+    if not mf.is_file() and (path / "adapter_config.json").is_file():
+        raise ArchiveError(f"{path} is a PEFT adapter (adapter_config.json), not an expert "
+                           "archive: merge it into its base (peft's merge_and_unload, then "
+                           "save_pretrained) and compress that checkpoint with expertswitch "
+                           "compress --base BASE --expert MERGED --out ARCHIVE")  # fmt: skip
     if not mf.is_file():
         raise ArchiveError(
             f"{path} is not an expert archive: no {MANIFEST} (make one with expertswitch compress)"

@@ -167,6 +167,11 @@ def _read_config(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; pass the checkpoint's directory")
     cfg = path / "config.json"
+    if not cfg.is_file() and (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path} is a PEFT adapter (adapter_config.json), not a whole "
+                              "checkpoint: merge it into its base first (peft's "
+                              "merge_and_unload, then save_pretrained) and pass that "
+                              "directory")  # fmt: skip
     if not cfg.is_file():
         raise CheckpointError(
             f"{path} has no config.json: pass a Hugging Face checkpoint directory "
