@@ -355,12 +355,20 @@ def test_cpu_stacked_experts_match_the_reference_row_by_row(bits, symmetric, sha
     experts += [ExpertWeights("other", None, {"w": other}), ExpertWeights("none", None, {})]
     owner = [*deltas, other, None]
     g = torch.Generator().manual_seed(bits)
-    cases = ((23, None), (9, [0, 1, 2, 3, 4, 5, -1, 2, 0]), (13, [0] * 10 + [1, 2, -1]))
+    cases = (
+        (23, None),
+        (9, [0, 1, 2, 3, 4, 5, -1, 2, 0]),
+        (13, [0] * 10 + [1, 2, -1]),
+        (6, [2, 0, 2, 0, -1, 4]),
+        (5, [3, 1, 1, 3, 5]),
+    )  # (only some of the format's)
+    tables: dict = {}  # the runner's, kept across steps while the same experts are active
     for t, spread in cases:
         row_slot = torch.randint(-1, len(experts), (t,), generator=g) if spread is None \
             else torch.tensor(spread)  # fmt: skip
         x = torch.randn(t, k, generator=g)
         eb = ExpertBatch.build(experts, row_slot)
+        eb.tables = tables
         calls = []
         real = layers.StackedDeltas.bmm
         layers.StackedDeltas.bmm = lambda self, xg, calls=calls, real=real: (
@@ -372,8 +380,10 @@ def test_cpu_stacked_experts_match_the_reference_row_by_row(bits, symmetric, sha
             layers.add_deltas(y, x, eb, "w")
         finally:
             layers.StackedDeltas.bmm = real
-        # (the last case: 10 rows beside 1 and 1 would pad 12 to 30: per expert instead)
+        # (the third case: 10 rows beside 1 and 1 would pad 12 to 30: per expert instead)
         assert calls if spread != cases[2][1] else not calls
+        # one stack for the format, whichever experts each batch's rows use
+        assert [key[0] for key in tables] == ["stacked"]
         assert torch.equal(y, before + zero)
         for r in range(t):
             s = int(row_slot[r])

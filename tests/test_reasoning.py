@@ -23,9 +23,7 @@ CASES = {
     "qwen3": [
         ("<think>\nhmm\n</think>\n\nok", "\nhmm\n", "\n\nok"),
         ("\n<think>cut short", "cut short", None),
-        ("plain answer</think>", None, "plain answer</think>"),  # no <think>: no thinking
-        ("<thi", None, "<thi"),
-        ("", None, ""),
+        ("thinking</think>answer", "thinking", "answer"),  # <think> in the prompt (2507)
     ],
 }
 

@@ -764,9 +764,10 @@ def test_tokenize_and_detokenize_as_vllm(server, reference):
 
 
 def test_continue_final_message_and_continuous_usage(server, client, reference):
-    """vLLM's continue_final_message leaves the last (assistant) message open for the answer
-    to continue (with add_generation_prompt false, else a 400 says so), in /tokenize too; and
-    stream_options.continuous_usage_stats puts each choice's usage so far in every chunk."""
+    """vLLM's continue_final_message leaves the last message open for the answer to continue
+    (with add_generation_prompt false, else a 400 says so), in /tokenize too; and
+    stream_options.continuous_usage_stats (with include_usage) puts each choice's usage so
+    far in every chunk."""
     url = server[0].url
     messages = [{"role": "user", "content": "2 + 3 = ?"},
                 {"role": "assistant", "content": "It is"}]  # fmt: skip
@@ -779,14 +780,15 @@ def test_continue_final_message_and_continuous_usage(server, client, reference):
             "add_generation_prompt": False, "continue_final_message": True}  # fmt: skip
     got = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
     assert got["choices"][0]["message"]["content"] == alone(reference, open_ids, "math", 6)
-    for bad, says in (
-        ({**body, "add_generation_prompt": True}, "add_generation_prompt to false"),
-        ({**body, "messages": messages[:1]}, "must be the assistant's"),
-    ):
-        assert says in _error(httpx.post(url + "/v1/chat/completions", json=bad), 400)["message"]
-    chunks = list(client.chat.completions.create(
-        model="math", messages=messages[:1], max_tokens=5, temperature=0, stream=True,
-        stream_options={"include_usage": True, "continuous_usage_stats": True}))  # fmt: skip
+    bad = {**body, "add_generation_prompt": True}
+    says = "add_generation_prompt to false"
+    assert says in _error(httpx.post(url + "/v1/chat/completions", json=bad), 400)["message"]
+    ask = dict(model="math", messages=messages[:1], max_tokens=5, temperature=0, stream=True)
+    only = list(client.chat.completions.create(**ask, stream_options={
+        "continuous_usage_stats": True}))  # fmt: skip
+    assert all(c.usage is None for c in only)  # (vLLM's: with include_usage only)
+    chunks = list(client.chat.completions.create(**ask, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}))  # fmt: skip
     usages = [c.usage for c in chunks]
     assert all(u is not None for u in usages)
     counts = [u.completion_tokens for u in usages[:-1]]
@@ -988,54 +990,75 @@ def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference, pa
         aengine.close()
 
 
-def test_a_reasoning_parser_splits_the_thinking_from_the_answer(family):
-    """--reasoning-parser deepseek_r1 (beside --tool-call-parser hermes): the text before
-    </think> is reasoning_content (and vLLM's newer `reasoning`), the rest content, where the
-    calls are read; streamed as reasoning deltas, then content and calls adding up to the
-    same; include_reasoning false drops the thinking."""
-    base, archives, _ = family
-    app, aengine = build_app(base, archives, None, device="cpu", dtype=torch.float32,
+@pytest.fixture(scope="module")
+def thinker(family, tmp_path_factory):
+    """A random tiny Llama whose tokenizer (the family's) has <think>, </think>, <tool_call>
+    and </tool_call> as tokens, as Qwen's and R1's have (added, not special)."""
+    from tokenizers import AddedToken
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(family[0])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t in ("<think>", "</think>", "<tool_call>", "</tool_call>")])  # fmt: skip
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)  # fmt: skip
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("thinker") / "base"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, tok.convert_tokens_to_ids("</think>")
+
+
+def test_a_reasoning_parser_splits_the_thinking_from_the_answer(thinker):
+    """--reasoning-parser deepseek_r1 (beside --tool-call-parser hermes): the answer thinks
+    until </think> (here a random model made to close its thinking at once by a logit bias),
+    the text before it is reasoning_content (and vLLM's newer `reasoning`), the rest
+    content, where the calls are read; a constraint (guided_choice, a JSON schema) holds the
+    answer from </think> on, as vLLM applies it; streamed alike; include_reasoning false
+    drops the thinking; a prompt that closed the thinking holds the answer from its first
+    token, all content."""
+    base, end = thinker
+    app, aengine = build_app(base, {}, None, device="cpu", dtype=torch.float32,
                              cfg=ServerConfig(tool_call_parser="hermes",
                                               reasoning_parser="deepseek_r1"))  # fmt: skip
-    said = ('I need the weather.</think>Checking.<tool_call>{"name": "get_time", '
-            '"arguments": {}}</tool_call>')  # fmt: skip
+    said = 'Checking.<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
     tools = [{"type": "function", "function": {"name": "get_time"}}]
-    ask = {"model": "code", "messages": [{"role": "user", "content": "time?"}],
-           "max_tokens": 200, "temperature": 0,
-           "extra_body": {"structured_outputs": {"choice": [said]}}}  # fmt: skip
+    ask = {"model": "base", "messages": [{"role": "user", "content": "time?"}],
+           "max_tokens": 120, "temperature": 0,
+           "extra_body": {"structured_outputs": {"choice": [said]},
+                          "logit_bias": {str(end): 100}}}  # fmt: skip
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    as_json = {**ask, "max_tokens": 30, "extra_body": {
+        **ask["extra_body"], "structured_outputs": {"json": schema}}}  # fmt: skip
     try:
         with ServerThread(app) as srv:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
                                    timeout=300)  # fmt: skip
             msg = client.chat.completions.create(**ask, tools=tools).choices[0].message
-            assert msg.reasoning_content == msg.reasoning == "I need the weather."
+            assert msg.reasoning_content == msg.reasoning == ""  # (closed at once)
             assert msg.content == "Checking."
             assert [t.function.name for t in msg.tool_calls] == ["get_time"]
-            thought, content, calls = "", "", []
+            thought, content, calls = None, "", []
             for chunk in client.chat.completions.create(**ask, tools=tools, stream=True):
                 d = chunk.choices[0].delta
-                thought += getattr(d, "reasoning_content", None) or ""
+                if getattr(d, "reasoning_content", None) is not None:
+                    thought = (thought or "") + d.reasoning_content
                 content += d.content or ""
                 calls += [t.function.name for t in d.tool_calls or []]
-            assert (thought, content, calls) == ("I need the weather.", "Checking.", ["get_time"])
+            assert (thought, content, calls) == (None, "Checking.", ["get_time"])
             plain = client.chat.completions.create(**ask).choices[0].message  # no tools
-            assert plain.content == 'Checking.<tool_call>{"name": "get_time", "arguments": {}}' \
-                "</tool_call>" and plain.reasoning_content == "I need the weather."  # fmt: skip
+            assert plain.content == said and plain.reasoning_content == ""
             hidden = client.chat.completions.create(**{**ask, "extra_body": {
                 **ask["extra_body"], "include_reasoning": False}}).choices[0].message  # fmt: skip
-            assert hidden.content == plain.content
+            assert hidden.content == said
             assert getattr(hidden, "reasoning_content", None) is None
-            # an answer held to JSON thinks first (free until </think>, as vLLM holds it);
-            # the tiny model, never closing its thinking, answers with reasoning alone
-            schema = {"type": "object", "properties": {"a": {"type": "integer"}},
-                      "required": ["a"]}  # fmt: skip
-            as_json = {**ask, "max_tokens": 30, "extra_body": {"structured_outputs": {
-                "json": schema}}}  # fmt: skip
             held = client.chat.completions.create(**as_json).choices[0].message
-            assert held.reasoning_content and "</think>" not in held.reasoning_content
-            assert held.content is None or "a" in json.loads(held.content)
-            # a prompt that closed the thinking (Qwen3's enable_thinking false, or an assistant
-            # turn continued after its </think>): held from the first token, all content
+            assert "a" in json.loads(held.content) and held.reasoning_content == ""
+            free = client.chat.completions.create(**{**as_json, "extra_body": {
+                "structured_outputs": {"json": schema}}}).choices[0].message  # fmt: skip
+            assert free.reasoning_content and free.content is None  # never closed: thinking
             closed = client.chat.completions.create(**{**as_json, "messages": [
                 {"role": "user", "content": "time?"},
                 {"role": "assistant", "content": "<think>ok</think>"}],

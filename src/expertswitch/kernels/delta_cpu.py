@@ -88,8 +88,9 @@ def packed_matmul(x: torch.Tensor, d: PackedDelta) -> torch.Tensor:
 
 
 # experts' deltas of a weight up to this size (N·K) are stacked when several are active: at
-# such sizes a delta's matmul costs its ~10 ops' dispatch more than its arithmetic
-STACK_MAX_WEIGHT = 1 << 20
+# such sizes a delta's matmul costs its ~10 ops' dispatch more than its arithmetic (at 1M,
+# 4-bit deltas measured slower stacked than one by one)
+STACK_MAX_WEIGHT = 1 << 18
 
 
 def stack_key(d: PackedDelta) -> tuple | None:
@@ -137,6 +138,17 @@ class StackedDeltas:
         idx, out.salient_cols = _padded_salient(deltas)
         out.salient_idx = None if idx is None else idx.unsqueeze(1)
         return out
+
+    def select(self, experts: list[int]) -> StackedDeltas:
+        """The stack of some of its experts (in that order)."""
+        idx = torch.tensor(experts, dtype=torch.long, device=self.steps.device)
+
+        def pick(t):
+            return None if t is None else t.index_select(0, idx)
+
+        return StackedDeltas([p.index_select(0, idx) for p in self.planes], self.widths,
+                             pick(self.steps), pick(self.offsets), self.group_size, self.k,
+                             pick(self.salient_idx), pick(self.salient_cols))  # fmt: skip
 
     def bmm(self, xg: torch.Tensor) -> torch.Tensor:
         """xg [E, R, K] (expert e's rows in xg[e]) → fp32 [E, R, N]: each its expert's x·Δ̂ᵀ."""

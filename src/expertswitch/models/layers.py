@@ -91,29 +91,55 @@ def _add_stacked(y, x, eb: ExpertBatch, name: str, users) -> list:
     results added back to their rows. Returns the users left to the per-expert path (int4
     forms, large weights, a lone expert of its format, or rows too unevenly spread). (int4
     forms stacked as one [E·N, K] weight, every row times every expert, measured slower:
-    1.8K against 2.0K tokens/s on the tiny family at batch 32.)"""
+    1.8K against 2.0K tokens/s on the tiny family at batch 32.)
+
+    One stack per weight and format holds every active expert of that format, built once
+    while the same experts are active (the runner's tables); a batch whose rows use only some
+    of them (MoE rows, the logits of some sequences) picks theirs out of it — a stack per
+    subset would pile up, one for each set of experts the routing happens to pick."""
     rest, groups = [], {}
     for s, d in users:
-        key = None if eb.experts[s].cpu_int4.get(name) is not None else stack_key(d)
+        key = _stack_key(eb, s, name, d)
         if key is None:
             rest.append((s, d))
         else:
             groups.setdefault(key, []).append((s, d))
-    for group in groups.values():
+    for key, group in groups.items():
         slots = tuple(s for s, _ in group)
         rows = _padded_rows(eb, slots) if len(group) > 1 else None
         if rows is None:
             rest += group
             continue
         gather, keep, targets = rows
-        tkey = ("stacked", name, slots)
-        if tkey not in eb.tables:  # (kept while the same expert objects are active)
-            eb.tables[tkey] = StackedDeltas.build([d for _, d in group])
         xg = x.index_select(0, gather).view(len(slots), -1, x.shape[1])
-        part = eb.tables[tkey].bmm(xg)
+        part = _stack(eb, name, key, slots).bmm(xg)
         part = part.view(-1, part.shape[-1]).index_select(0, keep)
         y[:, : part.shape[1]].index_add_(0, targets, part.to(y.dtype))
     return rest
+
+
+def _stack_key(eb: ExpertBatch, slot: int, name: str, d: PackedDelta) -> tuple | None:
+    return None if eb.experts[slot].cpu_int4.get(name) is not None else stack_key(d)
+
+
+def _stack(eb: ExpertBatch, name: str, key: tuple, slots: tuple[int, ...]) -> StackedDeltas:
+    """The stack of `slots`' deltas of `name`: the format's whole stack (every active expert
+    storing `name` as `key`), or the part of it these slots hold (cached per step)."""
+    fkey = ("stacked", name, key)
+    if fkey not in eb.tables:  # (kept while the same expert objects are active)
+        every = [
+            (s, ex.deltas[name])
+            for s, ex in enumerate(eb.experts)
+            if name in ex.deltas and _stack_key(eb, s, name, ex.deltas[name]) == key
+        ]
+        eb.tables[fkey] = ([s for s, _ in every], StackedDeltas.build([d for _, d in every]))
+    everyone, stack = eb.tables[fkey]
+    if list(slots) == everyone:
+        return stack
+    pkey = ("stack-part", name, key, slots)
+    if pkey not in eb.cache:
+        eb.cache[pkey] = stack.select([everyone.index(s) for s in slots])
+    return eb.cache[pkey]
 
 
 def _padded_rows(eb: ExpertBatch, slots: tuple[int, ...]):

@@ -284,6 +284,8 @@ def sampling_params(req: _Request, max_tokens: int, choice: int,
     same for every choice)."""
     seed = None if req.seed is None else (req.seed + choice) % 2**63
     logprobs, prompt_logprobs = logprob_counts(req)
+    if isinstance(req, ChatCompletionRequest) and choice:
+        prompt_logprobs = None  # (one prompt: its first choice scores it, for the answer)
     return SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,

@@ -3,17 +3,22 @@ text between <think> and </think> goes to the message's `reasoning_content` (and
 `reasoning`), the rest to `content` — where a tool-call parser then reads calls.
 
     deepseek_r1  the answer starts inside the thinking (R1's template writes <think> into the
-                 prompt): everything before </think> is reasoning; no </think>: all of it is
-    qwen3        thinking only when the answer opens with <think> (enable_thinking false
-                 writes none): then as deepseek_r1; otherwise all content
+                 prompt, or the answer opens with it): everything before </think> is
+                 reasoning; no </think> (cut short while thinking): all of it is
+    qwen3        the same reading (Qwen3 opens its answer with <think>, Qwen3-Thinking-2507's
+                 template writes it into the prompt, as current vLLM reads both)
+
+A prompt that closed the thinking already (Qwen3's enable_thinking false writes an empty
+<think></think> into it) leaves the answer nothing to split: the server then reads it all as
+content (serving.py).
 
     parser = REASONING_PARSERS["qwen3"]
     reasoning, content = split(parser, text)          # a whole answer (either may be None)
     stream = ReasoningStream(parser)
     reasoning_delta, content_so_far = stream.feed(text_so_far, final=False)
 
-Streaming sends reasoning as it comes, holding back what may be the start of </think> (or,
-for qwen3, of an opening <think>); the reasoning a stream sends adds up to what `split` finds
+Streaming sends reasoning as it comes, holding back what may be the start of </think> (or of
+an opening <think>, which is cut); the reasoning a stream sends adds up to what `split` finds
 in the whole answer.
 """
 
@@ -26,18 +31,15 @@ START, END = "<think>", "</think>"
 
 @dataclass(frozen=True)
 class ReasoningParser:
-    name: str
-    starts_inside: bool  # the answer begins inside the thinking (its <think> is in the prompt)
+    name: str  # (both read <think>...</think> alike; the name is what users pass, as in vLLM)
 
 
-REASONING_PARSERS = {p.name: p for p in (ReasoningParser("deepseek_r1", True),
-                                         ReasoningParser("qwen3", False))}  # fmt: skip
+REASONING_PARSERS = {p.name: p for p in (ReasoningParser("deepseek_r1"),
+                                         ReasoningParser("qwen3"))}  # fmt: skip
 
 
 def split(parser: ReasoningParser, text: str) -> tuple[str | None, str | None]:
     """(reasoning, content) of a whole answer; None for a part it does not have."""
-    if not _thinks(parser, text, final=True):
-        return None, text
     body = _after_start(text)
     end = body.find(END)
     if end < 0:
@@ -60,11 +62,9 @@ class ReasoningStream:
             reasoning, content = split(self.parser, text)
             reasoning = reasoning or ""
         else:
-            thinks = _thinks(self.parser, text, final=False)
-            if thinks is None:  # (it may yet open with <think>)
-                return "", None
-            if not thinks:
-                return "", text
+            head = text.lstrip()
+            if not head.startswith(START) and START.startswith(head):
+                return "", None  # (it may yet open with <think>, which is cut)
             body = _after_start(text)
             end = body.find(END)
             if end < 0:
@@ -74,17 +74,6 @@ class ReasoningStream:
         delta = reasoning[self.sent :]
         self.sent += len(delta)
         return delta, content
-
-
-def _thinks(parser: ReasoningParser, text: str, final: bool) -> bool | None:
-    """Whether the answer is thinking at its start (None: not known yet — it may still open
-    with <think>, which is then cut from the reasoning)."""
-    head = text.lstrip()
-    if head.startswith(START):
-        return True
-    if not final and START.startswith(head):
-        return None
-    return parser.starts_inside
 
 
 def _after_start(text: str) -> str:

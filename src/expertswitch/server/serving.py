@@ -245,13 +245,10 @@ class OpenAIServing:
     def _render(self, tok, messages, req, kwargs: dict) -> str:
         """Chat messages → the prompt text the tokenizer's chat template (or the server's
         --chat-template) makes, with the request's add_generation_prompt and
-        continue_final_message (vLLM's: the last, assistant message left open)."""
+        continue_final_message (vLLM's: the last message left open)."""
         if req.continue_final_message and req.add_generation_prompt:
             raise ConfigError("continue_final_message continues the last message: set "
                               "add_generation_prompt to false with it (vLLM's rule)")  # fmt: skip
-        if req.continue_final_message and messages[-1]["role"] != "assistant":
-            raise ConfigError("continue_final_message continues the last message, which must "
-                              f"be the assistant's, not the {messages[-1]['role']}'s")  # fmt: skip
         if tok is None:
             raise ConfigError("this model has no tokenizer: send token ids to /v1/completions")
         template = None if getattr(tok, "chat_template", None) else self.cfg.chat_template
@@ -395,9 +392,9 @@ class OpenAIServing:
         fmt = LogprobFormatter(tok, params[0].logprobs) if params[0].logprobs is not None \
             else None  # fmt: skip
         parser = TOOL_PARSERS[self.cfg.tool_call_parser] if auto_tools(req) else None
-        thinking = None  # (an answer held to JSON from its first token — a forced tool
-        # call's — has no thinking to split off; a choice may hold one)
-        free = structured is None or structured.choice is not None or structured.reasoning_end
+        thinking = None  # (an answer held from its first token — a forced tool call's — has
+        # no thinking to split off)
+        free = structured is None or structured.reasoning_end is not None
         if kind == "chat" and free and not closed and self.cfg.reasoning_parser is not None:
             thinking = REASONING_PARSERS[self.cfg.reasoning_parser]
         job = _Job(kind, target, choices, collector, ids, texts, stops, echo, fmt, score_only,
@@ -418,15 +415,15 @@ class OpenAIServing:
         return await self._collect(job, http)
 
     def _thinks_first(self, kind: str, structured, tool, closed: bool) -> bool:
-        """With a reasoning parser, a chat answer held to JSON (response_format, guided_json)
-        thinks first, the constraint holding from </think> on (as vLLM applies it) — unless
+        """With a reasoning parser, a chat answer held to a constraint (response_format,
+        guided_json, guided_choice) thinks first, the constraint holding from </think> on (as
+        vLLM applies it) — unless
         the prompt closed the thinking already (`closed`: Qwen3's enable_thinking false
         writes an empty <think></think>; the answer then has no thinking to split off
         either). A forced tool call's arguments stream from the first token: held from
         there."""
         return (kind == "chat" and self.cfg.reasoning_parser is not None and tool is None
-                and structured is not None and structured.choice is None
-                and not closed)  # fmt: skip
+                and structured is not None and not closed)  # fmt: skip
 
     async def _collect(self, job: _Job, http: Request):
         pending = job.by_id()
@@ -473,7 +470,7 @@ class OpenAIServing:
             raise HTTPError(503, f"{job.target.name}: {err.error}", code="expert_unavailable")
         opts = req.stream_options or {}
         usage = bool(opts.get("include_usage"))
-        every = bool(opts.get("continuous_usage_stats"))  # vLLM's: usage in every chunk
+        every = usage and bool(opts.get("continuous_usage_stats"))  # vLLM's: in every chunk
         return _ClosingStream(self._events(job, pending, first, usage, every),
                               media_type="text/event-stream",
                               headers={"Cache-Control": "no-cache"})  # fmt: skip
