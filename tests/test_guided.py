@@ -468,10 +468,10 @@ def test_an_answer_nothing_can_extend_stops_even_without_eos(engine):
 
 
 def test_a_reasoning_answer_thinks_freely_then_follows_the_constraint(engine):
-    """reasoning_end: no token is banned (and the answer is never complete) until the texts
-    read make "</think>" — across token boundaries — and from there the constraint holds
-    (the answer starts at once, as any held answer does); a token running past the end into
-    what cannot start the answer breaks it; the engine's answers think freely."""
+    """reasoning_end: the answer is free (and never complete) until the texts read make
+    "</think>" — across token boundaries — but for tokens that would make it and run on into
+    what cannot start the answer (banned); from there the constraint holds (the answer
+    starts at once, as any held answer does); the engine's answers think freely."""
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     so = StructuredOutputsParams(json=schema, reasoning_end="</think>")
     tok = engine.tokenizer
@@ -480,11 +480,19 @@ def test_a_reasoning_answer_thinks_freely_then_follows_the_constraint(engine):
     assert len(tok.encode("</think>", add_special_tokens=False)) > 1  # (split over tokens)
     guide = engine._guide(None, _sampling(so, 0.0))
     vocab = engine.registry.vocab(None)
+    texts = guide.inner.index.text
+    so_far = ""
     for t in thinking:
         row = torch.zeros(vocab)
         guide.mask(row)
-        assert torch.isfinite(row).all() and not guide.complete  # free while thinking
+        # free while thinking, but for tokens that would close it with what cannot start
+        # the answer (here: anything but blanks and "{")
+        for b in torch.isinf(row).nonzero().flatten().tolist():
+            after = (so_far + texts[b]).split("</think>", 1)
+            assert len(after) == 2 and after[1].strip()[:1] not in ("", "{"), texts[b]
+        assert torch.isfinite(row[t]) and not guide.complete
         assert guide.advance(t)
+        so_far += texts[t]
     assert not guide.thinking
     for t in answer:
         row = torch.zeros(vocab)
@@ -494,12 +502,39 @@ def test_a_reasoning_answer_thinks_freely_then_follows_the_constraint(engine):
     assert guide.complete
     broken = engine._guide(None, _sampling(so, 0.0))
     assert all(broken.advance(t) for t in tok.encode("x</think", add_special_tokens=False))
-    texts = broken.inner.index.text
     past = [t for t, text in texts.items() if len(text) > 1 and text[0] == ">" and text[1] != "{"
             and not text[1:].isspace()]  # fmt: skip
-    assert past and not broken.advance(past[0])  # ">x": past the end, into what cannot start
+    row = torch.zeros(vocab)
+    broken.mask(row)  # ">x" would end the thinking with what cannot start the answer: banned
+    assert past and torch.isinf(row[past]).all() and torch.isfinite(row).sum() > vocab // 2
+    assert not broken.advance(past[0])
     with pytest.raises(ConfigError, match="reasoning_end must be a non-empty string"):
         StructuredOutputsParams(json_object=True, reasoning_end="")
+    # random walks towards the end's pieces and the tokens that would run past it: every
+    # token the mask allows is read, and every walk that ended its thinking goes on with the
+    # answer (the tokens that would break it are banned, not sampled)
+    import random
+
+    pieces = tok.encode("</think>", add_special_tokens=False)
+    closed = 0
+    for seed in range(60):
+        rnd, walk, g = random.Random(seed), [], engine._guide(None, _sampling(so, 0.0))
+        step = 0  # pieces of the end taken in a row
+        for _ in range(24):
+            row = torch.zeros(vocab)
+            g.mask(row)
+            allowed = torch.isfinite(row).nonzero().flatten().tolist()
+            if rnd.random() < 0.85 and step < len(pieces):
+                want, step = pieces[step], step + 1
+            else:
+                want, step = rnd.choice(past[:5] + allowed[:3]), 0
+            t = want if want in allowed else rnd.choice(allowed)
+            assert g.advance(t), (walk, t)
+            walk.append(t)
+            if g.complete:
+                break
+        closed += not g.thinking
+    assert closed >= 10
     # the engine: a random model thinks freely (its text unconstrained), its end not forced
     free = engine.generate(["x"], None, _sampling(so, 1.0, seed=1, max_tokens=30))[0]
     held = engine.generate(["x"], None, _sampling(StructuredOutputsParams(json=schema), 1.0,

@@ -1059,13 +1059,18 @@ def test_a_reasoning_parser_splits_the_thinking_from_the_answer(thinker):
             free = client.chat.completions.create(**{**as_json, "extra_body": {
                 "structured_outputs": {"json": schema}}}).choices[0].message  # fmt: skip
             assert free.reasoning_content and free.content is None  # never closed: thinking
-            closed = client.chat.completions.create(**{**as_json, "messages": [
-                {"role": "user", "content": "time?"},
-                {"role": "assistant", "content": "<think>ok</think>"}],
-                "extra_body": {**as_json["extra_body"], "add_generation_prompt": False,
-                               "continue_final_message": True}}).choices[0].message  # fmt: skip
-            assert "a" in json.loads(closed.content)
-            assert getattr(closed, "reasoning_content", None) is None
+            for turn in ("<think>ok</think>", "<think>ok</think>\n\nHere it is: "):
+                closed = client.chat.completions.create(**{**as_json, "messages": [
+                    {"role": "user", "content": "time?"},
+                    {"role": "assistant", "content": turn}],
+                    "extra_body": {**as_json["extra_body"], "add_generation_prompt": False,
+                                   "continue_final_message": True}}).choices[0].message  # fmt: skip
+                assert "a" in json.loads(closed.content), turn
+                assert getattr(closed, "reasoning_content", None) is None
+            # reasoning_end is the server's to set
+            with pytest.raises(openai.BadRequestError, match="reasoning_end is the server's"):
+                client.chat.completions.create(**{**as_json, "extra_body": {
+                    "structured_outputs": {"json": schema, "reasoning_end": "x"}}})  # fmt: skip
     finally:
         aengine.close()
 

@@ -843,10 +843,12 @@ def token_index(tok, vocab_size: int) -> TokenIndex:
 
 
 class ThinkFirst:
-    """A Guide's answer with thinking before it: free (no mask, never complete) until the
-    token texts read make `end`; then the inner guide reads the rest of that token's text
+    """A Guide's answer with thinking before it: free until the token texts read make `end`
+    — except tokens that would make it and go on with what cannot start the answer, which are
+    banned — and never complete; then the inner guide reads the rest of that token's text
     (its leading blanks dropped) and holds every token after (no blanks before the answer,
-    as at the start of any held answer)."""
+    as at the start of any held answer). The end must be text the tokens show: an end token
+    registered as special (left out of answers' text) is never seen."""
 
     def __init__(self, inner: Guide, end: str):
         self.inner, self.end = inner, end
@@ -860,26 +862,57 @@ class ThinkFirst:
     def mask(self, row: torch.Tensor) -> None:
         if not self.thinking:
             self.inner.mask(row)
+            return
+        bad = [t for t in self._closers() if self._read(t) is None]
+        if bad:
+            row[torch.tensor(bad, dtype=torch.long, device=row.device)] = float("-inf")
 
     def advance(self, token: int) -> bool:
         if not self.thinking:
             return self.inner.advance(token)
         if token in self.inner.stop_ids:
             return True
+        read = self._read(token)
+        if read is None:
+            return False  # (masked: it ends the thinking with what cannot start the answer)
+        if read is False:  # still thinking
+            text = self._tail + self.inner.index.text.get(token, "")
+            self._tail = text[-(len(self.end) - 1) :] if len(self.end) > 1 else ""
+            return True
+        self.thinking, self.inner.state = False, read
+        return True
+
+    def _read(self, token: int):
+        """False: `token` does not end the thinking; else the inner state after the text it
+        adds past the end (None: that text cannot start the answer)."""
         text = self._tail + self.inner.index.text.get(token, "")
         at = text.find(self.end)
         if at < 0:
-            self._tail = text[-(len(self.end) - 1) :] if len(self.end) > 1 else ""
-            return True
-        self.thinking = False
-        rest = text[at + len(self.end) :].lstrip()
-        if not rest:
-            return True
-        state = self.inner.grammar.read(self.inner.state, rest)
-        if state is None:  # (the token went on past the end with what cannot start it)
             return False
-        self.inner.state = state
-        return True
+        rest = text[at + len(self.end) :].lstrip()
+        return self.inner.grammar.read(self.inner.state, rest) if rest else self.inner.state
+
+    def _closers(self) -> list[int]:
+        """The tokens that may end the thinking now: those that hold the whole end, and
+        those that finish the part of it the thinking's last characters began."""
+        by_start = _end_tokens(self.inner.index, self.end)
+        out = list(by_start[self.end])
+        for j in range(1, len(self.end)):
+            if self._tail.endswith(self.end[:j]):
+                out += by_start[self.end[j:]]
+        return out
+
+
+def _end_tokens(index: TokenIndex, end: str) -> dict[str, list[int]]:
+    """{end: tokens whose text holds it, each proper suffix of end: tokens whose text starts
+    with it} (kept on the index, once per end)."""
+    cache = index.__dict__.setdefault("_end_tokens", {})
+    if end not in cache:
+        parts = {end: [t for t, text in index.text.items() if end in text]}
+        for j in range(1, len(end)):
+            parts[end[j:]] = [t for t, text in index.text.items() if text.startswith(end[j:])]
+        cache[end] = parts
+    return cache[end]
 
 
 class Guide:

@@ -339,6 +339,10 @@ def structured_outputs(req: _Request) -> StructuredOutputsParams | None:
         asked["tool_choice"] = {"json": tool[1]}
     if req.structured_outputs is not None:
         asked["structured_outputs"] = dict(req.structured_outputs)
+        if "reasoning_end" in asked["structured_outputs"]:
+            raise HTTPError(400, "structured_outputs.reasoning_end is the server's to set (its "
+                            "--reasoning-parser): leave it out",
+                            param="structured_outputs")  # fmt: skip
     for name, key in (("guided_json", "json"), ("guided_choice", "choice"),
                       ("guided_regex", "regex"), ("guided_grammar", "grammar")):  # fmt: skip
         if getattr(req, name) is not None:

@@ -50,6 +50,7 @@ from expertswitch.server.protocol import (
 from expertswitch.server.reasoning import (
     END,
     REASONING_PARSERS,
+    START,
     ReasoningParser,
     ReasoningStream,
     split,
@@ -353,7 +354,9 @@ class OpenAIServing:
         tool = forced_tool(req) if kind == "chat" else None
         try:
             structured = structured_outputs(req)  # (once: the same for every choice)
-            closed = kind == "chat" and texts[0].rstrip().endswith(END)  # (no thinking)
+            # (the prompt's last think tag closes the thinking: the answer has none — vLLM
+            # reads the prompt's tokens back to its last tag the same way)
+            closed = kind == "chat" and texts[0].rfind(END) > texts[0].rfind(START)
             if self._thinks_first(kind, structured, tool, closed):
                 structured = dataclasses.replace(structured, reasoning_end=END)
             params = [sampling_params(req, max_tokens, j, structured) for j in range(req.n)]
