@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import finetune_like
+from conftest import finetune_like, tiny_config
 
 from expertswitch.compress import CompressOptions, compress_expert, make_method
 from expertswitch.compress.calibration import CalibOptions
@@ -995,15 +995,13 @@ def thinker(family, tmp_path_factory):
     """A random tiny Llama whose tokenizer (the family's) has <think>, </think>, <tool_call>
     and </tool_call> as tokens, as Qwen's and R1's have (added, not special)."""
     from tokenizers import AddedToken
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(family[0])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t in ("<think>", "</think>", "<tool_call>", "</tool_call>")])  # fmt: skip
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                      max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)  # fmt: skip
+    cfg = tiny_config("llama", len(tok))
+    cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("thinker") / "base"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
