@@ -293,9 +293,9 @@ def _add_serve(sub) -> None:
                    help="the format the model writes tool calls in: hermes (Qwen2.5, Hermes), "
                    "llama3_json (Llama 3.1), mistral or pythonic (Llama 3.2/4)")  # fmt: skip
     p.add_argument("--reasoning-parser", default=None, metavar="NAME",
-                   help="split a reasoning model's <think>...</think> into reasoning_content: "
-                   "deepseek_r1 (the answer starts thinking) or qwen3 (only when it opens "
-                   "with <think>)")  # fmt: skip
+                   help="split a reasoning model's <think>...</think> into reasoning_content "
+                   "(its answer read as thinking until </think>): deepseek_r1 or qwen3; "
+                   "structured outputs then hold the answer from </think> on")  # fmt: skip
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads on a CPU engine (default: all cores but one, which the "
                    "HTTP side needs; measured +60%% tokens/s on 2 cores)")  # fmt: skip

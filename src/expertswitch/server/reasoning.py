@@ -13,7 +13,7 @@ A prompt that closed the thinking already (Qwen3's enable_thinking false writes 
 content (serving.py).
 
     parser = REASONING_PARSERS["qwen3"]
-    reasoning, content = split(parser, text)          # a whole answer (either may be None)
+    reasoning, content = split(parser, text)          # a whole answer (content may be None)
     stream = ReasoningStream(parser)
     reasoning_delta, content_so_far = stream.feed(text_so_far, final=False)
 
@@ -39,7 +39,8 @@ REASONING_PARSERS = {p.name: p for p in (ReasoningParser("deepseek_r1"),
 
 
 def split(parser: ReasoningParser, text: str) -> tuple[str | None, str | None]:
-    """(reasoning, content) of a whole answer; None for a part it does not have."""
+    """(reasoning, content) of a whole answer; content None when it never closed its thinking
+    or has nothing after it."""
     body = _after_start(text)
     end = body.find(END)
     if end < 0:

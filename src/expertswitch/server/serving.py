@@ -420,11 +420,10 @@ class OpenAIServing:
     def _thinks_first(self, kind: str, structured, tool, closed: bool) -> bool:
         """With a reasoning parser, a chat answer held to a constraint (response_format,
         guided_json, guided_choice) thinks first, the constraint holding from </think> on (as
-        vLLM applies it) — unless
-        the prompt closed the thinking already (`closed`: Qwen3's enable_thinking false
-        writes an empty <think></think>; the answer then has no thinking to split off
-        either). A forced tool call's arguments stream from the first token: held from
-        there."""
+        vLLM applies it) — unless the prompt closed the thinking already (`closed`: Qwen3's
+        enable_thinking false writes an empty <think></think>; the answer then has no
+        thinking to split off either). A forced tool call's arguments stream from the first
+        token: held from there."""
         return (kind == "chat" and self.cfg.reasoning_parser is not None and tool is None
                 and structured is not None and not closed)  # fmt: skip
 
