@@ -863,7 +863,7 @@ class ThinkFirst:
         if not self.thinking:
             self.inner.mask(row)
             return
-        bad = [t for t in self._closers() if self._read(t) is None]
+        bad = [t for t in self._closers() if self._read(self._text(t)) is None]
         if bad:
             row[torch.tensor(bad, dtype=torch.long, device=row.device)] = float("-inf")
 
@@ -872,20 +872,23 @@ class ThinkFirst:
             return self.inner.advance(token)
         if token in self.inner.stop_ids:
             return True
-        read = self._read(token)
+        text = self._text(token)
+        read = self._read(text)
         if read is None:
             return False  # (masked: it ends the thinking with what cannot start the answer)
         if read is False:  # still thinking
-            text = self._tail + self.inner.index.text.get(token, "")
             self._tail = text[-(len(self.end) - 1) :] if len(self.end) > 1 else ""
             return True
         self.thinking, self.inner.state = False, read
         return True
 
-    def _read(self, token: int):
-        """False: `token` does not end the thinking; else the inner state after the text it
-        adds past the end (None: that text cannot start the answer)."""
-        text = self._tail + self.inner.index.text.get(token, "")
+    def _text(self, token: int) -> str:
+        """The thinking's last characters and the text `token` adds."""
+        return self._tail + self.inner.index.text.get(token, "")
+
+    def _read(self, text: str):
+        """False: `text` (`_text` of a token) does not end the thinking; else the inner state
+        after what it holds past the end (None: that cannot start the answer)."""
         at = text.find(self.end)
         if at < 0:
             return False

@@ -45,16 +45,26 @@ def _byte_lut(width: int, device: torch.device, dtype: torch.dtype) -> torch.Ten
     return _LUTS[key]
 
 
+def byte_indices(plane: torch.Tensor) -> torch.Tensor:
+    """A bit plane [..., N, words] as its bytes [..., N, bytes], int32 (the table's indices;
+    little-endian words keep channel order)."""
+    return plane.contiguous().view(torch.uint8).to(torch.int32)
+
+
 def codes_of(planes: list[torch.Tensor], bits: int, dtype=torch.float32) -> torch.Tensor:
     """Codes [..., N, K_pad] as numbers of `dtype`, from bit planes [..., N, words_p]: each
-    plane read as bytes (little-endian words keep channel order) through a 256-entry table,
-    so unpacking is one gather rather than shift, mask and convert passes."""
+    plane read as bytes through a 256-entry table, so unpacking is one gather rather than
+    shift, mask and convert passes."""
+    return codes_from_bytes([byte_indices(p) for p in planes], plane_widths(bits), dtype)
+
+
+def codes_from_bytes(planes: list[torch.Tensor], widths, dtype=torch.float32) -> torch.Tensor:
+    """`codes_of` from the planes' byte indices (`byte_indices`) and widths."""
     out = None
     offset = 0
-    for plane, w in zip(planes, plane_widths(bits)):
-        idx = plane.contiguous().view(torch.uint8).to(torch.int32)  # [..., N, bytes]
-        v = torch.nn.functional.embedding(idx, _byte_lut(w, plane.device, dtype))
-        v = v.reshape(*plane.shape[:-1], -1)
+    for idx, w in zip(planes, widths):
+        v = torch.nn.functional.embedding(idx, _byte_lut(w, idx.device, dtype))
+        v = v.reshape(*idx.shape[:-1], -1)
         out = v if out is None else out + v * (1 << offset)  # exact: small integers
         offset += w
     return out
@@ -66,14 +76,20 @@ def dequantized_body(planes, scales, zeros, bits: int, group_size: int, k: int,
     caller multiplies it into x and drops it). q·s − z·s equals (q − z)·s exactly in fp32:
     codes and zero points are integers below 256 and steps come from fp16 (11-bit
     mantissas), so both products and their difference are exact."""
-    q = codes_of(planes, bits, dtype)  # [..., N, K_pad]
-    lead, groups = q.shape[:-1], scales.shape[-1]
-    width = groups * group_size
-    if width != q.shape[-1]:  # a partial last group: pad (or cut) to whole groups
-        q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
     s = scales.to(dtype).unsqueeze(-1)  # [..., N, G, 1]
     zero = zeros.to(dtype).unsqueeze(-1) if zeros is not None else ((1 << bits) - 1) / 2
-    body = torch.addcmul(-zero * s, q.view(*lead, groups, group_size), s)
+    return scaled_body(codes_of(planes, bits, dtype), s, -zero * s, group_size, k)
+
+
+def scaled_body(q: torch.Tensor, steps: torch.Tensor, offsets, group_size: int,
+                k: int) -> torch.Tensor:  # fmt: skip
+    """q·step + offset [..., N, K] from codes q [..., N, K_pad] and each group's step and
+    offset (−zero·step) [..., N, G, 1]; a partial last group padded (or cut) to whole."""
+    lead, groups = q.shape[:-1], steps.shape[-2]
+    width = groups * group_size
+    if width != q.shape[-1]:
+        q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    body = torch.addcmul(offsets, q.view(*lead, groups, group_size), steps)
     return body.view(*lead, width)[..., :k]
 
 
@@ -124,8 +140,8 @@ class StackedDeltas:
     @classmethod
     def build(cls, deltas: list[PackedDelta]) -> StackedDeltas:
         d0 = deltas[0]
-        planes = [torch.stack([d.planes[i].contiguous().view(torch.uint8) for d in deltas])
-                  .to(torch.int32) for i in range(len(d0.planes))]  # fmt: skip
+        planes = [torch.stack([byte_indices(d.planes[i]) for d in deltas])
+                  for i in range(len(d0.planes))]  # fmt: skip
         mult = torch.tensor([2.0**d.scale_exp for d in deltas], device=d0.scales.device)
         mult = mult.view(-1, 1, 1, 1)
         steps = torch.stack([d.scales.float() for d in deltas]).unsqueeze(-1) * mult
@@ -152,20 +168,8 @@ class StackedDeltas:
 
     def bmm(self, xg: torch.Tensor) -> torch.Tensor:
         """xg [E, R, K] (expert e's rows in xg[e]) → fp32 [E, R, N]: each its expert's x·Δ̂ᵀ."""
-        q = None
-        offset = 0
-        for idx, w in zip(self.planes, self.widths):
-            v = torch.nn.functional.embedding(idx, _byte_lut(w, idx.device, torch.float32))
-            v = v.view(*idx.shape[:-1], -1)  # [E, N, K_pad]
-            q = v if q is None else q + v * (1 << offset)
-            offset += w
-        e, n = q.shape[:2]
-        groups = self.steps.shape[2]
-        width = groups * self.group_size
-        if width != q.shape[-1]:
-            q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
-        body = torch.addcmul(self.offsets, q.view(e, n, groups, self.group_size), self.steps)
-        body = body.view(e, n, width)[..., : self.k]
+        q = codes_from_bytes(self.planes, self.widths)  # [E, N, K_pad]
+        body = scaled_body(q, self.steps, self.offsets, self.group_size, self.k)
         xf = xg.float()
         y = torch.bmm(xf, body.transpose(1, 2))
         if self.salient_idx is not None:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from expertswitch.server.tool_parsers import partial_suffix
+
 START, END = "<think>", "</think>"
 
 
@@ -69,7 +71,7 @@ class ReasoningStream:
             body = _after_start(text)
             end = body.find(END)
             if end < 0:
-                reasoning, content = body[: len(body) - _partial_end(body)], None
+                reasoning, content = body[: len(body) - partial_suffix(body, END)], None
             else:
                 reasoning, content = body[:end], body[end + len(END) :]
         delta = reasoning[self.sent :]
@@ -81,11 +83,3 @@ def _after_start(text: str) -> str:
     """The answer without the <think> that opens it, if one does (with blanks before it)."""
     head = text.lstrip()
     return head[len(START) :] if head.startswith(START) else text
-
-
-def _partial_end(text: str) -> int:
-    """The length of the longest end of `text` that begins </think> (and is shorter)."""
-    for n in range(min(len(END) - 1, len(text)), 0, -1):
-        if END.startswith(text[-n:]):
-            return n
-    return 0

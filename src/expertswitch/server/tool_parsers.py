@@ -67,7 +67,7 @@ class _Marked(ToolParser):
         return None if at < 0 else at
 
     def safe(self, text: str) -> int:
-        return len(text) - _partial_suffix(text, self.marker)
+        return len(text) - partial_suffix(text, self.marker)
 
 
 class _Opening(ToolParser):
@@ -247,7 +247,7 @@ class ToolStream:
         return delta, new
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """The length of the longest end of `text` that begins `marker` (and is shorter)."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-n:]):
