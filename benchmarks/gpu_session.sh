@@ -38,7 +38,7 @@ case "${1:-kernels}" in
     ;;
   engine)  # the serving engine: gpu tests of the delta kernel, pool and engine, then the benchmark
     step python3 -m pytest -q -x -m gpu tests/test_delta_kernel.py tests/test_paged_attention.py \
-      tests/test_pool.py tests/test_engine.py tests/test_sampler.py
+      tests/test_pool.py tests/test_engine.py tests/test_sampler.py tests/test_lora.py
     step python3 benchmarks/engine.py --part gpu --out "$OUT"
     step python3 benchmarks/sampler.py --device cuda --out "$OUT"
     ;;

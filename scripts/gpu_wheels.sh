@@ -16,6 +16,8 @@ dl hjson py-cpuinfo msgpack nvidia-ml-py annotated-types typing-inspection \
 # the server (benchmarks/serve.py): fastapi, uvicorn, prometheus-client and their needs
 dl fastapi starlette annotated-doc uvicorn h11 click anyio sniffio prometheus-client httpx \
    httpcore certifi idna
+# PEFT (tests/test_lora.py's adapters and oracle) and what it needs beyond transformers
+dl peft accelerate psutil pyyaml
 # DeepSpeed publishes only a source distribution: build its (pure-Python) wheel here, against
 # the torch already installed, without downloading another torch into a build environment.
 DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl 'deepspeed==0.19.8'

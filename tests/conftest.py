@@ -129,3 +129,37 @@ def demo_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "expertswitch.cli", "demo"], env=env,
                           capture_output=True, text=True, timeout=1800)  # fmt: skip
     return proc, env
+
+
+def make_adapter(base: Path, out: Path, seed: int, targets, r: int = 4, alpha: float = 8,
+                 tweak=None, **options) -> Path:  # fmt: skip
+    """A LoRA adapter as PEFT saves one, with random A and B (PEFT's default B = 0 would make
+    the adapter the base itself); `tweak(model)` changes it further before saving."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False,
+                     **options)  # fmt: skip
+    model = get_peft_model(model, cfg)
+    if tweak is not None:
+        with torch.no_grad():
+            tweak(model)
+    model.save_pretrained(out)
+    return out
+
+
+def peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
+    """PEFT's own greedy tokens (the adapter unmerged over transformers' model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.eval().generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                    max_new_tokens=n, do_sample=False, pad_token_id=0)  # fmt: skip
+    return out[0, len(prompt) :].tolist()

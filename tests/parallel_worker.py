@@ -492,6 +492,20 @@ def _experts(model, path: str) -> None:
         model.load_state_dict(saved)
         compress_expert(path, f"{path}-{name}-full", f"{path}-{name}.delta",
                         make_method("rtn", **method), CompressOptions(progress=False))  # fmt: skip
+    try:  # a PEFT LoRA adapter on every linear, the embedding and lm_head, biases tuned
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "embed_tokens", "lm_head"]  # fmt: skip
+    torch.manual_seed(5)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                            init_lora_weights=False, bias="all"))  # fmt: skip
+    with torch.no_grad():
+        for name, t in lora.named_parameters():
+            if name.endswith("bias"):
+                t.add_(0.3)
+    lora.save_pretrained(f"{path}-lora")  # (the model is PEFT's now: nothing uses it after)
 
 
 def scenario_engine_split(world, rank) -> dict:
@@ -536,6 +550,8 @@ def scenario_engine_split(world, rank) -> dict:
             _checkpoint(kind, path)
         dist.barrier()
         experts = {} if kind == "moe" else {n: f"{path}-{n}.delta" for n in EXPERTS}
+        if os.path.exists(f"{path}-lora"):
+            experts["lora"] = f"{path}-lora"
         one = Engine(path, experts, tokenizer=False, num_kv_blocks=64)
         split = Engine(path, experts, tokenizer=False, num_kv_blocks=64, tensor_parallel_size=tp,
                        expert_parallel_size=ep)  # fmt: skip
@@ -544,9 +560,15 @@ def scenario_engine_split(world, rank) -> dict:
                 ("alone", greedy, prompts[1:2], None)]  # fmt: skip
         if experts:  # a batch mixing both experts and the base
             runs.append(("experts", greedy, prompts + prompts[:1], [None, "a", "b", "a"]))
+        if "lora" in experts:  # the adapter's factors sliced like the layers they change
+            runs.append(("lora", greedy, prompts + prompts[:1], [None, "lora", "a", "lora"]))
         for label, sampling, ps, use in runs:
             a = one.generate(ps, use, sampling=sampling)
             b = split.generate(ps, use, sampling=sampling)
+            if label == "lora":
+                base = one.generate(ps[1:2], sampling=sampling)[0].token_ids
+                res["lora changes tokens"] = a[1].token_ids != base
+                res["lora errors"] = [o.error for o in a + b]
             if label == "experts":  # each expert changes the answer; b's slices may not fit
                 base = one.generate(ps[1:2], sampling=sampling)[0].token_ids
                 res["expert changes tokens"] = a[1].token_ids != base

@@ -4,6 +4,7 @@ DeepSpeed's own MoE) and rank 0 writes the errors it measured; these tests asser
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -327,8 +328,9 @@ def test_engine_split_over_ranks_equals_one_process(nproc, tmp_path):
     share of the batch every rank holds) and both at once: tokens equal to one process,
     greedy and seeded, logprobs within fp32 rounding, each rank holding its kv heads only.
     Compressed experts of the dense models, sliced like the base (their deltas' rows or whole
-    quantization groups of input channels, their exact biases), in a batch with the base:
-    one process's tokens; an expert whose groups a slice would cut fails its own requests
+    quantization groups of input channels, their exact biases), and a PEFT LoRA adapter (its
+    B's rows or A's input columns, its tuned biases), in a batch with the base: one process's
+    tokens; an expert whose groups a slice would cut fails its own requests
     with an error naming the alignment.
     The MoE layer's share routing equals one process for fewer tokens than ranks too, and
     moves 1/world of the all-to-all bytes of every rank sending the whole batch."""
@@ -339,6 +341,7 @@ def test_engine_split_over_ranks_equals_one_process(nproc, tmp_path):
         assert 0 < shared < every, (t, shared, every)
         if t == 17:  # the token rows dominate the split-size exchange
             assert shared * nproc < 1.25 * every, (shared, every)
+    served_lora = 0
     for rank, cases in enumerate(found["ranks"]):
         engines = [c for c in cases if not c.startswith("layer")]
         assert len(engines) == (5 if nproc == 2 else 4), cases
@@ -356,8 +359,14 @@ def test_engine_split_over_ranks_equals_one_process(nproc, tmp_path):
                     assert errors[2] and "multiples of 64" in errors[2], errors  # requests fail
                     errors = errors[:2] + errors[3:]
                 assert not any(errors), (name, errors)
+            if "lora errors" in res:  # and a PEFT LoRA adapter, its factors sliced
+                assert res["lora changes tokens"] is True, (name, res)
+                assert not any(res["lora errors"]), (name, res)
+                served_lora += 1
             for key, value in res.items():
                 if key.endswith("tokens equal"):
                     assert value is True, (rank, name, key)
                 elif key.endswith("logprob diff"):
                     assert value < 1e-4, (rank, name, key, value)
+    if importlib.util.find_spec("peft") is not None:  # llama and qwen2, on every rank
+        assert served_lora == 2 * nproc, served_lora

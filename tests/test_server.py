@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import finetune_like, tiny_config
+from conftest import finetune_like, make_adapter, peft_greedy, tiny_config
 
 from expertswitch.compress import CompressOptions, compress_expert, make_method
 from expertswitch.compress.calibration import CalibOptions
@@ -651,6 +651,55 @@ def test_api_key_and_admin_routes(family, tmp_path):
         assert "prose" in [m.id for m in c.models.list().data]
         post("/v1/unload_lora_adapter", {"lora_name": "prose"})
     aengine.close()
+
+
+def test_peft_lora_adapters_over_http(family, tmp_path):
+    """LoRA adapters the way vLLM serves them: one given at start (as --lora-modules does),
+    one loaded over HTTP (/v1/load_lora_adapter), beside a compressed expert; each is a
+    model of /v1/models and answers with PEFT's own greedy tokens. An adapter the engine
+    cannot serve gets a 400 naming why."""
+    pytest.importorskip("peft")
+    from transformers import AutoTokenizer
+
+    base, archives, _ = family
+    sql = make_adapter(base, tmp_path / "sql", 1, ["q_proj", "v_proj", "down_proj"])
+    chat = make_adapter(base, tmp_path / "chat", 2, ["o_proj", "up_proj"], r=2)
+    dora = make_adapter(base, tmp_path / "dora", 3, ["q_proj"], use_dora=True)
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = tok("def add(a, b):")["input_ids"]
+    app, aengine = build_app(base, {"sql": sql, "code": archives["code"]}, device="cpu",
+                             dtype=torch.float32, cfg=ServerConfig(enable_admin=True))  # fmt: skip
+    with ServerThread(app) as srv:
+        r = httpx.post(srv.url + "/v1/load_lora_adapter",
+                       json={"lora_name": "chat", "lora_path": str(chat)}, timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        r = httpx.post(srv.url + "/v1/load_lora_adapter",
+                       json={"lora_name": "d", "lora_path": str(dora)}, timeout=120)  # fmt: skip
+        assert r.status_code == 400 and "DoRA" in r.json()["error"]["message"], r.text
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        assert [m.id for m in c.models.list().data] == ["base", "sql", "code", "chat"]
+        for name, path in (("sql", sql), ("chat", chat)):
+            got = c.completions.create(model=name, prompt=ids, max_tokens=8, temperature=0)
+            want = peft_greedy(base, path, ids, 8)
+            assert got.choices[0].text == tok.decode(want, skip_special_tokens=True), name
+    aengine.close()
+
+
+def test_lora_modules_flag():
+    """vLLM's --lora-modules forms: NAME=PATH and JSON objects, several after one flag."""
+    from expertswitch.cli import _lora_args, build_parser
+    from expertswitch.errors import ConfigError
+
+    args = build_parser().parse_args(["serve", "--enable-lora", "--lora-modules", "a=/x",
+                                      '{"name": "b", "path": "/y", "base_model_name": "m"}',
+                                      "--max-loras", "4", "--max-lora-rank", "64"])  # fmt: skip
+    assert _lora_args(args.lora_modules) == {"a": "/x", "b": "/y"}
+    assert (args.max_loras, args.max_lora_rank) == (4, 64)
+    for bad, match in ((["a"], "write NAME=PATH"), (["{x"], "is not valid JSON"),
+                       (['{"name": "a"}'], 'give \'{"name": NAME'),
+                       (["a=/x", "a=/y"], "'a' is given twice")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            _lora_args(bad)
 
 
 def test_size_argument_parsing():

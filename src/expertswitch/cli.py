@@ -167,7 +167,8 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="serve a base and expert archives: generate text")
     p.add_argument("--base", required=True, help="base model directory (HF checkpoint)")
     p.add_argument("--expert", action="append", default=[], metavar="NAME=ARCHIVE",
-                   help="an expert archive to serve under NAME (repeatable)")  # fmt: skip
+                   help="an expert archive or PEFT LoRA adapter directory to serve under "
+                   "NAME (repeatable)")  # fmt: skip
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="a prompt as comma-separated token ids (repeatable)")  # fmt: skip
@@ -226,7 +227,31 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server over a base and its experts")
     p.add_argument("--base", default=None, help="base model directory (HF checkpoint)")
     p.add_argument("--expert", action="append", default=[], metavar="NAME=ARCHIVE",
-                   help="an expert archive served as model NAME (repeatable)")  # fmt: skip
+                   help="an expert archive or PEFT LoRA adapter directory served as model "
+                   "NAME (repeatable)")  # fmt: skip
+    p.add_argument("--lora-modules", nargs="+", action="extend", default=[],
+                   metavar="NAME=PATH",
+                   help="PEFT LoRA adapters served as models, vLLM's flag: NAME=PATH or "
+                   '\'{"name": NAME, "path": PATH}\' (archives work too)')  # fmt: skip
+    p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="accepted for vLLM command lines (adapters are served without it)",
+    )
+    p.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        metavar="N",
+        help="distinct experts or adapters in one step (default: any)",
+    )
+    p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse LoRA adapters of a higher rank (default: any)",
+    )
     p.add_argument(
         "--router",
         default=None,
@@ -581,6 +606,39 @@ def _expert_args(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _lora_args(items: list[str]) -> dict[str, str]:
+    """vLLM's --lora-modules: NAME=PATH items, or JSON objects {"name": ..., "path": ...} (its
+    base_model_name, the parent a model card names, is the served base here)."""
+    import json
+
+    from expertswitch.errors import ConfigError
+
+    pairs = []
+    for item in items:
+        if not item.lstrip().startswith("{"):
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--lora-modules {item!r}: write NAME=PATH, e.g. "
+                                  "sql=/adapters/sql-lora")  # fmt: skip
+            pairs.append((name, path))
+            continue
+        try:
+            spec = json.loads(item)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--lora-modules {item!r} is not valid JSON ({e})") from None
+        if not isinstance(spec, dict) or not all(isinstance(spec.get(k), str) and spec[k]
+                                                 for k in ("name", "path")):  # fmt: skip
+            raise ConfigError(f"--lora-modules {item!r}: give \'{{\"name\": NAME, \"path\": "
+                              "PATH}' or NAME=PATH")  # fmt: skip
+        pairs.append((spec["name"], spec["path"]))
+    out = {}
+    for name, path in pairs:
+        if name in out:
+            raise ConfigError(f"--lora-modules {name!r} is given twice")
+        out[name] = path
+    return out
+
+
 def _prompt_args(args) -> list:
     from expertswitch.errors import ConfigError
 
@@ -748,6 +806,10 @@ def cmd_serve(args) -> None:
     from expertswitch.server.tool_parsers import TOOL_PARSERS
 
     experts = _expert_args(args.expert)
+    for name, path in _lora_args(args.lora_modules).items():
+        if name in experts:
+            raise ConfigError(f"{name!r} is given by both --expert and --lora-modules")
+        experts[name] = path
     base, router = args.base, args.router
     if args.demo:
         from expertswitch.zoo.build import build_family
@@ -804,7 +866,9 @@ def cmd_serve(args) -> None:
                "enable_chunked_prefill": args.enable_chunked_prefill,
                "max_num_batched_tokens": args.max_num_batched_tokens,
                "long_prefill_token_threshold": args.long_prefill_token_threshold,
-               "cpu_int4_deltas": args.cpu_int4_deltas}  # fmt: skip
+               "cpu_int4_deltas": args.cpu_int4_deltas,
+               "max_active_experts": args.max_loras,
+               "max_lora_rank": args.max_lora_rank}  # fmt: skip
     from expertswitch.utils.imports import resolve_device
 
     on_cpu = resolve_device(args.device) == "cpu"

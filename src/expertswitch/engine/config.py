@@ -22,6 +22,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # default: CPU 512 MiB at most; GPU what is free
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_active_experts: int | None = None  # distinct experts in one step (vLLM's max_loras)
+    max_lora_rank: int | None = None  # LoRA adapters of a higher rank are refused (None: any)
     device_budget_bytes: int | None = None  # experts resident on the device (GPU default: a
     #                                         third of what the base leaves free)
     host_budget_bytes: int | None = None  # experts kept in (pinned) host memory

@@ -40,7 +40,8 @@ from expertswitch.engine.sampler import SamplingFailure, logprobs_of, sample
 from expertswitch.engine.sampling import SamplingParams
 from expertswitch.engine.scheduler import Scheduler
 from expertswitch.engine.tokenizer import load_tokenizer
-from expertswitch.errors import ConfigError, ParallelError
+from expertswitch.errors import CheckpointError, ConfigError, ParallelError
+from expertswitch.io.lora import LoraBase, load_lora, open_lora
 from expertswitch.kernels.delta_cpu import int4_available, to_int4
 from expertswitch.models.decoder import Decoder
 from expertswitch.models.expert_weights import load_expert
@@ -94,7 +95,9 @@ class Engine:
         eos = eos_ids(self.base_path) or frozenset(self.model.cfg.eos_token_ids)
         self.registry = ExpertRegistry(self.base_path, self.base_fingerprint,
                                        self.model.servable_names(), self.model.cfg.vocab_size,
-                                       eos, self.tokenizer, tokenizer)  # fmt: skip
+                                       eos, self.tokenizer, tokenizer,
+                                       LoraBase.of(self.model, self.base_path),
+                                       cfg.max_lora_rank)  # fmt: skip
         budget = cfg.device_budget_bytes
         if self.device.type == "cuda" and budget is None:
             # experts get a third of the memory the base left free, the KV cache most of the
@@ -192,8 +195,14 @@ class Engine:
         self._record("reset_prefix_cache")
 
     def _load(self, name: str):
-        w = load_expert(name, self.registry.get(name).path, self.base_fingerprint,
-                        self.model.shapes, self.dtype)  # fmt: skip
+        entry = self.registry.get(name)
+        if entry.lora is not None:  # read again: the files may have changed since
+            adapter = open_lora(entry.path, self.registry.lora_base, check_values=False)
+            if adapter.vocab != entry.lora.vocab:
+                raise CheckpointError(f"LoRA adapter {entry.path} changed since expert "
+                                      f"{name!r} was registered: register it again")  # fmt: skip
+            return self.model.slice_expert(load_lora(name, adapter, self.dtype))
+        w = load_expert(name, entry.path, self.base_fingerprint, self.model.shapes, self.dtype)
         w = self.model.slice_expert(w)  # this rank's slices under tensor parallelism (first:
         if self.cpu_int4:  # the forms are made from the slices; a delta the kernel cannot take
             # keeps the torch path; an untied embedding's delta is looked up by rows, not

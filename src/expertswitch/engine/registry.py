@@ -1,6 +1,7 @@
-"""The experts an engine serves: each name's archive, checked when registered (made for this
-base, only tensors the model applies per row), with what its requests need besides weights —
-its EOS tokens, its vocabulary size and its tokenizer (the archive's own when it ships one)."""
+"""The experts an engine serves: each name's archive or PEFT LoRA adapter (io/lora.py), checked
+when registered (made for this base, only tensors the model applies per row), with what its
+requests need besides weights — its EOS tokens, its vocabulary size and its tokenizer (the
+archive's or adapter's own when it ships one)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from expertswitch.engine.tokenizer import load_tokenizer
 from expertswitch.errors import ArchiveError, CompatibilityError, ConfigError
 from expertswitch.io.archive import open_archive
+from expertswitch.io.lora import LoraAdapter, LoraBase, is_lora_dir, open_lora
 
 RESERVED = ("auto", "base", "__base__")  # names that mean "the router" or "no expert"
 
@@ -22,12 +24,16 @@ class Registered:
     vocab: int
     tokenizer: object | None = None  # loaded on first use; False: none of its own or base's
     files: dict[str, Path] = field(default_factory=dict)  # the archive's own, verified
+    lora: LoraAdapter | None = None  # a LoRA adapter, as checked when registered
 
 
 class ExpertRegistry:
     def __init__(self, base_path: Path, fingerprint: str, servable: set[str], vocab: int,
-                 eos: frozenset[int], tokenizer, use_tokenizers: bool = True):  # fmt: skip
+                 eos: frozenset[int], tokenizer, use_tokenizers: bool = True,
+                 lora_base: LoraBase | None = None, max_lora_rank: int | None = None):  # fmt: skip
+        """lora_base: what LoRA adapters are checked against (None: archives only)."""
         self.base_path, self.fingerprint = base_path, fingerprint
+        self.lora_base, self.max_lora_rank = lora_base, max_lora_rank
         self.servable, self.base_vocab = servable, vocab
         self.base_eos, self.base_tokenizer = eos, tokenizer
         self.use_tokenizers = use_tokenizers
@@ -39,6 +45,16 @@ class ExpertRegistry:
                               "empty name are reserved")  # fmt: skip
         if name in self.entries:
             raise ConfigError(f"expert {name!r} is already registered; remove_expert it first")
+        if self.lora_base is not None and is_lora_dir(path):
+            adapter = open_lora(path, self.lora_base)
+            if self.max_lora_rank is not None and adapter.rank > self.max_lora_rank:
+                raise ConfigError(f"LoRA adapter {path} has rank {adapter.rank}, above "
+                                  f"max_lora_rank {self.max_lora_rank}: raise --max-lora-rank "
+                                  "(max_lora_rank) to serve it")  # fmt: skip
+            entry = Registered(Path(path), self.base_eos, adapter.vocab or self.base_vocab,
+                               files=adapter.files(), lora=adapter)  # fmt: skip
+            self.entries[name] = entry
+            return entry
         archive = open_archive(path, verify=False)  # checksums: at load time, by the pool
         if archive.base_fingerprint != self.fingerprint:
             raise CompatibilityError(

@@ -65,7 +65,7 @@ class ExpertBatch:
 
     def users_of(self, name: str, table: str) -> list[tuple[int, object]]:
         """(slot, value) for every active expert that stores tensor `name` in `table`
-        ("deltas" or "exact"), with at least one row in this batch."""
+        ("deltas", "exact", "lora" or "lora_embedding"), with at least one row in this batch."""
         out = []
         for s, ex in enumerate(self.experts):
             v = getattr(ex, table).get(name)

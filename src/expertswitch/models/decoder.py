@@ -20,6 +20,7 @@ o and down by input columns, one all-reduce each). Embedding, norms and lm_head 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -284,8 +285,10 @@ class Decoder:
         self.norm = ld.norm("model.norm.weight", cfg.rms_norm_eps)
         if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt:
             # tied: an expert's changed embedding is its lm_head too (same tensor name)
+            # (a LoRA adapter's lm_head factors are its own, not the embedding's)
             self.lm_head = MultiExpertLinear("model.embed_tokens.weight", self.embed.weight,
-                                             fill=float("-inf"))  # fmt: skip
+                                             fill=float("-inf"),
+                                             lora_name="lm_head.weight")  # fmt: skip
         else:
             self.lm_head = ld.linear("lm_head", fill=float("-inf"))
         self.shapes = {n: ckpt.shape(n) for n in ckpt.names()}
@@ -302,7 +305,14 @@ class Decoder:
 
         tp = self.tp
 
-        deltas, exact = {}, {}
+        deltas, exact, lora = {}, {}, {}
+        for name, p in w.lora.items():  # rows: B's output rows; cols: A's input columns (each
+            how, part = self.sliced.get(name, (None, None))  # rank's partial x·Aᵀ is summed
+            if how == "rows":  # by the layer's all-reduce with its partial base product)
+                p = replace(p, b=tp.rows(p.b, part))
+            elif how == "cols":
+                p = replace(p, a=tp.cols(p.a, part))
+            lora[name] = p
         for name, d in w.deltas.items():
             how, part = self.sliced.get(name, (None, None))
             if how == "rows":
@@ -320,7 +330,20 @@ class Decoder:
             how, part = self.sliced.get(name, (None, None))
             exact[name] = (tp.rows(t, part) if how == "rows" else tp.cols(t, part)
                            if how == "cols" else t)  # fmt: skip
-        return ExpertWeights(w.name, w.path, deltas, exact)
+        return ExpertWeights(
+            w.name, w.path, deltas, exact, lora=lora, lora_embedding=w.lora_embedding
+        )
+
+    def lora_targets(self) -> dict[str, tuple[int, int]]:
+        """The linear layers a LoRA adapter may change, by the name PEFT gives their weight
+        ("lm_head.weight" also when tied to the embedding): their whole [N, K]."""
+        out = {self.lm_head.lora_name: tuple(self.shapes[self.lm_head.name])}
+        for layer in self.layers:
+            linears = [layer.q, layer.k, layer.v, layer.o]
+            if layer.moe is None:
+                linears += [layer.gate, layer.up, layer.down]
+            out.update((lin.name, tuple(self.shapes[lin.name])) for lin in linears)
+        return out
 
     def servable_names(self) -> set[str]:
         """Tensor names an expert may change: every one a layer applies per row."""

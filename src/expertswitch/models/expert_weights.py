@@ -4,6 +4,8 @@
                                          salient indices and columns)
     exact   {tensor name: Tensor}        tensors the expert replaces whole (norms, embeddings,
                                          lm_head, biases, the MoE router, a larger vocabulary)
+    lora    {tensor name: LoraPair}      a PEFT LoRA adapter's factors (io/lora.py), served
+                                         unmerged like the deltas
 
 Every other tensor of the model is the base's. `load_expert` opens and verifies an archive
 (checksums, base fingerprint) and keeps only what the archive stores; `to` moves all parts to a
@@ -29,6 +31,10 @@ class ExpertWeights:
     exact: dict[str, torch.Tensor] = field(default_factory=dict)
     # CPU engines that opt in: deltas' codes also in torch's CPU int4 layout (kernels/delta_cpu)
     cpu_int4: dict = field(default_factory=dict)
+    # a PEFT LoRA adapter's factors (io/lora.LoraPair): of linear weights by name, and of the
+    # embedding's lookup (not of a tied lm_head, which has its own under "lm_head.weight")
+    lora: dict = field(default_factory=dict)
+    lora_embedding: dict = field(default_factory=dict)
 
     def tensors(self) -> list[torch.Tensor]:
         out = list(self.exact.values())
@@ -36,6 +42,8 @@ class ExpertWeights:
             out.extend(d.parts().values())
         for f in self.cpu_int4.values():
             out.extend(f.tensors())
+        for p in [*self.lora.values(), *self.lora_embedding.values()]:
+            out += [p.a, p.b]
         return out
 
     def nbytes(self) -> int:
@@ -59,6 +67,8 @@ class ExpertWeights:
             {k: packed(d) for k, d in self.deltas.items()},
             {k: fn(v) for k, v in self.exact.items()},
             {k: f.map(fn) for k, f in self.cpu_int4.items()},
+            {k: p.map(fn) for k, p in self.lora.items()},
+            {k: p.map(fn) for k, p in self.lora_embedding.items()},
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ExpertWeights:
@@ -101,7 +111,7 @@ def load_expert(
         if entry.kind == "exact":
             value = parts.get("value")
             got = None if value is None else list(value.shape)
-            if got is None or not _fits(tuple(got), base_shape, entry.name) \
+            if got is None or not fits_base(tuple(got), base_shape, entry.name) \
                     or entry.meta.get("shape") != got:  # fmt: skip
                 raise ArchiveError(f"{where}: stored shape {got} (manifest: "
                                    f"{entry.meta.get('shape')}) does not fit the base's "
@@ -138,7 +148,7 @@ def _check_vocabulary(w: ExpertWeights, base_shapes: dict, where: str) -> None:
 _GROWS = ("model.embed_tokens.weight", "lm_head.weight")  # an expert may add vocabulary rows
 
 
-def _fits(shape: tuple, base: tuple, name: str) -> bool:
+def fits_base(shape: tuple, base: tuple, name: str) -> bool:
     if shape == base:
         return True
     return name in _GROWS and len(shape) == 2 and shape[1] == base[1] and shape[0] > base[0]

@@ -6,7 +6,10 @@ its rows, computed from the expert's packed parts.
                         with a larger vocabulary): its rows use that weight
     RowNorm             RMSNorm with the row's expert's weight when the expert changed it
     RowEmbedding        token embedding: base rows, exact expert tables, or base + quantized
-                        delta rows (dequantized for the looked-up rows only)
+                        delta rows (dequantized for the looked-up rows only) or + LoRA rows
+
+A PEFT LoRA adapter served as an expert (io/lora.py) adds its s·(x·Aᵀ)·Bᵀ to its rows
+(`add_lora`), beside the deltas of the compressed experts.
 
 The delta term never comes from a dense Δ̂: on CPU through the lean torch path of
 kernels/delta_cpu.py (several experts of one small weight stacked and applied in one batched
@@ -191,13 +194,38 @@ def _add_deltas_kernel(y, x, eb: ExpertBatch, name: str, users) -> None:
         delta_matmul(x, eb.tables[tkey], eb.cache[gkey], out=y)
 
 
+def add_lora(y: torch.Tensor, x: torch.Tensor, eb: ExpertBatch, name: str) -> None:
+    """y [T, N] += each row's LoRA term s·(x·Aᵀ)·Bᵀ for weight `name`, for the rows of experts
+    that are LoRA adapters. Every adapter of the batch at once, as S-LoRA does: the active
+    adapters' A stacked into one [Σr, K] matrix and their B into one [N, Σr], each row's
+    x·Aᵀ kept on its own adapter's columns only (a mask from the row's slot), then one matmul
+    by B. Two matmuls whatever the mix, and nothing read from the host: a decode graph
+    replays it (the stacks are kept with the kernel tables, the mask is computed from the
+    graph's row slots)."""
+    users = eb.users_of(name, "lora")
+    if not users:
+        return
+    key = ("lora", name, tuple(s for s, _ in users))
+    if key not in eb.tables:  # (kept while the same expert objects are active)
+        a = torch.cat([p.a for _, p in users])
+        b = torch.cat([p.b for _, p in users], dim=1)
+        owner = torch.cat([torch.full((p.rank,), s) for s, p in users]).to(a.device)
+        eb.tables[key] = (a, b, owner)
+    a, b, owner = eb.tables[key]
+    h = F.linear(x, a)  # [T, Σr]
+    h.mul_(eb.row_slot.unsqueeze(1) == owner)  # each row: its own adapter's columns
+    y[:, : b.shape[0]] += F.linear(h, b)  # y may be wider (a larger vocabulary)
+
+
 class MultiExpertLinear:
     def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 fill: float = 0.0):  # fmt: skip
+                 fill: float = 0.0, lora_name: str | None = None):  # fmt: skip
         """name: the weight's checkpoint name (…q_proj.weight); the bias is name[:-6] + "bias".
         fill: value of columns past the base's width in base rows when an active expert's
-        exact weight is wider (−inf for logits over a larger vocabulary)."""
+        exact weight is wider (−inf for logits over a larger vocabulary). lora_name: the name
+        LoRA adapters give this layer when it is not `name` (a tied lm_head)."""
         self.name = name
+        self.lora_name = lora_name or name
         self.bias_name = name.removesuffix("weight") + "bias"
         self.weight = weight  # [N, K]
         self.bias = bias  # [N] | None
@@ -213,6 +241,7 @@ class MultiExpertLinear:
         if exact:
             y = self._exact_rows(y, x, eb, exact)
         add_deltas(y, x, eb, self.name)
+        add_lora(y, x, eb, self.lora_name)
         if self.bias is not None:
             rows = stacked_rows(eb, self.bias_name, self.bias)
             y = y + (self.bias if rows is None else rows)
@@ -260,6 +289,9 @@ class RowEmbedding:
         for s, d in eb.users_of(self.name, "deltas"):
             rows = eb.segments[s]
             out[rows] += delta_rows(d, ids.index_select(0, rows)).to(out.dtype)
+        for s, p in eb.users_of(self.name, "lora_embedding"):  # + s·(B·A)ᵀ[id]
+            rows = eb.segments[s]
+            out[rows] += F.linear(F.embedding(ids.index_select(0, rows), p.a), p.b)
         return out
 
 
