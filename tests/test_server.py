@@ -178,6 +178,54 @@ def test_stream_ends_with_done_as_server_sent_events(server):
     assert json.loads(lines[0][6:])["object"] == "text_completion"
 
 
+def _sse_chunks(url: str, route: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", url + route, json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln[6:]) for ln in lines[:-1]]
+
+
+def test_return_token_ids_and_tokens_as_ids(server, reference):
+    """vLLM's return_token_ids: the prompt's ids (completions: per choice; chat: at the top
+    level) and the answer's ids beside the text, the engine's own; streamed, the prompt's with
+    the first chunk and each chunk's new ids, adding up to the same. return_tokens_as_token_ids
+    names the logprobs' tokens "token_id:N"."""
+    url = server[0].url
+    prompt = "def add(a, b):"
+    ids = list(reference.tokenizer.encode(prompt))
+    want = alone_output(reference, ids, "code", 6, ignore_eos=True).token_ids
+    body = {"model": "code", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+    r = httpx.post(url + "/v1/completions", json={**body, "logprobs": 1,
+                   "return_tokens_as_token_ids": True}, timeout=120).json()  # fmt: skip
+    choice = r["choices"][0]
+    assert choice["prompt_token_ids"] == ids and choice["token_ids"] == want
+    assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in want]
+    chunks = _sse_chunks(url, "/v1/completions", body)
+    got = [c["choices"][0] for c in chunks if c["choices"]]
+    assert got[0]["prompt_token_ids"] == ids and all("prompt_token_ids" not in g for g in got[1:])
+    assert sum((g["token_ids"] for g in got), []) == want
+    messages = [{"role": "user", "content": "Q: What is 12 + 30?"}]
+    prompt_ids = chat_ids(reference, messages)
+    want = alone_output(reference, prompt_ids, "math", 6, ignore_eos=True).token_ids
+    chat = {**body, "model": "math", "messages": messages}
+    del chat["prompt"]
+    r = httpx.post(url + "/v1/chat/completions", json={**chat, "logprobs": True,
+                   "return_tokens_as_token_ids": True}, timeout=120).json()  # fmt: skip
+    assert r["prompt_token_ids"] == prompt_ids and r["choices"][0]["token_ids"] == want
+    assert [e["token"] for e in r["choices"][0]["logprobs"]["content"]] == [
+        f"token_id:{t}" for t in want
+    ]
+    chunks = _sse_chunks(url, "/v1/chat/completions", chat)
+    assert chunks[0]["prompt_token_ids"] == prompt_ids
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    assert sum((c["choices"][0]["token_ids"] for c in chunks if c["choices"]), []) == want
+    plain = httpx.post(url + "/v1/completions", json={**body, "return_token_ids": None},
+                       timeout=120).json()  # fmt: skip
+    assert "token_ids" not in plain["choices"][0]
+
+
 def test_stop_strings_streamed_and_not(client, reference):
     prompt = "The import statement"
     free = alone(reference, prompt, "prose", 30, ignore_eos=True)

@@ -20,17 +20,20 @@ from expertswitch.engine.request import Logprob
 
 
 class LogprobFormatter:
-    def __init__(self, tokenizer, k: int | None = None):
+    def __init__(self, tokenizer, k: int | None = None, as_ids: bool = False):
         """k: the most likely tokens shown per position (None: all the records hold; they
-        may hold more when the prompt's were asked for more)."""
+        may hold more when the prompt's were asked for more). as_ids: tokens named
+        "token_id:N" (vLLM's return_tokens_as_token_ids), offsets and bytes of that name."""
         self.tok = tokenizer
         self.k = k
+        self.as_ids = as_ids
         self._texts: dict[int, str] = {}
 
     def text(self, token_id: int) -> str:
         t = self._texts.get(token_id)
         if t is None:  # a fast tokenizer's decode does not mutate it: safe off its thread
-            t = self._texts[token_id] = self.tok.decode([token_id])
+            t = f"token_id:{token_id}" if self.as_ids else self.tok.decode([token_id])
+            self._texts[token_id] = t
         return t
 
     def completion(self, entries: list[tuple[int, Logprob | None]], offset: int) -> dict:

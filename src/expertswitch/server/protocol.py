@@ -58,6 +58,11 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     min_p: float | None = None
     prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs and top k
+    # vLLM's: the prompt's and the answer's token ids beside the text (streamed: the prompt's
+    # in the first chunk, each chunk its new ids)
+    return_token_ids: bool = False
+    # vLLM's: logprobs name tokens "token_id:N" instead of their text
+    return_tokens_as_token_ids: bool = False
     user: str | None = None
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's (json, json_object, choice, ...)
@@ -129,7 +134,8 @@ class ExpertName(BaseModel):
 MAX_N = 128  # OpenAI's own limit on `n`
 _DEFAULTED = {"n", "stream", "echo", "ignore_eos", "include_stop_str_in_output",
               "skip_special_tokens", "min_tokens", "add_generation_prompt",
-              "include_reasoning", "continue_final_message"}  # fmt: skip
+              "include_reasoning", "continue_final_message", "return_token_ids",
+              "return_tokens_as_token_ids"}  # fmt: skip
 
 
 def refuse_unsupported(req: _Request) -> None:

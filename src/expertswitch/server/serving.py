@@ -118,6 +118,8 @@ class _Choice:
     tools: ToolStream | None = None  # streaming, tool_choice "auto": the calls sent so far
     thinking: ReasoningStream | None = None  # streaming, a reasoning parser: reasoning sent
     content_sent: int = 0  # streaming, a reasoning parser without tools: content characters
+    ids: list[int] = field(default_factory=list)  # return_token_ids: the answer's token ids
+    ids_sent: int = -1  # streaming, return_token_ids: ids already sent (−1: not the prompt's)
 
 
 @dataclass
@@ -140,6 +142,7 @@ class _Job:
     show_reasoning: bool = True  # include_reasoning (vLLM's): false drops the thinking
     prompt_k: int | None = None  # vLLM's prompt_logprobs, when asked: the top k shown
     prompt_lp: LogprobFormatter | None = None  # ... and their formatter
+    token_ids: bool = False  # vLLM's return_token_ids
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -392,8 +395,9 @@ class OpenAIServing:
             code = "context_length_exceeded" if "context holds" in str(e) else None
             raise HTTPError(400, str(e), code=code) from None
         choices = [_Choice(rid, k, i, started=start) for k, (rid, i, _) in enumerate(plan)]
-        fmt = LogprobFormatter(tok, params[0].logprobs) if params[0].logprobs is not None \
-            else None  # fmt: skip
+        fmt = None
+        if params[0].logprobs is not None:
+            fmt = LogprobFormatter(tok, params[0].logprobs, req.return_tokens_as_token_ids)
         parser = TOOL_PARSERS[self.cfg.tool_call_parser] if auto_tools(req) else None
         thinking = None  # (an answer held from its first token — a forced tool call's — has
         # no thinking to split off)
@@ -407,7 +411,7 @@ class OpenAIServing:
                    show_reasoning=getattr(req, "include_reasoning", True),
                    prompt_k=req.prompt_logprobs,
                    prompt_lp=None if req.prompt_logprobs is None
-                   else LogprobFormatter(tok))  # fmt: skip
+                   else LogprobFormatter(tok), token_ids=req.return_token_ids)  # fmt: skip
         self.metrics.prompt_tokens.labels(target.name).inc(sum(len(p) for p in ids))
         for c in choices:
             c.sent = texts[c.prompt] if echo else ""
@@ -558,6 +562,7 @@ class OpenAIServing:
             m.generation_tokens.labels(name).inc(n_new)
         if not job.score_only:
             c.lps.extend(out.new_logprobs)
+            c.ids.extend(out.new_token_ids)
         if c.plps is None and out.prompt_logprobs is not None:
             c.plps = out.prompt_logprobs
         if out.finished:
@@ -656,7 +661,19 @@ class OpenAIServing:
             choice = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}
         if finish is not None and c.out is not None and c.out.stop_reason is not None:
             choice["stop_reason"] = c.out.stop_reason
-        return {**self._head(job, chunk=True), "choices": [choice]}
+        head = self._head(job, chunk=True)
+        if job.token_ids:  # vLLM's: the prompt's ids with the first chunk, then each new id
+            if c.ids_sent < 0:
+                prompt = job.prompt_tokens[c.prompt]
+                if job.kind == "chat":  # (one prompt: at the top level, as in the body, once)
+                    if c.index == 0:
+                        head["prompt_token_ids"] = prompt
+                else:
+                    choice["prompt_token_ids"] = prompt
+            start = max(c.ids_sent, 0)
+            choice["token_ids"] = c.ids[start:]
+            c.ids_sent = len(c.ids)
+        return {**head, "choices": [choice]}
 
     def _body(self, job: _Job) -> dict:
         choices = []
@@ -674,10 +691,16 @@ class OpenAIServing:
                 base["text"] = text
             if job.prompt_lp is not None and job.kind == "completion":
                 base["prompt_logprobs"] = self._prompt_logprobs(job, c)
+            if job.token_ids:  # vLLM's return_token_ids
+                if job.kind == "completion":
+                    base["prompt_token_ids"] = job.prompt_tokens[c.prompt]
+                base["token_ids"] = list(c.ids)
             choices.append(base)
         body = {**self._head(job, chunk=False), "choices": choices}
         if job.prompt_lp is not None and job.kind == "chat":  # (one prompt: vLLM's top level)
             body["prompt_logprobs"] = self._prompt_logprobs(job, job.choices[0])
+        if job.token_ids and job.kind == "chat":
+            body["prompt_token_ids"] = job.prompt_tokens[0]
         return {**body, "usage": self._usage(job)}
 
     @staticmethod
