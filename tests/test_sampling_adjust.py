@@ -117,6 +117,7 @@ def test_adjustments_apply_in_vllms_order_and_a_fully_banned_row_fails():
         "logit_bias": st.dictionaries(st.integers(0, V - 1), st.sampled_from([-100.0, 2.5]),
                                       max_size=3),
         "min_tokens": st.integers(0, 4),
+        "allowed_token_ids": st.lists(st.integers(0, V - 1), min_size=1, max_size=4),
         "stop_token_ids": st.lists(st.integers(0, V - 1), max_size=2),
         "ignore_eos": st.booleans()}),
     "eos": st.frozensets(st.integers(0, V - 1), max_size=2)}), min_size=1, max_size=6),
@@ -146,6 +147,8 @@ def test_expert_batch_ranges_follow_sorted_slots():
     {"presence_penalty": 2.5}, {"frequency_penalty": float("nan")}, {"repetition_penalty": 0},
     {"repetition_penalty": True}, {"min_p": 1.5}, {"min_tokens": -1}, {"min_tokens": 40},
     {"logit_bias": {-1: 1.0}}, {"logit_bias": {3: 101}}, {"logit_bias": {"3": 1.0}},
+    {"allowed_token_ids": []}, {"allowed_token_ids": [-1]}, {"allowed_token_ids": "3"},
+    {"allowed_token_ids": [1.0]},
 ])  # fmt: skip
 def test_bad_adjustments_are_refused(bad):
     with pytest.raises(ConfigError):
@@ -173,3 +176,13 @@ def test_engine_applies_bias_and_min_tokens(llama, solo):  # noqa: F811
     assert out.token_ids[:4] == eng.generate(ps[1], None, banned)[0].token_ids
     with pytest.raises(ConfigError, match="outside the vocabulary"):
         eng.add_request(ps[0], "e0", SamplingParams(logit_bias={10**6: 1.0}))
+    # allowed_token_ids: the 2nd and 3rd most likely first tokens allowed → the 2nd is chosen,
+    # and every later token is one of them
+    free = eng.generate(ps[1], "e0", SamplingParams(temperature=0.0, max_tokens=1,
+                                                    logprobs=3))[0]  # fmt: skip
+    second, third = (t for t, _ in free.logprobs[0].top[1:3])
+    sp = SamplingParams(temperature=0.0, max_tokens=6, allowed_token_ids=[third, second])
+    out = eng.generate(ps[1], "e0", sp)[0]
+    assert out.token_ids[0] == second and set(out.token_ids) <= {second, third}
+    with pytest.raises(ConfigError, match="allowed_token_ids names token id 1000000, outside"):
+        eng.add_request(ps[0], "e0", SamplingParams(allowed_token_ids=[5, 10**6]))

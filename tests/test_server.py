@@ -226,6 +226,80 @@ def test_return_token_ids_and_tokens_as_ids(server, reference):
     assert "token_ids" not in plain["choices"][0]
 
 
+def test_vllm_prompt_and_token_controls(server, reference):
+    """vLLM's truncate_prompt_tokens (the prompt's last k tokens, echoed as such) and
+    allowed_token_ids (only those sampled); bad_words, beam search and logits processors are
+    refused with a 400 naming them, not ignored."""
+    url = server[0].url
+
+    def post(route, body, status=200):
+        r = httpx.post(url + route, json={"model": "code", "max_tokens": 4, "temperature": 0,
+                                          "ignore_eos": True, "return_token_ids": True, **body},
+                       timeout=120)  # fmt: skip
+        assert r.status_code == status, r.text
+        return r.json()
+
+    prompt = "def add(a, b):\n    return"
+    ids = list(reference.tokenizer.encode(prompt))
+    got = post("/v1/completions", {"prompt": prompt, "truncate_prompt_tokens": 3, "echo": True})
+    tail = ids[-3:]
+    assert got["choices"][0]["prompt_token_ids"] == tail
+    assert got["choices"][0]["text"].startswith(reference.tokenizer.decode(tail))
+    assert got["choices"][0]["token_ids"] == alone_output(reference, tail, "code", 4,
+                                                          ignore_eos=True).token_ids  # fmt: skip
+    assert got["usage"]["prompt_tokens"] == 3
+    messages = [{"role": "user", "content": "Q: What is 12 + 30?"}]
+    ids = chat_ids(reference, messages)
+    got = post("/v1/chat/completions", {"messages": messages, "truncate_prompt_tokens": 5})
+    assert got["prompt_token_ids"] == ids[-5:]
+    allowed = [40, 41, 42]
+    got = post("/v1/completions", {"prompt": prompt, "temperature": 1.0, "seed": 3,
+                                   "max_tokens": 8, "allowed_token_ids": allowed})  # fmt: skip
+    assert set(got["choices"][0]["token_ids"]) <= set(allowed)
+    for field, value in (("bad_words", ["x"]), ("use_beam_search", True),
+                         ("logits_processors", ["m.P"])):  # fmt: skip
+        err = post("/v1/completions", {"prompt": "x", field: value}, 400)["error"]
+        assert err["param"] == field and "not supported" in err["message"]
+    err = post("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400)["error"]
+    assert "truncate_prompt_tokens must be a positive" in err["message"]
+    err = post("/v1/completions", {"prompt": "x", "allowed_token_ids": [10**6]}, 400)["error"]
+    assert "allowed_token_ids names token id 1000000, outside the vocabulary" in err["message"]
+
+
+def test_add_special_tokens(family, tmp_path):
+    """vLLM's add_special_tokens: completions add the tokenizer's BOS unless told not to; chat
+    adds none unless told to (the template writes its own)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    base, _, _ = family
+    shutil.copytree(base, tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(base)  # the fixture's, made to add a BOS
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    tok.save_pretrained(tmp_path / "base")
+    app, aengine = build_app(tmp_path / "base", {}, device="cpu", dtype=torch.float32)
+    prompt = "def add(a, b):"
+    bare = list(tok.encode(prompt, add_special_tokens=False))
+    messages = [{"role": "user", "content": "hi"}]
+    with ServerThread(app) as srv:
+
+        def prompt_ids(route, body):
+            body = {"model": "base", "max_tokens": 1, "return_token_ids": True, **body}
+            r = httpx.post(srv.url + route, json=body, timeout=120).json()
+            return r.get("prompt_token_ids") or r["choices"][0]["prompt_token_ids"]
+
+        assert prompt_ids("/v1/completions", {"prompt": prompt}) == [tok.bos_token_id, *bare]
+        assert prompt_ids("/v1/completions", {"prompt": prompt, "add_special_tokens": False}) \
+            == bare  # fmt: skip
+        plain = prompt_ids("/v1/chat/completions", {"messages": messages})
+        added = prompt_ids("/v1/chat/completions", {"messages": messages,
+                                                     "add_special_tokens": True})  # fmt: skip
+        assert added == [tok.bos_token_id, *plain] and plain[0] != tok.bos_token_id
+    aengine.close()
+
+
 def test_stop_strings_streamed_and_not(client, reference):
     prompt = "The import statement"
     free = alone(reference, prompt, "prose", 30, ignore_eos=True)

@@ -256,7 +256,8 @@ class Engine:
         self.check_prompt(ids, expert)
         vocab = self.registry.vocab(expert)
         for name, named in (("logit_bias", sampling.logit_bias or ()),
-                            ("stop_token_ids", sampling.stop_token_ids)):  # fmt: skip
+                            ("stop_token_ids", sampling.stop_token_ids),
+                            ("allowed_token_ids", sampling.allowed_token_ids or ())):  # fmt: skip
             bad = [t for t in named if t >= vocab]
             if bad:
                 raise ConfigError(f"{name} names token id {bad[0]}, outside the vocabulary "

@@ -22,8 +22,8 @@ class SamplingFailure(str):
 
 
 _BANNED = (
-    "every token is banned for this request (logit_bias, min_tokens, stop_token_ids and "
-    "structured outputs)"
+    "every token is banned for this request (allowed_token_ids, logit_bias, min_tokens, "
+    "stop_token_ids and structured outputs)"
 )
 _NAN = "the model's logits are NaN for this request"
 _NO_DRAW = "sampling failed: the filtered probabilities are not finite or sum to zero"
@@ -165,6 +165,14 @@ def adjust_rows(rows: torch.Tensor, reqs: list[Request], eos: list[frozenset[int
             t, device=dev, dtype=torch.long
         )
 
+    allowed = [(k, r.sampling.allowed_token_ids) for k, r in enumerate(reqs)
+               if r.sampling.allowed_token_ids]  # fmt: skip
+    if allowed:  # every other token banned (a ban: the order among adjustments is moot)
+        keep = torch.zeros(len(allowed), vocab, dtype=torch.bool, device=dev)
+        r, t = pairs([(i, ids) for i, (_, ids) in enumerate(allowed)])
+        keep[r, t] = True
+        which = torch.tensor([k for k, _ in allowed], device=dev)
+        rows[which] = rows[which].masked_fill(~keep, float("-inf"))
     bias = [(k, r.sampling.logit_bias) for k, r in enumerate(reqs) if r.sampling.logit_bias]
     if bias:
         r, t = pairs([(k, list(b)) for k, b in bias])
@@ -205,11 +213,16 @@ def adjust_rows(rows: torch.Tensor, reqs: list[Request], eos: list[frozenset[int
 
 
 def adjust_logits(row: torch.Tensor, req: Request, eos: frozenset[int]) -> None:
-    """In place, in vLLM's order: logit_bias, min_tokens, then the repetition, frequency and
-    presence penalties (sampling.py has their definitions); a structured output's ban last.
+    """In place, in vLLM's order: allowed_token_ids, logit_bias, min_tokens, then the
+    repetition, frequency and presence penalties (sampling.py has their definitions); a
+    structured output's ban last.
     One row at a time: the definition `adjust_rows` (what the sampler runs) is tested
     against."""
     sp, dev = req.sampling, row.device
+    if sp.allowed_token_ids:
+        keep = torch.zeros_like(row, dtype=torch.bool)
+        keep[torch.tensor(sp.allowed_token_ids, device=dev)] = True
+        row.masked_fill_(~keep, float("-inf"))
     if sp.logit_bias:
         ids = torch.tensor(list(sp.logit_bias), device=dev)
         row.index_add_(0, ids, torch.tensor(list(sp.logit_bias.values()), device=dev,

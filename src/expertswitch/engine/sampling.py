@@ -34,6 +34,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's)
     min_tokens: int = 0
     min_p: float = 0.0
     # the answer held to a JSON schema, any JSON object or one of given strings (vLLM's
@@ -94,6 +95,13 @@ class SamplingParams:
             raise ConfigError("structured_outputs must be a StructuredOutputsParams (or a dict "
                               "of its fields)")  # fmt: skip
         self.structured_outputs = so
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids \
+                    or not all(_is_int(t) and t >= 0 for t in ids):  # fmt: skip
+                raise ConfigError("allowed_token_ids must be a non-empty list of non-negative "
+                                  "integer token ids")  # fmt: skip
+            self.allowed_token_ids = sorted(set(ids))
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
@@ -103,7 +111,8 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         """Whether any logits adjustment is on (the sampler skips rows without one)."""
-        return bool(self.logit_bias or self.min_tokens or self.presence_penalty
+        return bool(self.logit_bias or self.allowed_token_ids or self.min_tokens
+                    or self.presence_penalty
                     or self.frequency_penalty or self.repetition_penalty != 1
                     or self.structured_outputs is not None)  # fmt: skip
 

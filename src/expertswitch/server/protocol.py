@@ -63,6 +63,12 @@ class _Request(BaseModel):
     return_token_ids: bool = False
     # vLLM's: logprobs name tokens "token_id:N" instead of their text
     return_tokens_as_token_ids: bool = False
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled
+    # vLLM's: the prompt cut to its last k tokens (−1: to the context)
+    truncate_prompt_tokens: int | None = None
+    bad_words: list[str] | None = None  # vLLM's (refused: not implemented)
+    use_beam_search: bool = False  # vLLM's (refused: not implemented)
+    logits_processors: list[Any] | None = None  # vLLM's (refused: not implemented)
     user: str | None = None
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's (json, json_object, choice, ...)
@@ -75,6 +81,7 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS and such around the text
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = None
@@ -88,6 +95,8 @@ class ChatCompletionRequest(_Request):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    # vLLM's: special tokens added around the rendered template (it writes its own: off)
+    add_special_tokens: bool = False
     # vLLM's: the last (assistant) message is left open for the answer to continue
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -107,6 +116,8 @@ class TokenizeRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
     add_generation_prompt: bool = True
+    # vLLM's: special tokens added around the rendered template (it writes its own: off)
+    add_special_tokens: bool = False
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -135,7 +146,7 @@ MAX_N = 128  # OpenAI's own limit on `n`
 _DEFAULTED = {"n", "stream", "echo", "ignore_eos", "include_stop_str_in_output",
               "skip_special_tokens", "min_tokens", "add_generation_prompt",
               "include_reasoning", "continue_final_message", "return_token_ids",
-              "return_tokens_as_token_ids"}  # fmt: skip
+              "return_tokens_as_token_ids", "add_special_tokens", "use_beam_search"}  # fmt: skip
 
 
 def refuse_unsupported(req: _Request) -> None:
@@ -149,6 +160,13 @@ def refuse_unsupported(req: _Request) -> None:
             raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         forced_tool(req)  # (a 400 for a tool choice it cannot hold the answer to)
     unsupported["guided_whitespace_pattern"] = req.guided_whitespace_pattern is not None
+    unsupported["bad_words"] = bool(req.bad_words)
+    unsupported["use_beam_search"] = req.use_beam_search
+    unsupported["logits_processors"] = bool(req.logits_processors)
+    k = req.truncate_prompt_tokens
+    if k is not None and (isinstance(k, bool) or not (k == -1 or k >= 1)):
+        raise HTTPError(400, f"truncate_prompt_tokens must be a positive number of tokens (or "
+                        f"-1: the context), got {k}", param="truncate_prompt_tokens")  # fmt: skip
     if req.prompt_logprobs is not None and req.stream:
         raise HTTPError(400, "prompt_logprobs is not available with stream: true (vLLM's "
                         "rule); ask without streaming", param="prompt_logprobs")  # fmt: skip
@@ -312,6 +330,7 @@ def sampling_params(req: _Request, max_tokens: int, choice: int,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logit_bias=_logit_bias(req.logit_bias),
+        allowed_token_ids=req.allowed_token_ids,
         min_tokens=req.min_tokens,
         min_p=req.min_p or 0.0,
         structured_outputs=structured_outputs(req) if structured is _UNSET else structured,

@@ -211,12 +211,15 @@ class OpenAIServing:
 
         def tokenize(engine: Engine):
             tok = engine.tokenizer_for(target.expert)
-            ids = [list(tok.encode(p)) if isinstance(p, str) else p for p in prompts]
-            for p in ids:
+            special = req.add_special_tokens
+            ids = [list(tok.encode(p, add_special_tokens=special)) if isinstance(p, str) else p
+                   for p in prompts]  # fmt: skip
+            cut = [self._truncated(p, req, engine) for p in ids]
+            for p in cut:
                 engine.check_prompt(p, target.expert)
-            texts = [p if isinstance(p, str) else tok.decode(p) if req.echo else ""
-                     for p in prompts]  # fmt: skip
-            return ids, texts, tok
+            texts = [p if isinstance(p, str) and c is i else tok.decode(c) if req.echo else ""
+                     for p, i, c in zip(prompts, ids, cut)]  # fmt: skip
+            return cut, texts, tok
 
         ids, texts, tok = await self._engine_call(tokenize)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default
@@ -235,8 +238,10 @@ class OpenAIServing:
             if req.tools:  # (templates that describe tools to the model use them)
                 kwargs.setdefault("tools", req.tools)
             text = self._render(tok, messages, req, kwargs)
-            # the template writes its own special tokens (BOS...): encode without adding more
-            return [list(tok.encode(text, add_special_tokens=False))], [text], tok
+            # the template writes its own special tokens (BOS...): by default none added
+            ids = list(tok.encode(text, add_special_tokens=req.add_special_tokens))
+            cut = self._truncated(ids, req, engine)
+            return [cut], [text if cut is ids else tok.decode(cut)], tok
 
         ids, texts, tok = await self._engine_call(render)
         max_tokens = req.max_completion_tokens
@@ -245,6 +250,16 @@ class OpenAIServing:
         if max_tokens is None:  # vLLM: the rest of the context (within the server's limit)
             max_tokens = max(1, min(self._limit(), self.engine.max_model_len - len(ids[0])))
         return await self._serve("chat", req, http, target, ids, texts, False, max_tokens, tok)
+
+    @staticmethod
+    def _truncated(ids: list[int], req, engine: Engine) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (−1: as many as the
+        context holds with one token to generate); `ids` itself when nothing is cut."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return ids
+        k = engine.max_model_len - 1 if k == -1 else k
+        return ids[-k:] if len(ids) > k else ids
 
     def _render(self, tok, messages, req, kwargs: dict) -> str:
         """Chat messages → the prompt text the tokenizer's chat template (or the server's
