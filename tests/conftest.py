@@ -132,13 +132,17 @@ def demo_run(tmp_path_factory):
 
 
 def make_adapter(base: Path, out: Path, seed: int, targets, r: int = 4, alpha: float = 8,
-                 tweak=None, **options) -> Path:  # fmt: skip
+                 tweak=None, pre=None, save=None, **options) -> Path:  # fmt: skip
     """A LoRA adapter as PEFT saves one, with random A and B (PEFT's default B = 0 would make
-    the adapter the base itself); `tweak(model)` changes it further before saving."""
+    the adapter the base itself); `pre(model)` changes the model before PEFT wraps it (added
+    tokens), `tweak(model)` the adapter before saving; `save`: save_pretrained's options."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if pre is not None:
+        with torch.no_grad():
+            pre(model)
     torch.manual_seed(seed)
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False,
                      **options)  # fmt: skip
@@ -146,16 +150,20 @@ def make_adapter(base: Path, out: Path, seed: int, targets, r: int = 4, alpha: f
     if tweak is not None:
         with torch.no_grad():
             tweak(model)
-    model.save_pretrained(out)
+    model.save_pretrained(out, **(save or {}))
     return out
 
 
-def peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
-    """PEFT's own greedy tokens (the adapter unmerged over transformers' model)."""
+def peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int,
+                vocab: int | None = None) -> list[int]:  # fmt: skip
+    """PEFT's own greedy tokens (the adapter unmerged over transformers' model; `vocab`: the
+    base resized first, as for an adapter saved with added tokens)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if vocab is not None:
+        model.resize_token_embeddings(vocab)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     x = torch.tensor([prompt])

@@ -2,6 +2,7 @@
 adapters written by PEFT's own save_pretrained on tiny real checkpoints, the reference tokens
 from PEFT's PeftModel over transformers (unmerged, fp32)."""
 
+import collections
 import json
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def peft_prompt_logprobs(base: Path, adapter: Path, prompt: list[int]) -> list[f
     from transformers import AutoModelForCausalLM
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    return _logprobs(model, prompt)
+
+
+def _logprobs(model, prompt: list[int]) -> list[float]:
     with torch.no_grad():
         logits = model.eval()(input_ids=torch.tensor([prompt])).logits[0]
     lp = torch.log_softmax(logits.float(), -1)
@@ -189,7 +194,12 @@ def test_bad_adapters_get_clear_errors(llama, tmp_path):
     LlamaForCausalLM(tiny_config()).save_pretrained(tmp_path / "sibling")
     twin = make_adapter(tmp_path / "sibling", tmp_path / "twin", 7, ["embed_tokens"])
     refused(twin, CompatibilityError, "its copy of model.embed_tokens.weight differs from the "
-            "base's; serve it with the base it was trained on")  # fmt: skip
+            "base's in 256 of 256 rows; serve it with the base it was trained on")  # fmt: skip
+    refused(_copy(a, tmp_path / "pissa", {"init_lora_weights": "pissa_niter_4"}),
+            CheckpointError, "saves factors of a modified base, not of the one it is served "
+            "with; save the adapter converted")  # fmt: skip
+    refused(_copy(a, tmp_path / "loftq", {"init_lora_weights": "loftq"}), CheckpointError,
+            r"with; merge it into the base it was trained with \(peft")  # fmt: skip
 
     def extra(ts):
         return {**ts, pre + "mlp.act.lora_A.weight": torch.zeros(4, 64),
@@ -210,13 +220,14 @@ def test_bad_adapters_get_clear_errors(llama, tmp_path):
     f = cut / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[:-999])
     refused(cut, CheckpointError, "is not a readable adapter weights file .* truncated")
-    # registered whole, then damaged: its requests fail, the others are served
+    # registered whole, then changed: its requests fail, the others are served
     late = _copy(a, tmp_path / "late")
     eng.add_expert("late", late)
     f = late / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     outs = eng.generate(PROMPTS[:2], ["late", None], GREEDY)
-    assert outs[0].finish_reason == "error" and "not a readable adapter" in outs[0].error
+    assert outs[0].finish_reason == "error" and "changed since it was registered as 'late': " \
+        "register it again" in outs[0].error  # fmt: skip
     assert outs[1].token_ids == ref[(1, None)]
 
 
@@ -239,6 +250,8 @@ def _json_values():
     from hypothesis import strategies as st
 
     leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.text(max_size=8),
+                     st.sampled_from([10**400, -(10**400), 2**63, ".*", "(q|v)_proj",
+                                      "[", "pissa", "gaussian", "all-linear"]),
                      st.floats(allow_nan=True, allow_infinity=True))  # fmt: skip
 
     def nest(c):
@@ -248,8 +261,25 @@ def _json_values():
     return st.recursive(leaf, nest, max_leaves=6)
 
 
+def _damaged(ts: dict, how: str, pick: int) -> dict:
+    """The adapter's tensors with one of them renamed, retyped, reshaped or removed."""
+    keys = sorted(ts)
+    k = keys[pick % len(keys)]
+    t = ts[k]
+    rest = {n: v for n, v in ts.items() if n != k}
+    return {"rename": {**rest, k.replace("lora_", "lora"): t},
+            "layer": {**rest, k.replace("layers.0.", "layers.99."): t},
+            "int": {**rest, k: t.to(torch.int32)},
+            "half": {**rest, k: t.half()},
+            "double": {**rest, k: t.double()},
+            "transpose": {**rest, k: t.t().contiguous() if t.dim() == 2 else t},
+            "row": {**rest, k: t[:1].contiguous()},
+            "drop": rest}[how]  # fmt: skip
+
+
 def test_damaged_adapters_load_or_fail_clearly(llama, tmp_path):
-    """Any config field set to any JSON value, the weights file cut anywhere or any byte of it
+    """Any config field set to any JSON value (huge numbers, regexes included), one tensor
+    renamed, retyped, reshaped or removed, the weights file cut anywhere or any byte of it
     flipped: registering and serving the adapter either works or fails with an
     ExpertSwitchError (a clear message), and the base keeps answering as before."""
     from hypothesis import HealthCheck, given, settings
@@ -259,32 +289,44 @@ def test_damaged_adapters_load_or_fail_clearly(llama, tmp_path):
     eng = Engine(base, {})
     fields = ["peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
               "use_dora", "fan_in_fan_out", "target_modules", "modules_to_save",
-              "bias"]  # fmt: skip
+              "bias", "init_lora_weights", "layers_to_transform", "layers_pattern",
+              "exclude_modules", "lora_bias", "target_parameters"]  # fmt: skip
     size = (adapters["b"] / "adapter_model.safetensors").stat().st_size
     count = iter(range(10**6))
+    seen = collections.Counter()
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(which=st.sampled_from(["a", "b"]), field=st.sampled_from(fields),
-           value=_json_values(), cut=st.one_of(st.none(), st.integers(0, size)),
-           flip=st.one_of(st.none(), st.integers(0, size - 1)))  # fmt: skip
-    def check(which, field, value, cut, flip):
+    ops = ["rename", "layer", "int", "half", "double", "transpose", "row", "drop"]
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(which=st.sampled_from(["a", "b"]), field=st.sampled_from([None, *fields]),
+           value=_json_values(),
+           damage=st.one_of(st.none(), st.tuples(st.just("cut"), st.integers(0, size)),
+                            st.tuples(st.just("flip"), st.integers(0, size - 1)),
+                            st.tuples(st.sampled_from(ops), st.integers(0, 100))))  # fmt: skip
+    def check(which, field, value, damage):
         name = f"x{next(count)}"
-        path = _copy(adapters[which], tmp_path / name, {field: value})
+        how, at = damage or (None, 0)
+        tensors = (lambda ts: _damaged(ts, how, at)) if how in ops else None
+        path = _copy(adapters[which], tmp_path / name, field and {field: value}, tensors)
         f = path / "adapter_model.safetensors"
-        data = bytearray(f.read_bytes())
-        if flip is not None and flip < len(data):
-            data[flip] ^= 0xFF
-        f.write_bytes(bytes(data[:cut]))
+        data = f.read_bytes()
+        if how == "flip":
+            f.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :])
+        elif how == "cut":
+            f.write_bytes(data[:at])
         try:
             eng.add_expert(name, path)
         except ExpertSwitchError:
+            seen["refused"] += 1
             return
+        seen["served"] += 1
         out = eng.generate([PROMPTS[1], PROMPTS[1]], [name, None], GREEDY)
         assert out[0].finish_reason != "error" or out[0].error
         assert out[1].token_ids == ref[(1, None)]
         eng.remove_expert(name)
 
     check()
+    assert seen["served"] and seen["refused"], seen  # both outcomes were reached
 
 
 @pytest.mark.gpu
@@ -309,3 +351,92 @@ def test_adapters_in_cuda_graphs_on_gpu(llama):
     for a, b in zip(outs[False], outs[True]):
         assert a.token_ids == b.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def _grow(model):
+    """Added tokens: embedding and lm_head resized to 264, their new rows trained."""
+    model.resize_token_embeddings(264)
+    g = torch.Generator().manual_seed(11)
+    for w in (model.model.embed_tokens.weight, model.lm_head.weight):
+        w[256:] = torch.randn(8, w.shape[1], generator=g) * 0.5
+
+
+def test_grown_vocabulary_beside_another_adapters_lm_head(llama, tmp_path):
+    """An adapter of a fine-tune with added tokens (PEFT saves the resized embedding and
+    lm_head whole, its LoRA factors 264 rows long) in one batch with an adapter whose lm_head
+    LoRA has the base's 256 rows, and the base: each gets PEFT's tokens (the grown one with
+    its new tokens in the prompt and free to answer with them)."""
+    base, adapters, ref = llama
+    grown = make_adapter(base, tmp_path / "g", 8, LINEARS + ["embed_tokens", "lm_head"],
+                         pre=_grow)  # fmt: skip
+    eng = Engine(base, {"g": grown, "a": adapters["a"]})
+    p = PROMPTS[0] + [259, 260, 7]
+    outs = eng.generate([p, PROMPTS[0], PROMPTS[1], PROMPTS[2]], ["g", "a", None, "g"], GREEDY)
+    assert outs[0].token_ids == peft_greedy(base, grown, p, GREEDY.max_tokens, vocab=264)
+    assert outs[1].token_ids == ref[(0, "a")] and outs[2].token_ids == ref[(1, None)]
+    assert outs[3].token_ids == peft_greedy(base, grown, PROMPTS[2], GREEDY.max_tokens, 264)
+    with pytest.raises(ConfigError, match="outside"):  # the base's vocabulary is 256
+        eng.add_request([3, 259], None)
+
+
+def test_whole_tensors_held_only_where_they_differ(llama, tmp_path):
+    """PEFT saves an adapted embedding's frozen base layer, and with save_embedding_layers
+    the embedding and lm_head whole: rows equal to the base's are not held; a copy whose
+    rows differ in a few places (tokens re-initialised before training) replaces the base's
+    as PEFT loads it — PEFT's logprobs on those tokens, to fp32 rounding."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, _, _ = llama
+    plain = make_adapter(base, tmp_path / "plain", 9, ["q_proj"],
+                         save={"save_embedding_layers": True})  # fmt: skip
+
+    def reinit(model):
+        g = torch.Generator().manual_seed(5)
+        model.model.embed_tokens.weight[[5, 9]] = torch.randn(2, 64, generator=g)
+
+    rows = make_adapter(base, tmp_path / "rows", 10, ["q_proj", "embed_tokens"], pre=reinit)
+    eng = Engine(base, {"plain": plain, "rows": rows})
+    eng.generate(PROMPTS[0], "plain", GREEDY)
+    q = 2 * 64 * 4 * 4  # q_proj's A and B in both layers, fp32
+    assert eng.pool.status("plain").nbytes == 2 * q  # (the whole tensors: not held)
+    sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    out = eng.generate(PROMPTS[2], "rows", sp)[0]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), rows)
+    want = _logprobs(model, PROMPTS[2])
+    assert [lp.logprob for lp in out.prompt_logprobs[1:]] == pytest.approx(want, abs=1e-4)
+    held = eng.pool.status("rows").nbytes
+    assert held > 256 * 64 * 4  # the embedding, whole: its rows 5 and 9 are the adapter's
+
+
+def test_an_adapter_too_large_for_fp16_fails_alone(llama, tmp_path):
+    """An fp16 engine: an adapter whose factors overflow fp16 fails its own requests with a
+    clear error; another adapter and the base in the same batch are served as alone."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapters, _ = llama
+    hot = make_adapter(base, tmp_path / "hot", 11, ["down_proj"])
+    f = hot / "adapter_model.safetensors"
+    save_file({k: v * 1e6 if "lora_B" in k else v for k, v in load_file(f).items()}, f)
+    eng = Engine(base, {"hot": hot, "b": adapters["b"]}, dtype=torch.float16)
+    sp = SamplingParams(temperature=0.0, max_tokens=4)
+    alone = eng.generate([PROMPTS[1], PROMPTS[1]], ["b", None], sp)
+    mixed = eng.generate([PROMPTS[1], PROMPTS[1], PROMPTS[1]], ["hot", "b", None], sp)
+    assert mixed[0].finish_reason == "error" and "not finite in float16" in mixed[0].error
+    assert [o.token_ids for o in mixed[1:]] == [o.token_ids for o in alone]
+    assert all(o.finish_reason != "error" for o in alone)
+
+
+def test_adapters_evicted_and_reloaded(llama):
+    """A device budget that holds one adapter: requests alternating between two evict and
+    reload them, each still PEFT's tokens."""
+    base, adapters, ref = llama
+    eng = Engine(base, adapters)
+    eng.generate([PROMPTS[0]] * 2, ["a", "b"], GREEDY)
+    sizes = [eng.pool.status(e).nbytes for e in ("a", "b")]
+    eng = Engine(base, adapters, device_budget_bytes=max(sizes) + 1)
+    for _ in range(2):
+        for e in ("a", "b"):
+            out = eng.generate(PROMPTS[2], e, GREEDY)[0]
+            assert out.token_ids == ref[(2, e)], (e, out.error)
+    assert eng.pool.stats()["disk_loads"] == 4, eng.pool.stats()

@@ -804,6 +804,18 @@ def test_peft_lora_adapters_over_http(family, tmp_path):
             got = c.completions.create(model=name, prompt=ids, max_tokens=8, temperature=0)
             want = peft_greedy(base, path, ids, 8)
             assert got.choices[0].text == tok.decode(want, skip_special_tokens=True), name
+        # unloaded, then the name loaded again with another adapter: that adapter's answer
+        r = httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "chat"})
+        assert r.status_code == 200, r.text
+        assert "chat" not in [m.id for m in c.models.list().data]
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="chat", prompt=ids, max_tokens=2)
+        r = httpx.post(srv.url + "/v1/load_lora_adapter",
+                       json={"lora_name": "chat", "lora_path": str(sql)}, timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        got = c.completions.create(model="chat", prompt=ids, max_tokens=8, temperature=0)
+        want = peft_greedy(base, sql, ids, 8)
+        assert got.choices[0].text == tok.decode(want, skip_special_tokens=True)
     aengine.close()
 
 
@@ -874,6 +886,8 @@ def test_serve_command_refuses_unsafe_admin_and_bad_sizes(family, capsys):
     assert main(["serve", "--base", str(base), "--reasoning-parser", "r1"]) == 2
     assert "unknown reasoning parser 'r1': choose one of deepseek_r1, qwen3" \
         in capsys.readouterr().err  # fmt: skip
+    assert main(["serve", "--base", str(base), "--lora-modules", "x=/nonexistent/ad"]) == 2
+    assert "/nonexistent/ad" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="too large"):
         _size_arg("1e400", "--gpu-budget")
 

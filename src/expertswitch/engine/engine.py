@@ -40,8 +40,8 @@ from expertswitch.engine.sampler import SamplingFailure, logprobs_of, sample
 from expertswitch.engine.sampling import SamplingParams
 from expertswitch.engine.scheduler import Scheduler
 from expertswitch.engine.tokenizer import load_tokenizer
-from expertswitch.errors import CheckpointError, ConfigError, ParallelError
-from expertswitch.io.lora import LoraBase, load_lora, open_lora
+from expertswitch.errors import ConfigError, ParallelError
+from expertswitch.io.lora import LoraBase, load_lora
 from expertswitch.kernels.delta_cpu import int4_available, to_int4
 from expertswitch.models.decoder import Decoder
 from expertswitch.models.expert_weights import load_expert
@@ -196,12 +196,8 @@ class Engine:
 
     def _load(self, name: str):
         entry = self.registry.get(name)
-        if entry.lora is not None:  # read again: the files may have changed since
-            adapter = open_lora(entry.path, self.registry.lora_base, check_values=False)
-            if adapter.vocab != entry.lora.vocab:
-                raise CheckpointError(f"LoRA adapter {entry.path} changed since expert "
-                                      f"{name!r} was registered: register it again")  # fmt: skip
-            return self.model.slice_expert(load_lora(name, adapter, self.dtype))
+        if entry.lora is not None:  # (refused if its files changed since it was checked)
+            return self.model.slice_expert(load_lora(name, entry.lora, self.dtype))
         w = load_expert(name, entry.path, self.base_fingerprint, self.model.shapes, self.dtype)
         w = self.model.slice_expert(w)  # this rank's slices under tensor parallelism (first:
         if self.cpu_int4:  # the forms are made from the slices; a delta the kernel cannot take

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from expertswitch.errors import CheckpointError, CompatibilityError
+from expertswitch.models.expert_weights import fits_base
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -52,7 +53,15 @@ _UNSUPPORTED = {
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "use_qalora": "QA-LoRA (use_qalora)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "kasa_config": "KaSA (kasa_config)",
+    "arrow_config": "Arrow routing (arrow_config)",
 }
+# initialisations whose saved factors belong to a modified base (W − B₀·A₀, or a quantized W),
+# which PEFT rebuilds when it loads them, unless they were saved converted
+_REBASED = ("pissa", "corda", "olora", "loftq")
+# the factors' dtypes served (float8 and the like: PEFT computes in a wider type)
+_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+_HEADER_FLOATS = {"F16", "BF16", "F32", "F64"}
 
 
 def is_lora_dir(path: str | Path) -> bool:
@@ -120,6 +129,11 @@ class LoraAdapter:
     exact: dict[str, str]  # tensor name → key: whole replacements
     vocab: int | None  # the adapter's vocabulary when it grew the base's
     rank: int
+    stamp: tuple = ()  # the files' sizes and modification times when checked
+
+    def changed(self) -> bool:
+        """Whether its files changed since it was checked (the check no longer holds)."""
+        return _stamp(self.path / ADAPTER_CONFIG, self.weights) != self.stamp
 
     def files(self) -> dict[str, Path]:
         """The fine-tune's own tokenizer files saved beside the adapter."""
@@ -137,8 +151,9 @@ class _Tensors:
 
                 self._st = safe_open(str(path), framework="pt")
                 self._all = None
-                self.shapes = {k: tuple(self._st.get_slice(k).get_shape())
-                               for k in self._st.keys()}  # fmt: skip  # noqa: SIM118
+                slices = {k: self._st.get_slice(k) for k in self._st.keys()}  # noqa: SIM118
+                self.shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
+                self.floats = {k: v.get_dtype() in _HEADER_FLOATS for k, v in slices.items()}
             else:  # weights_only: tensors and containers, never code
                 self._all = torch.load(path, map_location="cpu", weights_only=True)
                 if not isinstance(self._all, dict) or not all(
@@ -146,6 +161,7 @@ class _Tensors:
                 ):
                     raise ValueError("not a dict of named tensors")
                 self.shapes = {k: tuple(v.shape) for k, v in self._all.items()}
+                self.floats = {k: v.dtype in _FLOATS for k, v in self._all.items()}
         except Exception as e:  # noqa: BLE001 - any unreadable file: one clear error
             raise CheckpointError(f"{path} is not a readable adapter weights file ({e}); it "
                                   "may be truncated or corrupt: save the adapter again "
@@ -159,12 +175,44 @@ class _Tensors:
                 f"tensor {key} of {self.path} cannot be read ({e}); the "
                 "file is corrupt: save the adapter again"
             ) from None
-        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-            what = "holds values that are not finite" if t.is_floating_point() else (
-                f"is {t.dtype}, not floating point")  # fmt: skip
-            raise CheckpointError(f"tensor {key} of {self.path} {what}: the adapter is "
-                                  "corrupt; save it again")  # fmt: skip
+        if t.dtype not in _FLOATS:
+            raise CheckpointError(f"tensor {key} of {self.path} is {t.dtype}; adapters are "
+                                  "served from float16, bfloat16 or float32 tensors: save it "
+                                  "again in one of those")  # fmt: skip
         return t
+
+    def get_as(self, key: str, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+        """The tensor in `dtype` (times `scale`, in fp32), refused unless every value is
+        finite there (a value fp16 cannot hold would be inf in every row it touches)."""
+        t = self.get(key)
+        t = (t.float() * scale if scale != 1.0 else t).to(dtype)
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"tensor {key} of {self.path} holds values that are not "
+                                  f"finite in {str(dtype)[6:]}: the adapter is corrupt, or "
+                                  "too large for this dtype; serve it in float32 or save it "
+                                  "again")  # fmt: skip
+        return t
+
+
+def _stamp(*files: Path) -> tuple:
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            return ()
+        out.append((st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _positive(v) -> bool:
+    """A finite positive number (JSON's ints may exceed any float: not a number here)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v)) and v > 0
+    except OverflowError:
+        return False
 
 
 def _config(path: Path) -> dict:
@@ -186,22 +234,27 @@ def _config(path: Path) -> dict:
             raise CheckpointError(f"{path}: {what} is not served; merge the adapter into its "
                                   "base (peft's merge_and_unload, then save_pretrained) and "
                                   "compress or serve that checkpoint")  # fmt: skip
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_REBASED):
+        fix = ("merge it into the base it was trained with (peft's merge_and_unload) and "
+               "compress that" if init.lower().startswith("loftq") else
+               "save the adapter converted (save_pretrained(..., path_initial_model_for_"
+               "weight_conversion=...)) to serve it over the original base")  # fmt: skip
+        raise CheckpointError(f"{path}: init_lora_weights {init!r} saves factors of a modified "
+                              f"base, not of the one it is served with; {fix}")  # fmt: skip
     for key in ("r", "lora_alpha"):
-        v = cfg.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or v <= 0:  # fmt: skip
-            raise CheckpointError(f"{f}: {key} must be a positive number, not {v!r}")
+        if not _positive(cfg.get(key)):
+            raise CheckpointError(f"{f}: {key} must be a positive number, not {cfg.get(key)!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         pat = cfg.get(key) or {}
         ok = isinstance(pat, dict) and all(
-            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float))
-            and math.isfinite(v) and v > 0 for k, v in pat.items()
+            isinstance(k, str) and _positive(v) for k, v in pat.items()
         )  # fmt: skip
         if not ok:
             raise CheckpointError(f"{f}: {key} must map module names to positive numbers")
         for k in pat:
             try:
-                re.compile(k)
+                re.compile(rf"(.*\.)?({k})$")  # (as _pattern matches it)
             except re.error as e:
                 raise CheckpointError(f"{f}: {key} key {k!r} is not a pattern ({e})") from None
     if not isinstance(cfg.get("use_rslora", False), bool):
@@ -218,9 +271,11 @@ def _pattern(patterns: dict, module: str, default):
     return default
 
 
-def open_lora(path: str | Path, base: LoraBase, check_values: bool = True) -> LoraAdapter:
-    """The adapter at `path`, checked against `base`; `check_values`: compare the copies of
-    the base's tensors PEFT saved with the base's own (a different base is refused)."""
+def open_lora(path: str | Path, base: LoraBase) -> LoraAdapter:
+    """The adapter at `path`, checked against `base`: the factors' shapes against the layers
+    they change, and every whole tensor against the base's own, row by row — rows equal to
+    the base's are not held, other rows replace the base's (as PEFT loads them), and a copy
+    PEFT saved of the frozen base that differs in most rows is another base's (refused)."""
     path = Path(path)
     cfg = _config(path)
     files = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
@@ -236,9 +291,13 @@ def open_lora(path: str | Path, base: LoraBase, check_values: bool = True) -> Lo
         return CompatibilityError(f"{where}{other} does not fit the base {base.path}: {what}; "
                                   "serve it with the base it was trained on")  # fmt: skip
 
+    stamp = _stamp(path / ADAPTER_CONFIG, tensors.path)
+    bad = [k for k, ok in tensors.floats.items() if not ok]
+    if bad:
+        raise CheckpointError(f"{where}: tensor {bad[0]} is not float16, bfloat16, float32 "
+                              "or float64; save the adapter again in one of those")  # fmt: skip
     parts: dict[tuple[str, str], dict[str, str]] = {}  # (kind, module) → {"A": key, "B": key}
-    exact: dict[str, str] = {}
-    copies: dict[str, str] = {}  # PEFT's copy of a base tensor beside an adapted layer
+    whole: dict[str, tuple[str, bool]] = {}  # tensor name → (key, PEFT's copy of the base's)
     for key in tensors.shapes:
         name = key.removeprefix(PREFIX)
         if m := _LINEAR.fullmatch(name):
@@ -247,36 +306,41 @@ def open_lora(path: str | Path, base: LoraBase, check_values: bool = True) -> Lo
         if m := _EMBEDDING.fullmatch(name):
             parts.setdefault(("embedding", m["mod"]), {})[m["ab"]] = key
             continue
-        if m := _BASE_COPY.fullmatch(name):
-            copies[m["mod"] + ".weight"] = key
-            continue
-        if m := _BASE_BIAS.fullmatch(name):  # bias="all" or "lora_only": the tuned bias
+        copy = bool(m := _BASE_COPY.fullmatch(name))
+        if copy:
+            name = m["mod"] + ".weight"
+        elif m := _BASE_BIAS.fullmatch(name):  # bias="all" or "lora_only": the tuned bias
             name = m["mod"] + ".bias"
-        if "lora_" in name or name not in base.servable:
+        if "lora_" in name or name not in base.servable | {LM_HEAD}:
             raise CheckpointError(f"{where}: tensor {key} is not one the engine serves (LoRA "
                                   "factors of the attention and MLP projections, embedding or "
                                   "lm_head, or a whole norm, bias, embedding or lm_head): merge "
                                   "the adapter into its base and compress that")  # fmt: skip
-        if name in exact:
+        if name in whole:
             raise CheckpointError(f"{where}: {name} is stored twice; save the adapter again")
-        exact[name] = key
-    for name, key in copies.items():  # equal to the base's: dropped; grown: a replacement
-        if name in exact:
-            raise CheckpointError(f"{where}: {name} is stored twice; save the adapter again")
-        want = base.shapes.get(name) or (base.shapes.get(EMBED) if name == LM_HEAD else None)
+        whole[name] = (key, copy)
+    exact = {}
+    for name, (key, copy) in whole.items():
         got = tensors.shapes[key]
-        if want is None:
-            raise CheckpointError(f"{where}: tensor {key} copies {name}, which the base has "
-                                  "not")  # fmt: skip
-        if len(got) != 2 or got[1] != want[1] or got[0] < want[0]:
-            raise wrong_base(f"{key} is {list(got)}, the base's {name} is {list(want)}")
-        if check_values:
-            ours = base.read(EMBED if name == LM_HEAD and base.tied else name).float()
-            theirs = tensors.get(key)[: want[0]].float()
-            if (theirs - ours).norm() > 1e-2 * ours.norm():
-                raise wrong_base(f"its copy of {name} differs from the base's")
-        if got[0] > want[0]:
-            exact[name] = key
+        own = EMBED if name == LM_HEAD and base.tied else name  # the base's tensor
+        want = base.shapes.get(own)
+        if want is None or not fits_base(tuple(got), tuple(want), own):
+            raise wrong_base(f"{key} is {list(got)}, the base's {own} is "
+                             f"{None if want is None else list(want)}")  # fmt: skip
+        changed = 0
+        if len(want) == 2:  # PEFT loads the file's over the base's: rows
+            theirs = tensors.get(key)[: want[0]].float()  # equal to the base's are dropped
+            changed = _changed_rows(theirs, base.read(own).float())
+            if copy and changed > want[0] // 2:  # its frozen copy of another base
+                raise wrong_base(f"its copy of {name} differs from the base's in {changed} of "
+                                 f"{want[0]} rows")  # fmt: skip
+        if len(want) == 2 and got[0] == want[0] and not changed:
+            continue  # the base's own (an embedding or lm_head saved beside its LoRA)
+        if base.tied and name in (EMBED, LM_HEAD):
+            raise CheckpointError(f"{where}: replaces {name} whole, and the base ties its "
+                                  "embedding to lm_head; merge the adapter into its base and "
+                                  "compress that")  # fmt: skip
+        exact[name] = key
     vocab = _vocabulary(exact, tensors, base, where)
     linear, embedding, rank = {}, {}, 0
     for (kind, mod), ab in sorted(parts.items()):
@@ -315,30 +379,14 @@ def open_lora(path: str | Path, base: LoraBase, check_values: bool = True) -> Lo
         rank = max(rank, r)
     if not linear and not embedding and not exact:
         raise CheckpointError(f"{where} holds no LoRA factors: save the adapter again")
-    return LoraAdapter(path, tensors.path, linear, embedding, exact, vocab, rank)
+    return LoraAdapter(path, tensors.path, linear, embedding, exact, vocab, rank, stamp)
 
 
 def _vocabulary(exact: dict[str, str], tensors: _Tensors, base: LoraBase, where: str):
-    """The adapter's vocabulary when it replaces the embedding or lm_head with more rows
-    (added tokens), after checking every whole replacement's shape; None otherwise."""
-    from expertswitch.models.expert_weights import fits_base
-
-    rows = {}
-    for name, key in exact.items():
-        got, want = tensors.shapes[key], base.shapes.get(name)
-        if base.tied and name in (EMBED, LM_HEAD):
-            raise CheckpointError(f"{where}: replaces {name} whole, and the base ties its "
-                                  "embedding to lm_head; merge the adapter into its base and "
-                                  "compress that")  # fmt: skip
-        if want is None or not fits_base(tuple(got), tuple(want), name):
-            raise CompatibilityError(f"{where}: {key} is {list(got)}, the base's {name} is "
-                                     f"{None if want is None else list(want)}; serve it with "
-                                     "the base it was trained on")  # fmt: skip
-        if name in (EMBED, LM_HEAD):
-            rows[name] = got[0]
-    for name in (EMBED, LM_HEAD):
-        if name not in rows and name in base.shapes:
-            rows[name] = base.shapes[name][0]
+    """The adapter's vocabulary when it replaces the embedding and lm_head with more rows
+    (added tokens); None otherwise."""
+    rows = {n: tensors.shapes[exact[n]][0] if n in exact else base.shapes[n][0]
+            for n in (EMBED, LM_HEAD) if n in exact or n in base.shapes}  # fmt: skip
     if len(set(rows.values())) > 1:
         raise CheckpointError(f"{where}: its embedding and lm_head have {rows} rows; a grown "
                               "vocabulary must be in both: save the adapter again")  # fmt: skip
@@ -346,21 +394,30 @@ def _vocabulary(exact: dict[str, str], tensors: _Tensors, base: LoraBase, where:
     return v if v is not None and v != base.shapes[EMBED][0] else None
 
 
+def _changed_rows(theirs: torch.Tensor, ours: torch.Tensor) -> int:
+    """Rows of `theirs` that differ from `ours` by more than a bf16 rounding (2⁻⁷ of the
+    row's norm): a dtype round trip changes none, a retrained or re-initialised row does."""
+    diff = (theirs - ours).norm(dim=-1)
+    return int((diff > 2.0**-7 * ours.norm(dim=-1) + 1e-6).sum())
+
+
 def load_lora(name: str, adapter: LoraAdapter, dtype: torch.dtype):
     """The adapter's tensors as an expert's weights (models/expert_weights.ExpertWeights):
     factors and whole replacements in `dtype`, each factor B times its scale (in fp32)."""
     from expertswitch.models.expert_weights import ExpertWeights
 
+    if adapter.changed():
+        raise CheckpointError(f"LoRA adapter {adapter.path} changed since it was registered as "
+                              f"{name!r}: register it again (remove, then add it)")  # fmt: skip
     tensors = _Tensors(adapter.weights)
 
     def pair(f: _Factors, embedding: bool) -> LoraPair:
-        a = tensors.get(f.a)
-        b = tensors.get(f.b).float() * f.scale
-        a = a.T.contiguous() if embedding else a
-        return LoraPair(a.to(dtype), b.to(dtype))
+        a = tensors.get_as(f.a, dtype)
+        b = tensors.get_as(f.b, dtype, f.scale)
+        return LoraPair(a.T.contiguous() if embedding else a, b)
 
     w = ExpertWeights(name, adapter.path)
-    w.exact = {n: tensors.get(k).to(dtype) for n, k in adapter.exact.items()}
+    w.exact = {n: tensors.get_as(k, dtype) for n, k in adapter.exact.items()}
     w.lora = {n: pair(f, False) for n, f in adapter.linear.items()}
     w.lora_embedding = {n: pair(f, True) for n, f in adapter.embedding.items()}
     return w

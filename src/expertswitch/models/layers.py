@@ -198,23 +198,31 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, eb: ExpertBatch, name: str) -> No
     """y [T, N] += each row's LoRA term s·(x·Aᵀ)·Bᵀ for weight `name`, for the rows of experts
     that are LoRA adapters. Every adapter of the batch at once, as S-LoRA does: the active
     adapters' A stacked into one [Σr, K] matrix and their B into one [N, Σr], each row's
-    x·Aᵀ kept on its own adapter's columns only (a mask from the row's slot), then one matmul
-    by B. Two matmuls whatever the mix, and nothing read from the host: a decode graph
-    replays it (the stacks are kept with the kernel tables, the mask is computed from the
-    graph's row slots)."""
-    users = eb.users_of(name, "lora")
-    if not users:
+    x·Aᵀ kept on its own adapter's columns only (selected from the row's slot, so that an
+    inf in another adapter's columns cannot reach it), then one matmul by B. Two matmuls
+    whatever the mix, and nothing read from the host: a decode graph replays it.
+
+    One stack per weight for the runner's whole active set, kept with its kernel tables while
+    the set stays (a second copy of the active adapters' factors of this weight; a lone
+    adapter's are used as they are); batches whose rows use only some of them (the logits of
+    some sequences) mask the others out rather than stacking again. An adapter that grew the
+    vocabulary has a longer lm_head B: the others' are padded with zero rows."""
+    if not eb.users_of(name, "lora"):
         return
-    key = ("lora", name, tuple(s for s, _ in users))
+    key = ("lora", name)
     if key not in eb.tables:  # (kept while the same expert objects are active)
-        a = torch.cat([p.a for _, p in users])
-        b = torch.cat([p.b for _, p in users], dim=1)
-        owner = torch.cat([torch.full((p.rank,), s) for s, p in users]).to(a.device)
+        every = [(s, ex.lora[name]) for s, ex in enumerate(eb.experts) if name in ex.lora]
+        a = torch.cat([p.a for _, p in every]) if len(every) > 1 else every[0][1].a
+        n = max(p.b.shape[0] for _, p in every)
+        bs = [F.pad(p.b, (0, 0, 0, n - p.b.shape[0])) for _, p in every]
+        b = torch.cat(bs, dim=1) if len(bs) > 1 else bs[0]
+        owner = torch.cat([torch.full((p.rank,), s) for s, p in every]).to(a.device)
         eb.tables[key] = (a, b, owner)
     a, b, owner = eb.tables[key]
     h = F.linear(x, a)  # [T, Σr]
-    h.mul_(eb.row_slot.unsqueeze(1) == owner)  # each row: its own adapter's columns
-    y[:, : b.shape[0]] += F.linear(h, b)  # y may be wider (a larger vocabulary)
+    h = torch.where(eb.row_slot.unsqueeze(1) == owner, h, 0.0)  # each row: its adapter's
+    n = min(b.shape[0], y.shape[1])  # (y is wider than the base only when a grown expert's
+    y[:, :n] += F.linear(h, b[:n])  # rows are in this batch; only they reach past it)
 
 
 class MultiExpertLinear:
