@@ -36,11 +36,12 @@ case "${1:-kernels}" in
     step python3 benchmarks/quality.py --preset small --device cuda --items 300 --budget-s "$(left 570)" \
       --out "$OUT"
     ;;
-  engine)  # the serving engine: gpu tests of the delta kernel, pool and engine, then the benchmark
+  engine)  # the serving engine: gpu tests of the delta kernel, pool, engine and LoRA, then benchmarks
     step python3 -m pytest -q -x -m gpu tests/test_delta_kernel.py tests/test_paged_attention.py \
       tests/test_pool.py tests/test_engine.py tests/test_sampler.py tests/test_lora.py
     step python3 benchmarks/engine.py --part gpu --out "$OUT"
     step python3 benchmarks/sampler.py --device cuda --out "$OUT"
+    step python3 benchmarks/lora.py --part gpu --out "$OUT"
     ;;
   parallel)  # issue 14's scaling model: one dense and one MoE layer of 1.3B+MoE-128 timed
     step python3 benchmarks/parallel.py --nproc 2 --measure-layers cuda --out "$OUT"

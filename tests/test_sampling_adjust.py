@@ -118,6 +118,8 @@ def test_adjustments_apply_in_vllms_order_and_a_fully_banned_row_fails():
                                       max_size=3),
         "min_tokens": st.integers(0, 4),
         "allowed_token_ids": st.lists(st.integers(0, V - 1), min_size=1, max_size=4),
+        "bad_words_token_ids": st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=3),
+                                        min_size=1, max_size=3),
         "stop_token_ids": st.lists(st.integers(0, V - 1), max_size=2),
         "ignore_eos": st.booleans()}),
     "eos": st.frozensets(st.integers(0, V - 1), max_size=2)}), min_size=1, max_size=6),
@@ -135,6 +137,48 @@ def test_batched_adjustments_equal_one_row_at_a_time(rows, seed):
                                    atol=1e-6)  # fmt: skip
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 6), max_size=8),
+    st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=3), min_size=1, max_size=4),
+)
+def test_bad_words_ban_a_words_last_token_after_the_rest(output, words):
+    """bad_words (vLLM's definition, written out over strings of token ids): a token is banned
+    exactly when appending it would make the answer end with a whole bad word."""
+    row = _adjusted(torch.zeros(V), _request([1], output, bad_words_token_ids=words))
+    for t in range(V):
+        ends = any((output + [t])[-len(w) :] == w for w in words if len(w) <= len(output) + 1)
+        assert bool(row[t] == float("-inf")) == ends, (t, output, words)
+
+
+def test_bad_words_are_tokenized_at_the_start_and_after_a_space(llama, solo):  # noqa: F811
+    """Through the engine (greedy): a two-token word made of the base's first two answer tokens
+    takes the second away after the first and nowhere else; a word given as text is banned as
+    its token ids from the tokenizer (with and without a leading space)."""
+    from expertswitch.engine.tokenizer import bad_word_ids
+
+    base, _ = llama
+    ps, _ = solo
+    eng = Engine(base, {})
+    free = eng.generate(ps[1], None, SamplingParams(temperature=0.0, max_tokens=6))[0]
+    a, b = free.token_ids[:2]
+    sp = SamplingParams(temperature=0.0, max_tokens=6, bad_words_token_ids=[[a, b]])
+    out = eng.generate(ps[1], None, sp)[0].token_ids
+    assert out[0] == a and out[1] != b
+    assert all((x, y) != (a, b) for x, y in zip(out, out[1:]))
+    with pytest.raises(ConfigError, match="bad_words need a tokenizer"):
+        eng.add_request(ps[0], None, SamplingParams(bad_words=["x"]))
+    with pytest.raises(ConfigError, match="bad_words_token_ids names token id 1000000"):
+        eng.add_request(ps[0], None, SamplingParams(bad_words_token_ids=[[10**6]]))
+
+    class Words:  # a tokenizer that spells "cat" as [7, 8] and " cat" as [9, 8]
+        def encode(self, text, add_special_tokens=True):
+            assert not add_special_tokens
+            return {"cat": [7, 8], " cat": [9, 8], "dog": [3], " dog": [3]}[text]
+
+    assert bad_word_ids(Words(), ["cat", " dog"]) == [[7, 8], [9, 8], [3]]
+
+
 def test_expert_batch_ranges_follow_sorted_slots():
     from expertswitch.models.context import ExpertBatch
 
@@ -148,7 +192,8 @@ def test_expert_batch_ranges_follow_sorted_slots():
     {"repetition_penalty": True}, {"min_p": 1.5}, {"min_tokens": -1}, {"min_tokens": 40},
     {"logit_bias": {-1: 1.0}}, {"logit_bias": {3: 101}}, {"logit_bias": {"3": 1.0}},
     {"allowed_token_ids": []}, {"allowed_token_ids": [-1]}, {"allowed_token_ids": "3"},
-    {"allowed_token_ids": [1.0]},
+    {"allowed_token_ids": [1.0]}, {"bad_words": "x"}, {"bad_words": [""]}, {"bad_words": [3]},
+    {"bad_words_token_ids": [[]]}, {"bad_words_token_ids": [3]}, {"bad_words_token_ids": [[-1]]},
 ])  # fmt: skip
 def test_bad_adjustments_are_refused(bad):
     with pytest.raises(ConfigError):

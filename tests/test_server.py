@@ -228,8 +228,8 @@ def test_return_token_ids_and_tokens_as_ids(server, reference):
 
 def test_vllm_prompt_and_token_controls(server, reference):
     """vLLM's truncate_prompt_tokens (the prompt's last k tokens, echoed as such) and
-    allowed_token_ids (only those sampled); bad_words, beam search and logits processors are
-    refused with a 400 naming them, not ignored."""
+    allowed_token_ids (only those sampled), bad_words (as the engine bans them); beam search and
+    logits processors are refused with a 400 naming them, not ignored."""
     url = server[0].url
 
     def post(route, body, status=200):
@@ -256,7 +256,19 @@ def test_vllm_prompt_and_token_controls(server, reference):
     got = post("/v1/completions", {"prompt": prompt, "temperature": 1.0, "seed": 3,
                                    "max_tokens": 8, "allowed_token_ids": allowed})  # fmt: skip
     assert set(got["choices"][0]["token_ids"]) <= set(allowed)
-    for field, value in (("bad_words", ["x"]), ("use_beam_search", True),
+    # bad_words: a word the greedy answer says (one token, spelled the same alone) is never
+    # said, the answer the same until there — and the engine's own answer under that ban
+    tok = reference.tokenizer
+    free = post("/v1/completions", {"prompt": prompt, "max_tokens": 12})["choices"][0]
+    free = free["token_ids"]
+    t = next(t for t in free if tok.decode([t])[:1].isalnum()
+             and tok.encode(tok.decode([t]), add_special_tokens=False) == [t])  # fmt: skip
+    sp = {"prompt": prompt, "max_tokens": 12, "bad_words": [tok.decode([t])]}
+    got = post("/v1/completions", sp)["choices"][0]["token_ids"]
+    want = alone_output(reference, prompt, "code", 12, ignore_eos=True, bad_words=sp["bad_words"])
+    at = free.index(t)
+    assert got == want.token_ids and t not in got and got[:at] == free[:at], (got, free, t)
+    for field, value in (("use_beam_search", True),
                          ("logits_processors", ["m.P"])):  # fmt: skip
         err = post("/v1/completions", {"prompt": "x", field: value}, 400)["error"]
         assert err["param"] == field and "not supported" in err["message"]

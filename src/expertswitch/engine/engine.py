@@ -20,6 +20,7 @@ EOS tokens and uses its own tokenizer when its archive carries one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import secrets
 from collections.abc import Iterator, Sequence
@@ -39,7 +40,7 @@ from expertswitch.engine.runner import ModelRunner
 from expertswitch.engine.sampler import SamplingFailure, logprobs_of, sample
 from expertswitch.engine.sampling import SamplingParams
 from expertswitch.engine.scheduler import Scheduler
-from expertswitch.engine.tokenizer import load_tokenizer
+from expertswitch.engine.tokenizer import bad_word_ids, load_tokenizer
 from expertswitch.errors import ConfigError, ParallelError
 from expertswitch.io.lora import LoraBase, load_lora
 from expertswitch.kernels.delta_cpu import int4_available, to_int4
@@ -250,10 +251,24 @@ class Engine:
                               "stop_token_ids")  # fmt: skip
         text, ids = self._encode(prompt, tok)
         self.check_prompt(ids, expert)
+        if sampling.bad_words:
+            if tok is None:
+                raise ConfigError("bad_words need a tokenizer; this base has none: use "
+                                  "bad_words_token_ids")  # fmt: skip
+            sampling = dataclasses.replace(
+                sampling,
+                bad_words=None,
+                bad_words_token_ids=[
+                    *(sampling.bad_words_token_ids or ()),
+                    *bad_word_ids(tok, sampling.bad_words),
+                ],
+            )
         vocab = self.registry.vocab(expert)
+        words = [t for q in sampling.bad_words_token_ids or () for t in q]
         for name, named in (("logit_bias", sampling.logit_bias or ()),
                             ("stop_token_ids", sampling.stop_token_ids),
-                            ("allowed_token_ids", sampling.allowed_token_ids or ())):  # fmt: skip
+                            ("allowed_token_ids", sampling.allowed_token_ids or ()),
+                            ("bad_words_token_ids", words)):  # fmt: skip
             bad = [t for t in named if t >= vocab]
             if bad:
                 raise ConfigError(f"{name} names token id {bad[0]}, outside the vocabulary "

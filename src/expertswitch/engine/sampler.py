@@ -22,8 +22,8 @@ class SamplingFailure(str):
 
 
 _BANNED = (
-    "every token is banned for this request (allowed_token_ids, logit_bias, min_tokens, "
-    "stop_token_ids and structured outputs)"
+    "every token is banned for this request (allowed_token_ids, bad_words, logit_bias, "
+    "min_tokens, stop_token_ids and structured outputs)"
 )
 _NAN = "the model's logits are NaN for this request"
 _NO_DRAW = "sampling failed: the filtered probabilities are not finite or sum to zero"
@@ -152,6 +152,17 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(pick, last)
 
 
+def bad_word_bans(req: Request) -> list[int]:
+    """The tokens bad_words bans at this step (vLLM's rule): each word's last token where the
+    answer so far ends with its other tokens (a one-token word: always)."""
+    out = req.output_token_ids
+    bans = []
+    for *head, last in req.sampling.bad_words_token_ids or ():
+        if len(head) <= len(out) and out[len(out) - len(head) :] == head:
+            bans.append(last)
+    return bans
+
+
 def adjust_rows(rows: torch.Tensor, reqs: list[Request], eos: list[frozenset[int]] | None) -> None:
     """`adjust_logits` for every row at once, in place (rows [R, V], row k: reqs[k]): each
     adjustment is one scatter or one masked update over the rows that ask for it, not a few
@@ -173,6 +184,9 @@ def adjust_rows(rows: torch.Tensor, reqs: list[Request], eos: list[frozenset[int
         keep[r, t] = True
         which = torch.tensor([k for k, _ in allowed], device=dev)
         rows[which] = rows[which].masked_fill(~keep, float("-inf"))
+    bad = [(k, bad_word_bans(r)) for k, r in enumerate(reqs) if r.sampling.bad_words_token_ids]
+    if any(ids for _, ids in bad):
+        rows[pairs(bad)] = float("-inf")
     bias = [(k, r.sampling.logit_bias) for k, r in enumerate(reqs) if r.sampling.logit_bias]
     if bias:
         r, t = pairs([(k, list(b)) for k, b in bias])
@@ -213,7 +227,7 @@ def adjust_rows(rows: torch.Tensor, reqs: list[Request], eos: list[frozenset[int
 
 
 def adjust_logits(row: torch.Tensor, req: Request, eos: frozenset[int]) -> None:
-    """In place, in vLLM's order: allowed_token_ids, logit_bias, min_tokens, then the
+    """In place, in vLLM's order: allowed_token_ids, bad_words, logit_bias, min_tokens, then the
     repetition, frequency and presence penalties (sampling.py has their definitions); a
     structured output's ban last.
     One row at a time: the definition `adjust_rows` (what the sampler runs) is tested
@@ -223,6 +237,8 @@ def adjust_logits(row: torch.Tensor, req: Request, eos: frozenset[int]) -> None:
         keep = torch.zeros_like(row, dtype=torch.bool)
         keep[torch.tensor(sp.allowed_token_ids, device=dev)] = True
         row.masked_fill_(~keep, float("-inf"))
+    for t in bad_word_bans(req):
+        row[t] = float("-inf")
     if sp.logit_bias:
         ids = torch.tensor(list(sp.logit_bias), device=dev)
         row.index_add_(0, ids, torch.tensor(list(sp.logit_bias.values()), device=dev,

@@ -35,6 +35,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's)
+    # words never generated (vLLM's): a word's last token is banned wherever the answer so far
+    # ends with its other tokens; each word counts at the start of a text and after a space.
+    # The engine tokenizes them with the request's tokenizer into bad_words_token_ids (which
+    # can also be given directly, as token id sequences)
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
     min_tokens: int = 0
     min_p: float = 0.0
     # the answer held to a JSON schema, any JSON object or one of given strings (vLLM's
@@ -102,6 +108,22 @@ class SamplingParams:
                 raise ConfigError("allowed_token_ids must be a non-empty list of non-negative "
                                   "integer token ids")  # fmt: skip
             self.allowed_token_ids = sorted(set(ids))
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not isinstance(words, (list, tuple)) or not all(
+                isinstance(w, str) and w.strip() for w in words
+            ):
+                raise ConfigError("bad_words must be a list of non-empty strings")
+            self.bad_words = list(words) or None
+        if self.bad_words_token_ids is not None:
+            seqs = self.bad_words_token_ids
+            if not isinstance(seqs, (list, tuple)) or not all(
+                isinstance(q, (list, tuple)) and q and all(_is_int(t) and t >= 0 for t in q)
+                for q in seqs
+            ):
+                raise ConfigError("bad_words_token_ids must be a list of non-empty lists of "
+                                  "non-negative integer token ids")  # fmt: skip
+            self.bad_words_token_ids = [list(q) for q in seqs] or None
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
@@ -112,6 +134,7 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         """Whether any logits adjustment is on (the sampler skips rows without one)."""
         return bool(self.logit_bias or self.allowed_token_ids or self.min_tokens
+                    or self.bad_words or self.bad_words_token_ids
                     or self.presence_penalty
                     or self.frequency_penalty or self.repetition_penalty != 1
                     or self.structured_outputs is not None)  # fmt: skip

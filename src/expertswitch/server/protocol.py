@@ -7,7 +7,8 @@ that names them only when they would change the answer: a default value (`tools:
 `response_format` (json_object, json_schema) or vLLM's `structured_outputs` / `guided_json` /
 `guided_choice`; tools as a named function or "required" (the answer held to the parameters)
 or "auto" (the answer read by the server's tool-call parser). Sampling follows vLLM's
-parameters, penalties, logit_bias, min_tokens and min_p included. Unknown fields are ignored,
+parameters, penalties, logit_bias, min_tokens, min_p, allowed_token_ids and bad_words
+included. Unknown fields are ignored,
 as vLLM does, so clients written for other servers keep working.
 """
 
@@ -66,7 +67,7 @@ class _Request(BaseModel):
     allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled
     # vLLM's: the prompt cut to its last k tokens (−1: to the context)
     truncate_prompt_tokens: int | None = None
-    bad_words: list[str] | None = None  # vLLM's (refused: not implemented)
+    bad_words: list[str] | None = None  # vLLM's: words never generated
     use_beam_search: bool = False  # vLLM's (refused: not implemented)
     logits_processors: list[Any] | None = None  # vLLM's (refused: not implemented)
     user: str | None = None
@@ -160,7 +161,6 @@ def refuse_unsupported(req: _Request) -> None:
             raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         forced_tool(req)  # (a 400 for a tool choice it cannot hold the answer to)
     unsupported["guided_whitespace_pattern"] = req.guided_whitespace_pattern is not None
-    unsupported["bad_words"] = bool(req.bad_words)
     unsupported["use_beam_search"] = req.use_beam_search
     unsupported["logits_processors"] = bool(req.logits_processors)
     k = req.truncate_prompt_tokens
@@ -331,6 +331,7 @@ def sampling_params(req: _Request, max_tokens: int, choice: int,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logit_bias=_logit_bias(req.logit_bias),
         allowed_token_ids=req.allowed_token_ids,
+        bad_words=req.bad_words,
         min_tokens=req.min_tokens,
         min_p=req.min_p or 0.0,
         structured_outputs=structured_outputs(req) if structured is _UNSET else structured,
