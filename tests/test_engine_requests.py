@@ -132,6 +132,54 @@ def test_engine_limits_are_validated(llama):  # noqa: F811
         Engine(base, config=EngineConfig(), block_size=8)
 
 
+def _finish_steps(eng, submit_late):
+    """Steps until every request finished: {request id: the step it finished at}, the late
+    request (submit_late(eng) → its id) added after the second step."""
+    done, step, late = {}, 0, None
+    while eng.has_unfinished() or late is None:
+        if step == 2:
+            late = submit_late(eng)
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = (step, out)
+        step += 1
+    return done, late
+
+
+def test_priority_scheduling_preempts_for_an_urgent_request(llama, solo):  # noqa: F811
+    """scheduling_policy="priority": a request of a lower priority value that arrives while
+    the sequence slots are full preempts the running request that comes last and finishes
+    long before it would under fcfs; every request still gets transformers' own tokens (the
+    preempted one recomputed). Under fcfs a priority is refused, as vLLM does."""
+    base, experts = llama
+    ps, ref = solo
+    finish = {}
+    for policy in ("fcfs", "priority"):
+        eng = Engine(base, {"e0": experts[0][0]}, max_num_seqs=3, scheduling_policy=policy)
+        low = 1 if policy == "priority" else 0
+        for i in range(3):
+            eng.add_request(ps[i], "e0", GREEDY, f"low{i}", priority=low)
+        done, late = _finish_steps(eng, lambda e, low=low: e.add_request(
+            ps[1], "e0", GREEDY, "urgent", priority=low - 1 if low else 0))  # fmt: skip
+        for rid, (_, out) in done.items():
+            i = 1 if rid == "urgent" else int(rid[-1])
+            assert out.token_ids == ref[(i, "e0")], (policy, rid)
+        finish[policy] = done["urgent"][0]
+        if policy == "priority":  # the last low request made room, and finished after it
+            assert eng.scheduler.preemptions >= 1
+            assert done["low2"][0] > done["urgent"][0]
+    steps = GREEDY.max_tokens
+    assert finish["priority"] <= 2 + steps + 2 < finish["fcfs"], finish
+    eng = Engine(base, {})
+    with pytest.raises(ConfigError, match="needs priority scheduling: start the engine with "
+                       "scheduling_policy='priority'"):  # fmt: skip
+        eng.add_request(ps[0], None, GREEDY, priority=3)
+    with pytest.raises(ConfigError, match="priority must be an integer"):
+        Engine(base, {}, scheduling_policy="priority").add_request(ps[0], None, priority=0.5)
+    with pytest.raises(ConfigError, match="scheduling_policy must be 'fcfs' or 'priority'"):
+        Engine(base, {}, scheduling_policy="lifo")
+
+
 def test_experts_that_do_not_fit_wait_instead_of_failing(llama, solo):  # noqa: F811
     """A device budget for one expert: a batch over two experts is served one expert at a
     time, every request with its own tokens."""

@@ -5,7 +5,9 @@ engine relies on: every position a request has computed holds its own keys (its 
 tokens; shared, chunked, preempted and recomputed alike); a step stays inside its token budget
 (chunked) or is all-prefill or all-decode (not chunked); with chunked prefill, a request that
 was decoding is never left out of a step unless it was preempted; every request finishes and
-every block comes back."""
+every block comes back. Under the priority policy besides: a request is admitted only when
+every request that comes before it in (priority, arrival) order is admitted too, and a
+preempted request comes after every request still running."""
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,37 +29,52 @@ def workloads(draw):
             draw(st.lists(st.integers(0, 2), min_size=1, max_size=30)),  # prompt tokens
             draw(st.sampled_from([None, "a", "b"])),
             draw(st.integers(1, 6)),  # max_tokens
+            draw(st.integers(-1, 2)),  # priority (used under the priority policy)
         )
         for _ in range(n)
     ]
     return (arrivals, draw(st.integers(2, 16)), draw(st.integers(1, 4)),
             draw(st.integers(0, 4)), draw(st.booleans()),
-            draw(st.sampled_from([None, 1, 2, 5])))  # fmt: skip
+            draw(st.sampled_from([None, 1, 2, 5])), draw(st.booleans()))  # fmt: skip
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_scheduled_steps_keep_every_promise(workload):
-    arrivals, extra_blocks, seqs, extra_budget, chunked, cap = workload
-    longest = max(len(p) + m for _, p, _, m in arrivals)
+    arrivals, extra_blocks, seqs, extra_budget, chunked, cap, by_priority = workload
+    longest = max(len(p) + m for _, p, _, m, _ in arrivals)
     blocks = BlockManager(-(-longest // BS) + extra_blocks, BS, prefix_caching=True)
     budget = seqs + extra_budget
-    sched = Scheduler(blocks, seqs, budget, chunked_prefill=chunked, long_prefill=cap)
+    sched = Scheduler(blocks, seqs, budget, chunked_prefill=chunked, long_prefill=cap,
+                      policy="priority" if by_priority else "fcfs")  # fmt: skip
+
+    def key(r):
+        return r.priority, r.arrival
+
     store: dict[int, tuple] = {}  # cache slot → (expert, tokens up to and with its position)
     reqs = []
     step = 0
     while step < 400:
-        for at, prompt, expert, m in arrivals:
+        for at, prompt, expert, m, prio in arrivals:
             if at == step:
-                r = Request(f"r{len(reqs)}", list(prompt), expert, SamplingParams(max_tokens=m))
+                r = Request(f"r{len(reqs)}", list(prompt), expert, SamplingParams(max_tokens=m),
+                            priority=prio if by_priority else 0, arrival=len(reqs))  # fmt: skip
                 reqs.append(r)
                 sched.add(r)
         if not sched.has_work() and step > 6:
             break
         decoding = [r for r in sched.running if r.num_tokens - r.num_cached == 1]
         preemptions = sched.preemptions
+        before = list(sched.running)
         batch = sched.schedule()
         assert len(set(map(id, batch))) == len(batch) and len(batch) <= seqs
+        if by_priority:
+            admitted = [r for r in sched.running if not any(r is b for b in before)]
+            assert not admitted or not sched.waiting or \
+                max(map(key, admitted)) < min(map(key, sched.waiting))  # fmt: skip
+            out = [r for r in before if r.status is Status.WAITING]
+            assert not out or not sched.running or \
+                min(map(key, out)) > max(map(key, sched.running))  # fmt: skip
         assert all(r.status is Status.RUNNING and r.num_new >= 1 for r in batch)
         assert all(r.num_cached + r.num_new <= r.num_tokens for r in batch)
         assert all(r.num_cached + r.num_new <= len(r.blocks) * BS for r in batch)

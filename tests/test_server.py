@@ -268,6 +268,8 @@ def test_vllm_prompt_and_token_controls(server, reference):
     want = alone_output(reference, prompt, "code", 12, ignore_eos=True, bad_words=sp["bad_words"])
     at = free.index(t)
     assert got == want.token_ids and t not in got and got[:at] == free[:at], (got, free, t)
+    err = post("/v1/completions", {"prompt": "x", "priority": 2}, 400)["error"]
+    assert "priority 2 needs priority scheduling" in err["message"]
     for field, value in (("use_beam_search", True),
                          ("logits_processors", ["m.P"])):  # fmt: skip
         err = post("/v1/completions", {"prompt": "x", field: value}, 400)["error"]
@@ -276,6 +278,37 @@ def test_vllm_prompt_and_token_controls(server, reference):
     assert "truncate_prompt_tokens must be a positive" in err["message"]
     err = post("/v1/completions", {"prompt": "x", "allowed_token_ids": [10**6]}, 400)["error"]
     assert "allowed_token_ids names token id 1000000, outside the vocabulary" in err["message"]
+
+
+def test_priority_scheduling_over_http(family, reference):
+    """--scheduling-policy priority: vLLM's `priority` field is taken (any integer; a
+    non-integer is a 400), and requests of several priorities get their own answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, archives, _ = family
+    app, aengine = build_app(base, archives, device="cpu", dtype=torch.float32,
+                             scheduling_policy="priority", max_num_seqs=2)  # fmt: skip
+    prompts = ["def add(a, b):", "Q: What is 12 + 30?", "The while statement", "import os"]
+    with ServerThread(app) as srv:
+
+        def ask(k):
+            body = {"model": "code", "prompt": prompts[k], "max_tokens": 6, "temperature": 0,
+                    "priority": [3, -2, 0, 10**12][k]}  # fmt: skip
+            return httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, range(4)))
+        for k, r in enumerate(got):
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == alone(reference, prompts[k], "code", 6)
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "code", "prompt": "x",
+                                                          "priority": "high"})  # fmt: skip
+        assert r.status_code == 400 and "priority" in r.text, r.text
+    aengine.close()
+    from expertswitch.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--scheduling-policy", "priority"])
+    assert args.scheduling_policy == "priority"
 
 
 def test_add_special_tokens(family, tmp_path):

@@ -46,8 +46,15 @@ class EngineConfig:
     # codes take (4.25× for 1-bit). None: on for bf16 and fp16 engines, whose activations are
     # already rounded to 8 or 11 significant bits; off for fp32
     cpu_int4_deltas: bool | None = None
+    # vLLM's scheduling_policy: "fcfs" (arrival order) or "priority" (each request's priority,
+    # lower first, then arrival; a request that comes first takes KV blocks from running
+    # requests that come after it, and those are preempted first)
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self):
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority', got "
+                              f"{self.scheduling_policy!r}")  # fmt: skip
         if self.long_prefill_token_threshold == 0:  # vLLM's "off"
             self.long_prefill_token_threshold = None
         if self.long_prefill_token_threshold is not None and not self.enable_chunked_prefill:
@@ -64,7 +71,7 @@ class EngineConfig:
             if not isinstance(v, bool) and not (v is None and name == "cpu_int4_deltas"):
                 raise ConfigError(f"{name} must be true or false, got {v!r}")
         for f in fields(self):
-            if f.name in flags:
+            if f.name in flags or f.name == "scheduling_policy":
                 continue
             v = getattr(self, f.name)
             if v is None and f.default is None:

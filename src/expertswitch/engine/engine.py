@@ -120,7 +120,8 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.max_active_experts,
                                    chunked_prefill=cfg.enable_chunked_prefill,
-                                   long_prefill=cfg.long_prefill_token_threshold)  # fmt: skip
+                                   long_prefill=cfg.long_prefill_token_threshold,
+                                   policy=cfg.scheduling_policy)  # fmt: skip
         graphs = None
         if not cfg.enforce_eager:
             graphs = DecodeGraphs(self.model, self.kv_cache, num_blocks, block,
@@ -131,6 +132,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._undelivered: list[RequestOutput] = []  # finished elsewhere, for the next step()
         self._ids = itertools.count()
+        self._arrivals = itertools.count()
         self.aborted = 0  # requests stopped before they finished
         self.steps = 0  # forward-pass steps scheduled (the ranks' agreement counts them)
         self._last_outputs: list | None = None  # step_digest of the last step, not yet agreed
@@ -227,13 +229,22 @@ class Engine:
         expert: str | None = None,
         sampling: SamplingParams | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> str:
-        req = self._make_request(prompt, expert, sampling, request_id)
+        """Queue a request; its id. priority: under scheduling_policy="priority", lower runs
+        first (vLLM's); under "fcfs" it must be 0."""
+        req = self._make_request(prompt, expert, sampling, request_id, priority)
         self._submit(req)
         return req.request_id
 
-    def _make_request(self, prompt, expert, sampling, request_id) -> Request:
+    def _make_request(self, prompt, expert, sampling, request_id, priority=0) -> Request:
         """A validated request (not yet queued)."""
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ConfigError(f"priority must be an integer, got {priority!r}")
+        if priority and self.config.scheduling_policy != "priority":
+            raise ConfigError(f"priority {priority} needs priority scheduling: start the engine "
+                              "with scheduling_policy='priority' (--scheduling-policy "
+                              "priority)")  # fmt: skip
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ConfigError("sampling must be a SamplingParams")
@@ -283,7 +294,7 @@ class Engine:
             raise ConfigError(f"request id {request_id!r} is already in use")
         return Request(request_id, ids, expert, sampling, prompt=text,
                        generator=self._generator(seed), text=None if tok is None else "",
-                       guide=self._guide(expert, sampling))  # fmt: skip
+                       guide=self._guide(expert, sampling), priority=priority)  # fmt: skip
 
     def _guide(self, expert: str | None, sampling: SamplingParams) -> Guide | ThinkFirst | None:
         """A request's place in its structured output (None without one; free until the
@@ -307,10 +318,12 @@ class Engine:
         return gen
 
     def _submit(self, req: Request) -> None:
+        req.arrival = next(self._arrivals)
         self._requests[req.request_id] = req
         self.scheduler.add(req)
         self._record("submit", req.request_id, req.prompt_token_ids, req.expert, req.sampling,
-                     req.generator.initial_seed(), req.prompt, req.text is not None)  # fmt: skip
+                     req.generator.initial_seed(), req.prompt, req.text is not None,
+                     req.priority)  # fmt: skip
         if req.expert is not None and not self.parallel:
             # (split over ranks, loads happen on the step alone: a background load
             # finishing sooner on one rank would make the ranks schedule differently)
@@ -475,10 +488,10 @@ class Engine:
         """A follower applies rank 0's operation (engine/mirror.py)."""
         kind, *args = op
         if kind == "submit":
-            rid, ids, expert, sampling, seed, prompt, has_text = args
+            rid, ids, expert, sampling, seed, prompt, has_text, priority = args
             self._submit(Request(rid, list(ids), expert, sampling, prompt=prompt,
                                  generator=self._generator(seed),
-                                 text="" if has_text else None,
+                                 text="" if has_text else None, priority=priority,
                                  guide=self._guide(expert, sampling)))  # fmt: skip
         elif kind == "abort":
             self.abort(*args)
@@ -613,10 +626,11 @@ class Engine:
         expert: str | None | Sequence[str | None] = None,
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         progress: bool = False,
+        priority: int | Sequence[int] = 0,
     ) -> list[RequestOutput]:
         """Run `prompts` to completion; outputs in the prompts' order. Every prompt is checked
         before any is queued; other requests keep being served and their outputs wait for
-        the next step()."""
+        the next step(). priority: one for all, or one per prompt (add_request's)."""
         from tqdm.auto import tqdm
 
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -624,12 +638,14 @@ class Engine:
         n = len(prompts)
         experts = list(expert) if isinstance(expert, (list, tuple)) else [expert] * n
         params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
-        if len(experts) != n or len(params) != n:
-            raise ConfigError(f"{n} prompts need {n} experts / sampling params (or one for all)")
+        ranks = list(priority) if isinstance(priority, (list, tuple)) else [priority] * n
+        if len(experts) != n or len(params) != n or len(ranks) != n:
+            raise ConfigError(f"{n} prompts need {n} experts / sampling params / priorities (or "
+                              "one for all)")  # fmt: skip
         reqs: list[Request] = []
         try:
-            for p, e, s in zip(prompts, experts, params):
-                reqs.append(self._make_request(p, e, s, None))
+            for p, e, s, r in zip(prompts, experts, params, ranks):
+                reqs.append(self._make_request(p, e, s, None, r))
                 self._requests[reqs[-1].request_id] = reqs[-1]  # reserve the id
         finally:  # queued below only when every prompt passed
             for r in reqs:

@@ -45,6 +45,8 @@ class Request:
     logprobs: list[Logprob] = field(default_factory=list)  # one per output token, if asked
     prompt_logprobs: list[Logprob | None] | None = None  # one per prompt token, if asked
     guide: Any = None  # its place in its structured output (engine/guided.py Guide), if any
+    priority: int = 0  # under the priority policy: lower first (vLLM's)
+    arrival: int = 0  # its place in the order requests were submitted (set by the engine)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -16,6 +16,13 @@ none is free, the most recently admitted running request is preempted: its block
 it goes back to the head of the queue, to be recomputed (prompt + tokens generated so far) —
 nothing crashes and no request loses its tokens; nothing is admitted in that step.
 
+Under the priority policy (vLLM's scheduling_policy="priority") the queue is kept in order of
+(priority, arrival), lower first; the victim of a preemption is the running request that comes
+last in that order, and running requests decode in that order (so none is preempted after it
+was scheduled). A waiting request that comes first and finds no free blocks (or no free
+sequence slot) preempts running requests that come after it until it fits, as vLLM's
+priority scheduler does.
+
 With chunked prefill off (`enable_chunked_prefill=False`), a step is all-prefill or all-decode
 as before: waiting requests first, each with its whole prompt (one longer than the budget runs
 alone), else one token for every running request.
@@ -32,7 +39,7 @@ from expertswitch.engine.request import Request, Status
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_active_experts: int | None = None, chunked_prefill: bool = True,
-                 long_prefill: int | None = None):  # fmt: skip
+                 long_prefill: int | None = None, policy: str = "fcfs"):  # fmt: skip
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -42,9 +49,46 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
+        self.priority = policy == "priority"
+
+    @staticmethod
+    def _key(req: Request) -> tuple[int, int]:
+        return req.priority, req.arrival
 
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        if self.priority:
+            self._enqueue(req)
+        else:
+            self.waiting.append(req)
+
+    def _enqueue(self, req: Request) -> None:
+        """Into the queue at its place in (priority, arrival) order."""
+        k = self._key(req)
+        at = next((i for i, w in enumerate(self.waiting) if self._key(w) > k), len(self.waiting))
+        self.waiting.insert(at, req)
+
+    def _victim(self) -> Request:
+        """The running request a preemption takes: the most recently admitted one, or under
+        the priority policy the one that comes last."""
+        return max(self.running, key=self._key) if self.priority else self.running[-1]
+
+    def _make_room(self) -> None:
+        """Priority policy: the head of the queue preempts running requests that come after it
+        while it finds no free sequence slot or too few free blocks (counting one for each
+        running request that starts a block this step), and preempting could help."""
+        if not (self.priority and self.waiting and self.running):
+            return
+        head = self.waiting[0]
+        while True:
+            later = [r for r in self.running if self._key(r) > self._key(head)]
+            growth = sum(map(self.blocks.needs_block, self.running))
+            need = head.num_tokens + growth * self.blocks.block_size
+            room = len(self.running) < self.max_num_seqs and \
+                self.blocks.can_allocate(need, self.blocks.match(head))  # fmt: skip
+            held = sum(len(r.blocks) for r in later)
+            if room or not later or self.blocks.blocks_for(need) > self.blocks.num_free + held:
+                return
+            self.preempt(max(later, key=self._key))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -86,7 +130,7 @@ class Scheduler:
         from the most recently admitted running request when none is free. False if `req`
         itself was preempted."""
         while self.blocks.needs_block(req) and not self.blocks.num_free:
-            victim = self.running[-1]
+            victim = self._victim()
             self.preempt(victim)
             if victim is req:
                 return False
@@ -101,11 +145,13 @@ class Scheduler:
             return self._schedule_whole()
         scheduled: list[Request] = []
         budget = self.max_num_batched_tokens
+        self._make_room()
         preemptions = self.preemptions
         # decoding requests first, then prompts part-way through their prefill: a long
         # prompt's chunks never hold back the tokens of requests already answering
-        decoding = [r for r in self.running if r.num_tokens - r.num_cached == 1]
-        filling = [r for r in self.running if r.num_tokens - r.num_cached > 1]
+        running = sorted(self.running, key=self._key) if self.priority else self.running
+        decoding = [r for r in running if r.num_tokens - r.num_cached == 1]
+        filling = [r for r in running if r.num_tokens - r.num_cached > 1]
         for req in decoding + filling:
             if budget <= 0:
                 break
@@ -120,10 +166,11 @@ class Scheduler:
     def _schedule_whole(self) -> list[Request]:
         """All-prefill or all-decode steps, whole prompts (chunked prefill off)."""
         scheduled: list[Request] = []
+        self._make_room()
         self._admit(self.max_num_batched_tokens, scheduled, chunked=False)
         if scheduled:
             return scheduled
-        for req in list(self.running):
+        for req in sorted(self.running, key=self._key) if self.priority else list(self.running):
             if req in self.running and self._grow(req):
                 req.num_new = req.num_tokens - req.num_cached
                 scheduled.append(req)
@@ -135,7 +182,10 @@ class Scheduler:
         req.status = Status.WAITING
         req.preemptions += 1
         self.preemptions += 1
-        self.waiting.appendleft(req)
+        if self.priority:
+            self._enqueue(req)
+        else:
+            self.waiting.appendleft(req)
 
     def finish(self, req: Request) -> None:
         """Free a finished (or aborted/failed) request's blocks and forget it."""

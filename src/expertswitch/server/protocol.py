@@ -71,6 +71,7 @@ class _Request(BaseModel):
     use_beam_search: bool = False  # vLLM's (refused: not implemented)
     logits_processors: list[Any] | None = None  # vLLM's (refused: not implemented)
     user: str | None = None
+    priority: int = 0  # vLLM's: lower runs first (the server's --scheduling-policy priority)
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's (json, json_object, choice, ...)
     guided_json: dict[str, Any] | str | None = None  # vLLM's older names
@@ -147,7 +148,8 @@ MAX_N = 128  # OpenAI's own limit on `n`
 _DEFAULTED = {"n", "stream", "echo", "ignore_eos", "include_stop_str_in_output",
               "skip_special_tokens", "min_tokens", "add_generation_prompt",
               "include_reasoning", "continue_final_message", "return_token_ids",
-              "return_tokens_as_token_ids", "add_special_tokens", "use_beam_search"}  # fmt: skip
+              "return_tokens_as_token_ids", "add_special_tokens", "use_beam_search",
+              "priority"}  # fmt: skip
 
 
 def refuse_unsupported(req: _Request) -> None:

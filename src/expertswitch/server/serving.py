@@ -389,7 +389,8 @@ class OpenAIServing:
             added = []
             try:
                 for rid, i, j in plan:
-                    added.append(engine.add_request(ids[i], target.expert, params[j], rid))
+                    added.append(engine.add_request(ids[i], target.expert, params[j], rid,
+                                                    priority=req.priority))  # fmt: skip
             except Exception:
                 for rid in added:
                     engine.abort(rid)
