@@ -90,6 +90,24 @@ def test_experts_prompt_logprobs_and_removal_keep_apart():
     assert off.match(req(range(9))) == [] and (off.queries, off.hits) == (0, 0)
 
 
+def test_cache_salts_keep_requests_apart():
+    """vLLM's cache_salt: a request reuses only blocks computed under its own salt (none:
+    unsalted blocks only), of the same expert."""
+    bm = BlockManager(16, BS, prefix_caching=True)
+    a = req(range(9), rid="a")
+    a.cache_salt = "tenant-1"
+    admit(bm, a)
+    compute(bm, a)
+
+    def salted(salt, expert=None):
+        r = req(range(9), expert=expert)
+        r.cache_salt = salt
+        return bm.match(r)
+
+    assert salted("tenant-1") == a.blocks[:2]
+    assert salted("tenant-2") == [] and salted(None) == [] and salted("tenant-1", "math") == []
+
+
 def test_eviction_reuses_unhashed_blocks_first_then_tails_before_heads():
     bm = BlockManager(4, BS, prefix_caching=True)
     a = req(range(10), rid="a")  # 3 blocks, the first 2 full (registered)

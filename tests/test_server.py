@@ -280,9 +280,10 @@ def test_vllm_prompt_and_token_controls(server, reference):
     assert "allowed_token_ids names token id 1000000, outside the vocabulary" in err["message"]
 
 
-def test_priority_scheduling_over_http(family, reference):
+def test_priority_scheduling_and_cache_salt_over_http(family, reference):
     """--scheduling-policy priority: vLLM's `priority` field is taken (any integer; a
-    non-integer is a 400), and requests of several priorities get their own answers."""
+    non-integer is a 400), and requests of several priorities get their own answers; vLLM's
+    `cache_salt` keeps prefix-cache hits to requests with the same salt."""
     from concurrent.futures import ThreadPoolExecutor
 
     base, archives, _ = family
@@ -304,6 +305,20 @@ def test_priority_scheduling_over_http(family, reference):
         r = httpx.post(srv.url + "/v1/completions", json={"model": "code", "prompt": "x",
                                                           "priority": "high"})  # fmt: skip
         assert r.status_code == 400 and "priority" in r.text, r.text
+        # vLLM's cache_salt: the same long prompt hits the prefix cache under its own salt
+        # only (usage.prompt_tokens_details.cached_tokens)
+        long = " ".join(prompts * 4)
+
+        def cached(salt):
+            body = {"model": "code", "prompt": long, "max_tokens": 1, "cache_salt": salt}
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        assert cached("a") == 0 and cached("a") > 0 and cached("b") == 0 and cached(None) == 0
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "code", "prompt": "x",
+                                                          "cache_salt": ""})  # fmt: skip
+        assert r.status_code == 400 and "cache_salt must be a non-empty string" in r.text
     aengine.close()
     from expertswitch.cli import build_parser
 

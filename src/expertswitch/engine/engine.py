@@ -230,15 +230,21 @@ class Engine:
         sampling: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> str:
         """Queue a request; its id. priority: under scheduling_policy="priority", lower runs
-        first (vLLM's); under "fcfs" it must be 0."""
-        req = self._make_request(prompt, expert, sampling, request_id, priority)
+        first (vLLM's); under "fcfs" it must be 0. cache_salt (vLLM's): the request reuses
+        and leaves prefix-cache blocks only for requests with the same salt (tenants who must
+        not learn from each other's cache hits)."""
+        req = self._make_request(prompt, expert, sampling, request_id, priority, cache_salt)
         self._submit(req)
         return req.request_id
 
-    def _make_request(self, prompt, expert, sampling, request_id, priority=0) -> Request:
+    def _make_request(self, prompt, expert, sampling, request_id, priority=0,
+                      cache_salt=None) -> Request:  # fmt: skip
         """A validated request (not yet queued)."""
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ConfigError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ConfigError(f"priority must be an integer, got {priority!r}")
         if priority and self.config.scheduling_policy != "priority":
@@ -294,7 +300,8 @@ class Engine:
             raise ConfigError(f"request id {request_id!r} is already in use")
         return Request(request_id, ids, expert, sampling, prompt=text,
                        generator=self._generator(seed), text=None if tok is None else "",
-                       guide=self._guide(expert, sampling), priority=priority)  # fmt: skip
+                       guide=self._guide(expert, sampling), priority=priority,
+                       cache_salt=cache_salt)  # fmt: skip
 
     def _guide(self, expert: str | None, sampling: SamplingParams) -> Guide | ThinkFirst | None:
         """A request's place in its structured output (None without one; free until the
@@ -323,7 +330,7 @@ class Engine:
         self.scheduler.add(req)
         self._record("submit", req.request_id, req.prompt_token_ids, req.expert, req.sampling,
                      req.generator.initial_seed(), req.prompt, req.text is not None,
-                     req.priority)  # fmt: skip
+                     req.priority, req.cache_salt)  # fmt: skip
         if req.expert is not None and not self.parallel:
             # (split over ranks, loads happen on the step alone: a background load
             # finishing sooner on one rank would make the ranks schedule differently)
@@ -488,10 +495,11 @@ class Engine:
         """A follower applies rank 0's operation (engine/mirror.py)."""
         kind, *args = op
         if kind == "submit":
-            rid, ids, expert, sampling, seed, prompt, has_text, priority = args
+            rid, ids, expert, sampling, seed, prompt, has_text, priority, salt = args
             self._submit(Request(rid, list(ids), expert, sampling, prompt=prompt,
                                  generator=self._generator(seed),
                                  text="" if has_text else None, priority=priority,
+                                 cache_salt=salt,
                                  guide=self._guide(expert, sampling)))  # fmt: skip
         elif kind == "abort":
             self.abort(*args)

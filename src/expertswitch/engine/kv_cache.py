@@ -35,9 +35,13 @@ def block_hash(parent: bytes, tokens: list[int]) -> bytes:
     return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
-def root_hash(expert: str | None) -> bytes:
-    """The parent of a sequence's first block: which model computed the keys and values."""
+def root_hash(expert: str | None, salt: str | None = None) -> bytes:
+    """The parent of a sequence's first block: which model computed the keys and values, and
+    the request's cache salt (vLLM's cache_salt: only requests with the same salt share
+    cached blocks)."""
     tag = b"base" if expert is None else b"expert\0" + expert.encode()
+    if salt is not None:
+        tag += b"\0salt\0" + salt.encode()
     return hashlib.sha256(tag).digest()
 
 
@@ -73,7 +77,7 @@ class BlockManager:
         hs, bs = req.block_hashes, self.block_size
         toks = req.all_token_ids if len(hs) < n_blocks else None
         while len(hs) < n_blocks:
-            parent = hs[-1] if hs else root_hash(req.expert)
+            parent = hs[-1] if hs else root_hash(req.expert, req.cache_salt)
             i = len(hs)
             hs.append(block_hash(parent, toks[i * bs : (i + 1) * bs]))
         return hs[:n_blocks]

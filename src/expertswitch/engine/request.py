@@ -47,6 +47,7 @@ class Request:
     guide: Any = None  # its place in its structured output (engine/guided.py Guide), if any
     priority: int = 0  # under the priority policy: lower first (vLLM's)
     arrival: int = 0  # its place in the order requests were submitted (set by the engine)
+    cache_salt: str | None = None  # its prefix-cache blocks are shared only under this salt
 
     @property
     def all_token_ids(self) -> list[int]:

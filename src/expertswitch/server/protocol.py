@@ -72,6 +72,7 @@ class _Request(BaseModel):
     logits_processors: list[Any] | None = None  # vLLM's (refused: not implemented)
     user: str | None = None
     priority: int = 0  # vLLM's: lower runs first (the server's --scheduling-policy priority)
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only under this salt
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's (json, json_object, choice, ...)
     guided_json: dict[str, Any] | str | None = None  # vLLM's older names

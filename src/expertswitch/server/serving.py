@@ -390,7 +390,8 @@ class OpenAIServing:
             try:
                 for rid, i, j in plan:
                     added.append(engine.add_request(ids[i], target.expert, params[j], rid,
-                                                    priority=req.priority))  # fmt: skip
+                                                    priority=req.priority,
+                                                    cache_salt=req.cache_salt))  # fmt: skip
             except Exception:
                 for rid in added:
                     engine.abort(rid)
