@@ -4,6 +4,8 @@ from PEFT's PeftModel over transformers (unmerged, fp32)."""
 
 import collections
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -220,15 +222,33 @@ def test_bad_adapters_get_clear_errors(llama, tmp_path):
     f = cut / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[:-999])
     refused(cut, CheckpointError, "is not a readable adapter weights file .* truncated")
-    # registered whole, then changed: its requests fail, the others are served
+    # registered whole, then its files rewritten: the same tensors are served as before;
+    # damaged, or changed to other layers, its requests fail and the others are served
     late = _copy(a, tmp_path / "late")
     eng.add_expert("late", late)
     f = late / "adapter_model.safetensors"
-    f.write_bytes(f.read_bytes()[:100])
+    data = f.read_bytes()
+    f.write_bytes(data)
+    os.utime(f, ns=(10**9, 10**9))  # (a copy: its modification time is another)
+    checked = eng.registry.get("late").lora
+    assert eng.generate(PROMPTS[2], "late", GREEDY)[0].token_ids == ref[(2, "a")]
+    assert eng.registry.get("late").lora is not checked  # (checked again)
+    eng.remove_expert("late")
+    eng.add_expert("late", late)
+    f.write_bytes(data[:100])
     outs = eng.generate(PROMPTS[:2], ["late", None], GREEDY)
-    assert outs[0].finish_reason == "error" and "changed since it was registered as 'late': " \
-        "register it again" in outs[0].error  # fmt: skip
+    assert outs[0].finish_reason == "error" and "changed since it was registered as 'late' " \
+        "and no longer loads: " in outs[0].error  # fmt: skip
     assert outs[1].token_ids == ref[(1, None)]
+    eng.remove_expert("late")
+    shutil.rmtree(late)
+    _copy(a, late)
+    eng.add_expert("late", late)
+    shutil.rmtree(late)
+    _copy(adapters["b"], late)
+    out = eng.generate(PROMPTS[2], "late", GREEDY)[0]
+    assert out.finish_reason == "error" and "to other layers, rank or vocabulary: register it " \
+        "again" in out.error  # fmt: skip
 
 
 def test_held_bytes_are_the_factors(llama):
@@ -383,7 +403,8 @@ def test_whole_tensors_held_only_where_they_differ(llama, tmp_path):
     """PEFT saves an adapted embedding's frozen base layer, and with save_embedding_layers
     the embedding and lm_head whole: rows equal to the base's are not held; a copy whose
     rows differ in a few places (tokens re-initialised before training) replaces the base's
-    as PEFT loads it — PEFT's logprobs on those tokens, to fp32 rounding."""
+    as PEFT loads it — PEFT's logprobs on those tokens, to fp32 rounding; an lm_head trained
+    a little (every row 0.5% off the base's) is held whole, never taken for the base's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -407,6 +428,19 @@ def test_whole_tensors_held_only_where_they_differ(llama, tmp_path):
     assert [lp.logprob for lp in out.prompt_logprobs[1:]] == pytest.approx(want, abs=1e-4)
     held = eng.pool.status("rows").nbytes
     assert held > 256 * 64 * 4  # the embedding, whole: its rows 5 and 9 are the adapter's
+
+    def lightly(model):  # an lm_head trained a little: every row 0.5% from the base's
+        head = model.base_model.model.lm_head.modules_to_save["default"]
+        head.weight.mul_(1.005)
+
+    light = make_adapter(base, tmp_path / "light", 11, ["q_proj"], modules_to_save=["lm_head"],
+                         tweak=lightly)  # fmt: skip
+    eng.add_expert("light", light)
+    out = eng.generate(PROMPTS[2], "light", sp)[0]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), light)
+    want = _logprobs(model, PROMPTS[2])
+    assert [lp.logprob for lp in out.prompt_logprobs[1:]] == pytest.approx(want, abs=1e-4)
+    assert eng.pool.status("light").nbytes == 2 * q + 256 * 64 * 4  # its lm_head, whole
 
 
 def test_an_adapter_too_large_for_fp16_fails_alone(llama, tmp_path):

@@ -106,6 +106,10 @@ def test_cache_salts_keep_requests_apart():
 
     assert salted("tenant-1") == a.blocks[:2]
     assert salted("tenant-2") == [] and salted(None) == [] and salted("tenant-1", "math") == []
+    assert salted("\ud800") == []  # any str (a lone surrogate from JSON too) is a salt
+    from expertswitch.engine.kv_cache import root_hash  # (expert, salt) pairs never collide
+
+    assert root_hash("x\0salt\0t") != root_hash("x", "t") != root_hash("xt")
 
 
 def test_eviction_reuses_unhashed_blocks_first_then_tails_before_heads():

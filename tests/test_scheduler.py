@@ -109,3 +109,53 @@ def test_scheduled_steps_keep_every_promise(workload):
     assert all(r.status is Status.FINISHED for r in reqs), "a request never finished"
     assert len(reqs) == len(arrivals) and blocks.num_free == blocks.num_blocks
     assert blocks.refs == [0] * blocks.num_blocks
+
+
+def _req(rid, tokens, priority, arrival, expert=None):
+    return Request(rid, list(tokens), expert, SamplingParams(max_tokens=50), priority=priority,
+                   arrival=arrival)  # fmt: skip
+
+
+def _step(sched: Scheduler) -> list[str]:
+    """One scheduled step, computed: the ids it ran."""
+    batch = sched.schedule()
+    for r in batch:
+        r.num_cached += r.num_new
+        r.num_new = 0
+        sched.blocks.register(r)
+        if r.num_cached == r.num_tokens:
+            r.output_token_ids.append(1)
+    return [r.request_id for r in batch]
+
+
+def test_an_urgent_request_preempts_only_what_lets_it_in():
+    """Priority policy: the head of the queue preempts the fewest later requests that make
+    room for it — none when even all of them would not: blocks they share with a running
+    earlier request are not freed by preempting them, and its expert may stay over the cap."""
+    # E (first) and L1, L2 (later) share a two-block prefix; H needs three fresh blocks, and
+    # preempting both L's frees two: nobody is preempted, and H waits
+    sched = Scheduler(BlockManager(5, BS, prefix_caching=True), 8, 64, policy="priority")
+    shared = [5] * 8
+    sched.add(_req("E", shared + [1], -1, 0))
+    _step(sched)
+    sched.add(_req("L1", shared + [2], 1, 1))
+    sched.add(_req("L2", shared + [3], 1, 2))
+    _step(sched)
+    sched.add(_req("H", [9] * 9, 0, 3))
+    assert _step(sched) == ["E", "L1", "L2"] and sched.preemptions == 0
+    # one expert at a time: H (expert b) cannot run beside E (expert a) however many later
+    # requests of a leave, so L keeps running
+    sched = Scheduler(BlockManager(4, BS), 8, 64, max_active_experts=1, policy="priority")
+    sched.add(_req("E", [0] * 4, -1, 0, "a"))
+    sched.add(_req("L", [0] * 4, 1, 1, "a"))
+    _step(sched)
+    sched.add(_req("H", [0] * 5, 0, 2, "b"))
+    assert _step(sched) == ["E", "L"] and sched.preemptions == 0
+    # enough room once the last of two later requests leaves: that one alone is preempted,
+    # and H runs in the same step
+    sched = Scheduler(BlockManager(4, BS), 8, 64, policy="priority")
+    sched.add(_req("L1", [0] * 3, 1, 0))
+    sched.add(_req("L2", [0] * 3, 2, 1))
+    _step(sched)
+    sched.add(_req("H", [0] * 9, 0, 2))
+    assert sorted(_step(sched)) == ["H", "L1"] and [r.request_id for r in sched.waiting] == ["L2"]

@@ -213,10 +213,6 @@ def _add_step_flags(p) -> None:
                    "step's budget has left)")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=64, metavar="N",
                    help="requests running in one step (default 64)")  # fmt: skip
-    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
-                   help="fcfs: requests in arrival order; priority: by each request's "
-                   "priority (lower first; it may preempt running requests of a later "
-                   "priority), then arrival, as vLLM's flag (default fcfs)")  # fmt: skip
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="longest prompt + answer in tokens (default: the model's "
                    "max_position_embeddings)")  # fmt: skip
@@ -301,6 +297,10 @@ def _add_serve(sub) -> None:
                    help="slice the attention and MLP layers over N ranks (torchrun, as "
                    "above); combines with --expert-parallel-size")  # fmt: skip
     _add_step_flags(p)
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="fcfs: requests in arrival order; priority: by each request's "
+                   "priority (lower first; it may preempt running requests of a later "
+                   "priority), then arrival, as vLLM's flag (default fcfs)")  # fmt: skip
     p.add_argument(
         "--max-tokens-limit",
         type=int,
@@ -701,7 +701,6 @@ def _generate(args, prompts, use, sampling, dtype) -> None:
                  max_num_batched_tokens=args.max_num_batched_tokens,
                  max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                  long_prefill_token_threshold=args.long_prefill_token_threshold,
-                 scheduling_policy=args.scheduling_policy,
                  cpu_int4_deltas=args.cpu_int4_deltas)  # fmt: skip
     experts = use * len(prompts) if len(use) == 1 else use
     if eng.parallel:

@@ -47,8 +47,9 @@ class EngineConfig:
     # already rounded to 8 or 11 significant bits; off for fp32
     cpu_int4_deltas: bool | None = None
     # vLLM's scheduling_policy: "fcfs" (arrival order) or "priority" (each request's priority,
-    # lower first, then arrival; a request that comes first takes KV blocks from running
-    # requests that come after it, and those are preempted first)
+    # lower first, then arrival; those that come last are preempted first, and a waiting
+    # request preempts the fewest running ones that come after it that let it in: beyond
+    # vLLM v1, which only preempts for a running request's growth; engine/scheduler.py)
     scheduling_policy: str = "fcfs"
 
     def __post_init__(self):

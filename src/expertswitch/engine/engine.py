@@ -42,7 +42,7 @@ from expertswitch.engine.sampling import SamplingParams
 from expertswitch.engine.scheduler import Scheduler
 from expertswitch.engine.tokenizer import bad_word_ids, load_tokenizer
 from expertswitch.errors import ConfigError, ParallelError
-from expertswitch.io.lora import LoraBase, load_lora
+from expertswitch.io.lora import LoraBase, checked_again, load_lora
 from expertswitch.kernels.delta_cpu import int4_available, to_int4
 from expertswitch.models.decoder import Decoder
 from expertswitch.models.expert_weights import load_expert
@@ -199,7 +199,8 @@ class Engine:
 
     def _load(self, name: str):
         entry = self.registry.get(name)
-        if entry.lora is not None:  # (refused if its files changed since it was checked)
+        if entry.lora is not None:  # (checked again if its files changed since)
+            entry.lora = checked_again(name, entry.lora, self.registry.lora_base)
             return self.model.slice_expert(load_lora(name, entry.lora, self.dtype))
         w = load_expert(name, entry.path, self.base_fingerprint, self.model.shapes, self.dtype)
         w = self.model.slice_expert(w)  # this rank's slices under tensor parallelism (first:
@@ -635,10 +636,11 @@ class Engine:
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         progress: bool = False,
         priority: int | Sequence[int] = 0,
+        cache_salt: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
         """Run `prompts` to completion; outputs in the prompts' order. Every prompt is checked
         before any is queued; other requests keep being served and their outputs wait for
-        the next step(). priority: one for all, or one per prompt (add_request's)."""
+        the next step(). priority, cache_salt: one for all, or one per prompt (add_request's)."""
         from tqdm.auto import tqdm
 
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -647,13 +649,14 @@ class Engine:
         experts = list(expert) if isinstance(expert, (list, tuple)) else [expert] * n
         params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
         ranks = list(priority) if isinstance(priority, (list, tuple)) else [priority] * n
-        if len(experts) != n or len(params) != n or len(ranks) != n:
-            raise ConfigError(f"{n} prompts need {n} experts / sampling params / priorities (or "
-                              "one for all)")  # fmt: skip
+        salts = list(cache_salt) if isinstance(cache_salt, (list, tuple)) else [cache_salt] * n
+        if len({n, len(experts), len(params), len(ranks), len(salts)}) > 1:
+            raise ConfigError(f"{n} prompts need {n} experts / sampling params / priorities / "
+                              "cache salts (or one for all)")  # fmt: skip
         reqs: list[Request] = []
         try:
-            for p, e, s, r in zip(prompts, experts, params, ranks):
-                reqs.append(self._make_request(p, e, s, None, r))
+            for p, e, s, r, salt in zip(prompts, experts, params, ranks, salts):
+                reqs.append(self._make_request(p, e, s, None, r, salt))
                 self._requests[reqs[-1].request_id] = reqs[-1]  # reserve the id
         finally:  # queued below only when every prompt passed
             for r in reqs:
@@ -680,11 +683,12 @@ class Engine:
             self.check_last_step()
         return [final[r.request_id] for r in reqs]
 
-    def stream(self, prompt, expert: str | None = None,
-               sampling: SamplingParams | None = None) -> Iterator[RequestOutput]:  # fmt: skip
+    def stream(self, prompt, expert: str | None = None, sampling: SamplingParams | None = None,
+               priority: int = 0, cache_salt: str | None = None,
+               ) -> Iterator[RequestOutput]:  # fmt: skip
         """Yield this request's outputs token by token (other requests keep being served;
         their outputs wait for the next step())."""
-        rid = self.add_request(prompt, expert, sampling)
+        rid = self.add_request(prompt, expert, sampling, priority=priority, cache_salt=cache_salt)
         while True:
             if rid not in self._requests:  # aborted: its final output is waiting
                 mine = [o for o in self._undelivered if o.request_id == rid]

@@ -39,9 +39,14 @@ def root_hash(expert: str | None, salt: str | None = None) -> bytes:
     """The parent of a sequence's first block: which model computed the keys and values, and
     the request's cache salt (vLLM's cache_salt: only requests with the same salt share
     cached blocks)."""
-    tag = b"base" if expert is None else b"expert\0" + expert.encode()
+
+    def field(name: bytes, text: str) -> bytes:  # length-prefixed: no two (expert, salt) alike
+        data = text.encode("utf-8", "surrogatepass")  # (any str, lone surrogates included)
+        return name + len(data).to_bytes(8, "little") + data
+
+    tag = b"base" if expert is None else field(b"expert", expert)
     if salt is not None:
-        tag += b"\0salt\0" + salt.encode()
+        tag += field(b"salt", salt)
     return hashlib.sha256(tag).digest()
 
 

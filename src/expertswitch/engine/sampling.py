@@ -35,8 +35,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's)
-    # words never generated (vLLM's): a word's last token is banned wherever the answer so far
-    # ends with its other tokens; each word counts at the start of a text and after a space.
+    # words banned as token sequences (vLLM's): a word's last token is banned wherever the
+    # answer so far ends with its other tokens; each word is spelled as it starts a text and
+    # after a space (other spellings, "Cat" for "cat", are other words).
     # The engine tokenizes them with the request's tokenizer into bad_words_token_ids (which
     # can also be given directly, as token id sequences)
     bad_words: list[str] | None = None

@@ -19,9 +19,11 @@ nothing crashes and no request loses its tokens; nothing is admitted in that ste
 Under the priority policy (vLLM's scheduling_policy="priority") the queue is kept in order of
 (priority, arrival), lower first; the victim of a preemption is the running request that comes
 last in that order, and running requests decode in that order (so none is preempted after it
-was scheduled). A waiting request that comes first and finds no free blocks (or no free
-sequence slot) preempts running requests that come after it until it fits, as vLLM's
-priority scheduler does.
+was scheduled), as in vLLM. Beyond vLLM's v1 scheduler (which preempts only when a running
+request cannot grow; its v0 scheduler did this too), the head of the queue that finds no
+room — blocks, a sequence slot, its expert under the cap — preempts the fewest running
+requests that come after it that let it in, so an urgent request does not wait for
+less urgent ones to finish.
 
 With chunked prefill off (`enable_chunked_prefill=False`), a step is all-prefill or all-decode
 as before: waiting requests first, each with its whole prompt (one longer than the budget runs
@@ -30,7 +32,7 @@ alone), else one token for every running request.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 from expertswitch.engine.kv_cache import BlockManager
 from expertswitch.engine.request import Request, Status
@@ -69,26 +71,44 @@ class Scheduler:
 
     def _victim(self) -> Request:
         """The running request a preemption takes: the most recently admitted one, or under
-        the priority policy the one that comes last."""
-        return max(self.running, key=self._key) if self.priority else self.running[-1]
+        the priority policy the one that comes last (of equals, the last admitted: running
+        requests decode in that order, so it is never one already scheduled this step)."""
+        if self.priority:
+            return max(reversed(self.running), key=self._key)
+        return self.running[-1]
 
-    def _make_room(self) -> None:
-        """Priority policy: the head of the queue preempts running requests that come after it
-        while it finds no free sequence slot or too few free blocks (counting one for each
-        running request that starts a block this step), and preempting could help."""
+    def _make_room(self, growing: bool = True) -> None:
+        """Priority policy: when the head of the queue finds no sequence slot, too few free
+        blocks (counting one for each running request that starts a block this step, when
+        `growing`) or its expert over the cap, it preempts the fewest running requests that
+        come after it (last first) that let it in — none when no number of them would."""
         if not (self.priority and self.waiting and self.running):
             return
-        head = self.waiting[0]
-        while True:
-            later = [r for r in self.running if self._key(r) > self._key(head)]
-            growth = sum(map(self.blocks.needs_block, self.running))
-            need = head.num_tokens + growth * self.blocks.block_size
-            room = len(self.running) < self.max_num_seqs and \
-                self.blocks.can_allocate(need, self.blocks.match(head))  # fmt: skip
-            held = sum(len(r.blocks) for r in later)
-            if room or not later or self.blocks.blocks_for(need) > self.blocks.num_free + held:
+        head, bm = self.waiting[0], self.blocks
+        later = sorted((r for r in self.running if self._key(r) > self._key(head)),
+                       key=self._key, reverse=True)  # fmt: skip
+        hits = bm.match(head)
+        experts = Counter(r.expert for r in self.running)
+        growth = sum(map(bm.needs_block, self.running)) if growing else 0
+        dropped: Counter = Counter()  # block → references the victims so far hold
+        freed = 0
+        for k in range(len(later) + 1):
+            if k:  # one more victim: what releasing it would free
+                v = later[k - 1]
+                experts[v.expert] -= 1
+                growth -= growing and bm.needs_block(v)
+                for b in v.blocks:
+                    dropped[b] += 1
+                    freed += bm.refs[b] == dropped[b]
+            revived = sum(1 for b in hits if bm.refs[b] == dropped[b])
+            blocks_ok = bm.blocks_for(head.num_tokens) - len(hits) + revived + growth \
+                <= bm.num_free + freed  # fmt: skip
+            active = {e for e, n in experts.items() if n > 0}
+            if blocks_ok and len(self.running) - k < self.max_num_seqs \
+                    and self._experts_ok(active, head.expert):  # fmt: skip
+                for v in later[:k]:
+                    self.preempt(v)
                 return
-            self.preempt(max(later, key=self._key))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -166,7 +186,7 @@ class Scheduler:
     def _schedule_whole(self) -> list[Request]:
         """All-prefill or all-decode steps, whole prompts (chunked prefill off)."""
         scheduled: list[Request] = []
-        self._make_room()
+        self._make_room(growing=False)  # (a step that admits is all-prefill)
         self._admit(self.max_num_batched_tokens, scheduled, chunked=False)
         if scheduled:
             return scheduled

@@ -177,7 +177,8 @@ class _Tensors:
             ) from None
         if t.dtype not in _FLOATS:
             raise CheckpointError(f"tensor {key} of {self.path} is {t.dtype}; adapters are "
-                                  "served from float16, bfloat16 or float32 tensors: save it "
+                                  "served from float16, bfloat16, float32 or float64 tensors: "
+                                  "save it "
                                   "again in one of those")  # fmt: skip
         return t
 
@@ -328,9 +329,8 @@ def open_lora(path: str | Path, base: LoraBase) -> LoraAdapter:
             raise wrong_base(f"{key} is {list(got)}, the base's {own} is "
                              f"{None if want is None else list(want)}")  # fmt: skip
         changed = 0
-        if len(want) == 2:  # PEFT loads the file's over the base's: rows
-            theirs = tensors.get(key)[: want[0]].float()  # equal to the base's are dropped
-            changed = _changed_rows(theirs, base.read(own).float())
+        if len(want) == 2:  # PEFT loads the file's over the base's: rows equal to the
+            changed = _changed_rows(tensors.get(key), base.read(own))  # base's are dropped
             if copy and changed > want[0] // 2:  # its frozen copy of another base
                 raise wrong_base(f"its copy of {name} differs from the base's in {changed} of "
                                  f"{want[0]} rows")  # fmt: skip
@@ -394,11 +394,36 @@ def _vocabulary(exact: dict[str, str], tensors: _Tensors, base: LoraBase, where:
     return v if v is not None and v != base.shapes[EMBED][0] else None
 
 
-def _changed_rows(theirs: torch.Tensor, ours: torch.Tensor) -> int:
-    """Rows of `theirs` that differ from `ours` by more than a bf16 rounding (2⁻⁷ of the
-    row's norm): a dtype round trip changes none, a retrained or re-initialised row does."""
-    diff = (theirs - ours).norm(dim=-1)
-    return int((diff > 2.0**-7 * ours.norm(dim=-1) + 1e-6).sum())
+def _changed_rows(theirs: torch.Tensor, ours: torch.Tensor, chunk: int = 8192) -> int:
+    """Rows of `theirs` (the file's; its first len(ours) rows) that are not exactly the
+    base's `ours` in the file's dtype — a copy PEFT saved of the base in another dtype is the
+    same cast, so it changes none; any training does. In row chunks, in the file's dtype (a
+    150k-token vocabulary is not copied to fp32 whole)."""
+    n = 0
+    for i in range(0, ours.shape[0], chunk):
+        mine = theirs[i : min(i + chunk, ours.shape[0])]
+        n += int((mine != ours[i : i + chunk].to(mine.dtype)).any(dim=-1).sum())
+    return n
+
+
+def checked_again(name: str, adapter: LoraAdapter, base: LoraBase) -> LoraAdapter:
+    """The adapter as its files are now: itself when they have not changed since it was
+    checked; else checked again, and taken when it still changes the same layers with the
+    same rank and vocabulary (a copy of the same files, an edited alpha) — refused otherwise,
+    since the engine planned for what was registered."""
+    if not adapter.changed():
+        return adapter
+    again = f"LoRA adapter {adapter.path} changed since it was registered as {name!r}"
+    try:
+        new = open_lora(adapter.path, base)
+    except CheckpointError as e:
+        raise CheckpointError(f"{again} and no longer loads: {e}") from None
+    layout = [(set(a.linear), set(a.embedding), set(a.exact), a.vocab, a.rank)
+              for a in (adapter, new)]  # fmt: skip
+    if layout[0] != layout[1]:
+        raise CheckpointError(f"{again}, to other layers, rank or vocabulary: register it "
+                              "again (remove, then add it)")  # fmt: skip
+    return new
 
 
 def load_lora(name: str, adapter: LoraAdapter, dtype: torch.dtype):
@@ -406,9 +431,6 @@ def load_lora(name: str, adapter: LoraAdapter, dtype: torch.dtype):
     factors and whole replacements in `dtype`, each factor B times its scale (in fp32)."""
     from expertswitch.models.expert_weights import ExpertWeights
 
-    if adapter.changed():
-        raise CheckpointError(f"LoRA adapter {adapter.path} changed since it was registered as "
-                              f"{name!r}: register it again (remove, then add it)")  # fmt: skip
     tensors = _Tensors(adapter.weights)
 
     def pair(f: _Factors, embedding: bool) -> LoraPair:

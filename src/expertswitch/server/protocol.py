@@ -67,7 +67,7 @@ class _Request(BaseModel):
     allowed_token_ids: list[int] | None = None  # vLLM's: only these may be sampled
     # vLLM's: the prompt cut to its last k tokens (−1: to the context)
     truncate_prompt_tokens: int | None = None
-    bad_words: list[str] | None = None  # vLLM's: words never generated
+    bad_words: list[str] | None = None  # vLLM's: words banned (engine/sampling.py)
     use_beam_search: bool = False  # vLLM's (refused: not implemented)
     logits_processors: list[Any] | None = None  # vLLM's (refused: not implemented)
     user: str | None = None

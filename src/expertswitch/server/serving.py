@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from expertswitch.engine import Engine
 from expertswitch.engine.guided import token_index
 from expertswitch.engine.request import Logprob, RequestOutput
+from expertswitch.engine.tokenizer import bad_word_ids
 from expertswitch.errors import ConfigError
 from expertswitch.server.async_engine import AsyncEngine, ClientGone, OutputCollector
 from expertswitch.server.errors import HTTPError, error_body
@@ -378,6 +379,10 @@ class OpenAIServing:
             if self._thinks_first(kind, structured, tool, closed):
                 structured = dataclasses.replace(structured, reasoning_end=END)
             params = [sampling_params(req, max_tokens, j, structured) for j in range(req.n)]
+            if req.bad_words and tok is not None:  # tokenized once here, not once per choice
+                words = bad_word_ids(tok, params[0].bad_words)
+                params = [dataclasses.replace(p, bad_words=None, bad_words_token_ids=words)
+                          for p in params]  # fmt: skip
         except ConfigError as e:
             raise HTTPError(400, str(e)) from None
         stops = params[0].stop
