@@ -438,8 +438,9 @@ def scenario_agree_engine(world, rank) -> dict:
 
 
 def _checkpoint(kind: str, path: str) -> None:
-    """Real checkpoints: transformers' Llama (GQA) and Qwen2 (q/k/v biases, tied embeddings),
-    and an `expertswitch train` MoE model (a dense layer, Residual-MoE top-2, top-1)."""
+    """Real checkpoints: transformers' Llama (GQA), Qwen2 (q/k/v biases, tied embeddings) and
+    Qwen3 (q/k norms over heads of 64), and an `expertswitch train` MoE model (a dense layer,
+    Residual-MoE top-2, top-1)."""
     torch.manual_seed(11)
     small = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
              "vocab_size": 120, "max_position_embeddings": 128, "eos_token_id": 119}  # fmt: skip
@@ -460,15 +461,22 @@ def _checkpoint(kind: str, path: str) -> None:
                                        num_attention_heads=8, num_key_value_heads=4,
                                        attention_bias=True, mlp_bias=True)  # fmt: skip
         model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen3":
+        cfg = transformers.Qwen3Config(**{**small, "hidden_size": 128, "intermediate_size": 128},
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=64)  # fmt: skip
+        model = transformers.Qwen3ForCausalLM(cfg)
     else:
         cfg = transformers.Qwen2Config(**{**small, "hidden_size": 128, "intermediate_size": 128},
                                        num_attention_heads=4, num_key_value_heads=2,
                                        tie_word_embeddings=True)  # fmt: skip
         model = transformers.Qwen2ForCausalLM(cfg)
-    with torch.no_grad():  # biases that matter (transformers initialises them to zero)
+    with torch.no_grad():  # biases and q/k norms that matter (initialised to zero, one)
         for name, t in model.named_parameters():
             if name.endswith("bias"):
                 t.normal_(0, 0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                t.normal_(1, 0.5)
     model.save_pretrained(path)
     _experts(model, path)
 
@@ -537,7 +545,8 @@ def scenario_engine_split(world, rank) -> dict:
             found[f"layer share T={t}"] = {"err": rel(share, ref), "err_every": rel(every, ref),
                                            "bytes": [TRAFFIC["bytes"], sent_every]}  # fmt: skip
     tmp = os.environ["PARALLEL_TMP"]
-    cases = [("llama", 2, 1), ("qwen2", 2, 1), ("moe", 1, 2), ("moe", 2, 2), ("moe", 2, 1)]
+    cases = [("llama", 2, 1), ("qwen2", 2, 1), ("qwen3", 2, 1), ("moe", 1, 2), ("moe", 2, 2),
+             ("moe", 2, 1)]  # fmt: skip
     if world == 4:
         cases = [("llama", 4, 1), ("qwen2", 4, 1), ("moe", 2, 4), ("moe", 1, 4)]  # qwen2:
         # 2 kv heads over 4 ranks, each replicated on 2

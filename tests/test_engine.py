@@ -426,25 +426,28 @@ def _part_bytes(rec: dict) -> int:
     return n * size[rec["dtype"]]
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
 def test_mistral_window_and_qwen2_tied_biases(tmp_path, arch):
-    from transformers import Qwen2Config
+    """Sliding windows, tied embeddings and biases, Qwen3's q/k norms (changed by the expert,
+    per row) and a head_dim other than hidden / heads: transformers' greedy tokens."""
+    from transformers import Qwen2Config, Qwen3Config
 
     if arch == "mistral":
         config = tiny_config("mistral")  # sliding window 64: prompt + generation = 80 tokens
         lengths = (50, 56)
     else:  # tied embeddings, q/k/v biases, a sliding window on the second layer only
-        config = Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                             max_position_embeddings=256, tie_word_embeddings=True,
-                             use_sliding_window=True, sliding_window=16,
-                             max_window_layers=1)  # fmt: skip
+        config = (Qwen2Config if arch == "qwen2" else Qwen3Config)(
+            hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+            tie_word_embeddings=True, use_sliding_window=True, sliding_window=16,
+            max_window_layers=1, **({"head_dim": 24} if arch == "qwen3" else {}))  # fmt: skip
         lengths = (9, 30)
     base, experts = make_family(tmp_path, config, n_experts=1)
     ((archive, rec),) = experts
-    if arch == "qwen2":
+    if arch != "mistral":
         entries = open_archive(archive).entries
-        assert entries["model.layers.0.self_attn.q_proj.bias"].kind == "exact"
+        name = "q_proj.bias" if arch == "qwen2" else "q_norm.weight"
+        assert entries[f"model.layers.0.self_attn.{name}"].kind == "exact"
         assert "lm_head.weight" not in entries  # tied
     eng = Engine(base, {"x": archive})
     ps = prompts(2, lengths)

@@ -1,7 +1,7 @@
 """`ModelConfig`: the decoder's shape, read from a Hugging Face `config.json` (Llama, Mistral,
-Qwen2, Mixtral, and `expertswitch_moe`: a Llama-shaped model whose listed layers have a
-DeepSpeed-style MoE FFN, as `expertswitch train` writes it), without transformers. Validates
-itself; unknown families get a clear error."""
+Qwen2, Qwen3 (dense), Mixtral, and `expertswitch_moe`: a Llama-shaped model whose listed layers
+have a DeepSpeed-style MoE FFN, as `expertswitch train` writes it), without transformers.
+Validates itself; unknown families get a clear error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from expertswitch.errors import ConfigError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "expertswitch_moe")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "expertswitch_moe")
 _ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -31,6 +31,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2: q/k/v biases; Llama's attention_bias: q/k/v and o
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k (q_norm, k_norm) before RoPE
     # per layer: None = full attention, else the window (a token sees itself and window−1 before)
     sliding_windows: list[int | None] = field(default_factory=list)
     num_experts: int = 0  # Mixtral's FFN experts (0 = dense MLP)
@@ -84,6 +85,7 @@ class ModelConfig:
                 qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
                 o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
+                qk_norm=mt == "qwen3",
                 sliding_windows=_sliding_windows(cfg, mt, layers),
                 num_experts=cfg.get("num_local_experts", 0) if mt == "mixtral" else 0,
                 experts_per_token=cfg.get("num_experts_per_tok", 0) if mt == "mixtral" else 0,
@@ -177,12 +179,12 @@ def _rope_params(cfg: dict) -> dict:
 
 def _sliding_windows(cfg: dict, mt: str, layers: int) -> list[int | None]:
     window = cfg.get("sliding_window")
-    if mt == "qwen2" and not cfg.get("use_sliding_window", False):
+    if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         window = None
     types = cfg.get("layer_types")
     if types and len(types) == layers and mt != "mistral":  # Mistral windows every layer
         return [window if t == "sliding_attention" else None for t in types]
-    if mt == "qwen2" and window is not None:
+    if mt in ("qwen2", "qwen3") and window is not None:
         first = cfg.get("max_window_layers", layers)
         return [window if i >= first else None for i in range(layers)]
     return [window] * layers

@@ -1,10 +1,11 @@
-"""One decoder for the Llama, Mistral, Qwen2 and Mixtral families, built from a Hugging Face
-`config.json` and loaded tensor by tensor with io/checkpoint (no transformers at run time).
+"""One decoder for the Llama, Mistral, Qwen2, Qwen3 (dense) and Mixtral families, built from a
+Hugging Face `config.json` and loaded tensor by tensor with io/checkpoint (no transformers at run
+time).
 
 GQA, RoPE (models/rope.py), per-layer sliding windows, tied or untied embeddings, q/k/v (and o)
-biases, Mixtral's sparse MoE FFN (moe/mixtral.py). Every linear layer is a MultiExpertLinear,
-every norm and the embedding take each row's expert into account, so one forward pass serves a
-batch that mixes experts and base-only rows.
+biases, Qwen3's per-head q/k RMSNorms, Mixtral's sparse MoE FFN (moe/mixtral.py). Every linear
+layer is a MultiExpertLinear, every norm and the embedding take each row's expert into account,
+so one forward pass serves a batch that mixes experts and base-only rows.
 
     model = Decoder.load("BASE_DIR", device="cpu", dtype=torch.float32)
     hidden = model.forward(ids, ctx, kv)          # ids [T], ctx: StepContext, kv: [(k, v)] / layer
@@ -116,7 +117,7 @@ class _Loader:
             if optional:
                 return None
             raise CheckpointError(f"{self.ckpt.path} lacks tensor {name}; is it a complete "
-                                  "Llama/Mistral/Qwen2/Mixtral checkpoint?")  # fmt: skip
+                                  "Llama/Mistral/Qwen2/Qwen3/Mixtral checkpoint?")  # fmt: skip
         return self.ckpt.get(name).to(self.device, self.dtype)
 
     def norm(self, name: str, eps: float) -> RowNorm:
@@ -158,6 +159,10 @@ class DecoderLayer:
         self.k = ld.linear(a + "k_proj", cfg.qkv_bias, split="col", part=kv_part)
         self.v = ld.linear(a + "v_proj", cfg.qkv_bias, split="col", part=kv_part)
         self.o = ld.linear(a + "o_proj", cfg.o_bias, split="row")
+        self.q_norm = self.k_norm = None  # Qwen3's, over each head (whole on every rank)
+        if cfg.qk_norm:
+            self.q_norm = ld.norm(a + "q_norm.weight", cfg.rms_norm_eps)
+            self.k_norm = ld.norm(a + "k_norm.weight", cfg.rms_norm_eps)
         self.moe = None
         spec = cfg.moe_layers[i] if cfg.moe_layers else None
         if cfg.num_experts:
@@ -181,6 +186,8 @@ class DecoderLayer:
         q = self.q(x, eb).view(t, self.heads, cfg.head_dim)
         k = self.k(x, eb).view(t, self.kv_heads, cfg.head_dim)
         v = self.v(x, eb).view(t, self.kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q, eb), self.k_norm(k, eb)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         write_kv(kv[0], kv[1], k, v, ctx.attention.slot_mapping)
         out = paged_attention(q, kv[0], kv[1], layout, self.window, self.scale)
@@ -350,6 +357,7 @@ class Decoder:
         names = {self.embed.name, self.norm.name, self.lm_head.name}
         for layer in self.layers:
             names |= {layer.input_norm.name, layer.post_norm.name}
+            names |= {n.name for n in (layer.q_norm, layer.k_norm) if n is not None}
             linears = [layer.q, layer.k, layer.v, layer.o]
             if layer.moe is None:
                 linears += [layer.gate, layer.up, layer.down]

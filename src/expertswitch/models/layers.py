@@ -280,9 +280,9 @@ class RowNorm:
     def __call__(self, x: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        rows = stacked_rows(eb, self.name, self.weight)
-        w = self.weight if rows is None else rows
-        return w * h.to(x.dtype)
+        rows = stacked_rows(eb, self.name, self.weight)  # [T, D]
+        w = self.weight if rows is None else rows.view(rows.shape[0], *[1] * (x.dim() - 2), -1)
+        return w * h.to(x.dtype)  # (x [T, D], or [T, heads, D]: Qwen3's q and k norms)
 
 
 class RowEmbedding:
