@@ -532,18 +532,39 @@ def test_expert_with_larger_vocabulary_and_quantized_embeddings(tmp_path):
         eng.add_request(p_new, None, GREEDY)  # the base has no token 260
 
 
-def test_mixtral_experts_that_change_the_moe_layers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_mixtral_experts_that_change_the_moe_layers(tmp_path, monkeypatch, arch):
     """A fine-tune of a Mixtral base changes the router and every MoE expert's w1/w2/w3: its
     rows use those deltas (packed, per row), in a batch with the base and another expert,
     and get transformers' tokens on the checkpoint reconstructed from its archive; the base's
-    rows keep the fused path's tokens."""
+    rows keep the fused path's tokens. Qwen3-MoE alike (its experts' gate/up/down_proj, a
+    dense first layer, top-k weights not renormalised, q/k norms)."""
+    from transformers import Qwen3MoeConfig
+
     from expertswitch.models import layers
 
-    config = tiny_config("mixtral")
+    if arch == "mixtral":
+        config, block, moe = tiny_config("mixtral"), "block_sparse_moe", (0, 1)
+        names = ("experts.3.w2.weight", "gate.weight")
+    else:
+        config = Qwen3MoeConfig(hidden_size=64, intermediate_size=160, moe_intermediate_size=48,
+                                num_hidden_layers=3, num_attention_heads=4, head_dim=16,
+                                num_key_value_heads=2, vocab_size=256, num_experts=4,
+                                num_experts_per_tok=2, mlp_only_layers=[0], norm_topk_prob=False,
+                                max_position_embeddings=256)  # fmt: skip
+        block, moe = "mlp", (1, 2)
+        names = ("experts.3.down_proj.weight", "gate.weight")
+    if arch == "qwen3_moe":  # transformers' layer rule, and bad routing sizes refused
+        from expertswitch.models.config import ModelConfig
+
+        d = {**config.to_dict(), "num_hidden_layers": 4, "decoder_sparse_step": 2}
+        assert ModelConfig.from_dict(d).sparse_layers == [False, True, False, True]
+        with pytest.raises(ConfigError, match="num_experts_per_tok 5 must be from 1 to"):
+            ModelConfig.from_dict({**d, "num_experts_per_tok": 5})
     base, experts = make_family(tmp_path, config, n_experts=2, method=make_method("rtn", bits=4))
     entries = open_archive(experts[0][0]).entries
-    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in entries
-    assert "model.layers.1.block_sparse_moe.gate.weight" in entries
+    assert f"model.layers.{moe[0]}.{block}.{names[0]}" in entries
+    assert f"model.layers.{moe[1]}.{block}.{names[1]}" in entries
     eng = Engine(base, {"e0": experts[0][0], "e1": experts[1][0]})
     ps = prompts(4)
     use = ["e0", None, "e1", "e0"]

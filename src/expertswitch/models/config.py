@@ -1,5 +1,5 @@
 """`ModelConfig`: the decoder's shape, read from a Hugging Face `config.json` (Llama, Mistral,
-Qwen2, Qwen3 (dense), Mixtral, and `expertswitch_moe`: a Llama-shaped model whose listed layers
+Qwen2, Qwen3, Qwen3-MoE, Mixtral, and `expertswitch_moe`: a Llama-shaped model whose listed layers
 have a DeepSpeed-style MoE FFN, as `expertswitch train` writes it), without transformers.
 Validates itself; unknown families get a clear error."""
 
@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from expertswitch.errors import ConfigError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "expertswitch_moe")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "expertswitch_moe")
+_SPARSE = ("mixtral", "qwen3_moe")  # families whose MoE FFN is Mixtral's block
 _ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -34,8 +35,13 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k (q_norm, k_norm) before RoPE
     # per layer: None = full attention, else the window (a token sees itself and window−1 before)
     sliding_windows: list[int | None] = field(default_factory=list)
-    num_experts: int = 0  # Mixtral's FFN experts (0 = dense MLP)
+    num_experts: int = 0  # Mixtral's / Qwen3-MoE's FFN experts (0 = dense MLP)
     experts_per_token: int = 0
+    moe_intermediate_size: int = 0  # each expert's FFN width (0: intermediate_size)
+    norm_topk_prob: bool = True  # the top-k routing weights renormalised (Qwen3-MoE: optional)
+    # per layer: whether its FFN is the MoE block (Qwen3-MoE's mlp_only_layers and
+    # decoder_sparse_step leave some dense); default with experts: every layer
+    sparse_layers: list[bool] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     # expertswitch_moe: per layer None (dense SwiGLU MLP) or the MoE FFN's spec
@@ -52,6 +58,14 @@ class ModelConfig:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported ({_ACTIVATIONS})")
         if not self.sliding_windows:
             self.sliding_windows = [None] * self.num_layers
+        if self.num_experts:
+            self.sparse_layers = self.sparse_layers or [True] * self.num_layers
+            self.moe_intermediate_size = self.moe_intermediate_size or self.intermediate_size
+            if not 1 <= self.experts_per_token <= self.num_experts:
+                raise ConfigError(f"num_experts_per_tok {self.experts_per_token} must be from 1 "
+                                  f"to the number of experts, {self.num_experts}")  # fmt: skip
+            if len(self.sparse_layers) != self.num_layers:
+                raise ConfigError("one sparse-layer entry per layer is needed")
         if len(self.sliding_windows) != self.num_layers:
             raise ConfigError("one sliding-window entry per layer is needed")
         if self.moe_layers and len(self.moe_layers) != self.num_layers:
@@ -85,10 +99,17 @@ class ModelConfig:
                 qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
                 o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
-                qk_norm=mt == "qwen3",
+                qk_norm=mt in ("qwen3", "qwen3_moe"),
                 sliding_windows=_sliding_windows(cfg, mt, layers),
-                num_experts=cfg.get("num_local_experts", 0) if mt == "mixtral" else 0,
-                experts_per_token=cfg.get("num_experts_per_tok", 0) if mt == "mixtral" else 0,
+                num_experts=(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+                if mt in _SPARSE
+                else 0,
+                experts_per_token=cfg.get("num_experts_per_tok", 0) if mt in _SPARSE else 0,
+                moe_intermediate_size=cfg.get("moe_intermediate_size") or 0
+                if mt == "qwen3_moe"
+                else 0,
+                norm_topk_prob=mt != "qwen3_moe" or bool(cfg.get("norm_topk_prob", False)),
+                sparse_layers=_sparse_layers(cfg, mt, layers),
                 eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
                 bos_token_id=cfg.get("bos_token_id"),
                 moe_layers=_moe_layers(cfg, mt, layers),
@@ -159,6 +180,16 @@ def _moe_layers(cfg: dict, mt: str, layers: int) -> list[MoELayerSpec | None]:
             for i, e in enumerate(entries)]  # fmt: skip
 
 
+def _sparse_layers(cfg: dict, mt: str, layers: int) -> list[bool]:
+    """Qwen3-MoE: layer i is sparse unless listed in mlp_only_layers, every
+    decoder_sparse_step-th layer (transformers' rule); other families: [] (the default)."""
+    if mt != "qwen3_moe":
+        return []
+    dense = set(cfg.get("mlp_only_layers") or [])
+    step = cfg.get("decoder_sparse_step") or 1
+    return [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+
+
 def _check_type(model_type) -> None:
     if model_type not in SUPPORTED:
         raise ConfigError(f"model_type {model_type!r} is not supported: the engine serves "
@@ -179,12 +210,12 @@ def _rope_params(cfg: dict) -> dict:
 
 def _sliding_windows(cfg: dict, mt: str, layers: int) -> list[int | None]:
     window = cfg.get("sliding_window")
-    if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if mt in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         window = None
     types = cfg.get("layer_types")
     if types and len(types) == layers and mt != "mistral":  # Mistral windows every layer
         return [window if t == "sliding_attention" else None for t in types]
-    if mt in ("qwen2", "qwen3") and window is not None:
+    if mt in ("qwen2", "qwen3", "qwen3_moe") and window is not None:
         first = cfg.get("max_window_layers", layers)
         return [window if i >= first else None for i in range(layers)]
     return [window] * layers

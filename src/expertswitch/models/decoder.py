@@ -3,9 +3,10 @@ Hugging Face `config.json` and loaded tensor by tensor with io/checkpoint (no tr
 time).
 
 GQA, RoPE (models/rope.py), per-layer sliding windows, tied or untied embeddings, q/k/v (and o)
-biases, Qwen3's per-head q/k RMSNorms, Mixtral's sparse MoE FFN (moe/mixtral.py). Every linear
-layer is a MultiExpertLinear, every norm and the embedding take each row's expert into account,
-so one forward pass serves a batch that mixes experts and base-only rows.
+biases, Qwen3's per-head q/k RMSNorms, Mixtral's and Qwen3-MoE's sparse MoE FFN
+(moe/mixtral.py). Every linear layer is a MultiExpertLinear, every norm and the embedding take
+each row's expert into account, so one forward pass serves a batch that mixes experts and
+base-only rows.
 
     model = Decoder.load("BASE_DIR", device="cpu", dtype=torch.float32)
     hidden = model.forward(ids, ctx, kv)          # ids [T], ctx: StepContext, kv: [(k, v)] / layer
@@ -165,7 +166,7 @@ class DecoderLayer:
             self.k_norm = ld.norm(a + "k_norm.weight", cfg.rms_norm_eps)
         self.moe = None
         spec = cfg.moe_layers[i] if cfg.moe_layers else None
-        if cfg.num_experts:
+        if cfg.num_experts and cfg.sparse_layers[i]:
             if ep_size > 1:
                 raise ConfigError("expert parallelism serves expertswitch_moe checkpoints; "
                                   "Mixtral's MoE block runs whole: leave "
@@ -213,8 +214,9 @@ def _load_mixtral_moe(prefix: str, cfg: ModelConfig, ld: _Loader):
             break
     else:
         raise CheckpointError(f"{ld.ckpt.path}: no MoE tensors under {prefix}")
-    moe = MixtralSparseMoE(cfg.hidden_size, cfg.intermediate_size, cfg.num_experts,
-                           cfg.experts_per_token, ld.dtype, ld.device).eval()  # fmt: skip
+    moe = MixtralSparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                           cfg.experts_per_token, ld.dtype, ld.device,
+                           renormalize=cfg.norm_topk_prob).eval()  # fmt: skip
     state = {n[len(prefix + block) :]: ld.get(n) for n in names if n.startswith(prefix + block)}
     moe.load_hf_state_dict(state)
     moe.requires_grad_(False)
@@ -277,7 +279,7 @@ class Decoder:
             _split(kv, tp_size, "num_key_value_heads")
         if tp_size > 1:
             _split(cfg.num_heads, tp_size, "num_attention_heads")
-            if not cfg.num_experts and not all(cfg.moe_layers or [None]):  # dense MLPs (MoE
+            if not all(cfg.sparse_layers or cfg.moe_layers or [None]):  # dense MLPs (MoE
                 _split(cfg.intermediate_size, tp_size, "intermediate_size")  # layers: whole)
         self.tp = TensorSlices(tp_size) if tp_size > 1 else None
         if ep_size > 1 and not cfg.num_experts and not any(cfg.moe_layers or []):

@@ -30,11 +30,12 @@ class RowMixtralMoE:
         f = w_in.shape[1] // 2
         self.router = MultiExpertLinear(prefix + "gate.weight", moe.gate.weight)
         self.w1, self.w3, self.w2 = [], [], []
+        gate, up, down = moe.proj_names  # (Mixtral's w1, w3, w2; Qwen3-MoE's gate/up/down)
         for j in range(w_in.shape[0]):
             e = f"{prefix}experts.{j}."
-            self.w1.append(MultiExpertLinear(e + "w1.weight", w_in[j, :f]))
-            self.w3.append(MultiExpertLinear(e + "w3.weight", w_in[j, f:]))
-            self.w2.append(MultiExpertLinear(e + "w2.weight", w_out[j]))
+            self.w1.append(MultiExpertLinear(e + gate + ".weight", w_in[j, :f]))
+            self.w3.append(MultiExpertLinear(e + up + ".weight", w_in[j, f:]))
+            self.w2.append(MultiExpertLinear(e + down + ".weight", w_out[j]))
         self.names = frozenset(
             [self.router.name] + [lin.name for lin in self.w1 + self.w2 + self.w3]
         )
@@ -69,7 +70,7 @@ class RowMixtralMoE:
 
     def _per_row(self, x: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:
         logits = self.router(x, eb)  # [T, E] in the model dtype, as transformers' nn.Linear
-        idx, weights, _ = topk_softmax(logits, self.moe.top_k, renormalize=True)
+        idx, weights, _ = topk_softmax(logits, self.moe.top_k, renormalize=self.moe.renormalize)
         out = torch.zeros_like(x)
         for j in torch.unique(idx).tolist():
             tok, which = (idx == j).nonzero(as_tuple=True)

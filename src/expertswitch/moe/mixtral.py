@@ -30,9 +30,13 @@ class MixtralSparseMoE(nn.Module):
         top_k: int = 2,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        renormalize: bool = True,
     ):
+        """renormalize: the top-k routing weights divided by their sum (Mixtral; Qwen3-MoE's
+        norm_topk_prob)."""
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.renormalize = top_k, renormalize
+        self.proj_names = ("w1", "w3", "w2")  # an expert's gate, up, down (the checkpoint's)
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, dtype=dtype, device=device)
         self.experts = StackedExperts(num_experts, hidden_size, ffn_size, "swiglu", False, dtype,
                                       device)  # fmt: skip
@@ -50,10 +54,11 @@ class MixtralSparseMoE(nn.Module):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
         if torch.is_grad_enabled():
             logits = self.gate(x)  # [T, E], in the model dtype as in transformers
-            idx, weights, _ = topk_softmax(logits, self.top_k, renormalize=True)
+            idx, weights, _ = topk_softmax(logits, self.top_k, renormalize=self.renormalize)
             self.last_router_logits = logits
         else:  # logits rounded to the model dtype, as the nn.Linear above gives them
-            idx, weights = router_topk(x, self.gate.weight, self.top_k, True, round_logits=True)
+            idx, weights = router_topk(x, self.gate.weight, self.top_k, self.renormalize,
+                                       round_logits=True)  # fmt: skip
             self.last_router_logits = None
         ex = self.experts
         out = fused_moe(x, ex.w_in, ex.w_out, idx, weights, "swiglu", dropless=True)
@@ -61,7 +66,9 @@ class MixtralSparseMoE(nn.Module):
 
     @torch.no_grad()
     def load_hf_state_dict(self, state: Mapping[str, torch.Tensor], prefix: str = "") -> None:
-        """Copy `{prefix}gate.weight` and the experts from an HF Mixtral MoE block's tensors."""
+        """Copy `{prefix}gate.weight` and the experts from an HF Mixtral MoE block's tensors
+        (experts.{e}.w1/w3/w2), a Qwen3-MoE block's (experts.{e}.gate_proj/up_proj/down_proj)
+        or transformers 5's fused ones (experts.gate_up_proj, experts.down_proj)."""
         ex = self.experts
         num_e, f2, _ = ex.w_in.shape
         f = f2 // 2
@@ -77,7 +84,10 @@ class MixtralSparseMoE(nn.Module):
             ex.w_in.copy_(get("experts.gate_up_proj"))
             ex.w_out.copy_(get("experts.down_proj"))
             return
+        if prefix + "experts.0.gate_proj.weight" in state:
+            self.proj_names = ("gate_proj", "up_proj", "down_proj")
+        gate, up, down = self.proj_names
         for e in range(num_e):
-            ex.w_in[e, :f].copy_(get(f"experts.{e}.w1.weight"))
-            ex.w_in[e, f:].copy_(get(f"experts.{e}.w3.weight"))
-            ex.w_out[e].copy_(get(f"experts.{e}.w2.weight"))
+            ex.w_in[e, :f].copy_(get(f"experts.{e}.{gate}.weight"))
+            ex.w_in[e, f:].copy_(get(f"experts.{e}.{up}.weight"))
+            ex.w_out[e].copy_(get(f"experts.{e}.{down}.weight"))
