@@ -160,18 +160,24 @@ def batching_ceiling(family, stream, lengths: list[int]) -> dict:
     return {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds}
 
 
-def cpu_part(args) -> tuple[dict, str]:
+TABLE = ["| stream | system | tokens | seconds | tok/s | ours / it |", "|---|---|---|---|---|---|"]
+
+
+def length_scenarios(args) -> dict[str, list[int]]:
+    """The CPU streams' per-request output lengths: all max_tokens ("fixed"), or drawn from
+    U[16, 2·max_tokens] (S-LoRA's stream draws U[8, 512])."""
     import random
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     rng = random.Random(0)
-    scenarios = {
-        "fixed": [args.max_tokens] * args.requests,
-        # per-request output lengths U[16, 2·max_tokens] (S-LoRA's stream draws U[8, 512])
-        "mixed lengths": [rng.randint(16, 2 * args.max_tokens) for _ in range(args.requests)],
-    }
-    results, md = {}, ["| stream | system | tokens | seconds | tok/s | ours / it |",
-                       "|---|---|---|---|---|---|"]  # fmt: skip
+    return {"fixed": [args.max_tokens] * args.requests,
+            "mixed lengths": [rng.randint(16, 2 * args.max_tokens)
+                              for _ in range(args.requests)]}  # fmt: skip
+
+
+def cpu_part(args) -> tuple[dict, str]:
+    scenarios = length_scenarios(args)
+    results, md = {}, list(TABLE)
     with tempfile.TemporaryDirectory() as tmp:
         family, archives, recs = tiny_archives(Path(tmp), args.bits)
         stream = request_stream(family, args.requests)

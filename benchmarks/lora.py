@@ -28,7 +28,6 @@ the LoRA terms' share), beside one forward per adapter's rows.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import tempfile
 import time
@@ -41,7 +40,9 @@ from _common import run_info, write_results  # noqa: E402
 from engine import (  # noqa: E402
     MISTRAL,
     SMALL,
+    TABLE,
     decode_fixture,
+    length_scenarios,
     linear_shapes,
     random_base,
     request_stream,
@@ -162,15 +163,9 @@ def run_peft_per_adapter(model, tok, stream, lengths) -> dict:
 def cpu_part(args) -> tuple[dict, str]:
     from expertswitch.zoo.build import build_family
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    rng = random.Random(0)
-    scenarios = {
-        "fixed": [args.max_tokens] * args.requests,
-        "mixed lengths": [rng.randint(16, 2 * args.max_tokens) for _ in range(args.requests)],
-    }
+    scenarios = length_scenarios(args)
     family = build_family("tiny", log=lambda *_: None)
-    results = {}
-    md = ["| stream | system | tokens | seconds | tok/s | ours / it |", "|---|---|---|---|---|---|"]
+    results, md = {}, list(TABLE)
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(family.base, Path(tmp), args.adapters, args.rank)
         stream = stream_of(family, list(adapters), args.requests)
