@@ -561,6 +561,14 @@ def test_mixtral_experts_that_change_the_moe_layers(tmp_path, monkeypatch, arch)
         assert ModelConfig.from_dict(d).sparse_layers == [False, True, False, True]
         with pytest.raises(ConfigError, match="num_experts_per_tok 5 must be from 1 to"):
             ModelConfig.from_dict({**d, "num_experts_per_tok": 5})
+        # transformers' windows: every Qwen3-MoE layer; Qwen3 from max_window_layers (28 when
+        # left out), and its head_dim 128 when left out
+        windowed = {**d, "use_sliding_window": True, "sliding_window": 4}
+        assert ModelConfig.from_dict(windowed).sliding_windows == [4] * 4
+        dense = {k: v for k, v in windowed.items() if k not in ("head_dim", "layer_types")}
+        got = ModelConfig.from_dict({**dense, "model_type": "qwen3", "num_hidden_layers": 30})
+        assert got.sliding_windows == [None] * 28 + [4, 4] and got.head_dim == 128
+        assert ModelConfig.from_dict({**d, "num_local_experts": 0}).sparse_layers == []
     base, experts = make_family(tmp_path, config, n_experts=2, method=make_method("rtn", bits=4))
     entries = open_archive(experts[0][0]).entries
     assert f"model.layers.{moe[0]}.{block}.{names[0]}" in entries

@@ -67,7 +67,8 @@ class ExpertRegistry:
             raise ArchiveError(
                 f"expert {name!r} changes {len(foreign)} tensor(s) the engine cannot apply per "
                 f"request, e.g. {foreign[0]} (the MoE layers of an expertswitch_moe "
-                "checkpoint are not served from deltas yet); rebuild it with `expertswitch "
+                "checkpoint, and those of a Mixtral/Qwen3-MoE base saved in transformers 5's "
+                "fused layout, are not served from deltas yet); rebuild it with `expertswitch "
                 "reconstruct` and serve that instead"
             )
         emb = archive.entries.get("model.embed_tokens.weight")

@@ -11,6 +11,7 @@ from expertswitch.errors import ConfigError
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "expertswitch_moe")
 _SPARSE = ("mixtral", "qwen3_moe")  # families whose MoE FFN is Mixtral's block
+_QWEN3 = ("qwen3", "qwen3_moe")
 _ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -89,7 +90,8 @@ class ModelConfig:
                 num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                head_dim=cfg.get("head_dim") or hidden // heads,
+                # (transformers' Qwen3 configs default head_dim to 128, not hidden / heads)
+                head_dim=cfg.get("head_dim") or (128 if mt in _QWEN3 else hidden // heads),
                 vocab_size=cfg["vocab_size"],
                 max_position_embeddings=cfg.get("max_position_embeddings", 2048),
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
@@ -99,14 +101,14 @@ class ModelConfig:
                 qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
                 o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
-                qk_norm=mt in ("qwen3", "qwen3_moe"),
+                qk_norm=mt in _QWEN3,
                 sliding_windows=_sliding_windows(cfg, mt, layers),
                 num_experts=(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
                 if mt in _SPARSE
                 else 0,
                 experts_per_token=cfg.get("num_experts_per_tok", 0) if mt in _SPARSE else 0,
-                moe_intermediate_size=cfg.get("moe_intermediate_size") or 0
-                if mt == "qwen3_moe"
+                moe_intermediate_size=(cfg.get("moe_intermediate_size") or 768)  # (transformers'
+                if mt == "qwen3_moe"  # default)
                 else 0,
                 norm_topk_prob=mt != "qwen3_moe" or bool(cfg.get("norm_topk_prob", False)),
                 sparse_layers=_sparse_layers(cfg, mt, layers),
@@ -183,7 +185,7 @@ def _moe_layers(cfg: dict, mt: str, layers: int) -> list[MoELayerSpec | None]:
 def _sparse_layers(cfg: dict, mt: str, layers: int) -> list[bool]:
     """Qwen3-MoE: layer i is sparse unless listed in mlp_only_layers, every
     decoder_sparse_step-th layer (transformers' rule); other families: [] (the default)."""
-    if mt != "qwen3_moe":
+    if mt != "qwen3_moe" or not (cfg.get("num_local_experts") or cfg.get("num_experts")):
         return []
     dense = set(cfg.get("mlp_only_layers") or [])
     step = cfg.get("decoder_sparse_step") or 1
@@ -212,10 +214,12 @@ def _sliding_windows(cfg: dict, mt: str, layers: int) -> list[int | None]:
     window = cfg.get("sliding_window")
     if mt in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         window = None
+    if mt == "qwen3_moe":  # transformers windows every layer (no max_window_layers there)
+        return [window] * layers
     types = cfg.get("layer_types")
     if types and len(types) == layers and mt != "mistral":  # Mistral windows every layer
         return [window if t == "sliding_attention" else None for t in types]
-    if mt in ("qwen2", "qwen3", "qwen3_moe") and window is not None:
-        first = cfg.get("max_window_layers", layers)
+    if mt in ("qwen2", "qwen3") and window is not None:
+        first = cfg.get("max_window_layers", 28)  # (transformers' default)
         return [window if i >= first else None for i in range(layers)]
     return [window] * layers

@@ -169,7 +169,7 @@ class DecoderLayer:
         if cfg.num_experts and cfg.sparse_layers[i]:
             if ep_size > 1:
                 raise ConfigError("expert parallelism serves expertswitch_moe checkpoints; "
-                                  "Mixtral's MoE block runs whole: leave "
+                                  f"{cfg.model_type}'s MoE blocks run whole: leave "
                                   "expert_parallel_size at 1")  # fmt: skip
             self.moe = _load_mixtral_moe(p, cfg, ld)  # RowMixtralMoE: experts may change it
         elif spec is not None:
@@ -282,7 +282,7 @@ class Decoder:
             if not all(cfg.sparse_layers or cfg.moe_layers or [None]):  # dense MLPs (MoE
                 _split(cfg.intermediate_size, tp_size, "intermediate_size")  # layers: whole)
         self.tp = TensorSlices(tp_size) if tp_size > 1 else None
-        if ep_size > 1 and not cfg.num_experts and not any(cfg.moe_layers or []):
+        if ep_size > 1 and not any(cfg.sparse_layers) and not any(cfg.moe_layers or []):
             raise ConfigError("expert parallelism spreads the experts of an expertswitch_moe "
                               "checkpoint's MoE layers, and this one has none: leave "
                               "expert_parallel_size at 1")  # fmt: skip

@@ -30,6 +30,9 @@ class RowMixtralMoE:
         f = w_in.shape[1] // 2
         self.router = MultiExpertLinear(prefix + "gate.weight", moe.gate.weight)
         self.w1, self.w3, self.w2 = [], [], []
+        if moe.proj_names is None:  # a base in transformers 5's fused layout: its experts'
+            self.names = frozenset()  # archives are refused (registry), none is applied here
+            return
         gate, up, down = moe.proj_names  # (Mixtral's w1, w3, w2; Qwen3-MoE's gate/up/down)
         for j in range(w_in.shape[0]):
             e = f"{prefix}experts.{j}."
@@ -41,15 +44,16 @@ class RowMixtralMoE:
         )
 
     def _slots(self, eb: ExpertBatch) -> list[int]:
-        """Slots of the batch's experts that change this block (cached per step)."""
+        """Slots of the batch's experts that change this block and have rows in it (cached per
+        step; which experts change it at all, while the active set stays: a 128-expert block
+        has 385 names)."""
         key = ("moe-slots", self.prefix)
         if key not in eb.cache:
-            eb.cache[key] = [
-                s
-                for s, ex in enumerate(eb.experts)
-                if eb.segments[s].numel()
-                and not self.names.isdisjoint(ex.deltas.keys() | ex.exact.keys())
-            ]
+            if key not in eb.tables:
+                eb.tables[key] = [s for s, ex in enumerate(eb.experts)
+                                  if not self.names.isdisjoint(ex.deltas.keys())
+                                  or not self.names.isdisjoint(ex.exact.keys())]  # fmt: skip
+            eb.cache[key] = [s for s in eb.tables[key] if eb.segments[s].numel()]
         return eb.cache[key]
 
     def __call__(self, x: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:

@@ -44,9 +44,12 @@ class MixtralSparseMoE(nn.Module):
 
     @classmethod
     def from_config(cls, config, dtype=None, device=None) -> MixtralSparseMoE:
-        """From an HF MixtralConfig (or any config with the same field names)."""
-        return cls(config.hidden_size, config.intermediate_size, config.num_local_experts,
-                   config.num_experts_per_tok, dtype, device)  # fmt: skip
+        """From an HF MixtralConfig or Qwen3MoeConfig (its experts' width and
+        norm_topk_prob)."""
+        ffn = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+        experts = getattr(config, "num_local_experts", None) or config.num_experts
+        return cls(config.hidden_size, ffn, experts, config.num_experts_per_tok, dtype, device,
+                   renormalize=getattr(config, "norm_topk_prob", True))  # fmt: skip
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """With autograd on, the router logits are kept on `last_router_logits`; without (for
@@ -83,6 +86,7 @@ class MixtralSparseMoE(nn.Module):
         if prefix + "experts.gate_up_proj" in state:
             ex.w_in.copy_(get("experts.gate_up_proj"))
             ex.w_out.copy_(get("experts.down_proj"))
+            self.proj_names = None  # (no per-expert tensors: experts cannot change them per row)
             return
         if prefix + "experts.0.gate_proj.weight" in state:
             self.proj_names = ("gate_proj", "up_proj", "down_proj")
