@@ -542,6 +542,24 @@ def test_biased_decode_layer_replays_from_a_cuda_graph_on_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_qwen3_moe_router_in_bf16_on_gpu(renormalize):
+    """Qwen3-30B-A3B's router (128 experts, top-8, norm_topk_prob either way) in bf16 at decode
+    and prefill sizes: the Triton router picks experts the reference ranks among its top 8
+    (bf16 logits tie often: either of a tie may be picked) with the reference's weights."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    wg = torch.randn(128, 2048, device="cuda", dtype=torch.bfloat16, generator=g) / 45
+    for t in (1, 64):
+        x = torch.randn(t, 2048, device="cuda", dtype=torch.bfloat16, generator=g)
+        idx, w, _ = router_topk_triton(x, wg, 8, renormalize, True)
+        _, w_r, p_r = router_topk_reference(x, wg, 8, renormalize, True)
+        kth = p_r.topk(8, dim=-1).values[:, -1:]
+        assert bool((p_r.gather(1, idx) >= kth * (1 - 1e-3)).all())
+        torch.testing.assert_close(w.sort(-1).values, w_r.sort(-1).values, rtol=1e-2,
+                                   atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.gpu
 def test_grouped_mm_plan_on_gpu():
     t, h, f, e = 4096, 1024, 2048, 8
     x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
