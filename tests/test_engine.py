@@ -462,6 +462,59 @@ def test_mistral_window_and_qwen2_tied_biases(tmp_path, arch):
     assert [o.token_ids for o in again] == [o.token_ids for o in outs[:2]]
 
 
+def test_phi3_fused_projections_and_longrope(tmp_path):
+    """Phi-3: one qkv_proj and one gate_up_proj (an expert's deltas of them applied per row),
+    LongRoPE over a partial rotary dimension — short factors within the pretrained 16 tokens,
+    long ones past them, mid-generation too: transformers' greedy tokens for the base and an
+    expert in one batch, its prompt logprobs either side of 16, PEFT's tokens for a LoRA
+    adapter on the fused layers; prefix caching is off (a key's rotation depends on the
+    length)."""
+    from transformers import Phi3Config
+
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}  # fmt: skip
+    config = Phi3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                        max_position_embeddings=64, original_max_position_embeddings=16,
+                        rope_parameters=rope, tie_word_embeddings=False, pad_token_id=0,
+                        eos_token_id=1, bos_token_id=2)  # fmt: skip
+    base, ((archive, rec),) = make_family(tmp_path, config, n_experts=1)
+    entries = open_archive(archive).entries
+    assert entries["model.layers.0.self_attn.qkv_proj.weight"].kind != "exact"
+    assert "model.layers.1.mlp.gate_up_proj.weight" in entries
+    eng = Engine(base, {"x": archive})
+    assert not eng.blocks.prefix_caching
+    ps = prompts(2, (9, 20))  # 9 + 12 crosses 16 while decoding; 20 starts past it
+    sp = SamplingParams(temperature=0.0, max_tokens=12)
+    outs = eng.generate(ps + ps, expert=["x", "x", None, None], sampling=sp)
+    for i, p in enumerate(ps):
+        assert outs[i].token_ids == hf_greedy(rec, p, 12), i
+        assert outs[i + 2].token_ids == hf_greedy(base, p, 12), i
+    # the logprobs of a prompt past 16 tokens (long factors) and of one within (short)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(rec, dtype=torch.float32)
+    for p in (ps[1], ps[1][:14]):
+        with torch.no_grad():
+            want = torch.log_softmax(model(torch.tensor([p])).logits[0, :-1].float(), -1)
+        want = want.gather(1, torch.tensor(p[1:]).unsqueeze(1)).squeeze(1).tolist()
+        lp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        got = [x.logprob for x in eng.generate(p, "x", lp)[0].prompt_logprobs[1:]]
+        assert got == pytest.approx(want, abs=1e-4)
+    # a PEFT LoRA adapter on the fused projections: PEFT's own greedy tokens
+    pytest.importorskip("peft")
+    from conftest import make_adapter, peft_greedy
+
+    lora = make_adapter(base, tmp_path / "lora", 3, ["qkv_proj", "gate_up_proj", "down_proj"])
+    eng.add_expert("lora", lora)
+    assert eng.generate(ps[0], "lora", sp)[0].token_ids == peft_greedy(base, lora, ps[0], 12)
+    with pytest.raises(ConfigError, match="fused qkv_proj and gate_up_proj are not sliced"):
+        from expertswitch.models.decoder import Decoder
+
+        Decoder.load(base, tp_size=2)
+
+
 @pytest.mark.parametrize("rope", [
     {"rope_type": "linear", "factor": 2.0},
     {"rope_type": "dynamic", "factor": 2.0},

@@ -46,6 +46,7 @@ from expertswitch.io.lora import LoraBase, checked_again, load_lora
 from expertswitch.kernels.delta_cpu import int4_available, to_int4
 from expertswitch.models.decoder import Decoder
 from expertswitch.models.expert_weights import load_expert
+from expertswitch.models.rope import LENGTH_DEPENDENT
 
 
 class Engine:
@@ -113,7 +114,7 @@ class Engine:
         # (an explicit max_model_len may pass max_position_embeddings: scaled RoPE)
         # dynamic NTK RoPE rotates a key by the length of the sequence that computed it: a
         # prefix computed for another prompt length is not the same keys
-        caching = cfg.enable_prefix_caching and self.model.rope.kind != "dynamic"
+        caching = cfg.enable_prefix_caching and self.model.rope.kind not in LENGTH_DEPENDENT
         self.blocks = BlockManager(num_blocks, block, prefix_caching=caching)
         # one block more than the scheduler hands out: decode graphs' padding rows write there
         self.kv_cache = self.model.new_kv_cache(num_blocks + 1, block)
@@ -401,6 +402,18 @@ class Engine:
         if self.mirror is not None:
             self.mirror.idle()
 
+    def _rerotate(self) -> None:
+        """LongRoPE (Phi-3): a sequence whose next token passes original_max_position_embeddings
+        switches from the short factors to the long ones for every position, as transformers'
+        Phi-3 does (it drops the cache there): its keys are recomputed, once (every rank alike:
+        the same requests cross in lockstep)."""
+        rope = self.model.rope
+        if rope.kind != "longrope":
+            return
+        for r in list(self.scheduler.running):
+            if r.output_token_ids and r.num_cached == rope.original == r.num_tokens - 1:
+                self.scheduler.preempt(r)  # (back in this step, its whole sequence long)
+
     def _step(self) -> list[RequestOutput]:
         if self.mirror is not None:  # rank 0 serving: the other ranks replay, then step too
             self.mirror.before_step()
@@ -413,6 +426,7 @@ class Engine:
             raise
 
     def _run_step(self) -> list[RequestOutput]:
+        self._rerotate()
         reqs = self.scheduler.schedule()
         self.steps += 1
         failed, deferred = {}, set()

@@ -1,7 +1,7 @@
 """`ModelConfig`: the decoder's shape, read from a Hugging Face `config.json` (Llama, Mistral,
-Qwen2, Qwen3, Qwen3-MoE, Mixtral, and `expertswitch_moe`: a Llama-shaped model whose listed layers
-have a DeepSpeed-style MoE FFN, as `expertswitch train` writes it), without transformers.
-Validates itself; unknown families get a clear error."""
+Qwen2, Qwen3, Qwen3-MoE, Phi-3, Mixtral, and `expertswitch_moe`: a Llama-shaped model whose
+listed layers have a DeepSpeed-style MoE FFN, as `expertswitch train` writes it), without
+transformers. Validates itself; unknown families get a clear error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from expertswitch.errors import ConfigError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "expertswitch_moe")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "mixtral",
+             "expertswitch_moe")  # fmt: skip
 _SPARSE = ("mixtral", "qwen3_moe")  # families whose MoE FFN is Mixtral's block
 _QWEN3 = ("qwen3", "qwen3_moe")
 _ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -34,6 +35,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k (q_norm, k_norm) before RoPE
+    fused_proj: bool = False  # Phi-3: one qkv_proj (q, k, v rows) and one gate_up_proj
     # per layer: None = full attention, else the window (a token sees itself and window−1 before)
     sliding_windows: list[int | None] = field(default_factory=list)
     num_experts: int = 0  # Mixtral's / Qwen3-MoE's FFN experts (0 = dense MLP)
@@ -102,6 +104,7 @@ class ModelConfig:
                 o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 qk_norm=mt in _QWEN3,
+                fused_proj=mt == "phi3",
                 sliding_windows=_sliding_windows(cfg, mt, layers),
                 num_experts=(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
                 if mt in _SPARSE
@@ -204,8 +207,13 @@ def _rope_params(cfg: dict) -> dict:
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-    if params["rope_type"] in ("llama3", "yarn"):
+    if params["rope_type"] == "longrope":  # (Phi-3: the pretrained length beside the config's)
+        params.setdefault("original_max_position_embeddings",
+                          cfg.get("original_max_position_embeddings"))  # fmt: skip
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
         params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    if "partial_rotary_factor" in cfg:  # (Phi-3 mini 4: top-level in transformers 4.x)
+        params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
     params.setdefault("max_position_embeddings", cfg.get("max_position_embeddings", 2048))
     return params
 

@@ -156,9 +156,13 @@ class DecoderLayer:
         self.input_norm = ld.norm(p + "input_layernorm.weight", cfg.rms_norm_eps)
         self.post_norm = ld.norm(p + "post_attention_layernorm.weight", cfg.rms_norm_eps)
         a = p + "self_attn."
-        self.q = ld.linear(a + "q_proj", cfg.qkv_bias, split="col")
-        self.k = ld.linear(a + "k_proj", cfg.qkv_bias, split="col", part=kv_part)
-        self.v = ld.linear(a + "v_proj", cfg.qkv_bias, split="col", part=kv_part)
+        self.qkv = self.gate_up = None  # Phi-3's fused projections (one linear each)
+        if cfg.fused_proj:  # (never sliced: Decoder refuses tensor parallelism for them)
+            self.qkv = ld.linear(a + "qkv_proj", cfg.qkv_bias)
+        else:
+            self.q = ld.linear(a + "q_proj", cfg.qkv_bias, split="col")
+            self.k = ld.linear(a + "k_proj", cfg.qkv_bias, split="col", part=kv_part)
+            self.v = ld.linear(a + "v_proj", cfg.qkv_bias, split="col", part=kv_part)
         self.o = ld.linear(a + "o_proj", cfg.o_bias, split="row")
         self.q_norm = self.k_norm = None  # Qwen3's, over each head (whole on every rank)
         if cfg.qk_norm:
@@ -175,18 +179,28 @@ class DecoderLayer:
         elif spec is not None:
             self.moe = _load_trained_moe(p, cfg, spec, ld, ep_size)
         else:
-            self.gate = ld.linear(p + "mlp.gate_proj", cfg.mlp_bias, split="col")
-            self.up = ld.linear(p + "mlp.up_proj", cfg.mlp_bias, split="col")
+            if cfg.fused_proj:
+                self.gate_up = ld.linear(p + "mlp.gate_up_proj", cfg.mlp_bias)
+            else:
+                self.gate = ld.linear(p + "mlp.gate_proj", cfg.mlp_bias, split="col")
+                self.up = ld.linear(p + "mlp.up_proj", cfg.mlp_bias, split="col")
             self.down = ld.linear(p + "mlp.down_proj", cfg.mlp_bias, split="row")
         self.act = _ACT[cfg.hidden_act]
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def attention(self, x, ctx: StepContext, kv, layout, cos, sin) -> torch.Tensor:
         cfg, eb = self.cfg, ctx.experts
-        t = x.shape[0]
-        q = self.q(x, eb).view(t, self.heads, cfg.head_dim)
-        k = self.k(x, eb).view(t, self.kv_heads, cfg.head_dim)
-        v = self.v(x, eb).view(t, self.kv_heads, cfg.head_dim)
+        t, d = x.shape[0], cfg.head_dim
+        if self.qkv is not None:  # q, k and v rows of one fused projection
+            qkv = self.qkv(x, eb)
+            nq, nk = self.heads * d, self.kv_heads * d
+            q = qkv[:, :nq].view(t, self.heads, d)
+            k = qkv[:, nq : nq + nk].view(t, self.kv_heads, d)
+            v = qkv[:, nq + nk :].contiguous().view(t, self.kv_heads, d)
+        else:
+            q = self.q(x, eb).view(t, self.heads, d)
+            k = self.k(x, eb).view(t, self.kv_heads, d)
+            v = self.v(x, eb).view(t, self.kv_heads, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q, eb), self.k_norm(k, eb)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
@@ -197,7 +211,20 @@ class DecoderLayer:
     def mlp(self, x, eb: ExpertBatch) -> torch.Tensor:
         if self.moe is not None:
             return self.moe(x, eb)
+        if self.gate_up is not None:  # Phi-3: gate rows, then up rows
+            gate, up = self.gate_up(x, eb).chunk(2, dim=-1)
+            return self.down(self.act(gate) * up, eb)
         return self.down(self.act(self.gate(x, eb)) * self.up(x, eb), eb)
+
+    def linears(self) -> list:
+        """The attention's and the dense MLP's linear layers (each a MultiExpertLinear, or a
+        RowParallelLinear around one)."""
+        out = [self.qkv] if self.qkv is not None else [self.q, self.k, self.v]
+        out.append(self.o)
+        if self.moe is None:
+            out += [self.gate_up] if self.gate_up is not None else [self.gate, self.up]
+            out.append(self.down)
+        return out
 
     def __call__(self, x, ctx, kv, layout, cos, sin) -> torch.Tensor:
         eb = ctx.experts
@@ -269,6 +296,9 @@ class Decoder:
         for what, size in (("ep_size", ep_size), ("tp_size", tp_size)):
             if not isinstance(size, int) or size < 1:
                 raise ConfigError(f"{what} must be a positive integer, got {size!r}")
+        if tp_size > 1 and cfg.fused_proj:
+            raise ConfigError(f"{cfg.model_type}'s fused qkv_proj and gate_up_proj are not "
+                              "sliced over ranks yet: leave tensor_parallel_size at 1")  # fmt: skip
         kv = cfg.num_kv_heads
         if tp_size > kv and tp_size % kv:
             raise ConfigError(f"num_key_value_heads={kv} neither splits over nor replicates "
@@ -348,10 +378,7 @@ class Decoder:
         ("lm_head.weight" also when tied to the embedding): their whole [N, K]."""
         out = {self.lm_head.lora_name: tuple(self.shapes[self.lm_head.name])}
         for layer in self.layers:
-            linears = [layer.q, layer.k, layer.v, layer.o]
-            if layer.moe is None:
-                linears += [layer.gate, layer.up, layer.down]
-            out.update((lin.name, tuple(self.shapes[lin.name])) for lin in linears)
+            out.update((lin.name, tuple(self.shapes[lin.name])) for lin in layer.linears())
         return out
 
     def servable_names(self) -> set[str]:
@@ -360,12 +387,9 @@ class Decoder:
         for layer in self.layers:
             names |= {layer.input_norm.name, layer.post_norm.name}
             names |= {n.name for n in (layer.q_norm, layer.k_norm) if n is not None}
-            linears = [layer.q, layer.k, layer.v, layer.o]
-            if layer.moe is None:
-                linears += [layer.gate, layer.up, layer.down]
-            elif isinstance(layer.moe, RowMixtralMoE):
+            if isinstance(layer.moe, RowMixtralMoE):
                 names |= layer.moe.names
-            for lin in linears:
+            for lin in layer.linears():
                 names |= {lin.name, lin.bias_name}
         return names
 

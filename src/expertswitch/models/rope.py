@@ -1,13 +1,14 @@
-"""Rotary position embeddings with the `rope_scaling` kinds Llama/Mistral/Qwen2 configs use:
-default, linear, dynamic (NTK), llama3, yarn. Same formulas as transformers' rope utilities,
-so a checkpoint's positions mean the same thing here.
+"""Rotary position embeddings with the `rope_scaling` kinds Llama/Mistral/Qwen2/Phi-3 configs
+use: default, linear, dynamic (NTK), llama3, yarn, longrope. Same formulas as transformers' rope
+utilities, so a checkpoint's positions mean the same thing here.
 
     rope = Rotary(config)
     q, k = rope.apply(q, k, positions, seq_lens)   # q [T, h, D], k [T, kv, D], positions [T]
 
 `dynamic` depends on the sequence's current length (transformers recomputes the frequencies when
-a forward pass reaches past max_position_embeddings); `seq_lens` [T] gives, per token, the
-length its sequence has in this pass (max position + 1).
+a forward pass reaches past max_position_embeddings), and so does `longrope` (Phi-3: the short
+factors while the sequence is within original_max_position_embeddings, the long ones past it);
+`seq_lens` [T] gives, per token, the length its sequence has in this pass (max position + 1).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from expertswitch.errors import ConfigError
 
-KINDS = ("default", "linear", "dynamic", "llama3", "yarn")
+KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+LENGTH_DEPENDENT = ("dynamic", "longrope")  # a key's rotation depends on its sequence's length
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -69,6 +71,26 @@ def _yarn(p: dict, dim: int, max_pos: int) -> tuple[torch.Tensor, float]:
     return inv, attention
 
 
+def _longrope(p: dict, dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(short, long) inverse frequencies and the attention factor, as transformers computes
+    them: base^(2i/d) times each channel's factor; √(1 + ln s / ln original), s the context's
+    growth (`factor`, else max_position_embeddings / original)."""
+    original = p["original_max_position_embeddings"]
+    factor = p.get("factor") or max_pos / original
+    attention = p.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    pair = []
+    for key in ("short_factor", "long_factor"):
+        ext = torch.tensor(p[key], dtype=torch.float32)
+        if ext.shape != shape.shape:
+            raise ConfigError(f"rope_scaling {key} has {ext.numel()} entries; the rotary "
+                              f"dimension {dim} needs {shape.numel()}")  # fmt: skip
+        pair.append(1.0 / (ext * p["rope_theta"] ** shape))
+    return pair[0], pair[1], float(attention)
+
+
 class Rotary:
     def __init__(self, rope: dict, head_dim: int, max_position_embeddings: int):
         self.params = p = dict(rope)
@@ -86,6 +108,11 @@ class Rotary:
                 inv = _base_inv_freq(theta, self.dim) / p["factor"]
             elif self.kind == "llama3":
                 inv = _llama3(_base_inv_freq(theta, self.dim), p)
+            elif self.kind == "longrope":
+                inv, self.inv_long, self.attention_scaling = _longrope(
+                    p, self.dim, max_position_embeddings
+                )
+                self.original = p["original_max_position_embeddings"]
             else:
                 inv, self.attention_scaling = _yarn(p, self.dim, max_position_embeddings)
         except KeyError as e:
@@ -110,7 +137,11 @@ class Rotary:
     def cos_sin(self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None):
         """cos, sin fp32 [T, D] for integer positions [T]."""
         pos = positions.to(torch.float32)
-        if (
+        if self.kind == "longrope" and seq_lens is not None:
+            long = (seq_lens > self.original).unsqueeze(-1)  # [T, 1]: per token's sequence
+            inv = torch.where(long, self.inv_long.to(pos.device), self._inv(pos.device))
+            freqs = pos.unsqueeze(-1) * inv
+        elif (
             self.kind == "dynamic"
             and seq_lens is not None
             and bool((seq_lens > self.max_pos).any())
