@@ -151,6 +151,18 @@ def test_mismatched_architectures(tmp_path, llama_pair):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "other")
     with pytest.raises(CompatibilityError, match="hidden_size is 64 .* but 96"):
         check_compatible(open_checkpoint(base_dir), open_checkpoint(tmp_path / "other"))
+    # the same shapes, positions rotated otherwise (a 4k fine-tune against a 128k base)
+    import json
+    import shutil
+
+    shutil.copytree(base_dir, tmp_path / "rope")
+    cfg_file = tmp_path / "rope" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    rope = cfg.get("rope_parameters") or {"rope_type": "default"}
+    cfg["rope_parameters"] = {**rope, "rope_theta": 500000.0}
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(CompatibilityError, match="rope_parameters is .* but"):
+        check_compatible(open_checkpoint(base_dir), open_checkpoint(tmp_path / "rope"))
 
 
 def test_mismatched_shapes(tmp_path, llama_pair):

@@ -502,6 +502,20 @@ def test_phi3_fused_projections_and_longrope(tmp_path):
         lp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
         got = [x.logprob for x in eng.generate(p, "x", lp)[0].prompt_logprobs[1:]]
         assert got == pytest.approx(want, abs=1e-4)
+    # a step budget of exactly the pretrained length: the recompute's chunk ends where the
+    # switch is, and the request still finishes (once recomputed), with the same tokens
+    assert Engine(base, max_model_len=16).blocks.prefix_caching  # (no sequence can cross)
+    small = Engine(base, {"x": archive}, max_num_batched_tokens=16, max_num_seqs=4)
+    again = small.generate(ps[0], "x", sp)[0]
+    assert again.token_ids == outs[0].token_ids and small.scheduler.preemptions == 1
+    # 4.x configs: "su" is LongRoPE's old name; the top-level pretrained length wins
+    from expertswitch.models.config import ModelConfig
+
+    scaling = {**rope, "type": "su", "original_max_position_embeddings": 32}
+    old = {**config.to_dict(), "rope_parameters": None, "rope_scaling": scaling}
+    del old["rope_scaling"]["rope_type"]
+    got = ModelConfig.from_dict(old).rope
+    assert got["rope_type"] == "longrope" and got["original_max_position_embeddings"] == 16
     # a PEFT LoRA adapter on the fused projections: PEFT's own greedy tokens
     pytest.importorskip("peft")
     from conftest import make_adapter, peft_greedy

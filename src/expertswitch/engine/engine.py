@@ -114,7 +114,10 @@ class Engine:
         # (an explicit max_model_len may pass max_position_embeddings: scaled RoPE)
         # dynamic NTK RoPE rotates a key by the length of the sequence that computed it: a
         # prefix computed for another prompt length is not the same keys
-        caching = cfg.enable_prefix_caching and self.model.rope.kind not in LENGTH_DEPENDENT
+        # (LongRoPE alike, unless no sequence can grow past the pretrained length)
+        rope = self.model.rope
+        steady = rope.kind == "longrope" and self.max_model_len <= rope.original
+        caching = cfg.enable_prefix_caching and (rope.kind not in LENGTH_DEPENDENT or steady)
         self.blocks = BlockManager(num_blocks, block, prefix_caching=caching)
         # one block more than the scheduler hands out: decode graphs' padding rows write there
         self.kv_cache = self.model.new_kv_cache(num_blocks + 1, block)
@@ -411,7 +414,7 @@ class Engine:
         if rope.kind != "longrope":
             return
         for r in list(self.scheduler.running):
-            if r.output_token_ids and r.num_cached == rope.original == r.num_tokens - 1:
+            if r.rope_short and r.num_cached and r.num_tokens > rope.original:
                 self.scheduler.preempt(r)  # (back in this step, its whole sequence long)
 
     def _step(self) -> list[RequestOutput]:
@@ -428,6 +431,9 @@ class Engine:
     def _run_step(self) -> list[RequestOutput]:
         self._rerotate()
         reqs = self.scheduler.schedule()
+        if self.model.rope.kind == "longrope":  # which factors this step's keys are rotated by
+            for r in reqs:
+                r.rope_short = r.num_tokens <= self.model.rope.original
         self.steps += 1
         failed, deferred = {}, set()
         if reqs:

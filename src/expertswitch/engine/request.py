@@ -48,6 +48,7 @@ class Request:
     priority: int = 0  # under the priority policy: lower first (vLLM's)
     arrival: int = 0  # its place in the order requests were submitted (set by the engine)
     cache_salt: str | None = None  # its prefix-cache blocks are shared only under this salt
+    rope_short: bool = False  # LongRoPE: its cached keys were rotated with the short factors
 
     @property
     def all_token_ids(self) -> list[int]:

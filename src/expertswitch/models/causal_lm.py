@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertswitch.errors import CheckpointError
+from expertswitch.errors import CheckpointError, ConfigError
 from expertswitch.models.config import ModelConfig, MoELayerSpec
 from expertswitch.models.rope import Rotary
 from expertswitch.moe.layer import MoE
@@ -139,6 +139,10 @@ class LMOutput:
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, hf_config: dict | None = None, ep_size: int = 1):
         super().__init__()
+        if cfg.fused_proj or cfg.qk_norm:
+            raise ConfigError(f"{cfg.model_type} checkpoints are served, not trained here: "
+                              "`expertswitch train` builds Llama-shaped models (and "
+                              "expertswitch_moe)")  # fmt: skip
         self.cfg = cfg
         self.hf_config = dict(hf_config) if hf_config else None
         self.rope = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)

@@ -207,9 +207,13 @@ def _rope_params(cfg: dict) -> dict:
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-    if params["rope_type"] == "longrope":  # (Phi-3: the pretrained length beside the config's)
-        params.setdefault("original_max_position_embeddings",
-                          cfg.get("original_max_position_embeddings"))  # fmt: skip
+    if cfg.get("model_type") == "phi3" and params["rope_type"] in ("su", "yarn"):
+        params["rope_type"] = "longrope"  # (transformers' Phi3Config renames them so)
+    if params["rope_type"] == "longrope":  # Phi-3: the pretrained length, top-level first
+        top = cfg.get("original_max_position_embeddings")
+        if top:
+            params["original_max_position_embeddings"] = top
+        params.setdefault("original_max_position_embeddings", 4096)  # (Phi3Config's default)
     if params["rope_type"] in ("llama3", "yarn", "longrope"):
         params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
     if "partial_rotary_factor" in cfg:  # (Phi-3 mini 4: top-level in transformers 4.x)

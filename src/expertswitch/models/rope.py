@@ -118,12 +118,15 @@ class Rotary:
         except KeyError as e:
             raise ConfigError(f"rope_scaling of type {self.kind} lacks {e.args[0]!r}") from None
         self.inv_freq = inv  # fp32 [D/2]
-        self._on: dict[torch.device, torch.Tensor] = {}
+        self._on: dict[tuple, torch.Tensor] = {}  # (device, which) → inverse frequencies
 
-    def _inv(self, device: torch.device) -> torch.Tensor:
-        if device not in self._on:
-            self._on[device] = self.inv_freq.to(device)
-        return self._on[device]
+    def _inv(self, device: torch.device, inv: torch.Tensor | None = None) -> torch.Tensor:
+        """inv_freq (or `inv`, LongRoPE's long one) on `device`, copied there once."""
+        inv = self.inv_freq if inv is None else inv
+        key = (device, id(inv))
+        if key not in self._on:
+            self._on[key] = inv.to(device)
+        return self._on[key]
 
     def _dynamic_inv(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """[T, D/2]: transformers' NTK base for the sequence's length, once past max_pos."""
@@ -139,7 +142,7 @@ class Rotary:
         pos = positions.to(torch.float32)
         if self.kind == "longrope" and seq_lens is not None:
             long = (seq_lens > self.original).unsqueeze(-1)  # [T, 1]: per token's sequence
-            inv = torch.where(long, self.inv_long.to(pos.device), self._inv(pos.device))
+            inv = torch.where(long, self._inv(pos.device, self.inv_long), self._inv(pos.device))
             freqs = pos.unsqueeze(-1) * inv
         elif (
             self.kind == "dynamic"
