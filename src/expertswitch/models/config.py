@@ -106,9 +106,7 @@ class ModelConfig:
                 qk_norm=mt in _QWEN3,
                 fused_proj=mt == "phi3",
                 sliding_windows=_sliding_windows(cfg, mt, layers),
-                num_experts=(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
-                if mt in _SPARSE
-                else 0,
+                num_experts=_num_experts(cfg) if mt in _SPARSE else 0,
                 experts_per_token=cfg.get("num_experts_per_tok", 0) if mt in _SPARSE else 0,
                 moe_intermediate_size=(cfg.get("moe_intermediate_size") or 768)  # (transformers'
                 if mt == "qwen3_moe"  # default)
@@ -185,10 +183,15 @@ def _moe_layers(cfg: dict, mt: str, layers: int) -> list[MoELayerSpec | None]:
             for i, e in enumerate(entries)]  # fmt: skip
 
 
+def _num_experts(cfg: dict) -> int:
+    """The MoE block's experts: num_local_experts (transformers 5) or num_experts (4.x)."""
+    return cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+
+
 def _sparse_layers(cfg: dict, mt: str, layers: int) -> list[bool]:
     """Qwen3-MoE: layer i is sparse unless listed in mlp_only_layers, every
     decoder_sparse_step-th layer (transformers' rule); other families: [] (the default)."""
-    if mt != "qwen3_moe" or not (cfg.get("num_local_experts") or cfg.get("num_experts")):
+    if mt != "qwen3_moe" or not _num_experts(cfg):
         return []
     dense = set(cfg.get("mlp_only_layers") or [])
     step = cfg.get("decoder_sparse_step") or 1
@@ -214,7 +217,7 @@ def _rope_params(cfg: dict) -> dict:
         if top:
             params["original_max_position_embeddings"] = top
         params.setdefault("original_max_position_embeddings", 4096)  # (Phi3Config's default)
-    if params["rope_type"] in ("llama3", "yarn", "longrope"):
+    if params["rope_type"] in ("llama3", "yarn"):
         params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
     if "partial_rotary_factor" in cfg:  # (Phi-3 mini 4: top-level in transformers 4.x)
         params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
