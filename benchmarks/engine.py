@@ -101,6 +101,7 @@ def run_ours(family, archives, stream, lengths: list[int], int4: bool = False,
     t0 = time.perf_counter()
     outs = eng.generate([p for _, p in stream], [e for e, _ in stream], params)
     seconds = time.perf_counter() - t0
+    eng.close()
     layers.DELTA_PATH = "auto"
     tokens = sum(len(o.token_ids) for o in outs)
     return {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds, "load_s": load_s,

@@ -39,6 +39,7 @@ import torch
 
 from expertswitch.errors import ConfigError, ExpertSwitchError
 from expertswitch.models.expert_weights import ExpertWeights
+from expertswitch.utils.threads import side_work
 
 
 class PoolError(ExpertSwitchError):
@@ -238,7 +239,7 @@ class ExpertPool:
             self._stats.prefetches += 1
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self._workers, "expert-prefetch")
-            self._executor.submit(self._run_load, e, fut, False)
+            self._executor.submit(self._prefetch_load, e, fut)
             return fut
 
     def wait_loads(self) -> bool:
@@ -330,6 +331,12 @@ class ExpertPool:
         self.close()
 
     # loading steps -------------------------------------------------------------------------
+
+    def _prefetch_load(self, e: _Entry, fut: Future) -> None:
+        """A prefetch thread's load; the thread's OpenMP pool freed after it, or the engine's
+        CPU ops run throttled while the thread idles (utils/threads.py)."""
+        with side_work():
+            self._run_load(e, fut, strict=False)
 
     def _run_load(self, e: _Entry, fut: Future, strict: bool) -> None:
         """disk or host → device for `e`, whose `loading` is `fut`. Never raises: the outcome

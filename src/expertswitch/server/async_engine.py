@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from expertswitch.engine import Engine
 from expertswitch.engine.request import RequestOutput
 from expertswitch.errors import ParallelError
+from expertswitch.utils.threads import release_openmp_threads
 
 log = logging.getLogger("expertswitch.server")
 
@@ -81,6 +82,9 @@ class AsyncEngine:
         self.steps = 0
         self._thread = threading.Thread(target=self._run, name="expertswitch-engine",
                                          daemon=True)  # fmt: skip
+        # the engine runs on its own thread from now on: the OpenMP pool this thread built
+        # while loading it would throttle every CPU op of its steps (utils/threads.py)
+        release_openmp_threads()
         self._thread.start()
 
     @property

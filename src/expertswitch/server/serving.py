@@ -64,6 +64,7 @@ from expertswitch.server.tool_parsers import (
     extract,
     json_text,
 )
+from expertswitch.utils.threads import as_side_work, side_work
 
 AUTO = "auto"
 MAX_CHOICES = 1024  # sequences one HTTP request may queue (prompts × n)
@@ -188,8 +189,8 @@ class OpenAIServing:
                         param="model", code="model_not_found")  # fmt: skip
 
     def _route(self, query):
-        with self._router_lock:  # the backbone is not re-entrant
-            return self.router.route([query])[0]
+        with self._router_lock, side_work():  # (the backbone is not re-entrant; a worker
+            return self.router.route([query])[0]  # thread: its OpenMP pool freed after)
 
     # endpoints ---------------------------------------------------------------------------
 
@@ -408,7 +409,7 @@ class OpenAIServing:
             # (~1 s for a 152K vocabulary, which every running request would wait out)
             with contextlib.suppress(ConfigError):  # (an expert removed meanwhile: the
                 vocab = self.engine.registry.vocab(target.expert)  # engine says so below)
-                await asyncio.to_thread(token_index, tok, vocab)
+                await asyncio.to_thread(as_side_work, token_index, tok, vocab)
         start = time.perf_counter()
         collector = OutputCollector()
         try:
