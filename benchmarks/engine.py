@@ -83,10 +83,14 @@ def request_stream(family, n: int) -> list[tuple[str | None, str]]:
     return out
 
 
+REPEATS = 3  # timed runs of each system; the median is reported (--repeats)
+
+
 def run_ours(family, archives, stream, lengths: list[int], int4: bool = False,
              path: str = "auto") -> dict:  # fmt: skip
     """int4: the delta terms through torch's CPU int4 matmul (kernels/delta_cpu.to_int4);
-    path: models/layers.DELTA_PATH ("per-expert": without stacking the experts' deltas)."""
+    path: models/layers.DELTA_PATH ("per-expert": without stacking the experts' deltas).
+    The median of REPEATS runs of the whole stream, each from a cold prefix cache."""
     from expertswitch.engine import Engine, SamplingParams
     from expertswitch.models import layers
 
@@ -97,10 +101,13 @@ def run_ours(family, archives, stream, lengths: list[int], int4: bool = False,
     load_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
     eng.generate([p for _, p in stream[:4]], [e for e, _ in stream[:4]], params[:4])  # warm-up
-    eng.reset_prefix_cache()  # the warm-up's prompts must not start the timed run cached
-    t0 = time.perf_counter()
-    outs = eng.generate([p for _, p in stream], [e for e, _ in stream], params)
-    seconds = time.perf_counter() - t0
+    times = []
+    for _ in range(REPEATS):
+        eng.reset_prefix_cache()  # earlier prompts must not start the timed run cached
+        t0 = time.perf_counter()
+        outs = eng.generate([p for _, p in stream], [e for e, _ in stream], params)
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
     eng.close()
     layers.DELTA_PATH = "auto"
     tokens = sum(len(o.token_ids) for o in outs)
@@ -120,10 +127,13 @@ def hf_batch(model, tok, prompts: list[str], lengths: list[int]) -> tuple[float,
     with torch.inference_mode():
         model.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=2,
                        do_sample=False, pad_token_id=pad)  # fmt: skip
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False, pad_token_id=pad)  # fmt: skip
-        seconds = time.perf_counter() - t0
+        times = []
+        for _ in range(REPEATS):  # (the median)
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, pad_token_id=pad)  # fmt: skip
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
     return seconds, [out[j, width : width + lengths[j]] for j in range(len(prompts))]
 
 
@@ -220,11 +230,14 @@ def cpu_part(args) -> tuple[dict, str]:
     md.append("")
     md += [r["note"] + "." for r in results.values()]
     md.append(
-        "(fp32, the int4 row's delta terms in bf16; texts differ where the reconstruction's "
-        "rounding, the delta's bf16 rounding or transformers' left padding changes a "
-        "near-tie.)"
+        f"(fp32, the int4 row's delta terms in bf16; each time the median of {REPEATS} runs; "
+        "texts differ where the reconstruction's rounding, the delta's bf16 rounding or "
+        "transformers' left padding changes a near-tie. Every engine is closed after its "
+        "rows: before, an int4 engine's idle prefetch threads kept OpenMP pools that "
+        "throttled every later row, transformers' too — utils/threads.py.)"
     )
     return {"requests": args.requests, "bits": args.bits, "threads": torch.get_num_threads(),
+            "repeats": REPEATS,
             "scenarios": results}, "\n".join(md)  # fmt: skip
 
 
@@ -501,6 +514,7 @@ def disk_switch(expert: ExpertWeights, cfg: dict, device) -> tuple[float, str]:
 
 
 def main() -> None:
+    global REPEATS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["cpu", "gpu"], default=None)
     p.add_argument("--device", default=None)
@@ -511,8 +525,15 @@ def main() -> None:
     p.add_argument("--experts", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--small", action="store_true", help="GPU part on small shapes (smoke run)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=REPEATS,
+        help="CPU part: timed runs per system (median reported)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    REPEATS = max(1, args.repeats)
     part = args.part or ("gpu" if torch.cuda.is_available() else "cpu")
     args.device = args.device or ("cuda" if part == "gpu" else "cpu")
     result, md = cpu_part(args) if part == "cpu" else gpu_part(args)

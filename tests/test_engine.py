@@ -599,14 +599,15 @@ def test_expert_with_larger_vocabulary_and_quantized_embeddings(tmp_path):
         eng.add_request(p_new, None, GREEDY)  # the base has no token 260
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_mixtral_experts_that_change_the_moe_layers(tmp_path, monkeypatch, arch):
     """A fine-tune of a Mixtral base changes the router and every MoE expert's w1/w2/w3: its
     rows use those deltas (packed, per row), in a batch with the base and another expert,
     and get transformers' tokens on the checkpoint reconstructed from its archive; the base's
     rows keep the fused path's tokens. Qwen3-MoE alike (its experts' gate/up/down_proj, a
-    dense first layer, top-k weights not renormalised, q/k norms)."""
-    from transformers import Qwen3MoeConfig
+    dense first layer, top-k weights not renormalised, q/k norms); Qwen2-MoE alike, with its
+    shared expert and its sigmoid gate changed too, and q/k/v biases."""
+    from transformers import Qwen2MoeConfig, Qwen3MoeConfig
 
     from expertswitch.models import layers
 
@@ -621,6 +622,14 @@ def test_mixtral_experts_that_change_the_moe_layers(tmp_path, monkeypatch, arch)
                                 max_position_embeddings=256)  # fmt: skip
         block, moe = "mlp", (1, 2)
         names = ("experts.3.down_proj.weight", "gate.weight")
+        if arch == "qwen2_moe":  # (head_dim: hidden / heads)
+            config = Qwen2MoeConfig(hidden_size=64, intermediate_size=160,
+                                    moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                                    num_hidden_layers=3, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=256, num_experts=4,
+                                    num_experts_per_tok=2, mlp_only_layers=[0],
+                                    norm_topk_prob=False, max_position_embeddings=256)  # fmt: skip
+            names += ("shared_expert.up_proj.weight", "shared_expert_gate.weight")
     if arch == "qwen3_moe":  # transformers' layer rule, and bad routing sizes refused
         from expertswitch.models.config import ModelConfig
 
@@ -636,10 +645,23 @@ def test_mixtral_experts_that_change_the_moe_layers(tmp_path, monkeypatch, arch)
         got = ModelConfig.from_dict({**dense, "model_type": "qwen3", "num_hidden_layers": 30})
         assert got.sliding_windows == [None] * 28 + [4, 4] and got.head_dim == 128
         assert ModelConfig.from_dict({**d, "num_local_experts": 0}).sparse_layers == []
+    if arch == "qwen2_moe":  # transformers 5's windows (even layers below max_window_layers),
+        # q/k/v biases (qkv_bias, on when left out), the shared expert's default width
+        from expertswitch.models.config import ModelConfig
+
+        d = {**config.to_dict(), "num_hidden_layers": 6, "use_sliding_window": True,
+             "sliding_window": 4, "max_window_layers": 3}  # fmt: skip
+        d.pop("layer_types", None)  # (a 4.x config.json has none)
+        got = ModelConfig.from_dict(d)
+        assert got.sliding_windows == [4, None, 4, None, None, None]
+        assert got.qkv_bias and not got.o_bias
+        assert not ModelConfig.from_dict({**d, "qkv_bias": False}).qkv_bias
+        d.pop("shared_expert_intermediate_size")
+        assert ModelConfig.from_dict(d).shared_expert_intermediate_size == 5632
     base, experts = make_family(tmp_path, config, n_experts=2, method=make_method("rtn", bits=4))
     entries = open_archive(experts[0][0]).entries
-    assert f"model.layers.{moe[0]}.{block}.{names[0]}" in entries
-    assert f"model.layers.{moe[1]}.{block}.{names[1]}" in entries
+    for i, name in enumerate(names):
+        assert f"model.layers.{moe[i % 2]}.{block}.{name}" in entries
     eng = Engine(base, {"e0": experts[0][0], "e1": experts[1][0]})
     ps = prompts(4)
     use = ["e0", None, "e1", "e0"]

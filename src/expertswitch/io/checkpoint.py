@@ -230,8 +230,8 @@ _ARCH_KEYS = (
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "num_local_experts", "num_experts", "moe_intermediate_size",
     "num_experts_per_tok", "norm_topk_prob", "mlp_only_layers", "decoder_sparse_step",
-    "rope_theta", "rope_scaling", "rope_parameters", "original_max_position_embeddings",
-    "partial_rotary_factor",
+    "shared_expert_intermediate_size", "qkv_bias", "rope_theta", "rope_scaling",
+    "rope_parameters", "original_max_position_embeddings", "partial_rotary_factor",
 )  # fmt: skip
 
 

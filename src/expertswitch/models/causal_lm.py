@@ -139,7 +139,8 @@ class LMOutput:
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, hf_config: dict | None = None, ep_size: int = 1):
         super().__init__()
-        if cfg.fused_proj or cfg.qk_norm:
+        if cfg.fused_proj or cfg.qk_norm or cfg.num_experts:  # (Phi-3, Qwen3, Mixtral-style
+            # MoE blocks: the blocks below would build a different model)
             raise ConfigError(f"{cfg.model_type} checkpoints are served, not trained here: "
                               "`expertswitch train` builds Llama-shaped models (and "
                               "expertswitch_moe)")  # fmt: skip

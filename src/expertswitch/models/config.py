@@ -1,7 +1,7 @@
 """`ModelConfig`: the decoder's shape, read from a Hugging Face `config.json` (Llama, Mistral,
-Qwen2, Qwen3, Qwen3-MoE, Phi-3, Mixtral, and `expertswitch_moe`: a Llama-shaped model whose
-listed layers have a DeepSpeed-style MoE FFN, as `expertswitch train` writes it), without
-transformers. Validates itself; unknown families get a clear error."""
+Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Phi-3, Mixtral, and `expertswitch_moe`: a Llama-shaped
+model whose listed layers have a DeepSpeed-style MoE FFN, as `expertswitch train` writes it),
+without transformers. Validates itself; unknown families get a clear error."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 
 from expertswitch.errors import ConfigError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "mixtral",
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "mixtral",
              "expertswitch_moe")  # fmt: skip
-_SPARSE = ("mixtral", "qwen3_moe")  # families whose MoE FFN is Mixtral's block
+_SPARSE = ("mixtral", "qwen2_moe", "qwen3_moe")  # families whose MoE FFN is Mixtral's block
+_QWEN_MOE = ("qwen2_moe", "qwen3_moe")  # routing options, dense layers (mlp_only_layers, ...)
+# transformers' defaults where config.json leaves the key out
+_MOE_FFN_DEFAULT = {"qwen2_moe": 1408, "qwen3_moe": 768}
 _QWEN3 = ("qwen3", "qwen3_moe")
 _ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
@@ -41,7 +44,10 @@ class ModelConfig:
     num_experts: int = 0  # Mixtral's / Qwen3-MoE's FFN experts (0 = dense MLP)
     experts_per_token: int = 0
     moe_intermediate_size: int = 0  # each expert's FFN width (0: intermediate_size)
-    norm_topk_prob: bool = True  # the top-k routing weights renormalised (Qwen3-MoE: optional)
+    norm_topk_prob: bool = True  # the top-k routing weights renormalised (Qwen-MoE: optional)
+    # Qwen2-MoE: a dense SwiGLU "shared expert" beside the routed ones in every MoE block,
+    # scaled by sigmoid(x·gᵀ) (shared_expert_gate, one output); 0 = none
+    shared_expert_intermediate_size: int = 0
     # per layer: whether its FFN is the MoE block (Qwen3-MoE's mlp_only_layers and
     # decoder_sparse_step leave some dense); default with experts: every layer
     sparse_layers: list[bool] = field(default_factory=list)
@@ -100,18 +106,23 @@ class ModelConfig:
                 hidden_act=cfg.get("hidden_act", "silu"),
                 rope=_rope_params(cfg),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
-                o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
+                qkv_bias=_qkv_bias(cfg, mt),
+                o_bias=mt not in ("qwen2", "qwen2_moe") and bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 qk_norm=mt in _QWEN3,
                 fused_proj=mt == "phi3",
                 sliding_windows=_sliding_windows(cfg, mt, layers),
                 num_experts=_num_experts(cfg) if mt in _SPARSE else 0,
                 experts_per_token=cfg.get("num_experts_per_tok", 0) if mt in _SPARSE else 0,
-                moe_intermediate_size=(cfg.get("moe_intermediate_size") or 768)  # (transformers'
-                if mt == "qwen3_moe"  # default)
+                moe_intermediate_size=(cfg.get("moe_intermediate_size") or _MOE_FFN_DEFAULT[mt])
+                if mt in _MOE_FFN_DEFAULT
                 else 0,
-                norm_topk_prob=mt != "qwen3_moe" or bool(cfg.get("norm_topk_prob", False)),
+                norm_topk_prob=mt not in _QWEN_MOE or bool(cfg.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=(
+                    cfg.get("shared_expert_intermediate_size", 5632) or 0  # (transformers')
+                    if mt == "qwen2_moe" and _num_experts(cfg)
+                    else 0
+                ),
                 sparse_layers=_sparse_layers(cfg, mt, layers),
                 eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
                 bos_token_id=cfg.get("bos_token_id"),
@@ -189,13 +200,23 @@ def _num_experts(cfg: dict) -> int:
 
 
 def _sparse_layers(cfg: dict, mt: str, layers: int) -> list[bool]:
-    """Qwen3-MoE: layer i is sparse unless listed in mlp_only_layers, every
+    """Qwen2-/Qwen3-MoE: layer i is sparse unless listed in mlp_only_layers, every
     decoder_sparse_step-th layer (transformers' rule); other families: [] (the default)."""
-    if mt != "qwen3_moe" or not _num_experts(cfg):
+    if mt not in _QWEN_MOE or not _num_experts(cfg):
         return []
     dense = set(cfg.get("mlp_only_layers") or [])
     step = cfg.get("decoder_sparse_step") or 1
     return [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+
+
+def _qkv_bias(cfg: dict, mt: str) -> bool:
+    """Qwen2: q/k/v biases always; Qwen2-MoE: its qkv_bias (True when left out); others:
+    Llama's attention_bias (q/k/v and o)."""
+    if mt == "qwen2":
+        return True
+    if mt == "qwen2_moe":
+        return bool(cfg.get("qkv_bias", True))
+    return bool(cfg.get("attention_bias", False))
 
 
 def _check_type(model_type) -> None:
@@ -227,13 +248,18 @@ def _rope_params(cfg: dict) -> dict:
 
 def _sliding_windows(cfg: dict, mt: str, layers: int) -> list[int | None]:
     window = cfg.get("sliding_window")
-    if mt in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
+    if mt in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not cfg.get(
+        "use_sliding_window", False
+    ):
         window = None
     if mt == "qwen3_moe":  # transformers windows every layer (no max_window_layers there)
         return [window] * layers
     types = cfg.get("layer_types")
     if types and len(types) == layers and mt != "mistral":  # Mistral windows every layer
         return [window if t == "sliding_attention" else None for t in types]
+    if mt == "qwen2_moe" and window is not None:  # transformers 5: even layers below it
+        first = cfg.get("max_window_layers", 28)
+        return [window if i % 2 == 0 and i < first else None for i in range(layers)]
     if mt in ("qwen2", "qwen3") and window is not None:
         first = cfg.get("max_window_layers", 28)  # (transformers' default)
         return [window if i >= first else None for i in range(layers)]

@@ -1,12 +1,12 @@
-"""One decoder for the Llama, Mistral, Qwen2, Qwen3 (dense) and Mixtral families, built from a
-Hugging Face `config.json` and loaded tensor by tensor with io/checkpoint (no transformers at run
-time).
+"""One decoder for the Llama, Mistral, Qwen2, Qwen3, Phi-3 and Mixtral families (and Qwen2-MoE,
+Qwen3-MoE), built from a Hugging Face `config.json` and loaded tensor by tensor with
+io/checkpoint (no transformers at run time).
 
 GQA, RoPE (models/rope.py), per-layer sliding windows, tied or untied embeddings, q/k/v (and o)
-biases, Qwen3's per-head q/k RMSNorms, Mixtral's and Qwen3-MoE's sparse MoE FFN
-(moe/mixtral.py). Every linear layer is a MultiExpertLinear, every norm and the embedding take
-each row's expert into account, so one forward pass serves a batch that mixes experts and
-base-only rows.
+biases, Qwen3's per-head q/k RMSNorms, Mixtral's, Qwen2-MoE's and Qwen3-MoE's sparse MoE FFN
+(moe/mixtral.py; Qwen2-MoE's shared expert beside it). Every linear layer is a
+MultiExpertLinear, every norm and the embedding take each row's expert into account, so one
+forward pass serves a batch that mixes experts and base-only rows.
 
     model = Decoder.load("BASE_DIR", device="cpu", dtype=torch.float32)
     hidden = model.forward(ids, ctx, kv)          # ids [T], ctx: StepContext, kv: [(k, v)] / layer
@@ -169,6 +169,7 @@ class DecoderLayer:
             self.q_norm = ld.norm(a + "q_norm.weight", cfg.rms_norm_eps)
             self.k_norm = ld.norm(a + "k_norm.weight", cfg.rms_norm_eps)
         self.moe = None
+        self.shared: list | None = None  # Qwen2-MoE's shared expert: gate, up, down, its gate
         spec = cfg.moe_layers[i] if cfg.moe_layers else None
         if cfg.num_experts and cfg.sparse_layers[i]:
             if ep_size > 1:
@@ -176,6 +177,11 @@ class DecoderLayer:
                                   f"{cfg.model_type}'s MoE blocks run whole: leave "
                                   "expert_parallel_size at 1")  # fmt: skip
             self.moe = _load_mixtral_moe(p, cfg, ld)  # RowMixtralMoE: experts may change it
+            if cfg.shared_expert_intermediate_size:  # Qwen2-MoE: a dense SwiGLU beside the
+                s = p + "mlp.shared_expert."  # routed experts, scaled by sigmoid(x·gᵀ)
+                self.shared = [ld.linear(s + "gate_proj"), ld.linear(s + "up_proj"),
+                               ld.linear(s + "down_proj"),
+                               ld.linear(p + "mlp.shared_expert_gate")]  # fmt: skip
         elif spec is not None:
             self.moe = _load_trained_moe(p, cfg, spec, ld, ep_size)
         else:
@@ -210,21 +216,26 @@ class DecoderLayer:
 
     def mlp(self, x, eb: ExpertBatch) -> torch.Tensor:
         if self.moe is not None:
-            return self.moe(x, eb)
+            out = self.moe(x, eb)
+            if self.shared is None:
+                return out
+            gate, up, down, scale = self.shared  # (in transformers' order of operations)
+            h = down(self.act(gate(x, eb)) * up(x, eb), eb)
+            return out + torch.sigmoid(scale(x, eb)) * h
         if self.gate_up is not None:  # Phi-3: gate rows, then up rows
             gate, up = self.gate_up(x, eb).chunk(2, dim=-1)
             return self.down(self.act(gate) * up, eb)
         return self.down(self.act(self.gate(x, eb)) * self.up(x, eb), eb)
 
     def linears(self) -> list:
-        """The attention's and the dense MLP's linear layers (each a MultiExpertLinear, or a
-        RowParallelLinear around one)."""
+        """The attention's, the dense MLP's and a shared expert's linear layers (each a
+        MultiExpertLinear, or a RowParallelLinear around one)."""
         out = [self.qkv] if self.qkv is not None else [self.q, self.k, self.v]
         out.append(self.o)
         if self.moe is None:
             out += [self.gate_up] if self.gate_up is not None else [self.gate, self.up]
             out.append(self.down)
-        return out
+        return out + (self.shared or [])
 
     def __call__(self, x, ctx, kv, layout, cos, sin) -> torch.Tensor:
         eb = ctx.experts
@@ -244,7 +255,9 @@ def _load_mixtral_moe(prefix: str, cfg: ModelConfig, ld: _Loader):
     moe = MixtralSparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
                            cfg.experts_per_token, ld.dtype, ld.device,
                            renormalize=cfg.norm_topk_prob).eval()  # fmt: skip
-    state = {n[len(prefix + block) :]: ld.get(n) for n in names if n.startswith(prefix + block)}
+    shared = prefix + block + "shared_expert"  # (Qwen2-MoE's: loaded as linears apart)
+    state = {n[len(prefix + block) :]: ld.get(n) for n in names
+             if n.startswith(prefix + block) and not n.startswith(shared)}  # fmt: skip
     moe.load_hf_state_dict(state)
     moe.requires_grad_(False)
     return RowMixtralMoE(prefix + block, moe)
