@@ -529,6 +529,76 @@ def test_phi3_fused_projections_and_longrope(tmp_path):
         Decoder.load(base, tp_size=2)
 
 
+@pytest.mark.parametrize("arch", ["gemma", "gemma2"])
+def test_gemma_norms_scaled_embeddings_and_soft_caps(tmp_path, arch):
+    """Gemma: (1 + w) norms in fp32 (an expert's changed norms per row), √H-scaled and tied
+    embeddings, GeGLU; Gemma 2 also: sandwich norms, query_pre_attn_scalar, every other layer
+    windowed, attention scores and logits soft-capped (caps small enough to matter here):
+    transformers' greedy tokens for the base and an expert in one batch, and its prompt
+    logprobs (the logit cap changes no argmax; it shows in the logprobs)."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, GemmaConfig
+
+    common = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=256,
+                  max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+                  bos_token_id=2)  # fmt: skip
+    if arch == "gemma":
+        config = GemmaConfig(num_hidden_layers=2, **common)
+    else:
+        config = Gemma2Config(num_hidden_layers=3, sliding_window=16, query_pre_attn_scalar=24,
+                              attn_logit_softcapping=0.02, final_logit_softcapping=3.0,
+                              **common)  # fmt: skip
+    base, ((archive, rec),) = make_family(tmp_path, config, n_experts=1)
+    entries = open_archive(archive).entries
+    assert "lm_head.weight" not in entries  # tied
+    norm = "pre_feedforward_layernorm" if arch == "gemma2" else "post_attention_layernorm"
+    assert f"model.layers.1.{norm}.weight" in entries
+    eng = Engine(base, {"x": archive})
+    if arch == "gemma2":
+        assert eng.model.cfg.sliding_windows == [16, None, 16]
+    ps = prompts(2, (9, 30))  # past the window while decoding; past it in the prompt
+    sp = SamplingParams(temperature=0.0, max_tokens=24)
+    outs = eng.generate(ps + ps, expert=["x", "x", None, None], sampling=sp)
+    for i, p in enumerate(ps):
+        assert outs[i].token_ids == hf_greedy(rec, p, 24), i
+        assert outs[i + 2].token_ids == hf_greedy(base, p, 24), i
+    model = AutoModelForCausalLM.from_pretrained(rec, dtype=torch.float32)
+    p = ps[1]
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([p])).logits[0, :-1].float(), -1)
+    want = want.gather(1, torch.tensor(p[1:]).unsqueeze(1)).squeeze(1).tolist()
+    lp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    got = [x.logprob for x in eng.generate(p, "x", lp)[0].prompt_logprobs[1:]]
+    assert got == pytest.approx(want, abs=1e-4)
+    if arch == "gemma2":  # one sequence at a time (a long prompt): the capped scores too
+        from expertswitch.models import attention
+
+        attention.LONG_PREFILL, keep = 8, attention.LONG_PREFILL
+        try:
+            again = eng.generate(ps, "x", SamplingParams(temperature=0.0, max_tokens=4))
+        finally:
+            attention.LONG_PREFILL = keep
+        assert [o.token_ids for o in again] == [o.token_ids[:4] for o in outs[:2]]
+        from expertswitch.models.config import ModelConfig
+
+        with pytest.raises(ConfigError, match="attn_logit_softcapping must be a positive"):
+            ModelConfig.from_dict({**config.to_dict(), "attn_logit_softcapping": -1})
+        old = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
+        assert ModelConfig.from_dict(old).sliding_windows == [16, None, 16]
+    with pytest.raises(ConfigError, match="served, not trained"):
+        from expertswitch.models.causal_lm import CausalLM
+
+        CausalLM.from_config(config.to_dict())
+    # a PEFT LoRA adapter on the (scaled) embedding and the attention: PEFT's tokens (PEFT
+    # scales an embedding adapter's rows by √H too)
+    pytest.importorskip("peft")
+    from conftest import make_adapter, peft_greedy
+
+    lora = make_adapter(base, tmp_path / "lora", 3, ["embed_tokens", "q_proj", "o_proj"])
+    eng.add_expert("lora", lora)
+    assert eng.generate(ps[1], "lora", sp)[0].token_ids == peft_greedy(base, lora, ps[1], 24)
+
+
 @pytest.mark.parametrize("rope", [
     {"rope_type": "linear", "factor": 2.0},
     {"rope_type": "dynamic", "factor": 2.0},

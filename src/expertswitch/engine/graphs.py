@@ -148,7 +148,11 @@ class DecodeGraphs:
                 getattr(self.model, "tp", None) is None
                 and not self.model.parallel_moe
                 and decode_kernel_takes(
-                    self.model.cfg.head_dim, self.model.dtype, k.dtype, k.is_cuda
+                    self.model.cfg.head_dim,
+                    self.model.dtype,
+                    k.dtype,
+                    k.is_cuda,
+                    self.model.cfg.attn_softcap,
                 )  # fmt: skip
                 and self._experts_fit(ctx.experts.experts)
             )

@@ -232,6 +232,7 @@ _ARCH_KEYS = (
     "num_experts_per_tok", "norm_topk_prob", "mlp_only_layers", "decoder_sparse_step",
     "shared_expert_intermediate_size", "qkv_bias", "rope_theta", "rope_scaling",
     "rope_parameters", "original_max_position_embeddings", "partial_rotary_factor",
+    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
 )  # fmt: skip
 
 

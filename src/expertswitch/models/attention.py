@@ -10,7 +10,9 @@ gathered through the block tables, with one boolean mask that is causal (query i
 with kv_len keys and q_len new tokens sits at position kv_len − q_len + i), stops at each
 sequence's length, and applies the layer's sliding window (a token sees itself and the
 window − 1 tokens before it, as transformers' Mistral/Qwen2 masks do). One SDPA call per layer;
-at decode (Q_max = 1) the padding costs nothing.
+at decode (Q_max = 1) the padding costs nothing. Gemma 2's soft-capped scores
+(cap·tanh(s / cap) before the mask and softmax) are written out instead of SDPA, as
+transformers' eager attention computes them (no fused kernel takes the cap).
 """
 
 from __future__ import annotations
@@ -106,9 +108,11 @@ def _kernel_fits(q: torch.Tensor, cache: torch.Tensor) -> bool:
 
 
 def decode_kernel_takes(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype,
-                        cuda: bool) -> bool:  # fmt: skip
+                        cuda: bool, softcap: float | None = None) -> bool:  # fmt: skip
     """Whether decode steps of this model go through the Triton kernel (engine/graphs.py
-    captures only those)."""
+    captures only those); soft-capped scores (Gemma 2) take the torch path."""
+    if softcap is not None:
+        return False
     if not (ATTENTION_PATH == "kernel" or (ATTENTION_PATH == "auto" and cuda)):
         return False
     q = torch.empty(0, 1, head_dim, dtype=dtype)
@@ -123,7 +127,7 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
 
 
 def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | None,
-                    scale: float) -> torch.Tensor:  # fmt: skip
+                    scale: float, softcap: float | None = None) -> torch.Tensor:  # fmt: skip
     """q [T, h, D] against the cached keys/values (this step's already written) → [T, h·D].
 
     Grouped-query attention without copying keys per query head: the g = h / kv query heads
@@ -133,7 +137,7 @@ def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | Non
     kvh = k_cache.shape[2]
     g = h // kvh
     kernel = ATTENTION_PATH == "kernel" or (ATTENTION_PATH == "auto" and q.is_cuda)
-    if layout.decode and kernel and _kernel_fits(q, k_cache):
+    if layout.decode and kernel and softcap is None and _kernel_fits(q, k_cache):
         from expertswitch.kernels.paged_attention import paged_decode
 
         # rows are the sequences, one query each: the Triton kernel reads the blocks in place
@@ -142,18 +146,36 @@ def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | Non
     b, q_max = layout.q_rows.shape
     if q_max >= LONG_PREFILL or (b > 1 and b * g * q_max * layout.k_valid.shape[1]
                                   > PADDED_LIMIT):  # fmt: skip
-        return _one_sequence_at_a_time(q, k_cache, v_cache, layout, window, scale)
+        return _one_sequence_at_a_time(q, k_cache, v_cache, layout, window, scale, softcap)
     keys, vals = layout.gather(k_cache), layout.gather(v_cache)  # [B, kv, K, D]
     qb = q[layout.q_rows]  # [B, Q, h, D]; head i reads key head i // g
     qb = qb.view(b, q_max, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * q_max, d)
     mask = layout.mask(window, g)  # [B, 1, g·Q, K]
-    out = F.scaled_dot_product_attention(qb, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask,
-                                         scale=scale)  # fmt: skip
+    out = attend(qb, keys.to(q.dtype), vals.to(q.dtype), scale, softcap, mask)
     out = out.view(b, kvh, g, q_max, d).permute(0, 3, 1, 2, 4)  # [B, Q, kv, g, D]
     return out[layout.q_valid].reshape(t, h * d)
 
 
-def _one_sequence_at_a_time(q, k_cache, v_cache, layout: PaddedLayout, window, scale):
+def attend(
+    q, k, v, scale: float, softcap: float | None = None, mask=None, causal: bool = False
+) -> torch.Tensor:
+    """SDPA [.., Q, D] × [.., K, D]; with `softcap`, the scores capped as transformers' eager
+    attention does: cap·tanh(q·kᵀ·scale / cap), masked, softmax in fp32, then q's dtype."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              scale=scale)  # fmt: skip
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = torch.tanh(s / softcap) * softcap
+    if causal:  # (queries are the last Q of the K positions)
+        n_q, n_k = s.shape[-2], s.shape[-1]
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=s.device).tril(n_k - n_q)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _one_sequence_at_a_time(q, k_cache, v_cache, layout: PaddedLayout, window, scale,
+                            softcap=None):  # fmt: skip
     """Prefill of prompts of very different lengths: padding all of them to the longest would
     make a [B, g·Q_max, K_max] mask and score tensor (31 short prompts beside one of 4000
     tokens: ~2 G elements); one SDPA per sequence keeps memory to one sequence's, and a whole
@@ -172,12 +194,12 @@ def _one_sequence_at_a_time(q, k_cache, v_cache, layout: PaddedLayout, window, s
         qs = q[start : start + q_len].transpose(0, 1).unsqueeze(0)
         keys, vals = keys.unsqueeze(0), vals.unsqueeze(0)
         if q_len == kv_len and window is None:
-            o = F.scaled_dot_product_attention(qs, keys, vals, is_causal=True, scale=scale)
+            o = attend(qs, keys, vals, scale, softcap, causal=True)
         else:
             pos = torch.arange(kv_len - q_len, kv_len, device=q.device).unsqueeze(1)
             j = torch.arange(kv_len, device=q.device)
             mask = (j <= pos) & (j > pos - window) if window is not None else j <= pos
-            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)
+            o = attend(qs, keys, vals, scale, softcap, mask)
         outs.append(o[0].transpose(0, 1).reshape(q_len, h * d))
         start += q_len
     return torch.cat(outs)

@@ -136,11 +136,14 @@ class LMOutput:
     aux_loss: torch.Tensor  # Σ over MoE layers of their load-balancing loss (0 when dense)
 
 
+_TRAINED = ("llama", "mistral", "qwen2", "expertswitch_moe")  # the layouts built below
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, hf_config: dict | None = None, ep_size: int = 1):
         super().__init__()
-        if cfg.fused_proj or cfg.qk_norm or cfg.num_experts:  # (Phi-3, Qwen3, Mixtral-style
-            # MoE blocks: the blocks below would build a different model)
+        if cfg.model_type not in _TRAINED:  # (Phi-3, Qwen3, Gemma, Mixtral-style MoE blocks:
+            # the blocks below would build a different model)
             raise ConfigError(f"{cfg.model_type} checkpoints are served, not trained here: "
                               "`expertswitch train` builds Llama-shaped models (and "
                               "expertswitch_moe)")  # fmt: skip

@@ -1,7 +1,7 @@
 """`ModelConfig`: the decoder's shape, read from a Hugging Face `config.json` (Llama, Mistral,
-Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Phi-3, Mixtral, and `expertswitch_moe`: a Llama-shaped
-model whose listed layers have a DeepSpeed-style MoE FFN, as `expertswitch train` writes it),
-without transformers. Validates itself; unknown families get a clear error."""
+Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Phi-3, Gemma, Gemma 2, Mixtral, and `expertswitch_moe`: a
+Llama-shaped model whose listed layers have a DeepSpeed-style MoE FFN, as `expertswitch train`
+writes it), without transformers. Validates itself; unknown families get a clear error."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 
 from expertswitch.errors import ConfigError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "mixtral",
-             "expertswitch_moe")  # fmt: skip
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma",
+             "gemma2", "mixtral", "expertswitch_moe")  # fmt: skip
+_GEMMA = ("gemma", "gemma2")
 _SPARSE = ("mixtral", "qwen2_moe", "qwen3_moe")  # families whose MoE FFN is Mixtral's block
 _QWEN_MOE = ("qwen2_moe", "qwen3_moe")  # routing options, dense layers (mlp_only_layers, ...)
-# transformers' defaults where config.json leaves the key out
+# transformers' defaults where config.json leaves the key out (Qwen3's head_dim is not
+# hidden / heads)
+_DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma": 256, "gemma2": 256}
 _MOE_FFN_DEFAULT = {"qwen2_moe": 1408, "qwen3_moe": 768}
 _QWEN3 = ("qwen3", "qwen3_moe")
 _ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -39,6 +42,16 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k (q_norm, k_norm) before RoPE
     fused_proj: bool = False  # Phi-3: one qkv_proj (q, k, v rows) and one gate_up_proj
+    # Gemma: norms multiply by (1 + weight) in fp32 (weights stored as w − 1), embeddings are
+    # scaled by √hidden; Gemma 2 also: sandwich norms (the attention's and the MLP's outputs
+    # normed before the residual add, a norm before the MLP), the attention scaled by
+    # query_pre_attn_scalar^−½, and attention scores and logits soft-capped: cap·tanh(s / cap)
+    norm_offset: float = 0.0
+    embed_scale: float = 1.0
+    sandwich_norms: bool = False
+    attn_scale: float | None = None  # None: head_dim^−½
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     # per layer: None = full attention, else the window (a token sees itself and window−1 before)
     sliding_windows: list[int | None] = field(default_factory=list)
     num_experts: int = 0  # Mixtral's / Qwen3-MoE's FFN experts (0 = dense MLP)
@@ -99,13 +112,14 @@ class ModelConfig:
                 num_heads=heads,
                 num_kv_heads=cfg.get("num_key_value_heads") or heads,
                 # (transformers' Qwen3 configs default head_dim to 128, not hidden / heads)
-                head_dim=cfg.get("head_dim") or (128 if mt in _QWEN3 else hidden // heads),
+                head_dim=cfg.get("head_dim") or _DEFAULT_HEAD_DIM.get(mt, hidden // heads),
                 vocab_size=cfg["vocab_size"],
                 max_position_embeddings=cfg.get("max_position_embeddings", 2048),
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                hidden_act=cfg.get("hidden_act", "silu"),
+                hidden_act=_activation(cfg, mt),
                 rope=_rope_params(cfg),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", mt in _GEMMA)),
+                **_gemma_fields(cfg, mt, hidden),
                 qkv_bias=_qkv_bias(cfg, mt),
                 o_bias=mt not in ("qwen2", "qwen2_moe") and bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
@@ -209,6 +223,40 @@ def _sparse_layers(cfg: dict, mt: str, layers: int) -> list[bool]:
     return [i not in dense and (i + 1) % step == 0 for i in range(layers)]
 
 
+def _activation(cfg: dict, mt: str) -> str:
+    """hidden_act; Gemma 2 names it hidden_activation, and transformers reads Gemma's legacy
+    "gelu" as the tanh approximation its checkpoints were trained with."""
+    if mt not in _GEMMA:
+        return cfg.get("hidden_act", "silu")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    return "gelu_pytorch_tanh" if act == "gelu" else act
+
+
+def _gemma_fields(cfg: dict, mt: str, hidden: int) -> dict:
+    if mt not in _GEMMA:
+        return {}
+    if cfg.get("use_bidirectional_attention"):
+        raise ConfigError(f"this {mt} config uses bidirectional attention (an embedding "
+                          "model): the engine serves causal language models")  # fmt: skip
+    out = {"norm_offset": 1.0, "embed_scale": hidden**0.5}
+    if mt == "gemma2":  # (transformers' defaults where config.json leaves them out)
+        scalar = _positive(cfg, "query_pre_attn_scalar", 256)
+        out.update(sandwich_norms=True, attn_scale=None if scalar is None else scalar**-0.5,
+                   attn_softcap=_positive(cfg, "attn_logit_softcapping", 50.0),
+                   final_softcap=_positive(cfg, "final_logit_softcapping", 30.0))  # fmt: skip
+    return out
+
+
+def _positive(cfg: dict, key: str, default: float) -> float | None:
+    """A positive number from config.json (null: None, i.e. off), or a clear error."""
+    v = cfg.get(key, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+        raise ConfigError(f"config.json's {key} must be a positive number (or null), got {v!r}")
+    return float(v)
+
+
 def _qkv_bias(cfg: dict, mt: str) -> bool:
     """Qwen2: q/k/v biases always; Qwen2-MoE: its qkv_bias (True when left out); others:
     Llama's attention_bias (q/k/v and o)."""
@@ -254,9 +302,15 @@ def _sliding_windows(cfg: dict, mt: str, layers: int) -> list[int | None]:
         window = None
     if mt == "qwen3_moe":  # transformers windows every layer (no max_window_layers there)
         return [window] * layers
+    if mt == "gemma":
+        return [None] * layers
+    if mt == "gemma2" and "sliding_window" not in cfg:
+        window = 4096  # (transformers' default)
     types = cfg.get("layer_types")
     if types and len(types) == layers and mt != "mistral":  # Mistral windows every layer
         return [window if t == "sliding_attention" else None for t in types]
+    if mt == "gemma2":  # transformers: the even layers windowed
+        return [window if i % 2 == 0 else None for i in range(layers)]
     if mt == "qwen2_moe" and window is not None:  # transformers 5: even layers below it
         first = cfg.get("max_window_layers", 28)
         return [window if i % 2 == 0 and i < first else None for i in range(layers)]

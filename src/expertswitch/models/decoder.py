@@ -121,8 +121,8 @@ class _Loader:
                                   "Llama/Mistral/Qwen2/Qwen3/Mixtral checkpoint?")  # fmt: skip
         return self.ckpt.get(name).to(self.device, self.dtype)
 
-    def norm(self, name: str, eps: float) -> RowNorm:
-        return RowNorm(name, self.get(name), eps)
+    def norm(self, name: str, cfg: ModelConfig) -> RowNorm:
+        return RowNorm(name, self.get(name), cfg.rms_norm_eps, cfg.norm_offset)
 
     def linear(self, name: str, bias: bool = False, fill: float = 0.0, split: str | None = None,
                part: tuple[int, int] | None = None):  # fmt: skip
@@ -153,8 +153,12 @@ class DecoderLayer:
         if tp > cfg.num_kv_heads:
             kv_part = (ld.tp.rank // (tp // cfg.num_kv_heads), cfg.num_kv_heads)
         self.window = cfg.sliding_windows[i]
-        self.input_norm = ld.norm(p + "input_layernorm.weight", cfg.rms_norm_eps)
-        self.post_norm = ld.norm(p + "post_attention_layernorm.weight", cfg.rms_norm_eps)
+        self.input_norm = ld.norm(p + "input_layernorm.weight", cfg)
+        self.post_norm = ld.norm(p + "post_attention_layernorm.weight", cfg)
+        self.pre_ff_norm = self.post_ff_norm = None  # Gemma 2's sandwich: post_norm then
+        if cfg.sandwich_norms:  # norms the attention's output, these the MLP's input/output
+            self.pre_ff_norm = ld.norm(p + "pre_feedforward_layernorm.weight", cfg)
+            self.post_ff_norm = ld.norm(p + "post_feedforward_layernorm.weight", cfg)
         a = p + "self_attn."
         self.qkv = self.gate_up = None  # Phi-3's fused projections (one linear each)
         if cfg.fused_proj:  # (never sliced: Decoder refuses tensor parallelism for them)
@@ -166,8 +170,8 @@ class DecoderLayer:
         self.o = ld.linear(a + "o_proj", cfg.o_bias, split="row")
         self.q_norm = self.k_norm = None  # Qwen3's, over each head (whole on every rank)
         if cfg.qk_norm:
-            self.q_norm = ld.norm(a + "q_norm.weight", cfg.rms_norm_eps)
-            self.k_norm = ld.norm(a + "k_norm.weight", cfg.rms_norm_eps)
+            self.q_norm = ld.norm(a + "q_norm.weight", cfg)
+            self.k_norm = ld.norm(a + "k_norm.weight", cfg)
         self.moe = None
         self.shared: list | None = None  # Qwen2-MoE's shared expert: gate, up, down, its gate
         spec = cfg.moe_layers[i] if cfg.moe_layers else None
@@ -192,7 +196,7 @@ class DecoderLayer:
                 self.up = ld.linear(p + "mlp.up_proj", cfg.mlp_bias, split="col")
             self.down = ld.linear(p + "mlp.down_proj", cfg.mlp_bias, split="row")
         self.act = _ACT[cfg.hidden_act]
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.scale = cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
 
     def attention(self, x, ctx: StepContext, kv, layout, cos, sin) -> torch.Tensor:
         cfg, eb = self.cfg, ctx.experts
@@ -211,7 +215,8 @@ class DecoderLayer:
             q, k = self.q_norm(q, eb), self.k_norm(k, eb)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         write_kv(kv[0], kv[1], k, v, ctx.attention.slot_mapping)
-        out = paged_attention(q, kv[0], kv[1], layout, self.window, self.scale)
+        out = paged_attention(q, kv[0], kv[1], layout, self.window, self.scale,
+                              cfg.attn_softcap)  # fmt: skip
         return self.o(out, eb)
 
     def mlp(self, x, eb: ExpertBatch) -> torch.Tensor:
@@ -237,10 +242,19 @@ class DecoderLayer:
             out.append(self.down)
         return out + (self.shared or [])
 
+    def norms(self) -> list[RowNorm]:
+        out = [self.input_norm, self.post_norm, self.pre_ff_norm, self.post_ff_norm,
+               self.q_norm, self.k_norm]  # fmt: skip
+        return [n for n in out if n is not None]
+
     def __call__(self, x, ctx, kv, layout, cos, sin) -> torch.Tensor:
         eb = ctx.experts
-        x = x + self.attention(self.input_norm(x, eb), ctx, kv, layout, cos, sin)
-        return x + self.mlp(self.post_norm(x, eb), eb)
+        h = self.attention(self.input_norm(x, eb), ctx, kv, layout, cos, sin)
+        if self.pre_ff_norm is None:
+            x = x + h
+            return x + self.mlp(self.post_norm(x, eb), eb)
+        x = x + self.post_norm(h, eb)  # Gemma 2
+        return x + self.post_ff_norm(self.mlp(self.pre_ff_norm(x, eb), eb), eb)
 
 
 def _load_mixtral_moe(prefix: str, cfg: ModelConfig, ld: _Loader):
@@ -331,10 +345,11 @@ class Decoder:
                               "expert_parallel_size at 1")  # fmt: skip
         ld = _Loader(ckpt, device, dtype, self.tp)
         self.rope = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-        self.embed = RowEmbedding("model.embed_tokens.weight", ld.get("model.embed_tokens.weight"))
+        self.embed = RowEmbedding("model.embed_tokens.weight", ld.get("model.embed_tokens.weight"),
+                                  cfg.embed_scale)  # fmt: skip
         self.layers = [DecoderLayer(i, cfg, ld, self.rope, ep_size)
                        for i in range(cfg.num_layers)]  # fmt: skip
-        self.norm = ld.norm("model.norm.weight", cfg.rms_norm_eps)
+        self.norm = ld.norm("model.norm.weight", cfg)
         if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt:
             # tied: an expert's changed embedding is its lm_head too (same tensor name)
             # (a LoRA adapter's lm_head factors are its own, not the embedding's)
@@ -398,8 +413,7 @@ class Decoder:
         """Tensor names an expert may change: every one a layer applies per row."""
         names = {self.embed.name, self.norm.name, self.lm_head.name}
         for layer in self.layers:
-            names |= {layer.input_norm.name, layer.post_norm.name}
-            names |= {n.name for n in (layer.q_norm, layer.k_norm) if n is not None}
+            names |= {n.name for n in layer.norms()}
             if isinstance(layer.moe, RowMixtralMoE):
                 names |= layer.moe.names
             for lin in layer.linears():
@@ -450,8 +464,14 @@ class Decoder:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:
         """hidden [B, H] (one row per sequence) → fp32 logits [B, V] (V: the widest active
-        vocabulary; columns past a row's own vocabulary are −inf)."""
-        return self.lm_head(self.norm(hidden, eb), eb).float()
+        vocabulary; columns past a row's own vocabulary are −inf). Gemma 2 caps them:
+        cap·tanh(logits / cap) in the model dtype, as transformers does (−inf columns stay)."""
+        logits = self.lm_head(self.norm(hidden, eb), eb)
+        cap = self.cfg.final_softcap
+        if cap is not None:
+            logits = torch.where(torch.isneginf(logits), logits,
+                                 torch.tanh(logits / cap) * cap)  # fmt: skip
+        return logits.float()
 
 
 class TensorDict:

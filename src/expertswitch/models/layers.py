@@ -272,22 +272,27 @@ class MultiExpertLinear:
 
 
 class RowNorm:
-    """RMSNorm as Llama computes it: fp32 variance, then weight · normalised (input dtype)."""
+    """RMSNorm as Llama computes it: fp32 variance, then weight · normalised (input dtype); with
+    `offset` as Gemma does: (offset + weight) · normalised in fp32, then the input dtype."""
 
-    def __init__(self, name: str, weight: torch.Tensor, eps: float):
-        self.name, self.weight, self.eps = name, weight, eps
+    def __init__(self, name: str, weight: torch.Tensor, eps: float, offset: float = 0.0):
+        self.name, self.weight, self.eps, self.offset = name, weight, eps, offset
 
     def __call__(self, x: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         rows = stacked_rows(eb, self.name, self.weight)  # [T, D]
         w = self.weight if rows is None else rows.view(rows.shape[0], *[1] * (x.dim() - 2), -1)
+        if self.offset:
+            return (h * (self.offset + w.float())).to(x.dtype)
         return w * h.to(x.dtype)  # (x [T, D], or [T, heads, D]: Qwen3's q and k norms)
 
 
 class RowEmbedding:
-    def __init__(self, name: str, weight: torch.Tensor):
+    def __init__(self, name: str, weight: torch.Tensor, scale: float = 1.0):
+        """scale: every row multiplied by it, rounded to the weight's dtype (Gemma's √H)."""
         self.name, self.weight = name, weight  # [V, H]
+        self.scale = float(torch.tensor(scale, dtype=weight.dtype))  # (as transformers rounds it)
 
     def __call__(self, ids: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:
         out = F.embedding(ids.clamp_max(self.weight.shape[0] - 1), self.weight)  # [T, H]
@@ -300,7 +305,7 @@ class RowEmbedding:
         for s, p in eb.users_of(self.name, "lora_embedding"):  # + s·(B·A)ᵀ[id]
             rows = eb.segments[s]
             out[rows] += F.linear(F.embedding(ids.index_select(0, rows), p.a), p.b)
-        return out
+        return out * self.scale if self.scale != 1.0 else out
 
 
 def delta_rows(d: PackedDelta, idx: torch.Tensor) -> torch.Tensor:
