@@ -530,7 +530,7 @@ def test_phi3_fused_projections_and_longrope(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["gemma", "gemma2"])
-def test_gemma_norms_scaled_embeddings_and_soft_caps(tmp_path, arch):
+def test_gemma_norms_scaled_embeddings_and_soft_caps(tmp_path, monkeypatch, arch):
     """Gemma: (1 + w) norms in fp32 (an expert's changed norms per row), √H-scaled and tied
     embeddings, GeGLU; Gemma 2 also: sandwich norms, query_pre_attn_scalar, every other layer
     windowed, attention scores and logits soft-capped (caps small enough to matter here):
@@ -579,6 +579,18 @@ def test_gemma_norms_scaled_embeddings_and_soft_caps(tmp_path, arch):
         finally:
             attention.LONG_PREFILL = keep
         assert [o.token_ids for o in again] == [o.token_ids[:4] for o in outs[:2]]
+        import importlib.util
+
+        if importlib.util.find_spec("triton"):  # decode steps through the Triton kernel,
+            four = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0)  # capped in it:
+            want = eng.generate(ps, "x", four)  # the logprobs show the cap, the tokens
+            monkeypatch.setattr(attention, "ATTENTION_PATH", "kernel")  # here do not
+            got = eng.generate(ps, "x", four)
+            monkeypatch.undo()
+            for a, b in zip(got, want):
+                assert a.token_ids == b.token_ids
+                assert [x.logprob for x in a.logprobs] == pytest.approx(
+                    [x.logprob for x in b.logprobs], abs=1e-5)  # fmt: skip
         from expertswitch.models.config import ModelConfig
 
         with pytest.raises(ConfigError, match="attn_logit_softcapping must be a positive"):
@@ -726,6 +738,14 @@ def test_mixtral_experts_that_change_the_moe_layers(tmp_path, monkeypatch, arch)
         assert got.sliding_windows == [4, None, 4, None, None, None]
         assert got.qkv_bias and not got.o_bias
         assert not ModelConfig.from_dict({**d, "qkv_bias": False}).qkv_bias
+        assert (
+            ModelConfig.from_dict(  # null: as wide as the dense MLP (transformers 4.x)
+                {**d, "shared_expert_intermediate_size": None}
+            ).shared_expert_intermediate_size
+            == 160
+        )
+        with pytest.raises(ConfigError, match="max_window_layers must be an integer"):
+            ModelConfig.from_dict({**d, "max_window_layers": None})
         d.pop("shared_expert_intermediate_size")
         assert ModelConfig.from_dict(d).shared_expert_intermediate_size == 5632
     base, experts = make_family(tmp_path, config, n_experts=2, method=make_method("rtn", bits=4))

@@ -58,7 +58,7 @@ def make_paged(lens, block_size, kv_heads, d, dtype, seed, pad=-1):
     return k.to(**to), v.to(**to), table.to(DEVICE), torch.tensor(lens, device=DEVICE)
 
 
-def dense_oracle(q, k_cache, v_cache, table, lens, scale, window):
+def dense_oracle(q, k_cache, v_cache, table, lens, scale, window, softcap=None):
     """Independent of the reference: gather each sequence's keys token by token through its
     slot (block·block_size + offset) into a contiguous [H, n, D] in fp64, one SDPA call per
     sequence with an explicit boolean mask (causal, and the window)."""
@@ -75,24 +75,31 @@ def dense_oracle(q, k_cache, v_cache, table, lens, scale, window):
         mask = j <= n - 1
         if window is not None:
             mask &= j > n - 1 - window
-        o = F.scaled_dot_product_attention(q[i].double()[:, None], keys, vals,
-                                           attn_mask=mask[None, None], scale=scale)  # fmt: skip
-        out.append(o[:, 0])
+        if softcap is None:
+            o = F.scaled_dot_product_attention(
+                q[i].double()[:, None], keys, vals, attn_mask=mask[None, None], scale=scale
+            )[:, 0]
+        else:  # written out: cap·tanh(s / cap), then the mask and the softmax
+            s = torch.einsum("hd,hnd->hn", q[i].double(), keys) * scale
+            s = (torch.tanh(s / softcap) * softcap).masked_fill(~mask, float("-inf"))
+            o = torch.einsum("hn,hnd->hd", torch.softmax(s, -1), vals)
+        out.append(o)
     return torch.stack(out)
 
 
-def check(lens, h, kvh, d, bs, dtype, window=None, configs=(None,), seed=0, pad=-1):
+def check(lens, h, kvh, d, bs, dtype, window=None, configs=(None,), seed=0, pad=-1,
+          softcap=None, qscale=1.0):  # fmt: skip
     k, v, table, kv_lens = make_paged(lens, bs, kvh, d, dtype, seed, pad)
     q = torch.randn(len(lens), h, d, generator=torch.Generator().manual_seed(seed + 1))
-    q = q.to(DEVICE, dtype)
+    q = (q * qscale).to(DEVICE, dtype)
     scale = d**-0.5
-    ref = paged_decode_reference(q, k, v, table, kv_lens, scale, window)
-    dense = dense_oracle(q, k, v, table, kv_lens, scale, window)
+    ref = paged_decode_reference(q, k, v, table, kv_lens, scale, window, softcap)
+    dense = dense_oracle(q, k, v, table, kv_lens, scale, window, softcap)
     tol = TOL[dtype]
     # the oracle in fp32 inputs agrees with the fp64 dense path to fp32 rounding
     torch.testing.assert_close(ref.double(), dense, atol=tol, rtol=tol)
     for cfg in configs:
-        out = paged_decode(q, k, v, table, kv_lens, scale, window, config=cfg)
+        out = paged_decode(q, k, v, table, kv_lens, scale, window, config=cfg, softcap=softcap)
         assert out.dtype == dtype and out.shape == q.shape
         torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol, msg=str(cfg))
         torch.testing.assert_close(out.double(), dense, atol=tol, rtol=tol, msg=str(cfg))
@@ -129,6 +136,23 @@ def test_batch_one_long(dtype):
     cfgs = (None, DecodeConfig(tile=32, splits=1), DecodeConfig(tile=16, splits=7))
     assert decode_config(1, 2, 300 // 4 + 2, 4).splits > 1
     check([300], 8, 2, 64, 4, dtype, configs=cfgs, seed=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_soft_capped_scores(dtype):
+    """Gemma 2's cap·tanh(s / cap) on the scores: queries scaled up so that scores reach
+    tens, past a cap of 5 (tanh saturates: e^{2x} overflows to inf), with a window and
+    split-K; without the cap the outputs differ."""
+    lens = [1, 9, 40, 77]
+    cfgs = (NO_SPLIT, SPLIT)
+    check(lens, 8, 2, 32, 8, dtype, window=30, configs=cfgs, seed=4, softcap=5.0, qscale=30.0)
+    k, v, table, kv_lens = make_paged(lens, 8, 2, 32, torch.float32, 4)
+    q = torch.randn(4, 8, 32, device=DEVICE) * 30
+    capped = paged_decode(q, k, v, table, kv_lens, 32**-0.5, config=SPLIT, softcap=5.0)
+    plain = paged_decode(q, k, v, table, kv_lens, 32**-0.5, config=SPLIT)
+    assert (capped - plain).abs().max() > 0.1
+    with pytest.raises(ValueError, match="softcap=0"):
+        paged_decode(q, k, v, table, kv_lens, 0.25, softcap=0)
 
 
 def test_more_splits_than_tiles_and_window():

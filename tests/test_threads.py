@@ -17,8 +17,8 @@ import torch
 from expertswitch.utils.threads import openmp_release_available
 
 pytestmark = pytest.mark.skipif(
-    not openmp_release_available() or torch.get_num_threads() < 2,
-    reason="needs torch on libgomp with omp_pause_resource_all and 2+ threads",
+    not openmp_release_available(),
+    reason="needs torch on libgomp with omp_pause_resource_all (OpenMP 5)",
 )
 
 PRELUDE = """
@@ -33,23 +33,33 @@ def workers():  # native threads Python does not know: libgomp's workers
 def parallel_op():  # an elementwise op past ATen's grain size: one OpenMP parallel region
     torch.ones(1 << 20).add_(1)
 
-def settle(want, timeout=10.0):  # the release runs after the work's result is handed over
-    end = time.monotonic() + timeout
+def settle(want, timeout=10.0):  # the release runs after the work's result is handed over,
+    end = time.monotonic() + timeout  # and a joined thread leaves /proc a moment later
     while workers() != want and time.monotonic() < end:
         time.sleep(0.01)
     return workers()
 """
 
 
-def run(body: str) -> None:
-    code = PRELUDE + textwrap.dedent(body)
+def run(body: str, first: str = "") -> None:
+    """`body` in a fresh process after PRELUDE; `first`: imports before torch's."""
+    code = first + PRELUDE + textwrap.dedent(body)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_a_side_thread_leaves_no_workers_behind():
-    run("""
+@pytest.mark.parametrize("other", [False, True])
+def test_a_side_thread_leaves_no_workers_behind(other):
+    """other: another package's libgomp loaded first (scikit-learn ships its own copy); the
+    release must still reach torch's."""
+    first = ""
+    if other:
+        pytest.importorskip("sklearn")
+        first = "import sklearn.utils._openmp_helpers\n"
+    run(
+        first=first,
+        body="""
     from expertswitch.utils.threads import release_openmp_threads, side_work
     before = workers()
     seen = {}
@@ -71,12 +81,14 @@ def test_a_side_thread_leaves_no_workers_behind():
         assert seen["during"] == before + 1, (seen, before)
         assert seen["after"] == before + left, (release, seen, before)
         done.set(); t.join(); seen.clear()
+        assert settle(before) == before
     parallel_op()  # the main thread's own pool, freed and built again
-    assert workers() == before + 1
-    assert release_openmp_threads() and workers() == before
+    assert settle(before + 1) == before + 1
+    assert release_openmp_threads() and settle(before) == before
     parallel_op()
-    assert workers() == before + 1
-    """)
+    assert settle(before + 1) == before + 1
+    """,
+    )
 
 
 def test_prefetch_threads_free_their_pools():
@@ -135,4 +147,31 @@ def test_async_engine_frees_the_loading_threads_pool(tmp_path):
     # the engine thread ran the steps: at most its own pool is left
     assert workers() <= before + 1, (workers(), before)
     aengine.close()
+    """)
+
+
+def test_routing_and_index_work_on_asyncio_threads_free_their_pools():
+    """The server's routing query (OpenAIServing._route) and guided decoding's vocabulary
+    index (as_side_work) run on asyncio's worker threads, which live on: no pool is left."""
+    run("""
+    import asyncio, types
+    from expertswitch.server.serving import OpenAIServing
+    from expertswitch.utils.threads import as_side_work
+
+    class Router:  # the MiniLM's forward pass, as far as OpenMP sees it: a parallel op
+        def route(self, queries):
+            parallel_op()
+            return ["code"] * len(queries)
+
+    serving = types.SimpleNamespace(router=Router(), _router_lock=threading.Lock())
+    before = workers()
+
+    async def main():
+        got = await asyncio.to_thread(OpenAIServing._route, serving, "def f(): pass")
+        assert got == "code"
+        assert settle(before) == before, (workers(), before)
+        assert await asyncio.to_thread(as_side_work, lambda: parallel_op() or 7) == 7
+        assert settle(before) == before, (workers(), before)
+
+    asyncio.run(main())
     """)

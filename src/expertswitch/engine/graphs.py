@@ -148,11 +148,7 @@ class DecodeGraphs:
                 getattr(self.model, "tp", None) is None
                 and not self.model.parallel_moe
                 and decode_kernel_takes(
-                    self.model.cfg.head_dim,
-                    self.model.dtype,
-                    k.dtype,
-                    k.is_cuda,
-                    self.model.cfg.attn_softcap,
+                    self.model.cfg.head_dim, self.model.dtype, k.dtype, k.is_cuda
                 )  # fmt: skip
                 and self._experts_fit(ctx.experts.experts)
             )

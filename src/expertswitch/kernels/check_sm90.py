@@ -119,7 +119,8 @@ def paged_variants(dtype=torch.bfloat16):
     """The paged decode kernel (kernels/paged_attention.py) at a Mistral-like shape (H=32,
     kv=8, block 16, int64 tables for 2048 keys as AttentionBatch holds them): 32 sequences (no
     split by the heuristic), with Mistral's 4096 window, and one sequence (split), plus the
-    split combine; D=64 besides D=128. Built by the launchers' own code."""
+    split combine; D=64 besides D=128; Gemma 2's soft-capped scores at D=256 (its 4096 window,
+    H=16, kv=8, as Gemma-2-9B). Built by the launchers' own code."""
     from expertswitch.kernels.paged_attention import (
         _combine_splits_kernel,
         _paged_decode_kernel,
@@ -128,8 +129,11 @@ def paged_variants(dtype=torch.bfloat16):
         decode_launch,
     )
 
-    h, kvh, bs, m = 32, 8, 16, 2048 // 16
-    for d, batch, window in ((128, 32, None), (128, 32, 4096), (128, 1, None), (64, 32, None)):
+    kvh, bs, m = 8, 16, 2048 // 16
+    shapes = [(128, 32, None, None), (128, 32, 4096, None), (128, 1, None, None),
+              (64, 32, None, None), (256, 32, 4096, 50.0)]  # fmt: skip
+    for d, batch, window, softcap in shapes:
+        h = 16 if softcap else 32
         cfg = decode_config(batch, kvh, m, bs, window)
         q, cache = _meta(batch, h, d, dtype=dtype), _meta(4096, bs, kvh, d, dtype=dtype)
         table, lens = _meta(batch, m, dtype=torch.int64), _meta(batch, dtype=torch.int64)
@@ -137,9 +141,10 @@ def paged_variants(dtype=torch.bfloat16):
                  _meta(batch, h, cfg.splits, dtype=torch.float32),
                  _meta(batch, h, cfg.splits, dtype=torch.float32))  # fmt: skip
         _, args, consts = decode_launch(q, cache, cache, table, lens, q, parts, d**-0.5, window,
-                                        cfg)  # fmt: skip
+                                        cfg, softcap)  # fmt: skip
         split = f" split {cfg.splits}" if cfg.splits > 1 else ""
         win = f" window {window}" if window else ""
+        win += f" softcap {softcap:g}" if softcap else ""
         label = f"paged decode D={d} B={batch} tile {cfg.tile}{win}{split}"
         yield label, _paged_decode_kernel, args, consts, cfg.num_warps, cfg.num_stages
         if cfg.splits > 1:

@@ -10,6 +10,7 @@
 
 Token i of a sequence lives in block block_tables[b, i // block_size] at offset i % block_size.
 A sliding window w keeps keys j with p − w < j ≤ p (p = kv_len − 1), as models/attention.py.
+`softcap` (Gemma 2): each score s = q·k·scale becomes cap·tanh(s / cap) before the softmax.
 
 GPU path (Triton), no host synchronisation (a CUDA graph can capture it). One program per
 (sequence, kv head[, split]) takes the g = H / kv query heads that share the kv head as one
@@ -48,6 +49,7 @@ def paged_decode_reference(
     kv_lens: torch.Tensor,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The oracle: per sequence, gather its window of keys block by block, softmax in fp32."""
     b, h, d = q.shape
@@ -59,7 +61,10 @@ def paged_decode_reference(
         k = k_cache[blocks].reshape(-1, kvh, d)[lo:n].float()  # [L, kv, D]
         v = v_cache[blocks].reshape(-1, kvh, d)[lo:n].float()
         qg = q[i].float().view(kvh, h // kvh, d)  # [kv, g, D]
-        p = torch.softmax(torch.einsum("kgd,lkd->kgl", qg, k) * scale, dim=-1)
+        s = torch.einsum("kgd,lkd->kgl", qg, k) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        p = torch.softmax(s, dim=-1)
         out[i] = torch.einsum("kgl,lkd->kgd", p, v).reshape(h, d).to(q.dtype)
     return out
 
@@ -111,9 +116,12 @@ if is_triton_available():
         stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_kb, stride_kt,
         QK_SCALE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+        SOFTCAP: tl.constexpr = 0.0,
     ):  # fmt: skip
         """Program (b, kv head, split). QK_SCALE = scale·log2(e) (scores in log2 units; a
-        constant: one model has one scale, and aot.py compiles ints and pointers only).
+        constant: one model has one scale, and aot.py compiles ints and pointers only); with
+        SOFTCAP > 0, QK_SCALE = scale and each score becomes SOFTCAP·tanh(s / SOFTCAP), then
+        log2 units (tanh as 1 − 2 / (e^{2x} + 1): ±1 where e^{2x} over- or underflows).
         SPLITS > 1: out is fp32 [B, H, SPLITS, D] partial sums (unnormalised), m/l fp32
         [B, H, SPLITS] their running max (log2 units) and sum; an empty split writes −inf, 0."""
         b = tl.program_id(0)
@@ -146,6 +154,9 @@ if is_triton_available():
             rows = block * stride_kb + (tok % BLOCK_SIZE) * stride_kt + kvh * D  # [TILE]
             k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
             s = _dot(q, tl.trans(k), IEEE) * QK_SCALE  # [G_PAD, TILE]
+            if SOFTCAP > 0:
+                e2x = tl.exp2(s * (2.0 * 1.4426950408889634 / SOFTCAP))
+                s = (SOFTCAP * 1.4426950408889634) * (1.0 - 2.0 / (e2x + 1.0))
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile holds a valid key
             alpha = tl.exp2(m_i - m_new)
@@ -191,7 +202,8 @@ if is_triton_available():
 
 
 def decode_launch(q, k_cache, v_cache, block_tables, kv_lens, out, partials, scale: float,
-                  window: int | None, cfg: DecodeConfig) -> tuple[tuple, dict, dict]:  # fmt: skip
+                  window: int | None, cfg: DecodeConfig,
+                  softcap: float | None = None) -> tuple[tuple, dict, dict]:  # fmt: skip
     """(grid, runtime args, constexprs) of one _paged_decode_kernel launch; partials = (acc
     [B, H, S, D], m [B, H, S], l [B, H, S]) in fp32 when cfg.splits > 1, else None.
     kernels/check_sm90.py compiles the very same specialisation for an H100 on a CPU."""
@@ -209,9 +221,11 @@ def decode_launch(q, k_cache, v_cache, block_tables, kv_lens, out, partials, sca
         stride_kt=k_cache.stride(1),
     )  # fmt: skip
     consts = dict(
-        QK_SCALE=float(scale) * _LOG2E, G=g, G_PAD=max(16, 1 << (g - 1).bit_length()), D=d,
+        QK_SCALE=float(scale) * (_LOG2E if softcap is None else 1.0), G=g,
+        G_PAD=max(16, 1 << (g - 1).bit_length()), D=d,
         BLOCK_SIZE=bs, TILE=cfg.tile, SPLITS=cfg.splits,
         IEEE=q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        SOFTCAP=0.0 if softcap is None else float(softcap),
     )  # fmt: skip
     return grid, args, consts
 
@@ -226,7 +240,8 @@ def combine_launch(partials, out, splits: int) -> tuple[tuple, dict, dict]:
     return (b, h), args, consts
 
 
-def check_decode(q, k_cache, v_cache, block_tables, kv_lens, window, out=None) -> None:
+def check_decode(q, k_cache, v_cache, block_tables, kv_lens, window, out=None,
+                 softcap=None) -> None:  # fmt: skip
     """Shapes, dtypes and devices; the values of kv_lens and block_tables only when they are
     on the CPU (reading them from a GPU would synchronise with the host)."""
     if q.dim() != 3 or k_cache.dim() != 4:
@@ -253,6 +268,8 @@ def check_decode(q, k_cache, v_cache, block_tables, kv_lens, window, out=None) -
             raise ValueError(f"{name} is {t.dtype}: int32 or int64")
     if window is not None and window < 1:
         raise ValueError(f"window={window}: at least 1 (None: no window)")
+    if softcap is not None and not 0 < softcap < float("inf"):
+        raise ValueError(f"softcap={softcap}: a positive number (None: no cap)")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise ValueError(f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} "
                          f"{tuple(out.shape)}")  # fmt: skip
@@ -281,13 +298,14 @@ def paged_decode(
     window: int | None = None,
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The Triton path: one launch, plus a combine launch when split. On a GPU, kv_lens and
     block_tables are not read on the host (no synchronisation): a length past the table reads
     only the table's blocks, and a length < 1 gives zeros; ids must lie in the cache."""
     if not is_triton_available():
         raise ImportError("Triton is not installed: pip install 'expertswitch[gpu]'")
-    check_decode(q, k_cache, v_cache, block_tables, kv_lens, window, out)
+    check_decode(q, k_cache, v_cache, block_tables, kv_lens, window, out, softcap)
     if q.stride(2) != 1 or (out is not None and out.stride(2) != 1):
         raise ValueError("q and out must be contiguous along their last dimension")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -307,7 +325,7 @@ def paged_decode(
         partials = (torch.empty(b, h, cfg.splits, d, **f32), torch.empty(b, h, cfg.splits, **f32),
                     torch.empty(b, h, cfg.splits, **f32))  # fmt: skip
     grid, args, consts = decode_launch(q, k_cache, v_cache, block_tables, kv_lens, out,
-                                       partials, scale, window, cfg)  # fmt: skip
+                                       partials, scale, window, cfg, softcap)  # fmt: skip
     _paged_decode_kernel[grid](**args, **consts, num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages)  # fmt: skip
     if partials is not None:
@@ -325,10 +343,13 @@ def paged_decode_auto(
     scale: float,
     window: int | None = None,
     out: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The kernel when q is on CUDA and Triton is present, else the reference."""
     if q.is_cuda and is_triton_available():
-        return paged_decode(q, k_cache, v_cache, block_tables, kv_lens, scale, window, out)
-    check_decode(q, k_cache, v_cache, block_tables, kv_lens, window, out)
-    ref = paged_decode_reference(q, k_cache, v_cache, block_tables, kv_lens, scale, window)
+        return paged_decode(q, k_cache, v_cache, block_tables, kv_lens, scale, window, out,
+                            softcap=softcap)  # fmt: skip
+    check_decode(q, k_cache, v_cache, block_tables, kv_lens, window, out, softcap)
+    ref = paged_decode_reference(q, k_cache, v_cache, block_tables, kv_lens, scale, window,
+                                 softcap)  # fmt: skip
     return ref if out is None else out.copy_(ref)

@@ -12,7 +12,7 @@ sequence's length, and applies the layer's sliding window (a token sees itself a
 window − 1 tokens before it, as transformers' Mistral/Qwen2 masks do). One SDPA call per layer;
 at decode (Q_max = 1) the padding costs nothing. Gemma 2's soft-capped scores
 (cap·tanh(s / cap) before the mask and softmax) are written out instead of SDPA, as
-transformers' eager attention computes them (no fused kernel takes the cap).
+transformers' eager attention computes them (SDPA takes no cap; the Triton decode kernel does).
 """
 
 from __future__ import annotations
@@ -108,11 +108,9 @@ def _kernel_fits(q: torch.Tensor, cache: torch.Tensor) -> bool:
 
 
 def decode_kernel_takes(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype,
-                        cuda: bool, softcap: float | None = None) -> bool:  # fmt: skip
+                        cuda: bool) -> bool:  # fmt: skip
     """Whether decode steps of this model go through the Triton kernel (engine/graphs.py
-    captures only those); soft-capped scores (Gemma 2) take the torch path."""
-    if softcap is not None:
-        return False
+    captures only those)."""
     if not (ATTENTION_PATH == "kernel" or (ATTENTION_PATH == "auto" and cuda)):
         return False
     q = torch.empty(0, 1, head_dim, dtype=dtype)
@@ -137,11 +135,12 @@ def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | Non
     kvh = k_cache.shape[2]
     g = h // kvh
     kernel = ATTENTION_PATH == "kernel" or (ATTENTION_PATH == "auto" and q.is_cuda)
-    if layout.decode and kernel and softcap is None and _kernel_fits(q, k_cache):
+    if layout.decode and kernel and _kernel_fits(q, k_cache):
         from expertswitch.kernels.paged_attention import paged_decode
 
         # rows are the sequences, one query each: the Triton kernel reads the blocks in place
-        out = paged_decode(q, k_cache, v_cache, layout.blocks, layout.kv_lens, scale, window)
+        out = paged_decode(q, k_cache, v_cache, layout.blocks, layout.kv_lens, scale, window,
+                           softcap=softcap)  # fmt: skip
         return out.reshape(t, h * d)
     b, q_max = layout.q_rows.shape
     if q_max >= LONG_PREFILL or (b > 1 and b * g * q_max * layout.k_valid.shape[1]

@@ -132,11 +132,7 @@ class ModelConfig:
                 if mt in _MOE_FFN_DEFAULT
                 else 0,
                 norm_topk_prob=mt not in _QWEN_MOE or bool(cfg.get("norm_topk_prob", False)),
-                shared_expert_intermediate_size=(
-                    cfg.get("shared_expert_intermediate_size", 5632) or 0  # (transformers')
-                    if mt == "qwen2_moe" and _num_experts(cfg)
-                    else 0
-                ),
+                shared_expert_intermediate_size=_shared_width(cfg, mt),
                 sparse_layers=_sparse_layers(cfg, mt, layers),
                 eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
                 bos_token_id=cfg.get("bos_token_id"),
@@ -257,6 +253,22 @@ def _positive(cfg: dict, key: str, default: float) -> float | None:
     return float(v)
 
 
+def _shared_width(cfg: dict, mt: str) -> int:
+    """Qwen2-MoE's shared expert width: 5632 when left out, intermediate_size when null (as
+    transformers 4.x builds it); 0 (none) for other families."""
+    if mt != "qwen2_moe" or not _num_experts(cfg):
+        return 0
+    width = cfg.get("shared_expert_intermediate_size", 5632)
+    return cfg["intermediate_size"] if width is None else width
+
+
+def _window_layers(cfg: dict) -> int:
+    first = cfg.get("max_window_layers", 28)  # (transformers' default)
+    if isinstance(first, bool) or not isinstance(first, int):
+        raise ConfigError(f"config.json's max_window_layers must be an integer, got {first!r}")
+    return first
+
+
 def _qkv_bias(cfg: dict, mt: str) -> bool:
     """Qwen2: q/k/v biases always; Qwen2-MoE: its qkv_bias (True when left out); others:
     Llama's attention_bias (q/k/v and o)."""
@@ -311,10 +323,10 @@ def _sliding_windows(cfg: dict, mt: str, layers: int) -> list[int | None]:
         return [window if t == "sliding_attention" else None for t in types]
     if mt == "gemma2":  # transformers: the even layers windowed
         return [window if i % 2 == 0 else None for i in range(layers)]
-    if mt == "qwen2_moe" and window is not None:  # transformers 5: even layers below it
-        first = cfg.get("max_window_layers", 28)
+    if mt == "qwen2_moe" and window is not None:  # transformers 5's rule (deliberately: the
+        first = _window_layers(cfg)  # tokens are compared with it), even layers below it
         return [window if i % 2 == 0 and i < first else None for i in range(layers)]
     if mt in ("qwen2", "qwen3") and window is not None:
-        first = cfg.get("max_window_layers", 28)  # (transformers' default)
+        first = _window_layers(cfg)
         return [window if i >= first else None for i in range(layers)]
     return [window] * layers
