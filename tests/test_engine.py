@@ -529,6 +529,22 @@ def test_phi3_fused_projections_and_longrope(tmp_path):
         Decoder.load(base, tp_size=2)
 
 
+def gemma_config(arch: str):
+    """Tiny Gemma / Gemma 2 configs; Gemma 2's caps small enough to change the scores and
+    logprobs of this model, every other layer windowed."""
+    from transformers import Gemma2Config, GemmaConfig
+
+    common = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=256,
+                  max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+                  bos_token_id=2)  # fmt: skip
+    if arch == "gemma":
+        return GemmaConfig(num_hidden_layers=2, **common)
+    return Gemma2Config(num_hidden_layers=3, sliding_window=16, query_pre_attn_scalar=24,
+                        attn_logit_softcapping=0.02, final_logit_softcapping=3.0,
+                        **common)  # fmt: skip
+
+
 @pytest.mark.parametrize("arch", ["gemma", "gemma2"])
 def test_gemma_norms_scaled_embeddings_and_soft_caps(tmp_path, monkeypatch, arch):
     """Gemma: (1 + w) norms in fp32 (an expert's changed norms per row), √H-scaled and tied
@@ -536,18 +552,9 @@ def test_gemma_norms_scaled_embeddings_and_soft_caps(tmp_path, monkeypatch, arch
     windowed, attention scores and logits soft-capped (caps small enough to matter here):
     transformers' greedy tokens for the base and an expert in one batch, and its prompt
     logprobs (the logit cap changes no argmax; it shows in the logprobs)."""
-    from transformers import AutoModelForCausalLM, Gemma2Config, GemmaConfig
+    from transformers import AutoModelForCausalLM
 
-    common = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, vocab_size=256,
-                  max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
-                  bos_token_id=2)  # fmt: skip
-    if arch == "gemma":
-        config = GemmaConfig(num_hidden_layers=2, **common)
-    else:
-        config = Gemma2Config(num_hidden_layers=3, sliding_window=16, query_pre_attn_scalar=24,
-                              attn_logit_softcapping=0.02, final_logit_softcapping=3.0,
-                              **common)  # fmt: skip
+    config = gemma_config(arch)
     base, ((archive, rec),) = make_family(tmp_path, config, n_experts=1)
     entries = open_archive(archive).entries
     assert "lm_head.weight" not in entries  # tied
@@ -1022,6 +1029,27 @@ def test_engine_on_gpu_equals_transformers(llama, solo):
     outs = eng.generate([ps[i] for i, _ in combos], [e for _, e in combos], GREEDY)
     for (i, e), out in zip(combos, outs):
         assert out.token_ids == ref[(i, e)], (i, e)
+
+
+@pytest.mark.gpu
+def test_gemma2_on_gpu_caps_in_the_decode_kernel_and_graphs(tmp_path, monkeypatch):
+    """fp32 on the GPU: Gemma 2's soft-capped scores in the Triton decode kernel, replayed
+    from decode graphs, give the CPU engine's tokens and logprobs (which equal transformers':
+    test_gemma_norms_scaled_embeddings_and_soft_caps)."""
+    from expertswitch.engine import graphs
+
+    base, ((archive, _),) = make_family(tmp_path, gemma_config("gemma2"), n_experts=1)
+    ps = prompts(2, (9, 30))
+    sp = SamplingParams(temperature=0.0, max_tokens=24, logprobs=0)
+    want = Engine(base, {"x": archive}).generate(ps + ps, ["x", "x", None, None], sp)
+    monkeypatch.setattr(graphs, "GRAPH_MODE", "static")
+    eng = Engine(base, {"x": archive}, device="cuda")
+    got = eng.generate(ps + ps, ["x", "x", None, None], sp)
+    for a, b in zip(got, want):
+        assert a.token_ids == b.token_ids
+        assert [x.logprob for x in a.logprobs] == pytest.approx(
+            [x.logprob for x in b.logprobs], abs=1e-4)  # fmt: skip
+    assert eng.runner.graphs.replays > 0
 
 
 def test_reconstruct_in_float32_keeps_the_delta(tmp_path):
