@@ -2,6 +2,7 @@
 archive) equal transformers' greedy tokens on the checkpoint `reconstruct` rebuilds from the
 same archive; base-only rows equal transformers on the base. Tiny real HF checkpoints, fp32."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -427,7 +428,7 @@ def _part_bytes(rec: dict) -> int:
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
-def test_mistral_window_and_qwen2_tied_biases(tmp_path, arch):
+def test_mistral_window_and_qwen2_tied_biases(tmp_path, monkeypatch, arch):
     """Sliding windows, tied embeddings and biases, Qwen3's q/k norms (changed by the expert,
     per row) and a head_dim other than hidden / heads: transformers' greedy tokens."""
     from transformers import Qwen2Config, Qwen3Config
@@ -460,6 +461,17 @@ def test_mistral_window_and_qwen2_tied_biases(tmp_path, arch):
     again = eng.generate(ps, expert="x", sampling=sp)
     assert [o.num_cached_tokens for o in again] == [(len(p) - 1) // 16 * 16 for p in ps]
     assert [o.token_ids for o in again] == [o.token_ids for o in outs[:2]]
+    if arch == "qwen3" and importlib.util.find_spec("triton"):  # head_dim 24 (not a power
+        from expertswitch.models import attention  # of two) through the decode kernel
+
+        four = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0)
+        want = Engine(base, {"x": archive}).generate(ps, "x", four)
+        monkeypatch.setattr(attention, "ATTENTION_PATH", "kernel")
+        got = Engine(base, {"x": archive}).generate(ps, "x", four)
+        for a, b in zip(got, want):
+            assert a.token_ids == b.token_ids
+            assert [x.logprob for x in a.logprobs] == pytest.approx(
+                [x.logprob for x in b.logprobs], abs=1e-5)  # fmt: skip
 
 
 def test_phi3_fused_projections_and_longrope(tmp_path):
@@ -586,8 +598,6 @@ def test_gemma_norms_scaled_embeddings_and_soft_caps(tmp_path, monkeypatch, arch
         finally:
             attention.LONG_PREFILL = keep
         assert [o.token_ids for o in again] == [o.token_ids[:4] for o in outs[:2]]
-        import importlib.util
-
         if importlib.util.find_spec("triton"):  # decode steps through the Triton kernel,
             four = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0)  # capped in it:
             want = eng.generate(ps, "x", four)  # the logprobs show the cap, the tokens
@@ -771,8 +781,6 @@ def test_mixtral_experts_that_change_the_moe_layers(tmp_path, monkeypatch, arch)
     assert eng.generate(ps[2], "e1", sampling=GREEDY)[0].token_ids == outs[2].token_ids
     # the delta term from the reference formula, and from the GPU's Triton kernel (one launch
     # for the experts of the rows routed to each MoE expert), gives the same tokens
-    import importlib.util
-
     paths = ["reference"] + (["kernel"] if importlib.util.find_spec("triton") else [])
     for path in paths:  # (the interpreter is slow: two requests, four tokens)
         monkeypatch.setattr(layers, "DELTA_PATH", path)

@@ -120,7 +120,8 @@ def paged_variants(dtype=torch.bfloat16):
     kv=8, block 16, int64 tables for 2048 keys as AttentionBatch holds them): 32 sequences (no
     split by the heuristic), with Mistral's 4096 window, and one sequence (split), plus the
     split combine; D=64 besides D=128; Gemma 2's soft-capped scores at D=256 (its 4096 window,
-    H=16, kv=8, as Gemma-2-9B). Built by the launchers' own code."""
+    H=16, kv=8, as Gemma-2-9B); Phi-3-mini's D=96 (padded to 128 inside). Built by the
+    launchers' own code."""
     from expertswitch.kernels.paged_attention import (
         _combine_splits_kernel,
         _paged_decode_kernel,
@@ -131,7 +132,8 @@ def paged_variants(dtype=torch.bfloat16):
 
     kvh, bs, m = 8, 16, 2048 // 16
     shapes = [(128, 32, None, None), (128, 32, 4096, None), (128, 1, None, None),
-              (64, 32, None, None), (256, 32, 4096, 50.0)]  # fmt: skip
+              (64, 32, None, None), (256, 32, 4096, 50.0), (96, 32, None, None),
+              (96, 1, None, None)]  # fmt: skip
     for d, batch, window, softcap in shapes:
         h = 16 if softcap else 32
         cfg = decode_config(batch, kvh, m, bs, window)

@@ -15,9 +15,11 @@ A sliding window w keeps keys j with p − w < j ≤ p (p = kv_len − 1), as mo
 GPU path (Triton), no host synchronisation (a CUDA graph can capture it). One program per
 (sequence, kv head[, split]) takes the g = H / kv query heads that share the kv head as one
 [16+, D] tile (padded so tl.dot applies: decode is bound by reading the cache, the padded rows
-cost tensor-core time only), and walks the sequence's keys in tiles of TILE tokens — each token
-finds its block through the table, so a tile may span several small blocks or part of a big
-one — skipping tiles outside the window, with an online softmax in fp32 (exp2, running max and
+cost tensor-core time only; a head dim that is not a power of two, e.g. Phi-3-mini's 96, is
+padded to one with masked loads: zeros that add nothing to q·k and are never stored), and
+walks the sequence's keys in tiles of TILE tokens — each token finds its block through the
+table, so a tile may span several small blocks or part of a big one — skipping tiles outside
+the window, with an online softmax in fp32 (exp2, running max and
 sum). P is rounded to the cache dtype before P·V, as FlashAttention does. Split-K
 ("flash-decoding"): when B·kv programs leave the SMs idle, each sequence's tiles are divided
 among `splits` programs that write fp32 partial sums and their (max, sum); a second small launch
@@ -37,6 +39,7 @@ from expertswitch.utils.imports import is_triton_available
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NO_WINDOW = 2**31 - 1  # kv_len − this stays in int32 and below 0: every key is in the window
 _LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256  # (Gemma's; a [16, 512] fp32 accumulator per program would spill)
 MIN_TILES_PER_SPLIT = 4  # a guess (untimed): fewer tiles do not pay for partials + combine
 MAX_SPLITS = 32
 
@@ -116,7 +119,7 @@ if is_triton_available():
         stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_kb, stride_kt,
         QK_SCALE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
-        SOFTCAP: tl.constexpr = 0.0,
+        D_PAD: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
     ):  # fmt: skip
         """Program (b, kv head, split). QK_SCALE = scale·log2(e) (scores in log2 units; a
         constant: one model has one scale, and aot.py compiles ints and pointers only); with
@@ -136,23 +139,25 @@ if is_triton_available():
             t_lo = t_lo + tl.program_id(2) * per
             t_hi = tl.minimum(t_hi, t_lo + per)
         offs_g = tl.arange(0, G_PAD)
-        offs_d = tl.arange(0, D)
+        offs_d = tl.arange(0, D_PAD)  # (D_PAD = D when D is a power of two)
+        d_mask = offs_d < D
         offs_t = tl.arange(0, TILE)
         heads = kvh * G + offs_g
         g_mask = offs_g < G
         b64 = b.to(tl.int64)
         q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_mask[:, None], other=0.0)  # fmt: skip
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
         table_row = table_ptr + b64 * stride_tb
         m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
         l_i = tl.zeros((G_PAD,), tl.float32)
-        acc = tl.zeros((G_PAD, D), tl.float32)
+        acc = tl.zeros((G_PAD, D_PAD), tl.float32)
         for t in range(t_lo, t_hi):
             tok = t * TILE + offs_t
             valid = (tok >= lo) & (tok < hi)
             block = tl.load(table_row + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             rows = block * stride_kb + (tok % BLOCK_SIZE) * stride_kt + kvh * D  # [TILE]
-            k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            kv_mask = valid[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             s = _dot(q, tl.trans(k), IEEE) * QK_SCALE  # [G_PAD, TILE]
             if SOFTCAP > 0:
                 e2x = tl.exp2(s * (2.0 * 1.4426950408889634 / SOFTCAP))
@@ -162,29 +167,31 @@ if is_triton_available():
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
         if SPLITS == 1:
             o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # kv_len < 1 writes zeros
             o_ptrs = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
         else:
             row = (b64 * H + heads) * SPLITS + tl.program_id(2)  # [G_PAD]
-            tl.store(out_ptr + row[:, None] * D + offs_d[None, :], acc, mask=g_mask[:, None])
+            tl.store(out_ptr + row[:, None] * D + offs_d[None, :], acc,
+                     mask=g_mask[:, None] & d_mask[None, :])  # fmt: skip
             tl.store(m_ptr + row, m_i, mask=g_mask)
             tl.store(l_ptr + row, l_i, mask=g_mask)
 
     @triton.jit
     def _combine_splits_kernel(
         part_ptr, m_ptr, l_ptr, out_ptr, H, stride_ob, stride_oh,
-        SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr,
+        SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     ):  # fmt: skip
         """Program (b, h): out = Σ_s 2^(m_s − M)·acc_s / Σ_s 2^(m_s − M)·l_s, M = max_s m_s."""
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         offs_s = tl.arange(0, S_PAD)
-        offs_d = tl.arange(0, D)
+        offs_d = tl.arange(0, D_PAD)
+        d_mask = offs_d < D
         s_mask = offs_s < SPLITS
         row = (b * H + h) * SPLITS + offs_s
         m = tl.load(m_ptr + row, mask=s_mask, other=float("-inf"))
@@ -192,13 +199,18 @@ if is_triton_available():
         m_max = tl.max(m, axis=0)
         m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # no key at all (kv_len < 1)
         w = tl.exp2(m - m_max)  # empty splits: 0
-        acc = tl.load(part_ptr + row[:, None] * D + offs_d[None, :], mask=s_mask[:, None],
-                      other=0.0)  # fmt: skip
+        acc = tl.load(part_ptr + row[:, None] * D + offs_d[None, :],
+                      mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
         num = tl.sum(acc * w[:, None], axis=0)
         den = tl.sum(l_s * w, axis=0)
         o = num / tl.where(den > 0, den, 1.0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d,
-                 o.to(out_ptr.dtype.element_ty))  # fmt: skip
+                 o.to(out_ptr.dtype.element_ty), mask=d_mask)  # fmt: skip
+
+
+def _d_pad(d: int) -> int:
+    """The head dim the kernel's tiles use: the next power of two, at least 16 (tl.dot)."""
+    return max(16, 1 << (d - 1).bit_length())
 
 
 def decode_launch(q, k_cache, v_cache, block_tables, kv_lens, out, partials, scale: float,
@@ -222,7 +234,7 @@ def decode_launch(q, k_cache, v_cache, block_tables, kv_lens, out, partials, sca
     )  # fmt: skip
     consts = dict(
         QK_SCALE=float(scale) * (_LOG2E if softcap is None else 1.0), G=g,
-        G_PAD=max(16, 1 << (g - 1).bit_length()), D=d,
+        G_PAD=max(16, 1 << (g - 1).bit_length()), D=d, D_PAD=_d_pad(d),
         BLOCK_SIZE=bs, TILE=cfg.tile, SPLITS=cfg.splits,
         IEEE=q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
         SOFTCAP=0.0 if softcap is None else float(softcap),
@@ -236,7 +248,7 @@ def combine_launch(partials, out, splits: int) -> tuple[tuple, dict, dict]:
     b, h, _, d = acc.shape
     args = dict(part_ptr=acc, m_ptr=m, l_ptr=l_, out_ptr=out, H=h, stride_ob=out.stride(0),
                 stride_oh=out.stride(1))  # fmt: skip
-    consts = dict(SPLITS=splits, S_PAD=1 << (splits - 1).bit_length(), D=d)
+    consts = dict(SPLITS=splits, S_PAD=1 << (splits - 1).bit_length(), D=d, D_PAD=_d_pad(d))
     return (b, h), args, consts
 
 
@@ -253,8 +265,8 @@ def check_decode(q, k_cache, v_cache, block_tables, kv_lens, window, out=None,
         raise ValueError(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
                          f"{tuple(v_cache.shape)}: caches must match, share D with q, and kv "
                          "heads must divide the query heads")  # fmt: skip
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head dim {d}: the kernel takes a power of two ≥ 16 (tl.dot, tl.arange)")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d}: the kernel takes 1 to {MAX_HEAD_DIM}")
     if bs & (bs - 1):
         raise ValueError(f"block_size={bs} must be a power of two")
     if q.dtype not in _DTYPES or not q.dtype == k_cache.dtype == v_cache.dtype:

@@ -99,11 +99,11 @@ ATTENTION_PATH = "auto"
 
 
 def _kernel_fits(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    """The decode kernel takes power-of-two head dims ≥ 16 (64 and 128 in practice) and one
-    dtype for queries and cache; anything else (e.g. OpenLLaMA's head dim 100) stays on the
-    torch path."""
-    d = q.shape[-1]
-    return d >= 16 and d & (d - 1) == 0 and q.dtype == cache.dtype and q.dtype in (
+    """The decode kernel takes head dims up to 256 (others padded to a power of two inside it:
+    Phi-3-mini's 96, OpenLLaMA's 100) and one dtype for queries and cache."""
+    from expertswitch.kernels.paged_attention import MAX_HEAD_DIM
+
+    return q.shape[-1] <= MAX_HEAD_DIM and q.dtype == cache.dtype and q.dtype in (
         torch.float32, torch.float16, torch.bfloat16)  # fmt: skip
 
 
