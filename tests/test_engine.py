@@ -427,6 +427,34 @@ def _part_bytes(rec: dict) -> int:
     return n * size[rec["dtype"]]
 
 
+def expert_and_base_equal_transformers(eng, base, rec, ps, n: int) -> list:
+    """Each prompt with expert "x" and on the base, in one batch: transformers' greedy tokens
+    on the reconstructed checkpoint and on the base."""
+    sp = SamplingParams(temperature=0.0, max_tokens=n)
+    outs = eng.generate(ps + ps, expert=["x"] * len(ps) + [None] * len(ps), sampling=sp)
+    for i, p in enumerate(ps):
+        assert outs[i].token_ids == hf_greedy(rec, p, n), i
+        assert outs[i + len(ps)].token_ids == hf_greedy(base, p, n), i
+    return outs
+
+
+def prompt_logprobs_equal_transformers(eng, model, p: list[int], expert="x") -> None:
+    """The engine's prompt logprobs of `p` against transformers' log-softmax (`model`)."""
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([p])).logits[0, :-1].float(), -1)
+    want = want.gather(1, torch.tensor(p[1:]).unsqueeze(1)).squeeze(1).tolist()
+    lp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    got = [x.logprob for x in eng.generate(p, expert, lp)[0].prompt_logprobs[1:]]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def same_tokens_and_logprobs(got, want, tol: float = 1e-5) -> None:
+    for a, b in zip(got, want, strict=True):
+        assert a.token_ids == b.token_ids
+        assert [x.logprob for x in a.logprobs] == pytest.approx(
+            [x.logprob for x in b.logprobs], abs=tol)  # fmt: skip
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
 def test_mistral_window_and_qwen2_tied_biases(tmp_path, monkeypatch, arch):
     """Sliding windows, tied embeddings and biases, Qwen3's q/k norms (changed by the expert,
@@ -453,10 +481,7 @@ def test_mistral_window_and_qwen2_tied_biases(tmp_path, monkeypatch, arch):
     eng = Engine(base, {"x": archive})
     ps = prompts(2, lengths)
     sp = SamplingParams(temperature=0.0, max_tokens=30)
-    outs = eng.generate(ps + ps, expert=["x", "x", None, None], sampling=sp)
-    for i, p in enumerate(ps):
-        assert outs[i].token_ids == hf_greedy(rec, p, 30)
-        assert outs[i + 2].token_ids == hf_greedy(base, p, 30)
+    outs = expert_and_base_equal_transformers(eng, base, rec, ps, 30)
     # again, from the prefix cache (Mistral: 3 blocks of 16, its window reaching into them)
     again = eng.generate(ps, expert="x", sampling=sp)
     assert [o.num_cached_tokens for o in again] == [(len(p) - 1) // 16 * 16 for p in ps]
@@ -467,11 +492,7 @@ def test_mistral_window_and_qwen2_tied_biases(tmp_path, monkeypatch, arch):
         four = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0)
         want = Engine(base, {"x": archive}).generate(ps, "x", four)
         monkeypatch.setattr(attention, "ATTENTION_PATH", "kernel")
-        got = Engine(base, {"x": archive}).generate(ps, "x", four)
-        for a, b in zip(got, want):
-            assert a.token_ids == b.token_ids
-            assert [x.logprob for x in a.logprobs] == pytest.approx(
-                [x.logprob for x in b.logprobs], abs=1e-5)  # fmt: skip
+        same_tokens_and_logprobs(Engine(base, {"x": archive}).generate(ps, "x", four), want)
 
 
 def test_phi3_fused_projections_and_longrope(tmp_path):
@@ -499,21 +520,13 @@ def test_phi3_fused_projections_and_longrope(tmp_path):
     assert not eng.blocks.prefix_caching
     ps = prompts(2, (9, 20))  # 9 + 12 crosses 16 while decoding; 20 starts past it
     sp = SamplingParams(temperature=0.0, max_tokens=12)
-    outs = eng.generate(ps + ps, expert=["x", "x", None, None], sampling=sp)
-    for i, p in enumerate(ps):
-        assert outs[i].token_ids == hf_greedy(rec, p, 12), i
-        assert outs[i + 2].token_ids == hf_greedy(base, p, 12), i
+    outs = expert_and_base_equal_transformers(eng, base, rec, ps, 12)
     # the logprobs of a prompt past 16 tokens (long factors) and of one within (short)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(rec, dtype=torch.float32)
     for p in (ps[1], ps[1][:14]):
-        with torch.no_grad():
-            want = torch.log_softmax(model(torch.tensor([p])).logits[0, :-1].float(), -1)
-        want = want.gather(1, torch.tensor(p[1:]).unsqueeze(1)).squeeze(1).tolist()
-        lp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        got = [x.logprob for x in eng.generate(p, "x", lp)[0].prompt_logprobs[1:]]
-        assert got == pytest.approx(want, abs=1e-4)
+        prompt_logprobs_equal_transformers(eng, model, p)
     # a step budget of exactly the pretrained length: the recompute's chunk ends where the
     # switch is, and the request still finishes (once recomputed), with the same tokens
     assert Engine(base, max_model_len=16).blocks.prefix_caching  # (no sequence can cross)
@@ -577,18 +590,9 @@ def test_gemma_norms_scaled_embeddings_and_soft_caps(tmp_path, monkeypatch, arch
         assert eng.model.cfg.sliding_windows == [16, None, 16]
     ps = prompts(2, (9, 30))  # past the window while decoding; past it in the prompt
     sp = SamplingParams(temperature=0.0, max_tokens=24)
-    outs = eng.generate(ps + ps, expert=["x", "x", None, None], sampling=sp)
-    for i, p in enumerate(ps):
-        assert outs[i].token_ids == hf_greedy(rec, p, 24), i
-        assert outs[i + 2].token_ids == hf_greedy(base, p, 24), i
+    outs = expert_and_base_equal_transformers(eng, base, rec, ps, 24)
     model = AutoModelForCausalLM.from_pretrained(rec, dtype=torch.float32)
-    p = ps[1]
-    with torch.no_grad():
-        want = torch.log_softmax(model(torch.tensor([p])).logits[0, :-1].float(), -1)
-    want = want.gather(1, torch.tensor(p[1:]).unsqueeze(1)).squeeze(1).tolist()
-    lp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-    got = [x.logprob for x in eng.generate(p, "x", lp)[0].prompt_logprobs[1:]]
-    assert got == pytest.approx(want, abs=1e-4)
+    prompt_logprobs_equal_transformers(eng, model, ps[1])
     if arch == "gemma2":  # one sequence at a time (a long prompt): the capped scores too
         from expertswitch.models import attention
 
@@ -604,10 +608,7 @@ def test_gemma_norms_scaled_embeddings_and_soft_caps(tmp_path, monkeypatch, arch
             monkeypatch.setattr(attention, "ATTENTION_PATH", "kernel")  # here do not
             got = eng.generate(ps, "x", four)
             monkeypatch.undo()
-            for a, b in zip(got, want):
-                assert a.token_ids == b.token_ids
-                assert [x.logprob for x in a.logprobs] == pytest.approx(
-                    [x.logprob for x in b.logprobs], abs=1e-5)  # fmt: skip
+            same_tokens_and_logprobs(got, want)
         from expertswitch.models.config import ModelConfig
 
         with pytest.raises(ConfigError, match="attn_logit_softcapping must be a positive"):
@@ -1052,11 +1053,7 @@ def test_gemma2_on_gpu_caps_in_the_decode_kernel_and_graphs(tmp_path, monkeypatc
     want = Engine(base, {"x": archive}).generate(ps + ps, ["x", "x", None, None], sp)
     monkeypatch.setattr(graphs, "GRAPH_MODE", "static")
     eng = Engine(base, {"x": archive}, device="cuda")
-    got = eng.generate(ps + ps, ["x", "x", None, None], sp)
-    for a, b in zip(got, want):
-        assert a.token_ids == b.token_ids
-        assert [x.logprob for x in a.logprobs] == pytest.approx(
-            [x.logprob for x in b.logprobs], abs=1e-4)  # fmt: skip
+    same_tokens_and_logprobs(eng.generate(ps + ps, ["x", "x", None, None], sp), want, 1e-4)
     assert eng.runner.graphs.replays > 0
 
 
