@@ -163,6 +163,36 @@ def test_mismatched_architectures(tmp_path, llama_pair):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(CompatibilityError, match="rope_parameters is .* but"):
         check_compatible(open_checkpoint(base_dir), open_checkpoint(tmp_path / "rope"))
+    # served otherwise from the same shapes: the activation changed
+    shutil.copytree(base_dir, tmp_path / "act")
+    act = {**json.loads((base_dir / "config.json").read_text()), "hidden_act": "gelu"}
+    (tmp_path / "act" / "config.json").write_text(json.dumps(act))
+    with pytest.raises(CompatibilityError, match="hidden_act is 'silu' .* but 'gelu'"):
+        check_compatible(open_checkpoint(base_dir), open_checkpoint(tmp_path / "act"))
+
+
+def test_soft_caps_must_agree(tmp_path):
+    """Gemma 2: a cap turned off (null) or changed in the fine-tune is refused; one left out
+    is transformers' default, the base's here."""
+    import json
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                          vocab_size=64)  # fmt: skip
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "base")
+    base_cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    for i, change in enumerate(({"attn_logit_softcapping": None},
+                                {"final_logit_softcapping": 10.0})):  # fmt: skip
+        Gemma2ForCausalLM(config).save_pretrained(tmp_path / f"e{i}")
+        (tmp_path / f"e{i}" / "config.json").write_text(json.dumps({**base_cfg, **change}))
+        with pytest.raises(CompatibilityError, match="softcap.* is .* but"):
+            check_compatible(open_checkpoint(tmp_path / "base"),
+                             open_checkpoint(tmp_path / f"e{i}"))  # fmt: skip
+    dropped = {k: v for k, v in base_cfg.items() if k != "attn_logit_softcapping"}
+    (tmp_path / "e0" / "config.json").write_text(json.dumps(dropped))  # left out: the default
+    check_compatible(open_checkpoint(tmp_path / "base"), open_checkpoint(tmp_path / "e0"))
 
 
 def test_mismatched_shapes(tmp_path, llama_pair):

@@ -609,6 +609,23 @@ def test_gemma_norms_scaled_embeddings_and_soft_caps(tmp_path, monkeypatch, arch
             got = eng.generate(ps, "x", four)
             monkeypatch.undo()
             same_tokens_and_logprobs(got, want)
+        # capped scores a few queries at a time (a long prefill's memory): the same logprobs
+        monkeypatch.setattr(attention, "CAPPED_QUERY_BLOCK", 4)
+        prompt_logprobs_equal_transformers(eng, model, ps[1])
+        monkeypatch.undo()
+        # an expert with a larger vocabulary beside base rows: their logits past the base's
+        # vocabulary stay −inf under the cap (tanh(−inf)·cap would be a finite −cap, and a hot
+        # temperature would then sample tokens the base does not have)
+        grown = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        grown.resize_token_embeddings(264)
+        finetune_like(grown, seed=3, scale=0.2)
+        grown.save_pretrained(tmp_path / "grown")
+        eng.add_expert("grown", compress_expert(base, tmp_path / "grown", tmp_path / "a-grown",
+                                                make_method("mixed", bits=3), OPTS))  # fmt: skip
+        hot = SamplingParams(temperature=50.0, max_tokens=64, seed=1, ignore_eos=True)
+        outs = eng.generate([ps[0]] * 5, [None] * 4 + ["grown"], hot)
+        assert max(max(o.token_ids) for o in outs[:4]) < 256
+        assert max(outs[4].token_ids) >= 256  # (the grown expert does sample its own)
         from expertswitch.models.config import ModelConfig
 
         with pytest.raises(ConfigError, match="attn_logit_softcapping must be a positive"):

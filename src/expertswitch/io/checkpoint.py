@@ -224,8 +224,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path)
 
 
-# Config keys that fix the shapes of the shared weights; an expert may differ only elsewhere
-# (vocab_size may grow with added tokens: embeddings and lm_head are then stored exactly).
+# Config keys that fix the shapes of the shared weights or how they are applied; an expert may
+# differ only elsewhere (vocab_size may grow with added tokens: embeddings and lm_head are
+# then stored exactly). A key missing on either side is not compared here; the served
+# behaviour read from both configs (_BEHAVIOUR, with transformers' defaults) is.
 _ARCH_KEYS = (
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "num_local_experts", "num_experts", "moe_intermediate_size",
@@ -234,6 +236,33 @@ _ARCH_KEYS = (
     "rope_parameters", "original_max_position_embeddings", "partial_rotary_factor",
     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
 )  # fmt: skip
+
+
+# ModelConfig fields the engine serves an expert with from its base's config (the archive
+# keeps none of the expert's): null soft caps (off) against numbers, or an activation changed
+_BEHAVIOUR = ("hidden_act", "attn_softcap", "final_softcap", "attn_scale", "norm_offset",
+              "embed_scale", "sandwich_norms", "qkv_bias", "o_bias", "mlp_bias")  # fmt: skip
+
+
+def _check_behaviour(base: Checkpoint, expert: Checkpoint) -> None:
+    from expertswitch.errors import CompatibilityError, ConfigError
+    from expertswitch.models.config import SUPPORTED, ModelConfig
+
+    if base.config.get("model_type") not in SUPPORTED:
+        return  # (a family the engine does not serve: compressed and rebuilt only)
+    try:
+        b = ModelConfig.from_dict(base.config)
+        e = ModelConfig.from_dict({**expert.config, "vocab_size": b.vocab_size})
+    except ConfigError as err:
+        raise CompatibilityError(f"{expert.path}'s config.json cannot be read as a fine-tune "
+                                 f"of {base.path}'s: {err}") from None  # fmt: skip
+    for field in _BEHAVIOUR:
+        if getattr(b, field) != getattr(e, field):
+            raise CompatibilityError(
+                f"base and expert are served differently: {field} is {getattr(b, field)!r} "
+                f"in {base.path} but {getattr(e, field)!r} in {expert.path}; an expert is "
+                "served with its base's settings, so they must agree"
+            )
 
 
 def check_compatible(base: Checkpoint, expert: Checkpoint) -> None:
@@ -247,6 +276,7 @@ def check_compatible(base: Checkpoint, expert: Checkpoint) -> None:
                 f"base and expert have different architectures: {key} is {b} in {base.path} but "
                 f"{e} in {expert.path}; an expert must be a fine-tune of this base"
             )
+    _check_behaviour(base, expert)
     only_base = sorted(set(base.names()) - set(expert.names()))
     if only_base:
         raise CompatibilityError(

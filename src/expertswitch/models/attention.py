@@ -143,8 +143,9 @@ def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | Non
                            softcap=softcap)  # fmt: skip
         return out.reshape(t, h * d)
     b, q_max = layout.q_rows.shape
-    if q_max >= LONG_PREFILL or (b > 1 and b * g * q_max * layout.k_valid.shape[1]
-                                  > PADDED_LIMIT):  # fmt: skip
+    scores = b * g * q_max * layout.k_valid.shape[1]  # (the mask's elements; capped scores
+    scores *= kvh if softcap is not None else 1  # are written out: every kv head's)
+    if q_max >= LONG_PREFILL or (b > 1 and scores > PADDED_LIMIT):
         return _one_sequence_at_a_time(q, k_cache, v_cache, layout, window, scale, softcap)
     keys, vals = layout.gather(k_cache), layout.gather(v_cache)  # [B, kv, K, D]
     qb = q[layout.q_rows]  # [B, Q, h, D]; head i reads key head i // g
@@ -155,30 +156,44 @@ def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | Non
     return out[layout.q_valid].reshape(t, h * d)
 
 
+# soft-capped scores are computed this many queries at a time: the whole [heads, Q, K] score
+# tensor of a 4096-token prefill chunk against 8192 keys would be ~1 G elements a layer (~8 GiB
+# with the fp32 softmax, at Gemma-2-27B's 32 heads), a block of 256 queries 1/16 of it
+CAPPED_QUERY_BLOCK = 256
+
+
 def attend(
     q, k, v, scale: float, softcap: float | None = None, mask=None, causal: bool = False
 ) -> torch.Tensor:
     """SDPA [.., Q, D] × [.., K, D]; with `softcap`, the scores capped as transformers' eager
-    attention does: cap·tanh(q·kᵀ·scale / cap), masked, softmax in fp32, then q's dtype."""
+    attention does: cap·tanh(q·kᵀ·scale / cap), masked, softmax in fp32, then q's dtype —
+    CAPPED_QUERY_BLOCK queries at a time (each query's row is independent of the others)."""
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               scale=scale)  # fmt: skip
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    s = torch.tanh(s / softcap) * softcap
+    n_q, n_k = q.shape[-2], k.shape[-2]
     if causal:  # (queries are the last Q of the K positions)
-        n_q, n_k = s.shape[-2], s.shape[-1]
-        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=s.device).tril(n_k - n_q)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+    outs = []
+    for a in range(0, n_q, CAPPED_QUERY_BLOCK):
+        b = min(a + CAPPED_QUERY_BLOCK, n_q)
+        s = torch.matmul(q[..., a:b, :], k.transpose(-1, -2)) * scale
+        s = torch.tanh(s / softcap) * softcap
+        if mask is not None:
+            part = mask if mask.shape[-2] == 1 else mask[..., a:b, :]
+            s = s.masked_fill(~part, float("-inf"))
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        outs.append(torch.matmul(p, v))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
 def _one_sequence_at_a_time(q, k_cache, v_cache, layout: PaddedLayout, window, scale,
                             softcap=None):  # fmt: skip
     """Prefill of prompts of very different lengths: padding all of them to the longest would
     make a [B, g·Q_max, K_max] mask and score tensor (31 short prompts beside one of 4000
-    tokens: ~2 G elements); one SDPA per sequence keeps memory to one sequence's, and a whole
-    uncached prompt without a window needs no mask at all (is_causal: the flash path on a GPU)."""
+    tokens: ~2 G elements); one SDPA per sequence keeps memory to one sequence's (soft-capped
+    scores: a block of its queries'), and a whole uncached prompt without a window needs no
+    mask at all (is_causal: the flash path on a GPU)."""
     t, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
     outs, start = [], 0

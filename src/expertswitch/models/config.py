@@ -220,12 +220,15 @@ def _sparse_layers(cfg: dict, mt: str, layers: int) -> list[bool]:
 
 
 def _activation(cfg: dict, mt: str) -> str:
-    """hidden_act; Gemma 2 names it hidden_activation, and transformers reads Gemma's legacy
-    "gelu" as the tanh approximation its checkpoints were trained with."""
-    if mt not in _GEMMA:
-        return cfg.get("hidden_act", "silu")
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
-    return "gelu_pytorch_tanh" if act == "gelu" else act
+    """hidden_act, as transformers 5 reads it: Gemma 2 names it hidden_activation (taken as
+    written), and Gemma's legacy "gelu" means the tanh approximation its checkpoints were
+    trained with."""
+    if mt == "gemma2":
+        return cfg.get("hidden_activation") or "gelu_pytorch_tanh"
+    if mt == "gemma":
+        act = cfg.get("hidden_act") or "gelu_pytorch_tanh"
+        return "gelu_pytorch_tanh" if act == "gelu" else act
+    return cfg.get("hidden_act", "silu")
 
 
 def _gemma_fields(cfg: dict, mt: str, hidden: int) -> dict:

@@ -1,9 +1,10 @@
-"""One decoder for the Llama, Mistral, Qwen2, Qwen3, Phi-3 and Mixtral families (and Qwen2-MoE,
-Qwen3-MoE), built from a Hugging Face `config.json` and loaded tensor by tensor with
-io/checkpoint (no transformers at run time).
+"""One decoder for the Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma (1 and 2) and Mixtral families
+(and Qwen2-MoE, Qwen3-MoE), built from a Hugging Face `config.json` and loaded tensor by tensor
+with io/checkpoint (no transformers at run time).
 
 GQA, RoPE (models/rope.py), per-layer sliding windows, tied or untied embeddings, q/k/v (and o)
-biases, Qwen3's per-head q/k RMSNorms, Mixtral's, Qwen2-MoE's and Qwen3-MoE's sparse MoE FFN
+biases, Qwen3's per-head q/k RMSNorms, Gemma's (1 + w) norms, scaled embeddings, sandwich
+norms and soft caps, Mixtral's, Qwen2-MoE's and Qwen3-MoE's sparse MoE FFN
 (moe/mixtral.py; Qwen2-MoE's shared expert beside it). Every linear layer is a
 MultiExpertLinear, every norm and the embedding take each row's expert into account, so one
 forward pass serves a batch that mixes experts and base-only rows.
@@ -118,7 +119,8 @@ class _Loader:
             if optional:
                 return None
             raise CheckpointError(f"{self.ckpt.path} lacks tensor {name}; is it a complete "
-                                  "Llama/Mistral/Qwen2/Qwen3/Mixtral checkpoint?")  # fmt: skip
+                                  f"{getattr(self.ckpt, 'config', {}).get('model_type')} "
+                                  "checkpoint?")  # fmt: skip
         return self.ckpt.get(name).to(self.device, self.dtype)
 
     def norm(self, name: str, cfg: ModelConfig) -> RowNorm:
