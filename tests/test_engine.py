@@ -1121,3 +1121,77 @@ def test_attention_one_sequence_at_a_time(arch, llama_engine, solo, tmp_path, mo
     outs = eng.generate(ps, ["x", None], SamplingParams(temperature=0.0, max_tokens=12))
     assert outs[0].token_ids == hf_greedy(rec, ps[0], 12)
     assert outs[1].token_ids == hf_greedy(base, ps[1], 12)
+
+
+def hf_beam_search(model_dir: Path, prompt: list[int], width: int, n: int, eos: set[int],
+                   length_penalty: float = 1.0) -> list[tuple[list[int], float, bool]]:  # fmt: skip
+    """Beam search written out over transformers' log-softmax (vLLM's rule: 2·width
+    candidates a beam, score = cumulative logprob / (prompt + generated)^length_penalty)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def score(b):
+        return b[1] / (len(prompt) + len(b[0])) ** length_penalty
+
+    live, done = [([], 0.0, False)], []
+    for _ in range(n):
+        grown = []
+        for toks, cum, _ in live:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + toks])).logits[0, -1].float()
+            top = torch.log_softmax(logits, -1).topk(2 * width)
+            for t, lp in zip(top.indices.tolist(), top.values.tolist()):
+                if t in eos:  # finished, the EOS token left out of its tokens
+                    done.append((toks, cum + lp, True))
+                else:
+                    grown.append((toks + [t], cum + lp, False))
+        live = sorted(grown, key=score, reverse=True)[:width]
+    return sorted(done + live, key=score, reverse=True)[:width]
+
+
+@pytest.mark.parametrize("expert, width, penalty", [("e0", 3, 1.0), (None, 2, 0.5)])
+def test_beam_search_equals_a_beam_search_over_transformers(llama, llama_engine, expert, width,
+                                                            penalty):  # fmt: skip
+    from expertswitch.engine import BeamSearchParams
+
+    base, experts = llama
+    model_dir = base if expert is None else experts[int(expert[1])][1]
+    p = prompts(1, (7,))[0]
+    params = BeamSearchParams(beam_width=width, max_tokens=6, length_penalty=penalty)
+    got = llama_engine.beam_search(p, expert, params)
+    want = hf_beam_search(model_dir, p, width, 6, set(llama_engine.registry.eos(expert)), penalty)
+    assert [o.token_ids for o in got] == [t for t, _, _ in want]
+    assert [o.cumulative_logprob for o in got] == pytest.approx([c for _, c, _ in want], abs=1e-4)
+    assert [o.finish_reason for o in got] == ["stop" if e else "length" for _, _, e in want]
+    with pytest.raises(ConfigError, match="beam width"):
+        BeamSearchParams(beam_width=11, max_tokens=4)
+
+
+def test_beam_search_bookkeeping_on_given_logprobs():
+    """BeamSearch on hand-made step outputs: EOS candidates finish (kept only with
+    include_stop_str_in_output; the score's length then leaves the EOS out), the sampled
+    token joins the candidates when outside the top, the best beams rank finished and live
+    together, and ignore_eos keeps extending."""
+    from expertswitch.engine.beam import BeamSearch, BeamSearchParams
+    from expertswitch.engine.request import Logprob, RequestOutput
+
+    def out(top, sampled=None):
+        token, lp = sampled or top[0]
+        return RequestOutput("r", [], [token], None, None, True, "length",
+                             logprobs=[Logprob(token, lp, top)])  # fmt: skip
+
+    for keep in (False, True):
+        s = BeamSearch([5, 6], BeamSearchParams(2, 3, include_stop_str_in_output=keep), {2})
+        s.advance([out([(2, -0.1), (7, -1.0), (8, -2.0), (9, -3.0)])])
+        assert [b.tokens for b in s.live] == [[7], [8]] and len(s.finished) == 1
+        assert s.finished[0].tokens == ([2] if keep else [])
+        assert s.score(s.finished[0]) == pytest.approx(-0.1 / 2)  # prompt only: EOS left out
+        s.advance([out([(3, -0.5), (4, -0.6)], sampled=(10, -0.05)), out([(3, -0.1), (4, -9)])])
+        assert [b.tokens for b in s.live] == [[7, 10], [7, 3]]  # −1.05, −1.5 (then [8, 3])
+        assert s.best()[0].eos and s.best()[0].cum_logprob == -0.1  # −0.05 a token
+    s = BeamSearch([5], BeamSearchParams(1, 2, ignore_eos=True), {2})
+    s.advance([out([(2, -0.1), (7, -1.0)])])
+    assert [b.tokens for b in s.live] == [[2]] and not s.finished
+    s.advance([out([(2, -0.1), (7, -1.0)])])
+    assert s.done and s.best()[0].tokens == [2, 2]

@@ -270,10 +270,8 @@ def test_vllm_prompt_and_token_controls(server, reference):
     assert got == want.token_ids and t not in got and got[:at] == free[:at], (got, free, t)
     err = post("/v1/completions", {"prompt": "x", "priority": 2}, 400)["error"]
     assert "priority 2 needs priority scheduling" in err["message"]
-    for field, value in (("use_beam_search", True),
-                         ("logits_processors", ["m.P"])):  # fmt: skip
-        err = post("/v1/completions", {"prompt": "x", field: value}, 400)["error"]
-        assert err["param"] == field and "not supported" in err["message"]
+    err = post("/v1/completions", {"prompt": "x", "logits_processors": ["m.P"]}, 400)["error"]
+    assert err["param"] == "logits_processors" and "not supported" in err["message"]
     err = post("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400)["error"]
     assert "truncate_prompt_tokens must be a positive" in err["message"]
     err = post("/v1/completions", {"prompt": "x", "allowed_token_ids": [10**6]}, 400)["error"]
@@ -324,6 +322,43 @@ def test_priority_scheduling_and_cache_salt_over_http(family, reference):
 
     args = build_parser().parse_args(["serve", "--scheduling-policy", "priority"])
     assert args.scheduling_policy == "priority"
+
+
+def test_beam_search_over_http(client, server, reference):
+    """vLLM's use_beam_search (n = the beam width, length_penalty): the engine's own
+    beam_search, for completions (two prompts) and chat; what it does not apply is refused."""
+    from expertswitch.engine import BeamSearchParams
+
+    prompts = ["def add(a, b):", "The river"]
+    got = client.completions.create(
+        model="code",
+        prompt=prompts,
+        max_tokens=6,
+        n=3,
+        extra_body={"use_beam_search": True, "length_penalty": 0.7},
+    )
+    params = BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.7)
+    for i, p in enumerate(prompts):
+        want = reference.beam_search(p, "code", params)
+        mine = [c for c in got.choices if c.index // 3 == i]
+        assert [c.text for c in mine] == [o.text for o in want]
+        assert [c.finish_reason for c in mine] == [o.finish_reason for o in want]
+    assert got.usage.completion_tokens == sum(
+        len(o.token_ids) for p in prompts for o in reference.beam_search(p, "code", params)
+    )
+    msgs = [{"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(model="math", messages=msgs, max_tokens=5, n=2,
+                                          extra_body={"use_beam_search": True})  # fmt: skip
+    want = reference.beam_search(chat_ids(reference, msgs), "math",
+                                 BeamSearchParams(beam_width=2, max_tokens=5))  # fmt: skip
+    assert [c.message.content for c in chat.choices] == [o.text for o in want]
+    url = server[0].url + "/v1/completions"
+    for extra, param in (({"stream": True}, "stream"), ({"stop": ["\n"]}, "stop"),
+                         ({"logprobs": 1}, "logprobs"), ({"top_p": 0.5}, "top_p"),
+                         ({"n": 11}, "n")):  # fmt: skip
+        body = {"model": "code", "prompt": "x", "max_tokens": 4, "use_beam_search": True}
+        r = httpx.post(url, json={**body, **extra}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_add_special_tokens(family, tmp_path):

@@ -3,10 +3,18 @@
 from expertswitch.engine import Engine, SamplingParams
 """
 
+from expertswitch.engine.beam import BeamSearchParams
 from expertswitch.engine.config import EngineConfig
 from expertswitch.engine.engine import Engine
 from expertswitch.engine.guided import StructuredOutputsParams
 from expertswitch.engine.request import RequestOutput
 from expertswitch.engine.sampling import SamplingParams
 
-__all__ = ["Engine", "EngineConfig", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
+__all__ = [
+    "BeamSearchParams",
+    "Engine",
+    "EngineConfig",
+    "RequestOutput",
+    "SamplingParams",
+    "StructuredOutputsParams",
+]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from expertswitch.engine.beam import Beam, BeamSearch, BeamSearchParams
 from expertswitch.engine.config import EngineConfig
 from expertswitch.engine.graphs import DecodeGraphs
 from expertswitch.engine.guided import Guide, ThinkFirst, token_index
@@ -702,6 +703,35 @@ class Engine:
         if self.mirror is None:  # ranks in lockstep: their last tokens agree too
             self.check_last_step()
         return [final[r.request_id] for r in reqs]
+
+    def beam_search(self, prompt: str | Sequence[int], expert: str | None = None,
+                    params: BeamSearchParams | None = None, priority: int = 0,
+                    cache_salt: str | None = None) -> list[RequestOutput]:  # fmt: skip
+        """vLLM's beam search (engine/beam.py): the `params.beam_width` best beams, best first,
+        each an output with its tokens, text, cumulative_logprob and finish_reason ("stop" on
+        an EOS token, else "length")."""
+        params = params or BeamSearchParams(beam_width=4, max_tokens=16)
+        room = SamplingParams(max_tokens=params.max_tokens)  # (the prompt checked, tokenized)
+        ids = self._make_request(prompt, expert, room, None, priority, cache_salt).prompt_token_ids
+        search = BeamSearch(ids, params, self.registry.eos(expert))
+        while not search.done:
+            outs = self.generate(search.pending(), expert, search.step_params(), False,
+                                 priority, cache_salt)  # fmt: skip
+            search.advance(outs)
+        return [self.beam_output(b, ids, expert, i) for i, b in enumerate(search.best())]
+
+    def beam_output(self, beam: Beam, prompt_ids: list[int], expert: str | None, index: int,
+                    skip_special_tokens: bool = True) -> RequestOutput:  # fmt: skip
+        tok = self.tokenizer_for(expert)
+        text = (
+            None
+            if tok is None
+            else tok.decode(beam.tokens, skip_special_tokens=skip_special_tokens)
+        )
+        out = RequestOutput(f"beam-{index}", list(prompt_ids), list(beam.tokens), text, expert,
+                            True, "stop" if beam.eos else "length", list(beam.tokens))  # fmt: skip
+        out.cumulative_logprob = beam.cum_logprob
+        return out
 
     def stream(self, prompt, expert: str | None = None, sampling: SamplingParams | None = None,
                priority: int = 0, cache_salt: str | None = None,

@@ -94,6 +94,7 @@ class RequestOutput:
     prompt_logprobs: list[Logprob | None] | None = None  # if asked (first token: None)
     logprobs: list[Logprob] | None = None  # of all token_ids: on the final output, if asked
     num_cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    cumulative_logprob: float | None = None  # a beam's (engine/beam.py)
 
     @classmethod
     def of(cls, r: Request, new: list[int]) -> RequestOutput:

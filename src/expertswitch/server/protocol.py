@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 from expertswitch.engine import SamplingParams, StructuredOutputsParams
+from expertswitch.engine.beam import MAX_BEAM_WIDTH
 from expertswitch.errors import ConfigError
 from expertswitch.server.errors import HTTPError
 from expertswitch.server.tool_parsers import TOOL_PARSERS
@@ -68,7 +69,8 @@ class _Request(BaseModel):
     # vLLM's: the prompt cut to its last k tokens (−1: to the context)
     truncate_prompt_tokens: int | None = None
     bad_words: list[str] | None = None  # vLLM's: words banned (engine/sampling.py)
-    use_beam_search: bool = False  # vLLM's (refused: not implemented)
+    use_beam_search: bool = False  # vLLM's: n beams (engine/beam.py), each a choice
+    length_penalty: float = 1.0  # vLLM's: a beam's score = logprob / length^length_penalty
     logits_processors: list[Any] | None = None  # vLLM's (refused: not implemented)
     user: str | None = None
     priority: int = 0  # vLLM's: lower runs first (the server's --scheduling-policy priority)
@@ -150,7 +152,7 @@ _DEFAULTED = {"n", "stream", "echo", "ignore_eos", "include_stop_str_in_output",
               "skip_special_tokens", "min_tokens", "add_generation_prompt",
               "include_reasoning", "continue_final_message", "return_token_ids",
               "return_tokens_as_token_ids", "add_special_tokens", "use_beam_search",
-              "priority"}  # fmt: skip
+              "priority", "length_penalty"}  # fmt: skip
 
 
 def refuse_unsupported(req: _Request) -> None:
@@ -164,7 +166,6 @@ def refuse_unsupported(req: _Request) -> None:
             raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         forced_tool(req)  # (a 400 for a tool choice it cannot hold the answer to)
     unsupported["guided_whitespace_pattern"] = req.guided_whitespace_pattern is not None
-    unsupported["use_beam_search"] = req.use_beam_search
     unsupported["logits_processors"] = bool(req.logits_processors)
     k = req.truncate_prompt_tokens
     if k is not None and (isinstance(k, bool) or not (k == -1 or k >= 1)):
@@ -173,6 +174,8 @@ def refuse_unsupported(req: _Request) -> None:
     if req.prompt_logprobs is not None and req.stream:
         raise HTTPError(400, "prompt_logprobs is not available with stream: true (vLLM's "
                         "rule); ask without streaming", param="prompt_logprobs")  # fmt: skip
+    if req.use_beam_search:
+        beam_search_limits(req)
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise HTTPError(400, f"{bad[0]} is not supported by this server; leave it out (or at "
@@ -181,6 +184,40 @@ def refuse_unsupported(req: _Request) -> None:
         raise HTTPError(400, f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
     if req.best_of not in (None, req.n):
         raise HTTPError(400, "best_of is not supported unless it equals n", param="best_of")
+
+
+def beam_search_limits(req: _Request) -> None:
+    """A 400 for what beam search does not apply (vLLM's search ignores these; here they are
+    refused rather than silently dropped): streaming, logprobs, stop conditions other than
+    EOS, sampling filters, penalties and constraints."""
+    chat = isinstance(req, ChatCompletionRequest)
+    checks = {
+        "stream": req.stream, "logprobs": bool(req.logprobs) if chat else req.logprobs is not None,
+        "prompt_logprobs": req.prompt_logprobs is not None,
+        "echo": not chat and req.echo, "stop": bool(req.stop),
+        "stop_token_ids": bool(req.stop_token_ids), "min_tokens": req.min_tokens > 0,
+        "top_p": req.top_p is not None and req.top_p < 1,
+        "top_k": req.top_k is not None and req.top_k not in (0, -1),
+        "min_p": bool(req.min_p), "presence_penalty": bool(req.presence_penalty),
+        "frequency_penalty": bool(req.frequency_penalty),
+        "repetition_penalty": req.repetition_penalty not in (None, 1, 1.0),
+        "logit_bias": bool(req.logit_bias), "bad_words": bool(req.bad_words),
+        "allowed_token_ids": req.allowed_token_ids is not None,
+        "response_format": (req.response_format or {}).get("type", "text") != "text",
+        "structured_outputs": req.structured_outputs is not None,
+        "guided_json": req.guided_json is not None, "guided_choice": req.guided_choice is not None,
+        "guided_regex": req.guided_regex is not None,
+        "tool_choice": chat and bool(req.tools) and req.tool_choice not in (None, "none", "auto"),
+    }  # fmt: skip
+    bad = [k for k, v in checks.items() if v]
+    if bad:
+        raise HTTPError(400, f"{bad[0]} is not available with use_beam_search (beam search "
+                        "ranks whole answers by their logprobs: it streams nothing and "
+                        "applies no stop string, sampling filter, penalty or constraint); "
+                        f"leave it out or turn beam search off", param=bad[0])  # fmt: skip
+    if not 1 <= req.n <= MAX_BEAM_WIDTH:
+        raise HTTPError(400, f"with use_beam_search, n is the beam width: from 1 to "
+                        f"{MAX_BEAM_WIDTH}, got {req.n}", param="n")  # fmt: skip
 
 
 ANY_TOOL = ""  # forced_tool's name for "required" over several tools

@@ -25,6 +25,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from expertswitch.engine import Engine
+from expertswitch.engine.beam import BeamSearch, BeamSearchParams
 from expertswitch.engine.guided import token_index
 from expertswitch.engine.request import Logprob, RequestOutput
 from expertswitch.engine.tokenizer import bad_word_ids
@@ -412,11 +413,15 @@ class OpenAIServing:
                 await asyncio.to_thread(as_side_work, token_index, tok, vocab)
         start = time.perf_counter()
         collector = OutputCollector()
-        try:
-            await self.aengine.submit(add_all, collector)
-        except ConfigError as e:
-            code = "context_length_exceeded" if "context holds" in str(e) else None
-            raise HTTPError(400, str(e), code=code) from None
+        beams = None
+        if req.use_beam_search:  # the answers first (the search's own step requests)
+            beams = await self._beam_search(req, http, target, ids, max_tokens, plan)
+        else:
+            try:
+                await self.aengine.submit(add_all, collector)
+            except ConfigError as e:
+                code = "context_length_exceeded" if "context holds" in str(e) else None
+                raise HTTPError(400, str(e), code=code) from None
         choices = [_Choice(rid, k, i, started=start) for k, (rid, i, _) in enumerate(plan)]
         fmt = None
         if params[0].logprobs is not None:
@@ -440,9 +445,88 @@ class OpenAIServing:
             c.sent = texts[c.prompt] if echo else ""
             c.tools = ToolStream(parser) if parser is not None and req.stream else None
             c.thinking = ReasoningStream(thinking) if thinking is not None and req.stream else None
+        if beams is not None:
+            for c in choices:
+                self._observe(job, c, beams[c.request_id])
+            return JSONResponse(self._body(job))
         if req.stream:
             return await self._stream(job, req, http)
         return await self._collect(job, http)
+
+    async def _beam_search(self, req, http, target, ids, max_tokens, plan) -> dict:
+        """vLLM's use_beam_search: req.n beams of each prompt (engine/beam.py), each step's
+        requests run by the engine beside every other request; {request id of the plan:
+        the beam's final output}, the n best of prompt i for the plan's (i, 0..n−1)."""
+        try:
+            params = BeamSearchParams(
+                req.n,
+                max_tokens,
+                req.ignore_eos,
+                req.temperature or 0.0,
+                req.length_penalty,
+                req.include_stop_str_in_output,
+            )
+        except ConfigError as e:
+            raise HTTPError(400, str(e)) from None
+        eos = await self._engine_call(lambda engine: engine.registry.eos(target.expert))
+        found: dict[str, RequestOutput] = {}
+        for i, prompt in enumerate(ids):
+            search = BeamSearch(prompt, params, eos)
+            while not search.done:
+                outs = await self._finished(http, target, search.pending(),
+                                            search.step_params(), req)  # fmt: skip
+                try:
+                    search.advance(outs)
+                except ConfigError as e:  # (a step failed: its expert could not load)
+                    raise HTTPError(503, f"{target.name}: {e}", code="expert_unavailable"
+                                    ) from None  # fmt: skip
+            rids = [rid for rid, p, _ in plan if p == i]
+            best = search.best()
+
+            def outputs(engine: Engine, prompt=prompt, best=best) -> list[RequestOutput]:
+                return [engine.beam_output(b, prompt, target.expert, k, req.skip_special_tokens)
+                        for k, b in enumerate(best)]  # fmt: skip
+
+            for rid, out in zip(rids, await self._engine_call(outputs)):
+                out.request_id = rid
+                found[rid] = out
+        return found
+
+    async def _finished(self, http, target, prompts, params, req) -> list[RequestOutput]:
+        """Run `prompts` to their end on the engine (beside everything else it serves)."""
+        rids = [f"beam-{uuid.uuid4().hex}" for _ in prompts]
+
+        def add_all(engine: Engine) -> list[str]:
+            added = []
+            try:
+                for rid, p in zip(rids, prompts):
+                    added.append(engine.add_request(p, target.expert, params, rid,
+                                                    priority=req.priority,
+                                                    cache_salt=req.cache_salt))  # fmt: skip
+            except Exception:
+                for rid in added:
+                    engine.abort(rid)
+                raise
+            return added
+
+        collector = OutputCollector()
+        try:
+            await self.aengine.submit(add_all, collector)
+        except ConfigError as e:
+            code = "context_length_exceeded" if "context holds" in str(e) else None
+            raise HTTPError(400, str(e), code=code) from None
+        final: dict[str, RequestOutput] = {}
+        watch = _watch_disconnect(http, collector)
+        try:
+            while len(final) < len(rids):
+                final.update((o.request_id, o) for o in await collector.get() if o.finished)
+        except ClientGone:
+            raise Disconnected() from None
+        finally:
+            watch.cancel()
+            for rid in set(rids) - set(final):
+                self.aengine.abort(rid)
+        return [final[rid] for rid in rids]
 
     def _thinks_first(self, kind: str, structured, tool, closed: bool) -> bool:
         """With a reasoning parser, a chat answer held to a constraint (response_format,
