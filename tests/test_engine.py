@@ -1195,3 +1195,17 @@ def test_beam_search_bookkeeping_on_given_logprobs():
     assert [b.tokens for b in s.live] == [[2]] and not s.finished
     s.advance([out([(2, -0.1), (7, -1.0)])])
     assert s.done and s.best()[0].tokens == [2, 2]
+    # several EOS ids (Llama 3's three): a beam finishes once, on the likeliest
+    s = BeamSearch([5], BeamSearchParams(2, 4), {2, 3})
+    s.advance([out([(7, -0.5), (3, -0.7), (2, -0.9), (8, -3.0)])])
+    assert [(b.tokens, b.cum_logprob) for b in s.finished] == [([], -0.7)]
+    # settled: no live beam can still beat the width-th finished one (cum only falls), so
+    # the search ends before max_tokens with the answer it would end with
+    s = BeamSearch([5], BeamSearchParams(1, 50), {2})
+    s.advance([out([(2, -0.01), (7, -4.0)])])
+    assert s.done and s.steps == 1 and s.best()[0].eos
+    s = BeamSearch([5], BeamSearchParams(1, 50), {2})  # (a live beam that could still win)
+    s.advance([out([(2, -3.0), (7, -0.5)])])
+    assert not s.done
+    with pytest.raises(ConfigError, match="length_penalty must be from -16 to 16"):
+        BeamSearchParams(2, 4, length_penalty=400)

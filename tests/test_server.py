@@ -359,6 +359,16 @@ def test_beam_search_over_http(client, server, reference):
         body = {"model": "code", "prompt": "x", "max_tokens": 4, "use_beam_search": True}
         r = httpx.post(url, json={**body, **extra}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    # what clients send as defaults is not refused; a seed makes a hot search repeatable
+    defaults = {"top_p": 1, "top_k": -1, "presence_penalty": 0, "stop": [], "logprobs": None,
+                "min_p": 0, "logit_bias": {}, "temperature": 1.0, "seed": 3}  # fmt: skip
+    body = {"model": "code", "prompt": "x", "max_tokens": 4, "use_beam_search": True, "n": 2}
+    texts = []
+    for _ in range(2):
+        r = httpx.post(url, json={**body, **defaults}, timeout=60)
+        assert r.status_code == 200, r.text
+        texts.append([c["text"] for c in r.json()["choices"]])
+    assert len(texts[0]) == 2 and texts[0] == texts[1]
 
 
 def test_add_special_tokens(family, tmp_path):

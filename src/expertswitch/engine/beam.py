@@ -5,8 +5,11 @@ prefix cache keeps the beams' shared prompt and history), extends every beam by 
 (and by the sampled token, at a temperature above 0, when it is not among them), and keeps
 the `width` best by score = cumulative logprob / length^length_penalty (the length counts the
 prompt, not an end-of-sequence token). A candidate that ends with an EOS token is finished
-(unless ignore_eos). After max_tokens steps the finished and the live beams are ranked by the
-same score and the best `width` returned.
+(unless ignore_eos; a model with several EOS ids finishes a beam once, on the likeliest). After
+max_tokens steps the finished and the live beams are ranked by the same score and the best
+`width` returned — or as soon as no live beam can still beat the `width`-th finished one (a
+beam's cumulative logprob only falls, so its best reachable score is known): the same answer,
+without running a chat request's default max_tokens (the rest of the context) to its end.
 
     search = BeamSearch(prompt_ids, BeamSearchParams(beam_width=4, max_tokens=32), eos)
     while not search.done:
@@ -19,13 +22,14 @@ The engine's `beam_search` runs that loop; the server runs it with its asynchron
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from expertswitch.engine.request import RequestOutput
 from expertswitch.engine.sampling import MAX_LOGPROBS, SamplingParams
 from expertswitch.errors import ConfigError
 
 MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # each step asks for 2·width logprobs
+MAX_LENGTH_PENALTY = 16.0  # |length_penalty| bound: length^16 stays finite for any context
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False  # a finished beam's EOS token kept in its tokens
+    seed: int | None = None  # at a temperature: step i samples with seed + i
 
     def __post_init__(self):
         w, n = self.beam_width, self.max_tokens
@@ -52,6 +57,13 @@ class BeamSearchParams:
                 raise ConfigError(f"{name} must be a finite number, got {v!r}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be ≥ 0, got {self.temperature}")
+        if abs(self.length_penalty) > MAX_LENGTH_PENALTY:
+            raise ConfigError(f"length_penalty must be from {-MAX_LENGTH_PENALTY:g} to "
+                              f"{MAX_LENGTH_PENALTY:g}, got {self.length_penalty}")  # fmt: skip
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
 
 @dataclass
@@ -59,58 +71,85 @@ class Beam:
     tokens: list[int]  # generated (an EOS token only with include_stop_str_in_output)
     cum_logprob: float = 0.0
     eos: bool = False  # finished on an end-of-sequence token
-    logprobs: list[float] = field(default_factory=list)  # of each generated token
 
 
 class BeamSearch:
     def __init__(self, prompt: list[int], params: BeamSearchParams, eos: frozenset[int]):
         self.prompt, self.params, self.eos = list(prompt), params, frozenset(eos)
         self.live: list[Beam] = [Beam([])]
-        self.finished: list[Beam] = []
+        self.finished: list[Beam] = []  # the `beam_width` best so far, best first
         self.steps = 0
 
     @property
     def done(self) -> bool:
-        return not self.live or self.steps >= self.params.max_tokens
+        return not self.live or self.steps >= self.params.max_tokens or self._settled()
 
     def pending(self) -> list[list[int]]:
         """The token ids to extend by one token: prompt + each live beam's tokens."""
         return [self.prompt + b.tokens for b in self.live]
 
     def step_params(self) -> SamplingParams:
-        return SamplingParams(temperature=self.params.temperature, max_tokens=1,
+        seed = None if self.params.seed is None else self.params.seed + self.steps
+        return SamplingParams(temperature=self.params.temperature, max_tokens=1, seed=seed,
                               logprobs=2 * self.params.beam_width, ignore_eos=True)  # fmt: skip
 
     def score(self, beam: Beam) -> float:
         """cum_logprob / length^length_penalty; the length counts the prompt, and not a last
         EOS token (vLLM's get_beam_search_score)."""
-        n = len(self.prompt) + len(beam.tokens)
-        n -= bool(beam.tokens) and beam.tokens[-1] in self.eos
-        return beam.cum_logprob / max(n, 1) ** self.params.length_penalty
+        return self._score(beam.cum_logprob, self._length(beam.tokens))
+
+    def _length(self, tokens: list[int]) -> int:
+        n = len(self.prompt) + len(tokens) - (bool(tokens) and tokens[-1] in self.eos)
+        return max(n, 1)
+
+    def _score(self, cum: float, length: int) -> float:
+        return cum / length**self.params.length_penalty
+
+    def _settled(self) -> bool:
+        """No live beam can beat the `beam_width`-th finished one any more: its cumulative
+        logprob only falls, so its best reachable score is cum / (the longest it may grow)
+        ^penalty for a positive penalty, else its score now."""
+        p = self.params
+        if len(self.finished) < p.beam_width:
+            return False
+        worst_kept = self.score(self.finished[-1])
+        longest = len(self.prompt) + p.max_tokens
+        for b in self.live:
+            reach = self._score(b.cum_logprob, longest) if p.length_penalty > 0 else self.score(b)
+            if reach >= worst_kept:
+                return False
+        return True
 
     def advance(self, outs: list[RequestOutput]) -> None:
         """Extend the live beams with one step's outputs (one per pending() entry, in order)."""
         if len(outs) != len(self.live):
             raise ValueError(f"{len(outs)} outputs for {len(self.live)} beams")
-        grown: list[Beam] = []
-        for beam, out in zip(self.live, outs):
-            if out.finish_reason == "error":
-                raise ConfigError(f"beam search stopped: {out.error}")
-            if not out.logprobs:
-                continue
+        grown: list[tuple[float, int, int, float]] = []  # (score, beam, token, cum)
+        finished = list(self.finished)
+        for i, (beam, out) in enumerate(zip(self.live, outs)):
+            if out.finish_reason not in ("length", "stop") or not out.logprobs:
+                why = out.error or f"its step ended with {out.finish_reason!r}"
+                raise ConfigError(f"beam search stopped: {why}")
             lp = out.logprobs[0]
             candidates = dict(lp.top)
             candidates.setdefault(lp.token_id, lp.logprob)  # (sampled outside the top)
+            ends = [(lp_, t) for t, lp_ in candidates.items() if t in self.eos]
+            if ends and not self.params.ignore_eos:  # finished once, on the likeliest EOS id
+                logprob, token = max(ends)
+                kept = [token] if self.params.include_stop_str_in_output else []
+                finished.append(Beam(beam.tokens + kept, beam.cum_logprob + logprob, True))
+            n = len(self.prompt) + len(beam.tokens) + 1
             for token, logprob in candidates.items():
-                cum = beam.cum_logprob + logprob
-                lps = [*beam.logprobs, logprob]
                 if token in self.eos and not self.params.ignore_eos:
-                    kept = [token] if self.params.include_stop_str_in_output else []
-                    self.finished.append(Beam(beam.tokens + kept, cum, True, lps))
-                else:
-                    grown.append(Beam(beam.tokens + [token], cum, False, lps))
-        grown.sort(key=self.score, reverse=True)  # (stable: ties keep the candidates' order)
-        self.live = grown[: self.params.beam_width]
+                    continue
+                cum = beam.cum_logprob + logprob
+                length = n - 1 if token in self.eos else n  # (ignore_eos: a last EOS not
+                grown.append((self._score(cum, length), i, token, cum))  # counted, as vLLM)
+        grown.sort(key=lambda c: c[0], reverse=True)  # (stable: ties keep candidate order)
+        self.live = [Beam(self.live[i].tokens + [t], cum)
+                     for _, i, t, cum in grown[: self.params.beam_width]]  # fmt: skip
+        finished.sort(key=self.score, reverse=True)
+        self.finished = finished[: self.params.beam_width]  # (the rest can never be returned)
         self.steps += 1
 
     def best(self) -> list[Beam]:

@@ -713,6 +713,11 @@ class Engine:
         params = params or BeamSearchParams(beam_width=4, max_tokens=16)
         room = SamplingParams(max_tokens=params.max_tokens)  # (the prompt checked, tokenized)
         ids = self._make_request(prompt, expert, room, None, priority, cache_salt).prompt_token_ids
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ConfigError(f"the context holds {self.max_model_len} tokens, but the beam search "
+                              f"asks for {len(ids) + params.max_tokens} ({len(ids)} in the "
+                              f"prompt, max_tokens {params.max_tokens}): lower max_tokens or "
+                              "shorten the prompt")  # fmt: skip
         search = BeamSearch(ids, params, self.registry.eos(expert))
         while not search.done:
             outs = self.generate(search.pending(), expert, search.step_params(), False,

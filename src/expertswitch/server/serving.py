@@ -415,7 +415,8 @@ class OpenAIServing:
         collector = OutputCollector()
         beams = None
         if req.use_beam_search:  # the answers first (the search's own step requests)
-            beams = await self._beam_search(req, http, target, ids, max_tokens, plan)
+            beams = await self._beam_search(req, http, target, ids, max_tokens, plan,
+                                            params[0].skip_special_tokens)  # fmt: skip
         else:
             try:
                 await self.aengine.submit(add_all, collector)
@@ -453,44 +454,53 @@ class OpenAIServing:
             return await self._stream(job, req, http)
         return await self._collect(job, http)
 
-    async def _beam_search(self, req, http, target, ids, max_tokens, plan) -> dict:
-        """vLLM's use_beam_search: req.n beams of each prompt (engine/beam.py), each step's
-        requests run by the engine beside every other request; {request id of the plan:
-        the beam's final output}, the n best of prompt i for the plan's (i, 0..n−1)."""
+    async def _beam_search(self, req, http, target, ids, max_tokens, plan,
+                           skip_special: bool) -> dict:  # fmt: skip
+        """vLLM's use_beam_search: req.n beams of each prompt (engine/beam.py; the prompts'
+        searches side by side), each step's requests run by the engine beside every other
+        request; {request id of the plan: the beam's final output}, the n best of prompt i
+        for the plan's (i, 0..n−1). skip_special: as the answer's text is decoded otherwise
+        (False for a tool parser whose call markers are special tokens)."""
         try:
-            params = BeamSearchParams(
-                req.n,
-                max_tokens,
-                req.ignore_eos,
-                req.temperature or 0.0,
-                req.length_penalty,
-                req.include_stop_str_in_output,
-            )
+            params = BeamSearchParams(req.n, max_tokens, req.ignore_eos, req.temperature or 0.0,
+                                      req.length_penalty, req.include_stop_str_in_output,
+                                      req.seed)  # fmt: skip
         except ConfigError as e:
             raise HTTPError(400, str(e)) from None
         eos = await self._engine_call(lambda engine: engine.registry.eos(target.expert))
-        found: dict[str, RequestOutput] = {}
-        for i, prompt in enumerate(ids):
-            search = BeamSearch(prompt, params, eos)
-            while not search.done:
-                outs = await self._finished(http, target, search.pending(),
-                                            search.step_params(), req)  # fmt: skip
+
+        async def search(i: int) -> list[tuple[str, RequestOutput]]:
+            prompt = ids[i]
+            beams = BeamSearch(prompt, params, eos)
+            while not beams.done:
+                outs = await self._finished(http, target, beams.pending(),
+                                            beams.step_params(), req)  # fmt: skip
                 try:
-                    search.advance(outs)
+                    beams.advance(outs)
                 except ConfigError as e:  # (a step failed: its expert could not load)
                     raise HTTPError(503, f"{target.name}: {e}", code="expert_unavailable"
                                     ) from None  # fmt: skip
+            best = beams.best()
             rids = [rid for rid, p, _ in plan if p == i]
-            best = search.best()
+            if len(best) < len(rids):  # (a vocabulary smaller than the beam width)
+                raise HTTPError(400, f"the beam search found {len(best)} answers, fewer than "
+                                f"n={len(rids)}: lower n", param="n")  # fmt: skip
 
-            def outputs(engine: Engine, prompt=prompt, best=best) -> list[RequestOutput]:
-                return [engine.beam_output(b, prompt, target.expert, k, req.skip_special_tokens)
+            def outputs(engine: Engine) -> list[RequestOutput]:
+                return [engine.beam_output(b, prompt, target.expert, k, skip_special)
                         for k, b in enumerate(best)]  # fmt: skip
 
-            for rid, out in zip(rids, await self._engine_call(outputs)):
+            found = list(zip(rids, await self._engine_call(outputs)))
+            for rid, out in found:
                 out.request_id = rid
-                found[rid] = out
-        return found
+            return found
+
+        tasks = [asyncio.ensure_future(search(i)) for i in range(len(ids))]
+        try:
+            return dict(pair for done in await asyncio.gather(*tasks) for pair in done)
+        finally:  # one prompt's search failed (or the client left): the others stop too
+            for t in tasks:
+                t.cancel()
 
     async def _finished(self, http, target, prompts, params, req) -> list[RequestOutput]:
         """Run `prompts` to their end on the engine (beside everything else it serves)."""
