@@ -392,19 +392,7 @@ class OpenAIServing:
         job_id = f"{prefix}-{uuid.uuid4().hex}"
         plan = [(f"{job_id}-{i}-{j}", i, j) for i in range(len(ids)) for j in range(req.n)]
 
-        def add_all(engine: Engine) -> list[str]:
-            added = []
-            try:
-                for rid, i, j in plan:
-                    added.append(engine.add_request(ids[i], target.expert, params[j], rid,
-                                                    priority=req.priority,
-                                                    cache_salt=req.cache_salt))  # fmt: skip
-            except Exception:
-                for rid in added:
-                    engine.abort(rid)
-                raise
-            return added
-
+        add_all = _adder([(rid, ids[i], params[j]) for rid, i, j in plan], target, req)
         if params[0].structured_outputs is not None and tok is not None:
             # the tokenizer's tries are built once, here rather than on the engine's thread
             # (~1 s for a 152K vocabulary, which every running request would wait out)
@@ -418,11 +406,7 @@ class OpenAIServing:
             beams = await self._beam_search(req, http, target, ids, max_tokens, plan,
                                             params[0].skip_special_tokens)  # fmt: skip
         else:
-            try:
-                await self.aengine.submit(add_all, collector)
-            except ConfigError as e:
-                code = "context_length_exceeded" if "context holds" in str(e) else None
-                raise HTTPError(400, str(e), code=code) from None
+            await self._submit(add_all, collector)
         choices = [_Choice(rid, k, i, started=start) for k, (rid, i, _) in enumerate(plan)]
         fmt = None
         if params[0].logprobs is not None:
@@ -502,29 +486,19 @@ class OpenAIServing:
             for t in tasks:
                 t.cancel()
 
-    async def _finished(self, http, target, prompts, params, req) -> list[RequestOutput]:
-        """Run `prompts` to their end on the engine (beside everything else it serves)."""
-        rids = [f"beam-{uuid.uuid4().hex}" for _ in prompts]
-
-        def add_all(engine: Engine) -> list[str]:
-            added = []
-            try:
-                for rid, p in zip(rids, prompts):
-                    added.append(engine.add_request(p, target.expert, params, rid,
-                                                    priority=req.priority,
-                                                    cache_salt=req.cache_salt))  # fmt: skip
-            except Exception:
-                for rid in added:
-                    engine.abort(rid)
-                raise
-            return added
-
-        collector = OutputCollector()
+    async def _submit(self, add_all, collector: OutputCollector) -> None:
         try:
             await self.aengine.submit(add_all, collector)
         except ConfigError as e:
             code = "context_length_exceeded" if "context holds" in str(e) else None
             raise HTTPError(400, str(e), code=code) from None
+
+    async def _finished(self, http, target, prompts, params, req) -> list[RequestOutput]:
+        """Run `prompts` to their end on the engine (beside everything else it serves)."""
+        rids = [f"beam-{uuid.uuid4().hex}" for _ in prompts]
+        collector = OutputCollector()
+        await self._submit(_adder(list(zip(rids, prompts, [params] * len(rids))), target, req),
+                           collector)  # fmt: skip
         final: dict[str, RequestOutput] = {}
         watch = _watch_disconnect(http, collector)
         try:
@@ -867,6 +841,26 @@ def _watch_disconnect(http: Request, collector: OutputCollector) -> asyncio.Task
                 return
 
     return asyncio.ensure_future(watch())
+
+
+def _adder(entries, target: Target, req):
+    """add_all(engine) for AsyncEngine.submit: each (request id, prompt, SamplingParams) of
+    `entries` added for the target's expert, all or none."""
+
+    def add_all(engine: Engine) -> list[str]:
+        added = []
+        try:
+            for rid, prompt, params in entries:
+                added.append(engine.add_request(prompt, target.expert, params, rid,
+                                                priority=req.priority,
+                                                cache_salt=req.cache_salt))  # fmt: skip
+        except Exception:
+            for rid in added:
+                engine.abort(rid)
+            raise
+        return added
+
+    return add_all
 
 
 def _generated(job: _Job, out: RequestOutput) -> str:
