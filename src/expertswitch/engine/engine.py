@@ -727,12 +727,12 @@ class Engine:
 
     def beam_output(self, beam: Beam, prompt_ids: list[int], expert: str | None, index: int,
                     skip_special_tokens: bool = True) -> RequestOutput:  # fmt: skip
+        """A finished beam as a request's final output (its text decoded with the expert's
+        tokenizer, if the engine has one)."""
         tok = self.tokenizer_for(expert)
-        text = (
-            None
-            if tok is None
-            else tok.decode(beam.tokens, skip_special_tokens=skip_special_tokens)
-        )
+        text = None
+        if tok is not None:
+            text = tok.decode(beam.tokens, skip_special_tokens=skip_special_tokens)
         out = RequestOutput(f"beam-{index}", list(prompt_ids), list(beam.tokens), text, expert,
                             True, "stop" if beam.eos else "length", list(beam.tokens))  # fmt: skip
         out.cumulative_logprob = beam.cum_logprob
