@@ -1166,6 +1166,10 @@ def test_beam_search_equals_a_beam_search_over_transformers(llama, llama_engine,
     assert [o.finish_reason for o in got] == ["stop" if e else "length" for _, _, e in want]
     with pytest.raises(ConfigError, match="beam width"):
         BeamSearchParams(beam_width=11, max_tokens=4)
+    with pytest.raises(ConfigError, match="params must be a BeamSearchParams, got dict"):
+        llama_engine.beam_search(p, expert, {"beam_width": 2})
+    with pytest.raises(ConfigError, match="the context holds .* lower max_tokens"):
+        llama_engine.beam_search(p, expert, BeamSearchParams(2, llama_engine.max_model_len))
 
 
 def test_beam_search_bookkeeping_on_given_logprobs():

@@ -711,6 +711,8 @@ class Engine:
         each an output with its tokens, text, cumulative_logprob and finish_reason ("stop" on
         an EOS token, else "length")."""
         params = params or BeamSearchParams(beam_width=4, max_tokens=16)
+        if not isinstance(params, BeamSearchParams):
+            raise ConfigError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         room = SamplingParams(max_tokens=params.max_tokens)  # (the prompt checked, tokenized)
         ids = self._make_request(prompt, expert, room, None, priority, cache_salt).prompt_token_ids
         if len(ids) + params.max_tokens > self.max_model_len:
