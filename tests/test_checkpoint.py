@@ -195,6 +195,36 @@ def test_soft_caps_must_agree(tmp_path):
     check_compatible(open_checkpoint(tmp_path / "base"), open_checkpoint(tmp_path / "e0"))
 
 
+def test_gemma3_layer_kinds_and_local_rope_must_agree(tmp_path):
+    """Gemma 3: a fine-tune whose layers are windowed otherwise, or whose windowed layers
+    rotate by another base frequency (written the 4.x way, which the raw keys do not
+    compare), is refused; the same settings in 4.x keys are accepted."""
+    import json
+
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              vocab_size=64, layer_types=["sliding_attention",
+                                                          "full_attention"])  # fmt: skip
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path / "e")
+    base_cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    v4 = {k: v for k, v in base_cfg.items() if k not in ("rope_parameters", "layer_types")}
+    v4.update(rope_theta=1e6, rope_local_base_freq=1e4, sliding_window_pattern=2)
+    swapped = {**base_cfg, "layer_types": ["full_attention", "sliding_attention"]}
+    changes = [(swapped, "local_layers is"),
+               ({**v4, "rope_local_base_freq": 500.0}, "local_rope is"), (v4, None)]  # fmt: skip
+    for expert_cfg, match in changes:
+        (tmp_path / "e" / "config.json").write_text(json.dumps(expert_cfg))
+        pair = open_checkpoint(tmp_path / "base"), open_checkpoint(tmp_path / "e")
+        if match is None:
+            check_compatible(*pair)
+            continue
+        with pytest.raises(CompatibilityError, match=f"{match} .* but"):
+            check_compatible(*pair)
+
+
 def test_mismatched_shapes(tmp_path, llama_pair):
     """Same config keys, but a tensor of another shape (a hand-edited or broken checkpoint)."""
     base_dir, _ = llama_pair

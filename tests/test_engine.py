@@ -646,6 +646,111 @@ def test_gemma_norms_scaled_embeddings_and_soft_caps(tmp_path, monkeypatch, arch
     assert eng.generate(ps[1], "lora", sp)[0].token_ids == peft_greedy(base, lora, ps[1], 24)
 
 
+GEMMA3_ROPES = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}  # fmt: skip
+
+
+def gemma3_config():
+    """A tiny Gemma 3 text model: windowed, global, windowed layers, each kind with its own
+    RoPE (far apart, so that a layer rotated by the other's would change the logprobs)."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            vocab_size=256, max_position_embeddings=256, sliding_window=16,
+                            layer_types=["sliding_attention", "full_attention",
+                                         "sliding_attention"],
+                            rope_parameters=GEMMA3_ROPES, query_pre_attn_scalar=24,
+                            pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
+
+
+def test_gemma3_local_and_global_rope_and_qk_norms(tmp_path, monkeypatch):
+    """Gemma 3's text model: Gemma 2's layout without soft caps, (1 + w) q/k norms (an
+    expert's changed ones per row), and two RoPEs — the sliding-window layers' own base
+    frequency, the global layers' scaled one: transformers' greedy tokens for the base and an
+    expert in one batch and its prompt logprobs; the padded static decode path (what CUDA
+    graphs capture, through the Triton decode kernel) gives the same logprobs; 4.x configs
+    (rope_local_base_freq, sliding_window_pattern) read alike; the image-and-text config is
+    refused by name; a PEFT LoRA adapter gives PEFT's tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from expertswitch.engine import graphs
+    from expertswitch.models.config import ModelConfig
+
+    config = gemma3_config()
+    base, ((archive, rec),) = make_family(tmp_path, config, n_experts=1)
+    entries = open_archive(archive).entries
+    assert entries["model.layers.1.self_attn.k_norm.weight"].kind == "exact"
+    eng = Engine(base, {"x": archive})
+    cfg = eng.model.cfg
+    assert cfg.sliding_windows == [16, None, 16] and cfg.local_layers == [True, False, True]
+    assert cfg.final_softcap is None and cfg.attn_softcap is None
+    ps = prompts(2, (9, 30))  # past the window while decoding; past it in the prompt
+    outs = expert_and_base_equal_transformers(eng, base, rec, ps, 24)
+    model = AutoModelForCausalLM.from_pretrained(rec, dtype=torch.float32)
+    prompt_logprobs_equal_transformers(eng, model, ps[1])
+    four = SamplingParams(temperature=0.0, max_tokens=6, logprobs=0)
+    want = eng.generate(ps + ps, ["x", "x", None, None], four)
+    assert [o.token_ids for o in want[:2]] == [o.token_ids[:6] for o in outs[:2]]
+    if importlib.util.find_spec("triton"):
+        from expertswitch.models import attention
+
+        monkeypatch.setattr(graphs, "GRAPH_MODE", "static")  # (its attention: the Triton
+        monkeypatch.setattr(attention, "ATTENTION_PATH", "kernel")  # kernel, interpreted)
+        static = Engine(base, {"x": archive})
+        same_tokens_and_logprobs(static.generate(ps + ps, ["x", "x", None, None], four), want)
+        assert static.runner.graphs.replays > 0
+        monkeypatch.undo()
+    # transformers 4.x's keys: rope_theta, rope_scaling (the global layers'),
+    # rope_local_base_freq, sliding_window_pattern (every 2nd layer global here)
+    old = {k: v for k, v in config.to_dict().items() if k not in ("rope_parameters",
+                                                                  "layer_types")}  # fmt: skip
+    full, local = GEMMA3_ROPES["full_attention"], GEMMA3_ROPES["sliding_attention"]
+    old.update(
+        rope_theta=full["rope_theta"],
+        rope_local_base_freq=local["rope_theta"],
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        sliding_window_pattern=2,
+    )
+    got = ModelConfig.from_dict(old)
+    assert (got.rope, got.local_rope) == (cfg.rope, cfg.local_rope)
+    assert got.sliding_windows == cfg.sliding_windows and got.local_layers == cfg.local_layers
+    # transformers' defaults: 1e6 and 1e4, five windowed layers of 4096, then a global one;
+    # no soft caps (Gemma 2's defaults are caps), 256^−½, 131072 positions
+    bare = {k: v for k, v in old.items() if k not in ("rope_theta", "rope_local_base_freq",
+            "rope_scaling", "sliding_window_pattern", "sliding_window", "query_pre_attn_scalar",
+            "attn_logit_softcapping", "final_logit_softcapping", "head_dim",
+            "max_position_embeddings")}  # fmt: skip
+    got = ModelConfig.from_dict({**bare, "num_hidden_layers": 7})
+    assert (got.rope["rope_theta"], got.local_rope["rope_theta"]) == (1e6, 1e4)
+    assert got.sliding_windows == [4096] * 5 + [None, 4096]
+    assert (got.attn_softcap, got.final_softcap, got.attn_scale) == (None, None, 1 / 16)
+    assert (got.head_dim, got.max_position_embeddings) == (256, 131072)
+    for bad, match in (({"layer_types": ["sliding_attention"]}, "layer_types must list 3"),
+                       ({"sliding_window_pattern": 0}, "sliding_window_pattern must be"),
+                       ({"model_type": "gemma3"}, "image-and-text model")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            ModelConfig.from_dict({**old, **bad})
+    with pytest.raises(ConfigError, match="not served beside the global one"):
+        from expertswitch.io.checkpoint import open_checkpoint
+        from expertswitch.models.decoder import Decoder
+
+        dynamic = {**GEMMA3_ROPES["sliding_attention"], "rope_type": "dynamic", "factor": 2.0}
+        cfg_dict = {
+            **config.to_dict(),
+            "rope_parameters": {**GEMMA3_ROPES, "sliding_attention": dynamic},
+        }
+        Decoder(ModelConfig.from_dict(cfg_dict), open_checkpoint(base), "cpu", torch.float32)
+    # a PEFT LoRA adapter on the scaled embedding, the attention and the MLP: PEFT's tokens
+    pytest.importorskip("peft")
+    from conftest import make_adapter, peft_greedy
+
+    lora = make_adapter(base, tmp_path / "lora", 3, ["embed_tokens", "k_proj", "down_proj"])
+    eng.add_expert("lora", lora)
+    sp = SamplingParams(temperature=0.0, max_tokens=24)
+    assert eng.generate(ps[1], "lora", sp)[0].token_ids == peft_greedy(base, lora, ps[1], 24)
+
+
 @pytest.mark.parametrize("rope", [
     {"rope_type": "linear", "factor": 2.0},
     {"rope_type": "dynamic", "factor": 2.0},
@@ -1058,13 +1163,16 @@ def test_engine_on_gpu_equals_transformers(llama, solo):
 
 
 @pytest.mark.gpu
-def test_gemma2_on_gpu_caps_in_the_decode_kernel_and_graphs(tmp_path, monkeypatch):
-    """fp32 on the GPU: Gemma 2's soft-capped scores in the Triton decode kernel, replayed
-    from decode graphs, give the CPU engine's tokens and logprobs (which equal transformers':
-    test_gemma_norms_scaled_embeddings_and_soft_caps)."""
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma2_on_gpu_caps_in_the_decode_kernel_and_graphs(tmp_path, monkeypatch, arch):
+    """fp32 on the GPU: Gemma 2's soft-capped scores in the Triton decode kernel, and Gemma
+    3's two RoPEs, replayed from decode graphs, give the CPU engine's tokens and logprobs
+    (which equal transformers': test_gemma_norms_scaled_embeddings_and_soft_caps,
+    test_gemma3_local_and_global_rope_and_qk_norms)."""
     from expertswitch.engine import graphs
 
-    base, ((archive, _),) = make_family(tmp_path, gemma_config("gemma2"), n_experts=1)
+    config = gemma_config("gemma2") if arch == "gemma2" else gemma3_config()
+    base, ((archive, _),) = make_family(tmp_path, config, n_experts=1)
     ps = prompts(2, (9, 30))
     sp = SamplingParams(temperature=0.0, max_tokens=24, logprobs=0)
     want = Engine(base, {"x": archive}).generate(ps + ps, ["x", "x", None, None], sp)

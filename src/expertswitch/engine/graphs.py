@@ -60,10 +60,11 @@ class _Buffers:
 
     def __init__(self, bp: int, model, max_blocks: int, device):
         long = dict(dtype=torch.long, device=device)
-        h, d = model.cfg.hidden_size, model.rope.dim  # cos/sin: [T, rotary dim]
+        h, d = model.cfg.hidden_size, model.rope.dim  # cos/sin: [T, rotary dim] (Gemma 3's
+        lead = () if model.local_rope is None else (2,)  # two RoPEs: [2, T, rotary dim])
         self.x = torch.zeros(bp, h, dtype=model.dtype, device=device)
-        self.cos = torch.zeros(bp, d, dtype=torch.float32, device=device)
-        self.sin = torch.zeros(bp, d, dtype=torch.float32, device=device)
+        self.cos = torch.zeros(*lead, bp, d, dtype=torch.float32, device=device)
+        self.sin = torch.zeros(*lead, bp, d, dtype=torch.float32, device=device)
         self.slots = torch.zeros(bp, **long)
         self.tables = torch.zeros(bp, max_blocks, **long)
         self.kv_lens = torch.ones(bp, **long)
@@ -187,7 +188,7 @@ class DecodeGraphs:
             bufs.x[b:] = 0
             bufs.positions[:b] = ab.positions
             bufs.positions[b:] = 0
-            cos, sin = self.model.rope.cos_sin(bufs.positions, _padded(ab.seq_lens, bufs, b))
+            cos, sin = self.model.cos_sin(bufs.positions, _padded(ab.seq_lens, bufs, b))
             bufs.cos.copy_(cos)
             bufs.sin.copy_(sin)
             bufs.slots[:b] = ab.slot_mapping

@@ -235,13 +235,15 @@ _ARCH_KEYS = (
     "shared_expert_intermediate_size", "qkv_bias", "rope_theta", "rope_scaling",
     "rope_parameters", "original_max_position_embeddings", "partial_rotary_factor",
     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+    "rope_local_base_freq",
 )  # fmt: skip
 
 
 # ModelConfig fields the engine serves an expert with from its base's config (the archive
 # keeps none of the expert's): null soft caps (off) against numbers, or an activation changed
 _BEHAVIOUR = ("hidden_act", "attn_softcap", "final_softcap", "attn_scale", "norm_offset",
-              "embed_scale", "sandwich_norms", "qkv_bias", "o_bias", "mlp_bias")  # fmt: skip
+              "embed_scale", "sandwich_norms", "qkv_bias", "o_bias", "mlp_bias", "local_rope",
+              "local_layers")  # fmt: skip
 
 
 def _check_behaviour(base: Checkpoint, expert: Checkpoint) -> None:

@@ -1,5 +1,6 @@
 """`ModelConfig`: the decoder's shape, read from a Hugging Face `config.json` (Llama, Mistral,
-Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Phi-3, Gemma, Gemma 2, Mixtral, and `expertswitch_moe`: a
+Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Phi-3, Gemma, Gemma 2, Gemma 3's text model, Mixtral, and
+`expertswitch_moe`: a
 Llama-shaped model whose listed layers have a DeepSpeed-style MoE FFN, as `expertswitch train`
 writes it), without transformers. Validates itself; unknown families get a clear error."""
 
@@ -10,13 +11,15 @@ from dataclasses import dataclass, field
 from expertswitch.errors import ConfigError
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma",
-             "gemma2", "mixtral", "expertswitch_moe")  # fmt: skip
-_GEMMA = ("gemma", "gemma2")
+             "gemma2", "gemma3_text", "mixtral", "expertswitch_moe")  # fmt: skip
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
 _SPARSE = ("mixtral", "qwen2_moe", "qwen3_moe")  # families whose MoE FFN is Mixtral's block
 _QWEN_MOE = ("qwen2_moe", "qwen3_moe")  # routing options, dense layers (mlp_only_layers, ...)
 # transformers' defaults where config.json leaves the key out (Qwen3's head_dim is not
 # hidden / heads)
-_DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma": 256, "gemma2": 256}
+_DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "gemma": 256, "gemma2": 256,
+                     "gemma3_text": 256}  # fmt: skip
+_MAX_POSITIONS = {"gemma": 8192, "gemma2": 8192, "gemma3_text": 131072}  # (others: 2048)
 _MOE_FFN_DEFAULT = {"qwen2_moe": 1408, "qwen3_moe": 768}
 _QWEN3 = ("qwen3", "qwen3_moe")
 _ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -36,16 +39,21 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     hidden_act: str = "silu"
     rope: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    # Gemma 3: the sliding-window layers' own RoPE (its local base frequency, unscaled); None:
+    # every layer rotates by `rope`
+    local_rope: dict | None = None
+    local_layers: list[bool] = field(default_factory=list)  # per layer: rotates by local_rope
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: q/k/v biases; Llama's attention_bias: q/k/v and o
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k (q_norm, k_norm) before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k before RoPE
     fused_proj: bool = False  # Phi-3: one qkv_proj (q, k, v rows) and one gate_up_proj
     # Gemma: norms multiply by (1 + weight) in fp32 (weights stored as w − 1), embeddings are
     # scaled by √hidden; Gemma 2 also: sandwich norms (the attention's and the MLP's outputs
     # normed before the residual add, a norm before the MLP), the attention scaled by
-    # query_pre_attn_scalar^−½, and attention scores and logits soft-capped: cap·tanh(s / cap)
+    # query_pre_attn_scalar^−½, and attention scores and logits soft-capped: cap·tanh(s / cap);
+    # Gemma 3 as Gemma 2 with q/k norms, caps off by default and two RoPEs (local_rope)
     norm_offset: float = 0.0
     embed_scale: float = 1.0
     sandwich_norms: bool = False
@@ -90,6 +98,8 @@ class ModelConfig:
                 raise ConfigError("one sparse-layer entry per layer is needed")
         if len(self.sliding_windows) != self.num_layers:
             raise ConfigError("one sliding-window entry per layer is needed")
+        if self.local_rope is not None and len(self.local_layers) != self.num_layers:
+            raise ConfigError("a local RoPE needs one local_layers entry per layer")
         if self.moe_layers and len(self.moe_layers) != self.num_layers:
             raise ConfigError(f"moe_layers lists {len(self.moe_layers)} layers, the model has "
                               f"{self.num_layers}: one entry (null = dense) per layer")  # fmt: skip
@@ -114,16 +124,18 @@ class ModelConfig:
                 # (transformers' Qwen3 configs default head_dim to 128, not hidden / heads)
                 head_dim=cfg.get("head_dim") or _DEFAULT_HEAD_DIM.get(mt, hidden // heads),
                 vocab_size=cfg["vocab_size"],
-                max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+                max_position_embeddings=_max_positions(cfg),
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 hidden_act=_activation(cfg, mt),
                 rope=_rope_params(cfg),
+                local_rope=_local_rope(cfg, mt),
+                local_layers=_gemma3_sliding(cfg, layers) if mt == "gemma3_text" else [],
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", mt in _GEMMA)),
                 **_gemma_fields(cfg, mt, hidden),
                 qkv_bias=_qkv_bias(cfg, mt),
                 o_bias=mt not in ("qwen2", "qwen2_moe") and bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
-                qk_norm=mt in _QWEN3,
+                qk_norm=mt in (*_QWEN3, "gemma3_text"),
                 fused_proj=mt == "phi3",
                 sliding_windows=_sliding_windows(cfg, mt, layers),
                 num_experts=_num_experts(cfg) if mt in _SPARSE else 0,
@@ -223,7 +235,7 @@ def _activation(cfg: dict, mt: str) -> str:
     """hidden_act, as transformers 5 reads it: Gemma 2 names it hidden_activation (taken as
     written), and Gemma's legacy "gelu" means the tanh approximation its checkpoints were
     trained with."""
-    if mt == "gemma2":
+    if mt in ("gemma2", "gemma3_text"):
         return cfg.get("hidden_activation") or "gelu_pytorch_tanh"
     if mt == "gemma":
         act = cfg.get("hidden_act") or "gelu_pytorch_tanh"
@@ -238,11 +250,12 @@ def _gemma_fields(cfg: dict, mt: str, hidden: int) -> dict:
         raise ConfigError(f"this {mt} config uses bidirectional attention (an embedding "
                           "model): the engine serves causal language models")  # fmt: skip
     out = {"norm_offset": 1.0, "embed_scale": hidden**0.5}
-    if mt == "gemma2":  # (transformers' defaults where config.json leaves them out)
+    if mt != "gemma":  # (transformers' defaults where config.json leaves them out: Gemma 2
+        caps = (50.0, 30.0) if mt == "gemma2" else (None, None)  # caps, Gemma 3's none)
         scalar = _positive(cfg, "query_pre_attn_scalar", 256)
         out.update(sandwich_norms=True, attn_scale=None if scalar is None else scalar**-0.5,
-                   attn_softcap=_positive(cfg, "attn_logit_softcapping", 50.0),
-                   final_softcap=_positive(cfg, "final_logit_softcapping", 30.0))  # fmt: skip
+                   attn_softcap=_positive(cfg, "attn_logit_softcapping", caps[0]),
+                   final_softcap=_positive(cfg, "final_logit_softcapping", caps[1]))  # fmt: skip
     return out
 
 
@@ -283,17 +296,27 @@ def _qkv_bias(cfg: dict, mt: str) -> bool:
 
 
 def _check_type(model_type) -> None:
+    if model_type == "gemma3":
+        raise ConfigError("model_type 'gemma3' is Gemma 3's image-and-text model: the engine "
+                          "serves its text model, a checkpoint of Gemma3ForCausalLM "
+                          "(model_type 'gemma3_text', e.g. gemma-3-1b) — save the language "
+                          "model alone with transformers to serve it")  # fmt: skip
     if model_type not in SUPPORTED:
         raise ConfigError(f"model_type {model_type!r} is not supported: the engine serves "
                           f"{', '.join(SUPPORTED)} checkpoints")  # fmt: skip
 
 
 def _rope_params(cfg: dict) -> dict:
-    """transformers 5 writes `rope_parameters` (with rope_theta inside); 4.x writes `rope_theta`
-    and an optional `rope_scaling`. Either way: one dict with rope_type and rope_theta."""
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    """transformers 5 writes `rope_parameters` (with rope_theta inside; Gemma 3: one per layer
+    type, this is the full-attention layers'); 4.x writes `rope_theta` and an optional
+    `rope_scaling`. Either way: one dict with rope_type and rope_theta."""
+    params = _per_layer_type(cfg, "full_attention")
+    if params is None:
+        params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    params = dict(params)
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = 1_000_000.0 if cfg.get("model_type") == "gemma3_text" else 10000.0
+    params.setdefault("rope_theta", cfg.get("rope_theta", theta))
     if cfg.get("model_type") == "phi3" and params["rope_type"] in ("su", "yarn"):
         params["rope_type"] = "longrope"  # (transformers' Phi3Config renames them so)
     if params["rope_type"] == "longrope":  # Phi-3: the pretrained length, top-level first
@@ -305,8 +328,55 @@ def _rope_params(cfg: dict) -> dict:
         params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
     if "partial_rotary_factor" in cfg:  # (Phi-3 mini 4: top-level in transformers 4.x)
         params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
-    params.setdefault("max_position_embeddings", cfg.get("max_position_embeddings", 2048))
+    params.setdefault("max_position_embeddings", _max_positions(cfg))
     return params
+
+
+def _max_positions(cfg: dict) -> int:
+    return cfg.get("max_position_embeddings", _MAX_POSITIONS.get(cfg.get("model_type"), 2048))
+
+
+def _per_layer_type(cfg: dict, layer_type: str) -> dict | None:
+    """transformers 5's Gemma 3 `rope_parameters`: {layer type: that type's parameters}; None
+    for any other layout (one dict for all layers, or none)."""
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict) or not {"full_attention", "sliding_attention"} & set(params):
+        return None
+    one = params.get(layer_type)
+    if one is not None and not isinstance(one, dict):
+        raise ConfigError(f"config.json's rope_parameters[{layer_type!r}] must be a mapping, "
+                          f"got {one!r}")  # fmt: skip
+    return one or {}
+
+
+def _local_rope(cfg: dict, mt: str) -> dict | None:
+    """Gemma 3's sliding-window layers' RoPE: transformers 5's rope_parameters
+    ["sliding_attention"], or 4.x's rope_local_base_freq, unscaled (rope_scaling is the
+    global layers'); None for other families."""
+    if mt != "gemma3_text":
+        return None
+    params = dict(_per_layer_type(cfg, "sliding_attention") or {"rope_type": "default"})
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", cfg.get("rope_local_base_freq", 10000.0))
+    params.setdefault("max_position_embeddings", _max_positions(cfg))
+    return params
+
+
+def _gemma3_sliding(cfg: dict, layers: int) -> list[bool]:
+    """Gemma 3's sliding-window layers: its layer_types, else every layer but each
+    sliding_window_pattern-th (6 when left out), as transformers reads them."""
+    types = cfg.get("layer_types")
+    kinds = ("sliding_attention", "full_attention")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != layers or not set(types) <= set(kinds):
+            raise ConfigError(f"config.json's layer_types must list {layers} entries, each "
+                              f"one of {kinds}, got {types!r}")  # fmt: skip
+        return [t == "sliding_attention" for t in types]
+    pattern = cfg.get("sliding_window_pattern", 6)
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+        raise ConfigError(f"config.json's sliding_window_pattern must be a positive integer, "
+                          f"got {pattern!r}")  # fmt: skip
+    return [(i + 1) % pattern != 0 for i in range(layers)]
 
 
 def _sliding_windows(cfg: dict, mt: str, layers: int) -> list[int | None]:
@@ -319,8 +389,10 @@ def _sliding_windows(cfg: dict, mt: str, layers: int) -> list[int | None]:
         return [window] * layers
     if mt == "gemma":
         return [None] * layers
-    if mt == "gemma2" and "sliding_window" not in cfg:
+    if mt in ("gemma2", "gemma3_text") and "sliding_window" not in cfg:
         window = 4096  # (transformers' default)
+    if mt == "gemma3_text":
+        return [window if s else None for s in _gemma3_sliding(cfg, layers)]
     types = cfg.get("layer_types")
     if types and len(types) == layers and mt != "mistral":  # Mistral windows every layer
         return [window if t == "sliding_attention" else None for t in types]

@@ -1,10 +1,11 @@
-"""One decoder for the Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma (1 and 2) and Mixtral families
-(and Qwen2-MoE, Qwen3-MoE), built from a Hugging Face `config.json` and loaded tensor by tensor
-with io/checkpoint (no transformers at run time).
+"""One decoder for the Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma (1, 2 and 3's text model) and
+Mixtral families (and Qwen2-MoE, Qwen3-MoE), built from a Hugging Face `config.json` and loaded
+tensor by tensor with io/checkpoint (no transformers at run time).
 
-GQA, RoPE (models/rope.py), per-layer sliding windows, tied or untied embeddings, q/k/v (and o)
-biases, Qwen3's per-head q/k RMSNorms, Gemma's (1 + w) norms, scaled embeddings, sandwich
-norms and soft caps, Mixtral's, Qwen2-MoE's and Qwen3-MoE's sparse MoE FFN
+GQA, RoPE (models/rope.py; Gemma 3: one for the sliding-window layers, one for the others),
+per-layer sliding windows, tied or untied embeddings, q/k/v (and o) biases, Qwen3's and
+Gemma 3's per-head q/k RMSNorms, Gemma's (1 + w) norms, scaled embeddings, sandwich norms and
+soft caps, Mixtral's, Qwen2-MoE's and Qwen3-MoE's sparse MoE FFN
 (moe/mixtral.py; Qwen2-MoE's shared expert beside it). Every linear layer is a
 MultiExpertLinear, every norm and the embedding take each row's expert into account, so one
 forward pass serves a batch that mixes experts and base-only rows.
@@ -36,7 +37,7 @@ from expertswitch.models.config import ModelConfig
 from expertswitch.models.context import ExpertBatch, StepContext
 from expertswitch.models.layers import MultiExpertLinear, RowEmbedding, RowNorm, stacked_rows
 from expertswitch.models.moe_rows import RowMixtralMoE
-from expertswitch.models.rope import Rotary
+from expertswitch.models.rope import LENGTH_DEPENDENT, Rotary
 
 _ACT = {
     "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
@@ -147,6 +148,9 @@ class DecoderLayer:
     def __init__(self, i: int, cfg: ModelConfig, ld: _Loader, rope: Rotary, ep_size: int = 1):
         p = f"model.layers.{i}."
         self.cfg, self.rope = cfg, rope
+        # with two RoPEs (Gemma 3) cos/sin are stacked [2, T, D]: this layer's is [1] (local)
+        # or [0]; None: one RoPE, cos/sin [T, D]
+        self.rope_slot = None if cfg.local_rope is None else int(cfg.local_layers[i])
         tp = ld.tp.size if ld.tp else 1
         self.heads, self.kv_heads = cfg.num_heads // tp, max(cfg.num_kv_heads // tp, 1)
         # more ranks than kv heads: each kv head is replicated over tp / kv ranks, whose query
@@ -215,6 +219,8 @@ class DecoderLayer:
             v = self.v(x, eb).view(t, self.kv_heads, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q, eb), self.k_norm(k, eb)
+        if self.rope_slot is not None:
+            cos, sin = cos[self.rope_slot], sin[self.rope_slot]
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         write_kv(kv[0], kv[1], k, v, ctx.attention.slot_mapping)
         out = paged_attention(q, kv[0], kv[1], layout, self.window, self.scale,
@@ -257,6 +263,21 @@ class DecoderLayer:
             return x + self.mlp(self.post_norm(x, eb), eb)
         x = x + self.post_norm(h, eb)  # Gemma 2
         return x + self.post_ff_norm(self.mlp(self.pre_ff_norm(x, eb), eb), eb)
+
+
+def _local_rotary(cfg: ModelConfig, rope: Rotary) -> Rotary | None:
+    """Gemma 3's sliding-window layers' RoPE, or None. It must rotate as many channels as the
+    global one (their tables are stacked) and not depend on the sequence's length (the
+    engine's prefix cache and LongRoPE bookkeeping read the global one)."""
+    if cfg.local_rope is None:
+        return None
+    local = Rotary(cfg.local_rope, cfg.head_dim, cfg.max_position_embeddings)
+    if local.kind in LENGTH_DEPENDENT or local.dim != rope.dim:
+        raise ConfigError(f"the sliding-window layers' RoPE ({local.kind}, {local.dim} "
+                          f"channels) is not served beside the global one ({rope.kind}, "
+                          f"{rope.dim} channels): only a length-independent local RoPE over "
+                          "the same channels is")  # fmt: skip
+    return local
 
 
 def _load_mixtral_moe(prefix: str, cfg: ModelConfig, ld: _Loader):
@@ -347,6 +368,7 @@ class Decoder:
                               "expert_parallel_size at 1")  # fmt: skip
         ld = _Loader(ckpt, device, dtype, self.tp)
         self.rope = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        self.local_rope = _local_rotary(cfg, self.rope)
         self.embed = RowEmbedding("model.embed_tokens.weight", ld.get("model.embed_tokens.weight"),
                                   cfg.embed_scale)  # fmt: skip
         self.layers = [DecoderLayer(i, cfg, ld, self.rope, ep_size)
@@ -453,8 +475,17 @@ class Decoder:
         """ids [T] (rows of all sequences, in order) → final hidden states [T, H]."""
         ab = ctx.attention
         layout = PaddedLayout.build(ab)
-        cos, sin = self.rope.cos_sin(ab.positions, ab.seq_lens)
+        cos, sin = self.cos_sin(ab.positions, ab.seq_lens)
         return self.run_layers(self.embed(ids, ctx.experts), ctx, kv_cache, layout, cos, sin)
+
+    def cos_sin(self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None):
+        """The rows' rotations, fp32: cos, sin [T, D]; with a local RoPE (Gemma 3) both
+        stacked [2, T, D], the global one first (each layer picks its own)."""
+        cos, sin = self.rope.cos_sin(positions, seq_lens)
+        if self.local_rope is None:
+            return cos, sin
+        lcos, lsin = self.local_rope.cos_sin(positions, seq_lens)
+        return torch.stack([cos, lcos]), torch.stack([sin, lsin])
 
     @torch.inference_mode()
     def run_layers(self, x, ctx: StepContext, kv_cache, layout, cos, sin) -> torch.Tensor:
