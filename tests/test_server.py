@@ -1190,6 +1190,11 @@ SAID = {  # one answer that calls get_weather then get_time, in each format test
         '"Paris"}}\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}'
     ),
     "pythonic": '[get_weather(city="Paris"), get_time()]',
+    "qwen3_coder": (  # (days: typed by the tools' schema)
+        "Let me look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+        "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>\n"
+        "<tool_call>\n<function=get_time>\n</function>\n</tool_call>"
+    ),
 }
 
 
@@ -1205,14 +1210,17 @@ def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference, pa
     app, aengine = build_app(base, archives, None, device="cpu", dtype=torch.float32,
                              cfg=ServerConfig(tool_call_parser=parser))  # fmt: skip
     tools = [{"type": "function", "function": {"name": name, "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}
+        "type": "object", "properties": {"city": {"type": "string"},
+                                         "days": {"type": "integer"}}}}}
              for name in ("get_weather", "get_time")]  # fmt: skip
     said = SAID[parser]
-    before = "Let me look.\n" if parser == "hermes" else None
+    before = "Let me look.\n" if parser in ("hermes", "qwen3_coder") else None
     ask = {"model": "code", "messages": [{"role": "user", "content": "weather?"}],
            "tools": tools, "max_tokens": 200, "temperature": 0,
            "extra_body": {"structured_outputs": {"choice": [said]}}}  # fmt: skip
     want = [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    if parser == "qwen3_coder":
+        want[0] = ("get_weather", {"city": "Paris", "days": 3})
     try:
         with ServerThread(app) as srv:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
@@ -1270,12 +1278,13 @@ def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference, pa
                     assert json.loads(calls[0].function.arguments) == {"a": "\ud800"}
                 assert [t.function.name for t in cut.choices[0].message.tool_calls] \
                     == ["get_weather"]  # fmt: skip
-            # hermes reads answers with special tokens kept (some models' markers are
-            # special), as vLLM does; pythonic as the request asks (skipped)
+            # hermes and qwen3_coder read answers with special tokens kept (some models'
+            # markers are special), as vLLM does; pythonic as the request asks (skipped)
             bos = reference.tokenizer.bos_token
             bias = {"logit_bias": {str(reference.tokenizer.bos_token_id): 100}}
             marked = client.chat.completions.create(**{**ask, "max_tokens": 3, "extra_body": bias})
-            assert marked.choices[0].message.content == (bos * 3 if parser == "hermes" else "")
+            kept = parser in ("hermes", "qwen3_coder")
+            assert marked.choices[0].message.content == (bos * 3 if kept else "")
     finally:
         aengine.close()
 

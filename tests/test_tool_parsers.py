@@ -17,6 +17,10 @@ W = '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}'
 T = '{"name": "get_time", "arguments": {}}'
 WEATHER = ("get_weather", {"city": "Paris", "days": 3})
 TIME = ("get_time", {})
+QW = ("<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
+      "</parameter>\n</function>")  # fmt: skip
+QT = "<function=get_time>\n</function>"
+WEATHER_TEXT = ("get_weather", {"city": "Paris", "days": "3"})
 
 CASES = {
     "hermes": [
@@ -93,6 +97,54 @@ CASES = {
         ("[TOOL_CALLS]get_time[ARGS]{", "[TOOL_CALLS]get_time[ARGS]{", []),
         (f'[TOOL_CALLS][{W}, {{"x": 1}}]', f'[TOOL_CALLS][{W}, {{"x": 1}}]', []),
     ],
+    "qwen3_coder": [  # (untyped here: every value is text; typed below)
+        (f"<tool_call>\n{QW}\n</tool_call>", None, [WEATHER_TEXT]),
+        (
+            f"Let me look.\n<tool_call>\n{QW}\n</tool_call>\n<tool_call>\n{QT}\n</tool_call>",
+            "Let me look.\n",
+            [WEATHER_TEXT, TIME],
+        ),  # fmt: skip
+        (f"<tool_call>\n{QW}\n{QT}\n</tool_call>", None, [WEATHER_TEXT, TIME]),  # two in one
+        (f"{QW}\n{QT}", None, [WEATHER_TEXT, TIME]),  # bare functions, as vLLM reads them
+        (f"<tool_call>\n{QW}", None, [WEATHER_TEXT]),  # unclosed block at EOS: the function is
+        (  # a function cut short (max_tokens) stays content: its last value may be cut
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",
+            [],
+        ),
+        (  # close tags left out before the next parameter and the end (vLLM reads them)
+            "<function=f><parameter=a>x<parameter=b>\ny\n</function>",
+            None,
+            [("f", {"a": "x", "b": "y"})],
+        ),
+        (  # a value keeps its inner newlines and blanks, and other text's markup
+            "<function=f>\n<parameter=code>\n\ndef f():\n    return '<b>'\n\n</parameter>\n"
+            "</function>",
+            None,
+            [("f", {"code": "\ndef f():\n    return '<b>'\n"})],
+        ),
+        (
+            "<tool_call>\n<function=>\n</function>\n</tool_call>",
+            "<tool_call>\n<function=>\n</function>\n</tool_call>",
+            [],
+        ),  # no name  # fmt: skip
+        (
+            "<tool_call>{oops}</tool_call> then",
+            "<tool_call>{oops}</tool_call> then",
+            [],
+        ),  # fmt: skip
+        (
+            f"<tool_call>\n{QT}\n</tool_call> and <tool_call>junk</tool_call>",
+            " and <tool_call>junk</tool_call>",
+            [TIME],
+        ),  # fmt: skip
+        ("No call: <tool", "No call: <tool", []),
+        (
+            "<function=f>stray<parameter=a>1</parameter></function>",
+            "<function=f>stray<parameter=a>1</parameter></function>",
+            [],
+        ),  # fmt: skip
+    ],
     "pythonic": [
         ('[get_weather(city="Paris", days=3), get_time()]', None, [WEATHER, TIME]),
         (
@@ -168,6 +220,21 @@ PIECES = {  # whole calls, and the pieces of calls (cut anywhere, or broken)
         "[ARGS]",
         "{",
         " ",
+    ],
+    "qwen3_coder": [
+        f"<tool_call>\n{QW}\n</tool_call>",
+        f"<tool_call>{QT}",
+        QW,
+        QT,
+        "<tool_call>",
+        "</tool_call>",
+        "<function=f>",
+        "</function>",
+        "<parameter=a>\n1\n</parameter>",
+        "<parameter=",
+        "<tool",
+        "<func",
+        "\n",
     ],
     "pythonic": [
         '[get_weather(city="Paris", days=3)]',
@@ -247,3 +314,33 @@ def test_an_answer_cut_short_keeps_length():
 
     assert [_called(f) for f in ("stop", "length", "abort", "error")] == [
         "tool_calls", "length", "abort", "error"]  # fmt: skip
+
+
+def test_qwen3_coder_values_are_typed_by_the_tools_schemas():
+    """qwen3_coder's values are text; the request's schema of each parameter types them, as
+    vLLM does, except that a value that does not read as its type stays text (vLLM turns a
+    boolean "maybe" into false) — and so does a parameter no schema names."""
+    props = {"n": {"type": "integer"}, "x": {"type": "number"}, "ok": {"type": "boolean"},
+             "tags": {"type": "array"}, "opt": {"type": ["integer", "null"]},
+             "obj": {"type": "object"}, "s": {"type": "string"}, "e": {"enum": ["a"]}}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": props}}}]  # fmt: skip
+    parser = TOOL_PARSERS["qwen3_coder"].for_tools(tools)
+    assert parser is not TOOL_PARSERS["qwen3_coder"] and not TOOL_PARSERS["qwen3_coder"].schemas
+
+    def call(**values):
+        body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in values.items())
+        _, calls = extract(parser, f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>")
+        return json.loads(calls[0].arguments)
+
+    assert call(n="42", x="2.5", ok="True", tags='["a", 1]', opt="7", obj="{'k': None}",
+                s="007", e="a", other="12") == {
+        "n": 42, "x": 2.5, "ok": True, "tags": ["a", 1], "opt": 7, "obj": {"k": None},
+        "s": "007", "e": "a", "other": "12"}  # fmt: skip
+    assert call(x="3.0", ok="false", n="null", s="null") == {"x": 3, "ok": False, "n": None,
+                                                              "s": None}  # fmt: skip
+    assert call(n="three", x="nan", ok="maybe", tags="[1, 2", obj="1e999") == {
+        "n": "three", "x": "nan", "ok": "maybe", "tags": "[1, 2", "obj": "1e999"}  # fmt: skip
+    _, calls = extract(parser, "<function=g>\n<parameter=n>\n5\n</parameter>\n</function>")
+    assert json.loads(calls[0].arguments) == {"n": "5"}  # another tool's: no schema, text
+    assert TOOL_PARSERS["qwen3_xml"].for_tools(tools).name == "qwen3_xml"

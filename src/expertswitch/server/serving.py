@@ -411,7 +411,9 @@ class OpenAIServing:
         fmt = None
         if params[0].logprobs is not None:
             fmt = LogprobFormatter(tok, params[0].logprobs, req.return_tokens_as_token_ids)
-        parser = TOOL_PARSERS[self.cfg.tool_call_parser] if auto_tools(req) else None
+        parser = None
+        if auto_tools(req):  # (a format whose values the tools' schemas type keeps them)
+            parser = TOOL_PARSERS[self.cfg.tool_call_parser].for_tools(req.tools)
         thinking = None  # (an answer held from its first token — a forced tool call's — has
         # no thinking to split off)
         free = structured is None or structured.reasoning_end is not None

@@ -9,19 +9,22 @@ writes its calls in its own format, which a parser turns into OpenAI's `tool_cal
     mistral      [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]  or the newer
                  [TOOL_CALLS]name[ARGS]{...}  (Mistral, Mixtral)
     pythonic     [get_weather(city="Paris"), ...]  opening the answer (Llama 3.2, Llama 4)
+    qwen3_coder  <tool_call><function=get_weather><parameter=city>Paris</parameter>...
+                 </function></tool_call>  (Qwen3-Coder; also named qwen3_xml, as in vLLM):
+                 each value is text, typed by the request's schema of that parameter
 
     parser = TOOL_PARSERS["hermes"]
     content, calls = extract(parser, text)     # a whole answer
     stream = ToolStream(parser)                # an answer as it grows
     content_delta, new_calls = stream.feed(text_so_far, final=False)
 
-hermes and mistral read the answer with its special tokens kept (the server decodes their
-answers with skip_special_tokens off, as vLLM does: some of those models' markers are special
-tokens); llama3_json and pythonic read it as the request decodes it (<|python_tag|> skipped).
-What is not a well-formed call stays content — a malformed call block included — so nothing
-the model wrote is dropped. Streaming sends text as content until a call may begin (a partial
-marker is held back), then each call whole, once it is complete; the content and calls a
-stream sends add up to what `extract` finds in the whole answer.
+hermes, mistral and qwen3_coder read the answer with its special tokens kept (the server
+decodes their answers with skip_special_tokens off, as vLLM does: some of those models'
+markers are special tokens); llama3_json and pythonic read it as the request decodes it
+(<|python_tag|> skipped). What is not a well-formed call stays content — a malformed call
+block included — so nothing the model wrote is dropped. Streaming sends text as content until
+a call may begin (a partial marker is held back), then each call whole, once it is complete;
+the content and calls a stream sends add up to what `extract` finds in the whole answer.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ class ToolParser:
 
     def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
         raise NotImplementedError
+
+    def for_tools(self, tools: list[dict] | None) -> ToolParser:
+        """This parser for a request with these tools (validated: each {"type": "function",
+        "function": {...}}); a format whose values are typed by the schemas keeps them."""
+        return self
 
 
 class _Marked(ToolParser):
@@ -201,8 +209,171 @@ class Pythonic(_Opening):
         return calls, ""
 
 
+class Qwen3Coder(ToolParser):
+    """Qwen3-Coder's XML calls, each in a <tool_call> block (or a bare <function=...> block,
+    which vLLM reads too):
+
+        <tool_call>
+        <function=get_weather>
+        <parameter=city>
+        Paris
+        </parameter>
+        <parameter=days>
+        3
+        </parameter>
+        </function>
+        </tool_call>
+
+    A value is the text between the tags less one newline either side; the request's schema
+    of its parameter types it, as vLLM does: string (and enum, ...) as is, integer and number
+    parsed (a number with no fraction as an integer), boolean true/false, object and array
+    read as JSON (else as a Python literal); "null" is null; an untyped or unknown parameter
+    stays text. Unlike vLLM, a value that does not read as its type (a boolean "maybe", an
+    integer "three") stays text rather than turning into false, and a call cut short before
+    its </function> (max_tokens) stays content rather than being sent with a truncated
+    value."""
+
+    name = "qwen3_coder"
+    keeps_special_tokens = True
+    wrap, unwrap = "<tool_call>", "</tool_call>"
+    fn, fn_end, param, param_end = "<function=", "</function>", "<parameter=", "</parameter>"
+
+    def __init__(self, schemas: dict[str, dict] | None = None):
+        self.schemas = schemas or {}  # tool name → {parameter: its schema}
+
+    def for_tools(self, tools: list[dict] | None) -> ToolParser:
+        schemas = {}
+        for t in tools or []:
+            fn = t.get("function") or {}
+            props = (fn.get("parameters") or {}).get("properties")
+            schemas[fn.get("name")] = props if isinstance(props, dict) else {}
+        return type(self)(schemas)
+
+    def start(self, text: str) -> int | None:
+        found = [i for i in (text.find(self.wrap), text.find(self.fn)) if i >= 0]
+        return min(found) if found else None
+
+    def safe(self, text: str) -> int:
+        return len(text) - max(partial_suffix(text, self.wrap), partial_suffix(text, self.fn))
+
+    def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
+        calls, rest, at = [], [], 0
+        while at < len(part):
+            begin = self.start(part[at:])
+            if begin is None:
+                rest.append(part[at:])
+                break
+            begin += at
+            rest.append(part[at:begin])
+            wrapped = part.startswith(self.wrap, begin)
+            end = self.unwrap if wrapped else self.fn_end
+            close = part.find(end, begin)
+            if close < 0 and not final:
+                break  # (the last block is not complete yet)
+            stop = len(part) if close < 0 else close + len(end)
+            if wrapped:  # (an unclosed block at the end: up to the end)
+                body = part[begin + len(self.wrap) : close if close >= 0 else len(part)]
+            else:
+                body = part[begin:stop]
+            found = self._functions(body)
+            if found is None:
+                rest.append(part[begin:stop])  # (not a well-formed block: content)
+            else:
+                calls += found
+            at = stop
+        return calls, "".join(r for r in rest if r.strip())
+
+    def _functions(self, body: str) -> list[ToolCall] | None:
+        """The calls of a block's body (<function=...>...</function>, one or more), or None
+        when it holds anything else or a function is not closed."""
+        calls, at = [], 0
+        while body[at:].strip():
+            at += len(body[at:]) - len(body[at:].lstrip())
+            close = body.find(self.fn_end, at)
+            if not body.startswith(self.fn, at) or close < 0:
+                return None
+            call = self._call(body[at + len(self.fn) : close])
+            if call is None:
+                return None
+            calls.append(call)
+            at = close + len(self.fn_end)
+        return calls or None
+
+    def _call(self, inner: str) -> ToolCall | None:
+        """What follows "<function=": the name, ">", then <parameter=P>VALUE</parameter>
+        ... → a ToolCall (a parameter's close tag may be left out before the next parameter
+        or the end, as vLLM reads it); None if it is not one."""
+        name, sep, params = inner.partition(">")
+        name = name.strip()
+        if not sep or not name or "<" in name or not _utf8(name):
+            return None
+        schema = self.schemas.get(name, {})
+        args, at = {}, 0
+        while params[at:].strip():
+            at += len(params[at:]) - len(params[at:].lstrip())
+            if not params.startswith(self.param, at):
+                return None
+            key, sep, value = params[at + len(self.param) :].partition(">")
+            if not sep or not key.strip() or "<" in key:
+                return None
+            nxt = [i for i in (value.find(self.param_end), value.find(self.param)) if i >= 0]
+            cut = min(nxt) if nxt else len(value)
+            text = value[:cut]
+            text = text[1:] if text.startswith("\n") else text
+            text = text[:-1] if text.endswith("\n") else text
+            args[key.strip()] = _typed(text, schema.get(key.strip()))
+            skip = len(self.param_end) if value.startswith(self.param_end, cut) else 0
+            at += len(self.param) + len(key) + 1 + cut + skip
+        text = json_text(args)
+        return None if text is None else ToolCall(name, text)
+
+
+class Qwen3Xml(Qwen3Coder):
+    name = "qwen3_xml"  # (vLLM's second parser of the same format)
+
+
+_TEXT_TYPES = ("string", "str", "text", "varchar", "char", "enum")
+
+
+def _typed(text: str, schema):
+    """A qwen3_coder value (text) as its parameter's schema types it (see Qwen3Coder)."""
+    if text.lower() == "null":
+        return None
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if isinstance(kind, list):  # ["integer", "null"]: the first that is not null
+        kind = next((k for k in kind if k != "null"), None)
+    kind = str(kind).strip().lower() if kind is not None else "string"
+    if kind in _TEXT_TYPES:
+        return text
+    value = None
+    if kind.startswith(("int", "uint", "long", "short", "unsigned")):
+        try:
+            value = int(text.strip())
+        except ValueError:
+            return text
+    elif kind.startswith(("num", "float", "double")):
+        try:
+            value = float(text.strip())
+        except ValueError:
+            return text
+        if value.is_integer():
+            value = int(value)
+    elif kind in ("boolean", "bool", "binary"):
+        word = text.strip().lower()
+        return word == "true" if word in ("true", "false") else text
+    else:  # object, array, ...: JSON, else a Python literal, else the text
+        value = _loads(text)
+        if value is None:
+            try:
+                value = ast.literal_eval(text.strip())
+            except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+                return text
+    return value if json_text(value) is not None else text
+
+
 TOOL_PARSERS: dict[str, ToolParser] = {p.name: p for p in (Hermes(), Llama3Json(), Mistral(),
-                                                           Pythonic())}  # fmt: skip
+                                                           Pythonic(), Qwen3Coder(),
+                                                           Qwen3Xml())}  # fmt: skip
 
 
 def extract(parser: ToolParser, text: str) -> tuple[str | None, list[ToolCall]]:
