@@ -196,9 +196,10 @@ def test_soft_caps_must_agree(tmp_path):
 
 
 def test_gemma3_layer_kinds_and_local_rope_must_agree(tmp_path):
-    """Gemma 3: a fine-tune whose layers are windowed otherwise, or whose windowed layers
-    rotate by another base frequency (written the 4.x way, which the raw keys do not
-    compare), is refused; the same settings in 4.x keys are accepted."""
+    """Gemma 3: a fine-tune whose layers are windowed otherwise, or whose windowed or global
+    layers rotate by another base frequency (written the 4.x way, which the raw keys do not
+    compare), is refused; the same settings in 4.x keys, or another context length, are
+    accepted."""
     import json
 
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
@@ -214,7 +215,10 @@ def test_gemma3_layer_kinds_and_local_rope_must_agree(tmp_path):
     v4.update(rope_theta=1e6, rope_local_base_freq=1e4, sliding_window_pattern=2)
     swapped = {**base_cfg, "layer_types": ["full_attention", "sliding_attention"]}
     changes = [(swapped, "local_layers is"),
-               ({**v4, "rope_local_base_freq": 500.0}, "local_rope is"), (v4, None)]  # fmt: skip
+               ({**v4, "rope_local_base_freq": 500.0}, "local_rope is"),
+               ({**v4, "rope_theta": 5e5}, "rope is"),  # (the global one, the 4.x way)
+               ({**base_cfg, "max_position_embeddings": 4096}, None),  # a shorter context
+               (v4, None)]  # fmt: skip
     for expert_cfg, match in changes:
         (tmp_path / "e" / "config.json").write_text(json.dumps(expert_cfg))
         pair = open_checkpoint(tmp_path / "base"), open_checkpoint(tmp_path / "e")

@@ -652,7 +652,8 @@ GEMMA3_ROPES = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_t
 
 def gemma3_config():
     """A tiny Gemma 3 text model: windowed, global, windowed layers, each kind with its own
-    RoPE (far apart, so that a layer rotated by the other's would change the logprobs)."""
+    RoPE (far apart, so that a layer rotated by the other's would change the logprobs); a
+    logit cap small enough to matter, and a score cap, which transformers' Gemma 3 ignores."""
     from transformers import Gemma3TextConfig
 
     return Gemma3TextConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
@@ -661,6 +662,7 @@ def gemma3_config():
                             layer_types=["sliding_attention", "full_attention",
                                          "sliding_attention"],
                             rope_parameters=GEMMA3_ROPES, query_pre_attn_scalar=24,
+                            attn_logit_softcapping=0.02, final_logit_softcapping=3.0,
                             pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
 
 
@@ -684,7 +686,7 @@ def test_gemma3_local_and_global_rope_and_qk_norms(tmp_path, monkeypatch):
     eng = Engine(base, {"x": archive})
     cfg = eng.model.cfg
     assert cfg.sliding_windows == [16, None, 16] and cfg.local_layers == [True, False, True]
-    assert cfg.final_softcap is None and cfg.attn_softcap is None
+    assert cfg.final_softcap == 3.0 and cfg.attn_softcap is None  # (as transformers runs it)
     ps = prompts(2, (9, 30))  # past the window while decoding; past it in the prompt
     outs = expert_and_base_equal_transformers(eng, base, rec, ps, 24)
     model = AutoModelForCausalLM.from_pretrained(rec, dtype=torch.float32)
@@ -715,6 +717,14 @@ def test_gemma3_local_and_global_rope_and_qk_norms(tmp_path, monkeypatch):
     got = ModelConfig.from_dict(old)
     assert (got.rope, got.local_rope) == (cfg.rope, cfg.local_rope)
     assert got.sliding_windows == cfg.sliding_windows and got.local_layers == cfg.local_layers
+    from transformers import Gemma3TextConfig  # (transformers reads those keys alike)
+
+    theirs = Gemma3TextConfig(**old).rope_parameters
+    assert {**theirs["full_attention"], "max_position_embeddings": 256} == cfg.rope
+    assert theirs["sliding_attention"] == cfg.local_rope
+    # transformers 5 merges a top-level rope_scaling into the global layers' parameters
+    merged = {**config.to_dict(), "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    assert ModelConfig.from_dict(merged).rope["factor"] == 2.0
     # transformers' defaults: 1e6 and 1e4, five windowed layers of 4096, then a global one;
     # no soft caps (Gemma 2's defaults are caps), 256^−½, 131072 positions
     bare = {k: v for k, v in old.items() if k not in ("rope_theta", "rope_local_base_freq",
@@ -728,6 +738,7 @@ def test_gemma3_local_and_global_rope_and_qk_norms(tmp_path, monkeypatch):
     assert (got.head_dim, got.max_position_embeddings) == (256, 131072)
     for bad, match in (({"layer_types": ["sliding_attention"]}, "layer_types must list 3"),
                        ({"sliding_window_pattern": 0}, "sliding_window_pattern must be"),
+                       ({"sliding_window": None}, "sliding_window is null"),
                        ({"model_type": "gemma3"}, "image-and-text model")):  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             ModelConfig.from_dict({**old, **bad})

@@ -246,6 +246,11 @@ _BEHAVIOUR = ("hidden_act", "attn_softcap", "final_softcap", "attn_scale", "norm
               "local_layers")  # fmt: skip
 
 
+def _rope_of(cfg) -> dict:
+    """The RoPE parameters as served, less the context length (which may differ)."""
+    return {k: v for k, v in cfg.rope.items() if k != "max_position_embeddings"}
+
+
 def _check_behaviour(base: Checkpoint, expert: Checkpoint) -> None:
     from expertswitch.errors import CompatibilityError, ConfigError
     from expertswitch.models.config import SUPPORTED, ModelConfig
@@ -258,12 +263,14 @@ def _check_behaviour(base: Checkpoint, expert: Checkpoint) -> None:
     except ConfigError as err:
         raise CompatibilityError(f"{expert.path}'s config.json cannot be read as a fine-tune "
                                  f"of {base.path}'s: {err}") from None  # fmt: skip
-    for field in _BEHAVIOUR:
-        if getattr(b, field) != getattr(e, field):
+    # (the RoPE read from either key style: 4.x's rope_theta against 5's rope_parameters)
+    for field, mine, theirs in [*((f, getattr(b, f), getattr(e, f)) for f in _BEHAVIOUR),
+                                ("rope", _rope_of(b), _rope_of(e))]:  # fmt: skip
+        if mine != theirs:
             raise CompatibilityError(
-                f"base and expert are served differently: {field} is {getattr(b, field)!r} "
-                f"in {base.path} but {getattr(e, field)!r} in {expert.path}; an expert is "
-                "served with its base's settings, so they must agree"
+                f"base and expert are served differently: {field} is {mine!r} in {base.path} "
+                f"but {theirs!r} in {expert.path}; an expert is served with its base's "
+                "settings, so they must agree"
             )
 
 

@@ -256,6 +256,8 @@ def _gemma_fields(cfg: dict, mt: str, hidden: int) -> dict:
         out.update(sandwich_norms=True, attn_scale=None if scalar is None else scalar**-0.5,
                    attn_softcap=_positive(cfg, "attn_logit_softcapping", caps[0]),
                    final_softcap=_positive(cfg, "final_logit_softcapping", caps[1]))  # fmt: skip
+    if mt == "gemma3_text":  # transformers' Gemma 3 attention never applies the score cap its
+        out["attn_softcap"] = None  # config may name (its logits cap, it does)
     return out
 
 
@@ -298,9 +300,10 @@ def _qkv_bias(cfg: dict, mt: str) -> bool:
 def _check_type(model_type) -> None:
     if model_type == "gemma3":
         raise ConfigError("model_type 'gemma3' is Gemma 3's image-and-text model: the engine "
-                          "serves its text model, a checkpoint of Gemma3ForCausalLM "
-                          "(model_type 'gemma3_text', e.g. gemma-3-1b) — save the language "
-                          "model alone with transformers to serve it")  # fmt: skip
+                          "serves its text model, a Gemma3ForCausalLM checkpoint (model_type "
+                          "'gemma3_text', e.g. gemma-3-1b): build Gemma3ForCausalLM(config."
+                          "text_config) with transformers, load the language model's weights "
+                          "into it and save_pretrained that")  # fmt: skip
     if model_type not in SUPPORTED:
         raise ConfigError(f"model_type {model_type!r} is not supported: the engine serves "
                           f"{', '.join(SUPPORTED)} checkpoints")  # fmt: skip
@@ -308,15 +311,16 @@ def _check_type(model_type) -> None:
 
 def _rope_params(cfg: dict) -> dict:
     """transformers 5 writes `rope_parameters` (with rope_theta inside; Gemma 3: one per layer
-    type, this is the full-attention layers'); 4.x writes `rope_theta` and an optional
-    `rope_scaling`. Either way: one dict with rope_type and rope_theta."""
+    type, this is the full-attention layers', with a top-level rope_scaling merged in as
+    transformers does); 4.x writes `rope_theta` and an optional `rope_scaling`. Either way:
+    one dict with rope_type and rope_theta."""
     params = _per_layer_type(cfg, "full_attention")
     if params is None:
         params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    params = dict(params)
-    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    else:
+        params = {**params, **(cfg.get("rope_scaling") or {})}
     theta = 1_000_000.0 if cfg.get("model_type") == "gemma3_text" else 10000.0
-    params.setdefault("rope_theta", cfg.get("rope_theta", theta))
+    params = _rope_kind(params, cfg, cfg.get("rope_theta", theta))
     if cfg.get("model_type") == "phi3" and params["rope_type"] in ("su", "yarn"):
         params["rope_type"] = "longrope"  # (transformers' Phi3Config renames them so)
     if params["rope_type"] == "longrope":  # Phi-3: the pretrained length, top-level first
@@ -324,11 +328,20 @@ def _rope_params(cfg: dict) -> dict:
         if top:
             params["original_max_position_embeddings"] = top
         params.setdefault("original_max_position_embeddings", 4096)  # (Phi3Config's default)
-    if params["rope_type"] in ("llama3", "yarn"):
-        params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
     if "partial_rotary_factor" in cfg:  # (Phi-3 mini 4: top-level in transformers 4.x)
         params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
     params.setdefault("max_position_embeddings", _max_positions(cfg))
+    return params
+
+
+def _rope_kind(params: dict, cfg: dict, theta: float) -> dict:
+    """A copy of one RoPE's parameters with rope_type (4.x: `type`) and rope_theta set, and
+    the pretrained length of llama3 / yarn scaling (transformers' default: the config's)."""
+    params = dict(params)
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", theta)
+    if params["rope_type"] in ("llama3", "yarn"):
+        params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
     return params
 
 
@@ -355,11 +368,8 @@ def _local_rope(cfg: dict, mt: str) -> dict | None:
     global layers'); None for other families."""
     if mt != "gemma3_text":
         return None
-    params = dict(_per_layer_type(cfg, "sliding_attention") or {"rope_type": "default"})
-    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    params.setdefault("rope_theta", cfg.get("rope_local_base_freq", 10000.0))
-    params.setdefault("max_position_embeddings", _max_positions(cfg))
-    return params
+    params = _per_layer_type(cfg, "sliding_attention") or {"rope_type": "default"}
+    return _rope_kind(params, cfg, cfg.get("rope_local_base_freq", 10000.0))
 
 
 def _gemma3_sliding(cfg: dict, layers: int) -> list[bool]:
@@ -392,7 +402,12 @@ def _sliding_windows(cfg: dict, mt: str, layers: int) -> list[int | None]:
     if mt in ("gemma2", "gemma3_text") and "sliding_window" not in cfg:
         window = 4096  # (transformers' default)
     if mt == "gemma3_text":
-        return [window if s else None for s in _gemma3_sliding(cfg, layers)]
+        local = _gemma3_sliding(cfg, layers)
+        if window is None and any(local):  # (transformers cannot build its mask then)
+            raise ConfigError("this gemma3_text config has sliding-attention layers but "
+                              "sliding_window is null: give the window (its checkpoints use "
+                              "512 or 1024)")  # fmt: skip
+        return [window if s else None for s in local]
     types = cfg.get("layer_types")
     if types and len(types) == layers and mt != "mistral":  # Mistral windows every layer
         return [window if t == "sliding_attention" else None for t in types]

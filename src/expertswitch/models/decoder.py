@@ -273,10 +273,11 @@ def _local_rotary(cfg: ModelConfig, rope: Rotary) -> Rotary | None:
         return None
     local = Rotary(cfg.local_rope, cfg.head_dim, cfg.max_position_embeddings)
     if local.kind in LENGTH_DEPENDENT or local.dim != rope.dim:
-        raise ConfigError(f"the sliding-window layers' RoPE ({local.kind}, {local.dim} "
-                          f"channels) is not served beside the global one ({rope.kind}, "
-                          f"{rope.dim} channels): only a length-independent local RoPE over "
-                          "the same channels is")  # fmt: skip
+        raise ConfigError(f"config.json's sliding-window RoPE (rope_parameters"
+                          f"['sliding_attention']: {local.kind}, {local.dim} channels) is not "
+                          f"served beside the global one ({rope.kind}, {rope.dim} channels): "
+                          "only a length-independent local RoPE over the same channels "
+                          "is")  # fmt: skip
     return local
 
 
