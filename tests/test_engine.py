@@ -899,6 +899,13 @@ def test_mixtral_experts_that_change_the_moe_layers(tmp_path, monkeypatch, arch)
             ModelConfig.from_dict({**d, "max_window_layers": None})
         d.pop("shared_expert_intermediate_size")
         assert ModelConfig.from_dict(d).shared_expert_intermediate_size == 5632
+    # transformers' defaults for a config.json that leaves the expert counts out
+    from expertswitch.models.config import ModelConfig
+
+    keys = ("num_local_experts", "num_experts", "num_experts_per_tok")
+    bare = ModelConfig.from_dict({k: v for k, v in config.to_dict().items() if k not in keys})
+    assert (bare.num_experts, bare.experts_per_token) == {
+        "mixtral": (8, 2), "qwen2_moe": (60, 4), "qwen3_moe": (128, 8)}[arch]  # fmt: skip
     base, experts = make_family(tmp_path, config, n_experts=2, method=make_method("rtn", bits=4))
     entries = open_archive(experts[0][0]).entries
     for i, name in enumerate(names):

@@ -139,7 +139,7 @@ class ModelConfig:
                 fused_proj=mt == "phi3",
                 sliding_windows=_sliding_windows(cfg, mt, layers),
                 num_experts=_num_experts(cfg) if mt in _SPARSE else 0,
-                experts_per_token=cfg.get("num_experts_per_tok", 0) if mt in _SPARSE else 0,
+                experts_per_token=_experts_per_token(cfg, mt) if mt in _SPARSE else 0,
                 moe_intermediate_size=(cfg.get("moe_intermediate_size") or _MOE_FFN_DEFAULT[mt])
                 if mt in _MOE_FFN_DEFAULT
                 else 0,
@@ -216,9 +216,22 @@ def _moe_layers(cfg: dict, mt: str, layers: int) -> list[MoELayerSpec | None]:
             for i, e in enumerate(entries)]  # fmt: skip
 
 
+# transformers' (num experts, experts per token) where config.json leaves them out
+_MOE_DEFAULTS = {"mixtral": (8, 2), "qwen2_moe": (60, 4), "qwen3_moe": (128, 8)}
+
+
 def _num_experts(cfg: dict) -> int:
-    """The MoE block's experts: num_local_experts (transformers 5) or num_experts (4.x)."""
-    return cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    """The MoE block's experts: num_local_experts (transformers 5) or num_experts (4.x), else
+    the family's default (0 given: a dense model)."""
+    for key in ("num_local_experts", "num_experts"):
+        if cfg.get(key) is not None:
+            return cfg[key]
+    return _MOE_DEFAULTS.get(cfg.get("model_type"), (0, 0))[0]
+
+
+def _experts_per_token(cfg: dict, mt: str) -> int:
+    k = cfg.get("num_experts_per_tok")
+    return _MOE_DEFAULTS[mt][1] if k is None else k
 
 
 def _sparse_layers(cfg: dict, mt: str, layers: int) -> list[bool]:
