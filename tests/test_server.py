@@ -924,6 +924,35 @@ def test_peft_lora_adapters_over_http(family, tmp_path):
     aengine.close()
 
 
+def test_an_expert_is_not_unloaded_under_a_beam_search(family):
+    """Between two steps of a server-side beam search no request of its expert runs: the
+    unload route refuses the expert all the same until the search is over (its next step
+    would have failed), then unloads it."""
+    import threading
+
+    base, archives, _ = family
+    app, aengine = build_app(base, {"code": archives["code"]}, device="cpu",
+                             dtype=torch.float32, cfg=ServerConfig(enable_admin=True))  # fmt: skip
+    body = {"model": "code", "prompt": "def add(a, b):", "max_tokens": 60, "n": 3,
+            "use_beam_search": True, "ignore_eos": True}  # fmt: skip
+    with ServerThread(app) as srv:
+        answers = []
+        search = threading.Thread(target=lambda: answers.append(
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=300)))  # fmt: skip
+        search.start()
+        while not aengine.engine.beam_searches and search.is_alive():
+            time.sleep(0.005)
+        unload = {"name": "code"}
+        refused = httpx.post(srv.url + "/v1/experts/unload", json=unload, timeout=60)
+        search.join()
+        assert answers[0].status_code == 200, answers[0].text
+        assert len(answers[0].json()["choices"]) == 3
+        assert refused.status_code == 409 and "beam search" in refused.text, refused.text
+        r = httpx.post(srv.url + "/v1/experts/unload", json=unload, timeout=60)
+        assert r.status_code == 200 and not aengine.engine.beam_searches, r.text
+    aengine.close()
+
+
 def test_lora_modules_flag():
     """vLLM's --lora-modules forms: NAME=PATH and JSON objects, several after one flag."""
     from expertswitch.cli import _lora_args, build_parser

@@ -19,6 +19,7 @@ EOS tokens and uses its own tokenizer when its archive carries one.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -134,6 +135,7 @@ class Engine:
         self.runner = ModelRunner(self.model, self.blocks, self.kv_cache, graphs)
         self.pool = ExpertPool(self._load, self.device, budget, cfg.host_budget_bytes)
         self._held: dict[str, object] = {}  # experts acquired while they have running requests
+        self._searches: collections.Counter[str] = collections.Counter()  # beam searches running
         self._requests: dict[str, Request] = {}
         self._undelivered: list[RequestOutput] = []  # finished elsewhere, for the next step()
         self._ids = itertools.count()
@@ -173,6 +175,9 @@ class Engine:
 
     def remove_expert(self, name: str) -> None:
         self.registry.get(name)
+        if self._searches[name]:  # (between two steps of a search no request runs)
+            raise ConfigError(f"expert {name!r} still serves {self._searches[name]} beam "
+                              "search(es): let them finish or abort them first")  # fmt: skip
         busy = [r.request_id for r in self._requests.values() if r.expert == name]
         if busy:
             raise ConfigError(f"expert {name!r} still serves {len(busy)} request(s), e.g. "
@@ -726,6 +731,25 @@ class Engine:
                                  priority, cache_salt)  # fmt: skip
             search.advance(outs)
         return [self.beam_output(b, ids, expert, i) for i, b in enumerate(search.best())]
+
+    @property
+    def beam_searches(self) -> dict[str, int]:
+        """Experts held by beam searches driven from outside (hold_for_search): how many."""
+        return dict(self._searches)
+
+    def hold_for_search(self, expert: str | None, on: bool = True) -> None:
+        """A beam search driven from outside (the server's, step by step) uses `expert`
+        (on) or is over (off): remove_expert refuses it meanwhile, as it refuses an expert
+        with running requests — between two of the search's steps none runs."""
+        if expert is None:
+            return
+        if on:
+            self.registry.get(expert)  # (an unknown expert: its clear error)
+            self._searches[expert] += 1
+        elif self._searches[expert] > 1:
+            self._searches[expert] -= 1
+        else:
+            del self._searches[expert]
 
     def beam_output(self, beam: Beam, prompt_ids: list[int], expert: str | None, index: int,
                     skip_special_tokens: bool = True) -> RequestOutput:  # fmt: skip

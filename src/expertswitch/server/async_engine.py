@@ -100,6 +100,11 @@ class AsyncEngine:
             self._commands.put(item)
             return True
 
+    def post(self, fn: Callable, *args) -> None:
+        """Run fn(*args) on the engine thread, not waiting for it (nothing if it is shut
+        down): for cleanup that must not be lost to a cancelled task."""
+        self._put((fn, args, Future()))
+
     async def call(self, fn: Callable, *args):
         """Run fn(*args) on the engine thread (between steps); its result or its exception."""
         fut: Future = Future()

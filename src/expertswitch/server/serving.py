@@ -481,12 +481,17 @@ class OpenAIServing:
                 out.request_id = rid
             return found
 
-        tasks = [asyncio.ensure_future(search(i)) for i in range(len(ids))]
+        # the expert may not be unloaded between two steps (no request of it runs then)
+        await self._engine_call(lambda engine: engine.hold_for_search(target.expert))
+        tasks = []
         try:
+            tasks = [asyncio.ensure_future(search(i)) for i in range(len(ids))]
             return dict(pair for done in await asyncio.gather(*tasks) for pair in done)
         finally:  # one prompt's search failed (or the client left): the others stop too
             for t in tasks:
                 t.cancel()
+            self.aengine.post(lambda engine: engine.hold_for_search(target.expert, False),
+                              self.engine)  # fmt: skip
 
     async def _submit(self, add_all, collector: OutputCollector) -> None:
         try:
