@@ -1385,6 +1385,22 @@ def test_a_reasoning_parser_splits_the_thinking_from_the_answer(thinker):
             free = client.chat.completions.create(**{**as_json, "extra_body": {
                 "structured_outputs": {"json": schema}}}).choices[0].message  # fmt: skip
             assert free.reasoning_content and free.content is None  # never closed: thinking
+            # the Responses API: a reasoning item (streamed as reasoning_text deltas), the
+            # message, the calls the parser reads
+            ask_r = dict(model="base", input="time?", max_output_tokens=120, temperature=0,
+                         tools=[{"type": "function", "name": "get_time"}],
+                         extra_body=ask["extra_body"])  # fmt: skip
+            r = client.responses.create(**ask_r)
+            assert [i.type for i in r.output] == ["message", "function_call"]
+            assert r.output_text == "Checking." and r.output[1].name == "get_time"
+            ask_r = {**ask_r, "max_output_tokens": 30, "tools": None,
+                     "extra_body": {"structured_outputs": {"json": schema}}}  # fmt: skip
+            r = client.responses.create(**ask_r)
+            assert [i.type for i in r.output] == ["reasoning"] and r.status == "incomplete"
+            assert r.output[0].content[0].text == free.reasoning_content
+            events, final = _events(client.responses.create(**ask_r, stream=True))
+            thought = "".join(e.delta for e in events if e.type.endswith("reasoning_text.delta"))
+            assert thought == free.reasoning_content == final.output[0].content[0].text
             for turn in ("<think>ok</think>", "<think>ok</think>\n\nHere it is: "):
                 closed = client.chat.completions.create(**{**as_json, "messages": [
                     {"role": "user", "content": "time?"},
@@ -1460,3 +1476,118 @@ def test_earlier_tool_calls_reach_the_chat_template():
     ])  # fmt: skip
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
     assert msgs[2] == {"role": "tool", "content": "sunny", "name": "w", "tool_call_id": "c1"}
+
+
+def _events(stream) -> tuple[list, dict]:
+    """A Responses stream's events, checked for order (sequence numbers 0, 1, ...), and its
+    final response (response.completed or .incomplete)."""
+    events = list(stream)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    return events, events[-1].response
+
+
+def test_responses_api_text_stream_and_store(server, client, reference):
+    """OpenAI's Responses API through the official client: input and instructions are the
+    chat messages they mean (the answer is the independent engine's greedy answer to that
+    prompt); max_output_tokens cuts it ("incomplete"); streamed as the Responses events,
+    whose text deltas add up to it; kept for GET unless store is false, and deleted."""
+    messages = [{"role": "system", "content": "Complete the code."},
+                {"role": "user", "content": "def add(a, b):"}]  # fmt: skip
+    ask = dict(model="code", input="def add(a, b):", instructions="Complete the code.",
+               max_output_tokens=12, temperature=0)  # fmt: skip
+    want = alone_output(reference, chat_ids(reference, messages), "code", 12)
+    r = client.responses.create(**ask)
+    assert r.output_text == want.text and len(r.output) == 1
+    cut = want.finish_reason == "length"
+    assert r.status == ("incomplete" if cut else "completed")
+    assert (r.incomplete_details.reason if cut else r.incomplete_details) == (
+        "max_output_tokens" if cut else None)  # fmt: skip
+    prompt = len(chat_ids(reference, messages))
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (prompt, len(want.token_ids))
+    assert r.instructions == "Complete the code." and r.model == "code"
+    events, final = _events(client.responses.create(**ask, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done",
+                            "response.output_item.done"]  # fmt: skip
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == want.text == final.output_text
+    assert final.status == r.status and final.usage.output_tokens == len(want.token_ids)
+    url = server[0].url + "/v1/responses/"
+    kept = client.responses.retrieve(final.id)
+    assert kept.output_text == want.text and kept.id == final.id
+    client.responses.delete(final.id)
+    assert httpx.get(url + final.id).status_code == 404
+    gone = client.responses.create(**ask, store=False)
+    assert httpx.get(url + gone.id).status_code == 404
+
+
+def test_responses_api_tool_round_trip(server, client, reference):
+    """A function tool through the Responses API: the named call is a function_call item
+    (streamed as its argument deltas too); its output sent back with previous_response_id
+    continues the stored conversation — the answer equals the chat completion of the same
+    messages, and so does one sent with the whole history as input items."""
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}},
+              "required": ["city"]}  # fmt: skip
+    tools = [{"type": "function", "name": "get_weather", "parameters": params}]
+    first = dict(
+        model="math",
+        input="weather in Paris?",
+        tools=tools,
+        max_output_tokens=40,
+        tool_choice={"type": "function", "name": "get_weather"},
+        temperature=0,
+    )
+    r1 = client.responses.create(**first)
+    (call,) = r1.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert set(json.loads(call.arguments)) == {"city"}
+    events, final = _events(client.responses.create(**first, stream=True))
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert args == call.arguments == final.output[0].arguments
+    assert [e.arguments for e in events if e.type.endswith("arguments.done")] == [args]
+    back = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    r2 = client.responses.create(model="math", previous_response_id=r1.id, input=back,
+                                 tools=tools, max_output_tokens=8, temperature=0)  # fmt: skip
+    chat = client.chat.completions.create(
+        model="math", max_tokens=8, temperature=0,
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": params}}],
+        messages=[{"role": "user", "content": "weather in Paris?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": call.call_id, "type": "function", "function": {
+                          "name": "get_weather", "arguments": call.arguments}}]},
+                  {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}],
+    )  # fmt: skip
+    assert r2.output_text == chat.choices[0].message.content
+    whole = [{"role": "user", "content": "weather in Paris?"},
+             {"type": "function_call", "call_id": call.call_id, "name": "get_weather",
+              "arguments": call.arguments}, *back]  # fmt: skip
+    r3 = client.responses.create(model="math", input=whole, tools=tools, max_output_tokens=8,
+                                 temperature=0)  # fmt: skip
+    assert r3.output_text == r2.output_text
+
+
+def test_responses_api_refusals(server):
+    """What the engine cannot do is a 400 naming it; an unknown previous response a 404."""
+    url = server[0].url + "/v1/responses"
+    base = {"model": "code", "input": "hi", "max_output_tokens": 4}
+    image = [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]
+    for extra, needle in (({"input": image}, "input_image"),
+                          ({"tools": [{"type": "web_search"}]}, "web_search"),
+                          ({"background": True}, "background"),
+                          ({"truncation": "auto"}, "truncation"),
+                          ({"top_logprobs": 2}, "logprobs"),
+                          ({"input": [{"type": "item_reference", "id": "x"}]}, "item_reference"),
+                          ({"text": {"format": {"type": "xml"}}}, "text.format")):  # fmt: skip
+        r = httpx.post(url, json={**base, **extra}, timeout=60)
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    r = httpx.post(url, json={**base, "previous_response_id": "resp_nope"}, timeout=60)
+    assert r.status_code == 404 and "resp_nope" in r.text
+    # a JSON schema holds the answer (passed on as the chat's response_format)
+    fmt = {"format": {"type": "json_schema", "name": "yn",
+                      "schema": {"type": "string", "enum": ["yes", "no"]}}}  # fmt: skip
+    r = httpx.post(url, json={**base, "text": fmt, "max_output_tokens": 10}, timeout=60)
+    text = r.json()["output"][0]["content"][0]["text"]
+    assert json.loads(text) in ("yes", "no")

@@ -25,6 +25,7 @@ from expertswitch.server.protocol import (
     ExpertName,
     TokenizeRequest,
 )
+from expertswitch.server.responses import Responses, ResponsesRequest
 from expertswitch.server.serving import AUTO, Disconnected, OpenAIServing, ServerConfig
 
 __all__ = ["ServerConfig", "create_app"]
@@ -119,6 +120,21 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(body: ChatCompletionRequest, request: Request):
         return await serving.chat(body, request)
+
+    responses = Responses(serving, cfg.responses_kept)
+
+    @app.post("/v1/responses", dependencies=guarded)
+    async def create_response(body: ResponsesRequest, request: Request):
+        return await responses.create(body, request)
+
+    @app.get("/v1/responses/{response_id}", dependencies=guarded)
+    async def get_response(response_id: str):
+        return responses.store.get(response_id)[0]
+
+    @app.delete("/v1/responses/{response_id}", dependencies=guarded)
+    async def delete_response(response_id: str):
+        responses.store.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     @app.post("/tokenize", dependencies=guarded)  # vLLM's
     async def tokenize(body: TokenizeRequest):

@@ -85,6 +85,9 @@ class ServerConfig:
     # a reasoning model's thinking split from its answer (reasoning.py; vLLM's
     # --reasoning-parser NAME); None: the thinking stays in the content
     reasoning_parser: str | None = None
+    # /v1/responses with store (its default): how many responses are kept in memory for GET
+    # and previous_response_id, the oldest dropped first
+    responses_kept: int = 1000
 
     def __post_init__(self):
         for what, name, known in (
