@@ -3,6 +3,7 @@ archive) equal transformers' greedy tokens on the checkpoint `reconstruct` rebui
 same archive; base-only rows equal transformers on the base. Tiny real HF checkpoints, fp32."""
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -666,7 +667,7 @@ def gemma3_config():
                             pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
 
 
-def test_gemma3_local_and_global_rope_and_qk_norms(tmp_path, monkeypatch):
+def test_gemma3_local_and_global_rope_and_qk_norms(tmp_path, monkeypatch, caplog):
     """Gemma 3's text model: Gemma 2's layout without soft caps, (1 + w) q/k norms (an
     expert's changed ones per row), and two RoPEs — the sliding-window layers' own base
     frequency, the global layers' scaled one: transformers' greedy tokens for the base and an
@@ -742,10 +743,13 @@ def test_gemma3_local_and_global_rope_and_qk_norms(tmp_path, monkeypatch):
                        ({"model_type": "gemma3"}, "image-and-text model")):  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             ModelConfig.from_dict({**old, **bad})
-    with pytest.raises(ConfigError, match="not served beside the global one"):
-        from expertswitch.io.checkpoint import open_checkpoint
-        from expertswitch.models.decoder import Decoder
+    from expertswitch.io.checkpoint import open_checkpoint
+    from expertswitch.models.decoder import Decoder
 
+    with caplog.at_level(logging.WARNING, logger="expertswitch.models.decoder"):
+        Decoder(cfg, open_checkpoint(base), "cpu", torch.float16)  # (a bf16 family)
+    assert "gemma3_text in float16: its activations can overflow" in caplog.text
+    with pytest.raises(ConfigError, match="not served beside the global one"):
         dynamic = {**GEMMA3_ROPES["sliding_attention"], "rope_type": "dynamic", "factor": 2.0}
         cfg_dict = {
             **config.to_dict(),

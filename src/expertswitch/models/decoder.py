@@ -23,6 +23,7 @@ o and down by input columns, one all-reduce each). Embedding, norms and lm_head 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -44,6 +45,13 @@ _ACT = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }  # fmt: skip
+
+
+log = logging.getLogger(__name__)
+
+# families whose activations outgrow float16 (their checkpoints are bf16): transformers and
+# vLLM warn alike
+_FP16_OVERFLOWS = ("gemma2", "gemma3_text")
 
 
 def _split(n: int, tp_size: int, what: str) -> int:
@@ -344,6 +352,9 @@ class Decoder:
         forward pass on the same tokens (the engine's lockstep); a rank with other tokens
         would get wrong outputs, not an error."""
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        if dtype == torch.float16 and cfg.model_type in _FP16_OVERFLOWS:
+            log.warning("%s in float16: its activations can overflow float16 (inf or NaN "
+                        "logits); serve it in bfloat16 or float32", cfg.model_type)  # fmt: skip
         for what, size in (("ep_size", ep_size), ("tp_size", tp_size)):
             if not isinstance(size, int) or size < 1:
                 raise ConfigError(f"{what} must be a positive integer, got {size!r}")
