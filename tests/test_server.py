@@ -1393,6 +1393,35 @@ def test_a_reasoning_parser_splits_the_thinking_from_the_answer(thinker):
             r = client.responses.create(**ask_r)
             assert [i.type for i in r.output] == ["message", "function_call"]
             assert r.output_text == "Checking." and r.output[1].name == "get_time"
+            # its call answered: from the stored conversation, from the whole history as
+            # input items (its text and its call one assistant turn), and as chat: alike
+            call = r.output[1]
+            back = [{"type": "function_call_output", "call_id": call.call_id, "output": "noon"}]
+            loose = dict(
+                model="base", max_output_tokens=6, temperature=0, tools=ask_r["tools"]
+            )  # (free: it thinks, prompt-dependent words)
+            follow = client.responses.create(**loose, previous_response_id=r.id, input=back)
+            whole = client.responses.create(**loose, input=[
+                {"role": "user", "content": "time?"},
+                {"type": "message", "role": "assistant", "status": "completed",
+                 "content": [{"type": "output_text", "text": "Checking."}]},
+                {"type": "function_call", "call_id": call.call_id, "name": "get_time",
+                 "arguments": call.arguments}, *back])  # fmt: skip
+            chat = client.chat.completions.create(
+                model="base", max_tokens=6, temperature=0, tools=tools, messages=[
+                    {"role": "user", "content": "time?"},
+                    {"role": "assistant", "content": "Checking.", "tool_calls": [
+                        {"id": call.call_id, "type": "function", "function": {
+                            "name": "get_time", "arguments": call.arguments}}]},
+                    {"role": "tool", "tool_call_id": call.call_id, "content": "noon"}])  # fmt: skip
+
+            def said(resp) -> list[str]:
+                return [i.content[0].text for i in resp.output if i.type == "reasoning"]
+
+            reply = chat.choices[0].message
+            assert said(follow) == said(whole) == [reply.reasoning_content] and said(follow)[0]
+            assert follow.usage.input_tokens == whole.usage.input_tokens \
+                == chat.usage.prompt_tokens  # (the same prompt)  # fmt: skip
             ask_r = {**ask_r, "max_output_tokens": 30, "tools": None,
                      "extra_body": {"structured_outputs": {"json": schema}}}  # fmt: skip
             r = client.responses.create(**ask_r)
@@ -1478,6 +1507,10 @@ def test_earlier_tool_calls_reach_the_chat_template():
     assert msgs[2] == {"role": "tool", "content": "sunny", "name": "w", "tool_call_id": "c1"}
 
 
+def final_type(response) -> str:
+    return "response.incomplete" if response.status == "incomplete" else "response.completed"
+
+
 def _events(stream) -> tuple[list, dict]:
     """A Responses stream's events, checked for order (sequence numbers 0, 1, ...), and its
     final response (response.completed or .incomplete)."""
@@ -1502,6 +1535,7 @@ def test_responses_api_text_stream_and_store(server, client, reference):
     assert r.output_text == want.text and len(r.output) == 1
     cut = want.finish_reason == "length"
     assert r.status == ("incomplete" if cut else "completed")
+    assert r.output[-1].status == r.status  # (the item max_output_tokens cut)
     assert (r.incomplete_details.reason if cut else r.incomplete_details) == (
         "max_output_tokens" if cut else None)  # fmt: skip
     prompt = len(chat_ids(reference, messages))
@@ -1515,6 +1549,18 @@ def test_responses_api_text_stream_and_store(server, client, reference):
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == want.text == final.output_text
     assert final.status == r.status and final.usage.output_tokens == len(want.token_ids)
+    done = [e.item.status for e in events if e.type == "response.output_item.done"]
+    assert done == [final.output[0].status] == [r.status]
+    with client.responses.stream(**ask) as sdk:  # (the SDK's accumulator checks the
+        last = list(sdk)[-1]  # events' indexes and items as it builds the response)
+    assert last.type == final_type(final) and last.response.output_text == want.text
+    # a follow-up continues the stored conversation, without the first one's instructions
+    later = [{"role": "user", "content": "def add(a, b):"},
+             {"role": "assistant", "content": want.text},
+             {"role": "user", "content": "and sub?"}]  # fmt: skip
+    again = client.responses.create(model="code", input="and sub?", previous_response_id=r.id,
+                                    max_output_tokens=6, temperature=0)  # fmt: skip
+    assert again.output_text == alone(reference, chat_ids(reference, later), "code", 6)
     url = server[0].url + "/v1/responses/"
     kept = client.responses.retrieve(final.id)
     assert kept.output_text == want.text and kept.id == final.id
@@ -1547,6 +1593,10 @@ def test_responses_api_tool_round_trip(server, client, reference):
     events, final = _events(client.responses.create(**first, stream=True))
     args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
     assert args == call.arguments == final.output[0].arguments
+    with client.responses.stream(**first) as sdk:
+        for _ in sdk:
+            pass
+        assert sdk.get_final_response().output[0].arguments == call.arguments
     assert [e.arguments for e in events if e.type.endswith("arguments.done")] == [args]
     back = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
     r2 = client.responses.create(model="math", previous_response_id=r1.id, input=back,
@@ -1580,8 +1630,23 @@ def test_responses_api_refusals(server):
                           ({"truncation": "auto"}, "truncation"),
                           ({"top_logprobs": 2}, "logprobs"),
                           ({"input": [{"type": "item_reference", "id": "x"}]}, "item_reference"),
-                          ({"text": {"format": {"type": "xml"}}}, "text.format")):  # fmt: skip
-        r = httpx.post(url, json={**base, **extra}, timeout=60)
+                          ({"text": {"format": {"type": "xml"}}}, "text.format"),
+                          ({"text": {"format": "json_object"}}, "text.format"),
+                          ({"top_k": "x"}, "top_k"), ({"stop": 5}, "stop"),
+                          ({"tools": [{"type": "function"}]}, "a function tool is"),
+                          ({"tools": [{"type": "function", "name": "f", "parameters": "x"}]},
+                           "a function tool is"),
+                          ({"temperature": float("nan")}, "JSON cannot carry"),
+                          ({"metadata": {str(i): "v" for i in range(17)}}, "16 pairs"),
+                          ({"tool_choice": "sometimes"}, "tool_choice"),
+                          ({"conversation": "conv_1"}, "conversation"),
+                          ({"max_tool_calls": 2}, "max_tool_calls"),
+                          ({"input": [{"role": "user", "content": [3]}]}, "'int'"),
+                          ({"input": [{"type": "function_call", "name": "f"}]}, "call_id"),
+                          ({"input": ["hi"]}, "must be an object"),
+                          ({"tools": ["f"]}, "tools of type None")):  # fmt: skip
+        r = httpx.post(url, content=json.dumps({**base, **extra}), timeout=60,
+                       headers={"content-type": "application/json"})  # fmt: skip
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     r = httpx.post(url, json={**base, "previous_response_id": "resp_nope"}, timeout=60)
     assert r.status_code == 404 and "resp_nope" in r.text
@@ -1591,3 +1656,38 @@ def test_responses_api_refusals(server):
     r = httpx.post(url, json={**base, "text": fmt, "max_output_tokens": 10}, timeout=60)
     text = r.json()["output"][0]["content"][0]["text"]
     assert json.loads(text) in ("yes", "no")
+
+
+def test_responses_disconnect_aborts_and_store_bounds(server):
+    """A client that leaves a streamed response has its request aborted (blocks freed);
+    the store drops its oldest responses beyond its count or bytes."""
+    from expertswitch.server.responses import ResponseStore
+
+    url = server[0].url
+    body = {"model": "math", "input": "Q: 1 + 1?", "max_output_tokens": 200, "temperature": 0,
+            "stream": True, "ignore_eos": True}  # fmt: skip
+    aborted = "expertswitch_engine_aborts_total"
+    before = metric(url, aborted)
+    with httpx.stream("POST", url + "/v1/responses", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        while "output_text.delta" not in next(lines):
+            pass
+        assert metric(url, "expertswitch_kv_blocks_used") > 0
+    deadline = time.monotonic() + 60  # a hang guard
+    while metric(url, "expertswitch_kv_blocks_used") > 0:
+        assert time.monotonic() < deadline, "the blocks of a closed stream were not freed"
+        time.sleep(0.05)
+    assert metric(url, aborted) == before + 1
+    store = ResponseStore(2, 10**6)
+    for i in range(3):
+        store.put({"id": f"r{i}"}, [])
+    with pytest.raises(Exception, match="no response 'r0'"):
+        store.get("r0")
+    assert store.get("r2")[0] == {"id": "r2"}
+    small = ResponseStore(10, 60)  # bytes: each about 40 here
+    small.put({"id": "a", "x": "y" * 10}, [])
+    small.put({"id": "b", "x": "y" * 10}, [])
+    with pytest.raises(Exception, match="no response 'a'"):
+        small.get("a")
+    small.delete("b")
+    assert small._bytes == 0

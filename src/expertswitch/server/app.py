@@ -121,7 +121,7 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
     async def chat(body: ChatCompletionRequest, request: Request):
         return await serving.chat(body, request)
 
-    responses = Responses(serving, cfg.responses_kept)
+    responses = Responses(serving, cfg.responses_kept, cfg.responses_kept_bytes)
 
     @app.post("/v1/responses", dependencies=guarded)
     async def create_response(body: ResponsesRequest, request: Request):

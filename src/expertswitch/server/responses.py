@@ -19,17 +19,23 @@ and the router all apply alike); the answer comes back as Response output items.
                   .incomplete, or .failed), each with a sequence_number
     store         (default true) the response is kept, in memory, for GET and for a later
                   request's previous_response_id (its conversation continues: the earlier
-                  input and output before the new input); the oldest are dropped beyond
-                  ServerConfig.responses_kept
+                  input and output before the new input, not its instructions); the oldest
+                  are dropped beyond ServerConfig.responses_kept responses or
+                  responses_kept_bytes of JSON
 
-What the engine cannot do is refused with a 400 naming it: images, files and audio in the
-input, built-in tools (web search, file search, computer use, MCP...), background mode,
-truncation "auto", logprobs (top_logprobs, include of output_text.logprobs).
+A last input item that is an assistant message in progress (status "in_progress" or
+"incomplete") is continued, as vLLM does; reasoning.effort reaches the chat template as
+reasoning_effort. What the engine cannot do is refused with a 400 naming it: images, files
+and audio in the input, built-in tools (web search, file search, computer use, MCP...),
+background mode, truncation "auto", logprobs (top_logprobs, include of
+output_text.logprobs), stored conversations and prompts, max_tool_calls.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import threading
 import time
 import uuid
@@ -38,17 +44,28 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from expertswitch.server.errors import HTTPError
 from expertswitch.server.protocol import ChatCompletionRequest
+from expertswitch.server.serving import ClosingStream
+
+log = logging.getLogger(__name__)
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 # vLLM's extra sampling fields, passed on to the chat request as they are
 _PASSED = ("top_k", "min_p", "seed", "stop", "repetition_penalty", "presence_penalty",
            "frequency_penalty", "logit_bias", "min_tokens", "ignore_eos", "priority",
            "cache_salt", "chat_template_kwargs", "skip_special_tokens",
-           "include_reasoning", "structured_outputs")  # fmt: skip
+           "include_reasoning", "structured_outputs", "include_stop_str_in_output",
+           "stop_token_ids", "bad_words", "allowed_token_ids", "guided_json",
+           "guided_choice", "guided_regex", "guided_grammar")  # fmt: skip
+# Responses fields that would change the answer but are not served: refused by name
+_REFUSED = {"conversation": "conversations are not kept here: send previous_response_id or "
+                            "the whole history as input",
+            "prompt": "prompt templates are not kept here: send the input itself",
+            "max_tool_calls": "a cap on tool calls is not enforced here: leave it out"}  # fmt: skip
+_TOOL_CHOICES = ("auto", "none", "required")
 
 
 class ResponsesRequest(BaseModel):
@@ -62,12 +79,12 @@ class ResponsesRequest(BaseModel):
         return data
 
     model: str
-    input: str | list[dict[str, Any]]
+    input: str | list[Any]  # (items checked by _messages, with clearer words than pydantic's)
     instructions: str | None = None
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     text: dict[str, Any] | None = None
@@ -75,7 +92,7 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
     background: bool = False
     truncation: str | None = None
     include: list[str] | None = None
@@ -85,72 +102,82 @@ class ResponsesRequest(BaseModel):
 
 class ResponseStore:
     """The responses kept for GET and previous_response_id: id → (response, conversation as
-    chat messages after it), the oldest dropped beyond `limit`."""
+    chat messages after it), the oldest dropped beyond `limit` responses or `max_bytes` of
+    their JSON."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+    def __init__(self, limit: int, max_bytes: int):
+        self.limit, self.max_bytes = limit, max_bytes
+        self._items: OrderedDict[str, tuple[dict, list[dict], int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def put(self, response: dict, conversation: list[dict]) -> None:
+        size = len(json.dumps(response)) + len(json.dumps(conversation))
         with self._lock:
-            self._items[response["id"]] = (response, conversation)
-            while len(self._items) > self.limit:
-                self._items.popitem(last=False)
+            self._items[response["id"]] = (response, conversation, size)
+            self._bytes += size
+            while self._items and (len(self._items) > self.limit or self._bytes > self.max_bytes):
+                self._bytes -= self._items.popitem(last=False)[1][2]
 
-    def get(self, rid: str) -> tuple[dict, list[dict]]:
+    def get(self, rid: str, param: str | None = None) -> tuple[dict, list[dict]]:
         with self._lock:
             found = self._items.get(rid)
         if found is None:
             raise HTTPError(404, f"no response {rid!r} is kept here (unknown, deleted, made "
-                            "with store false, or dropped as the oldest)",
-                            param="previous_response_id", code="response_not_found")  # fmt: skip
-        return found
+                            "with store false, or dropped as the oldest)", param=param,
+                            code="response_not_found")  # fmt: skip
+        return found[0], found[1]
 
     def delete(self, rid: str) -> None:
-        self.get(rid)
         with self._lock:
-            self._items.pop(rid, None)
+            found = self._items.pop(rid, None)
+            if found is not None:
+                self._bytes -= found[2]
+        if found is None:
+            self.get(rid)  # (its 404)
 
 
 class Responses:
-    def __init__(self, serving, limit: int):
-        self.serving, self.store = serving, ResponseStore(limit)
+    def __init__(self, serving, limit: int, max_bytes: int):
+        self.serving, self.store = serving, ResponseStore(limit, max_bytes)
 
     async def create(self, req: ResponsesRequest, http: Request):
         _refuse(req)
         history = []
         if req.previous_response_id is not None:
-            history = self.store.get(req.previous_response_id)[1]
-        new = _messages(req.input)
+            history = self.store.get(req.previous_response_id, "previous_response_id")[1]
+        new, open_end = _messages(req.input)
         head = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        chat = _chat_request(req, head + history + new)
+        chat = _chat_request(req, head + history + new, open_end)
         answer = await self.serving.chat(chat, http)
-        rid = f"resp_{uuid.uuid4().hex}"
-        shell = _shell(req, rid)
+        shell = _shell(req, f"resp_{uuid.uuid4().hex}")
         if req.stream:
             events = self._events(answer, shell, history + new, req.store)
-            return _Events(events, media_type="text/event-stream",
-                           headers={"Cache-Control": "no-cache"})  # fmt: skip
+            return ClosingStream(events, cleanup=answer.cleanup, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})  # fmt: skip
         body = json.loads(answer.body)
         choice = body["choices"][0]
-        msg = choice["message"]
+        msg, finish = choice["message"], choice["finish_reason"]
         items = []
         if msg.get("reasoning_content"):
             items.append(_reasoning_item(msg["reasoning_content"]))
         # the text (an empty answer: an empty message), unless only thinking or calls came
         if msg.get("content") or not (msg.get("tool_calls") or items):
-            items.append(_message_item(msg.get("content") or "", choice["finish_reason"]))
+            items.append(_message_item(msg.get("content") or ""))
         items += [_call_item(c) for c in msg.get("tool_calls") or []]
-        response = _finished(shell, items, choice["finish_reason"], body["usage"])
+        if finish == "length":  # (what was being written when max_output_tokens cut it)
+            items[-1]["status"] = "incomplete"
+        shell.update(_served(body))
+        response = _finished(shell, items, finish, body["usage"])
         if req.store:
             self.store.put(response, history + new + _as_chat(items))
         return JSONResponse(response)
 
     async def _events(self, answer: StreamingResponse, shell: dict, conversation, store):
+        """The chat stream of `answer` as the Responses events (see the module)."""
         seq = iter(range(1 << 62))
         items: list[dict] = []  # the output items so far
-        open_item: dict | None = None  # the one receiving deltas (a message or reasoning)
+        open_item: dict | None = None  # the one receiving text (a message or reasoning)
         calls: dict[int, dict] = {}  # the chat stream's tool call index → its item
         finish, usage, failed = None, None, None
 
@@ -158,57 +185,53 @@ class Responses:
             obj = {"type": kind, "sequence_number": next(seq), **fields}
             return f"event: {kind}\ndata: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-        def close() -> list[str]:
-            nonlocal open_item
-            if open_item is None:
-                return []
-            item, open_item = open_item, None
-            index = items.index(item)
-            item["status"] = "completed"
-            out = []
-            if item["type"] == "message":
-                part = item["content"][0]
-                out.append(event("response.output_text.done", item_id=item["id"],
-                                 output_index=index, content_index=0, text=part["text"],
-                                 logprobs=[]))  # fmt: skip
-                out.append(event("response.content_part.done", item_id=item["id"],
-                                 output_index=index, content_index=0, part=part))  # fmt: skip
-            else:
-                part = item["content"][0]
-                out.append(event("response.reasoning_text.done", item_id=item["id"],
-                                 output_index=index, content_index=0,
-                                 text=part["text"]))  # fmt: skip
-            return out + [event("response.output_item.done", output_index=index, item=item)]
+        def where(item: dict) -> dict:
+            return {"item_id": item["id"], "output_index": items.index(item)}
 
-        def add(item: dict) -> str:
+        def added(item: dict) -> str:
             items.append(item)
             return event("response.output_item.added", output_index=len(items) - 1,
                          item=item)  # fmt: skip
 
-        def text_delta(kind: str, delta: str) -> list[str]:
+        def open_text(kind: str) -> list[str]:
+            """A message (output_text) or reasoning (reasoning_text) item and its part."""
             nonlocal open_item
+            out = close()
+            maker = _message_item if kind == "message" else _reasoning_item
+            open_item = maker("")
+            part = open_item["content"].pop()
+            open_item["status"] = "in_progress"
+            out.append(added(open_item))
+            open_item["content"].append(part)
+            out.append(event("response.content_part.added", **where(open_item),
+                             content_index=0, part=dict(part)))  # fmt: skip
+            return out
+
+        def close(status: str = "completed") -> list[str]:
+            nonlocal open_item
+            if open_item is None:
+                return []
+            item, open_item = open_item, None
+            item["status"] = status
+            part = item["content"][0]
+            done = "output_text" if item["type"] == "message" else "reasoning_text"
+            extra = {"logprobs": []} if item["type"] == "message" else {}
+            return [event(f"response.{done}.done", **where(item), content_index=0,
+                          text=part["text"], **extra),
+                    event("response.content_part.done", **where(item), content_index=0,
+                          part=part),
+                    event("response.output_item.done", output_index=items.index(item),
+                          item=item)]  # fmt: skip
+
+        def text_delta(kind: str, delta: str) -> list[str]:
             out = []
             if open_item is None or open_item["type"] != kind:
-                out += close()
-                if kind == "message":
-                    open_item = _message_item("", None)
-                    open_item["status"], open_item["content"] = "in_progress", []
-                    out.append(add(open_item))
-                    part = {"type": "output_text", "text": "", "annotations": []}
-                    open_item["content"].append(part)
-                    out.append(event("response.content_part.added", item_id=open_item["id"],
-                                     output_index=len(items) - 1, content_index=0,
-                                     part=dict(part)))  # fmt: skip
-                else:
-                    open_item = _reasoning_item("")
-                    open_item["status"] = "in_progress"
-                    out.append(add(open_item))
+                out += open_text(kind)
             open_item["content"][0]["text"] += delta
-            name = "response.output_text.delta" if kind == "message" else \
-                "response.reasoning_text.delta"  # fmt: skip
             extra = {"logprobs": []} if kind == "message" else {}
-            out.append(event(name, item_id=open_item["id"], output_index=items.index(open_item),
-                             content_index=0, delta=delta, **extra))  # fmt: skip
+            name = "output_text" if kind == "message" else "reasoning_text"
+            out.append(event(f"response.{name}.delta", **where(open_item), content_index=0,
+                             delta=delta, **extra))  # fmt: skip
             return out
 
         def call_delta(call: dict) -> list[str]:
@@ -221,79 +244,90 @@ class Responses:
                     "name": fn.get("name", ""), "arguments": ""}})  # fmt: skip
                 item["status"] = "in_progress"
                 calls[k] = item
-                out.append(add(item))
+                out.append(added(item))
             item = calls[k]
             if fn.get("arguments"):
                 item["arguments"] += fn["arguments"]
-                out.append(event("response.function_call_arguments.delta", item_id=item["id"],
-                                 output_index=items.index(item),
+                out.append(event("response.function_call_arguments.delta", **where(item),
                                  delta=fn["arguments"]))  # fmt: skip
             return out
 
+        yield event("response.created", response=shell)
+        yield event("response.in_progress", response=shell)
         try:
-            yield event("response.created", response=shell)
-            yield event("response.in_progress", response=shell)
             async for line in answer.body_iterator:
                 data = line.removeprefix("data: ").strip()
                 if not data or data == "[DONE]":
                     continue
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    failed = chunk["error"]
+                    failed = chunk["error"].get("message", "")
                     break
+                shell.update(_served(chunk))
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices", []):
                     delta = choice.get("delta") or {}
+                    out = []
                     if delta.get("reasoning_content"):
-                        for e in text_delta("reasoning", delta["reasoning_content"]):
-                            yield e
+                        out += text_delta("reasoning", delta["reasoning_content"])
                     if delta.get("content"):
-                        for e in text_delta("message", delta["content"]):
-                            yield e
+                        out += text_delta("message", delta["content"])
                     for call in delta.get("tool_calls") or []:
-                        for e in call_delta(call):
-                            yield e
+                        out += call_delta(call)
+                    for e in out:
+                        yield e
                     finish = choice.get("finish_reason") or finish
-            if failed is not None:
-                response = {**shell, "status": "failed", "output": items,
-                            "error": {"code": "server_error",
-                                      "message": failed.get("message", "")}}  # fmt: skip
-                yield event("response.failed", response=response)
-                return
-            for e in close():
-                yield e
-            if not items:  # (an empty answer: an empty message, as the body has)
-                message = _message_item("", finish)
-                yield add(message)
-                yield event("response.output_item.done", output_index=0, item=message)
-            for item in calls.values():
-                index = items.index(item)
-                item["status"] = "completed"
-                yield event("response.function_call_arguments.done", item_id=item["id"],
-                            output_index=index, arguments=item["arguments"])  # fmt: skip
-                yield event("response.output_item.done", output_index=index, item=item)
-            if finish == "length":
-                for item in items:
-                    if item["type"] == "message":
-                        item["status"] = "incomplete"
-            response = _finished(shell, items, finish, usage or {})
-            if store:
-                self.store.put(response, conversation + _as_chat(items))
-            kind = "response.incomplete" if response["status"] == "incomplete" else \
-                "response.completed"  # fmt: skip
-            yield event(kind, response=response)
+        except Exception as e:  # noqa: BLE001 - told to the client, which has its 200 already
+            log.exception("a streamed response failed")
+            failed = f"{type(e).__name__}: {e}"
         finally:  # (the chat stream's clean-up: its requests aborted if the client left)
             await answer.body_iterator.aclose()
+            answer.cleanup()
+        if failed is not None:
+            error = {"code": "server_error", "message": failed}
+            yield event(
+                "response.failed",
+                response={**shell, "status": "failed", "output": items, "error": error},
+            )
+            return
+        if not items:  # (an empty answer: an empty message, as the body has)
+            for e in open_text("message"):
+                yield e
+        cut = "incomplete" if finish == "length" else "completed"
+        last = items[-1]  # (what was being written when max_output_tokens cut it)
+        for e in close(cut if open_item is last else "completed"):
+            yield e
+        for item in calls.values():
+            item["status"] = cut if item is last else "completed"
+            yield event("response.function_call_arguments.done", **where(item),
+                        arguments=item["arguments"])  # fmt: skip
+            yield event("response.output_item.done", output_index=items.index(item), item=item)
+        response = _finished(shell, items, finish, usage or {})
+        if store:
+            self.store.put(response, conversation + _as_chat(items))
+        kind = "response.incomplete" if response["status"] == "incomplete" else \
+            "response.completed"  # fmt: skip
+        yield event(kind, response=response)
 
 
-class _Events(StreamingResponse):
-    """Closes its generator however the response ends (see serving._ClosingStream)."""
+def _served(chunk: dict) -> dict:
+    """What a chat body or chunk says of the model that answered (an expert the router
+    chose for "auto"), for the Response."""
+    out = {"model": chunk["model"]} if "model" in chunk else {}
+    if "routing" in chunk:
+        out["routing"] = chunk["routing"]
+    return out
 
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
+
+def _finite(obj, where: str) -> None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise HTTPError(400, f"{where} holds {obj}, which JSON cannot carry", param=where)
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _finite(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _finite(v, f"{where}[{i}]")
 
 
 def _refuse(req: ResponsesRequest) -> None:
@@ -307,10 +341,20 @@ def _refuse(req: ResponsesRequest) -> None:
     if req.top_logprobs or any("logprobs" in i for i in req.include or []):
         raise HTTPError(400, "logprobs are not returned by /v1/responses here: use "
                         "/v1/chat/completions with logprobs", param="top_logprobs")  # fmt: skip
+    for key, why in _REFUSED.items():
+        if (req.model_extra or {}).get(key) is not None:
+            raise HTTPError(400, f"{key}: {why}", param=key)
+    meta = req.metadata or {}
+    if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
+        raise HTTPError(400, "metadata holds at most 16 pairs, keys up to 64 characters and "
+                        "values up to 512", param="metadata")  # fmt: skip
+    for key in ("temperature", "top_p", "tools", "text", "reasoning", "tool_choice"):
+        _finite(getattr(req, key), key)  # (echoed in the Response: must stay JSON)
 
 
 def _text(content, where: str) -> str:
-    """A message's content as text: a string, or its text parts joined."""
+    """A message's content as text: a string, or its text parts joined by newlines (as the
+    chat path joins them)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -318,7 +362,7 @@ def _text(content, where: str) -> str:
                         param="input")  # fmt: skip
     out = []
     for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
         if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
             out.append(part["text"])
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
@@ -327,19 +371,23 @@ def _text(content, where: str) -> str:
             raise HTTPError(400, f"{where}: content part of type {kind!r} is not supported "
                             "(this server serves text models: give input_text parts)",
                             param="input")  # fmt: skip
-    return "".join(out)
+    return "\n".join(out)
 
 
-def _messages(inp) -> list[dict]:
-    """The request's input as chat messages (function calls joined into assistant turns)."""
+def _messages(inp) -> tuple[list[dict], bool]:
+    """The request's input as chat messages (function calls joined to the assistant turn
+    before them), and whether the last is an assistant message to continue (its status
+    in_progress or incomplete)."""
     if isinstance(inp, str):
-        return [{"role": "user", "content": inp}]
+        return [{"role": "user", "content": inp}], False
     out: list[dict] = []
+    open_end = False
     for i, item in enumerate(inp):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise HTTPError(400, f"{where} must be an object", param="input")
         kind = item.get("type", "message" if "role" in item else None)
+        open_end = False
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
@@ -347,6 +395,7 @@ def _messages(inp) -> list[dict]:
                                 "developer, assistant", param="input")  # fmt: skip
             role = "system" if role == "developer" else role
             out.append({"role": role, "content": _text(item.get("content", ""), where)})
+            open_end = role == "assistant" and item.get("status") in ("in_progress", "incomplete")
         elif kind == "function_call":
             for key in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(key), str):
@@ -357,8 +406,8 @@ def _messages(inp) -> list[dict]:
                 "type": "function",
                 "function": {"name": item["name"], "arguments": item["arguments"]},
             }
-            if out and out[-1]["role"] == "assistant" and "tool_calls" in out[-1]:
-                out[-1]["tool_calls"].append(call)
+            if out and out[-1]["role"] == "assistant":  # (its text, then its calls)
+                out[-1].setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
@@ -373,7 +422,7 @@ def _messages(inp) -> list[dict]:
             raise HTTPError(400, f"{where}: input items of type {kind!r} are not supported "
                             "(messages, function_call, function_call_output and reasoning "
                             "are)", param="input")  # fmt: skip
-    return out
+    return out, open_end
 
 
 def _chat_tools(tools) -> list[dict] | None:
@@ -385,16 +434,23 @@ def _chat_tools(tools) -> list[dict] | None:
         if kind != "function":
             raise HTTPError(400, f"tools[{i}]: tools of type {kind!r} are not supported here "
                             "(only function tools)", param="tools")  # fmt: skip
+        if not isinstance(t.get("name"), str) or not t["name"] or \
+                not isinstance(t.get("parameters", {}), dict | None):  # fmt: skip
+            raise HTTPError(400, f"tools[{i}]: a function tool is {{\"type\": \"function\", "
+                            '"name": ..., "parameters": {...}} (name a string, parameters a '
+                            "JSON schema)", param="tools")  # fmt: skip
         fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
         out.append({"type": "function", "function": fn})
     return out
 
 
 def _chat_tool_choice(choice):
-    if choice is None or isinstance(choice, str):
+    if choice is None or choice in _TOOL_CHOICES:
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function":
-        return {"type": "function", "function": {"name": choice.get("name")}}
+        fn = choice.get("function")  # (the chat shape, accepted too)
+        name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
+        return {"type": "function", "function": {"name": name}}
     raise HTTPError(400, f"tool_choice {choice!r} is not supported: use \"auto\", \"none\", "
                     '"required" or {"type": "function", "name": ...}',
                     param="tool_choice")  # fmt: skip
@@ -402,7 +458,11 @@ def _chat_tool_choice(choice):
 
 def _response_format(text: dict | None) -> dict | None:
     fmt = (text or {}).get("format")
-    if fmt is None or fmt.get("type") == "text":
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise HTTPError(400, f"text.format must be an object, got {fmt!r}", param="text.format")
+    if fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":
         return {"type": "json_object"}
@@ -410,10 +470,11 @@ def _response_format(text: dict | None) -> dict | None:
         spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
         return {"type": "json_schema", "json_schema": spec}
     raise HTTPError(400, f"text.format {fmt!r} is not one of text, json_object, json_schema",
-                    param="text")  # fmt: skip
+                    param="text.format")  # fmt: skip
 
 
-def _chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
+def _chat_request(req: ResponsesRequest, messages: list[dict],
+                  open_end: bool) -> ChatCompletionRequest:  # fmt: skip
     body = {"model": req.model, "messages": messages, "stream": req.stream,
             "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature,
             "top_p": req.top_p, "tools": _chat_tools(req.tools),
@@ -421,8 +482,20 @@ def _chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompletion
             "response_format": _response_format(req.text), "user": req.user}  # fmt: skip
     if req.stream:
         body["stream_options"] = {"include_usage": True}
+    if open_end:  # (vLLM's: the last assistant message continued)
+        body.update(add_generation_prompt=False, continue_final_message=True)
     body.update((k, v) for k, v in (req.model_extra or {}).items() if k in _PASSED)
-    return ChatCompletionRequest(**{k: v for k, v in body.items() if v is not None})
+    effort = (req.reasoning or {}).get("effort")
+    kwargs = body.get("chat_template_kwargs")
+    if effort is not None and (kwargs is None or isinstance(kwargs, dict)):
+        # (vLLM's: the template reads it, gpt-oss's and others')
+        body["chat_template_kwargs"] = {"reasoning_effort": effort, **(kwargs or {})}
+    try:
+        return ChatCompletionRequest(**{k: v for k, v in body.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise HTTPError(400, f"{field}: {err['msg']}", param=field) from None
 
 
 def _shell(req: ResponsesRequest, rid: str) -> dict:
@@ -445,6 +518,7 @@ def _finished(shell: dict, items: list[dict], finish: str | None, usage: dict) -
     prompt, done = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     return {**shell, "status": "incomplete" if cut else "completed", "output": items,
+            "completed_at": None if cut else int(time.time()),
             "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
             "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
                       "output_tokens": done,
@@ -452,9 +526,9 @@ def _finished(shell: dict, items: list[dict], finish: str | None, usage: dict) -
                       "total_tokens": prompt + done}}  # fmt: skip
 
 
-def _message_item(text: str, finish: str | None) -> dict:
+def _message_item(text: str) -> dict:
     return {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant",
-            "status": "incomplete" if finish == "length" else "completed",
+            "status": "completed",
             "content": [{"type": "output_text", "text": text, "annotations": []}]}  # fmt: skip
 
 

@@ -85,9 +85,10 @@ class ServerConfig:
     # a reasoning model's thinking split from its answer (reasoning.py; vLLM's
     # --reasoning-parser NAME); None: the thinking stays in the content
     reasoning_parser: str | None = None
-    # /v1/responses with store (its default): how many responses are kept in memory for GET
-    # and previous_response_id, the oldest dropped first
+    # /v1/responses with store (its default): how many responses, and how many bytes of their
+    # JSON, are kept in memory for GET and previous_response_id, the oldest dropped first
     responses_kept: int = 1000
+    responses_kept_bytes: int = 256 * 2**20
 
     def __post_init__(self):
         for what, name, known in (
@@ -97,6 +98,10 @@ class ServerConfig:
             if name is not None and name not in known:
                 raise ConfigError(f"unknown {what} parser {name!r}: choose one of "
                                   f"{', '.join(known)}")  # fmt: skip
+        for what, n in (("responses_kept", self.responses_kept),
+                        ("responses_kept_bytes", self.responses_kept_bytes)):  # fmt: skip
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ConfigError(f"{what} must be a count ≥ 0 (0: nothing kept), got {n!r}")
 
 
 @dataclass
@@ -578,9 +583,10 @@ class OpenAIServing:
         opts = req.stream_options or {}
         usage = bool(opts.get("include_usage"))
         every = usage and bool(opts.get("continuous_usage_stats"))  # vLLM's: in every chunk
-        return _ClosingStream(self._events(job, pending, first, usage, every),
-                              media_type="text/event-stream",
-                              headers={"Cache-Control": "no-cache"})  # fmt: skip
+        return ClosingStream(self._events(job, pending, first, usage, every),
+                             cleanup=lambda: self._abandon(job, pending),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})  # fmt: skip
 
     async def _events(self, job: _Job, pending: dict[str, _Choice], first, usage: bool,
                       every: bool = False):  # fmt: skip
@@ -827,16 +833,23 @@ class Disconnected(Exception):
     """The client went away before its answer was sent."""
 
 
-class _ClosingStream(StreamingResponse):
+class ClosingStream(StreamingResponse):
     """Closes its event generator when the response ends, however it ends (a disconnect
     cancels the response while the generator may sit at a `yield`): its clean-up — aborting
-    the requests — runs now, not when the garbage collector gets to it."""
+    the requests — runs now, not when the garbage collector gets to it; and `cleanup` runs
+    too, for a client gone before the generator started (closing an unstarted generator runs
+    none of its code)."""
+
+    def __init__(self, content, cleanup=None, **kwargs):
+        super().__init__(content, **kwargs)
+        self.cleanup = cleanup or (lambda: None)
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            self.cleanup()
 
 
 def _watch_disconnect(http: Request, collector: OutputCollector) -> asyncio.Task:
