@@ -1219,6 +1219,8 @@ SAID = {  # one answer that calls get_weather then get_time, in each format test
         '"Paris"}}\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}'
     ),
     "pythonic": '[get_weather(city="Paris"), get_time()]',
+    "phi4_mini_json": 'functools[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+    '{"name": "get_time", "arguments": {}}]',
     "qwen3_coder": (  # (days: typed by the tools' schema)
         "Let me look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
         "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>\n"

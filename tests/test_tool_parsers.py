@@ -97,6 +97,20 @@ CASES = {
         ("[TOOL_CALLS]get_time[ARGS]{", "[TOOL_CALLS]get_time[ARGS]{", []),
         (f'[TOOL_CALLS][{W}, {{"x": 1}}]', f'[TOOL_CALLS][{W}, {{"x": 1}}]', []),
     ],
+    "phi4_mini_json": [
+        (f"functools[{W}, {T}]", None, [WEATHER, TIME]),
+        (f"Let me check. functools [{W}]", "Let me check. ", [WEATHER]),
+        (
+            'functools[{"name": "f", "arguments": {"a": [[1], [2]]}}]',
+            None,
+            [("f", {"a": [[1], [2]]})],
+        ),  # (a nested list does not end it)  # fmt: skip
+        (f"functools[{W}] done", " done", [WEATHER]),
+        ("functools[{oops}]", "functools[{oops}]", []),
+        (f'functools[{W}, {{"x": 1}}]', f'functools[{W}, {{"x": 1}}]', []),
+        ("functools are handy", "functools are handy", []),
+        ("functools[]", "functools[]", []),
+    ],
     "qwen3_coder": [  # (untyped here: every value is text; typed below)
         (f"<tool_call>\n{QW}\n</tool_call>", None, [WEATHER_TEXT]),
         (
@@ -221,6 +235,7 @@ PIECES = {  # whole calls, and the pieces of calls (cut anywhere, or broken)
         "{",
         " ",
     ],
+    "phi4_mini_json": [f"functools[{W}]", "functools", "[", "]", W, T, ", ", "func", " "],
     "qwen3_coder": [
         f"<tool_call>\n{QW}\n</tool_call>",
         f"<tool_call>{QT}",

@@ -320,8 +320,9 @@ def _add_serve(sub) -> None:
                    "(vLLM's flags)")  # fmt: skip
     p.add_argument("--tool-call-parser", default=None, metavar="NAME",
                    help="the format the model writes tool calls in: hermes (Qwen2.5, Hermes), "
-                   "llama3_json (Llama 3.1), mistral, pythonic (Llama 3.2/4) or "
-                   "qwen3_coder (Qwen3-Coder's XML calls; alias qwen3_xml)")  # fmt: skip
+                   "llama3_json (Llama 3.1), mistral, pythonic (Llama 3.2/4), "
+                   "phi4_mini_json (Phi-4-mini) or qwen3_coder (Qwen3-Coder's XML calls; "
+                   "alias qwen3_xml)")  # fmt: skip
     p.add_argument("--reasoning-parser", default=None, metavar="NAME",
                    help="split a reasoning model's <think>...</think> into reasoning_content "
                    "(its answer read as thinking until </think>): deepseek_r1 or qwen3; "

@@ -9,6 +9,7 @@ writes its calls in its own format, which a parser turns into OpenAI's `tool_cal
     mistral      [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]  or the newer
                  [TOOL_CALLS]name[ARGS]{...}  (Mistral, Mixtral)
     pythonic     [get_weather(city="Paris"), ...]  opening the answer (Llama 3.2, Llama 4)
+    phi4_mini_json  functools[{"name": ..., "arguments": {...}}, ...]  (Phi-4-mini)
     qwen3_coder  <tool_call><function=get_weather><parameter=city>Paris</parameter>...
                  </function></tool_call>  (Qwen3-Coder; also named qwen3_xml, as in vLLM):
                  each value is text, typed by the request's schema of that parameter
@@ -209,6 +210,29 @@ class Pythonic(_Opening):
         return calls, ""
 
 
+class Phi4MiniJson(_Marked):
+    """Phi-4-mini's calls: functools[{"name": ..., "arguments": {...}}, ...] (vLLM's
+    phi4_mini_json), sent whole at the end. Unlike vLLM's, the text before the list stays
+    content and a list nested in the arguments does not end it."""
+
+    name, marker = "phi4_mini_json", "functools"
+
+    def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
+        if not final:
+            return [], ""  # (sent whole, at the end)
+        body = part[len(self.marker) :].lstrip()
+        if not body.startswith("["):
+            return [], part
+        try:
+            obj, end = _DECODER.raw_decode(body)
+        except (ValueError, RecursionError):
+            return [], part
+        calls = [c for c in map(_call_of, obj) if c] if isinstance(obj, list) else []
+        if not calls or len(calls) != len(obj):
+            return [], part
+        return calls, body[end:] if body[end:].strip() else ""
+
+
 class Qwen3Coder(ToolParser):
     """Qwen3-Coder's XML calls, each in a <tool_call> block (or a bare <function=...> block,
     which vLLM reads too):
@@ -372,8 +396,8 @@ def _typed(text: str, schema):
 
 
 TOOL_PARSERS: dict[str, ToolParser] = {p.name: p for p in (Hermes(), Llama3Json(), Mistral(),
-                                                           Pythonic(), Qwen3Coder(),
-                                                           Qwen3Xml())}  # fmt: skip
+                                                           Pythonic(), Phi4MiniJson(),
+                                                           Qwen3Coder(), Qwen3Xml())}  # fmt: skip
 
 
 def extract(parser: ToolParser, text: str) -> tuple[str | None, list[ToolCall]]:
