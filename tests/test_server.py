@@ -1646,6 +1646,8 @@ def test_responses_api_refusals(server):
                           ({"input": [{"role": "user", "content": [3]}]}, "'int'"),
                           ({"input": [{"type": "function_call", "name": "f"}]}, "call_id"),
                           ({"input": ["hi"]}, "must be an object"),
+                          ({"input": 42}, "a string or a list of input items"),
+                          ({"max_output_tokens": 0}, "max_output_tokens must be at least 1"),
                           ({"tools": ["f"]}, "tools of type None")):  # fmt: skip
         r = httpx.post(url, content=json.dumps({**base, **extra}), timeout=60,
                        headers={"content-type": "application/json"})  # fmt: skip

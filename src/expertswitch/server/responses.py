@@ -79,7 +79,7 @@ class ResponsesRequest(BaseModel):
         return data
 
     model: str
-    input: str | list[Any]  # (items checked by _messages, with clearer words than pydantic's)
+    input: Any  # (a string or items: checked by _messages, in clearer words than pydantic's)
     instructions: str | None = None
     max_output_tokens: int | None = None
     temperature: float | None = None
@@ -331,6 +331,9 @@ def _finite(obj, where: str) -> None:
 
 
 def _refuse(req: ResponsesRequest) -> None:
+    if req.max_output_tokens is not None and req.max_output_tokens < 1:
+        raise HTTPError(400, f"max_output_tokens must be at least 1, got "
+                        f"{req.max_output_tokens}", param="max_output_tokens")  # fmt: skip
     if req.background:
         raise HTTPError(400, "background responses are not supported here: leave background "
                         "false", param="background")  # fmt: skip
@@ -380,6 +383,9 @@ def _messages(inp) -> tuple[list[dict], bool]:
     in_progress or incomplete)."""
     if isinstance(inp, str):
         return [{"role": "user", "content": inp}], False
+    if not isinstance(inp, list):
+        raise HTTPError(400, f"input must be a string or a list of input items, got "
+                        f"{type(inp).__name__}", param="input")  # fmt: skip
     out: list[dict] = []
     open_end = False
     for i, item in enumerate(inp):
