@@ -1309,6 +1309,16 @@ def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference, pa
                     assert json.loads(calls[0].function.arguments) == {"a": "\ud800"}
                 assert [t.function.name for t in cut.choices[0].message.tool_calls] \
                     == ["get_weather"]  # fmt: skip
+            if parser == "qwen3_coder":  # tools are checked with tool_choice left out too
+                for bad in ([{"type": "function", "function": "x"}],
+                            [{"type": "function", "function": {"name": "f",
+                                                               "parameters": "oops"}}],
+                            [{"type": "function", "function": {"name": ["f"]}}]):  # fmt: skip
+                    r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+                        "model": "code", "messages": ask["messages"], "tools": bad,
+                        "max_tokens": 4})  # fmt: skip
+                    assert r.status_code == 400 and "tool" in r.text, r.text
+                assert metric(srv.url, "expertswitch_requests_in_flight") == 0
             # hermes and qwen3_coder read answers with special tokens kept (some models'
             # markers are special), as vLLM does; pythonic as the request asks (skipped)
             bos = reference.tokenizer.bos_token

@@ -248,13 +248,8 @@ def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
     tool_choice unset, or "auto" — which needs the server's tool-call parser to read the
     calls, else a 400 says how to start the server)."""
     choice, tools = req.tool_choice, req.tools or []
-    if not tools or choice in (None, "none"):
-        if isinstance(choice, dict) or choice == "required":
-            raise HTTPError(400, "tool_choice names a tool but tools is empty: give the tools",
-                            param="tool_choice")  # fmt: skip
-        return None
     named: dict[str, dict] = {}
-    for t in tools:
+    for t in tools:  # (checked whatever the choice: templates and parsers read them)
         fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise HTTPError(400, 'each tool is {"type": "function", "function": {"name": ..., '
@@ -263,6 +258,11 @@ def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
             raise HTTPError(400, f"two tools are named {fn['name']!r}: tool names must differ",
                             param="tools")  # fmt: skip
         named[fn["name"]] = _parameters(fn["name"], fn.get("parameters"))
+    if not tools or choice in (None, "none"):
+        if isinstance(choice, dict) or choice == "required":
+            raise HTTPError(400, "tool_choice names a tool but tools is empty: give the tools",
+                            param="tool_choice")  # fmt: skip
+        return None
     if choice == "required":
         if len(named) == 1:
             return next(iter(named.items()))

@@ -410,6 +410,9 @@ class OpenAIServing:
         start = time.perf_counter()
         collector = OutputCollector()
         beams = None
+        parser = None  # (before the requests start: nothing after them may fail)
+        if auto_tools(req):  # (a format whose values the tools' schemas type keeps them)
+            parser = TOOL_PARSERS[self.cfg.tool_call_parser].for_tools(req.tools)
         if req.use_beam_search:  # the answers first (the search's own step requests)
             beams = await self._beam_search(req, http, target, ids, max_tokens, plan,
                                             params[0].skip_special_tokens)  # fmt: skip
@@ -419,9 +422,6 @@ class OpenAIServing:
         fmt = None
         if params[0].logprobs is not None:
             fmt = LogprobFormatter(tok, params[0].logprobs, req.return_tokens_as_token_ids)
-        parser = None
-        if auto_tools(req):  # (a format whose values the tools' schemas type keeps them)
-            parser = TOOL_PARSERS[self.cfg.tool_call_parser].for_tools(req.tools)
         thinking = None  # (an answer held from its first token — a forced tool call's — has
         # no thinking to split off)
         free = structured is None or structured.reasoning_end is not None

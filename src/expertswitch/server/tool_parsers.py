@@ -31,6 +31,7 @@ the content and calls a stream sends add up to what `extract` finds in the whole
 from __future__ import annotations
 
 import ast
+import functools
 import json
 from dataclasses import dataclass
 
@@ -217,6 +218,29 @@ class Phi4MiniJson(_Marked):
 
     name, marker = "phi4_mini_json", "functools"
 
+    def _opens(self, text: str, at: int) -> bool | None:
+        """Whether the "functools" at `at` opens the calls (blanks, then "["), None: not
+        known yet (the text ends before its next non-blank character)."""
+        rest = text[at + len(self.marker) :].lstrip()
+        return rest.startswith("[") if rest else None
+
+    def start(self, text: str) -> int | None:
+        at = text.find(self.marker)
+        while at >= 0:  # (the word in prose — functools.reduce — is content)
+            opens = self._opens(text, at)
+            if opens is not False:
+                return at if opens else None
+            at = text.find(self.marker, at + 1)
+        return None
+
+    def safe(self, text: str) -> int:
+        at = text.find(self.marker)
+        while at >= 0:
+            if self._opens(text, at) is None:
+                return at  # (held back until its next character tells)
+            at = text.find(self.marker, at + 1)
+        return super().safe(text)
+
     def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
         if not final:
             return [], ""  # (sent whole, at the end)
@@ -264,17 +288,23 @@ class Qwen3Coder(ToolParser):
 
     def __init__(self, schemas: dict[str, dict] | None = None):
         self.schemas = schemas or {}  # tool name → {parameter: its schema}
+        # a block's calls by its text: a stream parses its answer again at every token, and
+        # a complete block reads the same every time (typing values is the costly part)
+        self._read: dict[str, list[ToolCall] | None] = {}
 
     def for_tools(self, tools: list[dict] | None) -> ToolParser:
         schemas = {}
-        for t in tools or []:
-            fn = t.get("function") or {}
-            props = (fn.get("parameters") or {}).get("properties")
-            schemas[fn.get("name")] = props if isinstance(props, dict) else {}
+        for t in tools or []:  # (checked by the server; any odd part read as untyped)
+            fn = t.get("function") if isinstance(t, dict) else None
+            fn = fn if isinstance(fn, dict) else {}
+            params = fn.get("parameters")
+            props = params.get("properties") if isinstance(params, dict) else None
+            if isinstance(fn.get("name"), str):
+                schemas[fn["name"]] = props if isinstance(props, dict) else {}
         return type(self)(schemas)
 
-    def start(self, text: str) -> int | None:
-        found = [i for i in (text.find(self.wrap), text.find(self.fn)) if i >= 0]
+    def start(self, text: str, at: int = 0) -> int | None:
+        found = [i for i in (text.find(self.wrap, at), text.find(self.fn, at)) if i >= 0]
         return min(found) if found else None
 
     def safe(self, text: str) -> int:
@@ -283,11 +313,10 @@ class Qwen3Coder(ToolParser):
     def parse(self, part: str, final: bool) -> tuple[list[ToolCall], str]:
         calls, rest, at = [], [], 0
         while at < len(part):
-            begin = self.start(part[at:])
+            begin = self.start(part, at)
             if begin is None:
                 rest.append(part[at:])
                 break
-            begin += at
             rest.append(part[at:begin])
             wrapped = part.startswith(self.wrap, begin)
             end = self.unwrap if wrapped else self.fn_end
@@ -299,7 +328,11 @@ class Qwen3Coder(ToolParser):
                 body = part[begin + len(self.wrap) : close if close >= 0 else len(part)]
             else:
                 body = part[begin:stop]
-            found = self._functions(body)
+            if body not in self._read:
+                if len(self._read) > 256:  # (one answer's blocks, or a shared parser's)
+                    self._read.clear()
+                self._read[body] = self._functions(body)
+            found = self._read[body]
             if found is None:
                 rest.append(part[begin:stop])  # (not a well-formed block: content)
             else:
@@ -364,6 +397,10 @@ def _typed(text: str, schema):
     if text.lower() == "null":
         return None
     kind = schema.get("type") if isinstance(schema, dict) else None
+    if kind is None and isinstance(schema, dict):  # anyOf/oneOf (pydantic's Optional[int]):
+        branches = schema.get("anyOf") or schema.get("oneOf") or []  # the first typed branch
+        kinds = [b.get("type") for b in branches if isinstance(b, dict)]  # that is not null
+        kind = next((k for k in kinds if k not in (None, "null")), None)
     if isinstance(kind, list):  # ["integer", "null"]: the first that is not null
         kind = next((k for k in kind if k != "null"), None)
     kind = str(kind).strip().lower() if kind is not None else "string"
@@ -483,6 +520,7 @@ def _utf8(text: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=256)  # (a stream reads its complete blocks at every token)
 def _call(body: str) -> ToolCall | None:
     return _call_of(_loads(body.strip()))
 
