@@ -1230,7 +1230,8 @@ SAID = {  # one answer that calls get_weather then get_time, in each format test
 
 
 @pytest.mark.parametrize("parser", sorted(SAID))
-def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference, parser):
+def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference, parser,
+                                                           monkeypatch):  # fmt: skip
     """With a tool-call parser (vLLM's --enable-auto-tool-choice --tool-call-parser NAME),
     tools with tool_choice "auto" or left out leave the model to call or not, and its answer
     is read: the calls it writes become tool_calls (finish_reason "tool_calls"), the text
@@ -1309,6 +1310,44 @@ def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference, pa
                     assert json.loads(calls[0].function.arguments) == {"a": "\ud800"}
                 assert [t.function.name for t in cut.choices[0].message.tool_calls] \
                     == ["get_weather"]  # fmt: skip
+            if parser == "hermes":  # a stream quiet for KEEPALIVE_S sends SSE comments
+                from expertswitch.server import serving  # (a call held until it is whole),
+
+                monkeypatch.setattr(serving, "KEEPALIVE_S", -1.0)  # which clients ignore
+                with httpx.stream(
+                    "POST",
+                    srv.url + "/v1/chat/completions",
+                    timeout=300,
+                    json={
+                        **{k: v for k, v in ask.items() if k != "extra_body"},
+                        **ask["extra_body"],
+                        "stream": True,
+                    },
+                ) as r:
+                    assert ": keep-alive" in list(r.iter_lines())
+                got = [t.function.name for ch in client.chat.completions.create(**ask, stream=True)
+                       for t in ch.choices[0].delta.tool_calls or []]  # fmt: skip
+                assert got == ["get_weather", "get_time"]
+                tools_r = [
+                    {
+                        "type": "function",
+                        "name": t["function"]["name"],
+                        "parameters": t["function"]["parameters"],
+                    }
+                    for t in tools
+                ]
+                with client.responses.stream(
+                    model="code",
+                    input="weather?",
+                    tools=tools_r,
+                    max_output_tokens=200,
+                    temperature=0,
+                    extra_body=ask["extra_body"],
+                ) as sdk:
+                    final = sdk.get_final_response()
+                assert [o.type for o in final.output] == ["message", "function_call",
+                                                          "function_call"]  # fmt: skip
+                monkeypatch.undo()
             if parser == "qwen3_coder":  # tools are checked with tool_choice left out too
                 for bad in ([{"type": "function", "function": "x"}],
                             [{"type": "function", "function": {"name": "f",

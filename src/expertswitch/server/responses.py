@@ -256,6 +256,9 @@ class Responses:
         yield event("response.in_progress", response=shell)
         try:
             async for line in answer.body_iterator:
+                if line.startswith(":"):  # (a keep-alive comment: passed on)
+                    yield line
+                    continue
                 data = line.removeprefix("data: ").strip()
                 if not data or data == "[DONE]":
                     continue

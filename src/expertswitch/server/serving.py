@@ -71,6 +71,12 @@ AUTO = "auto"
 MAX_CHOICES = 1024  # sequences one HTTP request may queue (prompts × n)
 
 
+# a stream that has sent nothing for this long (a tool call the parser holds until it is
+# whole, a long thinking with include_reasoning false) sends an SSE comment, which clients
+# ignore, so that a proxy's idle timeout (nginx: 60 s) does not cut it
+KEEPALIVE_S = 15.0
+
+
 @dataclass
 class ServerConfig:
     base_name: str = "base"  # the name the base model answers to (besides "base")
@@ -595,6 +601,7 @@ class OpenAIServing:
                 if job.kind == "chat" or c.sent:
                     yield _sse(self._with_usage(job, c, self._chunk(job, c, opening=True), every))
             batch = first
+            quiet = time.monotonic()  # when the stream last sent something
             while True:
                 for out in batch:
                     c = pending.get(out.request_id)
@@ -628,8 +635,12 @@ class OpenAIServing:
                                             calls=[(k + i, call) for i, call in
                                                    enumerate(calls)], thought=thought)  # fmt: skip
                         yield _sse(self._with_usage(job, c, chunk, every))
+                        quiet = time.monotonic()
                 if not pending:
                     break
+                if time.monotonic() - quiet > KEEPALIVE_S:  # (a long tool call held back:
+                    yield ": keep-alive\n\n"  # a comment, so that proxies keep the stream)
+                    quiet = time.monotonic()
                 batch = await job.collector.get()
             if usage:
                 yield _sse({**self._head(job, chunk=True), "choices": [],
