@@ -1022,6 +1022,8 @@ def test_serve_command_refuses_unsafe_admin_and_bad_sizes(family, capsys):
         in capsys.readouterr().err  # fmt: skip
     assert main(["serve", "--base", str(base), "--lora-modules", "x=/nonexistent/ad"]) == 2
     assert "/nonexistent/ad" in capsys.readouterr().err
+    assert main(["serve", "--base", str(base), "--responses-kept", "-1"]) == 2
+    assert "responses_kept must be a count" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="too large"):
         _size_arg("1e400", "--gpu-budget")
 

@@ -323,6 +323,9 @@ def _add_serve(sub) -> None:
                    "llama3_json (Llama 3.1), mistral, pythonic (Llama 3.2/4), "
                    "phi4_mini_json (Phi-4-mini) or qwen3_coder (Qwen3-Coder's XML calls; "
                    "alias qwen3_xml)")  # fmt: skip
+    p.add_argument("--responses-kept", type=int, default=1000, metavar="N",
+                   help="/v1/responses: how many responses are kept in memory for GET and "
+                   "previous_response_id (the oldest dropped first; 0: none)")  # fmt: skip
     p.add_argument("--reasoning-parser", default=None, metavar="NAME",
                    help="split a reasoning model's <think>...</think> into reasoning_content "
                    "(its answer read as thinking until </think>): deepseek_r1 or qwen3; "
@@ -862,7 +865,8 @@ def cmd_serve(args) -> None:
                        max_request_bytes=_size_arg(args.max_request_bytes, "--max-request-bytes"),
                        max_tokens_limit=args.max_tokens_limit, chat_template=template,
                        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice
-                       else None, reasoning_parser=args.reasoning_parser)  # fmt: skip
+                       else None, reasoning_parser=args.reasoning_parser,
+                       responses_kept=args.responses_kept)  # fmt: skip
     options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                "device_budget_bytes": _size_arg(args.gpu_budget, "--gpu-budget"),
                "host_budget_bytes": _size_arg(args.host_budget, "--host-budget"),
