@@ -1350,6 +1350,32 @@ def test_auto_tool_choice_reads_the_calls_the_model_writes(family, reference, pa
                 assert [o.type for o in final.output] == ["message", "function_call",
                                                           "function_call"]  # fmt: skip
                 monkeypatch.undo()
+                # text after a call: one message (its text joined), streamed or not; sent
+                # back as input items, the same prompt as the stored turn
+                call = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+                for before in ("Checking.", ""):  # (no text before: the stream's message
+                    choice = {"choice": [before + call + " Done."]}  # comes after the call)
+                    ask_a = dict(model="code", input="weather?", tools=tools_r, temperature=0,
+                                 max_output_tokens=200,
+                                 extra_body={"structured_outputs": choice})  # fmt: skip
+                    whole = client.responses.create(**ask_a)
+                    _, streamed = _events(client.responses.create(**ask_a, stream=True))
+                    kinds = [("message", None), ("function_call", "get_time")]
+                    assert [(o.type, getattr(o, "name", None)) for o in whole.output] == kinds
+                    got = [(o.type, getattr(o, "name", None)) for o in streamed.output]
+                    assert got == (kinds if before else kinds[::-1])
+                    assert whole.output_text == streamed.output_text == before + " Done."
+                    (fc,) = [o for o in streamed.output if o.type == "function_call"]
+                    back = [{"type": "function_call_output", "call_id": fc.call_id,
+                             "output": "noon"}]  # fmt: skip
+                    more = dict(model="code", max_output_tokens=2, temperature=0,
+                                tools=tools_r)  # fmt: skip
+                    stored = client.responses.create(**more, previous_response_id=streamed.id,
+                                                     input=back)  # fmt: skip
+                    items = [o.model_dump(exclude_none=True) for o in streamed.output]
+                    sent = client.responses.create(**more, input=[
+                        {"role": "user", "content": "weather?"}, *items, *back])  # fmt: skip
+                    assert sent.usage.input_tokens == stored.usage.input_tokens
             if parser == "qwen3_coder":  # tools are checked with tool_choice left out too
                 for bad in ([{"type": "function", "function": "x"}],
                             [{"type": "function", "function": {"name": "f",
@@ -1565,13 +1591,38 @@ def final_type(response) -> str:
 
 
 def _events(stream) -> tuple[list, dict]:
-    """A Responses stream's events, checked for order (sequence numbers 0, 1, ...), and its
-    final response (response.completed or .incomplete)."""
+    """A Responses stream's events, checked as a grammar: sequence numbers 0, 1, ...; created,
+    in_progress first, completed (or incomplete) last; each item added once at the next
+    output_index, every later event of it naming that index and coming before its one
+    output_item.done; each .done text or arguments equal to its deltas joined; the final
+    output the done items, in index order. Returns (events, the final response)."""
     events = list(stream)
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
-    assert events[-1].type in ("response.completed", "response.incomplete")
-    return events, events[-1].response
+    final = events[-1].response
+    assert events[-1].type == final_type(final)
+    added, done, joined = {}, {}, {}
+    for e in events[2:-1]:
+        if e.type == "response.output_item.added":
+            assert e.output_index == len(added) and e.item.id not in added
+            added[e.item.id] = e.output_index
+            continue
+        item_id = e.item.id if e.type == "response.output_item.done" else e.item_id
+        assert item_id in added and item_id not in done, e.type
+        assert e.output_index == added[item_id], e.type
+        if e.type == "response.output_item.done":
+            done[item_id] = e.item
+        elif e.type.endswith(".delta"):
+            joined[item_id] = joined.get(item_id, "") + e.delta
+        elif e.type in ("response.output_text.done", "response.reasoning_text.done"):
+            assert e.text == joined.get(item_id, "")
+        elif e.type == "response.function_call_arguments.done":
+            assert e.arguments == joined.get(item_id, "")
+    assert set(done) == set(added)
+    assert [o.id for o in final.output] == sorted(added, key=added.get)
+    assert [done[o.id].model_dump() for o in final.output] == [o.model_dump() for o in
+                                                               final.output]  # fmt: skip
+    return events, final
 
 
 def test_responses_api_text_stream_and_store(server, client, reference):
@@ -1621,6 +1672,21 @@ def test_responses_api_text_stream_and_store(server, client, reference):
     assert httpx.get(url + final.id).status_code == 404
     gone = client.responses.create(**ask, store=False)
     assert httpx.get(url + gone.id).status_code == 404
+    # an assistant message in progress is continued, and kept as one turn with its end
+    start = [{"role": "user", "content": "def add(a, b):"},
+             {"type": "message", "role": "assistant", "status": "incomplete",
+              "content": [{"type": "output_text", "text": "return"}]}]  # fmt: skip
+    cont = client.responses.create(model="code", input=start, max_output_tokens=4,
+                                   temperature=0)  # fmt: skip
+    ids = chat_ids(reference, [{"role": "user", "content": "def add(a, b):"}])
+    ids += reference.tokenizer.encode("return", add_special_tokens=False)
+    assert cont.output_text == alone(reference, ids, "code", 4)
+    nxt = client.responses.create(model="code", input="and sub?", max_output_tokens=2,
+                                  previous_response_id=cont.id, temperature=0)  # fmt: skip
+    turns = [{"role": "user", "content": "def add(a, b):"},
+             {"role": "assistant", "content": "return" + cont.output_text},
+             {"role": "user", "content": "and sub?"}]  # fmt: skip
+    assert nxt.usage.input_tokens == len(chat_ids(reference, turns))
 
 
 def test_responses_api_tool_round_trip(server, client, reference):
@@ -1699,12 +1765,17 @@ def test_responses_api_refusals(server):
                           ({"input": ["hi"]}, "must be an object"),
                           ({"input": 42}, "a string or a list of input items"),
                           ({"max_output_tokens": 0}, "max_output_tokens must be at least 1"),
-                          ({"tools": ["f"]}, "tools of type None")):  # fmt: skip
+                          ({"tools": ["f"]}, "tools of type None"),
+                          ({"metadata": {"k": "\ud800"}}, "lone surrogate")):  # fmt: skip
         r = httpx.post(url, content=json.dumps({**base, **extra}), timeout=60,
                        headers={"content-type": "application/json"})  # fmt: skip
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     r = httpx.post(url, json={**base, "previous_response_id": "resp_nope"}, timeout=60)
     assert r.status_code == 404 and "resp_nope" in r.text
+    deep = [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[" * 5000},
+            {"type": "function_call_output", "call_id": "c", "output": "x"}]  # fmt: skip
+    r = httpx.post(url, json={**base, "input": deep}, timeout=60)  # (arguments left as text)
+    assert r.status_code == 200, r.text
     # a JSON schema holds the answer (passed on as the chat's response_format)
     fmt = {"format": {"type": "json_schema", "name": "yn",
                       "schema": {"type": "string", "enum": ["yes", "no"]}}}  # fmt: skip

@@ -486,7 +486,7 @@ def _call_for_template(call):
         return call
     fn = dict(call["function"])
     if isinstance(fn.get("arguments"), str):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):  # (else left as the text)
             fn["arguments"] = json.loads(fn["arguments"])
     return {**call, "function": fn}
 

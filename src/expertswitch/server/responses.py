@@ -152,7 +152,7 @@ class Responses:
         answer = await self.serving.chat(chat, http)
         shell = _shell(req, f"resp_{uuid.uuid4().hex}")
         if req.stream:
-            events = self._events(answer, shell, history + new, req.store)
+            events = self._events(answer, shell, history, new, open_end, req.store)
             return ClosingStream(events, cleanup=answer.cleanup, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})  # fmt: skip
         body = json.loads(answer.body)
@@ -165,15 +165,16 @@ class Responses:
         if msg.get("content") or not (msg.get("tool_calls") or items):
             items.append(_message_item(msg.get("content") or ""))
         items += [_call_item(c) for c in msg.get("tool_calls") or []]
-        if finish == "length":  # (what was being written when max_output_tokens cut it)
-            items[-1]["status"] = "incomplete"
+        if finish == "length":
+            _cut(items)["status"] = "incomplete"
         shell.update(_served(body))
         response = _finished(shell, items, finish, body["usage"])
         if req.store:
-            self.store.put(response, history + new + _as_chat(items))
+            self.store.put(response, history + _continued(new, items, open_end))
         return JSONResponse(response)
 
-    async def _events(self, answer: StreamingResponse, shell: dict, conversation, store):
+    async def _events(self, answer: StreamingResponse, shell: dict, history: list[dict],
+                      new: list[dict], open_end: bool, store: bool):  # fmt: skip
         """The chat stream of `answer` as the Responses events (see the module)."""
         seq = iter(range(1 << 62))
         items: list[dict] = []  # the output items so far
@@ -238,8 +239,9 @@ class Responses:
             out = []
             k = call.get("index", 0)
             fn = call.get("function") or {}
-            if k not in calls:
-                out += close()
+            if k not in calls:  # (a message stays open: text after the calls joins it,
+                if open_item is not None and open_item["type"] == "reasoning":  # as in the
+                    out += close()  # body, where the answer's text is one message)
                 item = _call_item({"id": call.get("id"), "function": {
                     "name": fn.get("name", ""), "arguments": ""}})  # fmt: skip
                 item["status"] = "in_progress"
@@ -296,18 +298,17 @@ class Responses:
         if not items:  # (an empty answer: an empty message, as the body has)
             for e in open_text("message"):
                 yield e
-        cut = "incomplete" if finish == "length" else "completed"
-        last = items[-1]  # (what was being written when max_output_tokens cut it)
-        for e in close(cut if open_item is last else "completed"):
+        cut = _cut(items) if finish == "length" else None
+        for e in close("incomplete" if open_item is cut else "completed"):
             yield e
         for item in calls.values():
-            item["status"] = cut if item is last else "completed"
+            item["status"] = "incomplete" if item is cut else "completed"
             yield event("response.function_call_arguments.done", **where(item),
                         arguments=item["arguments"])  # fmt: skip
             yield event("response.output_item.done", output_index=items.index(item), item=item)
         response = _finished(shell, items, finish, usage or {})
         if store:
-            self.store.put(response, conversation + _as_chat(items))
+            self.store.put(response, history + _continued(new, items, open_end))
         kind = "response.incomplete" if response["status"] == "incomplete" else \
             "response.completed"  # fmt: skip
         yield event(kind, response=response)
@@ -322,15 +323,24 @@ def _served(chunk: dict) -> dict:
     return out
 
 
-def _finite(obj, where: str) -> None:
+def _sendable(obj, where: str) -> None:
+    """What the Response echoes must go back out as JSON: no NaN or Infinity, no string that
+    UTF-8 cannot carry (a lone surrogate from a "\\ud800" escape)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         raise HTTPError(400, f"{where} holds {obj}, which JSON cannot carry", param=where)
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPError(400, f"{where} holds text that is not valid Unicode (a lone "
+                            "surrogate)", param=where) from None  # fmt: skip
     if isinstance(obj, dict):
         for k, v in obj.items():
-            _finite(v, f"{where}.{k}")
+            _sendable(k, where)
+            _sendable(v, f"{where}.{k}")
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            _finite(v, f"{where}[{i}]")
+            _sendable(v, f"{where}[{i}]")
 
 
 def _refuse(req: ResponsesRequest) -> None:
@@ -354,8 +364,11 @@ def _refuse(req: ResponsesRequest) -> None:
     if len(meta) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
         raise HTTPError(400, "metadata holds at most 16 pairs, keys up to 64 characters and "
                         "values up to 512", param="metadata")  # fmt: skip
-    for key in ("temperature", "top_p", "tools", "text", "reasoning", "tool_choice"):
-        _finite(getattr(req, key), key)  # (echoed in the Response: must stay JSON)
+    try:  # (echoed in the Response, or read: must go back out as JSON)
+        for key, value in {**req.model_dump(), **(req.model_extra or {})}.items():
+            _sendable(value, key)
+    except RecursionError:
+        raise HTTPError(400, "the request nests too deeply", param=None) from None
 
 
 def _text(content, where: str) -> str:
@@ -390,20 +403,27 @@ def _messages(inp) -> tuple[list[dict], bool]:
         raise HTTPError(400, f"input must be a string or a list of input items, got "
                         f"{type(inp).__name__}", param="input")  # fmt: skip
     out: list[dict] = []
-    open_end = False
+    open_end = False  # the last message is an assistant's, in progress
     for i, item in enumerate(inp):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise HTTPError(400, f"{where} must be an object", param="input")
         kind = item.get("type", "message" if "role" in item else None)
-        open_end = False
+        was_open, open_end = open_end, False
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise HTTPError(400, f"{where}: role {role!r} is not one of user, system, "
                                 "developer, assistant", param="input")  # fmt: skip
             role = "system" if role == "developer" else role
-            out.append({"role": role, "content": _text(item.get("content", ""), where)})
+            text = _text(item.get("content", ""), where)
+            prev = out[-1] if out and out[-1]["role"] == "assistant" else None
+            if role == "assistant" and prev is not None and (was_open or "tool_calls" in prev):
+                # one turn: text after its calls (a stream sends it as a second message), or
+                # the continuation of a message in progress
+                prev["content"] = (prev["content"] or "") + text
+            else:
+                out.append({"role": role, "content": text})
             open_end = role == "assistant" and item.get("status") in ("in_progress", "incomplete")
         elif kind == "function_call":
             for key in ("call_id", "name", "arguments"):
@@ -561,6 +581,24 @@ def _call_item(call: dict) -> dict:
         "arguments": fn["arguments"],
         "status": "completed",
     }
+
+
+def _cut(items: list[dict]) -> dict:
+    """The item max_output_tokens cut: the message (what the parsers could not read as a call
+    stays its text), else the last."""
+    return next((i for i in items if i["type"] == "message"), items[-1])
+
+
+def _continued(new: list[dict], items: list[dict], open_end: bool) -> list[dict]:
+    """The conversation after a request: its input, then the answer as one assistant turn —
+    the continuation of the input's last message when that one was in progress."""
+    answer = _as_chat(items)[0]
+    if not open_end:
+        return new + [answer]
+    merged = {**new[-1], "content": (new[-1]["content"] or "") + (answer["content"] or "")}
+    if "tool_calls" in answer:
+        merged["tool_calls"] = answer["tool_calls"]
+    return new[:-1] + [merged]
 
 
 def _as_chat(items: list[dict]) -> list[dict]:
