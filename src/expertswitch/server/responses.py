@@ -285,9 +285,8 @@ class Responses:
         except Exception as e:  # noqa: BLE001 - told to the client, which has its 200 already
             log.exception("a streamed response failed")
             failed = f"{type(e).__name__}: {e}"
-        finally:  # (the chat stream's clean-up: its requests aborted if the client left)
-            await answer.body_iterator.aclose()
-            answer.cleanup()
+        finally:  # (the chat stream's clean-up: its requests aborted if the client left;
+            await answer.body_iterator.aclose()  # its cleanup too runs in ClosingStream)
         if failed is not None:
             error = {"code": "server_error", "message": failed}
             yield event(
@@ -592,7 +591,7 @@ def _cut(items: list[dict]) -> dict:
 def _continued(new: list[dict], items: list[dict], open_end: bool) -> list[dict]:
     """The conversation after a request: its input, then the answer as one assistant turn —
     the continuation of the input's last message when that one was in progress."""
-    answer = _as_chat(items)[0]
+    answer = _answer_turn(items)
     if not open_end:
         return new + [answer]
     merged = {**new[-1], "content": (new[-1]["content"] or "") + (answer["content"] or "")}
@@ -601,8 +600,8 @@ def _continued(new: list[dict], items: list[dict], open_end: bool) -> list[dict]
     return new[:-1] + [merged]
 
 
-def _as_chat(items: list[dict]) -> list[dict]:
-    """The output items as the chat messages a follow-up continues from (the thinking
+def _answer_turn(items: list[dict]) -> dict:
+    """The output items as the assistant turn a follow-up continues from (the thinking
     dropped, as chat templates drop it)."""
     text = "".join(i["content"][0]["text"] for i in items if i["type"] == "message")
     calls = [{"id": i["call_id"], "type": "function",
@@ -611,4 +610,4 @@ def _as_chat(items: list[dict]) -> list[dict]:
     msg: dict = {"role": "assistant", "content": text or (None if calls else "")}
     if calls:
         msg["tool_calls"] = calls
-    return [msg]
+    return msg
