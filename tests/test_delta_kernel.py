@@ -382,8 +382,9 @@ def test_cpu_stacked_experts_match_the_reference_row_by_row(bits, symmetric, sha
             layers.StackedDeltas.bmm = real
         # (the third case: 10 rows beside 1 and 1 would pad 12 to 30: per expert instead)
         assert calls if spread != cases[2][1] else not calls
-        # one stack for the format, whichever experts each batch's rows use
-        assert [key[0] for key in tables] == ["stacked"]
+        # one stack for the format, whichever experts each batch's rows use (beside it, the
+        # formats of each set of experts whose rows a batch had)
+        assert [key[0] for key in tables if key[0] != "stack-groups"] == ["stacked"]
         assert torch.equal(y, before + zero)
         for r in range(t):
             s = int(row_slot[r])
@@ -393,3 +394,67 @@ def test_cpu_stacked_experts_match_the_reference_row_by_row(bits, symmetric, sha
                 continue
             assert not zero[r, n:].any()
             assert rel_err(zero[r, :n], d.matmul_reference(x[r : r + 1])[0]) < 1e-5, (t, r, s)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", [(37, 100, 32), (50, 64, 64)])
+def test_embedding_delta_rows_equal_the_dense_delta_rows(bits, symmetric, shape):
+    """models/layers.delta_rows (a quantized embedding's rows for the looked-up ids, from
+    those rows' packed parts only) against rows of PackedDelta.dequantize: repeated ids, ids
+    in any order, with salient channels and without."""
+    from expertswitch.models.layers import delta_rows
+
+    n, k, group = shape
+    for n_salient in (0, 4):
+        d = make_delta(n, k, bits, group, symmetric, n_salient, seed=bits + n_salient)
+        dense = d.dequantize()
+        idx = torch.tensor([3, 0, n - 1, 3, 17, 17, 5], device=d.scales.device)
+        got = delta_rows(d, idx)
+        assert got.shape == (len(idx), k) and got.dtype == torch.float32
+        assert torch.allclose(got, dense.index_select(0, idx), rtol=1e-6, atol=0), n_salient
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_cpu_stacked_experts_on_even_runs_take_views(bits, monkeypatch):
+    """A decode step with as many sequences per expert, rows sorted by slot (the runner's
+    order): the stacked path reads the experts' rows as one view and adds into one slice,
+    with no gather (forced: the gathering helper raises). Each row equals its own expert's
+    PackedDelta.matmul_reference, base rows and rows of an expert of another format stay as
+    they were; uneven runs, or runs with another format's rows between them, still take
+    the gather."""
+    from expertswitch.models import layers
+    from expertswitch.models.context import ExpertBatch
+    from expertswitch.models.expert_weights import ExpertWeights
+
+    if DEVICE != "cpu":
+        pytest.skip("the CPU path")
+    n, k = 48, 100
+    deltas = [make_delta(n, k, bits, 32, False, sal, seed=bits + i, magnitude=2.0**-i)
+              for i, sal in enumerate((3, 0, 5))]  # fmt: skip
+    other = make_delta(n, k, 1, 32, True, 2, seed=7)
+    owner = [deltas[0], other, deltas[1], deltas[2]]  # slot 1: another format
+    experts = [ExpertWeights(f"e{i}", None, {"w": d}) for i, d in enumerate(owner)]
+    g = torch.Generator().manual_seed(0)
+    real = layers._padded_rows
+    for slots, gathered in (([-1, -1, 0, 0, 2, 2, 3, 3], False),
+                            ([-1, 0, 0, 0, 1, 2, 2, 2, 3, 3, 3], True),  # runs apart
+                            ([0, 0, 0, 2, 2, 2, 3, 3, 3], False),
+                            ([0, 0, 2, 3, 3], True)):  # fmt: skip
+        used = []
+        monkeypatch.setattr(layers, "_padded_rows", lambda eb, s, real=real, used=used: (
+            used.append(s) or real(eb, s)))  # fmt: skip
+        eb = ExpertBatch.from_host(experts, slots, "cpu")
+        assert eb.ranges is not None
+        x = torch.randn(len(slots), k, generator=g)
+        before = torch.randn(len(slots), n + 2, generator=g)
+        y = before.clone()
+        layers.add_deltas(y, x, eb, "w")
+        assert bool(used) == gathered, slots
+        for r, s in enumerate(slots):
+            if s < 0:
+                assert torch.equal(y[r], before[r])
+                continue
+            want = owner[s].matmul_reference(x[r : r + 1])[0]
+            assert rel_err(y[r, :n] - before[r, :n], want) < 1e-5, (slots, r)
+            assert torch.equal(y[r, n:], before[r, n:])

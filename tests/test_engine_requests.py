@@ -342,3 +342,52 @@ def test_mixed_formats_and_odd_head_dims_through_the_gpu_paths(tmp_path, monkeyp
     assert outs[1].token_ids == hf_greedy(rec4, p, n)
     assert outs[2].token_ids == hf_greedy(base, p, n)
     assert len({tuple(o.token_ids) for o in outs}) == 3  # the three answers differ
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_decode_ids_equals_the_tokenizers_decode(kind):
+    """engine/tokenizer.decode_ids (the answer's text at every token, past transformers'
+    per-element conversion) gives what `tok.decode` gives, special tokens skipped or kept, for
+    a byte-level BPE and a WordPiece tokenizer whose clean-up of spaces applies; a tokenizer
+    class that overrides `decode` is decoded through its own `decode`."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from expertswitch.engine.tokenizer import decode_ids
+
+    texts = ["def f(x):\n    return x + 1  # a comment, isn't it?", "Hello , world ! 12 + 3 = 15 ."]
+    specials = ["[UNK]", "<s>", "</s>"]
+    if kind == "bpe":
+        raw = Tokenizer(models.BPE())
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        raw.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)  # fmt: skip
+    else:
+        raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        raw.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials,
+                                            show_progress=False)  # fmt: skip
+    raw.train_from_iterator(texts * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                  unk_token="[UNK]",
+                                  clean_up_tokenization_spaces=kind == "wordpiece")  # fmt: skip
+    rng = random.Random(0)
+    seqs = [tok.encode(t) for t in texts] + [[rng.randrange(len(tok)) for _ in range(n)]
+                                             for n in (0, 1, 7, 40)]  # fmt: skip
+    seqs.append([tok.bos_token_id, *tok.encode(texts[1]), tok.eos_token_id])
+    for ids in seqs:
+        for skip in (True, False):
+            assert decode_ids(tok, ids, skip) == tok.decode(ids, skip_special_tokens=skip)
+
+    class Own(PreTrainedTokenizerFast):
+        def decode(self, token_ids, skip_special_tokens=False, **kw):
+            return "own:" + super().decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    own = Own(tokenizer_object=raw, eos_token="</s>")
+    plain = PreTrainedTokenizerFast.decode(own, seqs[0], skip_special_tokens=True)
+    assert decode_ids(own, seqs[0], True) == "own:" + plain

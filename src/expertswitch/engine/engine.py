@@ -42,7 +42,7 @@ from expertswitch.engine.runner import ModelRunner
 from expertswitch.engine.sampler import SamplingFailure, logprobs_of, sample
 from expertswitch.engine.sampling import SamplingParams
 from expertswitch.engine.scheduler import Scheduler
-from expertswitch.engine.tokenizer import bad_word_ids, load_tokenizer
+from expertswitch.engine.tokenizer import bad_word_ids, decode_ids, load_tokenizer
 from expertswitch.errors import ConfigError, ParallelError
 from expertswitch.io.lora import LoraBase, checked_again, load_lora
 from expertswitch.kernels.delta_cpu import int4_available, to_int4
@@ -612,7 +612,7 @@ class Engine:
             shown = r.output_token_ids
             if stopper and not sp.include_stop_str_in_output:
                 shown = shown[:-1]
-            r.text = tok.decode(shown, skip_special_tokens=sp.skip_special_tokens)
+            r.text = decode_ids(tok, shown, sp.skip_special_tokens)
         early = len(r.output_token_ids) < sp.min_tokens  # (EOS and stop ids are banned then)
         if token in sp.stop_token_ids:
             r.stop_reason = token
@@ -758,7 +758,7 @@ class Engine:
         tok = self.tokenizer_for(expert)
         text = None
         if tok is not None:
-            text = tok.decode(beam.tokens, skip_special_tokens=skip_special_tokens)
+            text = decode_ids(tok, list(beam.tokens), skip_special_tokens)
         out = RequestOutput(f"beam-{index}", list(prompt_ids), list(beam.tokens), text, expert,
                             True, "stop" if beam.eos else "length", list(beam.tokens))  # fmt: skip
         out.cumulative_logprob = beam.cum_logprob

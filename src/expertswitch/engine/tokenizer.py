@@ -1,8 +1,36 @@
-"""A checkpoint's tokenizer (models/tokenizer.py), and the token sequences of bad_words."""
+"""A checkpoint's tokenizer (models/tokenizer.py), the token sequences of bad_words, and the
+decoding of an answer's tokens as it grows."""
 
 from expertswitch.models.tokenizer import load_tokenizer
 
-__all__ = ["bad_word_ids", "load_tokenizer"]
+__all__ = ["bad_word_ids", "decode_ids", "load_tokenizer"]
+
+
+def decode_ids(tok, ids: list[int], skip_special_tokens: bool) -> str:
+    """`tok.decode(ids, skip_special_tokens=...)` for a list of ints. The engine decodes a
+    request's whole output at every token (exact for any tokenizer); transformers' `decode`
+    first walks the list converting each element (`to_py_obj`), about half the cost of
+    decoding a 64-token answer, then calls `_decode`. A tokenizer class whose `decode` is
+    transformers' own is called at `_decode` directly, with what `decode` passes it (both
+    in transformers 4.x and 5); any other (an overridden `decode`) through `decode`."""
+    if _plain_decode(type(tok)):
+        return tok._decode(ids, skip_special_tokens=skip_special_tokens)
+    return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+_PLAIN: dict[type, bool] = {}
+
+
+def _plain_decode(cls: type) -> bool:
+    if cls not in _PLAIN:
+        try:
+            from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            PreTrainedTokenizerBase = None  # noqa: N806
+        _PLAIN[cls] = (PreTrainedTokenizerBase is not None
+                       and getattr(cls, "decode", None) is PreTrainedTokenizerBase.decode
+                       and callable(getattr(cls, "_decode", None)))  # fmt: skip
+    return _PLAIN[cls]
 
 
 def bad_word_ids(tok, words: list[str]) -> list[list[int]]:

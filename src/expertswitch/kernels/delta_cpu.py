@@ -8,9 +8,9 @@ microseconds of dispatch whatever its size, so the engine's step time was domina
 arithmetic in int32 with shifts by constants, one plane at a time, and applies the group's step
 and zero point on a [N, G, g] view, so it costs ~10 ops; it is checked against the reference
 in tests/test_delta_kernel.py. When several active experts store a small weight alike,
-`StackedDeltas` does those ~10 ops once for all of them (one dequantization pass over the
-stacked planes, one batched matmul): 1.4-1.6× the tokens/s of one expert at a time on the tiny
-family, 3 experts + base at batch 32 (benchmarks/engine.py).
+`StackedDeltas` applies all of them in ~8 ops, from codes unpacked once when the set of experts
+becomes active, without dequantizing (the steps and zero points applied to the products, per
+group).
 
 The int4 form (`to_int4`, `int4_matmul`): torch's CPU int4 matmul
 (`aten._weight_int4pack_mm_for_cpu`) unpacks 4-bit codes inside its GEMM, so a delta costs about
@@ -111,7 +111,7 @@ STACK_MAX_WEIGHT = 1 << 18
 
 def stack_key(d: PackedDelta) -> tuple | None:
     """Deltas with equal keys stack (same shape and layout); None: this one does not."""
-    if len(d.shape) != 2 or d.shape[0] * d.shape[1] > STACK_MAX_WEIGHT:
+    if len(d.shape) != 2 or d.shape[0] * d.shape[1] > STACK_MAX_WEIGHT or d.bits > 8:
         return None
     return (d.shape, d.bits, d.group_size, d.zeros is None, tuple(d.scales.shape),
             tuple(tuple(p.shape) for p in d.planes), d.scales.device)  # fmt: skip
@@ -119,20 +119,31 @@ def stack_key(d: PackedDelta) -> tuple | None:
 
 @dataclass
 class StackedDeltas:
-    """Several experts' deltas of one weight, stacked so that one pass dequantizes them all
-    and one batched matmul applies each to its own rows: ~10 torch ops for E experts instead
-    of ~10 each (the per-expert path's cost at small sizes is those ops' dispatch). Holds
-    the planes as byte indices and each step's and zero's products with the expert's
-    2**scale_exp folded in (a power of two: exact), so the formula is that of
-    `packed_matmul`; salient channels are padded to the most any expert has (index 0,
-    column 0). Built when a set of experts becomes active; its bytes are a few times the
-    packed deltas' (only weights up to STACK_MAX_WEIGHT are stacked)."""
+    """Several experts' deltas of one weight, stacked so that one batched matmul applies each
+    to its own rows: ~8 torch ops for E experts instead of ~10 each (the per-expert path's
+    cost at small sizes is those ops' dispatch).
 
-    planes: list[torch.Tensor]  # per plane: int32 [E, N, bytes]
-    widths: tuple[int, ...]
-    steps: torch.Tensor  # fp32 [E, N, G, 1]
-    offsets: torch.Tensor  # fp32 [E, N, G, 1]: −zero·step
-    group_size: int
+    No dequantized Δ̂ is made, not even transiently: with c the code centred on
+    m = 2^(bits−1) and o = (m − zero)·step per group,
+
+        x·Δ̂ᵀ[r, n] = Σ_g step[n, g]·(x_g · c_g[n]) + Σ_g (Σ x_g)·o[n, g]
+
+    so a step costs one batched matmul of x by the codes (converted from int8), a multiply
+    by the steps and a sum over groups (none with one group per row), and one small matmul of
+    the rows' per-group sums by the offsets: the [E, N, K] passes that dequantizing made
+    (table lookup, add, multiply-add) are gone (tiny family, 3 experts at 8 rows each:
+    2.5-4× faster per weight). Centring keeps the two terms small, so fp32 loses nothing to
+    their difference, and puts 8-bit codes in int8's range. The codes are held as int8
+    [E, G, g, N] (groups of input channels, the output channels last: the matmul's layout),
+    one byte a code — what the stack of 2-bit planes as int32 byte indices held before, and
+    a quarter of it for 8-bit codes; each step and offset has the expert's 2**scale_exp
+    folded in (a power of two: exact). Salient channels are padded to the most any expert
+    has (index 0, column 0). Built when a set of experts becomes active; only weights up to
+    STACK_MAX_WEIGHT are stacked."""
+
+    codes: torch.Tensor  # int8 [E, G, g, N]: code − 2^(bits−1), 0 past K
+    steps: torch.Tensor  # fp32 [E, G, 1, N]
+    offsets: torch.Tensor  # fp32 [E, G, N]: (2^(bits−1) − zero)·step
     k: int
     salient_idx: torch.Tensor | None = None  # int64 [E, 1, S]
     salient_cols: torch.Tensor | None = None  # fp32 [E, S, N]
@@ -140,17 +151,28 @@ class StackedDeltas:
     @classmethod
     def build(cls, deltas: list[PackedDelta]) -> StackedDeltas:
         d0 = deltas[0]
-        planes = [torch.stack([byte_indices(d.planes[i]) for d in deltas])
-                  for i in range(len(d0.planes))]  # fmt: skip
+        if d0.bits > 8:
+            raise ValueError(f"{d0.bits}-bit codes do not fit int8; stack_key refuses them")
+        n, k = d0.shape
+        gs = d0.group_size
+        groups = d0.scales.shape[-1]
+        mid = 1 << (d0.bits - 1)
+        width = groups * gs  # K rounded up to whole groups
+
+        def centred(d: PackedDelta) -> torch.Tensor:  # int8 [G, g, N]
+            c = codes_of(d.planes, d.bits, torch.int32)[:, :k] - mid
+            c = torch.nn.functional.pad(c, (0, width - k))
+            return c.to(torch.int8).view(n, groups, gs).permute(1, 2, 0)
+
+        codes = torch.stack([centred(d) for d in deltas]).contiguous()
         mult = torch.tensor([2.0**d.scale_exp for d in deltas], device=d0.scales.device)
-        mult = mult.view(-1, 1, 1, 1)
-        steps = torch.stack([d.scales.float() for d in deltas]).unsqueeze(-1) * mult
+        steps = torch.stack([d.scales.float() for d in deltas]) * mult.view(-1, 1, 1)  # [E,N,G]
         if d0.zeros is None:
             zeros = ((1 << d0.bits) - 1) / 2
         else:
-            zeros = torch.stack([d.zeros.float() for d in deltas]).unsqueeze(-1)
-        out = cls(planes, plane_widths(d0.bits), steps, -zeros * steps, d0.group_size,
-                  d0.shape[1])  # fmt: skip
+            zeros = torch.stack([d.zeros.float() for d in deltas])
+        offsets = ((mid - zeros) * steps).transpose(1, 2).contiguous()  # [E, G, N]
+        out = cls(codes, steps.transpose(1, 2).unsqueeze(2).contiguous(), offsets, k)
         idx, out.salient_cols = _padded_salient(deltas)
         out.salient_idx = None if idx is None else idx.unsqueeze(1)
         return out
@@ -162,16 +184,21 @@ class StackedDeltas:
         def pick(t):
             return None if t is None else t.index_select(0, idx)
 
-        return StackedDeltas([p.index_select(0, idx) for p in self.planes], self.widths,
-                             pick(self.steps), pick(self.offsets), self.group_size, self.k,
+        return StackedDeltas(pick(self.codes), pick(self.steps), pick(self.offsets), self.k,
                              pick(self.salient_idx), pick(self.salient_cols))  # fmt: skip
 
     def bmm(self, xg: torch.Tensor) -> torch.Tensor:
         """xg [E, R, K] (expert e's rows in xg[e]) → fp32 [E, R, N]: each its expert's x·Δ̂ᵀ."""
-        q = codes_from_bytes(self.planes, self.widths)  # [E, N, K_pad]
-        body = scaled_body(q, self.steps, self.offsets, self.group_size, self.k)
+        e, groups, gs, _ = self.codes.shape
         xf = xg.float()
-        y = torch.bmm(xf, body.transpose(1, 2))
+        xp = xf
+        if groups * gs != self.k:  # a partial last group: zero inputs against zero codes
+            xp = torch.nn.functional.pad(xf, (0, groups * gs - self.k))
+        xv = xp.view(e, -1, groups, gs).transpose(1, 2)  # [E, G, R, g]
+        part = torch.matmul(xv, self.codes.float())  # [E, G, R, N]
+        # (one group per row: the product is the steps' multiplicand, in place)
+        y = part[:, 0].mul_(self.steps[:, 0]) if groups == 1 else (part * self.steps).sum(1)
+        y.baddbmm_(xv.sum(-1).transpose(1, 2), self.offsets)  # [E, R, G] × [E, G, N]
         if self.salient_idx is not None:
             xs = xf.gather(2, self.salient_idx.expand(-1, xf.shape[1], -1))
             y.baddbmm_(xs, self.salient_cols)

@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from expertswitch.compress.packed import PackedDelta
-from expertswitch.kernels.delta_cpu import StackedDeltas, int4_matmul, packed_matmul, stack_key
+from expertswitch.kernels.delta_cpu import (
+    StackedDeltas,
+    dequantized_body,
+    int4_matmul,
+    packed_matmul,
+    stack_key,
+)
 from expertswitch.models.context import ExpertBatch
 
 
@@ -89,9 +95,10 @@ def add_deltas(y: torch.Tensor, x: torch.Tensor, eb: ExpertBatch, name: str) -> 
 
 def _add_stacked(y, x, eb: ExpertBatch, name: str, users) -> list:
     """CPU: the delta terms of experts whose deltas of `name` stack (kernels/delta_cpu.py), in
-    one pass per format: their rows gathered into [E, R, K] (R: the most rows any of them
-    has; shorter ones repeat row 0, whose results are dropped), one batched matmul, the
-    results added back to their rows. Returns the users left to the per-expert path (int4
+    one pass per format: their rows as [E, R, K] — a view of x when they are consecutive
+    runs of one length (a decode step with as many sequences per expert), else gathered (R:
+    the most rows any of them has; shorter ones repeat row 0, whose results are dropped) —
+    one batched matmul, the results added back to their rows. Returns the users left to the per-expert path (int4
     forms, large weights, a lone expert of its format, or rows too unevenly spread). (int4
     forms stacked as one [E·N, K] weight, every row times every expert, measured slower:
     1.8K against 2.0K tokens/s on the tiny family at batch 32.)
@@ -100,15 +107,25 @@ def _add_stacked(y, x, eb: ExpertBatch, name: str, users) -> list:
     while the same experts are active (the runner's tables); a batch whose rows use only some
     of them (MoE rows, the logits of some sequences) picks theirs out of it — a stack per
     subset would pile up, one for each set of experts the routing happens to pick."""
-    rest, groups = [], {}
-    for s, d in users:
-        key = _stack_key(eb, s, name, d)
-        if key is None:
-            rest.append((s, d))
-        else:
-            groups.setdefault(key, []).append((s, d))
+    gkey = ("stack-groups", name, tuple(s for s, _ in users))
+    if gkey not in eb.tables:  # (the formats of these experts' deltas: fixed while active)
+        rest, groups = [], {}
+        for s, d in users:
+            key = _stack_key(eb, s, name, d)
+            if key is None:
+                rest.append((s, d))
+            else:
+                groups.setdefault(key, []).append((s, d))
+        eb.tables[gkey] = (rest, groups)
+    rest, groups = eb.tables[gkey]
+    rest = list(rest)
     for key, group in groups.items():
         slots = tuple(s for s, _ in group)
+        if len(group) > 1 and (run := _even_run(eb, slots)) is not None:
+            a, b = run  # the slots' rows are one run, as many each: views, no gather
+            part = _stack(eb, name, key, slots).bmm(x[a:b].view(len(slots), -1, x.shape[1]))
+            y[a:b, : part.shape[-1]] += part.view(b - a, -1).to(y.dtype)
+            continue
         rows = _padded_rows(eb, slots) if len(group) > 1 else None
         if rows is None:
             rest += group
@@ -119,6 +136,23 @@ def _add_stacked(y, x, eb: ExpertBatch, name: str, users) -> list:
         part = part.view(-1, part.shape[-1]).index_select(0, keep)
         y[:, : part.shape[1]].index_add_(0, targets, part.to(y.dtype))
     return rest
+
+
+def _even_run(eb: ExpertBatch, slots: tuple[int, ...]) -> tuple[int, int] | None:
+    """[a, b) when `slots`' rows are consecutive runs, in slot order, of equal length (a
+    decode step of as many sequences per expert), else None. Cached per step."""
+    if eb.ranges is None:
+        return None
+    key = ("run", slots)
+    if key not in eb.cache:
+        runs = [eb.ranges[s] for s in slots]
+        n = runs[0][1] - runs[0][0]
+        even = all(hi - lo == n for lo, hi in runs)
+        if even and all(p[1] == q[0] for p, q in zip(runs, runs[1:])):
+            eb.cache[key] = (runs[0][0], runs[-1][1])
+        else:
+            eb.cache[key] = None
+    return eb.cache[key]
 
 
 def _stack_key(eb: ExpertBatch, slot: int, name: str, d: PackedDelta) -> tuple | None:
@@ -309,8 +343,14 @@ class RowEmbedding:
 
 
 def delta_rows(d: PackedDelta, idx: torch.Tensor) -> torch.Tensor:
-    """Rows `idx` of Δ̂ (fp32 [R, K]) from the packed parts of those rows only."""
-    parts = {k: v.index_select(0, idx) if k != "salient_idx" else v
-             for k, v in d.parts().items()}  # fmt: skip
-    meta = {**d.meta(), "shape": [idx.numel(), d.k]}
-    return PackedDelta.from_parts(meta, parts).dequantize()
+    """Rows `idx` of Δ̂ (fp32 [R, K]) from the packed parts of those rows only (the lean
+    path of kernels/delta_cpu.py: `PackedDelta.dequantize` of the rows, in fewer ops)."""
+
+    def rows(t):
+        return None if t is None else t.index_select(0, idx)
+
+    body = dequantized_body([rows(p) for p in d.planes], rows(d.scales), rows(d.zeros), d.bits,
+                            d.group_size, d.k)  # fmt: skip
+    if d.salient_idx is not None:
+        body.index_add_(1, d.salient_idx.long(), rows(d.salient_cols).float())
+    return body * 2.0**d.scale_exp
