@@ -65,12 +65,17 @@ class ExpertBatch:
 
     def users_of(self, name: str, table: str) -> list[tuple[int, object]]:
         """(slot, value) for every active expert that stores tensor `name` in `table`
-        ("deltas", "exact", "lora" or "lora_embedding"), with at least one row in this batch."""
-        out = []
-        for s, ex in enumerate(self.experts):
-            v = getattr(ex, table).get(name)
-            if v is not None and self.segments[s].numel():
-                out.append((s, v))
+        ("deltas", "exact", "lora" or "lora_embedding"), with at least one row in this batch.
+        Cached for the step (every linear asks three times)."""
+        key = ("users", name, table)
+        out = self.cache.get(key)
+        if out is None:
+            out = []
+            for s, ex in enumerate(self.experts):
+                v = getattr(ex, table).get(name)
+                if v is not None and self.segments[s].numel():
+                    out.append((s, v))
+            self.cache[key] = out
         return out
 
 

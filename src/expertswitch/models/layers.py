@@ -98,10 +98,10 @@ def _add_stacked(y, x, eb: ExpertBatch, name: str, users) -> list:
     one pass per format: their rows as [E, R, K] — a view of x when they are consecutive
     runs of one length (a decode step with as many sequences per expert), else gathered (R:
     the most rows any of them has; shorter ones repeat row 0, whose results are dropped) —
-    one batched matmul, the results added back to their rows. Returns the users left to the per-expert path (int4
-    forms, large weights, a lone expert of its format, or rows too unevenly spread). (int4
-    forms stacked as one [E·N, K] weight, every row times every expert, measured slower:
-    1.8K against 2.0K tokens/s on the tiny family at batch 32.)
+    one batched matmul, the results added back to their rows. Returns the users left to the
+    per-expert path (int4 forms, large weights, a lone expert of its format, or rows too
+    unevenly spread). (int4 forms stacked as one [E·N, K] weight, every row times every
+    expert, measured slower: 1.8K against 2.0K tokens/s on the tiny family at batch 32.)
 
     One stack per weight and format holds every active expert of that format, built once
     while the same experts are active (the runner's tables); a batch whose rows use only some
