@@ -673,8 +673,8 @@ def test_gemma3_local_and_global_rope_and_qk_norms(tmp_path, monkeypatch, caplog
     frequency, the global layers' scaled one: transformers' greedy tokens for the base and an
     expert in one batch and its prompt logprobs; the padded static decode path (what CUDA
     graphs capture, through the Triton decode kernel) gives the same logprobs; 4.x configs
-    (rope_local_base_freq, sliding_window_pattern) read alike; the image-and-text config is
-    refused by name; a PEFT LoRA adapter gives PEFT's tokens."""
+    (rope_local_base_freq, sliding_window_pattern) read alike; a PEFT LoRA adapter gives
+    PEFT's tokens."""
     from transformers import AutoModelForCausalLM
 
     from expertswitch.engine import graphs
@@ -739,8 +739,7 @@ def test_gemma3_local_and_global_rope_and_qk_norms(tmp_path, monkeypatch, caplog
     assert (got.head_dim, got.max_position_embeddings) == (256, 131072)
     for bad, match in (({"layer_types": ["sliding_attention"]}, "layer_types must list 3"),
                        ({"sliding_window_pattern": 0}, "sliding_window_pattern must be"),
-                       ({"sliding_window": None}, "sliding_window is null"),
-                       ({"model_type": "gemma3"}, "image-and-text model")):  # fmt: skip
+                       ({"sliding_window": None}, "sliding_window is null")):  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             ModelConfig.from_dict({**old, **bad})
     from expertswitch.io.checkpoint import open_checkpoint
@@ -764,6 +763,95 @@ def test_gemma3_local_and_global_rope_and_qk_norms(tmp_path, monkeypatch, caplog
     eng.add_expert("lora", lora)
     sp = SamplingParams(temperature=0.0, max_tokens=24)
     assert eng.generate(ps[1], "lora", sp)[0].token_ids == peft_greedy(base, lora, ps[1], 24)
+
+
+def gemma3_image_and_text_config():
+    """A tiny Gemma 3 image-and-text model (Gemma3ForConditionalGeneration): gemma3_config's
+    language model (its two RoPEs) beside a one-layer SigLIP vision tower. No logit cap:
+    transformers 5's image-and-text model ignores its language model's (4.x's applied it, as
+    vLLM does and so the engine; Gemma 3's checkpoints set none)."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    text = {**gemma3_config().to_dict(), "final_logit_softcapping": None}
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    return Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                        boi_token_index=253, eoi_token_index=254,
+                        image_token_index=255)  # fmt: skip
+
+
+def test_gemma3_image_and_text_checkpoint_serves_its_language_model(tmp_path):
+    """gemma-3-4b/12b/27b are saved as Gemma3ForConditionalGeneration (model_type "gemma3"):
+    the engine serves their language model as text. Against transformers' image-and-text
+    model on text prompts: greedy tokens of the base and of an expert (whose fine-tune also
+    moved the vision tower: those tensors are skipped, not refused) in one batch, and prompt
+    logprobs; the same from transformers 4.52+'s tensor layout ("model.language_model.…");
+    a text_config listing only what differs from transformers' defaults (as the hub's
+    config.json files do) reads as transformers reads it; a PEFT adapter on the language
+    model's and the vision tower's projections gives PEFT's logprobs."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from expertswitch.models.config import ModelConfig
+
+    config = gemma3_image_and_text_config()
+    base, ((archive, rec),) = make_family(tmp_path, config, n_experts=1)
+    stored = open_archive(archive).entries
+    assert any(n.startswith("vision_tower.") for n in stored)  # (the fine-tune moved it)
+    assert "language_model.model.layers.1.self_attn.q_proj.weight" in stored
+    eng = Engine(base, {"x": archive})
+    assert eng.model.multimodal and eng.model.cfg.local_layers == [True, False, True]
+    ps = prompts(2, (9, 30))
+    expert_and_base_equal_transformers(eng, base, rec, ps, 24)
+    model = AutoModelForCausalLM.from_pretrained(rec, dtype=torch.float32)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    prompt_logprobs_equal_transformers(eng, model, ps[1])
+    w = eng._load("x")  # (the expert's tensors under the language model's names)
+    assert w.deltas and all(n.startswith("model.") for n in [*w.deltas, *w.exact])
+    # transformers 4.52+'s module-tree layout of the same weights
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in base.iterdir():
+        if f.name != "model.safetensors":
+            (moved / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(base / "model.safetensors")
+    old = "language_model.model."
+    save_file({("model.language_model." + k.removeprefix(old) if k.startswith(old)
+                else "model." + k): v for k, v in tensors.items()},
+              str(moved / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    again = Engine(moved)
+    assert again.model.multimodal
+    p = ps[1]
+    lp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    want = [x.logprob for x in eng.generate(p, None, lp)[0].prompt_logprobs[1:]]
+    assert [x.logprob for x in again.generate(p, None, lp)[0].prompt_logprobs[1:]] == want
+    theirs = AutoModelForCausalLM.from_pretrained(moved, dtype=torch.float32)
+    prompt_logprobs_equal_transformers(again, theirs, p, expert=None)
+    # a sparse text_config: transformers' defaults fill what it leaves out
+    text = config.text_config.to_dict()
+    defaults = Gemma3TextConfig().to_dict()
+    sparse = {k: v for k, v in text.items() if k in ("model_type", "rope_parameters")
+              or v != defaults.get(k)}  # fmt: skip
+    assert len(sparse) < len(text) - 5
+    full = ModelConfig.from_dict(text)
+    assert ModelConfig.from_dict({"model_type": "gemma3", "text_config": sparse}) == full
+    assert ModelConfig.from_dict({"model_type": "gemma3"}) == ModelConfig.from_dict(defaults)
+    for bad in ([], {"model_type": "siglip_vision_model"}):
+        with pytest.raises(ConfigError, match="text_config must be an object"):
+            ModelConfig.from_dict({"model_type": "gemma3", "text_config": bad})
+    # PEFT on q_proj and v_proj: the language model's and (PEFT matches names) SigLIP's
+    pytest.importorskip("peft")
+    from conftest import make_adapter
+    from peft import PeftModel
+
+    lora = make_adapter(base, tmp_path / "lora", 5, ["q_proj", "v_proj"])
+    keys = load_file(lora / "adapter_model.safetensors")
+    assert any("vision" in k for k in keys) and any("language_model" in k for k in keys)
+    eng.add_expert("lora", lora)
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), lora
+    ).eval()
+    prompt_logprobs_equal_transformers(eng, peft, ps[1], expert="lora")
 
 
 @pytest.mark.parametrize("rope", [

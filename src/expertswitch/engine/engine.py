@@ -101,7 +101,7 @@ class Engine:
                                        self.model.servable_names(), self.model.cfg.vocab_size,
                                        eos, self.tokenizer, tokenizer,
                                        LoraBase.of(self.model, self.base_path),
-                                       cfg.max_lora_rank)  # fmt: skip
+                                       cfg.max_lora_rank, self.model.text_name)  # fmt: skip
         budget = cfg.device_budget_bytes
         if self.device.type == "cuda" and budget is None:
             # experts get a third of the memory the base left free, the KV cache most of the
@@ -212,7 +212,8 @@ class Engine:
         if entry.lora is not None:  # (checked again if its files changed since)
             entry.lora = checked_again(name, entry.lora, self.registry.lora_base)
             return self.model.slice_expert(load_lora(name, entry.lora, self.dtype))
-        w = load_expert(name, entry.path, self.base_fingerprint, self.model.shapes, self.dtype)
+        w = load_expert(name, entry.path, self.base_fingerprint, self.model.shapes, self.dtype,
+                        self.model.text_name)  # fmt: skip
         w = self.model.slice_expert(w)  # this rank's slices under tensor parallelism (first:
         if self.cpu_int4:  # the forms are made from the slices; a delta the kernel cannot take
             # keeps the torch path; an untied embedding's delta is looked up by rows, not

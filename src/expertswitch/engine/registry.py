@@ -30,8 +30,13 @@ class Registered:
 class ExpertRegistry:
     def __init__(self, base_path: Path, fingerprint: str, servable: set[str], vocab: int,
                  eos: frozenset[int], tokenizer, use_tokenizers: bool = True,
-                 lora_base: LoraBase | None = None, max_lora_rank: int | None = None):  # fmt: skip
-        """lora_base: what LoRA adapters are checked against (None: archives only)."""
+                 lora_base: LoraBase | None = None, max_lora_rank: int | None = None,
+                 text_name=None):  # fmt: skip
+        """lora_base: what LoRA adapters are checked against (None: archives only);
+        text_name: the model's name of a tensor an archive stores (Decoder.text_name: an
+        image-and-text base's language model is named apart; None for the vision tower's,
+        which are not served), None: the same name."""
+        self.text_name = text_name or (lambda n: n)
         self.base_path, self.fingerprint = base_path, fingerprint
         self.lora_base, self.max_lora_rank = lora_base, max_lora_rank
         self.servable, self.base_vocab = servable, vocab
@@ -62,7 +67,9 @@ class ExpertRegistry:
                 f"{self.base_path} (made from {archive.manifest['base'].get('path', '?')}); "
                 "serve it with the base it was compressed against"
             )
-        foreign = [n for n in archive.entries if n not in self.servable]
+        named = {self.text_name(n): e for n, e in archive.entries.items()}
+        named.pop(None, None)  # (an image-and-text base's vision tower: text is served)
+        foreign = [n for n in archive.entries if self.text_name(n) not in self.servable | {None}]
         if foreign:
             raise ArchiveError(
                 f"expert {name!r} changes {len(foreign)} tensor(s) the engine cannot apply per "
@@ -71,7 +78,7 @@ class ExpertRegistry:
                 "fused layout, are not served from deltas yet); rebuild it with `expertswitch "
                 "reconstruct` and serve that instead"
             )
-        emb = archive.entries.get("model.embed_tokens.weight")
+        emb = named.get("model.embed_tokens.weight")
         vocab = self.base_vocab
         if emb is not None:  # the loader checks this against the stored tensor
             shape = emb.meta.get("shape")

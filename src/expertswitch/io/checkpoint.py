@@ -224,6 +224,88 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path)
 
 
+# Image-and-text checkpoints (models/config.MULTIMODAL) keep their language model under a
+# prefix: transformers 4.x's hub layout ("language_model.model.layers.0…", which transformers 5
+# still writes) or 4.52+'s module tree ("model.language_model.layers.0…")
+_TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
+_TEXT_HEADS = ("language_model.lm_head.weight", "lm_head.weight")
+
+
+def text_names(config: dict, names) -> dict[str, str] | None:
+    """An image-and-text checkpoint's language-model tensors: raw name → the name a text
+    model gives it ("model.layers.0.…", "model.embed_tokens.weight", "lm_head.weight"); the
+    vision tower's and projector's are left out. None for any other checkpoint (its names
+    are the text model's already)."""
+    from expertswitch.models.config import MULTIMODAL
+
+    if not isinstance(config, dict) or config.get("model_type") not in MULTIMODAL:
+        return None
+    out = {n: text_name(n) for n in names}
+    out = {raw: name for raw, name in out.items() if name is not None}
+    if len(set(out.values())) != len(out):
+        seen: dict[str, str] = {}
+        for raw, name in out.items():
+            if name in seen:
+                raise CheckpointError(f"tensors {seen[name]} and {raw} are both the language "
+                                      f"model's {name}: the checkpoint mixes two layouts; "
+                                      "re-save it with transformers")  # fmt: skip
+            seen[name] = raw
+    return out
+
+
+def text_name(stored: str) -> str | None:
+    """The text model's name of an image-and-text checkpoint's tensor (either layout, so
+    also of a PEFT adapter's module path, which follows transformers' module tree), None for
+    the vision tower's and projector's."""
+    if stored in _TEXT_HEADS:
+        return "lm_head.weight"
+    return next(("model." + stored[len(p) :] for p in _TEXT_PREFIXES if stored.startswith(p)),
+                None)  # fmt: skip
+
+
+class TextView:
+    """The language model of an image-and-text checkpoint as a text checkpoint: its config
+    (models/config.text_config) and its tensors under a text model's names; what the decoder
+    reads of a Checkpoint."""
+
+    def __init__(self, ckpt: Checkpoint, names: dict[str, str]):
+        from expertswitch.models.config import text_config
+
+        self.inner, self.path = ckpt, ckpt.path
+        self.config = text_config(ckpt.config)
+        self.raw = {name: raw for raw, name in names.items()}  # text name → stored name
+
+    def __repr__(self) -> str:
+        return f"TextView({self.inner!r}, {len(self.raw)} language-model tensors)"
+
+    def names(self) -> list[str]:
+        return list(self.raw)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.raw
+
+    def _stored(self, name: str) -> str:
+        if name not in self.raw:
+            raise CheckpointError(f"tensor {name} is not in the language model of {self.path}")
+        return self.raw[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.inner.shape(self._stored(name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.inner.dtype(self._stored(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.inner.get(self._stored(name))
+
+
+def text_view(ckpt: Checkpoint) -> Checkpoint | TextView:
+    """`ckpt` as the text model the engine serves: itself, or its language model (TextView)
+    when it is an image-and-text checkpoint."""
+    names = text_names(ckpt.config, ckpt.names())
+    return ckpt if names is None else TextView(ckpt, names)
+
+
 # Config keys that fix the shapes of the shared weights or how they are applied; an expert may
 # differ only elsewhere (vocab_size may grow with added tokens: embeddings and lm_head are
 # then stored exactly). A key missing on either side is not compared here; the served
@@ -253,9 +335,9 @@ def _rope_of(cfg) -> dict:
 
 def _check_behaviour(base: Checkpoint, expert: Checkpoint) -> None:
     from expertswitch.errors import CompatibilityError, ConfigError
-    from expertswitch.models.config import SUPPORTED, ModelConfig
+    from expertswitch.models.config import MULTIMODAL, SUPPORTED, ModelConfig
 
-    if base.config.get("model_type") not in SUPPORTED:
+    if base.config.get("model_type") not in (*SUPPORTED, *MULTIMODAL):
         return  # (a family the engine does not serve: compressed and rebuilt only)
     try:
         b = ModelConfig.from_dict(base.config)

@@ -97,18 +97,22 @@ class LoraBase:
     servable: set[str]
     tied: bool
     read: object  # name → the base's tensor (CPU)
+    # an adapter's module path → the model's name of its weight (Decoder.text_name: an
+    # image-and-text base's language model; None for its vision tower's)
+    text_name: object = None
 
     @classmethod
     def of(cls, model, path: str | Path) -> LoraBase:
         """For a models/decoder.Decoder loaded from `path` (tensors read from its checkpoint
         when a check needs them)."""
-        from expertswitch.io.checkpoint import open_checkpoint
+        from expertswitch.io.checkpoint import open_checkpoint, text_view
 
         def read(name: str) -> torch.Tensor:
-            return open_checkpoint(path).get(name)
+            return text_view(open_checkpoint(path)).get(name)
 
         return cls(Path(path), dict(model.shapes), model.lora_targets(), model.servable_names(),
-                   model.lm_head.name == model.embed.name, read)  # fmt: skip
+                   model.lm_head.name == model.embed.name, read,
+                   model.text_name if model.multimodal else None)  # fmt: skip
 
 
 @dataclass
@@ -272,6 +276,17 @@ def _pattern(patterns: dict, module: str, default):
     return default
 
 
+def _text_key(stored: str, text_name) -> str | None:
+    """An adapter's tensor key (less PEFT's prefix) under the model's names: itself, or on an
+    image-and-text base the language model's (None: the vision tower's or projector's)."""
+    if text_name is None:
+        return stored
+    for head in ("language_model.lm_head.", "lm_head."):
+        if stored.startswith(head):
+            return "lm_head." + stored[len(head) :]
+    return text_name(stored)
+
+
 def open_lora(path: str | Path, base: LoraBase) -> LoraAdapter:
     """The adapter at `path`, checked against `base`: the factors' shapes against the layers
     they change, and every whole tensor against the base's own, row by row — rows equal to
@@ -299,13 +314,18 @@ def open_lora(path: str | Path, base: LoraBase) -> LoraAdapter:
                               "or float64; save the adapter again in one of those")  # fmt: skip
     parts: dict[tuple[str, str], dict[str, str]] = {}  # (kind, module) → {"A": key, "B": key}
     whole: dict[str, tuple[str, bool]] = {}  # tensor name → (key, PEFT's copy of the base's)
+    raw_mod: dict[str, str] = {}  # module (the model's name) → as the adapter names it
     for key in tensors.shapes:
-        name = key.removeprefix(PREFIX)
-        if m := _LINEAR.fullmatch(name):
-            parts.setdefault(("linear", m["mod"]), {})[m["ab"]] = key
-            continue
-        if m := _EMBEDDING.fullmatch(name):
-            parts.setdefault(("embedding", m["mod"]), {})[m["ab"]] = key
+        stored = key.removeprefix(PREFIX)
+        name = _text_key(stored, base.text_name)
+        if name is None:
+            continue  # (the vision tower of an image-and-text base: text is served)
+        for kind, pattern in (("linear", _LINEAR), ("embedding", _EMBEDDING)):
+            if m := pattern.fullmatch(name):  # (the key past the module is the same in both)
+                parts.setdefault((kind, m["mod"]), {})[m["ab"]] = key
+                raw_mod[m["mod"]] = stored[: len(stored) - len(name) + len(m["mod"])]
+                break
+        if m:
             continue
         copy = bool(m := _BASE_COPY.fullmatch(name))
         if copy:
@@ -373,7 +393,7 @@ def open_lora(path: str | Path, base: LoraBase) -> LoraAdapter:
         if not ok or not a[0]:
             raise wrong_base(f"the LoRA factors of {mod} have shapes {shape}")
         r = a[0]
-        alpha = _pattern(cfg.get("alpha_pattern") or {}, mod, cfg["lora_alpha"])
+        alpha = _pattern(cfg.get("alpha_pattern") or {}, raw_mod[mod], cfg["lora_alpha"])
         scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
         (linear if kind == "linear" else embedding)[name] = _Factors(ab["A"], ab["B"], scale)
         rank = max(rank, r)

@@ -1,5 +1,6 @@
 """`ModelConfig`: the decoder's shape, read from a Hugging Face `config.json` (Llama, Mistral,
-Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Phi-3, Gemma, Gemma 2, Gemma 3's text model, Mixtral, and
+Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Phi-3, Gemma, Gemma 2, Gemma 3's text model (also the
+language model of its image-and-text checkpoints), Mixtral, and
 `expertswitch_moe`: a
 Llama-shaped model whose listed layers have a DeepSpeed-style MoE FFN, as `expertswitch train`
 writes it), without transformers. Validates itself; unknown families get a clear error."""
@@ -108,6 +109,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ModelConfig:
+        """From a config.json's dict (an image-and-text Gemma 3's: its language model's)."""
+        cfg = text_config(cfg)
         mt = cfg.get("model_type")
         _check_type(mt)  # before reading fields whose absence would mislead
         try:
@@ -310,13 +313,33 @@ def _qkv_bias(cfg: dict, mt: str) -> bool:
     return bool(cfg.get("attention_bias", False))
 
 
+# transformers' Gemma3TextConfig defaults for the keys from_dict needs: an image-and-text Gemma 3
+# checkpoint's text_config may list only what differs from them (google/gemma-3-4b-it's gives
+# its sizes, layer count, rope_scaling and window); the rest default as for any gemma3_text
+_GEMMA3_TEXT_SIZES = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                      "num_hidden_layers": 26, "num_attention_heads": 8,
+                      "num_key_value_heads": 4, "eos_token_id": 1, "bos_token_id": 2}  # fmt: skip
+# what an image-and-text checkpoint adds beside its language model: served as text only
+MULTIMODAL = ("gemma3",)
+
+
+def text_config(cfg: dict) -> dict:
+    """The config of the language model a checkpoint's config.json describes: itself, or for
+    Gemma 3's image-and-text checkpoints (model_type "gemma3", saved as
+    Gemma3ForConditionalGeneration: gemma-3-4b/12b/27b) its text_config over transformers'
+    defaults. The engine serves such a checkpoint's language model (io/checkpoint.text_view
+    names its tensors); images are not read."""
+    if not isinstance(cfg, dict) or cfg.get("model_type") not in MULTIMODAL:
+        return cfg
+    text = cfg.get("text_config", {})
+    if not isinstance(text, dict) or text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise ConfigError("config.json's text_config must be an object describing Gemma 3's "
+                          "language model (model_type 'gemma3_text'); the checkpoint's "
+                          "config.json is damaged: re-download or re-save it")  # fmt: skip
+    return {**_GEMMA3_TEXT_SIZES, **text, "model_type": "gemma3_text"}
+
+
 def _check_type(model_type) -> None:
-    if model_type == "gemma3":
-        raise ConfigError("model_type 'gemma3' is Gemma 3's image-and-text model: the engine "
-                          "serves its text model, a Gemma3ForCausalLM checkpoint (model_type "
-                          "'gemma3_text', e.g. gemma-3-1b): build Gemma3ForCausalLM(config."
-                          "text_config) with transformers, load the language model's weights "
-                          "into it and save_pretrained that")  # fmt: skip
     if model_type not in SUPPORTED:
         raise ConfigError(f"model_type {model_type!r} is not supported: the engine serves "
                           f"{', '.join(SUPPORTED)} checkpoints")  # fmt: skip

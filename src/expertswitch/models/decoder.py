@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from expertswitch.errors import CheckpointError, ConfigError
-from expertswitch.io.checkpoint import Checkpoint, open_checkpoint
+from expertswitch.io.checkpoint import (
+    Checkpoint,
+    TextView,
+    open_checkpoint,
+    text_name,
+    text_view,
+)
 from expertswitch.models.attention import PaddedLayout, paged_attention, write_kv
 from expertswitch.models.config import ModelConfig
 from expertswitch.models.context import ExpertBatch, StepContext
@@ -395,6 +401,9 @@ class Decoder:
         else:
             self.lm_head = ld.linear("lm_head", fill=float("-inf"))
         self.shapes = {n: ckpt.shape(n) for n in ckpt.names()}
+        # the language model of an image-and-text checkpoint (Decoder.load): tensors named
+        # apart from the checkpoint's (text_name)
+        self.multimodal = False
         self.sliced = ld.sliced
         self.parallel_moe = ep_size > 1  # MoE layers exchange tokens between ranks
 
@@ -437,6 +446,13 @@ class Decoder:
             w.name, w.path, deltas, exact, lora=lora, lora_embedding=w.lora_embedding
         )
 
+    def text_name(self, stored: str) -> str | None:
+        """The name this model gives a tensor stored under `stored` in its checkpoint (and so
+        in an expert's archive or a LoRA adapter made from it): itself, or for an
+        image-and-text checkpoint its language model's name, None for the vision tower's and
+        the projector's (not served: the engine reads text)."""
+        return text_name(stored) if self.multimodal else stored
+
     def lora_targets(self) -> dict[str, tuple[int, int]]:
         """The linear layers a LoRA adapter may change, by the name PEFT gives their weight
         ("lm_head.weight" also when tied to the embedding): their whole [N, K]."""
@@ -459,8 +475,10 @@ class Decoder:
     @classmethod
     def load(cls, path: str | Path, device="cpu", dtype=torch.float32, ep_size: int = 1,
              tp_size: int = 1) -> Decoder:  # fmt: skip
-        ckpt = open_checkpoint(path)
-        return cls(ModelConfig.from_dict(ckpt.config), ckpt, device, dtype, ep_size, tp_size)
+        ckpt = text_view(open_checkpoint(path))  # (an image-and-text one: its language model)
+        model = cls(ModelConfig.from_dict(ckpt.config), ckpt, device, dtype, ep_size, tp_size)
+        model.multimodal = isinstance(ckpt, TextView)
+        return model
 
     @classmethod
     def from_tensors(cls, config: dict, tensors: dict[str, torch.Tensor], device="cpu",

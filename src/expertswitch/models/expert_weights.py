@@ -84,13 +84,16 @@ def load_expert(
     base_fingerprint: str,
     base_shapes: dict[str, tuple[int, ...]],
     dtype: torch.dtype | None = None,
+    text_name=None,
 ) -> ExpertWeights:
     """Open the archive at `path` (checksums verified), check it was made against the base with
     `base_fingerprint`, and keep its parts. Every tensor must fit the base's shapes
     (`base_shapes`) and every packed delta must be self-consistent (parts' shapes and dtypes
     agree with its meta): checksums protect the parts' bytes, not the manifest, and a kernel
     trusting a wrong shape would read out of bounds. Exact tensors are cast to `dtype` (the
-    engine's compute dtype); packed parts keep their stored dtypes."""
+    engine's compute dtype); packed parts keep their stored dtypes. text_name: the model's name
+    of a stored tensor (models/decoder.Decoder.text_name: an image-and-text base's language
+    model; None for its vision tower's tensors, which are skipped), None: the same name."""
     from expertswitch.io.archive import open_archive
 
     archive = open_archive(path)
@@ -103,27 +106,30 @@ def load_expert(
     weights = ExpertWeights(name, Path(path))
     for entry in archive:
         where = f"expert {name!r} ({path}), tensor {entry.name}"
-        if entry.name not in base_shapes:
+        tensor = text_name(entry.name) if text_name is not None else entry.name
+        if tensor is None:
+            continue  # (the vision tower of an image-and-text base: text is served)
+        if tensor not in base_shapes:
             raise ArchiveError(f"{where}: the base has no such tensor; the engine serves experts "
                                "with the base's architecture only")  # fmt: skip
         parts = archive.parts(entry.name)
-        base_shape = tuple(base_shapes[entry.name])
+        base_shape = tuple(base_shapes[tensor])
         if entry.kind == "exact":
             value = parts.get("value")
             got = None if value is None else list(value.shape)
-            if got is None or not fits_base(tuple(got), base_shape, entry.name) \
+            if got is None or not fits_base(tuple(got), base_shape, tensor) \
                     or entry.meta.get("shape") != got:  # fmt: skip
                 raise ArchiveError(f"{where}: stored shape {got} (manifest: "
                                    f"{entry.meta.get('shape')}) does not fit the base's "
                                    f"{list(base_shape)}; the archive is corrupt")  # fmt: skip
             cast = dtype is not None and value.is_floating_point()
-            weights.exact[entry.name] = value.to(dtype) if cast else value
+            weights.exact[tensor] = value.to(dtype) if cast else value
         elif entry.kind == "quantized":
             if entry.meta.get("transposed", False) is not False:  # Conv1D layouts: not served
                 raise ArchiveError(f"{where}: a transposed (Conv1D) delta; the engine serves "
                                    "Llama-family layouts only: rebuild it with `expertswitch "
                                    "reconstruct`")  # fmt: skip
-            weights.deltas[entry.name] = _packed(entry.meta, parts, base_shape, where)
+            weights.deltas[tensor] = _packed(entry.meta, parts, base_shape, where)
         else:
             raise ArchiveError(f"{where}: unknown kind {entry.kind!r}; the archive is corrupt")
     _check_vocabulary(weights, base_shapes, f"expert {name!r} ({path})")
