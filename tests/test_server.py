@@ -9,6 +9,7 @@ import asyncio
 import json
 import shutil
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -880,13 +881,25 @@ def test_api_key_and_admin_routes(family, tmp_path):
     aengine.close()
 
 
-def test_peft_lora_adapters_over_http(family, tmp_path):
+def test_peft_lora_adapters_over_http(family, tmp_path, monkeypatch):
     """LoRA adapters the way vLLM serves them: one given at start (as --lora-modules does),
     one loaded over HTTP (/v1/load_lora_adapter), beside a compressed expert; each is a
     model of /v1/models and answers with PEFT's own greedy tokens. An adapter the engine
-    cannot serve gets a 400 naming why."""
+    cannot serve gets a 400 naming why. An adapter loaded over HTTP is checked (its whole
+    tensors read against the base's) once, on a worker thread, not the engine's; one whose
+    files change after that check is checked again when registered."""
     pytest.importorskip("peft")
+    import threading
+
     from transformers import AutoTokenizer
+
+    from expertswitch.engine import registry
+
+    checks = []  # (adapter dir name, thread name) of each check
+    real_open = registry.open_lora
+    monkeypatch.setattr(registry, "open_lora", lambda path, base: (
+        checks.append((Path(path).name, threading.current_thread().name))
+        or real_open(path, base)))  # fmt: skip
 
     base, archives, _ = family
     sql = make_adapter(base, tmp_path / "sql", 1, ["q_proj", "v_proj", "down_proj"])
@@ -897,9 +910,12 @@ def test_peft_lora_adapters_over_http(family, tmp_path):
     app, aengine = build_app(base, {"sql": sql, "code": archives["code"]}, device="cpu",
                              dtype=torch.float32, cfg=ServerConfig(enable_admin=True))  # fmt: skip
     with ServerThread(app) as srv:
+        checks.clear()
         r = httpx.post(srv.url + "/v1/load_lora_adapter",
                        json={"lora_name": "chat", "lora_path": str(chat)}, timeout=120)  # fmt: skip
         assert r.status_code == 200, r.text
+        assert len(checks) == 1 and checks[0][0] == "chat", checks
+        assert checks[0][1] != "expertswitch-engine"
         r = httpx.post(srv.url + "/v1/load_lora_adapter",
                        json={"lora_name": "d", "lora_path": str(dora)}, timeout=120)  # fmt: skip
         assert r.status_code == 400 and "DoRA" in r.json()["error"]["message"], r.text
@@ -922,6 +938,45 @@ def test_peft_lora_adapters_over_http(family, tmp_path):
         want = peft_greedy(base, sql, ids, 8)
         assert got.choices[0].text == tok.decode(want, skip_special_tokens=True)
     aengine.close()
+
+
+def test_a_checked_adapter_is_taken_unless_its_files_changed(family, tmp_path, monkeypatch):
+    """registry.check's adapter (run off the engine's thread by the load routes) is what
+    add registers when its files are as checked; changed since (an edited config), add
+    checks it again — and a check of another path is never taken for this one."""
+    pytest.importorskip("peft")
+    import json as _json
+    import os
+
+    from expertswitch.engine import registry
+
+    base, _, _ = family
+    lora = make_adapter(base, tmp_path / "a", 1, ["q_proj"])
+    other = make_adapter(base, tmp_path / "b", 2, ["v_proj"])
+    eng = Engine(base, {}, dtype=torch.float32)
+    calls = []
+    real_open = registry.open_lora
+    monkeypatch.setattr(registry, "open_lora", lambda path, b: (
+        calls.append(Path(path).name) or real_open(path, b)))  # fmt: skip
+    checked = eng.registry.check(lora)
+    assert calls == ["a"] and eng.registry.check(eng.base_path) is None
+    eng.add_expert("x", lora, checked)
+    assert calls == ["a"] and eng.registry.get("x").lora is checked
+    eng.add_expert("y", lora, eng.registry.check(other))  # another path's: checked anew
+    assert calls == ["a", "b", "a"] and eng.registry.get("y").lora.linear.keys() == \
+        checked.linear.keys()  # fmt: skip
+    again = eng.registry.check(lora)
+    cfg = lora / "adapter_config.json"
+    edited = _json.loads(cfg.read_text())
+    edited["lora_alpha"] = 16
+    cfg.write_text(_json.dumps(edited))
+    os.utime(cfg, (1, 1))  # (a changed stamp whatever the clock's resolution)
+    calls.clear()
+    eng.add_expert("z", lora, again)
+    assert calls == ["a"]
+    assert eng.registry.get("z").lora is not again
+    z = eng.registry.get("z").lora
+    assert {f.scale for f in z.linear.values()} == {16 / 4}  # (r = 4: the edited alpha)
 
 
 def test_an_expert_is_not_unloaded_under_a_beam_search(family):

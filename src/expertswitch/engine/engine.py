@@ -150,10 +150,12 @@ class Engine:
 
     # experts -----------------------------------------------------------------------------
 
-    def add_expert(self, name: str, path: str | Path) -> None:
-        """Register an archive under `name`. Its manifest is checked now (made for this base,
-        only tensors the engine can apply per row); its weights load on first use."""
-        self.registry.add(name, path)
+    def add_expert(self, name: str, path: str | Path, checked=None) -> None:
+        """Register an archive (or a PEFT LoRA adapter) under `name`. Its manifest is checked
+        now (made for this base, only tensors the engine can apply per row); its weights load
+        on first use. checked: `registry.check(path)` run beforehand, off the engine's thread
+        (the server's load routes: an adapter's check may read whole base tensors)."""
+        self.registry.add(name, path, checked)
         self.pool.register(name)
         if self.mirror is not None and self.mirror.leader:  # serving over ranks: all or none
             op = ("add_expert", name, str(path))

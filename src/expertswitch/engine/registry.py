@@ -44,14 +44,27 @@ class ExpertRegistry:
         self.use_tokenizers = use_tokenizers
         self.entries: dict[str, Registered] = {}
 
-    def add(self, name: str, path: str | Path) -> Registered:
+    def check(self, path: str | Path) -> LoraAdapter | None:
+        """What `add` checks of a LoRA adapter at `path` — its factors' shapes, and any whole
+        tensor it saved against the base's row by row (an embedding saved beside the adapter
+        is a read of the base's whole embedding) — for a caller to run off the engine's
+        thread and hand to `add` (`checked`); None for an archive (`add` reads its manifest,
+        quickly). Reads only what does not change while the engine runs."""
+        if self.lora_base is None or not is_lora_dir(path):
+            return None
+        return open_lora(path, self.lora_base)
+
+    def add(self, name: str, path: str | Path, checked: LoraAdapter | None = None) -> Registered:
+        """checked: `check(path)`'s adapter, taken unless its files changed since (then
+        checked again)."""
         if not isinstance(name, str) or not name or name in RESERVED:
             raise ConfigError(f"{name!r} cannot name an expert: {', '.join(RESERVED)} and the "
                               "empty name are reserved")  # fmt: skip
         if name in self.entries:
             raise ConfigError(f"expert {name!r} is already registered; remove_expert it first")
         if self.lora_base is not None and is_lora_dir(path):
-            adapter = open_lora(path, self.lora_base)
+            fresh = checked is not None and checked.path == Path(path) and not checked.changed()
+            adapter = checked if fresh else open_lora(path, self.lora_base)
             if self.max_lora_rank is not None and adapter.rank > self.max_lora_rank:
                 raise ConfigError(f"LoRA adapter {path} has rank {adapter.rank}, above "
                                   f"max_lora_rank {self.max_lora_rank}: raise --max-lora-rank "

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 
@@ -158,8 +159,13 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
 def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> None:
     engine = aengine.engine
 
-    async def run(fn, *args):
+    async def run(fn, *args, on_engine: bool = True):
+        """fn(*args) on the engine's thread (between steps), or with on_engine=False on a
+        worker thread (what only reads files: the steps go on meanwhile); its errors as HTTP
+        errors."""
         try:
+            if not on_engine:
+                return await asyncio.to_thread(fn, *args)
             return await aengine.call(fn, *args)
         except ConfigError as e:
             msg = str(e)
@@ -174,10 +180,10 @@ def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> N
         except EngineDead as e:
             raise HTTPError(503, str(e)) from None
 
-    def load(name: str, path: str, pin: bool) -> dict:
+    def load(name: str, path: str, pin: bool, checked=None) -> dict:
         if name == base_name:
             raise ConfigError(f"{name!r} is the base model's name here: choose another name")
-        engine.add_expert(name, path)
+        engine.add_expert(name, path, checked)
         if pin:
             try:
                 engine.pin_expert(name)
@@ -198,9 +204,15 @@ def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> N
         engine.remove_expert(name)
         return {"name": name, "unloaded": True}
 
+    async def checked_load(name: str, path: str, pin: bool) -> dict:
+        """A LoRA adapter's check (its whole tensors against the base's) on a worker thread,
+        then the registration on the engine's: running requests do not wait for the reads."""
+        checked = await run(engine.registry.check, path, on_engine=False)
+        return await run(load, name, path, pin, checked)
+
     @app.post("/v1/experts/load", dependencies=deps)
     async def load_expert(body: ExpertLoad):
-        return await run(load, body.name, body.path, body.pin)
+        return await checked_load(body.name, body.path, body.pin)
 
     @app.post("/v1/experts/unload", dependencies=deps)
     async def unload_expert(body: ExpertName):
@@ -220,7 +232,7 @@ def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> N
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or not isinstance(path, str):
             raise HTTPError(400, "give lora_name and lora_path (strings)")
-        await run(load, name, path, False)
+        await checked_load(name, path, False)
         return Response(f"Success: expert {name} added successfully.")
 
     @app.post("/v1/unload_lora_adapter", dependencies=deps)
