@@ -62,3 +62,43 @@ def test_a_stream_adds_up_to_the_whole_answer(case):
     seen = [c for c in contents[:-1] if c is not None]
     for a, b in zip(seen, seen[1:] + [want_content or ""]):
         assert b.startswith(a)  # what content went out is never taken back
+
+
+@pytest.mark.parametrize("single", [True, False])
+def test_thinking_tokens_are_those_before_the_closing_marker(single):
+    """usage's reasoning_tokens (server/reasoning.thinking_counter): with <think> and </think>
+    single tokens, the tokens before </think> (an opening <think> not counted, all of them
+    when it never closed); where they are not (a byte-level BPE that spells them in pieces),
+    the thinking's text tokenized again — equal here, where words tokenize alike alone and
+    in the answer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from expertswitch.server.reasoning import thinking_counter
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    text = ["we add two numbers and think about it, ok 5 < 6 / 2 > 1"] * 10
+    raw.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    if single:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t in ("<think>", "</think>")])  # fmt: skip
+    count = thinking_counter(REASONING_PARSERS["deepseek_r1"], tok)
+
+    def ids(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False)
+
+    assert count(ids("we add two numbers</think>ok 5")) == len(ids("we add two numbers")) > 1
+    assert count(ids("<think>we add</think>ok")) == len(ids("we add"))
+    assert count(ids("</think>ok 5")) == 0
+    assert count(ids("we add two")) == len(ids("we add two"))  # never closed: all of it
+    assert count([]) == 0
+    if single:
+        assert len(ids("</think>")) == 1
+        assert count(ids("we</think>add</think>ok")) == len(ids("we"))  # the first closes
+    else:
+        assert len(ids("</think>")) > 1  # (the text path)

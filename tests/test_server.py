@@ -1496,8 +1496,10 @@ def test_a_reasoning_parser_splits_the_thinking_from_the_answer(thinker):
         with ServerThread(app) as srv:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0,
                                    timeout=300)  # fmt: skip
-            msg = client.chat.completions.create(**ask, tools=tools).choices[0].message
+            first = client.chat.completions.create(**ask, tools=tools)
+            msg = first.choices[0].message
             assert msg.reasoning_content == msg.reasoning == ""  # (closed at once)
+            assert first.usage.completion_tokens_details.reasoning_tokens == 0
             assert msg.content == "Checking."
             assert [t.function.name for t in msg.tool_calls] == ["get_time"]
             thought, content, calls = None, "", []
@@ -1516,9 +1518,29 @@ def test_a_reasoning_parser_splits_the_thinking_from_the_answer(thinker):
             assert getattr(hidden, "reasoning_content", None) is None
             held = client.chat.completions.create(**as_json).choices[0].message
             assert "a" in json.loads(held.content) and held.reasoning_content == ""
-            free = client.chat.completions.create(**{**as_json, "extra_body": {
-                "structured_outputs": {"json": schema}}}).choices[0].message  # fmt: skip
+            unheld = client.chat.completions.create(**{**as_json, "extra_body": {
+                "structured_outputs": {"json": schema}}})  # fmt: skip
+            free = unheld.choices[0].message
             assert free.reasoning_content and free.content is None  # never closed: thinking
+            done = unheld.usage.completion_tokens  # (every token of it thinking)
+            assert unheld.usage.completion_tokens_details.reasoning_tokens == done == 30
+            # a thinking closed after some tokens (the first bias on </think> that closes it
+            # mid-answer: the model is random): the tokens before </think>, the same streamed
+            for bias in range(1, 30):
+                late = {**ask, "max_tokens": 12, "extra_body": {
+                    "logit_bias": {str(end): bias}, "return_token_ids": True}}  # fmt: skip
+                mid = client.chat.completions.create(**late)
+                ids = mid.choices[0].token_ids
+                if end in ids[1:-1]:
+                    break
+            assert end in ids[1:-1], ids
+            assert mid.usage.completion_tokens_details.reasoning_tokens == ids.index(end)
+            last = None
+            for chunk in client.chat.completions.create(
+                **late, stream=True, stream_options={"include_usage": True}
+            ):
+                last = chunk.usage or last
+            assert last.completion_tokens_details.reasoning_tokens == ids.index(end)
             # the Responses API: a reasoning item (streamed as reasoning_text deltas), the
             # message, the calls the parser reads
             ask_r = dict(model="base", input="time?", max_output_tokens=120, temperature=0,
@@ -1554,6 +1576,8 @@ def test_a_reasoning_parser_splits_the_thinking_from_the_answer(thinker):
 
             reply = chat.choices[0].message
             assert said(follow) == said(whole) == [reply.reasoning_content] and said(follow)[0]
+            thought = chat.usage.completion_tokens_details.reasoning_tokens
+            assert follow.usage.output_tokens_details.reasoning_tokens == thought == 6
             assert follow.usage.input_tokens == whole.usage.input_tokens \
                 == chat.usage.prompt_tokens  # (the same prompt)  # fmt: skip
             ask_r = {**ask_r, "max_output_tokens": 30, "tools": None,

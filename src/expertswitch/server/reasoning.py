@@ -51,6 +51,36 @@ def split(parser: ReasoningParser, text: str) -> tuple[str | None, str | None]:
     return body[:end], content or None
 
 
+def thinking_counter(parser: ReasoningParser, tok):
+    """A function of an answer's token ids → its thinking's token count (OpenAI's
+    reasoning_tokens): the tokens before the one that closes the thinking, less an opening
+    <think> the answer wrote; all of them when it never closed (as `split` reads the text).
+    Where </think> is not one token of `tok`, the thinking's text is tokenized again (a count
+    close to, not always equal to, the tokens generated)."""
+    start, end = _token_id(tok, START), _token_id(tok, END)
+    if end is not None:
+
+        def count(ids: list[int]) -> int:
+            first = 1 if ids and start is not None and ids[0] == start else 0
+            return ids.index(end, first) - first if end in ids[first:] else len(ids) - first
+
+        return count
+
+    def count_text(ids: list[int]) -> int:
+        thought = split(parser, tok.decode(ids))[0]
+        return len(tok.encode(thought, add_special_tokens=False)) if thought else 0
+
+    return count_text
+
+
+def _token_id(tok, text: str) -> int | None:
+    """The id of `text` when it is one token of `tok`, else None."""
+    i = tok.convert_tokens_to_ids(text)
+    if not isinstance(i, int) or i == tok.unk_token_id or tok.convert_ids_to_tokens(i) != text:
+        return None
+    return i
+
+
 class ReasoningStream:
     """One streamed answer's reasoning, and its content so far (see the module)."""
 

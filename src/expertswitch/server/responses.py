@@ -545,12 +545,13 @@ def _finished(shell: dict, items: list[dict], finish: str | None, usage: dict) -
     cut = finish == "length"
     prompt, done = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    thinking = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)
     return {**shell, "status": "incomplete" if cut else "completed", "output": items,
             "completed_at": None if cut else int(time.time()),
             "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
             "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
                       "output_tokens": done,
-                      "output_tokens_details": {"reasoning_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": thinking},
                       "total_tokens": prompt + done}}  # fmt: skip
 
 

@@ -56,6 +56,7 @@ from expertswitch.server.reasoning import (
     ReasoningParser,
     ReasoningStream,
     split,
+    thinking_counter,
 )
 from expertswitch.server.tool_parsers import (
     TOOL_PARSERS,
@@ -157,6 +158,7 @@ class _Job:
     short_call_ids: bool = False  # Mistral's 9-character call ids (see _call_id)
     reasoning: ReasoningParser | None = None  # chat: splits the thinking from the content
     show_reasoning: bool = True  # include_reasoning (vLLM's): false drops the thinking
+    count_thinking: object = None  # with `reasoning`: answer ids → thinking tokens (usage)
     prompt_k: int | None = None  # vLLM's prompt_logprobs, when asked: the top k shown
     prompt_lp: LogprobFormatter | None = None  # ... and their formatter
     token_ids: bool = False  # vLLM's return_token_ids
@@ -438,6 +440,7 @@ class OpenAIServing:
                    parser=parser, id=job_id,
                    short_call_ids=self.cfg.tool_call_parser == "mistral", reasoning=thinking,
                    show_reasoning=getattr(req, "include_reasoning", True),
+                   count_thinking=thinking and thinking_counter(thinking, tok),
                    prompt_k=req.prompt_logprobs,
                    prompt_lp=None if req.prompt_logprobs is None
                    else LogprobFormatter(tok), token_ids=req.return_token_ids)  # fmt: skip
@@ -835,9 +838,13 @@ class OpenAIServing:
         # first choice (its others, admitted in the same step, compute it beside it)
         firsts = {c.prompt: c for c in reversed(job.choices)}.values()
         cached = sum(c.out.num_cached_tokens for c in firsts if c.out is not None)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion,
+                 "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+        if job.count_thinking is not None:  # (a reasoning parser split the answers)
+            thinking = sum(job.count_thinking(c.ids) for c in job.choices)
+            usage["completion_tokens_details"] = {"reasoning_tokens": thinking}
+        return usage
 
 
 class Disconnected(Exception):
