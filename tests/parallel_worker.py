@@ -438,9 +438,10 @@ def scenario_agree_engine(world, rank) -> dict:
 
 
 def _checkpoint(kind: str, path: str) -> None:
-    """Real checkpoints: transformers' Llama (GQA), Qwen2 (q/k/v biases, tied embeddings) and
-    Qwen3 (q/k norms over heads of 64), and an `expertswitch train` MoE model (a dense layer,
-    Residual-MoE top-2, top-1)."""
+    """Real checkpoints: transformers' Llama (GQA), Qwen2 (q/k/v biases, tied embeddings),
+    Qwen3 (q/k norms over heads of 64) and Qwen2-MoE (Mixtral's block beside a shared expert
+    and its sigmoid gate: whole on every rank while the attention is sliced), and an
+    `expertswitch train` MoE model (a dense layer, Residual-MoE top-2, top-1)."""
     torch.manual_seed(11)
     small = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
              "vocab_size": 120, "max_position_embeddings": 128, "eos_token_id": 119}  # fmt: skip
@@ -461,6 +462,13 @@ def _checkpoint(kind: str, path: str) -> None:
                                        num_attention_heads=8, num_key_value_heads=4,
                                        attention_bias=True, mlp_bias=True)  # fmt: skip
         model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(**{**small, "hidden_size": 128},
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=64,
+                                          shared_expert_intermediate_size=96)  # fmt: skip
+        model = transformers.Qwen2MoeForCausalLM(cfg)
     elif kind == "qwen3":
         cfg = transformers.Qwen3Config(**{**small, "hidden_size": 128, "intermediate_size": 128},
                                        num_attention_heads=4, num_key_value_heads=2,
@@ -478,15 +486,16 @@ def _checkpoint(kind: str, path: str) -> None:
             elif name.endswith(("q_norm.weight", "k_norm.weight")):
                 t.normal_(1, 0.5)
     model.save_pretrained(path)
-    _experts(model, path)
+    _experts(model, path, lora=kind != "qwen2_moe")  # (LoRA on MoE experts: not served)
 
 
 EXPERTS = {"a": dict(bits=4, group_size=32), "b": dict(bits=2, group_size=64, symmetric=True)}
 
 
-def _experts(model, path: str) -> None:
+def _experts(model, path: str, lora: bool = True) -> None:
     """Compressed experts of a base (every weight and bias tuned): `a` in 4-bit groups of 32,
-    which every slice here keeps whole; `b` in 2-bit groups of 64, which tp 4 cuts through."""
+    which every slice here keeps whole; `b` in 2-bit groups of 64, which tp 4 cuts through;
+    and with `lora` a PEFT adapter."""
     from expertswitch.compress import CompressOptions, compress_expert, make_method
 
     for name, method in EXPERTS.items():
@@ -503,6 +512,8 @@ def _experts(model, path: str) -> None:
     try:  # a PEFT LoRA adapter on every linear, the embedding and lm_head, biases tuned
         from peft import LoraConfig, get_peft_model
     except ImportError:
+        return
+    if not lora:
         return
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                "embed_tokens", "lm_head"]  # fmt: skip
@@ -545,8 +556,8 @@ def scenario_engine_split(world, rank) -> dict:
             found[f"layer share T={t}"] = {"err": rel(share, ref), "err_every": rel(every, ref),
                                            "bytes": [TRAFFIC["bytes"], sent_every]}  # fmt: skip
     tmp = os.environ["PARALLEL_TMP"]
-    cases = [("llama", 2, 1), ("qwen2", 2, 1), ("qwen3", 2, 1), ("moe", 1, 2), ("moe", 2, 2),
-             ("moe", 2, 1)]  # fmt: skip
+    cases = [("llama", 2, 1), ("qwen2", 2, 1), ("qwen3", 2, 1), ("qwen2_moe", 2, 1),
+             ("moe", 1, 2), ("moe", 2, 2), ("moe", 2, 1)]  # fmt: skip
     if world == 4:
         cases = [("llama", 4, 1), ("qwen2", 4, 1), ("moe", 2, 4), ("moe", 1, 4)]  # qwen2:
         # 2 kv heads over 4 ranks, each replicated on 2

@@ -324,7 +324,8 @@ def test_engine_ranks_whose_tokens_differ_all_stop(tmp_path):
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_engine_split_over_ranks_equals_one_process(nproc, tmp_path):
     """The serving engine with attention and MLPs tensor-sliced (Llama GQA, Qwen2 with biases
-    and tied embeddings, an expertswitch_moe model), experts spread (each rank routing its
+    and tied embeddings, Qwen2-MoE's MoE block and shared expert whole beside sliced
+    attention, an expertswitch_moe model), experts spread (each rank routing its
     share of the batch every rank holds) and both at once: tokens equal to one process,
     greedy and seeded, logprobs within fp32 rounding, each rank holding its kv heads only.
     Compressed experts of the dense models, sliced like the base (their deltas' rows or whole
@@ -344,7 +345,7 @@ def test_engine_split_over_ranks_equals_one_process(nproc, tmp_path):
     served_lora = 0
     for rank, cases in enumerate(found["ranks"]):
         engines = [c for c in cases if not c.startswith("layer")]
-        assert len(engines) == (6 if nproc == 2 else 4), cases
+        assert len(engines) == (7 if nproc == 2 else 4), cases
         for name, res in cases.items():
             if name.startswith("layer"):
                 assert res["err"] < TOL and res["err_every"] < TOL, (rank, name, res)
