@@ -384,7 +384,7 @@ def test_cpu_stacked_experts_match_the_reference_row_by_row(bits, symmetric, sha
         assert calls if spread != cases[2][1] else not calls
         # one stack for the format, whichever experts each batch's rows use (beside it, the
         # formats of each set of experts whose rows a batch had)
-        assert [key[0] for key in tables if key[0] != "stack-groups"] == ["stacked"]
+        assert [key[0] for key in tables if key[0] != "stack-keys"] == ["stacked"]
         assert torch.equal(y, before + zero)
         for r in range(t):
             s = int(row_slot[r])

@@ -3,6 +3,7 @@ archive) equal transformers' greedy tokens on the checkpoint `reconstruct` rebui
 same archive; base-only rows equal transformers on the base. Tiny real HF checkpoints, fp32."""
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -780,7 +781,7 @@ def gemma3_image_and_text_config():
                         image_token_index=255)  # fmt: skip
 
 
-def test_gemma3_image_and_text_checkpoint_serves_its_language_model(tmp_path):
+def test_gemma3_image_and_text_checkpoint_serves_its_language_model(tmp_path, caplog):
     """gemma-3-4b/12b/27b are saved as Gemma3ForConditionalGeneration (model_type "gemma3"):
     the engine serves their language model as text. Against transformers' image-and-text
     model on text prompts: greedy tokens of the base and of an expert (whose fine-tune also
@@ -808,6 +809,22 @@ def test_gemma3_image_and_text_checkpoint_serves_its_language_model(tmp_path):
     prompt_logprobs_equal_transformers(eng, model, ps[1])
     w = eng._load("x")  # (the expert's tensors under the language model's names)
     assert w.deltas and all(n.startswith("model.") for n in [*w.deltas, *w.exact])
+    # a fine-tune of the vision tower alone: served (as the base, for text), with a warning
+    seeing = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        for n, t in seeing.named_parameters():
+            if "vision_tower" in n and t.dim() == 2:
+                t.add_(0.1 * torch.randn_like(t))
+    seeing.save_pretrained(tmp_path / "seeing")
+    only = compress_expert(base, tmp_path / "seeing", tmp_path / "a-seeing",
+                           make_method("mixed", bits=2), OPTS)  # fmt: skip
+    assert all(n.startswith("vision_tower.") for n in open_archive(only).entries)
+    with caplog.at_level(logging.WARNING, logger="expertswitch.engine.registry"):
+        eng.add_expert("seeing", only)
+    assert "changes only the vision tower" in caplog.text
+    sp = SamplingParams(temperature=0.0, max_tokens=8)
+    assert eng.generate(ps[0], "seeing", sp)[0].token_ids == eng.generate(ps[0], None, sp)[
+        0].token_ids  # fmt: skip
     # transformers 4.52+'s module-tree layout of the same weights
     moved = tmp_path / "moved"
     moved.mkdir()
@@ -844,14 +861,58 @@ def test_gemma3_image_and_text_checkpoint_serves_its_language_model(tmp_path):
     from conftest import make_adapter
     from peft import PeftModel
 
-    lora = make_adapter(base, tmp_path / "lora", 5, ["q_proj", "v_proj"])
+    # (alpha_pattern names layer 0's q_proj as PEFT's module tree does: language_model.…)
+    raw_q = "language_model.layers.0.self_attn.q_proj"
+    lora = make_adapter(base, tmp_path / "lora", 5, ["q_proj", "v_proj", "lm_head"],
+                        alpha_pattern={raw_q: 32})  # fmt: skip
     keys = load_file(lora / "adapter_model.safetensors")
-    assert any("vision" in k for k in keys) and any("language_model" in k for k in keys)
+    assert any("vision" in k for k in keys) and any(".language_model." in k for k in keys)
     eng.add_expert("lora", lora)
     peft = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), lora
     ).eval()
     prompt_logprobs_equal_transformers(eng, peft, ps[1], expert="lora")
+    want = [x.logprob for x in eng.generate(p, "lora", lp)[0].prompt_logprobs[1:]]
+    # the same factors in transformers 4.x's layout, and trained on the language model
+    # alone (a text model's names, no vision tower): the same logprobs
+    for layout, q_name, rename in (
+        ("legacy", "language_model.model.layers.0.self_attn.q_proj",
+         lambda k: k.replace("base_model.model.model.language_model.",
+                             "base_model.model.language_model.model.")
+         .replace("base_model.model.model.vision_tower.", "base_model.model.vision_tower.")
+         .replace("base_model.model.lm_head.", "base_model.model.language_model.lm_head.")),
+        ("text", "model.layers.0.self_attn.q_proj",
+         lambda k: None if "vision" in k else k.replace("model.language_model.", "model.")),
+    ):  # fmt: skip
+        out = tmp_path / f"lora-{layout}"
+        out.mkdir()
+        moved_keys = {rename(k): v for k, v in keys.items() if rename(k) is not None}
+        assert moved_keys.keys() != keys.keys()
+        save_file(moved_keys, str(out / "adapter_model.safetensors"))
+        adapter_cfg = json.loads((lora / "adapter_config.json").read_text())
+        adapter_cfg["alpha_pattern"] = {q_name: 32}
+        (out / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+        eng.add_expert(layout, out)
+        got = [x.logprob for x in eng.generate(p, layout, lp)[0].prompt_logprobs[1:]]
+        assert got == pytest.approx(want, abs=1e-6), layout
+    # an untied lm_head (stored beside the language model): transformers' logprobs; the
+    # top level unties it, and gives token ids text_config leaves out
+    cfg_dict = config.to_dict()
+    cfg_dict["tie_word_embeddings"] = False
+    cfg_dict["text_config"]["tie_word_embeddings"] = False
+    untied = AutoModelForCausalLM.from_config(type(config).from_dict(cfg_dict))
+    assert not untied.config.tie_word_embeddings
+    untied.save_pretrained(tmp_path / "untied")
+    stored_names = load_file(tmp_path / "untied" / "model.safetensors").keys()
+    assert any(n.endswith("lm_head.weight") for n in stored_names)
+    separate = Engine(tmp_path / "untied")
+    assert not separate.model.cfg.tie_word_embeddings
+    prompt_logprobs_equal_transformers(separate, untied.eval(), p, expert=None)
+    text = {k: v for k, v in config.text_config.to_dict().items()
+            if k not in ("eos_token_id", "tie_word_embeddings")}  # fmt: skip
+    top = ModelConfig.from_dict({"model_type": "gemma3", "tie_word_embeddings": False,
+                                 "eos_token_id": [1, 106], "text_config": text})  # fmt: skip
+    assert not top.tie_word_embeddings and top.eos_token_ids == [1, 106]
 
 
 @pytest.mark.parametrize("rope", [

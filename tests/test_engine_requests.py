@@ -345,7 +345,7 @@ def test_mixed_formats_and_odd_head_dims_through_the_gpu_paths(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
-def test_decode_ids_equals_the_tokenizers_decode(kind):
+def test_decode_ids_equals_the_tokenizers_decode(kind, monkeypatch):
     """engine/tokenizer.decode_ids (the answer's text at every token, past transformers'
     per-element conversion) gives what `tok.decode` gives, special tokens skipped or kept, for
     a byte-level BPE and a WordPiece tokenizer whose clean-up of spaces applies; a tokenizer
@@ -355,7 +355,7 @@ def test_decode_ids_equals_the_tokenizers_decode(kind):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from expertswitch.engine.tokenizer import decode_ids
+    from expertswitch.engine.tokenizer import _plain_decode, decode_ids
 
     texts = ["def f(x):\n    return x + 1  # a comment, isn't it?", "Hello , world ! 12 + 3 = 15 ."]
     specials = ["[UNK]", "<s>", "</s>"]
@@ -383,6 +383,14 @@ def test_decode_ids_equals_the_tokenizers_decode(kind):
     for ids in seqs:
         for skip in (True, False):
             assert decode_ids(tok, ids, skip) == tok.decode(ids, skip_special_tokens=skip)
+    # the fast path is the one taken: transformers' per-element conversion never runs
+    import transformers.tokenization_utils_base as base_mod
+
+    assert _plain_decode(PreTrainedTokenizerFast)
+    want = tok.decode(seqs[0], skip_special_tokens=True)
+    monkeypatch.setattr(base_mod, "to_py_obj", lambda x: pytest.fail("decode() was called"))
+    assert decode_ids(tok, seqs[0], True) == want
+    monkeypatch.undo()
 
     class Own(PreTrainedTokenizerFast):
         def decode(self, token_ids, skip_special_tokens=False, **kw):

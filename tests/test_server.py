@@ -885,16 +885,22 @@ def test_peft_lora_adapters_over_http(family, tmp_path, monkeypatch):
     """LoRA adapters the way vLLM serves them: one given at start (as --lora-modules does),
     one loaded over HTTP (/v1/load_lora_adapter), beside a compressed expert; each is a
     model of /v1/models and answers with PEFT's own greedy tokens. An adapter the engine
-    cannot serve gets a 400 naming why. An adapter loaded over HTTP is checked (its whole
-    tensors read against the base's) once, on a worker thread, not the engine's; one whose
-    files change after that check is checked again when registered."""
+    cannot serve gets a 400 naming why. An adapter loaded over HTTP (this one saved its
+    embedding whole: the check reads the base's against it) is checked once, on a worker
+    thread, not the engine's, whose OpenMP pool is freed after; a name already taken is
+    refused before anything is read."""
     pytest.importorskip("peft")
     import threading
 
     from transformers import AutoTokenizer
 
     from expertswitch.engine import registry
+    from expertswitch.utils import threads
 
+    released = []  # threads whose OpenMP pools were freed
+    real_release = threads.release_openmp_threads
+    monkeypatch.setattr(threads, "release_openmp_threads", lambda: (
+        released.append(threading.current_thread().name) or real_release()))  # fmt: skip
     checks = []  # (adapter dir name, thread name) of each check
     real_open = registry.open_lora
     monkeypatch.setattr(registry, "open_lora", lambda path, base: (
@@ -903,7 +909,8 @@ def test_peft_lora_adapters_over_http(family, tmp_path, monkeypatch):
 
     base, archives, _ = family
     sql = make_adapter(base, tmp_path / "sql", 1, ["q_proj", "v_proj", "down_proj"])
-    chat = make_adapter(base, tmp_path / "chat", 2, ["o_proj", "up_proj"], r=2)
+    chat = make_adapter(base, tmp_path / "chat", 2, ["o_proj", "up_proj", "embed_tokens"], r=2,
+                        save={"save_embedding_layers": True})  # fmt: skip
     dora = make_adapter(base, tmp_path / "dora", 3, ["q_proj"], use_dora=True)
     tok = AutoTokenizer.from_pretrained(base)
     ids = tok("def add(a, b):")["input_ids"]
@@ -915,7 +922,11 @@ def test_peft_lora_adapters_over_http(family, tmp_path, monkeypatch):
                        json={"lora_name": "chat", "lora_path": str(chat)}, timeout=120)  # fmt: skip
         assert r.status_code == 200, r.text
         assert len(checks) == 1 and checks[0][0] == "chat", checks
-        assert checks[0][1] != "expertswitch-engine"
+        assert checks[0][1] != "expertswitch-engine" and checks[0][1] in released
+        r = httpx.post(srv.url + "/v1/load_lora_adapter",
+                       json={"lora_name": "sql", "lora_path": str(chat)}, timeout=120)  # fmt: skip
+        assert r.status_code == 409 and "already registered" in r.text, r.text
+        assert len(checks) == 1  # (refused before reading)
         r = httpx.post(srv.url + "/v1/load_lora_adapter",
                        json={"lora_name": "d", "lora_path": str(dora)}, timeout=120)  # fmt: skip
         assert r.status_code == 400 and "DoRA" in r.json()["error"]["message"], r.text

@@ -154,7 +154,8 @@ class Engine:
         """Register an archive (or a PEFT LoRA adapter) under `name`. Its manifest is checked
         now (made for this base, only tensors the engine can apply per row); its weights load
         on first use. checked: `registry.check(path)` run beforehand, off the engine's thread
-        (the server's load routes: an adapter's check may read whole base tensors)."""
+        (the server's load routes: an adapter's check may read whole base tensors). Serving
+        over ranks, the other ranks check it themselves between steps, as before."""
         self.registry.add(name, path, checked)
         self.pool.register(name)
         if self.mirror is not None and self.mirror.leader:  # serving over ranks: all or none

@@ -6,6 +6,7 @@ archive's or adapter's own when it ships one)."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from expertswitch.engine.tokenizer import load_tokenizer
 from expertswitch.errors import ArchiveError, CompatibilityError, ConfigError
 from expertswitch.io.archive import open_archive
 from expertswitch.io.lora import LoraAdapter, LoraBase, is_lora_dir, open_lora
+
+log = logging.getLogger(__name__)
 
 RESERVED = ("auto", "base", "__base__")  # names that mean "the router" or "no expert"
 
@@ -54,14 +57,18 @@ class ExpertRegistry:
             return None
         return open_lora(path, self.lora_base)
 
-    def add(self, name: str, path: str | Path, checked: LoraAdapter | None = None) -> Registered:
-        """checked: `check(path)`'s adapter, taken unless its files changed since (then
-        checked again)."""
+    def check_name(self, name: str) -> None:
+        """Refuse a name `add` cannot take: reserved, empty, or registered already."""
         if not isinstance(name, str) or not name or name in RESERVED:
             raise ConfigError(f"{name!r} cannot name an expert: {', '.join(RESERVED)} and the "
                               "empty name are reserved")  # fmt: skip
         if name in self.entries:
             raise ConfigError(f"expert {name!r} is already registered; remove_expert it first")
+
+    def add(self, name: str, path: str | Path, checked: LoraAdapter | None = None) -> Registered:
+        """checked: `check(path)`'s adapter, taken unless its files changed since (then
+        checked again)."""
+        self.check_name(name)
         if self.lora_base is not None and is_lora_dir(path):
             fresh = checked is not None and checked.path == Path(path) and not checked.changed()
             adapter = checked if fresh else open_lora(path, self.lora_base)
@@ -82,6 +89,10 @@ class ExpertRegistry:
             )
         named = {self.text_name(n): e for n, e in archive.entries.items()}
         named.pop(None, None)  # (an image-and-text base's vision tower: text is served)
+        if archive.entries and not named:
+            log.warning("expert %r (%s) changes only the vision tower of the image-and-text "
+                        "base; the engine serves text, so it answers as the base does",
+                        name, path)  # fmt: skip
         foreign = [n for n in archive.entries if self.text_name(n) not in self.servable | {None}]
         if foreign:
             raise ArchiveError(

@@ -253,14 +253,21 @@ def text_names(config: dict, names) -> dict[str, str] | None:
     return out
 
 
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                    "model.multi_modal_projector.")  # fmt: skip
+
+
 def text_name(stored: str) -> str | None:
     """The text model's name of an image-and-text checkpoint's tensor (either layout, so
     also of a PEFT adapter's module path, which follows transformers' module tree), None for
-    the vision tower's and projector's."""
+    the vision tower's and projector's; a name already a text model's (an adapter trained on
+    the language model alone), or unknown, is itself (and refused where it fits nothing)."""
     if stored in _TEXT_HEADS:
         return "lm_head.weight"
-    return next(("model." + stored[len(p) :] for p in _TEXT_PREFIXES if stored.startswith(p)),
-                None)  # fmt: skip
+    for p in _TEXT_PREFIXES:
+        if stored.startswith(p):
+            return "model." + stored[len(p) :]
+    return None if stored.startswith(_VISION_PREFIXES) else stored
 
 
 class TextView:

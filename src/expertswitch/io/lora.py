@@ -281,9 +281,8 @@ def _text_key(stored: str, text_name) -> str | None:
     image-and-text base the language model's (None: the vision tower's or projector's)."""
     if text_name is None:
         return stored
-    for head in ("language_model.lm_head.", "lm_head."):
-        if stored.startswith(head):
-            return "lm_head." + stored[len(head) :]
+    if stored.startswith("language_model.lm_head."):
+        return stored.removeprefix("language_model.")
     return text_name(stored)
 
 

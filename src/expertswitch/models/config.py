@@ -336,7 +336,15 @@ def text_config(cfg: dict) -> dict:
         raise ConfigError("config.json's text_config must be an object describing Gemma 3's "
                           "language model (model_type 'gemma3_text'); the checkpoint's "
                           "config.json is damaged: re-download or re-save it")  # fmt: skip
-    return {**_GEMMA3_TEXT_SIZES, **text, "model_type": "gemma3_text"}
+    # token ids the top level gives and text_config leaves out; the lm_head tied only if
+    # neither level unties it (transformers 5 reads the top level's, 4.x text_config's; the
+    # decoder ties anyway when no lm_head tensor is stored)
+    ids = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if k in cfg}
+    tied = bool(cfg.get("tie_word_embeddings", True)) and bool(
+        text.get("tie_word_embeddings", True)
+    )
+    return {**_GEMMA3_TEXT_SIZES, **ids, **text, "model_type": "gemma3_text",
+            "tie_word_embeddings": tied}  # fmt: skip
 
 
 def _check_type(model_type) -> None:

@@ -107,18 +107,17 @@ def _add_stacked(y, x, eb: ExpertBatch, name: str, users) -> list:
     while the same experts are active (the runner's tables); a batch whose rows use only some
     of them (MoE rows, the logits of some sequences) picks theirs out of it — a stack per
     subset would pile up, one for each set of experts the routing happens to pick."""
-    gkey = ("stack-groups", name, tuple(s for s, _ in users))
-    if gkey not in eb.tables:  # (the formats of these experts' deltas: fixed while active)
-        rest, groups = [], {}
-        for s, d in users:
-            key = _stack_key(eb, s, name, d)
-            if key is None:
-                rest.append((s, d))
-            else:
-                groups.setdefault(key, []).append((s, d))
-        eb.tables[gkey] = (rest, groups)
-    rest, groups = eb.tables[gkey]
-    rest = list(rest)
+    keys = eb.tables.get(("stack-keys", name))
+    if keys is None:  # each active expert's format of this weight (fixed while active)
+        keys = {s: _stack_key(eb, s, name, ex.deltas[name])
+                for s, ex in enumerate(eb.experts) if name in ex.deltas}  # fmt: skip
+        eb.tables[("stack-keys", name)] = keys
+    rest, groups = [], {}
+    for s, d in users:
+        if keys[s] is None:
+            rest.append((s, d))
+        else:
+            groups.setdefault(keys[s], []).append((s, d))
     for key, group in groups.items():
         slots = tuple(s for s, _ in group)
         if len(group) > 1 and (run := _even_run(eb, slots)) is not None:

@@ -28,6 +28,7 @@ from expertswitch.server.protocol import (
 )
 from expertswitch.server.responses import Responses, ResponsesRequest
 from expertswitch.server.serving import AUTO, Disconnected, OpenAIServing, ServerConfig
+from expertswitch.utils.threads import as_side_work
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -164,8 +165,8 @@ def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> N
         worker thread (what only reads files: the steps go on meanwhile); its errors as HTTP
         errors."""
         try:
-            if not on_engine:
-                return await asyncio.to_thread(fn, *args)
+            if not on_engine:  # (its OpenMP pool freed after: utils/threads.py)
+                return await asyncio.to_thread(as_side_work, fn, *args)
             return await aengine.call(fn, *args)
         except ConfigError as e:
             msg = str(e)
@@ -204,11 +205,23 @@ def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> N
         engine.remove_expert(name)
         return {"name": name, "unloaded": True}
 
+    checking = asyncio.Semaphore(1)  # adapter checks one at a time (each may read whole
+    # base tensors: concurrent loads would read them side by side)
+
     async def checked_load(name: str, path: str, pin: bool) -> dict:
         """A LoRA adapter's check (its whole tensors against the base's) on a worker thread,
-        then the registration on the engine's: running requests do not wait for the reads."""
-        checked = await run(engine.registry.check, path, on_engine=False)
+        then the registration on the engine's: running requests do not wait for the reads.
+        A name that cannot be taken is refused before anything is read (and again, for
+        certain, when registering)."""
+        await run(free_name, name)
+        async with checking:
+            checked = await run(engine.registry.check, path, on_engine=False)
         return await run(load, name, path, pin, checked)
+
+    def free_name(name: str) -> None:
+        if name == base_name:
+            raise ConfigError(f"{name!r} is the base model's name here: choose another name")
+        engine.registry.check_name(name)
 
     @app.post("/v1/experts/load", dependencies=deps)
     async def load_expert(body: ExpertLoad):
