@@ -783,13 +783,17 @@ def gemma3_image_and_text_config():
 
 def test_gemma3_image_and_text_checkpoint_serves_its_language_model(tmp_path, caplog):
     """gemma-3-4b/12b/27b are saved as Gemma3ForConditionalGeneration (model_type "gemma3"):
-    the engine serves their language model as text. Against transformers' image-and-text
-    model on text prompts: greedy tokens of the base and of an expert (whose fine-tune also
-    moved the vision tower: those tensors are skipped, not refused) in one batch, and prompt
-    logprobs; the same from transformers 4.52+'s tensor layout ("model.language_model.…");
-    a text_config listing only what differs from transformers' defaults (as the hub's
-    config.json files do) reads as transformers reads it; a PEFT adapter on the language
-    model's and the vision tower's projections gives PEFT's logprobs."""
+    the engine serves their language model as text, and compression calibrates it. Against
+    transformers' image-and-text model on text prompts: greedy tokens of the base and of an
+    expert (whose fine-tune also moved the vision tower: those tensors are skipped, not
+    refused) in one batch, and prompt logprobs; the same from transformers 4.52+'s tensor
+    layout ("model.language_model.…"); a fine-tune of the vision tower alone serves as the
+    base, with a warning; a text_config listing only what differs from transformers'
+    defaults (as the hub's config.json files do) reads as transformers reads it, and the top
+    level's untied head and token ids count; an untied head; PEFT adapters on the language
+    model's and the vision tower's projections (and lm_head, with an alpha_pattern), as
+    transformers 5 or 4.x lay them out or trained on the language model alone, give PEFT's
+    logprobs."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
@@ -799,6 +803,11 @@ def test_gemma3_image_and_text_checkpoint_serves_its_language_model(tmp_path, ca
     base, ((archive, rec),) = make_family(tmp_path, config, n_experts=1)
     stored = open_archive(archive).entries
     assert any(n.startswith("vision_tower.") for n in stored)  # (the fine-tune moved it)
+    # compressed with the base's activations: the run names the language model's layers by
+    # transformers' module tree, the checkpoint by its own keys
+    lm = [e for n, e in stored.items() if n.startswith("language_model.")
+          and e.kind == "quantized"]  # fmt: skip
+    assert lm and all(e.meta["calibrated"] for e in lm)
     assert "language_model.model.layers.1.self_attn.q_proj.weight" in stored
     eng = Engine(base, {"x": archive})
     assert eng.model.multimodal and eng.model.cfg.local_layers == [True, False, True]

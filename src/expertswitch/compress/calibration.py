@@ -133,9 +133,16 @@ def _expert_hook(layer: str, acc: _Accumulator):
 
 def calib_for(name: str, shape: tuple[int, ...], calib: dict[str, LayerCalib]):
     """Statistics for checkpoint tensor `name`: a LayerCalib, a per-expert list for a stacked
-    [E, N, K] tensor, or None when the calibration run did not see its inputs."""
+    [E, N, K] tensor, or None when the calibration run did not see its inputs. An
+    image-and-text checkpoint's keys ("language_model.model.layers.0…") are found under the
+    module names the run recorded ("model.language_model.layers.0…"): `collect_calibration`
+    files each also under its io/checkpoint.layout_free name."""
+    from expertswitch.io.checkpoint import layout_free
+
     if name in calib:
         return calib[name]
+    if (alias := calib.get(_ALIAS + layout_free(name))) is not None:
+        return alias
     m = _EXPERT_2D.match(name)
     if m:
         return calib.get(_expert_key(m["layer"], int(m["e"]), _ROLE[m["proj"]]))
@@ -308,4 +315,11 @@ def collect_calibration(
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    return acc.result(opts.sample_rows)
+    out = acc.result(opts.sample_rows)
+    from expertswitch.io.checkpoint import layout_free
+
+    out.update({_ALIAS + layout_free(k): v for k, v in list(out.items()) if layout_free(k) != k})
+    return out
+
+
+_ALIAS = "layout-free:"  # calibration keys that are a name in either layout (calib_for)

@@ -270,6 +270,15 @@ def text_name(stored: str) -> str | None:
     return None if stored.startswith(_VISION_PREFIXES) else stored
 
 
+def layout_free(name: str) -> str:
+    """A tensor's name alike in transformers' two layouts of an image-and-text model (4.x's
+    checkpoint keys, which transformers 5 still saves, and the module tree a loaded model
+    names its layers by): the language model's as a text model's, the vision tower's and
+    projector's without a leading "model."; any other name as it is."""
+    text = text_name(name)
+    return name.removeprefix("model.") if text is None else text
+
+
 class TextView:
     """The language model of an image-and-text checkpoint as a text checkpoint: its config
     (models/config.text_config) and its tensors under a text model's names; what the decoder
