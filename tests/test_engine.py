@@ -5,6 +5,7 @@ same archive; base-only rows equal transformers on the base. Tiny real HF checkp
 import importlib.util
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -1501,3 +1502,27 @@ def test_beam_search_bookkeeping_on_given_logprobs():
     assert not s.done
     with pytest.raises(ConfigError, match="length_penalty must be from -16 to 16"):
         BeamSearchParams(2, 4, length_penalty=400)
+
+
+@pytest.mark.parametrize("change, tensor, says", [
+    ({"intermediate_size": 200}, "mlp.gate_proj.weight", "intermediate_size"),
+    ({"num_key_value_heads": 4}, "k_proj.weight", "num_key_value_heads"),
+    ({"head_dim": 8}, "q_proj.weight", "num_attention_heads · head_dim"),
+    ({"vocab_size": 300}, "embed_tokens.weight", "vocab_size"),
+    ({"hidden_size": 96}, "embed_tokens.weight", "hidden_size"),
+])  # fmt: skip
+def test_a_config_that_does_not_describe_the_weights_is_refused(llama, tmp_path, change,
+                                                                tensor, says):  # fmt: skip
+    """A config.json that does not match its weights (damaged, or from another model) is a
+    CheckpointError naming the tensor, both shapes and the config keys — not a failure
+    inside a matmul at the first request, nor an engine that runs on misread weights."""
+    from expertswitch.errors import CheckpointError
+
+    base, _ = llama
+    bad = tmp_path / "bad"
+    shutil.copytree(base, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(CheckpointError, match=f"{tensor} is .*but config.json makes it") as e:
+        Engine(bad)
+    assert says in str(e.value)

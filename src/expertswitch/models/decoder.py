@@ -138,6 +138,19 @@ class _Loader:
                                   "checkpoint?")  # fmt: skip
         return self.ckpt.get(name).to(self.device, self.dtype)
 
+    def expect(self, name: str, want: tuple[int, ...], what: str) -> None:
+        """A clear error when a stored tensor has not the shape config.json gives it (a
+        damaged or mismatched config.json would fail deep inside a matmul, or worse, run).
+        A missing tensor is left to `get`, which names it."""
+        if name not in self.ckpt:
+            return
+        got = tuple(self.ckpt.shape(name))
+        if got != tuple(want):
+            raise CheckpointError(f"{self.ckpt.path}: {name} is {list(got)}, but config.json "
+                                  f"makes it {list(want)} ({what}): config.json does not "
+                                  "describe these weights; use the config.json saved with "
+                                  "them")  # fmt: skip
+
     def norm(self, name: str, cfg: ModelConfig) -> RowNorm:
         return RowNorm(name, self.get(name), cfg.rms_norm_eps, cfg.norm_offset)
 
@@ -180,6 +193,7 @@ class DecoderLayer:
             self.pre_ff_norm = ld.norm(p + "pre_feedforward_layernorm.weight", cfg)
             self.post_ff_norm = ld.norm(p + "post_feedforward_layernorm.weight", cfg)
         a = p + "self_attn."
+        _expect_layer(ld, cfg, p, i)
         self.qkv = self.gate_up = None  # Phi-3's fused projections (one linear each)
         if cfg.fused_proj:  # (never sliced: Decoder refuses tensor parallelism for them)
             self.qkv = ld.linear(a + "qkv_proj", cfg.qkv_bias)
@@ -277,6 +291,47 @@ class DecoderLayer:
             return x + self.mlp(self.post_norm(x, eb), eb)
         x = x + self.post_norm(h, eb)  # Gemma 2
         return x + self.post_ff_norm(self.mlp(self.pre_ff_norm(x, eb), eb), eb)
+
+
+def _expect_layer(ld: _Loader, cfg: ModelConfig, p: str, i: int) -> None:
+    """Layer i's stored attention and dense-MLP shapes against config.json's (whole, before
+    any tensor-parallel slicing)."""
+    h, kv, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    a = p + "self_attn."
+    heads = "num_attention_heads · head_dim, hidden_size"
+    kv_heads = "num_key_value_heads · head_dim, hidden_size"
+    want = [(p + "input_layernorm.weight", (hid,), "hidden_size")]
+    if cfg.fused_proj:
+        want.append(
+            (
+                a + "qkv_proj.weight",
+                ((h + 2 * kv) * d, hid),
+                "(num_attention_heads + 2 · num_key_value_heads) · head_dim, hidden_size",
+            )
+        )
+    else:
+        want += [(a + "q_proj.weight", (h * d, hid), heads),
+                 (a + "k_proj.weight", (kv * d, hid), kv_heads),
+                 (a + "v_proj.weight", (kv * d, hid), kv_heads)]  # fmt: skip
+    want.append((a + "o_proj.weight", (hid, h * d), "hidden_size, num_attention_heads · head_dim"))
+    if cfg.qk_norm:
+        want += [(a + "q_norm.weight", (d,), "head_dim"), (a + "k_norm.weight", (d,), "head_dim")]
+    dense = not (cfg.num_experts and cfg.sparse_layers[i]) and not (
+        cfg.moe_layers and cfg.moe_layers[i]
+    )
+    if dense:
+        ffn = cfg.intermediate_size
+        if cfg.fused_proj:
+            want.append((p + "mlp.gate_up_proj.weight", (2 * ffn, hid),
+                         "2 · intermediate_size, hidden_size"))  # fmt: skip
+        else:
+            want += [
+                (p + "mlp.gate_proj.weight", (ffn, hid), "intermediate_size, hidden_size"),
+                (p + "mlp.up_proj.weight", (ffn, hid), "intermediate_size, hidden_size"),
+            ]
+        want.append((p + "mlp.down_proj.weight", (hid, ffn), "hidden_size, intermediate_size"))
+    for name, shape, what in want:
+        ld.expect(name, shape, what)
 
 
 def _local_rotary(cfg: ModelConfig, rope: Rotary) -> Rotary | None:
@@ -387,6 +442,8 @@ class Decoder:
         ld = _Loader(ckpt, device, dtype, self.tp)
         self.rope = Rotary(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self.local_rope = _local_rotary(cfg, self.rope)
+        ld.expect("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size),
+                  "vocab_size, hidden_size")  # fmt: skip
         self.embed = RowEmbedding("model.embed_tokens.weight", ld.get("model.embed_tokens.weight"),
                                   cfg.embed_scale)  # fmt: skip
         self.layers = [DecoderLayer(i, cfg, ld, self.rope, ep_size)
