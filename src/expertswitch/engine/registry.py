@@ -87,13 +87,18 @@ class ExpertRegistry:
                 f"{self.base_path} (made from {archive.manifest['base'].get('path', '?')}); "
                 "serve it with the base it was compressed against"
             )
-        named = {self.text_name(n): e for n, e in archive.entries.items()}
-        named.pop(None, None)  # (an image-and-text base's vision tower: text is served)
+        named, foreign = {}, []  # entries by the model's names; those it cannot apply
+        for stored, e in archive.entries.items():
+            tensor = self.text_name(stored)
+            if tensor is None:  # (an image-and-text base's vision tower: text is served)
+                continue
+            named[tensor] = e
+            if tensor not in self.servable:
+                foreign.append(stored)
         if archive.entries and not named:
             log.warning("expert %r (%s) changes only the vision tower of the image-and-text "
                         "base; the engine serves text, so it answers as the base does",
                         name, path)  # fmt: skip
-        foreign = [n for n in archive.entries if self.text_name(n) not in self.servable | {None}]
         if foreign:
             raise ArchiveError(
                 f"expert {name!r} changes {len(foreign)} tensor(s) the engine cannot apply per "

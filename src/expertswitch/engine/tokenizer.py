@@ -1,6 +1,8 @@
 """A checkpoint's tokenizer (models/tokenizer.py), the token sequences of bad_words, and the
 decoding of an answer's tokens as it grows."""
 
+import functools
+
 from expertswitch.models.tokenizer import load_tokenizer
 
 __all__ = ["bad_word_ids", "decode_ids", "load_tokenizer"]
@@ -18,19 +20,12 @@ def decode_ids(tok, ids: list[int], skip_special_tokens: bool) -> str:
     return tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-_PLAIN: dict[type, bool] = {}
-
-
+@functools.cache
 def _plain_decode(cls: type) -> bool:
-    if cls not in _PLAIN:
-        try:
-            from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-        except ImportError:  # pragma: no cover - transformers is a dependency
-            PreTrainedTokenizerBase = None  # noqa: N806
-        _PLAIN[cls] = (PreTrainedTokenizerBase is not None
-                       and getattr(cls, "decode", None) is PreTrainedTokenizerBase.decode
-                       and callable(getattr(cls, "_decode", None)))  # fmt: skip
-    return _PLAIN[cls]
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    return (getattr(cls, "decode", None) is PreTrainedTokenizerBase.decode
+            and callable(getattr(cls, "_decode", None)))  # fmt: skip
 
 
 def bad_word_ids(tok, words: list[str]) -> list[list[int]]:

@@ -231,28 +231,6 @@ _TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
 _TEXT_HEADS = ("language_model.lm_head.weight", "lm_head.weight")
 
 
-def text_names(config: dict, names) -> dict[str, str] | None:
-    """An image-and-text checkpoint's language-model tensors: raw name → the name a text
-    model gives it ("model.layers.0.…", "model.embed_tokens.weight", "lm_head.weight"); the
-    vision tower's and projector's are left out. None for any other checkpoint (its names
-    are the text model's already)."""
-    from expertswitch.models.config import MULTIMODAL
-
-    if not isinstance(config, dict) or config.get("model_type") not in MULTIMODAL:
-        return None
-    out = {n: text_name(n) for n in names}
-    out = {raw: name for raw, name in out.items() if name is not None}
-    if len(set(out.values())) != len(out):
-        seen: dict[str, str] = {}
-        for raw, name in out.items():
-            if name in seen:
-                raise CheckpointError(f"tensors {seen[name]} and {raw} are both the language "
-                                      f"model's {name}: the checkpoint mixes two layouts; "
-                                      "re-save it with transformers")  # fmt: skip
-            seen[name] = raw
-    return out
-
-
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                     "model.multi_modal_projector.")  # fmt: skip
 
@@ -284,12 +262,21 @@ class TextView:
     (models/config.text_config) and its tensors under a text model's names; what the decoder
     reads of a Checkpoint."""
 
-    def __init__(self, ckpt: Checkpoint, names: dict[str, str]):
+    def __init__(self, ckpt: Checkpoint):
         from expertswitch.models.config import text_config
 
         self.inner, self.path = ckpt, ckpt.path
         self.config = text_config(ckpt.config)
-        self.raw = {name: raw for raw, name in names.items()}  # text name → stored name
+        self.raw: dict[str, str] = {}  # text name → stored name (the vision tower's left out)
+        for stored in ckpt.names():
+            name = text_name(stored)
+            if name is None:
+                continue
+            if name in self.raw:
+                raise CheckpointError(f"tensors {self.raw[name]} and {stored} are both the "
+                                      f"language model's {name}: the checkpoint mixes two "
+                                      "layouts; re-save it with transformers")  # fmt: skip
+            self.raw[name] = stored
 
     def __repr__(self) -> str:
         return f"TextView({self.inner!r}, {len(self.raw)} language-model tensors)"
@@ -318,8 +305,9 @@ class TextView:
 def text_view(ckpt: Checkpoint) -> Checkpoint | TextView:
     """`ckpt` as the text model the engine serves: itself, or its language model (TextView)
     when it is an image-and-text checkpoint."""
-    names = text_names(ckpt.config, ckpt.names())
-    return ckpt if names is None else TextView(ckpt, names)
+    from expertswitch.models.config import MULTIMODAL
+
+    return TextView(ckpt) if ckpt.config.get("model_type") in MULTIMODAL else ckpt
 
 
 # Config keys that fix the shapes of the shared weights or how they are applied; an expert may

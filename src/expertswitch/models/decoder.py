@@ -460,7 +460,7 @@ class Decoder:
         self.shapes = {n: ckpt.shape(n) for n in ckpt.names()}
         # the language model of an image-and-text checkpoint (Decoder.load): tensors named
         # apart from the checkpoint's (text_name)
-        self.multimodal = False
+        self.multimodal = isinstance(ckpt, TextView)
         self.sliced = ld.sliced
         self.parallel_moe = ep_size > 1  # MoE layers exchange tokens between ranks
 
@@ -533,9 +533,7 @@ class Decoder:
     def load(cls, path: str | Path, device="cpu", dtype=torch.float32, ep_size: int = 1,
              tp_size: int = 1) -> Decoder:  # fmt: skip
         ckpt = text_view(open_checkpoint(path))  # (an image-and-text one: its language model)
-        model = cls(ModelConfig.from_dict(ckpt.config), ckpt, device, dtype, ep_size, tp_size)
-        model.multimodal = isinstance(ckpt, TextView)
-        return model
+        return cls(ModelConfig.from_dict(ckpt.config), ckpt, device, dtype, ep_size, tp_size)
 
     @classmethod
     def from_tensors(cls, config: dict, tensors: dict[str, torch.Tensor], device="cpu",
