@@ -2,6 +2,8 @@
 interpreter (conftest sets TRITON_INTERPRET=1), which cannot load bf16: bf16 is covered by the
 gpu-marked test."""
 
+import copy
+
 import pytest
 import torch
 
@@ -458,3 +460,33 @@ def test_cpu_stacked_experts_on_even_runs_take_views(bits, monkeypatch):
             want = owner[s].matmul_reference(x[r : r + 1])[0]
             assert rel_err(y[r, :n] - before[r, :n], want) < 1e-5, (slots, r)
             assert torch.equal(y[r, n:], before[r, n:])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cpu_stack_stores_code_minus_zero_below_8_bits(bits, symmetric):
+    """Below 8 bits a stack holds each code minus its zero point (twice it, symmetric) and
+    needs no offset term; 8-bit codes, and zero points past the code range (a damaged
+    archive's), are centred with a per-group offset instead. Each way, every expert's rows
+    equal its PackedDelta.matmul_reference (one group per row, and several with a partial
+    last one)."""
+    from expertswitch.kernels.delta_cpu import StackedDeltas
+
+    if DEVICE != "cpu":
+        pytest.skip("the CPU path")
+    g = torch.Generator().manual_seed(bits)
+    for n, k, group in ((24, 64, 64), (24, 100, 32)):
+        deltas = [make_delta(n, k, bits, group, symmetric, sal, seed=bits + i, magnitude=2.0**-i)
+                  for i, sal in enumerate((2, 0, 3))]  # fmt: skip
+        stacks = [(StackedDeltas.build(deltas), deltas, bits == 8)]
+        if not symmetric and bits < 8:  # zero points past the codes: the offset form again
+            damaged = [copy.copy(d) for d in deltas]
+            damaged[1].zeros = torch.full_like(deltas[1].zeros, 200)
+            stacks.append((StackedDeltas.build(damaged), damaged, True))
+        for stack, ds, offsets in stacks:
+            assert stack.codes.dtype == torch.int8
+            assert (stack.offsets is not None) == offsets
+            x = torch.randn(len(ds), 5, k, generator=g)
+            y = stack.bmm(x)
+            for e, d in enumerate(ds):
+                assert rel_err(y[e], d.matmul_reference(x[e])) < 1e-5, (n, k, e, offsets)

@@ -123,30 +123,39 @@ class StackedDeltas:
     to its own rows: ~8 torch ops for E experts instead of ~10 each (the per-expert path's
     cost at small sizes is those ops' dispatch).
 
-    No dequantized Δ̂ is made, not even transiently: with c the code centred on
-    m = 2^(bits−1) and o = (m − zero)·step per group,
+    No dequantized Δ̂ is made, not even transiently. Below 8 bits the codes are stored as
+    c = code − zero (asymmetric) or 2·code − (2^bits − 1) with the step halved (symmetric:
+    the zero point is a half-integer), integers within ±127, so that
 
-        x·Δ̂ᵀ[r, n] = Σ_g step[n, g]·(x_g · c_g[n]) + Σ_g (Σ x_g)·o[n, g]
+        x·Δ̂ᵀ[r, n] = Σ_g step[n, g]·(x_g · c_g[n])
 
-    so a step costs one batched matmul of x by the codes (converted from int8), a multiply
-    by the steps and a sum over groups (none with one group per row), and one small matmul of
-    the rows' per-group sums by the offsets: the [E, N, K] passes that dequantizing made
-    (table lookup, add, multiply-add) are gone (tiny family, 3 experts at 8 rows each:
-    2.5-4× faster per weight). Centring keeps the two terms small, so fp32 loses nothing to
-    their difference, and puts 8-bit codes in int8's range. The codes are held as int8
-    [E, G, g, N] (groups of input channels, the output channels last: the matmul's layout),
-    one byte a code — what the stack of 2-bit planes as int32 byte indices held before, and
-    a quarter of it for 8-bit codes; each step and offset has the expert's 2**scale_exp
-    folded in (a power of two: exact). Salient channels are padded to the most any expert
-    has (index 0, column 0). Built when a set of experts becomes active; only weights up to
-    STACK_MAX_WEIGHT are stacked."""
+    is one batched matmul of x by the codes (converted from int8), a multiply by the steps and
+    a sum over groups (none with one group per row): the [E, N, K] passes that dequantizing
+    made (table lookup, add, multiply-add) are gone (tiny family, 3 experts at 8 rows each:
+    2.5-4× faster per weight). 8-bit codes minus their zero point do not fit int8: they are
+    centred on m = 128 instead, and each group's offset o = (m − zero)·step is applied to the
+    rows' per-group sums, Σ_g (Σ x_g)·o[n, g], one more small batched matmul (an offset
+    matrix also for stacks built from a zero point past the code range, which only a damaged
+    archive has). The codes are held as int8 [E, G, g, N] (groups of input channels, the
+    output channels last: the matmul's layout), one byte a code — what the stack of 2-bit
+    planes as int32 byte indices held before, and a quarter of it for 8-bit codes; each step
+    and offset has the expert's 2**scale_exp folded in (a power of two: exact). Salient
+    channels are padded to the most any expert has (index 0, column 0). Built when a set of
+    experts becomes active; only weights up to STACK_MAX_WEIGHT are stacked."""
 
-    codes: torch.Tensor  # int8 [E, G, g, N]: code − 2^(bits−1), 0 past K
+    codes: torch.Tensor  # int8 [E, G, g, N]: code − zero (see above), 0 past K
     steps: torch.Tensor  # fp32 [E, G, 1, N]
-    offsets: torch.Tensor  # fp32 [E, G, N]: (2^(bits−1) − zero)·step
+    offsets: torch.Tensor | None  # fp32 [E, G, N]: (128 − zero)·step for centred codes
     k: int
     salient_idx: torch.Tensor | None = None  # int64 [E, 1, S]
     salient_cols: torch.Tensor | None = None  # fp32 [E, S, N]
+
+    def __post_init__(self):
+        # one group per row: the codes [E, K, N] and steps [E, 1, N] as views, made once
+        # (at decode sizes each torch op, a view's too, costs more than its arithmetic)
+        self.one_group = None
+        if self.codes.shape[1] == 1:
+            self.one_group = (self.codes[:, 0], self.steps[:, 0])
 
     @classmethod
     def build(cls, deltas: list[PackedDelta]) -> StackedDeltas:
@@ -156,22 +165,27 @@ class StackedDeltas:
         n, k = d0.shape
         gs = d0.group_size
         groups = d0.scales.shape[-1]
-        mid = 1 << (d0.bits - 1)
         width = groups * gs  # K rounded up to whole groups
-
-        def centred(d: PackedDelta) -> torch.Tensor:  # int8 [G, g, N]
-            c = codes_of(d.planes, d.bits, torch.int32)[:, :k] - mid
-            c = torch.nn.functional.pad(c, (0, width - k))
-            return c.to(torch.int8).view(n, groups, gs).permute(1, 2, 0)
-
-        codes = torch.stack([centred(d) for d in deltas]).contiguous()
+        codes = torch.stack([codes_of(d.planes, d.bits, torch.int32)[:, :k] for d in deltas])
         mult = torch.tensor([2.0**d.scale_exp for d in deltas], device=d0.scales.device)
         steps = torch.stack([d.scales.float() for d in deltas]) * mult.view(-1, 1, 1)  # [E,N,G]
-        if d0.zeros is None:
-            zeros = ((1 << d0.bits) - 1) / 2
-        else:
-            zeros = torch.stack([d.zeros.float() for d in deltas])
-        offsets = ((mid - zeros) * steps).transpose(1, 2).contiguous()  # [E, G, N]
+        if d0.zeros is None:  # a half-integer zero point: twice the code, half the step
+            codes, steps = 2 * codes - ((1 << d0.bits) - 1), steps / 2
+        else:  # each code minus its group's zero point
+            zeros = torch.stack([d.zeros.to(torch.int32) for d in deltas])  # [E, N, G]
+            codes = codes - zeros.repeat_interleave(gs, dim=-1)[..., :k]
+        offsets = None
+        if codes.numel() and not -128 <= int(codes.min()) <= int(codes.max()) <= 127:
+            # 8 bits: centred on 128, the rest of each code's (code − zero) an offset per group
+            zero = zeros.float() if d0.zeros is not None else ((1 << d0.bits) - 1) / 2
+            mid = 1 << (d0.bits - 1)
+            if d0.zeros is None:
+                codes, steps = (codes + (1 << d0.bits) - 1) // 2 - mid, steps * 2
+            else:
+                codes = codes + zeros.repeat_interleave(gs, dim=-1)[..., :k] - mid
+            offsets = ((mid - zero) * steps).transpose(1, 2).contiguous()  # [E, G, N]
+        codes = torch.nn.functional.pad(codes, (0, width - k)).to(torch.int8)
+        codes = codes.view(len(deltas), n, groups, gs).permute(0, 2, 3, 1).contiguous()
         out = cls(codes, steps.transpose(1, 2).unsqueeze(2).contiguous(), offsets, k)
         idx, out.salient_cols = _padded_salient(deltas)
         out.salient_idx = None if idx is None else idx.unsqueeze(1)
@@ -190,15 +204,18 @@ class StackedDeltas:
     def bmm(self, xg: torch.Tensor) -> torch.Tensor:
         """xg [E, R, K] (expert e's rows in xg[e]) → fp32 [E, R, N]: each its expert's x·Δ̂ᵀ."""
         e, groups, gs, _ = self.codes.shape
-        xf = xg.float()
+        xf = xg if xg.dtype == torch.float32 else xg.float()
         xp = xf
         if groups * gs != self.k:  # a partial last group: zero inputs against zero codes
             xp = torch.nn.functional.pad(xf, (0, groups * gs - self.k))
-        xv = xp.view(e, -1, groups, gs).transpose(1, 2)  # [E, G, R, g]
-        part = torch.matmul(xv, self.codes.float())  # [E, G, R, N]
-        # (one group per row: the product is the steps' multiplicand, in place)
-        y = part[:, 0].mul_(self.steps[:, 0]) if groups == 1 else (part * self.steps).sum(1)
-        y.baddbmm_(xv.sum(-1).transpose(1, 2), self.offsets)  # [E, R, G] × [E, G, N]
+        if self.one_group is not None:  # one batched matmul, the steps multiplied in place
+            codes, steps = self.one_group
+            y = torch.bmm(xp, codes.float()).mul_(steps)
+        else:
+            xv = xp.view(e, -1, groups, gs).transpose(1, 2)  # [E, G, R, g]
+            y = (torch.matmul(xv, self.codes.float()) * self.steps).sum(1)  # [E, R, N]
+        if self.offsets is not None:  # centred 8-bit codes: [E, R, G] × [E, G, N]
+            y.baddbmm_(xp.view(e, -1, groups, gs).sum(-1), self.offsets)
         if self.salient_idx is not None:
             xs = xf.gather(2, self.salient_idx.expand(-1, xf.shape[1], -1))
             y.baddbmm_(xs, self.salient_cols)

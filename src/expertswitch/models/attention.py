@@ -151,7 +151,9 @@ def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | Non
     qb = q[layout.q_rows]  # [B, Q, h, D]; head i reads key head i // g
     qb = qb.view(b, q_max, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * q_max, d)
     mask = layout.mask(window, g)  # [B, 1, g·Q, K]
-    out = attend(qb, keys.to(q.dtype), vals.to(q.dtype), scale, softcap, mask)
+    if keys.dtype != q.dtype:  # (a cache held in another dtype)
+        keys, vals = keys.to(q.dtype), vals.to(q.dtype)
+    out = attend(qb, keys, vals, scale, softcap, mask)
     out = out.view(b, kvh, g, q_max, d).permute(0, 3, 1, 2, 4)  # [B, Q, kv, g, D]
     return out[layout.q_valid].reshape(t, h * d)
 

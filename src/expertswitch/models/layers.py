@@ -42,10 +42,13 @@ def stacked_rows(eb: ExpertBatch, name: str, base: torch.Tensor) -> torch.Tensor
     users = eb.users_of(name, "exact")
     out = None
     if users:
-        table = [base] + [base] * len(eb.experts)
-        for s, t in users:
-            table[s + 1] = t.to(base.dtype)
-        out = torch.stack(table).index_select(0, eb.row_slot + 1)
+        tkey = ("rows-table", name)
+        if tkey not in eb.tables:  # every active expert's, kept while the same ones are active
+            table = [base] + [ex.exact.get(name, base).to(base.dtype) for ex in eb.experts]
+            eb.tables[tkey] = torch.stack(table)
+        if "row-slot+1" not in eb.cache:  # (the table's row of each batch row, per step)
+            eb.cache["row-slot+1"] = eb.row_slot + 1
+        out = eb.tables[tkey].index_select(0, eb.cache["row-slot+1"])
     eb.cache[key] = out
     return out
 
@@ -88,7 +91,7 @@ def add_deltas(y: torch.Tensor, x: torch.Tensor, eb: ExpertBatch, name: str) -> 
         else:
             part = packed_matmul(xs, d)  # fp32 [R, N]
         if eb.ranges is not None:
-            y[start:end, : part.shape[1]] += part.to(y.dtype)  # y may be wider (vocab)
+            _add_rows(y, start, end, part)
         else:
             y[:, : part.shape[1]].index_add_(0, rows, part.to(y.dtype))
 
@@ -123,7 +126,7 @@ def _add_stacked(y, x, eb: ExpertBatch, name: str, users) -> list:
         if len(group) > 1 and (run := _even_run(eb, slots)) is not None:
             a, b = run  # the slots' rows are one run, as many each: views, no gather
             part = _stack(eb, name, key, slots).bmm(x[a:b].view(len(slots), -1, x.shape[1]))
-            y[a:b, : part.shape[-1]] += part.view(b - a, -1).to(y.dtype)
+            _add_rows(y, a, b, part.view(b - a, -1))
             continue
         rows = _padded_rows(eb, slots) if len(group) > 1 else None
         if rows is None:
@@ -135,6 +138,13 @@ def _add_stacked(y, x, eb: ExpertBatch, name: str, users) -> list:
         part = part.view(-1, part.shape[-1]).index_select(0, keep)
         y[:, : part.shape[1]].index_add_(0, targets, part.to(y.dtype))
     return rest
+
+
+def _add_rows(y: torch.Tensor, a: int, b: int, part: torch.Tensor) -> None:
+    """y[a:b, :N] += part [b − a, N] in place (y may be wider: a larger vocabulary), in as few
+    torch ops as it takes: at decode sizes each costs more than its arithmetic."""
+    target = y[a:b] if part.shape[1] == y.shape[1] else y[a:b, : part.shape[1]]
+    target.add_(part if part.dtype == y.dtype else part.to(y.dtype))
 
 
 def _even_run(eb: ExpertBatch, slots: tuple[int, ...]) -> tuple[int, int] | None:
@@ -312,13 +322,14 @@ class RowNorm:
         self.name, self.weight, self.eps, self.offset = name, weight, eps, offset
 
     def __call__(self, x: torch.Tensor, eb: ExpertBatch) -> torch.Tensor:
-        h = x.to(torch.float32)
+        h = x if x.dtype == torch.float32 else x.to(torch.float32)  # (no no-op op: decode)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         rows = stacked_rows(eb, self.name, self.weight)  # [T, D]
         w = self.weight if rows is None else rows.view(rows.shape[0], *[1] * (x.dim() - 2), -1)
         if self.offset:
             return (h * (self.offset + w.float())).to(x.dtype)
-        return w * h.to(x.dtype)  # (x [T, D], or [T, heads, D]: Qwen3's q and k norms)
+        # (x [T, D], or [T, heads, D]: Qwen3's q and k norms)
+        return w * (h if h.dtype == x.dtype else h.to(x.dtype))
 
 
 class RowEmbedding:

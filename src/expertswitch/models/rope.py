@@ -158,9 +158,11 @@ class Rotary:
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, h, D]: rotate the first `dim` channels (all of them unless partial)."""
         d = self.dim
-        c, s = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-        rot, rest = x[..., :d], x[..., d:]
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        if c.dtype != x.dtype:  # (each torch op, a no-op conversion's too, costs at decode)
+            c, s = c.to(x.dtype), s.to(x.dtype)
+        rot = x if d == x.shape[-1] else x[..., :d]
         half = d // 2
         rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-        out = rot * c + rotated * s
-        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+        out = rot * c + rotated * s  # (transformers' rounding: no fused multiply-add)
+        return out if d == x.shape[-1] else torch.cat([out, x[..., d:]], dim=-1)
