@@ -403,7 +403,85 @@ def test_add_special_tokens(family, tmp_path):
         added = prompt_ids("/v1/chat/completions", {"messages": messages,
                                                      "add_special_tokens": True})  # fmt: skip
         assert added == [tok.bos_token_id, *plain] and plain[0] != tok.bos_token_id
+        # /tokenize counts as the endpoints do (vLLM's defaults: a prompt's BOS, none around
+        # messages), and a request without a model is the base's
+        counted = httpx.post(srv.url + "/tokenize", json={"prompt": prompt}).json()["tokens"]
+        assert counted == [tok.bos_token_id, *bare]
+        for flag in (None, True, False):
+            body = {"prompt": prompt, "add_special_tokens": flag}
+            got = httpx.post(srv.url + "/tokenize", json=body).json()["tokens"]
+            assert got == (bare if flag is False else counted), flag
+        chat = httpx.post(srv.url + "/tokenize", json={"messages": messages}).json()["tokens"]
+        assert chat == plain
+        r = httpx.post(srv.url + "/v1/completions", timeout=120, json={
+            "prompt": prompt, "max_tokens": 1, "return_token_ids": True}).json()  # fmt: skip
+        assert r["model"] == "base" and r["choices"][0]["prompt_token_ids"] == counted
     aengine.close()
+
+
+def test_model_defaults_and_template_variables(family, reference, tmp_path):
+    """vLLM's --generation-config auto: the base's generation_config.json sets the sampling
+    fields a request leaves out (a request's own win; "vllm": OpenAI's neutral ones);
+    --chat-template renders in place of the tokenizer's; the template's variables are the
+    server's --default-chat-template-kwargs under the request's chat_template_kwargs, with
+    vLLM's reasoning_effort and documents; an earlier turn's reasoning reaches it under both
+    names; a request's own chat_template is refused; /ping answers as /health."""
+    from expertswitch.errors import ConfigError
+    from expertswitch.server.protocol import generation_defaults
+
+    base, archives, _ = family
+    shutil.copytree(base, tmp_path / "base")
+    model_says = {"temperature": 0.8, "top_k": 7, "top_p": 0.9, "min_p": 0.02,
+                  "repetition_penalty": 1.3}  # fmt: skip
+    gen = json.loads((tmp_path / "base" / "generation_config.json").read_text())
+    (tmp_path / "base" / "generation_config.json").write_text(json.dumps({**gen, **model_says}))
+    template = ("{{ effort | default('-') }}|{{ x }}|{{ y }}|{{ documents | default([]) | length }}"
+                "{% for m in messages %}|{{ m.role }}:{{ m.content }}"
+                "{% if m.reasoning %}[{{ m.reasoning }}/{{ m.reasoning_content }}]{% endif %}"
+                "{% endfor %}|{{ reasoning_effort | default('-') }}")  # fmt: skip
+    cfg = ServerConfig(chat_template=template, default_chat_template_kwargs={"x": 1, "y": 2})
+    prompt = "def add(a, b):"
+    for where, want in (("auto", model_says), ("vllm", {})):
+        cfg.generation_config = where
+        app, aengine = build_app(tmp_path / "base", archives, device="cpu",
+                                 dtype=torch.float32, cfg=cfg)  # fmt: skip
+        with ServerThread(app) as srv:
+            url = srv.url
+            ask = {"model": "code", "prompt": prompt, "max_tokens": 8, "seed": 5}
+            got = httpx.post(url + "/v1/completions", json=ask, timeout=120).json()
+            sampled = {"temperature": 1.0, **want, "seed": 5}
+            assert got["choices"][0]["text"] == alone(reference, prompt, "code", 8, **sampled)
+            own = {**ask, "temperature": 0, "top_k": 0, "repetition_penalty": 1.0}
+            got = httpx.post(url + "/v1/completions", json=own, timeout=120).json()
+            plain = {"top_p": want.get("top_p", 1.0), "min_p": want.get("min_p", 0.0)}
+            assert got["choices"][0]["text"] == alone(reference, prompt, "code", 8, **plain)
+            if where == "vllm":
+                continue
+            messages = [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "yo", "reasoning_content": "hmm"},
+                        {"role": "user", "content": "again"}]  # fmt: skip
+            body = {"messages": messages, "chat_template_kwargs": {"y": 3},
+                    "reasoning_effort": "low", "documents": [{"text": "d"}]}  # fmt: skip
+            r = httpx.post(url + "/tokenize", json=body).json()
+            text = reference.tokenizer.decode(r["tokens"])
+            assert text == "-|1|3|1|user:hi|assistant:yo[hmm/hmm]|user:again|low", text
+            bad = {"model": "base", "messages": messages, "chat_template": "{{ 1 }}"}
+            err = _error(httpx.post(url + "/v1/chat/completions", json=bad), 400)
+            assert err["param"] == "chat_template"
+            assert httpx.get(url + "/ping").status_code == 200
+            assert httpx.post(url + "/ping").status_code == 200
+        aengine.close()
+    # a generation_config.json that is not JSON, or a default that is not a number: named
+    for text, says in (("{", "not valid JSON"), ('{"temperature": "hot"}', "not a number"),
+                       ("[1]", "not a JSON object")):  # fmt: skip
+        (tmp_path / "base" / "generation_config.json").write_text(text)
+        with pytest.raises(ConfigError, match=says) as e:
+            generation_defaults(tmp_path / "base")
+        assert "--generation-config vllm" in str(e.value)
+    with pytest.raises(ConfigError, match="no such folder"):
+        generation_defaults(tmp_path / "nowhere")
+    (tmp_path / "base" / "generation_config.json").unlink()
+    assert generation_defaults(tmp_path / "base") == {}
 
 
 def test_stop_strings_streamed_and_not(client, reference):
@@ -1090,6 +1168,12 @@ def test_serve_command_refuses_unsafe_admin_and_bad_sizes(family, capsys):
     assert "/nonexistent/ad" in capsys.readouterr().err
     assert main(["serve", "--base", str(base), "--responses-kept", "-1"]) == 2
     assert "responses_kept must be a count" in capsys.readouterr().err
+    for given, says in (("{x", "--default-chat-template-kwargs is not JSON"),
+                        ("[1]", "must be a JSON object")):  # fmt: skip
+        assert main(["serve", "--base", str(base), "--default-chat-template-kwargs", given]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["serve", "--base", str(base), "--generation-config", "/nonexistent/g"]) == 2
+    assert "--generation-config /nonexistent/g: no such folder" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="too large"):
         _size_arg("1e400", "--gpu-budget")
 
@@ -1270,7 +1354,9 @@ def test_a_named_tool_call_holds_its_arguments_to_the_schema(server, client, ref
     assert read_ok(schema, '[{"name": "at", "parameters": {"p": {"x": 1}}}, '
                            '{"name": "noop", "parameters": {}}]')  # fmt: skip
     url = server[0].url + "/v1/chat/completions"
+    unset = {k: v for k, v in ask.items() if k != "tool_choice"}  # (vLLM's "auto" then)
     for body, needle in (({**ask, "tool_choice": "auto"}, "tool-call parser"),
+                         (unset, '"auto" (the default with tools) needs a tool-call parser'),
                          ({**ask, "tool_choice": {"type": "function", "function": "add"}},
                           "not among"),
                          ({**ask, "tool_choice": {"type": "function",
@@ -1810,8 +1896,10 @@ def test_responses_api_tool_round_trip(server, client, reference):
     back = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
     r2 = client.responses.create(model="math", previous_response_id=r1.id, input=back,
                                  tools=tools, max_output_tokens=8, temperature=0)  # fmt: skip
+    # (chat's tool_choice "none": without one, tools on a server without a tool-call parser
+    # are a 400 there, vLLM's implied "auto"; the Responses API answers such a turn freely)
     chat = client.chat.completions.create(
-        model="math", max_tokens=8, temperature=0,
+        model="math", max_tokens=8, temperature=0, tool_choice="none",
         tools=[{"type": "function", "function": {"name": "get_weather", "parameters": params}}],
         messages=[{"role": "user", "content": "weather in Paris?"},
                   {"role": "assistant", "content": None, "tool_calls": [

@@ -312,8 +312,17 @@ def _add_serve(sub) -> None:
         "--chat-template",
         default=None,
         metavar="FILE",
-        help="a Jinja chat template for tokenizers that have none",
+        help="a Jinja chat template, used in place of the tokenizer's (vLLM's priority; "
+        "e.g. a tool-calling template)",
     )
+    p.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
+                   help="variables for the chat template, under each request's "
+                   """chat_template_kwargs (e.g. '{"enable_thinking": false}')""")  # fmt: skip
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="requests' sampling defaults (temperature, top_p, top_k, min_p, "
+                   "repetition_penalty) where they leave them out: auto, the base's "
+                   "generation_config.json (vLLM's default); vllm, OpenAI's neutral ones; or "
+                   "a folder with a generation_config.json")  # fmt: skip
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='tool_choice "auto" (the default when a chat request gives tools): the '
                    "model decides whether to call, and --tool-call-parser reads its calls "
@@ -847,6 +856,15 @@ def cmd_serve(args) -> None:
                 template = f.read()
         except OSError as e:
             raise ConfigError(f"--chat-template {args.chat_template}: {e.strerror}") from None
+    template_kwargs = None
+    if args.default_chat_template_kwargs is not None:
+        try:
+            template_kwargs = json.loads(args.default_chat_template_kwargs)
+        except ValueError as e:
+            raise ConfigError(
+                f"--default-chat-template-kwargs is not JSON ({e}): give an "
+                """object, e.g. '{"enable_thinking": false}'"""
+            ) from None
     if args.tool_call_parser is not None and args.tool_call_parser not in TOOL_PARSERS:
         raise ConfigError(f"unknown --tool-call-parser {args.tool_call_parser!r}: choose one of "
                           f"{', '.join(TOOL_PARSERS)}")  # fmt: skip
@@ -866,7 +884,9 @@ def cmd_serve(args) -> None:
                        max_tokens_limit=args.max_tokens_limit, chat_template=template,
                        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice
                        else None, reasoning_parser=args.reasoning_parser,
-                       responses_kept=args.responses_kept)  # fmt: skip
+                       responses_kept=args.responses_kept,
+                       default_chat_template_kwargs=template_kwargs,
+                       generation_config=args.generation_config)  # fmt: skip
     options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                "device_budget_bytes": _size_arg(args.gpu_budget, "--gpu-budget"),
                "host_budget_bytes": _size_arg(args.host_budget, "--host-budget"),

@@ -83,6 +83,8 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
     guarded = [Depends(auth)]
 
     @app.get("/health")
+    @app.get("/ping")  # (vLLM's alias: SageMaker's and some load balancers' health check)
+    @app.post("/ping")
     async def health():
         if not aengine.alive:
             raise HTTPError(503, aengine.error or "the engine is shut down")

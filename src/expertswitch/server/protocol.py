@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
@@ -38,7 +39,7 @@ class _Request(BaseModel):
             return {k: v for k, v in data.items() if v is not None or k not in _DEFAULTED}
         return data
 
-    model: str
+    model: str | None = None  # (vLLM's: left out, the base)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -110,6 +111,9 @@ class ChatCompletionRequest(_Request):
     # with one, tools with tool_choice "auto" (or unset, vLLM's default then) leave the
     # model to call them or not, and its answer is parsed for calls
     _tool_parser: str | None = PrivateAttr(default=None)
+    # tools without a tool_choice on a server without a parser: answered freely (the
+    # Responses API's follow-up turns, as before) rather than refused as chat's implied "auto"
+    _free_without_parser: bool = PrivateAttr(default=False)
 
 
 class TokenizeRequest(BaseModel):
@@ -119,10 +123,10 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
-    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    # vLLM's: the tokenizer's BOS and such: by default added to a prompt, not around messages
+    # (the template writes its own)
+    add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
-    # vLLM's: special tokens added around the rendered template (it writes its own: off)
-    add_special_tokens: bool = False
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -258,6 +262,9 @@ def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
             raise HTTPError(400, f"two tools are named {fn['name']!r}: tool names must differ",
                             param="tools")  # fmt: skip
         named[fn["name"]] = _parameters(fn["name"], fn.get("parameters"))
+    if choice is None and tools and "tool_choice" not in req.model_fields_set:
+        # (left out beside tools: vLLM's "auto"; an explicit null: none)
+        choice = None if req._free_without_parser and req._tool_parser is None else "auto"
     if not tools or choice in (None, "none"):
         if isinstance(choice, dict) or choice == "required":
             raise HTTPError(400, "tool_choice names a tool but tools is empty: give the tools",
@@ -278,11 +285,13 @@ def forced_tool(req: ChatCompletionRequest) -> tuple[str, dict] | None:
         return name, named[name]
     if choice == "auto" and req._tool_parser is not None:
         return None
-    if choice == "auto":
-        raise HTTPError(400, 'tool_choice "auto" needs a tool-call parser for this model: '
-                        "start the server with --enable-auto-tool-choice --tool-call-parser "
-                        f"NAME ({', '.join(TOOL_PARSERS)}), or name the function to call, or "
-                        'use "required" or "none"', param="tool_choice")  # fmt: skip
+    if choice == "auto":  # (given, or left out beside tools: vLLM's default then)
+        said = "" if "tool_choice" in req.model_fields_set else " (the default with tools)"
+        raise HTTPError(400, f'tool_choice "auto"{said} needs a tool-call parser for this '
+                        "model: start the server with --enable-auto-tool-choice "
+                        f"--tool-call-parser NAME ({', '.join(TOOL_PARSERS)}), or name the "
+                        'function to call, or use "required" or "none"',
+                        param="tool_choice")  # fmt: skip
     raise HTTPError(400, f"tool_choice {choice!r} is not one of \"none\", \"auto\", "
                     '"required" or {"type": "function", "function": {"name": ...}}',
                     param="tool_choice")  # fmt: skip
@@ -339,21 +348,62 @@ def logprob_counts(req: _Request) -> tuple[int | None, int | None]:
 
 _UNSET = object()
 
+# generation_config.json's keys that are requests' sampling defaults (vLLM's
+# --generation-config auto), with OpenAI's neutral values where the file has none
+GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                       "repetition_penalty": 1.0}  # fmt: skip
 
-def sampling_params(req: _Request, max_tokens: int, choice: int,
-                    structured=_UNSET) -> SamplingParams:  # fmt: skip
+
+def generation_defaults(folder) -> dict:
+    """The sampling defaults a checkpoint folder's generation_config.json sets (those of
+    GENERATION_DEFAULTS it has; none without the file). A file that is not JSON, or a value
+    that is not a number, is a ConfigError naming it and the way round it."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--generation-config {folder}: no such folder (give auto, vllm, "
+                              "or a folder with a generation_config.json)")  # fmt: skip
+        return {}
+    fix = "fix the file, or start the server with --generation-config vllm (neutral defaults)"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): {fix}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} is not a JSON object: {fix}")
+    out = {}
+    for key in GENERATION_DEFAULTS:
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"{path}: {key} is {v!r}, not a number: {fix}")
+        out[key] = int(v) if key == "top_k" else float(v)
+    return out
+
+
+def sampling_params(req: _Request, max_tokens: int, choice: int, structured=_UNSET,
+                    defaults: dict | None = None) -> SamplingParams:  # fmt: skip
     """The engine's SamplingParams for choice `choice` of `req` (ConfigError when invalid).
     A seeded request with n > 1 seeds its choices seed, seed+1, ... so they differ.
     structured: the request's `structured_outputs(req)`, when the caller has it already (the
-    same for every choice)."""
+    same for every choice). defaults: the model's sampling defaults (`generation_defaults`)
+    for the fields the request leaves out (vLLM's order: the request's, the model's, then
+    OpenAI's)."""
+    d = {**GENERATION_DEFAULTS, **(defaults or {})}
+
+    def pick(key):
+        v = getattr(req, key)
+        return d[key] if v is None else v
+
     seed = None if req.seed is None else (req.seed + choice) % 2**63
     logprobs, prompt_logprobs = logprob_counts(req)
     if isinstance(req, ChatCompletionRequest) and choice:
         prompt_logprobs = None  # (one prompt: its first choice scores it, for the answer)
     return SamplingParams(
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=0 if req.top_k is None else req.top_k,
+        temperature=pick("temperature"),
+        top_p=pick("top_p"),
+        top_k=pick("top_k"),
         seed=seed,
         max_tokens=max_tokens,
         stop=req.stop or [],
@@ -368,12 +418,12 @@ def sampling_params(req: _Request, max_tokens: int, choice: int,
         prompt_logprobs=prompt_logprobs,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        repetition_penalty=pick("repetition_penalty"),
         logit_bias=_logit_bias(req.logit_bias),
         allowed_token_ids=req.allowed_token_ids,
         bad_words=req.bad_words,
         min_tokens=req.min_tokens,
-        min_p=req.min_p or 0.0,
+        min_p=pick("min_p"),
         structured_outputs=structured_outputs(req) if structured is _UNSET else structured,
     )
 
@@ -475,6 +525,9 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
                 msg[key] = m[key]
         if isinstance(m.get("tool_calls"), list):  # an earlier turn's calls, for templates
             msg["tool_calls"] = [_call_for_template(c) for c in m["tool_calls"]]
+        thought = m.get("reasoning", m.get("reasoning_content"))
+        if role == "assistant" and isinstance(thought, str):  # an earlier turn's thinking:
+            msg["reasoning"] = msg["reasoning_content"] = thought  # (vLLM's, both names)
         out.append(msg)
     return out
 

@@ -78,7 +78,7 @@ class ResponsesRequest(BaseModel):
             return {k: v for k, v in data.items() if v is not None}
         return data
 
-    model: str
+    model: str | None = None  # (left out: the base)
     input: Any  # (a string or items: checked by _messages, in clearer words than pydantic's)
     instructions: str | None = None
     max_output_tokens: int | None = None
@@ -143,6 +143,7 @@ class Responses:
 
     async def create(self, req: ResponsesRequest, http: Request):
         _refuse(req)
+        req.model = req.model or self.serving.cfg.base_name  # (the Response names it)
         history = []
         if req.previous_response_id is not None:
             history = self.store.get(req.previous_response_id, "previous_response_id")[1]
@@ -519,11 +520,15 @@ def _chat_request(req: ResponsesRequest, messages: list[dict],
         # (vLLM's: the template reads it, gpt-oss's and others')
         body["chat_template_kwargs"] = {"reasoning_effort": effort, **(kwargs or {})}
     try:
-        return ChatCompletionRequest(**{k: v for k, v in body.items() if v is not None})
+        chat = ChatCompletionRequest(**{k: v for k, v in body.items() if v is not None})
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"])
         raise HTTPError(400, f"{field}: {err['msg']}", param=field) from None
+    # (tools without a tool_choice and no parser on the server: answered freely, as the
+    # Responses API has been — a turn after a call's output mostly answers in words)
+    chat._free_without_parser = True
+    return chat
 
 
 def _shell(req: ResponsesRequest, rid: str) -> dict:

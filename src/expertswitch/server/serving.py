@@ -43,6 +43,7 @@ from expertswitch.server.protocol import (
     auto_tools,
     chat_messages,
     forced_tool,
+    generation_defaults,
     prompt_list,
     refuse_unsupported,
     sampling_params,
@@ -85,7 +86,14 @@ class ServerConfig:
     enable_admin: bool = False
     max_request_bytes: int = 4 * 2**20
     max_tokens_limit: int | None = None  # default: the engine's context length
-    chat_template: str | None = None  # used when a tokenizer has none
+    chat_template: str | None = None  # used in place of the tokenizer's (vLLM's priority)
+    # merged under each chat request's chat_template_kwargs (vLLM's
+    # --default-chat-template-kwargs, e.g. {"enable_thinking": false} server-wide)
+    default_chat_template_kwargs: dict | None = None
+    # requests' sampling defaults (vLLM's --generation-config): "auto" the base's
+    # generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), "vllm"
+    # none (OpenAI's neutral ones), or a folder holding a generation_config.json
+    generation_config: str = "auto"
     # tool_choice "auto": the format the model writes its calls in (tool_parsers.py); None:
     # "auto" is refused (vLLM's --enable-auto-tool-choice --tool-call-parser NAME)
     tool_call_parser: str | None = None
@@ -105,6 +113,11 @@ class ServerConfig:
             if name is not None and name not in known:
                 raise ConfigError(f"unknown {what} parser {name!r}: choose one of "
                                   f"{', '.join(known)}")  # fmt: skip
+        if not isinstance(self.default_chat_template_kwargs, dict | None):
+            raise ConfigError("default_chat_template_kwargs must be a JSON object, e.g. "
+                              '{"enable_thinking": false}')  # fmt: skip
+        if self.generation_config not in ("auto", "vllm"):
+            generation_defaults(self.generation_config)  # (a missing or bad file: said now)
         for what, n in (("responses_kept", self.responses_kept),
                         ("responses_kept_bytes", self.responses_kept_bytes)):  # fmt: skip
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -174,14 +187,19 @@ class OpenAIServing:
         self.aengine, self.router, self.cfg, self.metrics = aengine, router, cfg, metrics
         self.engine: Engine = aengine.engine
         self._router_lock = threading.Lock()
+        where = cfg.generation_config
+        if where == "auto":
+            where = self.engine.base_path
+        # (the requests' defaults where they leave a sampling field out)
+        self.sampling_defaults = {} if where == "vllm" else generation_defaults(where)
 
     # model resolution --------------------------------------------------------------------
 
     async def model_names(self) -> list[str]:
         return await self.aengine.call(lambda: list(self.engine.experts))
 
-    async def resolve(self, model: str, query) -> Target:
-        if model in (self.cfg.base_name, "base"):
+    async def resolve(self, model: str | None, query) -> Target:
+        if model in (None, self.cfg.base_name, "base"):  # (None: left out, vLLM's default)
             return Target(None, self.cfg.base_name)
         if model == AUTO:
             if self.router is None:
@@ -250,7 +268,7 @@ class OpenAIServing:
         refuse_unsupported(req)
         messages = chat_messages(req.messages)
         target = await self.resolve(req.model, messages)
-        kwargs = dict(req.chat_template_kwargs or {})
+        kwargs = self._template_kwargs(req)
 
         def render(engine: Engine):
             tok = engine.tokenizer_for(target.expert)
@@ -280,6 +298,23 @@ class OpenAIServing:
         k = engine.max_model_len - 1 if k == -1 else k
         return ids[-k:] if len(ids) > k else ids
 
+    def _template_kwargs(self, req) -> dict:
+        """The chat template's variables: the server's defaults, under the request's
+        chat_template_kwargs, and vLLM's reasoning_effort and documents (read by gpt-oss's,
+        Command R's and other templates). A template of the request's own is refused, as
+        vLLM does without --trust-request-chat-template."""
+        extra = req.model_extra or {}
+        if extra.get("chat_template") is not None:
+            raise HTTPError(400, "chat_template in a request is not accepted: the server's "
+                            "template (--chat-template, or the tokenizer's) renders every "
+                            "request", param="chat_template")  # fmt: skip
+        kwargs = {**(self.cfg.default_chat_template_kwargs or {}),
+                  **(req.chat_template_kwargs or {})}  # fmt: skip
+        for key in ("reasoning_effort", "documents"):
+            if extra.get(key) is not None:
+                kwargs.setdefault(key, extra[key])
+        return kwargs
+
     def _render(self, tok, messages, req, kwargs: dict) -> str:
         """Chat messages → the prompt text the tokenizer's chat template (or the server's
         --chat-template) makes, with the request's add_generation_prompt and
@@ -289,7 +324,7 @@ class OpenAIServing:
                               "add_generation_prompt to false with it (vLLM's rule)")  # fmt: skip
         if tok is None:
             raise ConfigError("this model has no tokenizer: send token ids to /v1/completions")
-        template = None if getattr(tok, "chat_template", None) else self.cfg.chat_template
+        template = self.cfg.chat_template  # (None: the tokenizer's)
         if template is None and not getattr(tok, "chat_template", None):
             raise ConfigError("this model's tokenizer has no chat template: start the "
                               "server with --chat-template FILE, or use "
@@ -321,7 +356,7 @@ class OpenAIServing:
         def encode(engine: Engine):
             tok = engine.tokenizer_for(expert)
             if messages is not None:
-                kwargs = dict(req.chat_template_kwargs or {})
+                kwargs = self._template_kwargs(req)
                 if req.tools:  # as chat renders them
                     kwargs.setdefault("tools", req.tools)
                 text = self._render(tok, messages, req, kwargs)
@@ -396,7 +431,8 @@ class OpenAIServing:
             closed = kind == "chat" and texts[0].rfind(END) > texts[0].rfind(START)
             if self._thinks_first(kind, structured, tool, closed):
                 structured = dataclasses.replace(structured, reasoning_end=END)
-            params = [sampling_params(req, max_tokens, j, structured) for j in range(req.n)]
+            params = [sampling_params(req, max_tokens, j, structured, self.sampling_defaults)
+                      for j in range(req.n)]  # fmt: skip
             if req.bad_words and tok is not None:  # tokenized once here, not once per choice
                 words = bad_word_ids(tok, params[0].bad_words)
                 params = [dataclasses.replace(p, bad_words=None, bad_words_token_ids=words)
