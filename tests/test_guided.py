@@ -260,6 +260,11 @@ def test_whitespace_is_capped():
     ({"json": {"type": "strng"}}, "type must be one of"),
     ({"json": {"properties": {"a": {}}, "required": ["b"]}}, "'b' is not among"),
     ({"json": {"type": "array", "minItems": 3, "maxItems": 2}}, "maximum below"),
+    ({"json": {"type": "integer", "minimum": 1.5, "maximum": 1.9}}, "no integer lies within"),
+    ({"json": {"type": "number", "exclusiveMinimum": 2, "maximum": 2}}, "no number lies"),
+    ({"json": {"type": "number", "minimum": "0"}}, "minimum must be a number"),
+    ({"json": {"type": "number", "exclusiveMaximum": True}}, "needs maximum"),
+    ({"json": {"type": "integer", "multipleOf": 2}}, "keyword 'multipleOf'"),
     ({"json": "{not json"}, "not valid JSON"),
     ({"json": [1]}, "is an object"),
     ({"regex": "[a-z]+"}, "by regex is not supported"),
@@ -328,7 +333,8 @@ def test_schema_edges():
 
 KEYWORDS = ["type", "enum", "const", "properties", "required", "additionalProperties", "items",
             "minItems", "maxItems", "minLength", "maxLength", "anyOf", "oneOf", "allOf", "$ref",
-            "$defs", "title", "pattern", "discriminator"]  # fmt: skip
+            "$defs", "title", "pattern", "discriminator", "minimum", "maximum",
+            "exclusiveMinimum", "exclusiveMaximum"]  # fmt: skip
 junk = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 5) | st.floats() | st.text(max_size=5)
     | st.sampled_from(["object", "array", "string", "integer", "number", "null", "boolean",
@@ -597,3 +603,89 @@ def test_sentencepiece_style_tokenizers_answer_what_they_read(tmp_path, special_
                 closed += 1
                 assert o.text in so.choice if so.choice else is_json(o.text), o.text
     assert closed >= 6
+
+
+BOUND_CASES = [  # (type, bounds keywords): 2020-12's numbers and draft 4's booleans
+    ("integer", {"minimum": 0}),
+    ("integer", {"minimum": -12, "maximum": 37}),
+    ("integer", {"exclusiveMinimum": -1.5, "exclusiveMaximum": 10}),
+    ("integer", {"minimum": 2.5, "maximum": 3.5}),
+    ("integer", {"exclusiveMinimum": 3, "maximum": 20}),
+    ("integer", {"minimum": -99, "maximum": -40}),
+    ("number", {"minimum": 0, "maximum": 1}),
+    ("number", {"exclusiveMinimum": 0, "exclusiveMaximum": 0.5}),
+    ("number", {"minimum": -1.5, "exclusiveMaximum": 99.5}),
+    ("number", {"minimum": 10, "exclusiveMinimum": True, "maximum": 12.5}),
+    ("number", {"minimum": 1, "exclusiveMinimum": 2, "maximum": 3, "exclusiveMaximum": 2.5}),
+    ("number", {"minimum": -99.5, "exclusiveMaximum": -50}),
+    ("number", {"minimum": 2.5, "maximum": 2.5}),
+    ("number", {"minimum": 5, "exclusiveMinimum": 5, "maximum": 8, "exclusiveMaximum": 8}),
+]
+
+
+def _number_texts():
+    """Every JSON number of at most 2 integer digits and 3 decimals (no exponent), in each
+    of its spellings (trailing zeros included), with its value in thousandths."""
+    out = []
+    for sign in ("", "-"):
+        for whole in range(100):
+            out.append((f"{sign}{whole}", (-1 if sign else 1) * whole * 1000))
+            for places in (1, 2, 3):
+                for frac in range(10**places):
+                    value = whole * 1000 + frac * 10 ** (3 - places)
+                    out.append((f"{sign}{whole}.{frac:0{places}d}", (-1 if sign else 1) * value))
+    return out
+
+
+NUMBER_TEXTS = _number_texts()
+
+
+@pytest.mark.parametrize("kind, keywords", BOUND_CASES)
+def test_bounded_numbers_end_inside_and_never_strand(kind, keywords):
+    """minimum / maximum / exclusive ones against a brute-force oracle over every number of
+    up to 2 integer digits and 3 decimals (the bounds are within ±99.5 in halves, below 100
+    where they are unbounded above, so every
+    number that starts as a readable prefix and fits is among them): a prefix is readable
+    exactly when some fitting number starts with it (no dead end), a whole number is an
+    answer exactly when it fits, and an exponent is never written."""
+    lo = keywords.get("minimum", -(10**9))
+    hi = keywords.get("maximum", 10**9)
+    lo_x = hi_x = False
+    if isinstance(keywords.get("exclusiveMinimum"), bool):
+        lo_x = keywords["exclusiveMinimum"]
+    elif "exclusiveMinimum" in keywords and keywords["exclusiveMinimum"] >= lo:
+        lo, lo_x = keywords["exclusiveMinimum"], True
+    if isinstance(keywords.get("exclusiveMaximum"), bool):
+        hi_x = keywords["exclusiveMaximum"]
+    elif "exclusiveMaximum" in keywords and keywords["exclusiveMaximum"] <= hi:
+        hi, hi_x = keywords["exclusiveMaximum"], True
+    lo, hi = round(lo * 1000), round(hi * 1000)
+
+    def fits(text, v):
+        if kind == "integer" and "." in text:
+            return False
+        return (v > lo or v == lo and not lo_x) and (v < hi or v == hi and not hi_x)
+
+    fitting = [t for t, v in NUMBER_TEXTS if fits(t, v)]
+    prefixes = {t[:i] for t in fitting for i in range(1, len(t) + 1)}
+    g = StructuredOutputsParams(json={"type": kind, **keywords}).grammar_
+    states = {"": g.initial()}
+    for text, value in NUMBER_TEXTS:
+        if len(text) > 5:
+            continue
+        for i in range(1, len(text) + 1):  # (each prefix read once: states memoised here)
+            if text[:i] not in states:
+                prev = states[text[: i - 1]]
+                states[text[:i]] = None if prev is None else g.step(prev, text[i - 1])
+            if i <= 4:  # (longer prefixes may need a 4th decimal to fit: "0.000" of (0, 1))
+                assert (states[text[:i]] is not None) == (text[:i] in prefixes), text[:i]
+        state = states[text]
+        assert (state is not None and g.accepts(state)) == fits(text, value), text
+    for state in states.values():
+        if state is not None:
+            assert g.step(state, "e") is None and g.step(state, "E") is None
+    # inside an object, a bounded number ends at the next character only when it fits
+    obj = StructuredOutputsParams(json={"type": "object", "properties": {"x": {
+        "type": kind, **keywords}}, "required": ["x"]}).grammar_  # fmt: skip
+    for text in fitting[:: max(1, len(fitting) // 200)]:
+        assert read(obj, '{"x": ' + text + "}") == (True, True, True), text

@@ -19,9 +19,12 @@ object without `properties` takes any keys), `items`, `minItems`, `maxItems`, `m
 `Optional[X]`, `Union[int, str]`), object branches of an `anyOf`/`oneOf` as a tagged union
 when each starts with the same required key holding its own strings (pydantic's discriminated
 unions; vLLM's tool calls, `{"name": {"enum": ["add"]}, "parameters": ...}`), `$ref` into
-`$defs`/`definitions` (recursion included), a one-element `allOf`; annotations (`title`,
-`description`, `default`, ...) are ignored. Any other keyword (`pattern`, `format`,
-`minimum`, ...) is refused with an error naming it: the answer would not be held to it.
+`$defs`/`definitions` (recursion included), a one-element `allOf`, `minimum`, `maximum`,
+`exclusiveMinimum` and `exclusiveMaximum` (numbers or draft 4's booleans: pydantic's
+`Field(ge=0, lt=1)`; every prefix of a bounded number can still end inside the bounds, and
+such numbers are written without an exponent); annotations (`title`, `description`,
+`default`, ...) are ignored. Any other keyword (`pattern`, `format`, `multipleOf`, ...) is
+refused with an error naming it: the answer would not be held to it.
 Tokens whose text is not whole characters (a lone byte of a UTF-8 sequence) are never allowed
 under a constraint. An answer starts with its value (no blanks first), and a request whose
 answer nothing can extend stops there, even before min_tokens or with ignore_eos. Keys and
@@ -36,10 +39,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -54,6 +59,7 @@ _ESCAPES = '"\\/bfnrt'
 _ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment",
                 "readOnly", "writeOnly", "deprecated", "$defs", "definitions"}  # fmt: skip
 _TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 
 
 def _json_type(v) -> set[str]:
@@ -182,7 +188,8 @@ def _compiled(key: tuple, schema: dict | None = None) -> Grammar:
 #   ("V", node)                     a value of schema node `node` is expected
 #   ("S", node, esc, n)             inside a string: esc 0, -1 after "\", k>0 hex digits to go;
 #                                   n characters so far (counted only under min/maxLength)
-#   ("N", node, phase)              inside a number (phases below)
+#   ("N", node, phase[, text])      inside a number (phases below); under bounds also the
+#                                   number's text so far
 #   ("L", rest)                     inside true / false / null: the characters still to come
 #   ("C", candidates, prefix)       one of exact texts (enum, const, declared keys, choices)
 #   ("O", node, phase, at, value)   an object: phase "open" | "key" | "colon" | "value" |
@@ -223,6 +230,59 @@ class _Node:
     # ((the tag's JSON text, the branch's node id), ...); once the tag is read, the object
     # goes on as that branch
     tags: tuple | None = None
+    # a number's bounds: (low, low exclusive, high, high exclusive), None ends unbounded
+    bounds: tuple | None = None
+
+
+def _fits(x: Fraction, bounds: tuple) -> bool:
+    lo, lo_x, hi, hi_x = bounds
+    return (lo is None or x > lo or (x == lo and not lo_x)) and \
+        (hi is None or x < hi or (x == hi and not hi_x))  # fmt: skip
+
+
+def _meets(a: Fraction, b: Fraction | None, bounds: tuple, integer: bool) -> bool:
+    """Whether some number x with a ≤ x < b (b None: no end; integers only with `integer`)
+    is within `bounds`."""
+    lo, lo_x, hi, hi_x = bounds
+    low, strict = a, False  # the least candidate: low itself, or just above it if strict
+    if lo is not None and (lo > a or (lo == a and lo_x)):
+        low, strict = lo, lo_x
+    if integer:  # the least integer above low (or at it, when low is one and not strict)
+        n = math.floor(low)
+        low, strict = Fraction(n + 1 if strict or n < low else n), False
+    if b is not None and not low < b:
+        return False
+    if hi is None:
+        return True
+    return low < hi if strict or hi_x else low <= hi
+
+
+def _reachable(text: str, bounds: tuple, integer: bool) -> bool:
+    """Whether a JSON number that starts with `text` (no exponent) can end within bounds."""
+    lo, lo_x, hi, hi_x = bounds
+    if text.startswith("-"):  # x = −(what follows): the bounds mirrored
+        text = text[1:]
+        bounds = (None if hi is None else -hi, hi_x, None if lo is None else -lo, lo_x)
+        if text == "":
+            return _meets(Fraction(0), None, bounds, integer)
+    elif text == "":
+        return _meets(Fraction(0), None, bounds, integer) or _reachable("-", bounds, integer)
+    if "." in text:
+        whole, frac = text.split(".")
+        base = Fraction(int(whole)) + Fraction(int(frac or 0), 10 ** len(frac))
+        return _meets(base, base + Fraction(1, 10 ** len(frac)), bounds, integer)
+    d = int(text)
+    if d == 0:  # 0, or 0.…
+        return _meets(Fraction(0), Fraction(1), bounds, integer)
+    top = bounds[2]
+    if top is None:  # (no upper end: a long enough number passes any lower one)
+        return True
+    k = 0
+    while d * 10**k <= top:  # d followed by k more digits (then perhaps a fraction)
+        if _meets(Fraction(d * 10**k), Fraction((d + 1) * 10**k), bounds, integer):
+            return True
+        k += 1
+    return False
 
 
 class Grammar:
@@ -309,7 +369,8 @@ class Grammar:
         if ch == '"' and ok("string"):
             return below + (("S", nid, 0, 0),), 0
         if (ch == "-" or ch in _DIGITS) and (ok("number") or ok("integer")):
-            return self._number(below + (("N", nid, "start"),), ("N", nid, "start"), ch)
+            top = ("N", nid, "start") if node.bounds is None else ("N", nid, "start", "")
+            return self._number(below + (top,), top, ch)
         for word, t in (("true", "boolean"), ("false", "boolean"), ("null", "null")):
             if ch == word[0] and ok(t):
                 return below + (("L", word[1:]),), 0
@@ -354,7 +415,7 @@ class Grammar:
         return below + (("S", nid, esc - 1, n + (esc == 1 and counted)),), 0
 
     def _number(self, stack: tuple, top: tuple, ch: str) -> tuple | None:
-        _, nid, phase = top
+        nid, phase = top[1], top[2]
         node = self.nodes[nid]
         integer = node.types is not None and "integer" in node.types and "number" not in node.types
         lead = phase in ("start", "sign")
@@ -367,10 +428,16 @@ class Grammar:
         else:
             cls = "point" if ch == "." else None
         nxt = _NUM_NEXT[phase].get(cls)
+        bounds = node.bounds
         if nxt is not None and not (integer and nxt in ("dot", "e")):
-            return stack[:-1] + (("N", nid, nxt),), 0
-        if phase in _NUM_END and stack[:-1]:  # the number ended: the character is the next one's
-            return self.step(self._done(stack[:-1]), ch)
+            if bounds is None:
+                return stack[:-1] + (("N", nid, nxt),), 0
+            text = top[3] + ch  # (no exponent under bounds: every bounded number has a form
+            if nxt != "e" and _reachable(text, bounds, integer):  # without one)
+                return stack[:-1] + (("N", nid, nxt, text),), 0
+        if phase in _NUM_END and stack[:-1] and (bounds is None or _fits(Fraction(top[3]),
+                                                                         bounds)):  # fmt: skip
+            return self.step(self._done(stack[:-1]), ch)  # the number ended: ch is the next's
         return None
 
     def _choice(self, stack: tuple, top: tuple, ch: str) -> tuple | None:
@@ -463,7 +530,11 @@ class Grammar:
         if len(stack) != 1:
             return False
         top = stack[0]
-        return (top[0] == "N" and top[2] in _NUM_END) or (top[0] == "C" and top[2] in top[1])
+        if top[0] == "N":
+            return top[2] in _NUM_END and (
+                len(top) == 3 or _fits(Fraction(top[3]), self.nodes[top[1]].bounds)
+            )
+        return top[0] == "C" and top[2] in top[1]
 
     def initial(self) -> tuple:
         return self.root, 0
@@ -587,7 +658,7 @@ class _Compiler:
         known = _ANNOTATIONS | {"type", "enum", "const", "properties", "required",
                                 "additionalProperties", "items", "minItems", "maxItems",
                                 "minLength", "maxLength", "anyOf", "oneOf",
-                                "discriminator"}  # fmt: skip
+                                "discriminator", *_BOUNDS}  # fmt: skip
         unknown = sorted(set(s) - known)
         if unknown:
             raise ConfigError(f"JSON schema at {where}: keyword {unknown[0]!r} is not supported "
@@ -685,7 +756,46 @@ class _Compiler:
         if (hi is not None and hi < lo) or (hi_s is not None and hi_s < lo_s):
             raise ConfigError(f"JSON schema at {where}: a maximum below its minimum")
         return _Node(types=types, props=props, free_keys=free, extra=extra, items=items,
-                     min_items=lo, max_items=hi, min_len=lo_s, max_len=hi_s)  # fmt: skip
+                     min_items=lo, max_items=hi, min_len=lo_s, max_len=hi_s,
+                     bounds=self.bounds(s, types, where))  # fmt: skip
+
+    def bounds(self, s: dict, types, where: str) -> tuple | None:
+        """(low, low exclusive, high, high exclusive) of a number's minimum / maximum /
+        exclusiveMinimum / exclusiveMaximum (2019+ numbers, or draft 4's booleans beside
+        minimum / maximum); None without any. A range no number (integer) fits is refused."""
+        if not _BOUNDS & set(s):
+            return None
+
+        def number(key):
+            v = s.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                                  or v != v or v in (float("inf"), float("-inf"))):  # fmt: skip
+                raise ConfigError(f"JSON schema at {where}: {key} must be a number, got {v!r}")
+            return None if v is None else Fraction(v)
+
+        ends = []
+        for inclusive, exclusive, low in (("minimum", "exclusiveMinimum", True),
+                                          ("maximum", "exclusiveMaximum", False)):  # fmt: skip
+            end, flag = number(inclusive), False
+            if isinstance(s.get(exclusive), bool):  # draft 4: the inclusive one made strict
+                if s[exclusive] and end is None:
+                    raise ConfigError(f"JSON schema at {where}: {exclusive}: true needs "
+                                      f"{inclusive}")  # fmt: skip
+                flag = s[exclusive]
+            elif s.get(exclusive) is not None:  # both given: the tighter one holds
+                x = number(exclusive)
+                if end is None or x == end or (x > end) == low:
+                    end, flag = x, True
+            ends += [end, flag]
+        bounds = tuple(ends)
+        integer = types is not None and "integer" in types and "number" not in types
+        lo, lo_x, hi, hi_x = bounds
+        empty = lo is not None and hi is not None and not _meets(lo, None, bounds, integer)
+        if empty:
+            kind = "integer" if integer else "number"
+            raise ConfigError(f"JSON schema at {where}: no {kind} lies within its minimum and "
+                              "maximum")  # fmt: skip
+        return bounds
 
     def alts(self, s: dict, branches, where: str) -> int:
         if not isinstance(branches, list) or not branches:
