@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -253,7 +254,7 @@ def test_whitespace_is_capped():
 
 
 @pytest.mark.parametrize("spec, says", [
-    ({"json": {"type": "string", "pattern": "a+"}}, "keyword 'pattern'"),
+    ({"json": {"type": "array", "uniqueItems": True}}, "keyword 'uniqueItems'"),
     ({"json": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}},
      "start differently"),
     ({"json": {"$ref": "#/$defs/Nope"}}, "points nowhere"),
@@ -689,3 +690,143 @@ def test_bounded_numbers_end_inside_and_never_strand(kind, keywords):
         "type": kind, **keywords}}, "required": ["x"]}).grammar_  # fmt: skip
     for text in fitting[:: max(1, len(fitting) // 200)]:
         assert read(obj, '{"x": ' + text + "}") == (True, True, True), text
+
+
+PATTERNS = ["^[a-c]+x?$", "ab|cd", "^(ab)*c{2,3}$", r"^\d{3}-\d{2}$", "^[^a]b.$", "x",
+            "^(a|ab)(c|bcd)$", r"^\w+@\w+\.com$", "^a{0,2}b{1,}$",
+            "^(?:[0-9a-f]{2}:){2}[0-9a-f]{2}$", r"^\s?\S+$", r'^"[\\/]\n?$', "^é+?.*?$",
+            r"^[\d\-]{2}[xa-c-]$", "^$", "a.c"]  # fmt: skip
+STRING_CHARS = 'abcdx0129-@.:\n" \\/é'
+
+
+def _python(pattern: str) -> re.Pattern:
+    """The same pattern in Python's own engine, as ECMA reads it: ASCII classes, and "$"
+    only at the very end (Python's "$" also matches before a final newline)."""
+    return re.compile(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern, re.ASCII)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(PATTERNS), st.text(alphabet=STRING_CHARS, max_size=8),
+       st.sampled_from([(0, None), (2, None), (0, 3), (1, 4)]))  # fmt: skip
+def test_a_pattern_holds_strings_as_pythons_regex_engine_does(pattern, value, lengths):
+    """A string held to a JSON schema pattern (engine/regex.py's NFA, through the JSON
+    automaton: escapes decoded) is a whole answer exactly when Python's `re` finds the
+    pattern in it (JSON schema's unanchored search) and its length fits min/maxLength."""
+    lo, hi = lengths
+    schema = {"type": "string", "pattern": pattern, "minLength": lo}
+    if hi is not None:
+        schema["maxLength"] = hi
+    try:
+        g = StructuredOutputsParams(json=schema).grammar_
+    except ConfigError as e:
+        assert "no string" in str(e)  # (a length no match has)
+        return
+    want = bool(_python(pattern).search(value)) and lo <= len(value) <= (hi or 99)
+    ok, whole, _ = read(g, json.dumps(value, ensure_ascii=False))
+    assert (ok and whole) == want, (pattern, value, lengths)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.randoms(use_true_random=False), st.sampled_from(PATTERNS),
+       st.sampled_from([(0, None), (2, 5), (1, 3)]))  # fmt: skip
+def test_a_pattern_never_strands_a_string(rnd, pattern, lengths):
+    """Random walks through what a pattern's string allows (escapes included) never reach a
+    state that allows nothing while the string is open."""
+    lo, hi = lengths
+    try:
+        g = StructuredOutputsParams(json={"type": "string", "pattern": pattern,
+                                          "minLength": lo, "maxLength": hi}).grammar_  # fmt: skip
+    except ConfigError:
+        return
+    state = g.initial()
+    for _ in range(20):
+        if not state[0]:
+            return
+        options = [s for s in (g.step(state, ch) for ch in PRINTABLE + list('"\\n')) if s]
+        assert options, (pattern, state)
+        state = rnd.choice(options)
+
+
+def test_formats_take_what_pythons_own_writers_write():
+    """format date / time / date-time / uuid / email / ipv4 / hostname / uri: values written
+    by Python's datetime, uuid and ipaddress modules are whole answers, malformed ones are not;
+    "password" is any string; an unknown format, a bad pattern and pattern with format are
+    refused by name."""
+    import datetime
+    import ipaddress
+    import uuid
+
+    now = datetime.datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=datetime.timezone.utc)
+    good = {
+        "date": [now.date().isoformat(), "1999-12-31"],
+        "time": [now.timetz().isoformat(), "00:00:00Z", "12:30:05.5-08:00"],
+        "date-time": [
+            now.isoformat(),
+            now.replace(microsecond=0).isoformat(),
+            "2024-01-01T00:00:00Z",
+        ],  # fmt: skip
+        "uuid": [str(uuid.UUID(int=2**128 - 1)), str(uuid.UUID(int=12345))],
+        "email": ["a.b+c@example.co.uk", "x@y.io"],
+        "ipv4": [str(ipaddress.IPv4Address(2**32 - 1)), "10.0.0.1", "0.0.0.0"],
+        "hostname": ["localhost", "a-b.example.com"],
+        "uri": ["https://example.com/a?b=c#d", "urn:isbn:0451450523"],
+        "password": ["anything at all", ""],
+    }
+    bad = {
+        "date": ["2024-13-01", "2024-1-01", "24-01-01", "2024-01-32"],
+        "time": ["24:00:00Z", "12:00:00", "12:60:00Z"],
+        "date-time": ["2024-01-01 00:00:00Z", "2024-01-01T00:00:00"],
+        "uuid": ["1234", str(uuid.UUID(int=1)) + "0"],
+        "email": ["no-at.example.com", "a@b", "a@@b.com"],
+        "ipv4": ["256.0.0.1", "1.2.3", "01.2.3.4"],
+        "hostname": ["-a.com", "a..b"],
+        "uri": ["no scheme", "1http://x"],
+    }
+    for fmt, values in good.items():
+        g = StructuredOutputsParams(json={"type": "string", "format": fmt}).grammar_
+        for v in values:
+            assert read(g, json.dumps(v)) == (True, True, True), (fmt, v)
+        for v in bad.get(fmt, []):
+            assert not all(read(g, json.dumps(v))), (fmt, v)
+    dot = StructuredOutputsParams(json={"type": "string", "pattern": "^a.c$"}).grammar_
+    assert all(read(dot, '"abc"')) and not all(read(dot, '"a\\nc"'))  # (ECMA's ".")
+    again = pickle.loads(pickle.dumps(dot))  # (parameters travel to other ranks pickled)
+    assert all(read(again, '"a c"')) and not read(again, '"ac"')[1]
+    for schema, says in (({"type": "string", "format": "ipv6"}, "format 'ipv6' is not"),
+                         ({"type": "string", "pattern": "(a)\\1"}, "backreference"),
+                         ({"type": "string", "pattern": "(?=a)"}, "lookarounds"),
+                         ({"type": "string", "pattern": "a^b"}, "only at the start"),
+                         ({"type": "string", "pattern": "[z-a]"}, "runs backwards"),
+                         ({"type": "string", "pattern": "a{3,2}"}, "maximum below"),
+                         ({"type": "string", "pattern": "^a{1000}{1000}$"}, "too large"),
+                         ({"type": "string", "pattern": "^abc$", "maxLength": 2}, "no string"),
+                         ({"type": "string", "pattern": "a", "format": "date"}, "beside"),
+                         ({"type": "string", "pattern": 3}, "must be a string")):  # fmt: skip
+        with pytest.raises(ConfigError, match=says):
+            StructuredOutputsParams(json=schema).grammar_  # noqa: B018
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.text(alphabet="ab()[]{}|*+?^$\\.-,0123dwsDuxn:=!<>", max_size=14),
+       st.text(alphabet="ab0-\n.", max_size=6))  # fmt: skip
+def test_any_pattern_compiles_or_says_why(pattern, value):
+    """Fuzzed pattern texts: a Regex or a ConfigError naming the problem, never another
+    exception; one that compiles reads any string without raising, and where Python's `re`
+    reads the same text as ECMA would (no escapes or braces, whose dialects differ) they agree
+    on every string."""
+    from expertswitch.engine.regex import Regex
+
+    try:
+        rx = Regex(pattern)
+    except ConfigError:
+        return
+    states = rx.initial()
+    for ch in value:
+        states = rx.step(states, ch)
+    if "\\" in pattern or "{" in pattern or "}" in pattern or "[" in pattern:
+        return
+    try:
+        py = _python(pattern)
+    except re.error:
+        return
+    assert rx.accepts(states) == bool(py.search(value)), (pattern, value)

@@ -22,9 +22,11 @@ unions; vLLM's tool calls, `{"name": {"enum": ["add"]}, "parameters": ...}`), `$
 `$defs`/`definitions` (recursion included), a one-element `allOf`, `minimum`, `maximum`,
 `exclusiveMinimum` and `exclusiveMaximum` (numbers or draft 4's booleans: pydantic's
 `Field(ge=0, lt=1)`; every prefix of a bounded number can still end inside the bounds, and
-such numbers are written without an exponent); annotations (`title`, `description`,
-`default`, ...) are ignored. Any other keyword (`pattern`, `format`, `multipleOf`, ...) is
-refused with an error naming it: the answer would not be held to it.
+such numbers are written without an exponent), a string's `pattern` and `format` (date,
+time, date-time, uuid, email, ipv4, hostname, uri; "password" is any string): engine/regex.py
+(such strings are written without \\u escapes); annotations (`title`, `description`,
+`default`, ...) are ignored. Any other keyword (`multipleOf`, `uniqueItems`, another format,
+...) is refused with an error naming it: the answer would not be held to it.
 Tokens whose text is not whole characters (a lone byte of a UTF-8 sequence) are never allowed
 under a constraint. An answer starts with its value (no blanks first), and a request whose
 answer nothing can extend stops there, even before min_tokens or with ignore_eos. Keys and
@@ -49,6 +51,7 @@ from typing import Any
 
 import torch
 
+from expertswitch.engine.regex import FORMATS, Regex, format_regex
 from expertswitch.errors import ConfigError
 
 WHITESPACE = 2  # consecutive blank characters allowed between JSON tokens by default
@@ -60,6 +63,9 @@ _ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id",
                 "readOnly", "writeOnly", "deprecated", "$defs", "definitions"}  # fmt: skip
 _TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_FREE_FORMATS = ("password",)  # formats every string has (a hint for forms)
+_UNESCAPE = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+             "t": "\t"}  # fmt: skip
 
 
 def _json_type(v) -> set[str]:
@@ -186,8 +192,9 @@ def _compiled(key: tuple, schema: dict | None = None) -> Grammar:
 # A state is (stack, blanks): stack a tuple of frames (tuples), the innermost last; blanks the
 # whitespace characters just read. Frames:
 #   ("V", node)                     a value of schema node `node` is expected
-#   ("S", node, esc, n)             inside a string: esc 0, -1 after "\", k>0 hex digits to go;
-#                                   n characters so far (counted only under min/maxLength)
+#   ("S", node, esc, n[, states])   inside a string: esc 0, -1 after "\", k>0 hex digits to go;
+#                                   n characters so far (counted only under min/maxLength or
+#                                   a pattern); under a pattern its NFA's live states
 #   ("N", node, phase[, text])      inside a number (phases below); under bounds also the
 #                                   number's text so far
 #   ("L", rest)                     inside true / false / null: the characters still to come
@@ -232,6 +239,7 @@ class _Node:
     tags: tuple | None = None
     # a number's bounds: (low, low exclusive, high, high exclusive), None ends unbounded
     bounds: tuple | None = None
+    pattern: Regex | None = None  # a string's pattern or format
 
 
 def _fits(x: Fraction, bounds: tuple) -> bool:
@@ -367,6 +375,8 @@ class Grammar:
         if ch == "[" and ok("array"):
             return below + (("A", nid, "open", 0),), 0
         if ch == '"' and ok("string"):
+            if node.pattern is not None:
+                return below + (("S", nid, 0, 0, node.pattern.initial()),), 0
             return below + (("S", nid, 0, 0),), 0
         if (ch == "-" or ch in _DIGITS) and (ok("number") or ok("integer")):
             top = ("N", nid, "start") if node.bounds is None else ("N", nid, "start", "")
@@ -392,8 +402,10 @@ class Grammar:
         return stack[:-1] + (("A", top[1], "next", min(top[3] + 1, cap)),), 0
 
     def _string(self, stack: tuple, top: tuple, ch: str) -> tuple | None:
+        node = self.nodes[top[1]]
+        if node.pattern is not None:
+            return self._matched(stack, top, node, ch)
         _, nid, esc, n = top
-        node = self.nodes[nid]
         counted = node.min_len > 0 or node.max_len is not None
         below = stack[:-1]
         if esc == 0:
@@ -413,6 +425,34 @@ class Grammar:
         if ch not in _HEX:
             return None
         return below + (("S", nid, esc - 1, n + (esc == 1 and counted)),), 0
+
+    def _matched(self, stack: tuple, top: tuple, node: _Node, ch: str) -> tuple | None:
+        """A character of a string held to a pattern (its decoded character read by the
+        NFA; no \\u escapes); allowed only while a match of an allowed length can end."""
+        _, nid, esc, n, states = top
+        rx, below = node.pattern, stack[:-1]
+        if esc == 0:
+            if ch == '"':
+                ok = n >= node.min_len and rx.accepts(states)
+                return self._done(below) if ok else None
+            if ord(ch) < 0x20:
+                return None
+            if ch == "\\":  # (only if some escape can go on)
+                if any(self._fits_on(rx, states, c, n, node) for c in _UNESCAPE.values()):
+                    return below + (("S", nid, -1, n, states),), 0
+                return None
+            c = ch
+        else:
+            c = _UNESCAPE.get(ch)
+            if c is None:
+                return None
+        nxt = self._fits_on(rx, states, c, n, node)
+        return None if nxt is None else (below + (("S", nid, 0, n + 1, nxt),), 0)
+
+    @staticmethod
+    def _fits_on(rx: Regex, states: frozenset, c: str, n: int, node: _Node):
+        nxt = rx.step(states, c)
+        return nxt if rx.can_end(nxt, n + 1, node.min_len, node.max_len) else None
 
     def _number(self, stack: tuple, top: tuple, ch: str) -> tuple | None:
         nid, phase = top[1], top[2]
@@ -658,7 +698,7 @@ class _Compiler:
         known = _ANNOTATIONS | {"type", "enum", "const", "properties", "required",
                                 "additionalProperties", "items", "minItems", "maxItems",
                                 "minLength", "maxLength", "anyOf", "oneOf",
-                                "discriminator", *_BOUNDS}  # fmt: skip
+                                "discriminator", "pattern", "format", *_BOUNDS}  # fmt: skip
         unknown = sorted(set(s) - known)
         if unknown:
             raise ConfigError(f"JSON schema at {where}: keyword {unknown[0]!r} is not supported "
@@ -755,9 +795,32 @@ class _Compiler:
         lo_s, hi_s = count("minLength") or 0, count("maxLength")
         if (hi is not None and hi < lo) or (hi_s is not None and hi_s < lo_s):
             raise ConfigError(f"JSON schema at {where}: a maximum below its minimum")
+        rx = self.pattern(s, where)
+        if rx is not None and not rx.can_end(rx.initial(), 0, lo_s, hi_s):
+            raise ConfigError(f"JSON schema at {where}: no string of its minLength / maxLength "
+                              "matches its pattern or format")  # fmt: skip
         return _Node(types=types, props=props, free_keys=free, extra=extra, items=items,
                      min_items=lo, max_items=hi, min_len=lo_s, max_len=hi_s,
-                     bounds=self.bounds(s, types, where))  # fmt: skip
+                     bounds=self.bounds(s, types, where), pattern=rx)  # fmt: skip
+
+    def pattern(self, s: dict, where: str) -> Regex | None:
+        """A string's pattern, or its format's (engine/regex.py); None without either."""
+        if "pattern" in s and "format" in s:
+            raise ConfigError(f"JSON schema at {where}: pattern beside format is not "
+                              "supported: keep one")  # fmt: skip
+        if "pattern" in s:
+            if not isinstance(s["pattern"], str):
+                raise ConfigError(f"JSON schema at {where}: pattern must be a string")
+            return Regex(s["pattern"], f"JSON schema at {where}: pattern")
+        if "format" not in s or s["format"] in _FREE_FORMATS:
+            return None
+        rx = format_regex(s["format"])
+        if rx is None:
+            raise ConfigError(f"JSON schema at {where}: format {s['format']!r} is not "
+                              "supported by structured outputs (the answer would not be held "
+                              f"to it): use one of {', '.join(FORMATS)}, a pattern, or remove "
+                              "it")  # fmt: skip
+        return rx
 
     def bounds(self, s: dict, types, where: str) -> tuple | None:
         """(low, low exclusive, high, high exclusive) of a number's minimum / maximum /

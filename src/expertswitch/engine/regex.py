@@ -1,0 +1,384 @@
+r"""JSON schema `pattern` and `format` for structured outputs (engine/guided.py): a regular
+expression compiled to an NFA read one character at a time, so that a string value is held to
+it while it is written.
+
+The subset (ECMA-262 syntax, as JSON schema defines `pattern`): literals and escapes (`\.`,
+`\n`, `\t`, `\uXXXX`, `\xHH`, ...), `.` (any character but a line terminator), classes
+`[a-z0-9_]` and `[^...]` with `\d`, `\w`, `\s` inside, `\d \w \s \D \W \S`, groups `(...)`
+and `(?:...)`, `|`, the quantifiers `* + ? {n} {n,} {n,m}` (lazy ones read alike: the same
+strings match), `^` at the start and `$` at the end. A pattern matches anywhere in the
+string, as JSON schema says, unless anchored. Anything else (backreferences, lookarounds,
+`\b`, anchors inside) is a ConfigError naming it.
+
+`format`: date, time, date-time (RFC 3339, with its offset), uuid, email (a plain
+local@domain.tld subset), ipv4, hostname, uri (scheme:rest, no blanks) — each as the pattern
+of the values it allows (FORMATS).
+
+A state is the frozenset of NFA positions still alive (from which the end can be reached);
+a character that leaves none is refused, so a string never reaches a dead end. With
+minLength / maxLength beside the pattern, a character is allowed only while a match of an
+allowed length can still be reached.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from functools import cache
+
+from expertswitch.errors import ConfigError
+
+MAX_STATES = 20_000  # an NFA past this (e.g. a{1000}{1000}) is refused
+
+_ANY = (True, ())  # every character (a negated empty set)
+_LINE_END = (True, ((10, 10), (13, 13), (0x2028, 0x2029)))  # "."
+_DIGIT = ((48, 57),)
+_WORD = ((48, 57), (65, 90), (95, 95), (97, 122))
+_SPACE = ((9, 13), (32, 32), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
+          (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000),
+          (0xFEFF, 0xFEFF))  # fmt: skip
+_CLASSES = {"d": _DIGIT, "w": _WORD, "s": _SPACE}
+_CONTROL = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_TIME = (
+    "([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+)
+_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+_LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+FORMATS = {  # format → the pattern its values are written in (anchored)
+    "date": f"^{_DATE}$",
+    "time": f"^{_TIME}$",
+    "date-time": f"^{_DATE}T{_TIME}$",
+    "uuid": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+    "email": f"^[A-Za-z0-9._%+-]+@{_LABEL}(\\.{_LABEL})*\\.[A-Za-z]{{2,}}$",
+    "ipv4": f"^({_OCTET}\\.){{3}}{_OCTET}$",
+    "hostname": f"^{_LABEL}(\\.{_LABEL})*$",
+    "uri": "^[A-Za-z][A-Za-z0-9+.-]*:[^\\s]+$",
+}
+
+
+def _contains(charset: tuple, ch: str) -> bool:
+    negated, ranges = charset
+    c = ord(ch)
+    return any(lo <= c <= hi for lo, hi in ranges) != negated
+
+
+class _Parser:
+    """Pattern text → AST: ("set", charset) | ("cat", [..]) | ("alt", [..]) |
+    ("rep", node, lo, hi)."""
+
+    def __init__(self, text: str, what: str):
+        self.text, self.i, self.what = text, 0, what
+
+    def fail(self, why: str):
+        raise ConfigError(f"{self.what}: {why} (at character {self.i} of {self.text!r}); "
+                          "structured outputs take a pattern of literals, classes, groups, | "
+                          "and quantifiers")  # fmt: skip
+
+    def peek(self) -> str | None:
+        return self.text[self.i] if self.i < len(self.text) else None
+
+    def take(self) -> str:
+        ch = self.peek()
+        if ch is None:
+            self.fail("the pattern ends too early")
+        self.i += 1
+        return ch
+
+    def parse(self):
+        node = self.alternation()
+        if self.peek() is not None:
+            self.fail(f"unexpected {self.peek()!r}")
+        return node
+
+    def alternation(self):
+        branches = [self.concat()]
+        while self.peek() == "|":
+            self.i += 1
+            branches.append(self.concat())
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def concat(self):
+        parts = []
+        while self.peek() not in (None, "|", ")"):
+            parts.append(self.repeat(self.atom()))
+        return ("cat", parts)
+
+    def repeat(self, node):
+        while True:
+            ch = self.peek()
+            if ch in ("*", "+", "?"):
+                self.i += 1
+                lo, hi = {"*": (0, None), "+": (1, None), "?": (0, 1)}[ch]
+            elif ch == "{" and self._counted():
+                lo, hi = self._counted(consume=True)
+            else:
+                return node
+            if self.peek() == "?":  # lazy: the same strings match
+                self.i += 1
+            elif self.peek() == "+":
+                self.fail("possessive quantifiers are not supported")
+            node = ("rep", node, lo, hi)
+
+    def _counted(self, consume: bool = False):
+        """{n}, {n,} or {n,m} at self.i: (lo, hi), else None (a literal "{")."""
+        end = self.text.find("}", self.i)
+        if end < 0:
+            return None
+        body = self.text[self.i + 1 : end]
+        lo, comma, hi = body.partition(",")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            return None
+        lo_n, hi_n = int(lo), (int(hi) if hi else None) if comma else int(lo)
+        if hi_n is not None and hi_n < lo_n:
+            self.fail(f"{{{body}}} has its maximum below its minimum")
+        if consume:
+            self.i = end + 1
+        return lo_n, hi_n
+
+    def atom(self):
+        ch = self.take()
+        if ch == "(":
+            if self.text.startswith("?:", self.i):
+                self.i += 2
+            elif self.peek() == "?":
+                self.fail("lookarounds and named groups are not supported")
+            node = self.alternation()
+            if self.take() != ")":
+                self.fail("a group is not closed")
+            return node
+        if ch == "[":
+            return ("set", self.klass())
+        if ch == ".":
+            return ("set", _LINE_END)
+        if ch == "\\":
+            return ("set", self.escape(in_class=False))
+        if ch in "^$":
+            self.fail(f"{ch} is supported only at the start (^) and the end ($) of the pattern")
+        if ch in "*+?":
+            self.fail(f"{ch} follows nothing")
+        if ch == ")":
+            self.fail("unbalanced )")
+        return ("set", (False, ((ord(ch), ord(ch)),)))
+
+    def escape(self, in_class: bool) -> tuple:
+        ch = self.take()
+        if ch.lower() in _CLASSES:
+            if ch.isupper() and in_class:
+                self.fail(f"\\{ch} inside a class is not supported")
+            return (ch.isupper(), _CLASSES[ch.lower()])
+        if ch in _CONTROL:
+            c = _CONTROL[ch]
+        elif ch in "ux":
+            n = 4 if ch == "u" else 2
+            digits = self.text[self.i : self.i + n]
+            if len(digits) != n or any(d not in "0123456789abcdefABCDEF" for d in digits):
+                self.fail(f"\\{ch} needs {n} hex digits")
+            self.i += n
+            c = chr(int(digits, 16))
+        elif ch.isalnum():
+            self.fail(f"\\{ch} (a backreference, word boundary or unknown escape) is not "
+                      "supported")  # fmt: skip
+        else:
+            c = ch  # \. \\ \/ \- \[ ...: the character itself
+        return (False, ((ord(c), ord(c)),))
+
+    def klass(self) -> tuple:
+        negated = self.peek() == "^"
+        if negated:
+            self.i += 1
+        ranges: list[tuple[int, int]] = []
+        first = True
+        while True:
+            ch = self.take()
+            if ch == "]" and not first:
+                break
+            first = False
+            if ch == "\\":
+                neg, rs = self.escape(in_class=True)
+                if len(rs) != 1 or rs[0][0] != rs[0][1]:  # \d, \w, \s
+                    ranges += rs
+                    continue
+                lo = rs[0][0]
+            else:
+                lo = ord(ch)
+            if self.peek() == "-" and self.text[self.i + 1 : self.i + 2] not in ("]", ""):
+                self.i += 1
+                ch2 = self.take()
+                hi = self.escape(in_class=True)[1][0][0] if ch2 == "\\" else ord(ch2)
+                if hi < lo:
+                    self.fail("a class range runs backwards")
+                ranges.append((lo, hi))
+            else:
+                ranges.append((lo, lo))
+        return (negated, tuple(ranges))
+
+
+class Regex:
+    """An NFA: per state, its character moves [(charset, target)] and its empty moves; state
+    0 starts, `accept` ends. `dist[s]`: the fewest characters from s to the end (None: dead)."""
+
+    def __init__(self, pattern: str, what: str = "pattern"):
+        self.pattern = pattern
+        text = pattern
+        head = text.startswith("^")
+        tail = text.endswith("$") and not text.endswith("\\$")
+        body = text[1 if head else 0 : len(text) - 1 if tail else len(text)]
+        self.moves: list[list] = []
+        self.empty: list[list[int]] = []
+        ast = _Parser(body, what).parse()
+        parts = [ast]
+        if not head:
+            parts.insert(0, ("rep", ("set", _ANY), 0, None))  # (JSON schema: anywhere)
+        if not tail:
+            parts.append(("rep", ("set", _ANY), 0, None))
+        start, end = self._build(("cat", parts), what)
+        self.start, self.accept = start, end
+        self.dist = self._distances()
+        self._steps: dict = {}  # (states, character) → states (memoised, capped)
+        self._later: dict = {}  # (states, k) → states k characters on
+        if self.dist[self.start] is None:
+            raise ConfigError(f"{what} {pattern!r} matches no string")
+
+    def __getstate__(self):  # (pickled with the grammar; the cache is rebuilt)
+        return {"pattern": self.pattern}
+
+    def __setstate__(self, state):
+        self.__init__(state["pattern"])
+
+    def _state(self) -> int:
+        self.moves.append([])
+        self.empty.append([])
+        if len(self.moves) > MAX_STATES:
+            raise ConfigError(f"pattern {self.pattern!r} is too large for structured outputs "
+                              "(its repetitions expand too far)")  # fmt: skip
+        return len(self.moves) - 1
+
+    def _build(self, node, what) -> tuple[int, int]:
+        kind = node[0]
+        if kind == "set":
+            a, b = self._state(), self._state()
+            self.moves[a].append((node[1], b))
+            return a, b
+        if kind == "cat":
+            a = b = self._state()
+            for part in node[1]:
+                s, e = self._build(part, what)
+                self.empty[b].append(s)
+                b = e
+            return a, b
+        if kind == "alt":
+            a, b = self._state(), self._state()
+            for branch in node[1]:
+                s, e = self._build(branch, what)
+                self.empty[a].append(s)
+                self.empty[e].append(b)
+            return a, b
+        _, inner, lo, hi = node  # rep
+        a = b = self._state()
+        for _ in range(lo):
+            s, e = self._build(inner, what)
+            self.empty[b].append(s)
+            b = e
+        if hi is None:
+            s, e = self._build(inner, what)
+            self.empty[b].append(s)
+            self.empty[e].append(s)  # again
+            end = self._state()
+            self.empty[b].append(end)
+            self.empty[e].append(end)
+            return a, end
+        end = self._state()
+        self.empty[b].append(end)
+        for _ in range(hi - lo):
+            s, e = self._build(inner, what)
+            self.empty[b].append(s)
+            self.empty[e].append(end)
+            b = e
+        return a, end
+
+    def _distances(self) -> list[int | None]:
+        """Fewest characters from each state to the end (0-1 BFS on the reversed moves)."""
+        back: list[list[tuple[int, int]]] = [[] for _ in self.moves]
+        for s, moves in enumerate(self.moves):
+            for _, t in moves:
+                back[t].append((s, 1))
+        for s, targets in enumerate(self.empty):
+            for t in targets:
+                back[t].append((s, 0))
+        dist: list[int | None] = [None] * len(self.moves)
+        dist[self.accept] = 0
+        todo = deque([self.accept])
+        while todo:
+            t = todo.popleft()
+            for s, w in back[t]:
+                d = dist[t] + w
+                if dist[s] is None or d < dist[s]:
+                    dist[s] = d
+                    (todo.appendleft if w == 0 else todo.append)(s)
+        return dist
+
+    def _closure(self, states) -> frozenset:
+        out, todo = set(), list(states)
+        while todo:
+            s = todo.pop()
+            if s in out or self.dist[s] is None:  # (dead states dropped)
+                continue
+            out.add(s)
+            todo.extend(self.empty[s])
+        return frozenset(out)
+
+    def initial(self) -> frozenset:
+        return self._closure([self.start])
+
+    def step(self, states: frozenset, ch: str) -> frozenset:
+        key = (states, ch)
+        out = self._steps.get(key)
+        if out is None:
+            if len(self._steps) > 1 << 16:
+                self._steps.clear()
+            out = self._closure([t for s in states for cs, t in self.moves[s]
+                                 if _contains(cs, ch)])  # fmt: skip
+            self._steps[key] = out
+        return out
+
+    def accepts(self, states: frozenset) -> bool:
+        return self.accept in states
+
+    def can_end(self, states: frozenset, n: int, min_len: int, max_len: int | None) -> bool:
+        """Whether, n characters in, a match of min_len..max_len characters can still end."""
+        if not states:
+            return False
+        room = None if max_len is None else max_len - n
+        need = min_len - n
+        if need <= 0:
+            return room is None or min(self.dist[s] for s in states) <= room
+        later = self._after(states, need)  # (every longer match passes through these)
+        if not later:
+            return False
+        return room is None or min(self.dist[s] for s in later) <= room - need
+
+    def _after(self, states: frozenset, k: int) -> frozenset:
+        """The live states exactly k characters (any) later."""
+        key = (states, k)
+        if key not in self._later:
+            if len(self._later) > 1 << 12:
+                self._later.clear()
+            out = states
+            for _ in range(k):
+                out = self._closure([t for s in out for _, t in self.moves[s]])
+                if not out:
+                    break
+            self._later[key] = out
+        return self._later[key]
+
+
+def format_regex(name) -> Regex | None:
+    """The Regex of a JSON schema format, None for one not in FORMATS."""
+    pattern = FORMATS.get(name) if isinstance(name, str) else None
+    return None if pattern is None else _format(pattern)
+
+
+@cache
+def _format(pattern: str) -> Regex:
+    return Regex(pattern, "format")
