@@ -484,6 +484,30 @@ def test_model_defaults_and_template_variables(family, reference, tmp_path):
     assert generation_defaults(tmp_path / "base") == {}
 
 
+def test_cors_only_for_the_origins_given(family, server):
+    """--allowed-origins (vLLM's CORS flags): a browser's preflight from a listed origin is
+    answered and its calls carry the header; another origin, or a server without the flag,
+    gets neither."""
+    base, archives, _ = family
+    preflight = {"Origin": "http://ui.test", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+    cfg = ServerConfig(allowed_origins=("http://ui.test",))
+    app, aengine = build_app(base, archives, device="cpu", dtype=torch.float32, cfg=cfg)
+    with ServerThread(app) as srv:
+        r = httpx.options(srv.url + "/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "http://ui.test"
+        r = httpx.get(srv.url + "/v1/models", headers={"Origin": "http://ui.test"})
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "http://ui.test"
+        other = {**preflight, "Origin": "http://evil.test"}
+        r = httpx.options(srv.url + "/v1/chat/completions", headers=other)
+        assert "access-control-allow-origin" not in r.headers
+    aengine.close()
+    r = httpx.options(server[0].url + "/v1/chat/completions", headers=preflight)
+    assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+
+
 def test_stop_strings_streamed_and_not(client, reference):
     prompt = "The import statement"
     free = alone(reference, prompt, "prose", 30, ignore_eos=True)
@@ -1172,6 +1196,9 @@ def test_serve_command_refuses_unsafe_admin_and_bad_sizes(family, capsys):
                         ("[1]", "must be a JSON object")):  # fmt: skip
         assert main(["serve", "--base", str(base), "--default-chat-template-kwargs", given]) == 2
         assert says in capsys.readouterr().err
+    for flag in ("--allowed-origins", "--allowed-headers"):
+        assert main(["serve", "--base", str(base), flag, "http://x"]) == 2
+        assert "takes a JSON list of strings" in capsys.readouterr().err
     assert main(["serve", "--base", str(base), "--generation-config", "/nonexistent/g"]) == 2
     assert "--generation-config /nonexistent/g: no such folder" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="too large"):

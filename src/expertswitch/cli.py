@@ -318,6 +318,18 @@ def _add_serve(sub) -> None:
     p.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
                    help="variables for the chat template, under each request's "
                    """chat_template_kwargs (e.g. '{"enable_thinking": false}')""")  # fmt: skip
+    for flag, default, what in (("--allowed-origins", None, "origins"),
+                                ("--allowed-methods", '["*"]', "methods"),
+                                ("--allowed-headers", '["*"]', "headers")):  # fmt: skip
+        p.add_argument(flag, default=default, metavar="JSON",
+                       help=f"CORS: the {what} browsers may call from, a JSON list (vLLM's "
+                       "flags; without --allowed-origins, no cross-origin calls: vLLM "
+                       """allows '["*"]')""")  # fmt: skip
+    p.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="CORS: browsers may send cookies and credentials",
+    )
     p.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
                    help="requests' sampling defaults (temperature, top_p, top_k, min_p, "
                    "repetition_penalty) where they leave them out: auto, the base's "
@@ -865,6 +877,19 @@ def cmd_serve(args) -> None:
                 f"--default-chat-template-kwargs is not JSON ({e}): give an "
                 """object, e.g. '{"enable_thinking": false}'"""
             ) from None
+    cors = {}
+    for flag in ("allowed_origins", "allowed_methods", "allowed_headers"):
+        given = getattr(args, flag)
+        if given is None:
+            continue
+        try:
+            cors[flag] = json.loads(given)
+        except ValueError:
+            cors[flag] = None
+        if not isinstance(cors[flag], list) or not all(isinstance(x, str) for x in cors[flag]):
+            raise ConfigError(f"--{flag.replace('_', '-')} takes a JSON list of strings, "
+                              """e.g. '["http://localhost:3000"]'""")  # fmt: skip
+        cors[flag] = tuple(cors[flag])
     if args.tool_call_parser is not None and args.tool_call_parser not in TOOL_PARSERS:
         raise ConfigError(f"unknown --tool-call-parser {args.tool_call_parser!r}: choose one of "
                           f"{', '.join(TOOL_PARSERS)}")  # fmt: skip
@@ -886,7 +911,8 @@ def cmd_serve(args) -> None:
                        else None, reasoning_parser=args.reasoning_parser,
                        responses_kept=args.responses_kept,
                        default_chat_template_kwargs=template_kwargs,
-                       generation_config=args.generation_config)  # fmt: skip
+                       generation_config=args.generation_config,
+                       allow_credentials=args.allow_credentials, **cors)  # fmt: skip
     options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                "device_budget_bytes": _size_arg(args.gpu_budget, "--gpu-budget"),
                "host_budget_bytes": _size_arg(args.host_budget, "--host-budget"),

@@ -57,6 +57,13 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
     started = int(time.time())
 
     app.add_middleware(CountErrors, metrics=metrics)
+    if cfg.allowed_origins:  # (outermost: a browser's preflight is answered before routing)
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins),
+                           allow_methods=list(cfg.allowed_methods),
+                           allow_headers=list(cfg.allowed_headers),
+                           allow_credentials=cfg.allow_credentials)  # fmt: skip
 
     @app.exception_handler(Disconnected)
     async def _gone(_: Request, e: Disconnected):

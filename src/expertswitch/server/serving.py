@@ -94,6 +94,13 @@ class ServerConfig:
     # generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), "vllm"
     # none (OpenAI's neutral ones), or a folder holding a generation_config.json
     generation_config: str = "auto"
+    # browsers' cross-origin calls (vLLM's --allowed-origins and friends): none unless given
+    # (vLLM allows every origin; here the admin routes load files, so a page of any site
+    # must not reach a local server unasked)
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
     # tool_choice "auto": the format the model writes its calls in (tool_parsers.py); None:
     # "auto" is refused (vLLM's --enable-auto-tool-choice --tool-call-parser NAME)
     tool_call_parser: str | None = None
