@@ -1258,6 +1258,14 @@ def test_tokenize_and_detokenize_as_vllm(server, reference):
         in _error(httpx.post(url + "/detokenize", json={"tokens": [10**6]}), 400)["message"]
     )
     assert "either prompt" in _error(httpx.post(url + "/tokenize", json={}), 400)["message"]
+    # lm-eval's remote tokenizer: /tokenizer_info, then its tokens through /tokenize
+    info = httpx.get(url + "/tokenizer_info").json()
+    tok = reference.tokenizer
+    assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token
+    assert info["chat_template"] == tok.chat_template
+    assert info["model_max_length"] == reference.max_model_len
+    body = {"prompt": info["eos_token"], "add_special_tokens": False}
+    assert httpx.post(url + "/tokenize", json=body).json()["tokens"] == [tok.eos_token_id]
     _error(httpx.post(url + "/tokenize", json={"model": "nope", "prompt": "x"}), 404)
 
 

@@ -155,6 +155,10 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
     async def detokenize(body: DetokenizeRequest):
         return await serving.detokenize(body)
 
+    @app.get("/tokenizer_info", dependencies=guarded)  # vLLM's (lm-eval's remote tokenizer)
+    async def tokenizer_info():
+        return await serving.tokenizer_info()
+
     @app.get("/v1/experts", dependencies=guarded)
     async def experts():
         def status():

@@ -379,6 +379,23 @@ class OpenAIServing:
         return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids,
                 "token_strs": strs}  # fmt: skip
 
+    async def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info: the base tokenizer's special tokens, class, chat template
+        (the server's --chat-template when given) and the context length — what lm-eval's
+        remote tokenizer reads (with /tokenize and /detokenize) instead of loading one."""
+
+        def info(engine: Engine) -> dict:
+            tok = engine.tokenizer
+            out = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token",
+                                                        "unk_token")}  # fmt: skip
+            out = {k: None if v is None else str(v) for k, v in out.items()}
+            out["tokenizer_class"] = type(tok).__name__
+            out["chat_template"] = self.cfg.chat_template or getattr(tok, "chat_template", None)
+            out["model_max_length"] = engine.max_model_len
+            return out
+
+        return await self._engine_call(info)
+
     async def detokenize(self, req: DetokenizeRequest) -> dict:
         expert = await self._tokenizer_of(req.model)
 
