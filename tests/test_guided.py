@@ -412,6 +412,24 @@ def test_allowed_tokens_are_every_token_one_by_one(engine):
         checked += len(brute) > 0
         state = g.step(state, ch)
     assert checked == len(answer)
+    # strings held to a pattern or format, and bounded numbers (no shortcut may skip them)
+    held = {
+        "type": "object",
+        "required": ["d", "code", "p"],
+        "properties": {
+            "d": {"type": "string", "format": "date"},
+            "code": {"type": "string", "pattern": "^[a-c]+-[0-9]{2}$"},
+            "p": {"type": "number", "minimum": 0.1, "exclusiveMaximum": 1},
+        },
+    }
+    g = StructuredOutputsParams(json=held).grammar_
+    answer = '{"d": "2024-02-29", "code": "ab-07", "p": 0.1}'
+    state = g.initial()
+    for ch in answer:
+        brute = sorted(i for i, t in index.text.items() if g.read(state, t) is not None)
+        assert g.allowed(index, state) == brute, repr(ch)
+        state = g.step(state, ch)
+    assert g.accepts(state)
 
 
 def _sampling(so, temperature, seed=None, max_tokens=80):
@@ -606,6 +624,23 @@ def test_sentencepiece_style_tokenizers_answer_what_they_read(tmp_path, special_
     assert closed >= 6
 
 
+def test_float_bounds_are_the_numbers_written():
+    """minimum 0.1 takes 0.1 and exclusiveMaximum 0.3 refuses 0.3 (the bounds as decimal
+    numbers, not as the binary values nearest to them); a bound past BOUND_DIGITS and a
+    bounded number past BOUNDED_DIGITS characters are refused, not raised on."""
+    from expertswitch.engine.guided import BOUNDED_DIGITS
+
+    g = StructuredOutputsParams(json={"type": "number", "minimum": 0.1,
+                                      "exclusiveMaximum": 0.3}).grammar_  # fmt: skip
+    assert read(g, "0.1")[:2] == (True, True) and read(g, "0.2999")[:2] == (True, True)
+    assert not read(g, "0.3")[1] and not read(g, "0.0999")[1]
+    with pytest.raises(ConfigError, match="too many digits"):
+        StructuredOutputsParams(json={"type": "integer", "maximum": 10**200}).grammar_  # noqa: B018
+    g = StructuredOutputsParams(json={"type": "number", "minimum": 0, "maximum": 1}).grammar_
+    long = "0." + "3" * (BOUNDED_DIGITS - 2)
+    assert read(g, long)[:2] == (True, True) and not read(g, long + "3")[0]
+
+
 BOUND_CASES = [  # (type, bounds keywords): 2020-12's numbers and draft 4's booleans
     ("integer", {"minimum": 0}),
     ("integer", {"minimum": -12, "maximum": 37}),
@@ -788,6 +823,11 @@ def test_formats_take_what_pythons_own_writers_write():
             assert read(g, json.dumps(v)) == (True, True, True), (fmt, v)
         for v in bad.get(fmt, []):
             assert not all(read(g, json.dumps(v))), (fmt, v)
+    huge = {"type": "string", "pattern": "^(ab)+$", "minLength": 10**9}  # (a cycle: no loop)
+    g = StructuredOutputsParams(json=huge).grammar_
+    assert read(g, '"abab')[0] and not read(g, '"abab"')[0]
+    ends = StructuredOutputsParams(json={"type": "string", "pattern": "a\\\\$"}).grammar_
+    assert all(read(ends, json.dumps("xa\\"))) and not read(ends, json.dumps("xa"))[1]
     dot = StructuredOutputsParams(json={"type": "string", "pattern": "^a.c$"}).grammar_
     assert all(read(dot, '"abc"')) and not all(read(dot, '"a\\nc"'))  # (ECMA's ".")
     again = pickle.loads(pickle.dumps(dot))  # (parameters travel to other ranks pickled)
@@ -801,7 +841,12 @@ def test_formats_take_what_pythons_own_writers_write():
                          ({"type": "string", "pattern": "^a{1000}{1000}$"}, "too large"),
                          ({"type": "string", "pattern": "^abc$", "maxLength": 2}, "no string"),
                          ({"type": "string", "pattern": "a", "format": "date"}, "beside"),
-                         ({"type": "string", "pattern": 3}, "must be a string")):  # fmt: skip
+                         ({"type": "string", "pattern": 3}, "must be a string"),
+                         ({"type": "string", "pattern": "a{99999}"}, "counts go up to"),
+                         ({"type": "string", "pattern": "^((a?){900}){9}$"}, "too large"),
+                         ({"type": "string", "pattern": "^\\x01$"}, "matches no string"),
+                         ({"type": "string", "pattern": "^[\\x00-\\x07]$"},
+                          "no string")):  # fmt: skip
         with pytest.raises(ConfigError, match=says):
             StructuredOutputsParams(json=schema).grammar_  # noqa: B018
 

@@ -480,6 +480,10 @@ def test_model_defaults_and_template_variables(family, reference, tmp_path):
         assert "--generation-config vllm" in str(e.value)
     with pytest.raises(ConfigError, match="no such folder"):
         generation_defaults(tmp_path / "nowhere")
+    (tmp_path / "base" / "generation_config.json").write_text('{"top_p": 5}')  # out of range
+    with pytest.raises(ConfigError, match="generation_config.json: top_p") as e:
+        build_app(tmp_path / "base", {}, device="cpu", dtype=torch.float32, cfg=ServerConfig())
+    assert "--generation-config vllm" in str(e.value)
     (tmp_path / "base" / "generation_config.json").unlink()
     assert generation_defaults(tmp_path / "base") == {}
 

@@ -312,8 +312,8 @@ def _add_serve(sub) -> None:
         "--chat-template",
         default=None,
         metavar="FILE",
-        help="a Jinja chat template, used in place of the tokenizer's (vLLM's priority; "
-        "e.g. a tool-calling template)",
+        help="a Jinja chat template, used in place of the tokenizer's for every model served "
+        "(vLLM's priority; e.g. a tool-calling template)",
     )
     p.add_argument("--default-chat-template-kwargs", default=None, metavar="JSON",
                    help="variables for the chat template, under each request's "

@@ -63,6 +63,8 @@ _ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id",
                 "readOnly", "writeOnly", "deprecated", "$defs", "definitions"}  # fmt: skip
 _TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+BOUND_DIGITS = 100  # characters a number's bound may take (repr of a float: at most 24)
+BOUNDED_DIGITS = 400  # characters a bounded number may take
 _FREE_FORMATS = ("password",)  # formats every string has (a hint for forms)
 _UNESCAPE = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
              "t": "\t"}  # fmt: skip
@@ -447,7 +449,8 @@ class Grammar:
             if c is None:
                 return None
         nxt = self._fits_on(rx, states, c, n, node)
-        return None if nxt is None else (below + (("S", nid, 0, n + 1, nxt),), 0)
+        counted = node.min_len > 0 or node.max_len is not None  # (else states repeat)
+        return None if nxt is None else (below + (("S", nid, 0, n + counted, nxt),), 0)
 
     @staticmethod
     def _fits_on(rx: Regex, states: frozenset, c: str, n: int, node: _Node):
@@ -473,7 +476,9 @@ class Grammar:
             if bounds is None:
                 return stack[:-1] + (("N", nid, nxt),), 0
             text = top[3] + ch  # (no exponent under bounds: every bounded number has a form
-            if nxt != "e" and _reachable(text, bounds, integer):  # without one)
+            # without one; at most BOUNDED_DIGITS characters, which bounds of at most
+            # BOUND_DIGITS leave room for)
+            if nxt != "e" and len(text) <= BOUNDED_DIGITS and _reachable(text, bounds, integer):
                 return stack[:-1] + (("N", nid, nxt, text),), 0
         if phase in _NUM_END and stack[:-1] and (bounds is None or _fits(Fraction(top[3]),
                                                                          bounds)):  # fmt: skip
@@ -600,9 +605,10 @@ class Grammar:
         banned = torch.ones(index.vocab_size, dtype=torch.bool)
         top = state[0][-1] if state[0] else None
         trie = index.trie
-        if top is not None and top[0] == "S" and top[2] == 0:
-            # inside a string: every token without a quote, backslash or control character
-            # stays in it (as long as it fits a maxLength); only the others are walked
+        if top is not None and top[0] == "S" and top[2] == 0 and len(top) == 4:
+            # inside a string (free of a pattern): every token without a quote, backslash or
+            # control character stays in it (as long as it fits a maxLength); only the others
+            # are walked
             node = self.nodes[top[1]]
             fit = len(index.plain_ids)
             if node.min_len > 0 or node.max_len is not None:
@@ -834,7 +840,11 @@ class _Compiler:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
                                   or v != v or v in (float("inf"), float("-inf"))):  # fmt: skip
                 raise ConfigError(f"JSON schema at {where}: {key} must be a number, got {v!r}")
-            return None if v is None else Fraction(v)
+            if v is not None and len(repr(v)) > BOUND_DIGITS:
+                raise ConfigError(f"JSON schema at {where}: {key} {v!r} has too many digits "
+                                  f"for structured outputs (at most {BOUND_DIGITS})")  # fmt: skip
+            # (a float as written: 0.1 is 1/10, not the binary value nearest to it)
+            return None if v is None else Fraction(repr(v) if isinstance(v, float) else v)
 
         ends = []
         for inclusive, exclusive, low in (("minimum", "exclusiveMinimum", True),

@@ -6,9 +6,12 @@ The subset (ECMA-262 syntax, as JSON schema defines `pattern`): literals and esc
 `\n`, `\t`, `\uXXXX`, `\xHH`, ...), `.` (any character but a line terminator), classes
 `[a-z0-9_]` and `[^...]` with `\d`, `\w`, `\s` inside, `\d \w \s \D \W \S`, groups `(...)`
 and `(?:...)`, `|`, the quantifiers `* + ? {n} {n,} {n,m}` (lazy ones read alike: the same
-strings match), `^` at the start and `$` at the end. A pattern matches anywhere in the
-string, as JSON schema says, unless anchored. Anything else (backreferences, lookarounds,
-`\b`, anchors inside) is a ConfigError naming it.
+strings match), `^` at the start and `$` at the end — of the whole pattern: `^a|b$` reads
+as `^(a|b)$`, stricter than ECMA's `(^a)|(b$)` (every answer still matches). A pattern
+matches anywhere in the string, as JSON schema says, unless anchored; a pattern that needs
+control characters only `\u` escapes write (strings held to a pattern use none) matches
+nothing. Anything else (backreferences, lookarounds, `\b`, anchors inside, counts past
+MAX_COUNT, NFAs past MAX_STATES) is a ConfigError naming it.
 
 `format`: date, time, date-time (RFC 3339, with its offset), uuid, email (a plain
 local@domain.tld subset), ipv4, hostname, uri (scheme:rest, no blanks) — each as the pattern
@@ -27,7 +30,9 @@ from functools import cache
 
 from expertswitch.errors import ConfigError
 
-MAX_STATES = 20_000  # an NFA past this (e.g. a{1000}{1000}) is refused
+MAX_STATES = 4096  # an NFA past this (e.g. (a?){2000}) is refused: each character's step
+# walks the live states, for every token the mask tries
+MAX_COUNT = 1000  # the largest {n,m}
 
 _ANY = (True, ())  # every character (a negated empty set)
 _LINE_END = (True, ((10, 10), (13, 13), (0x2028, 0x2029)))  # "."
@@ -55,6 +60,28 @@ FORMATS = {  # format → the pattern its values are written in (anchored)
     "hostname": f"^{_LABEL}(\\.{_LABEL})*$",
     "uri": "^[A-Za-z][A-Za-z0-9+.-]*:[^\\s]+$",
 }
+
+
+# control characters a JSON string writes only as \u escapes, which strings held to a pattern
+# do not use (\b \t \n \f \r have short escapes)
+_UNWRITABLE = ((0, 7), (11, 11), (14, 31))
+
+
+def _writable(charset: tuple) -> tuple | None:
+    """The charset without _UNWRITABLE (a negated one: those added to what it excludes);
+    None when nothing is left."""
+    negated, ranges = charset
+    if negated:
+        return (True, tuple(ranges) + _UNWRITABLE)
+    out = []
+    for lo, hi in ranges:
+        pieces = [(lo, hi)]
+        for a, b in _UNWRITABLE:  # each piece minus [a, b]
+            pieces = [part for x, y in pieces
+                      for part in ([(x, y)] if b < x or a > y else
+                                   [(x, a - 1)] * (x < a) + [(b + 1, y)] * (y > b))]  # fmt: skip
+        out += pieces
+    return (False, tuple(out)) if out else None
 
 
 def _contains(charset: tuple, ch: str) -> bool:
@@ -127,8 +154,11 @@ class _Parser:
             return None
         body = self.text[self.i + 1 : end]
         lo, comma, hi = body.partition(",")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
+        digits = "0123456789"
+        if not lo or any(c not in digits for c in lo + hi):
             return None
+        if len(lo) > 4 or len(hi) > 4 or int(lo) > MAX_COUNT or (hi and int(hi) > MAX_COUNT):
+            self.fail(f"{{{body}}}: repetition counts go up to {MAX_COUNT}")
         lo_n, hi_n = int(lo), (int(hi) if hi else None) if comma else int(lo)
         if hi_n is not None and hi_n < lo_n:
             self.fail(f"{{{body}}} has its maximum below its minimum")
@@ -222,7 +252,8 @@ class Regex:
         self.pattern = pattern
         text = pattern
         head = text.startswith("^")
-        tail = text.endswith("$") and not text.endswith("\\$")
+        slashes = len(text[:-1]) - len(text[:-1].rstrip("\\"))  # (an odd count escapes it)
+        tail = text.endswith("$") and slashes % 2 == 0
         body = text[1 if head else 0 : len(text) - 1 if tail else len(text)]
         self.moves: list[list] = []
         self.empty: list[list[int]] = []
@@ -258,7 +289,9 @@ class Regex:
         kind = node[0]
         if kind == "set":
             a, b = self._state(), self._state()
-            self.moves[a].append((node[1], b))
+            charset = _writable(node[1])
+            if charset is not None:  # (else no character can be written: no move)
+                self.moves[a].append((charset, b))
             return a, b
         if kind == "cat":
             a = b = self._state()
@@ -359,18 +392,25 @@ class Regex:
         return room is None or min(self.dist[s] for s in later) <= room - need
 
     def _after(self, states: frozenset, k: int) -> frozenset:
-        """The live states exactly k characters (any) later."""
+        """The live states exactly k characters (any) later. The sets met along the way
+        repeat after at most 2^states steps, in practice a few: a repeat makes a huge k
+        (a minLength of 10^9) a lookup in the cycle found."""
         key = (states, k)
-        if key not in self._later:
+        out = self._later.get(key)
+        if out is None:
+            seen, path, out = {states: 0}, [states], states
+            for i in range(1, k + 1):
+                out = self._closure([t for s in out for _, t in self.moves[s]])
+                if out in seen:  # a cycle from seen[out] of length i − seen[out]
+                    j = seen[out]
+                    out = path[j + (k - j) % (i - j)]
+                    break
+                seen[out] = i
+                path.append(out)
             if len(self._later) > 1 << 12:
                 self._later.clear()
-            out = states
-            for _ in range(k):
-                out = self._closure([t for s in out for _, t in self.moves[s]])
-                if not out:
-                    break
             self._later[key] = out
-        return self._later[key]
+        return out
 
 
 def format_regex(name) -> Regex | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from expertswitch.engine import Engine
+from expertswitch.engine import Engine, SamplingParams
 from expertswitch.engine.beam import BeamSearch, BeamSearchParams
 from expertswitch.engine.guided import token_index
 from expertswitch.engine.request import Logprob, RequestOutput
@@ -199,6 +199,13 @@ class OpenAIServing:
             where = self.engine.base_path
         # (the requests' defaults where they leave a sampling field out)
         self.sampling_defaults = {} if where == "vllm" else generation_defaults(where)
+        try:  # (a value out of range is the file's fault, said now, not each request's)
+            SamplingParams(**self.sampling_defaults)
+        except ConfigError as e:
+            raise ConfigError(
+                f"{where}/generation_config.json: {e}; fix the file, or start "
+                "the server with --generation-config vllm"
+            ) from None
 
     # model resolution --------------------------------------------------------------------
 
