@@ -867,6 +867,12 @@ def _error(r: httpx.Response, status: int) -> dict:
       "response_format": {"type": "json_schema"}}, 400, "needs json_schema"),
     ({"model": "math", "prompt": "x", "guided_json": {"type": "string", "format": "ipv6"}},
      400, "format 'ipv6' is not supported"),
+    ({"model": "math", "messages": [{"role": "user", "content": "x"}], "echo": True}, 400,
+     "echo is not supported"),
+    ({"model": "math", "prompt": "x", "logprobs": 1, "logprob_token_ids": [3]}, 400,
+     "logprob_token_ids is not supported"),
+    ({"model": "math", "prompt": "x", "thinking_token_budget": 8}, 400,
+     "thinking_token_budget is not supported"),
     ({"model": "math", "prompt": "x", "guided_regex": "[0-9]+"}, 400, "regex is not supported"),
     ({"model": "math", "prompt": "x", "guided_choice": ["a"], "guided_json": {}}, 400,
      "give one"),
@@ -945,7 +951,9 @@ def test_an_expert_that_fails_to_load_is_503_while_others_work(family, tmp_path)
 
 def test_api_key_and_admin_routes(family, tmp_path):
     base, archives, _ = family
-    cfg = ServerConfig(api_key="s3cret", enable_admin=True, base_name="tiny-base")
+    cfg = ServerConfig(
+        api_key="s3cret", enable_admin=True, base_name="tiny-base", base_aliases=("org/tiny",)
+    )  # (vLLM's --served-model-name A B)
     app, aengine = build_app(base, {"code": archives["code"]}, device="cpu",
                              dtype=torch.float32, cfg=cfg)  # fmt: skip
     with ServerThread(app) as srv:
@@ -957,7 +965,9 @@ def test_api_key_and_admin_routes(family, tmp_path):
         _error(httpx.get(url + "/v1/models", headers={"Authorization": "Basic s3cret"}), 401)
         assert httpx.get(url + "/health").status_code == 200  # health is open, as in vLLM
         c = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
-        assert [m.id for m in c.models.list().data] == ["tiny-base", "code"]
+        assert [m.id for m in c.models.list().data] == ["tiny-base", "org/tiny", "code"]
+        r = c.completions.create(model="org/tiny", prompt="1 +", max_tokens=2)
+        assert r.model == "tiny-base"  # (an alias answers; replies say the first name)
         auth = {"Authorization": "Bearer s3cret"}
 
         def post(route, body, status=200):
@@ -974,7 +984,8 @@ def test_api_key_and_admin_routes(family, tmp_path):
         assert r.model == "math"
         post("/v1/experts/load", {"name": "math", "path": str(archives["math"])}, 409)
         post("/v1/experts/load", {"name": "zzz", "path": str(tmp_path)}, 400)
-        post("/v1/experts/load", {"name": "tiny-base", "path": str(archives["math"])}, 400)
+        for name in ("tiny-base", "org/tiny", "base"):  # the base's names are not free
+            post("/v1/experts/load", {"name": name, "path": str(archives["math"])}, 400)
         post("/v1/experts/load", {"name": "long", "path": "/x" * 3000}, 400)
         post("/v1/experts/unpin", {"name": "math"})
         post("/v1/experts/unload", {"name": "math"})

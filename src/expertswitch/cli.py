@@ -268,7 +268,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: "
                    "bfloat16 on a GPU, float32 on CPU)")  # fmt: skip
-    p.add_argument("--served-model-name", default="base", help="the base model's name in the API")
+    p.add_argument("--served-model-name", nargs="+", default=["base"], metavar="NAME",
+                   help="the base model's name in the API; more names: it answers to each, "
+                   "and replies say the first (vLLM's)")  # fmt: skip
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on "
                    "/v1 routes (default: $EXPERTSWITCH_API_KEY if set)")  # fmt: skip
     p.add_argument(
@@ -902,7 +904,8 @@ def cmd_serve(args) -> None:
             '--enable-auto-tool-choice (tool_choice "auto" stays off)',
             file=sys.stderr,
         )
-    cfg = ServerConfig(base_name=args.served_model_name,
+    cfg = ServerConfig(base_name=args.served_model_name[0],
+                       base_aliases=tuple(args.served_model_name[1:]),
                        api_key=api_key,
                        enable_admin=args.enable_admin,
                        max_request_bytes=_size_arg(args.max_request_bytes, "--max-request-bytes"),

@@ -39,8 +39,9 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
     if engine.tokenizer is None:
         raise ConfigError(f"{engine.base_path} has no tokenizer files; the server needs one "
                           "(copy tokenizer.json / tokenizer_config.json into it)")  # fmt: skip
-    if cfg.base_name in engine.experts or cfg.base_name == AUTO:
-        raise ConfigError(f"the base's name {cfg.base_name!r} is taken by an expert or by "
+    taken = [n for n in cfg.base_names() if n in engine.experts or n == AUTO]
+    if taken:
+        raise ConfigError(f"the base's name {taken[0]!r} is taken by an expert or by "
                           "'auto': choose another --served-model-name")  # fmt: skip
     if router is not None:
         missing = sorted(set(router.experts) - set(engine.experts))
@@ -117,7 +118,10 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
                                               for n in engine.experts})  # fmt: skip
         card = {"object": "model", "created": started, "owned_by": "expertswitch",
                 "max_model_len": engine.max_model_len}  # fmt: skip
-        data = [{**card, "id": cfg.base_name, "root": str(engine.base_path), "parent": None}]
+        data = [
+            {**card, "id": n, "root": str(engine.base_path), "parent": None}
+            for n in (cfg.base_name, *cfg.base_aliases)
+        ]  # (vLLM lists every name)
         data += [{**card, "id": n, "root": p, "parent": cfg.base_name} for n, p in experts.items()]
         if router is not None:
             data.append({**card, "id": AUTO, "root": "router", "parent": cfg.base_name,
@@ -166,11 +170,11 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
 
         return {"object": "list", "data": await aengine.call(status)}
 
-    _admin_routes(app, aengine, [*guarded, Depends(admin)], cfg.base_name)
+    _admin_routes(app, aengine, [*guarded, Depends(admin)], cfg.base_names())
     return app
 
 
-def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> None:
+def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_names: tuple) -> None:
     engine = aengine.engine
 
     async def run(fn, *args, on_engine: bool = True):
@@ -195,7 +199,7 @@ def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> N
             raise HTTPError(503, str(e)) from None
 
     def load(name: str, path: str, pin: bool, checked=None) -> dict:
-        if name == base_name:
+        if name in base_names:
             raise ConfigError(f"{name!r} is the base model's name here: choose another name")
         engine.add_expert(name, path, checked)
         if pin:
@@ -232,7 +236,7 @@ def _admin_routes(app: FastAPI, aengine: AsyncEngine, deps, base_name: str) -> N
         return await run(load, name, path, pin, checked)
 
     def free_name(name: str) -> None:
-        if name == base_name:
+        if name in base_names:
             raise ConfigError(f"{name!r} is the base model's name here: choose another name")
         engine.registry.check_name(name)
 

@@ -171,6 +171,11 @@ def refuse_unsupported(req: _Request) -> None:
         forced_tool(req)  # (a 400 for a tool choice it cannot hold the answer to)
     unsupported["guided_whitespace_pattern"] = req.guided_whitespace_pattern is not None
     unsupported["logits_processors"] = bool(req.logits_processors)
+    extra = req.model_extra or {}  # (vLLM's fields that change its answer, not served here)
+    if isinstance(req, ChatCompletionRequest):
+        unsupported["echo"] = bool(extra.get("echo"))
+    for name in ("logprob_token_ids", "thinking_token_budget", "repetition_detection"):
+        unsupported[name] = extra.get(name) not in (None, False, [], {})
     k = req.truncate_prompt_tokens
     if k is not None and (isinstance(k, bool) or not (k == -1 or k >= 1)):
         raise HTTPError(400, f"truncate_prompt_tokens must be a positive number of tokens (or "

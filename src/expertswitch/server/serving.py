@@ -82,6 +82,8 @@ KEEPALIVE_S = 15.0
 @dataclass
 class ServerConfig:
     base_name: str = "base"  # the name the base model answers to (besides "base")
+    # more names it answers to (vLLM's --served-model-name A B ...: replies say base_name)
+    base_aliases: tuple[str, ...] = ()
     api_key: str | None = None
     enable_admin: bool = False
     max_request_bytes: int = 4 * 2**20
@@ -111,6 +113,10 @@ class ServerConfig:
     # JSON, are kept in memory for GET and previous_response_id, the oldest dropped first
     responses_kept: int = 1000
     responses_kept_bytes: int = 256 * 2**20
+
+    def base_names(self) -> tuple[str, ...]:
+        """Every name the base answers to."""
+        return (self.base_name, *self.base_aliases, "base")
 
     def __post_init__(self):
         for what, name, known in (
@@ -213,7 +219,7 @@ class OpenAIServing:
         return await self.aengine.call(lambda: list(self.engine.experts))
 
     async def resolve(self, model: str | None, query) -> Target:
-        if model in (None, self.cfg.base_name, "base"):  # (None: left out, vLLM's default)
+        if model is None or model in self.cfg.base_names():  # (None: vLLM's default)
             return Target(None, self.cfg.base_name)
         if model == AUTO:
             if self.router is None:
