@@ -6,12 +6,11 @@ The subset (ECMA-262 syntax, as JSON schema defines `pattern`): literals and esc
 `\n`, `\t`, `\uXXXX`, `\xHH`, ...), `.` (any character but a line terminator), classes
 `[a-z0-9_]` and `[^...]` with `\d`, `\w`, `\s` inside, `\d \w \s \D \W \S`, groups `(...)`
 and `(?:...)`, `|`, the quantifiers `* + ? {n} {n,} {n,m}` (lazy ones read alike: the same
-strings match), `^` at the start and `$` at the end — of the whole pattern: `^a|b$` reads
-as `^(a|b)$`, stricter than ECMA's `(^a)|(b$)` (every answer still matches). A pattern
-matches anywhere in the string, as JSON schema says, unless anchored; a pattern that needs
-control characters only `\u` escapes write (strings held to a pattern use none) matches
-nothing. Anything else (backreferences, lookarounds, `\b`, anchors inside, counts past
-MAX_COUNT, NFAs past MAX_STATES) is a ConfigError naming it.
+strings match), the anchors `^` and `$` wherever they stand (`^a|b$` is ECMA's `(^a)|(b$)`).
+A pattern matches anywhere in the string, as JSON schema says, unless anchored; a pattern
+that needs control characters only `\u` escapes write (strings held to a pattern use none)
+matches nothing. Anything else (backreferences, lookarounds, `\b`, counts past MAX_COUNT,
+NFAs past MAX_STATES) is a ConfigError naming it.
 
 `format`: date, time, date-time (RFC 3339, with its offset), uuid, email (a plain
 local@domain.tld subset), ipv4, hostname, uri (scheme:rest, no blanks) — each as the pattern
@@ -183,8 +182,8 @@ class _Parser:
             return ("set", _LINE_END)
         if ch == "\\":
             return ("set", self.escape(in_class=False))
-        if ch in "^$":
-            self.fail(f"{ch} is supported only at the start (^) and the end ($) of the pattern")
+        if ch in "^$":  # anchors: at the string's start, at its end
+            return ("bol",) if ch == "^" else ("eol",)
         if ch in "*+?":
             self.fail(f"{ch} follows nothing")
         if ch == ")":
@@ -245,30 +244,25 @@ class _Parser:
 
 
 class Regex:
-    """An NFA: per state, its character moves [(charset, target)] and its empty moves; state
-    0 starts, `accept` ends. `dist[s]`: the fewest characters from s to the end (None: dead)."""
+    """An NFA: per state, its character moves [(charset, target)], its empty moves and its
+    anchored ones [("^" or "$", target)] (open only before the first character, or after
+    the last); `start` starts, `accept` ends. `dist[s]`: the fewest characters from s to the
+    end once a character has been read (None: dead)."""
 
     def __init__(self, pattern: str, what: str = "pattern"):
         self.pattern = pattern
-        text = pattern
-        head = text.startswith("^")
-        slashes = len(text[:-1]) - len(text[:-1].rstrip("\\"))  # (an odd count escapes it)
-        tail = text.endswith("$") and slashes % 2 == 0
-        body = text[1 if head else 0 : len(text) - 1 if tail else len(text)]
         self.moves: list[list] = []
         self.empty: list[list[int]] = []
-        ast = _Parser(body, what).parse()
-        parts = [ast]
-        if not head:
-            parts.insert(0, ("rep", ("set", _ANY), 0, None))  # (JSON schema: anywhere)
-        if not tail:
-            parts.append(("rep", ("set", _ANY), 0, None))
-        start, end = self._build(("cat", parts), what)
+        self.anchored: list[list[tuple[str, int]]] = []
+        ast = _Parser(pattern, what).parse()
+        anywhere = ("rep", ("set", _ANY), 0, None)  # (JSON schema: found anywhere; ^ and $
+        start, end = self._build(("cat", [anywhere, ast, anywhere]), what)  # pin it)
         self.start, self.accept = start, end
+        self.at_end = self._at_end()
         self.dist = self._distances()
         self._steps: dict = {}  # (states, character) → states (memoised, capped)
         self._later: dict = {}  # (states, k) → states k characters on
-        if self.dist[self.start] is None:
+        if not self.initial():
             raise ConfigError(f"{what} {pattern!r} matches no string")
 
     def __getstate__(self):  # (pickled with the grammar; the cache is rebuilt)
@@ -280,6 +274,7 @@ class Regex:
     def _state(self) -> int:
         self.moves.append([])
         self.empty.append([])
+        self.anchored.append([])
         if len(self.moves) > MAX_STATES:
             raise ConfigError(f"pattern {self.pattern!r} is too large for structured outputs "
                               "(its repetitions expand too far)")  # fmt: skip
@@ -287,6 +282,10 @@ class Regex:
 
     def _build(self, node, what) -> tuple[int, int]:
         kind = node[0]
+        if kind in ("bol", "eol"):
+            a, b = self._state(), self._state()
+            self.anchored[a].append(("^" if kind == "bol" else "$", b))
+            return a, b
         if kind == "set":
             a, b = self._state(), self._state()
             charset = _writable(node[1])
@@ -330,8 +329,25 @@ class Regex:
             b = e
         return a, end
 
+    def _at_end(self) -> frozenset:
+        """The states from which the end is reached reading nothing more (by empty and "$"
+        moves)."""
+        back: list[list[int]] = [[] for _ in self.moves]
+        for s in range(len(self.moves)):
+            for t in self.empty[s] + [t for kind, t in self.anchored[s] if kind == "$"]:
+                back[t].append(s)
+        out, todo = {self.accept}, [self.accept]
+        while todo:
+            for s in back[todo.pop()]:
+                if s not in out:
+                    out.add(s)
+                    todo.append(s)
+        return frozenset(out)
+
     def _distances(self) -> list[int | None]:
-        """Fewest characters from each state to the end (0-1 BFS on the reversed moves)."""
+        """Fewest characters from each state to the end once a character has been read
+        (0-1 BFS on the reversed moves: a "^" move is closed then, a "$" move open only into
+        a state that ends reading nothing)."""
         back: list[list[tuple[int, int]]] = [[] for _ in self.moves]
         for s, moves in enumerate(self.moves):
             for _, t in moves:
@@ -339,6 +355,10 @@ class Regex:
         for s, targets in enumerate(self.empty):
             for t in targets:
                 back[t].append((s, 0))
+        for s, moves in enumerate(self.anchored):
+            for kind, t in moves:
+                if kind == "$" and t in self.at_end:
+                    back[t].append((s, 0))
         dist: list[int | None] = [None] * len(self.moves)
         dist[self.accept] = 0
         todo = deque([self.accept])
@@ -351,18 +371,24 @@ class Regex:
                     (todo.appendleft if w == 0 else todo.append)(s)
         return dist
 
-    def _closure(self, states) -> frozenset:
-        out, todo = set(), list(states)
+    def _closure(self, states, first: bool = False) -> frozenset:
+        """The live states reached by empty moves (and, before the first character, "^"
+        moves); a dead state on the way to a "^" is passed through, not kept."""
+        seen, out, todo = set(), set(), list(states)
         while todo:
             s = todo.pop()
-            if s in out or self.dist[s] is None:  # (dead states dropped)
+            if s in seen:
                 continue
-            out.add(s)
+            seen.add(s)
+            if self.dist[s] is not None:
+                out.add(s)
             todo.extend(self.empty[s])
+            if first:
+                todo.extend(t for kind, t in self.anchored[s] if kind == "^")
         return frozenset(out)
 
     def initial(self) -> frozenset:
-        return self._closure([self.start])
+        return self._closure([self.start], first=True)
 
     def step(self, states: frozenset, ch: str) -> frozenset:
         key = (states, ch)
@@ -376,7 +402,8 @@ class Regex:
         return out
 
     def accepts(self, states: frozenset) -> bool:
-        return self.accept in states
+        """Whether the string may end here (the end reached by empty and "$" moves)."""
+        return not self.at_end.isdisjoint(states)
 
     def can_end(self, states: frozenset, n: int, min_len: int, max_len: int | None) -> bool:
         """Whether, n characters in, a match of min_len..max_len characters can still end."""
