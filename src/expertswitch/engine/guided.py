@@ -837,14 +837,16 @@ class _Compiler:
 
         def number(key):
             v = s.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
-                                  or v != v or v in (float("inf"), float("-inf"))):  # fmt: skip
+            if v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int | float) or v != v \
+                    or v in (float("inf"), float("-inf")):  # fmt: skip
                 raise ConfigError(f"JSON schema at {where}: {key} must be a number, got {v!r}")
-            if v is not None and len(repr(v)) > BOUND_DIGITS:
+            if len(repr(v)) > BOUND_DIGITS:
                 raise ConfigError(f"JSON schema at {where}: {key} {v!r} has too many digits "
                                   f"for structured outputs (at most {BOUND_DIGITS})")  # fmt: skip
             # (a float as written: 0.1 is 1/10, not the binary value nearest to it)
-            return None if v is None else Fraction(repr(v) if isinstance(v, float) else v)
+            return Fraction(repr(v) if isinstance(v, float) else v)
 
         ends = []
         for inclusive, exclusive, low in (("minimum", "exclusiveMinimum", True),
@@ -862,9 +864,8 @@ class _Compiler:
             ends += [end, flag]
         bounds = tuple(ends)
         integer = types is not None and "integer" in types and "number" not in types
-        lo, lo_x, hi, hi_x = bounds
-        empty = lo is not None and hi is not None and not _meets(lo, None, bounds, integer)
-        if empty:
+        lo, _, hi, _ = bounds
+        if lo is not None and hi is not None and not _meets(lo, None, bounds, integer):
             kind = "integer" if integer else "number"
             raise ConfigError(f"JSON schema at {where}: no {kind} lies within its minimum and "
                               "maximum")  # fmt: skip

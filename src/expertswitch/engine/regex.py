@@ -136,8 +136,8 @@ class _Parser:
             if ch in ("*", "+", "?"):
                 self.i += 1
                 lo, hi = {"*": (0, None), "+": (1, None), "?": (0, 1)}[ch]
-            elif ch == "{" and self._counted():
-                lo, hi = self._counted(consume=True)
+            elif ch == "{" and (counted := self._counted()) is not None:
+                lo, hi = counted
             else:
                 return node
             if self.peek() == "?":  # lazy: the same strings match
@@ -146,8 +146,8 @@ class _Parser:
                 self.fail("possessive quantifiers are not supported")
             node = ("rep", node, lo, hi)
 
-    def _counted(self, consume: bool = False):
-        """{n}, {n,} or {n,m} at self.i: (lo, hi), else None (a literal "{")."""
+    def _counted(self):
+        """{n}, {n,} or {n,m} at self.i, read: (lo, hi); else None (a literal "{")."""
         end = self.text.find("}", self.i)
         if end < 0:
             return None
@@ -161,8 +161,7 @@ class _Parser:
         lo_n, hi_n = int(lo), (int(hi) if hi else None) if comma else int(lo)
         if hi_n is not None and hi_n < lo_n:
             self.fail(f"{{{body}}} has its maximum below its minimum")
-        if consume:
-            self.i = end + 1
+        self.i = end + 1
         return lo_n, hi_n
 
     def atom(self):
