@@ -490,3 +490,140 @@ def test_cpu_stack_stores_code_minus_zero_below_8_bits(bits, symmetric):
             y = stack.bmm(x)
             for e, d in enumerate(ds):
                 assert rel_err(y[e], d.matmul_reference(x[e])) < 1e-5, (n, k, e, offsets)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cpu_concatenated_stack_equals_each_weight_alone(bits, symmetric):
+    """StackedDeltas.concat (q, k and v of the same experts as one stack, models/layers
+    .FusedLinears): each expert's output columns are, weight by weight, that weight's
+    PackedDelta.matmul_reference — salient channels in some weights only (each weight's own
+    columns, zeros in the others'), a stack with offsets (a damaged zero point) beside ones
+    without, one group per row and several with a partial last one. Stacks of another input
+    size are refused."""
+    from expertswitch.kernels.delta_cpu import StackedDeltas
+
+    if DEVICE != "cpu":
+        pytest.skip("the CPU path")
+    g = torch.Generator().manual_seed(bits)
+    for k, group in ((64, 64), (100, 32)):
+        weights = []
+        for w, (n, sal) in enumerate(((24, (2, 0, 3)), (12, (0, 0, 0)), (12, (1, 4, 0)))):
+            weights.append(
+                [
+                    make_delta(
+                        n, k, bits, group, symmetric, s, seed=100 * w + i, magnitude=2.0 ** -(i + w)
+                    )
+                    for i, s in enumerate(sal)
+                ]
+            )
+        if not symmetric and bits < 8:  # the middle weight's stack with offsets
+            weights[1] = [copy.copy(d) for d in weights[1]]
+            weights[1][2].zeros = torch.full_like(weights[1][2].zeros, 200)
+        stacks = [StackedDeltas.build(ds) for ds in weights]
+        fused = StackedDeltas.concat(stacks)
+        assert fused.codes.shape[-1] == 48
+        x = torch.randn(3, 5, k, generator=g)
+        y = fused.bmm(x)
+        for e in range(3):
+            want = torch.cat([ds[e].matmul_reference(x[e]) for ds in weights], dim=1)
+            assert rel_err(y[e], want) < 1e-5, (k, e)
+    other = StackedDeltas.build([make_delta(8, 32, bits, 32, symmetric, 0, seed=i)
+                                 for i in range(3)])  # fmt: skip
+    with pytest.raises(ValueError, match="output channels"):
+        StackedDeltas.concat([stacks[0], other])
+
+
+def _fused_fixture(bias: bool, bits: int = 2):
+    """q, k, v MultiExpertLinears of one input size, fused, and experts storing all three as
+    deltas (beside them: one leaves v out, one q, one stores k in another format, one
+    replaces k exactly)."""
+    from expertswitch.models.expert_weights import ExpertWeights
+    from expertswitch.models.layers import FusedLinears, MultiExpertLinear
+
+    g = torch.Generator().manual_seed(bits)
+    k = 40
+    sizes = {"q.weight": 16, "k.weight": 8, "v.weight": 8}
+    members = [MultiExpertLinear(name, torch.randn(n, k, generator=g),
+                                 torch.randn(n, generator=g) if bias else None)
+               for name, n in sizes.items()]  # fmt: skip
+
+    def deltas(seed, fmt=bits):
+        return {name: make_delta(n, k, fmt, 32, False, 2 * i, seed=seed + i, magnitude=2.0**-i)
+                for i, (name, n) in enumerate(sizes.items())}  # fmt: skip
+
+    alike = [ExpertWeights(f"e{i}", None, deltas(10 * i)) for i in range(3)]
+    partial, no_q = deltas(40), deltas(45)
+    del partial["v.weight"], no_q["q.weight"]
+    odd = deltas(50)
+    odd["k.weight"] = make_delta(8, k, 4 if bits != 4 else 2, 32, False, 1, seed=55)
+    exact = ExpertWeights("exact", None, deltas(60), {"k.weight": torch.randn(8, k, generator=g)})
+    others = {"partial": ExpertWeights("partial", None, partial),
+              "no q": ExpertWeights("no q", None, no_q),
+              "format": ExpertWeights("format", None, odd), "exact": exact}  # fmt: skip
+    originals = [m.weight.clone() for m in members]
+    return FusedLinears(members), members, originals, alike, others, k
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("bits", [2, 8])
+def test_fused_linears_equal_each_linear_alone(bias, bits, monkeypatch):
+    """models/layers.FusedLinears (q, k, v as one matmul and one concatenated delta stack)
+    against each row computed from the member's base weight, its bias and its expert's
+    PackedDelta.matmul_reference: rows sorted by expert (the runner's order: views), in any
+    order (gathered), base-only rows, some of the experts only. Member weights become views
+    of the fused weight (no second copy). Steps it cannot fuse run member by member (None):
+    an expert leaving a member out, storing one in another format, or replacing one exactly;
+    FUSE_LINEARS off. An active set with deltas of another format among its experts runs
+    member by member."""
+    from expertswitch.models import layers
+    from expertswitch.models.context import ExpertBatch
+    from expertswitch.models.expert_weights import ExpertWeights
+
+    if DEVICE != "cpu":
+        pytest.skip("the CPU path")
+    fused, members, originals, experts, others, k = _fused_fixture(bias, bits)
+    for m, w in zip(members, originals):
+        assert torch.equal(m.weight, w)
+        assert fused.weight.untyped_storage().data_ptr() == m.weight.untyped_storage().data_ptr()
+    g = torch.Generator().manual_seed(1)
+    tables: dict = {}
+    for slots, sorted_rows in (([-1, 0, 0, 1, 1, 2, 2], True), ([2, -1, 0, 2, 1, 0], False),
+                               ([0, 0, 2, 2], True), ([1, -1, 1], False)):  # fmt: skip
+        if sorted_rows:
+            eb = ExpertBatch.from_host(experts, slots, "cpu")
+        else:
+            eb = ExpertBatch.build(experts, torch.tensor(slots))
+        eb.tables = tables
+        x = torch.randn(len(slots), k, generator=g)
+        out = fused(x, eb)
+        assert out is not None, slots
+        outs = out.split(fused.sizes, dim=1)
+        for m, w, y in zip(members, originals, outs):
+            for r, s in enumerate(slots):
+                want = x[r] @ w.T + (0 if m.bias is None else m.bias)
+                if s >= 0:
+                    want = want + experts[s].deltas[m.name].matmul_reference(x[r : r + 1])[0]
+                assert rel_err(y[r], want) < 1e-5, (slots, m.name, r)
+    for name, ex in others.items():
+        eb = ExpertBatch.from_host([experts[0], ex], [0, 1, 1], "cpu")
+        assert fused(torch.randn(3, k, generator=g), eb) is None, name
+        # its rows absent: the others fuse, unless a format differs (the set runs unfused)
+        alone = ExpertBatch.from_host([experts[0], ex], [0, 0, -1], "cpu")
+        assert (fused(torch.randn(3, k, generator=g), alone) is None) == (name == "format")
+        only = ExpertBatch.from_host([ex], [-1, 0], "cpu")  # its rows beside base rows only
+        assert (fused(torch.randn(2, k, generator=g), only) is None) == (name != "format")
+    # every expert storing k in other bits and symmetry than q and v: one stack still
+    other = 4 if bits != 4 else 2
+    mixed = [ExpertWeights(e.name, None, {**e.deltas, "k.weight": make_delta(
+        8, k, other, 32, True, 1, seed=70 + i)}) for i, e in enumerate(experts)]  # fmt: skip
+    x = torch.randn(4, k, generator=g)
+    out = fused(x, ExpertBatch.from_host(mixed, [0, 1, 2, 2], "cpu"))
+    assert out is not None
+    kw = out.split(fused.sizes, dim=1)[1]
+    for r, s in enumerate([0, 1, 2, 2]):
+        want = x[r] @ originals[1].T + (0 if members[1].bias is None else members[1].bias)
+        want = want + mixed[s].deltas["k.weight"].matmul_reference(x[r : r + 1])[0]
+        assert rel_err(kw[r], want) < 1e-5, r
+    monkeypatch.setattr(layers, "FUSE_LINEARS", False)
+    assert fused(torch.randn(2, k), ExpertBatch.from_host(experts, [0, 1], "cpu")) is None

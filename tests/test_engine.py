@@ -135,6 +135,34 @@ def test_mixed_batch_gives_every_request_its_solo_tokens(llama_engine, solo):
         assert out.token_ids == ref[(i, e)], (i, e)
 
 
+def test_fused_projections_serve_transformers_tokens(llama_engine, solo, monkeypatch):
+    """q/k/v and gate/up as one product each (models/layers.FusedLinears: one matmul, one
+    concatenated delta stack) in prefill and decode steps of a mixed batch: every request
+    gets transformers' greedy tokens, and the logprobs of the same batch run linear by
+    linear (FUSE_LINEARS off)."""
+    from expertswitch.models import layers
+
+    ps, ref = solo
+    combos = [(i, e) for i in range(len(ps)) for e in (None, "e0", "e1")]
+    calls = {"fused": 0, "apart": 0}
+    real = layers.FusedLinears.__call__
+
+    def counted(self, x, eb):
+        out = real(self, x, eb)
+        calls["apart" if out is None else "fused"] += 1
+        return out
+
+    monkeypatch.setattr(layers.FusedLinears, "__call__", counted)
+    sp = SamplingParams(temperature=0.0, max_tokens=GREEDY.max_tokens, logprobs=0)
+    args = [ps[i] for i, _ in combos], [e for _, e in combos], sp
+    fused = llama_engine.generate(*args)
+    assert calls["fused"] >= 2 * 2 * GREEDY.max_tokens and not calls["apart"], calls
+    for (i, e), out in zip(combos, fused):
+        assert out.token_ids == ref[(i, e)], (i, e)
+    monkeypatch.setattr(layers, "FUSE_LINEARS", False)
+    same_tokens_and_logprobs(llama_engine.generate(*args), fused)
+
+
 def test_requests_joining_mid_generation(llama_engine, solo):
     ps, ref = solo
     eng = llama_engine

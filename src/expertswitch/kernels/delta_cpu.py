@@ -191,6 +191,42 @@ class StackedDeltas:
         out.salient_idx = None if idx is None else idx.unsqueeze(1)
         return out
 
+    @classmethod
+    def concat(cls, stacks: list[StackedDeltas]) -> StackedDeltas:
+        """One stack whose output channels are the stacks' in turn (q, k and v of the same
+        experts, applied by one batched matmul): the same experts, input size and groups.
+        Each salient channel keeps its own weight's columns (a block of zeros in the
+        others'); a stack without offsets gets zero ones beside a stack that has them."""
+        s0 = stacks[0]
+        for s in stacks[1:]:
+            if s.codes.shape[:3] != s0.codes.shape[:3] or s.k != s0.k:
+                raise ValueError(
+                    "stacks concatenate along output channels only: "
+                    f"{tuple(s.codes.shape)} beside {tuple(s0.codes.shape)}"
+                )
+        widths = [s.codes.shape[-1] for s in stacks]
+        e, groups = s0.codes.shape[0], s0.codes.shape[1]
+        offsets = None
+        if any(s.offsets is not None for s in stacks):
+            offsets = torch.cat([s.offsets if s.offsets is not None
+                                 else s.steps.new_zeros(e, groups, n)
+                                 for s, n in zip(stacks, widths)], dim=-1)  # fmt: skip
+        out = cls(torch.cat([s.codes for s in stacks], dim=-1),
+                  torch.cat([s.steps for s in stacks], dim=-1), offsets, s0.k)  # fmt: skip
+        counts = [0 if s.salient_idx is None else s.salient_idx.shape[-1] for s in stacks]
+        if sum(counts):
+            dev = s0.steps.device
+            out.salient_idx = torch.cat([s.salient_idx for s in stacks if s.salient_idx
+                                         is not None], dim=-1)  # fmt: skip
+            cols = torch.zeros(e, sum(counts), sum(widths), device=dev)
+            row = col = 0
+            for s, c, n in zip(stacks, counts, widths):
+                if c:
+                    cols[:, row : row + c, col : col + n] = s.salient_cols
+                row, col = row + c, col + n
+            out.salient_cols = cols
+        return out
+
     def select(self, experts: list[int]) -> StackedDeltas:
         """The stack of some of its experts (in that order)."""
         idx = torch.tensor(experts, dtype=torch.long, device=self.steps.device)

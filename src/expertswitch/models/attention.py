@@ -155,6 +155,8 @@ def paged_attention(q, k_cache, v_cache, layout: PaddedLayout, window: int | Non
         keys, vals = keys.to(q.dtype), vals.to(q.dtype)
     out = attend(qb, keys, vals, scale, softcap, mask)
     out = out.view(b, kvh, g, q_max, d).permute(0, 3, 1, 2, 4)  # [B, Q, kv, g, D]
+    if layout.decode and b == t:  # one query per sequence, each valid: no boolean gather
+        return out.reshape(t, h * d)
     return out[layout.q_valid].reshape(t, h * d)
 
 

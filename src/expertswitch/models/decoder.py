@@ -42,7 +42,13 @@ from expertswitch.io.checkpoint import (
 from expertswitch.models.attention import PaddedLayout, paged_attention, write_kv
 from expertswitch.models.config import ModelConfig
 from expertswitch.models.context import ExpertBatch, StepContext
-from expertswitch.models.layers import MultiExpertLinear, RowEmbedding, RowNorm, stacked_rows
+from expertswitch.models.layers import (
+    FusedLinears,
+    MultiExpertLinear,
+    RowEmbedding,
+    RowNorm,
+    stacked_rows,
+)
 from expertswitch.models.moe_rows import RowMixtralMoE
 from expertswitch.models.rope import LENGTH_DEPENDENT, Rotary
 
@@ -195,12 +201,15 @@ class DecoderLayer:
         a = p + "self_attn."
         _expect_layer(ld, cfg, p, i)
         self.qkv = self.gate_up = None  # Phi-3's fused projections (one linear each)
+        # q, k, v (gate, up) as one product on CPU where the step allows (layers.FusedLinears)
+        self.fused_qkv = self.fused_gate_up = None
         if cfg.fused_proj:  # (never sliced: Decoder refuses tensor parallelism for them)
             self.qkv = ld.linear(a + "qkv_proj", cfg.qkv_bias)
         else:
             self.q = ld.linear(a + "q_proj", cfg.qkv_bias, split="col")
             self.k = ld.linear(a + "k_proj", cfg.qkv_bias, split="col", part=kv_part)
             self.v = ld.linear(a + "v_proj", cfg.qkv_bias, split="col", part=kv_part)
+            self.fused_qkv = FusedLinears.of([self.q, self.k, self.v])
         self.o = ld.linear(a + "o_proj", cfg.o_bias, split="row")
         self.q_norm = self.k_norm = None  # Qwen3's, over each head (whole on every rank)
         if cfg.qk_norm:
@@ -228,6 +237,7 @@ class DecoderLayer:
             else:
                 self.gate = ld.linear(p + "mlp.gate_proj", cfg.mlp_bias, split="col")
                 self.up = ld.linear(p + "mlp.up_proj", cfg.mlp_bias, split="col")
+                self.fused_gate_up = FusedLinears.of([self.gate, self.up])
             self.down = ld.linear(p + "mlp.down_proj", cfg.mlp_bias, split="row")
         self.act = _ACT[cfg.hidden_act]
         self.scale = cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim)
@@ -235,21 +245,28 @@ class DecoderLayer:
     def attention(self, x, ctx: StepContext, kv, layout, cos, sin) -> torch.Tensor:
         cfg, eb = self.cfg, ctx.experts
         t, d = x.shape[0], cfg.head_dim
-        if self.qkv is not None:  # q, k and v rows of one fused projection
+        if self.rope_slot is not None:
+            cos, sin = cos[self.rope_slot], sin[self.rope_slot]
+        qkv = None if self.fused_qkv is None else self.fused_qkv(x, eb)
+        if qkv is None and self.qkv is not None:  # Phi-3: q, k and v rows of one projection
             qkv = self.qkv(x, eb)
+        if qkv is not None:  # q, k and v as column views of one product
             nq, nk = self.heads * d, self.kv_heads * d
-            q = qkv[:, :nq].view(t, self.heads, d)
-            k = qkv[:, nq : nq + nk].view(t, self.kv_heads, d)
-            v = qkv[:, nq + nk :].contiguous().view(t, self.kv_heads, d)
+            v = qkv[:, nq + nk :].view(t, self.kv_heads, d)
+            if self.q_norm is None:  # q and k side by side: rotated in one pass
+                qk = self.rope.apply(qkv[:, : nq + nk].view(t, -1, d), cos, sin)
+                q, k = qk[:, : self.heads], qk[:, self.heads :]
+            else:
+                q = self.q_norm(qkv[:, :nq].view(t, self.heads, d), eb)
+                k = self.k_norm(qkv[:, nq : nq + nk].view(t, self.kv_heads, d), eb)
+                q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         else:
             q = self.q(x, eb).view(t, self.heads, d)
             k = self.k(x, eb).view(t, self.kv_heads, d)
             v = self.v(x, eb).view(t, self.kv_heads, d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q, eb), self.k_norm(k, eb)
-        if self.rope_slot is not None:
-            cos, sin = cos[self.rope_slot], sin[self.rope_slot]
-        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q, eb), self.k_norm(k, eb)
+            q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         write_kv(kv[0], kv[1], k, v, ctx.attention.slot_mapping)
         out = paged_attention(q, kv[0], kv[1], layout, self.window, self.scale,
                               cfg.attn_softcap)  # fmt: skip
@@ -263,8 +280,11 @@ class DecoderLayer:
             gate, up, down, scale = self.shared  # (in transformers' order of operations)
             h = down(self.act(gate(x, eb)) * up(x, eb), eb)
             return out + torch.sigmoid(scale(x, eb)) * h
-        if self.gate_up is not None:  # Phi-3: gate rows, then up rows
-            gate, up = self.gate_up(x, eb).chunk(2, dim=-1)
+        gate_up = None if self.fused_gate_up is None else self.fused_gate_up(x, eb)
+        if gate_up is None and self.gate_up is not None:  # Phi-3's one projection
+            gate_up = self.gate_up(x, eb)
+        if gate_up is not None:  # gate columns, then up columns
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.down(self.act(gate) * up, eb)
         return self.down(self.act(self.gate(x, eb)) * self.up(x, eb), eb)
 

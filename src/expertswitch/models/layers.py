@@ -123,21 +123,37 @@ def _add_stacked(y, x, eb: ExpertBatch, name: str, users) -> list:
             groups.setdefault(keys[s], []).append((s, d))
     for key, group in groups.items():
         slots = tuple(s for s, _ in group)
-        if len(group) > 1 and (run := _even_run(eb, slots)) is not None:
-            a, b = run  # the slots' rows are one run, as many each: views, no gather
-            part = _stack(eb, name, key, slots).bmm(x[a:b].view(len(slots), -1, x.shape[1]))
-            _add_rows(y, a, b, part.view(b - a, -1))
-            continue
-        rows = _padded_rows(eb, slots) if len(group) > 1 else None
-        if rows is None:
+        plan = _row_plan(eb, slots) if len(group) > 1 else None
+        if plan is None:
             rest += group
-            continue
-        gather, keep, targets = rows
-        xg = x.index_select(0, gather).view(len(slots), -1, x.shape[1])
-        part = _stack(eb, name, key, slots).bmm(xg)
-        part = part.view(-1, part.shape[-1]).index_select(0, keep)
-        y[:, : part.shape[1]].index_add_(0, targets, part.to(y.dtype))
+        else:
+            _add_stack(y, x, plan, _stack(eb, name, key, slots))
     return rest
+
+
+def _row_plan(eb: ExpertBatch, slots: tuple[int, ...]):
+    """How `slots`' rows reach a stack as [E, R, K]: ("run", a, b) when they are one run of
+    equal parts (views, no gather), ("rows", gather, keep, targets) when gathered and padded
+    (`_padded_rows`), None when padding would more than double the rows computed."""
+    run = _even_run(eb, slots)
+    if run is not None:
+        return ("run", *run)
+    rows = _padded_rows(eb, slots)
+    return None if rows is None else ("rows", *rows)
+
+
+def _add_stack(y: torch.Tensor, x: torch.Tensor, plan, stack: StackedDeltas) -> None:
+    """y += the delta terms of `stack` (its experts in the plan's slot order) for their rows."""
+    e = stack.codes.shape[0]
+    if plan[0] == "run":
+        _, a, b = plan
+        part = stack.bmm(x[a:b].view(e, -1, x.shape[1]))
+        _add_rows(y, a, b, part.view(b - a, -1))
+        return
+    _, gather, keep, targets = plan
+    part = stack.bmm(x.index_select(0, gather).view(e, -1, x.shape[1]))
+    part = part.view(-1, part.shape[-1]).index_select(0, keep)
+    y[:, : part.shape[1]].index_add_(0, targets, part.to(y.dtype))
 
 
 def _add_rows(y: torch.Tensor, a: int, b: int, part: torch.Tensor) -> None:
@@ -171,18 +187,33 @@ def _stack_key(eb: ExpertBatch, slot: int, name: str, d: PackedDelta) -> tuple |
 def _stack(eb: ExpertBatch, name: str, key: tuple, slots: tuple[int, ...]) -> StackedDeltas:
     """The stack of `slots`' deltas of `name`: the format's whole stack (every active expert
     storing `name` as `key`), or the part of it these slots hold (cached per step)."""
-    fkey = ("stacked", name, key)
-    if fkey not in eb.tables:  # (kept while the same expert objects are active)
+
+    def build():
         every = [
             (s, ex.deltas[name])
             for s, ex in enumerate(eb.experts)
             if name in ex.deltas and _stack_key(eb, s, name, ex.deltas[name]) == key
         ]
-        eb.tables[fkey] = ([s for s, _ in every], StackedDeltas.build([d for _, d in every]))
-    everyone, stack = eb.tables[fkey]
+        return [s for s, _ in every], StackedDeltas.build([d for _, d in every])
+
+    return _stack_part(eb, ("stacked", name, key), slots, build)
+
+
+def _stack_part(eb: ExpertBatch, key: tuple, slots: tuple[int, ...], build):
+    """The stack `build()` makes for every active expert it takes — (slots, stack), or None —
+    kept in the runner's tables while the same expert objects are active; or the part of it
+    `slots` hold (cached per step); None when `build` made none or `slots` are not all in
+    it."""
+    if key not in eb.tables:
+        eb.tables[key] = build()
+    if eb.tables[key] is None:
+        return None
+    everyone, stack = eb.tables[key]
     if list(slots) == everyone:
         return stack
-    pkey = ("stack-part", name, key, slots)
+    if not set(slots) <= set(everyone):
+        return None
+    pkey = ("stack-part", key, slots)
     if pkey not in eb.cache:
         eb.cache[pkey] = stack.select([everyone.index(s) for s in slots])
     return eb.cache[pkey]
@@ -312,6 +343,99 @@ class MultiExpertLinear:
                 out = torch.cat([out, pad], dim=1)
             y[rows] = out
         return y
+
+
+# Whether linears that read the same input (q, k, v; gate, up) run as one on CPU (FusedLinears);
+# False: each alone (tests compare the two)
+FUSE_LINEARS = True
+
+
+class FusedLinears:
+    """Linears that read the same input — q, k and v; gate and up — as one product on CPU, as
+    vLLM's QKVParallelLinear and MergedColumnParallelLinear are: one matmul by the base weights
+    stacked along the output channels, and one batched matmul for the active experts' deltas,
+    their stacks concatenated along the output channels too (StackedDeltas.concat). At decode
+    sizes each torch op costs more than its arithmetic, and this turns 7 linears a layer into 4.
+
+    The members keep their own names (the archives' and adapters' tensor names) and their
+    weights become views of the fused one (no second copy). A step runs member by member
+    (`__call__` returns None) on a GPU (one delta kernel launch per linear, graphs), when an
+    active expert replaces a member's weight or bias or is a LoRA adapter of it, when the
+    members' deltas do not stack alike (another format, int4 forms, a member an expert leaves
+    out), or when the rows are too unevenly spread to stack."""
+
+    def __init__(self, members: list[MultiExpertLinear]):
+        self.members = members
+        self.names = tuple(m.name for m in members)
+        self.sizes = [m.out_features for m in members]
+        self.weight = torch.cat([m.weight for m in members])
+        with_bias = [m.bias is not None for m in members]
+        self.bias = torch.cat([m.bias for m in members]) if all(with_bias) else None
+        self.usable = all(with_bias) or not any(with_bias)
+        start = 0
+        for m, n in zip(members, self.sizes):
+            m.weight = self.weight[start : start + n]
+            if self.bias is not None:
+                m.bias = self.bias[start : start + n]
+            start += n
+
+    @classmethod
+    def of(cls, members: list) -> FusedLinears | None:
+        """The members fused, or None unless each is a MultiExpertLinear of one input size."""
+        if not all(type(m) is MultiExpertLinear for m in members):
+            return None
+        if len({m.weight.shape[1:] for m in members}) != 1:
+            return None
+        return cls(members)
+
+    def __call__(self, x: torch.Tensor, eb: ExpertBatch) -> torch.Tensor | None:
+        """The members' outputs side by side [T, ΣN_i] (member i's: columns from the sum of
+        the sizes before it), or None: this step runs member by member."""
+        if not (FUSE_LINEARS and self.usable and DELTA_PATH == "auto") or x.is_cuda:
+            return None
+        for m in self.members:
+            if (eb.users_of(m.name, "exact") or eb.users_of(m.lora_name, "lora")
+                    or (m.bias is not None and eb.users_of(m.bias_name, "exact"))):  # fmt: skip
+                return None
+        slots = tuple(s for s, _ in eb.users_of(self.names[0], "deltas"))
+        if any(tuple(s for s, _ in eb.users_of(n, "deltas")) != slots for n in self.names[1:]):
+            return None  # (an expert with rows here stores only some of them)
+        plan = stack = None
+        if slots:
+            stack = _stack_part(eb, ("fused", self.names), slots,
+                                lambda: _build_fused(eb, self.names))  # fmt: skip
+            plan = None if stack is None else _row_plan(eb, slots)
+            if plan is None:
+                return None
+        y = F.linear(x, self.weight)
+        if stack is not None:
+            _add_stack(y, x, plan, stack)
+        if self.bias is not None:  # (after the deltas: the members' order of additions)
+            y += self.bias
+        return y
+
+
+def _build_fused(eb: ExpertBatch, names: tuple[str, ...]):
+    """(slots, stack) of every active expert storing each of `names` as a delta, when all of
+    those deltas stack (stack_key), each name's alike, and all names' with one input layout
+    (input size, group size, groups: a stack's int8 codes and steps are the same form
+    whatever the bits and symmetry); else None (while this set of experts is active, its
+    steps run member by member). An expert storing only some of them is left out: a step
+    with its rows runs member by member."""
+    every = [s for s, ex in enumerate(eb.experts) if all(n in ex.deltas for n in names)]
+    if not every:
+        return None
+    layouts = set()
+    for n in names:
+        keys = {_stack_key(eb, s, n, eb.experts[s].deltas[n]) for s in every}
+        if None in keys or len(keys) > 1:
+            return None
+        ((shape, _, gs, _, scales, _, dev),) = keys
+        layouts.add((shape[1], gs, scales[1:], dev))
+    if len(layouts) > 1:
+        return None
+    stacks = [StackedDeltas.build([eb.experts[s].deltas[n] for s in every]) for n in names]
+    return every, StackedDeltas.concat(stacks)
 
 
 class RowNorm:
