@@ -421,7 +421,8 @@ def test_add_special_tokens(family, tmp_path):
 
 def test_model_defaults_and_template_variables(family, reference, tmp_path):
     """vLLM's --generation-config auto: the base's generation_config.json sets the sampling
-    fields a request leaves out (a request's own win; "vllm": OpenAI's neutral ones);
+    fields a request leaves out (a request's own win; "vllm": OpenAI's neutral ones) and its
+    max_new_tokens limits every answer, a request's own max_tokens too (finish "length");
     --chat-template renders in place of the tokenizer's; the template's variables are the
     server's --default-chat-template-kwargs under the request's chat_template_kwargs, with
     vLLM's reasoning_effort and documents; an earlier turn's reasoning reaches it under both
@@ -434,7 +435,8 @@ def test_model_defaults_and_template_variables(family, reference, tmp_path):
     model_says = {"temperature": 0.8, "top_k": 7, "top_p": 0.9, "min_p": 0.02,
                   "repetition_penalty": 1.3}  # fmt: skip
     gen = json.loads((tmp_path / "base" / "generation_config.json").read_text())
-    (tmp_path / "base" / "generation_config.json").write_text(json.dumps({**gen, **model_says}))
+    (tmp_path / "base" / "generation_config.json").write_text(
+        json.dumps({**gen, **model_says, "max_new_tokens": 6}))  # fmt: skip
     template = ("{{ effort | default('-') }}|{{ x }}|{{ y }}|{{ documents | default([]) | length }}"
                 "{% for m in messages %}|{{ m.role }}:{{ m.content }}"
                 "{% if m.reasoning %}[{{ m.reasoning }}/{{ m.reasoning_content }}]{% endif %}"
@@ -447,14 +449,24 @@ def test_model_defaults_and_template_variables(family, reference, tmp_path):
                                  dtype=torch.float32, cfg=cfg)  # fmt: skip
         with ServerThread(app) as srv:
             url = srv.url
-            ask = {"model": "code", "prompt": prompt, "max_tokens": 8, "seed": 5}
+            ask = {"model": "code", "prompt": prompt, "max_tokens": 8, "seed": 5,
+                   "ignore_eos": True}  # fmt: skip
+            n = 6 if want else 8  # (the file's max_new_tokens, below the request's 8)
             got = httpx.post(url + "/v1/completions", json=ask, timeout=120).json()
-            sampled = {"temperature": 1.0, **want, "seed": 5}
-            assert got["choices"][0]["text"] == alone(reference, prompt, "code", 8, **sampled)
+            sampled = {"temperature": 1.0, **want, "seed": 5, "ignore_eos": True}
+            assert got["choices"][0]["text"] == alone(reference, prompt, "code", n, **sampled)
+            assert got["usage"]["completion_tokens"] == n
+            assert got["choices"][0]["finish_reason"] == "length"
             own = {**ask, "temperature": 0, "top_k": 0, "repetition_penalty": 1.0}
             got = httpx.post(url + "/v1/completions", json=own, timeout=120).json()
-            plain = {"top_p": want.get("top_p", 1.0), "min_p": want.get("min_p", 0.0)}
-            assert got["choices"][0]["text"] == alone(reference, prompt, "code", 8, **plain)
+            plain = {"top_p": want.get("top_p", 1.0), "min_p": want.get("min_p", 0.0),
+                     "ignore_eos": True}  # fmt: skip
+            assert got["choices"][0]["text"] == alone(reference, prompt, "code", n, **plain)
+            chat = {"model": "code", "messages": [{"role": "user", "content": "hi"}],
+                    "temperature": 0, "ignore_eos": True, "documents": []}  # fmt: skip
+            got = httpx.post(url + "/v1/chat/completions", json=chat, timeout=120).json()
+            if want:  # (vllm: the rest of the context)
+                assert got["usage"]["completion_tokens"] == 6, got
             if where == "vllm":
                 continue
             messages = [{"role": "user", "content": "hi"},
@@ -473,7 +485,9 @@ def test_model_defaults_and_template_variables(family, reference, tmp_path):
         aengine.close()
     # a generation_config.json that is not JSON, or a default that is not a number: named
     for text, says in (("{", "not valid JSON"), ('{"temperature": "hot"}', "not a number"),
-                       ("[1]", "not a JSON object")):  # fmt: skip
+                       ("[1]", "not a JSON object"),
+                       ('{"max_new_tokens": 0}', "max_new_tokens is 0, not a positive"),
+                       ('{"max_new_tokens": 2.5}', "not a positive whole")):  # fmt: skip
         (tmp_path / "base" / "generation_config.json").write_text(text)
         with pytest.raises(ConfigError, match=says) as e:
             generation_defaults(tmp_path / "base")

@@ -335,8 +335,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
                    help="requests' sampling defaults (temperature, top_p, top_k, min_p, "
                    "repetition_penalty) where they leave them out: auto, the base's "
-                   "generation_config.json (vLLM's default); vllm, OpenAI's neutral ones; or "
-                   "a folder with a generation_config.json")  # fmt: skip
+                   "generation_config.json (vLLM's default; its max_new_tokens limits every "
+                   "answer); vllm, OpenAI's neutral ones; or a folder with a "
+                   "generation_config.json")  # fmt: skip
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='tool_choice "auto" (the default when a chat request gives tools): the '
                    "model decides whether to call, and --tool-call-parser reads its calls "

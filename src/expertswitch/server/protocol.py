@@ -361,8 +361,10 @@ GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.
 
 def generation_defaults(folder) -> dict:
     """The sampling defaults a checkpoint folder's generation_config.json sets (those of
-    GENERATION_DEFAULTS it has; none without the file). A file that is not JSON, or a value
-    that is not a number, is a ConfigError naming it and the way round it."""
+    GENERATION_DEFAULTS it has; none without the file), and its max_new_tokens as
+    "max_tokens": as vLLM reads it, a limit on every request's output (the server's
+    `_serve`). A file that is not JSON, or a value that is not a number, is a ConfigError
+    naming it and the way round it."""
     path = Path(folder) / "generation_config.json"
     if not path.is_file():
         if not Path(folder).is_dir():
@@ -377,13 +379,19 @@ def generation_defaults(folder) -> dict:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} is not a JSON object: {fix}")
     out = {}
-    for key in GENERATION_DEFAULTS:
+    for key in [*GENERATION_DEFAULTS, "max_new_tokens"]:
         v = cfg.get(key)
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise ConfigError(f"{path}: {key} is {v!r}, not a number: {fix}")
-        out[key] = int(v) if key == "top_k" else float(v)
+        if key == "max_new_tokens":
+            if v != int(v) or v < 1:
+                raise ConfigError(f"{path}: max_new_tokens is {v!r}, not a positive whole "
+                                  f"number: {fix}")  # fmt: skip
+            out["max_tokens"] = int(v)
+        else:
+            out[key] = int(v) if key == "top_k" else float(v)
     return out
 
 

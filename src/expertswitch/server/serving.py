@@ -460,6 +460,9 @@ class OpenAIServing:
                             f"asks for {longest + max_tokens} ({longest} in the prompt, "
                             f"{max_tokens} to generate): lower max_tokens or shorten the prompt",
                             param="max_tokens", code="context_length_exceeded")  # fmt: skip
+        # the model's generation_config.json max_new_tokens limits every answer (vLLM's
+        # rule: the least of it, the request's and the context's room)
+        max_tokens = min(max_tokens, self.sampling_defaults.get("max_tokens", max_tokens))
         tool = forced_tool(req) if kind == "chat" else None
         try:
             structured = structured_outputs(req)  # (once: the same for every choice)
