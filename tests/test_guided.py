@@ -783,8 +783,9 @@ def test_a_pattern_never_strands_a_string(rnd, pattern, lengths):
 
 
 def test_formats_take_what_pythons_own_writers_write():
-    """format date / time / date-time / uuid / email / ipv4 / hostname / uri: values written
-    by Python's datetime, uuid and ipaddress modules are whole answers, malformed ones are not;
+    """format date / time / date-time / uuid / email / ipv4 / ipv6 / hostname / uri / duration:
+    values written by Python's datetime, uuid and ipaddress modules (and ISO 8601 durations)
+    are whole answers, malformed ones are not;
     "password" is any string; an unknown format, a bad pattern and pattern with format are
     refused by name."""
     import datetime
@@ -793,7 +794,15 @@ def test_formats_take_what_pythons_own_writers_write():
 
     now = datetime.datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=datetime.timezone.utc)
     good = {
-        "date": [now.date().isoformat(), "1999-12-31"],
+        "date": [
+            now.date().isoformat(),
+            "1999-12-31",
+            "2000-02-29",
+            "0004-02-29",
+            "2023-02-28",
+            "2024-04-30",
+            "0001-01-01",
+        ],
         "time": [now.timetz().isoformat(), "00:00:00Z", "12:30:05.5-08:00"],
         "date-time": [
             now.isoformat(),
@@ -803,17 +812,47 @@ def test_formats_take_what_pythons_own_writers_write():
         "uuid": [str(uuid.UUID(int=2**128 - 1)), str(uuid.UUID(int=12345))],
         "email": ["a.b+c@example.co.uk", "x@y.io"],
         "ipv4": [str(ipaddress.IPv4Address(2**32 - 1)), "10.0.0.1", "0.0.0.0"],
+        "ipv6": [str(ipaddress.IPv6Address(n)) for n in (0, 1, 2**128 - 1, 2**112, 7 << 64)]
+        + [
+            ipaddress.IPv6Address(2**100 + 5).exploded,
+            "2001:DB8::8a2e:370:7334",
+            "1:2:3:4:5:6:7::",
+            "::2:3:4:5:6:7:8",
+        ],
+        "duration": ["P1D", "PT1H", "P1Y2M3DT4H5M6S", "P2W", "PT0S", "P1M", "PT36H", "P1DT12H"],
         "hostname": ["localhost", "a-b.example.com"],
         "uri": ["https://example.com/a?b=c#d", "urn:isbn:0451450523"],
         "password": ["anything at all", ""],
     }
     bad = {
-        "date": ["2024-13-01", "2024-1-01", "24-01-01", "2024-01-32"],
-        "time": ["24:00:00Z", "12:00:00", "12:60:00Z"],
+        "date": [
+            "2024-13-01",
+            "2024-1-01",
+            "24-01-01",
+            "2024-01-32",
+            "2023-02-29",
+            "1900-02-29",
+            "2024-02-30",
+            "2024-04-31",
+            "0000-01-01",
+        ],
+        "time": ["24:00:00Z", "12:00:00", "12:60:00Z", "23:59:60Z"],
         "date-time": ["2024-01-01 00:00:00Z", "2024-01-01T00:00:00"],
         "uuid": ["1234", str(uuid.UUID(int=1)) + "0"],
         "email": ["no-at.example.com", "a@b", "a@@b.com"],
         "ipv4": ["256.0.0.1", "1.2.3", "01.2.3.4"],
+        "ipv6": [
+            "1:2:3:4:5:6:7:8:9",
+            ":::",
+            "1::2::3",
+            "12345::",
+            "g::1",
+            "1:2:3:4:5:6:7",
+            ":1::",
+            "1:2:3:4:5:6:7:8::",
+            "fe80::1%eth0",
+        ],
+        "duration": ["P", "PT", "1D", "P1H", "P1DT", "P1S", "P1W2D", "P1.5D", "P1Y1D", "P1234567D"],
         "hostname": ["-a.com", "a..b"],
         "uri": ["no scheme", "1http://x"],
     }
@@ -832,7 +871,7 @@ def test_formats_take_what_pythons_own_writers_write():
     assert all(read(dot, '"abc"')) and not all(read(dot, '"a\\nc"'))  # (ECMA's ".")
     again = pickle.loads(pickle.dumps(dot))  # (parameters travel to other ranks pickled)
     assert all(read(again, '"a c"')) and not read(again, '"ac"')[1]
-    for schema, says in (({"type": "string", "format": "ipv6"}, "format 'ipv6' is not"),
+    for schema, says in (({"type": "string", "format": "iri"}, "format 'iri' is not"),
                          ({"type": "string", "pattern": "(a)\\1"}, "backreference"),
                          ({"type": "string", "pattern": "(?=a)"}, "lookarounds"),
                          ({"type": "string", "pattern": "a^b"}, "matches no string"),
@@ -850,6 +889,45 @@ def test_formats_take_what_pythons_own_writers_write():
                           "no string")):  # fmt: skip
         with pytest.raises(ConfigError, match=says):
             StructuredOutputsParams(json=schema).grammar_  # noqa: B018
+
+
+@pytest.mark.parametrize("fmt", ["ipv6", "duration", "ipv4", "date-time", "date", "time"])
+def test_every_whole_format_answer_is_valid_to_python(fmt):
+    """Random walks through what a format's string allows: every point where the string may
+    close is a value Python itself reads (ipaddress; pydantic's timedelta, datetime, date and
+    time, as a pydantic model's field is checked, and datetime.fromisoformat), and no walk
+    strands."""
+    import datetime
+    import ipaddress
+    import random
+
+    from pydantic import TypeAdapter
+
+    def both(kind):
+        pydantic = TypeAdapter(kind).validate_python
+        return lambda v: (pydantic(v), kind.fromisoformat(v.replace("Z", "+00:00")))
+
+    check = {"ipv6": ipaddress.IPv6Address, "ipv4": ipaddress.IPv4Address,
+             "duration": TypeAdapter(datetime.timedelta).validate_python,
+             "date-time": both(datetime.datetime), "date": both(datetime.date),
+             "time": both(datetime.time)}  # fmt: skip
+    alphabet = list("0123456789abcdefABCDEFG:.-+PYMWDTHSZ ")  # fmt: skip
+    g = StructuredOutputsParams(json={"type": "string", "format": fmt}).grammar_
+    rnd = random.Random(fmt)
+    closed = 0
+    for _ in range(300):
+        state, text = g.step(g.initial(), '"'), ""
+        for _ in range(45):
+            if g.step(state, '"'):  # the string may end here: a valid value
+                check[fmt](text)
+                closed += 1
+            options = [(ch, nxt) for ch in alphabet if (nxt := g.step(state, ch))]
+            if not options:
+                assert g.step(state, '"'), (fmt, text)  # (never stranded)
+                break
+            ch, state = rnd.choice(options)
+            text += ch
+    assert closed > 100
 
 
 @settings(max_examples=800, deadline=None)

@@ -23,7 +23,8 @@ unions; vLLM's tool calls, `{"name": {"enum": ["add"]}, "parameters": ...}`), `$
 `exclusiveMinimum` and `exclusiveMaximum` (numbers or draft 4's booleans: pydantic's
 `Field(ge=0, lt=1)`; every prefix of a bounded number can still end inside the bounds, and
 such numbers are written without an exponent), a string's `pattern` and `format` (date,
-time, date-time, uuid, email, ipv4, hostname, uri; "password" is any string): engine/regex.py
+time, date-time, uuid, email, ipv4, ipv6, hostname, uri, duration; "password" is any
+string): engine/regex.py
 (such strings are written without \\u escapes); annotations (`title`, `description`,
 `default`, ...) are ignored. Any other keyword (`multipleOf`, `uniqueItems`, another format,
 ...) is refused with an error naming it: the answer would not be held to it.

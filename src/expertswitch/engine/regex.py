@@ -12,9 +12,12 @@ that needs control characters only `\u` escapes write (strings held to a pattern
 matches nothing. Anything else (backreferences, lookarounds, `\b`, counts past MAX_COUNT,
 NFAs past MAX_STATES) is a ConfigError naming it.
 
-`format`: date, time, date-time (RFC 3339, with its offset), uuid, email (a plain
-local@domain.tld subset), ipv4, hostname, uri (scheme:rest, no blanks) — each as the pattern
-of the values it allows (FORMATS).
+`format`: date, time, date-time (RFC 3339, with its offset; only what Python and pydantic
+read: each month's own days, no leap second, no year 0000), uuid, email (a plain
+local@domain.tld subset), ipv4, ipv6 (groups, "::" compression; no IPv4 tail or zone),
+hostname, uri (scheme:rest, no blanks), duration (RFC 3339's ISO 8601 durations, numbers of
+up to 6 digits) — each as the pattern of the values it allows (FORMATS): a subset of what the
+format allows, every value of which a pydantic model's field takes.
 
 A state is the frozenset of NFA positions still alive (from which the end can be reached);
 a character that leaves none is refused, so a string never reaches a dead end. With
@@ -44,11 +47,28 @@ _CLASSES = {"d": _DIGIT, "w": _WORD, "s": _SPACE}
 _CONTROL = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
 
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_TIME = (
-    "([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+# RFC 3339 as Python and pydantic read it: no leap second (:60), no year 0000, each month's own
+# days (February's 29th in leap years only)
+_TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]+)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+_YEAR = "([0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+_LEAP = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_DATE = (
+    f"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+    f"|02-(0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)"
 )
-_DATE = "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
 _LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HEX4 = "[0-9a-fA-F]{1,4}"
+# ipv6: eight groups, or "::" standing for one or more zero groups between L groups and R
+# (L + R <= 7), each form its own alternative (no embedded IPv4 tail, no zone)
+_IPV6 = "|".join([f"({_HEX4}:){{7}}{_HEX4}"] + [
+    ("" if left == 0 else f"({_HEX4}:){{{left - 1}}}{_HEX4}") + "::"
+    + ("" if left == 7 else f"({_HEX4}(:{_HEX4}){{0,{6 - left}}})?")
+    for left in range(8)])  # fmt: skip
+# duration: RFC 3339's ISO 8601 durations (JSON schema's format), each number at most 6 digits
+# (pydantic's timedelta holds any such: under 10^9 days)
+_N = "[0-9]{1,6}"
+_DUR_TIME = f"T({_N}H({_N}M({_N}S)?)?|{_N}M({_N}S)?|{_N}S)"
+_DUR_DATE = f"({_N}D|{_N}M({_N}D)?|{_N}Y({_N}M({_N}D)?)?)({_DUR_TIME})?"
 FORMATS = {  # format → the pattern its values are written in (anchored)
     "date": f"^{_DATE}$",
     "time": f"^{_TIME}$",
@@ -56,6 +76,8 @@ FORMATS = {  # format → the pattern its values are written in (anchored)
     "uuid": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
     "email": f"^[A-Za-z0-9._%+-]+@{_LABEL}(\\.{_LABEL})*\\.[A-Za-z]{{2,}}$",
     "ipv4": f"^({_OCTET}\\.){{3}}{_OCTET}$",
+    "ipv6": f"^({_IPV6})$",
+    "duration": f"^P({_DUR_DATE}|{_DUR_TIME}|{_N}W)$",
     "hostname": f"^{_LABEL}(\\.{_LABEL})*$",
     "uri": "^[A-Za-z][A-Za-z0-9+.-]*:[^\\s]+$",
 }
