@@ -839,7 +839,7 @@ def test_formats_take_what_pythons_own_writers_write():
         "time": ["24:00:00Z", "12:00:00", "12:60:00Z", "23:59:60Z"],
         "date-time": ["2024-01-01 00:00:00Z", "2024-01-01T00:00:00"],
         "uuid": ["1234", str(uuid.UUID(int=1)) + "0"],
-        "email": ["no-at.example.com", "a@b", "a@@b.com"],
+        "email": ["no-at.example.com", "a@b", "a@@b.com", "a..b@x.io", ".a@x.io", "a.@x.io"],
         "ipv4": ["256.0.0.1", "1.2.3", "01.2.3.4"],
         "ipv6": [
             "1:2:3:4:5:6:7:8:9",

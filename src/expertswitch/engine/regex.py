@@ -74,7 +74,8 @@ FORMATS = {  # format → the pattern its values are written in (anchored)
     "time": f"^{_TIME}$",
     "date-time": f"^{_DATE}T{_TIME}$",
     "uuid": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
-    "email": f"^[A-Za-z0-9._%+-]+@{_LABEL}(\\.{_LABEL})*\\.[A-Za-z]{{2,}}$",
+    # (dots only between atoms: RFC 5321's dot-atom, as email-validator reads it)
+    "email": f"^[A-Za-z0-9_%+-]+(\\.[A-Za-z0-9_%+-]+)*@{_LABEL}(\\.{_LABEL})*\\.[A-Za-z]{{2,}}$",
     "ipv4": f"^({_OCTET}\\.){{3}}{_OCTET}$",
     "ipv6": f"^({_IPV6})$",
     "duration": f"^P({_DUR_DATE}|{_DUR_TIME}|{_N}W)$",
