@@ -152,6 +152,31 @@ def test_chat_streaming_and_not_equal_the_request_alone(client, reference):
     assert chunks[-1].usage.completion_tokens == 24 and not chunks[-1].choices
 
 
+def test_invocations_routes_by_body_as_vllm_does(server, reference):
+    """/invocations (SageMaker's route): a body with messages is answered as a chat
+    completion, one with prompt as a completion, both as the request served alone; a body
+    with neither, one that is not JSON and one with a bad field get 400s naming the problem."""
+    url = server[0].url + "/invocations"
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    r = httpx.post(url, timeout=120, json={"model": "math", "messages": messages,
+                                           "max_tokens": 6, "temperature": 0,
+                                           "ignore_eos": True}).json()  # fmt: skip
+    assert r["object"] == "chat.completion"
+    want = alone(reference, chat_ids(reference, messages), "math", 6, ignore_eos=True)
+    assert r["choices"][0]["message"]["content"] == want
+    prompt = "def total(values):\n    "
+    r = httpx.post(url, timeout=120, json={"model": "code", "prompt": prompt, "max_tokens": 5,
+                                           "temperature": 0}).json()  # fmt: skip
+    assert r["object"] == "text_completion"
+    assert r["choices"][0]["text"] == alone(reference, prompt, "code", 5)
+    for body, says in ((b'{"model": "base"}', "messages) or a completion"),
+                       (b"[1, 2]", "messages) or a completion"),
+                       (b"{nope", "not valid JSON"),
+                       (b'{"prompt": "x", "max_tokens": "many"}', "max_tokens")):  # fmt: skip
+        resp = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert says in _error(resp, 400)["message"], body
+
+
 def test_a_repeated_prompt_is_served_from_the_prefix_cache(server, client, reference):
     """The second time, a prompt's full blocks come from the prefix cache: usage reports them
     (OpenAI's prompt_tokens_details), the metrics count them, the answer is the same."""

@@ -13,6 +13,8 @@ import secrets
 import time
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from expertswitch.errors import ArchiveError, CheckpointError, CompatibilityError, ConfigError
 from expertswitch.server.async_engine import AsyncEngine, EngineDead
@@ -135,6 +137,27 @@ def create_app(aengine: AsyncEngine, router=None, cfg: ServerConfig | None = Non
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(body: ChatCompletionRequest, request: Request):
         return await serving.chat(body, request)
+
+    @app.post("/invocations", dependencies=guarded)
+    async def invocations(request: Request):
+        """SageMaker's one route (vLLM's): a body with `messages` is a chat completion, one
+        with `prompt` a completion."""
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPError(400, "the request body is not valid JSON") from None
+        if isinstance(body, dict) and "messages" in body:
+            kind, answer = ChatCompletionRequest, serving.chat
+        elif isinstance(body, dict) and "prompt" in body:
+            kind, answer = CompletionRequest, serving.completions
+        else:
+            raise HTTPError(400, "/invocations takes a chat completion (a JSON object with "
+                            "messages) or a completion (with prompt)")  # fmt: skip
+        try:
+            req = kind.model_validate(body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        return await answer(req, request)
 
     responses = Responses(serving, cfg.responses_kept, cfg.responses_kept_bytes)
 
