@@ -558,11 +558,13 @@ def _fused_fixture(bias: bool, bits: int = 2):
     odd = deltas(50)
     odd["k.weight"] = make_delta(8, k, 4 if bits != 4 else 2, 32, False, 1, seed=55)
     exact = ExpertWeights("exact", None, deltas(60), {"k.weight": torch.randn(8, k, generator=g)})
+    # an expert with its own k bias (Qwen2's fine-tunes change them): fused, its bias per row
+    own = ExpertWeights("own bias", None, deltas(80), {"k.bias": torch.randn(8, generator=g)})
     others = {"partial": ExpertWeights("partial", None, partial),
               "no q": ExpertWeights("no q", None, no_q),
               "format": ExpertWeights("format", None, odd), "exact": exact}  # fmt: skip
     originals = [m.weight.clone() for m in members]
-    return FusedLinears(members), members, originals, alike, others, k
+    return FusedLinears(members), members, originals, alike + [own], others, k
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -571,7 +573,8 @@ def test_fused_linears_equal_each_linear_alone(bias, bits, monkeypatch):
     """models/layers.FusedLinears (q, k, v as one matmul and one concatenated delta stack)
     against each row computed from the member's base weight, its bias and its expert's
     PackedDelta.matmul_reference: rows sorted by expert (the runner's order: views), in any
-    order (gathered), base-only rows, some of the experts only. Member weights become views
+    order (gathered), base-only rows, some of the experts only, an expert's own bias on its
+    rows. Member weights become views
     of the fused weight (no second copy). Steps it cannot fuse run member by member (None):
     an expert leaving a member out, storing one in another format, or replacing one exactly;
     FUSE_LINEARS off. An active set with deltas of another format among its experts runs
@@ -589,7 +592,8 @@ def test_fused_linears_equal_each_linear_alone(bias, bits, monkeypatch):
     g = torch.Generator().manual_seed(1)
     tables: dict = {}
     for slots, sorted_rows in (([-1, 0, 0, 1, 1, 2, 2], True), ([2, -1, 0, 2, 1, 0], False),
-                               ([0, 0, 2, 2], True), ([1, -1, 1], False)):  # fmt: skip
+                               ([0, 0, 2, 2], True), ([1, -1, 1], False),
+                               ([-1, 0, 0, 3, 3], True), ([3, 1, -1], False)):  # fmt: skip
         if sorted_rows:
             eb = ExpertBatch.from_host(experts, slots, "cpu")
         else:
@@ -601,7 +605,10 @@ def test_fused_linears_equal_each_linear_alone(bias, bits, monkeypatch):
         outs = out.split(fused.sizes, dim=1)
         for m, w, y in zip(members, originals, outs):
             for r, s in enumerate(slots):
-                want = x[r] @ w.T + (0 if m.bias is None else m.bias)
+                bias = m.bias
+                if s >= 0 and m.bias is not None and m.bias_name in experts[s].exact:
+                    bias = experts[s].exact[m.bias_name]  # (its own)
+                want = x[r] @ w.T + (0 if bias is None else bias)
                 if s >= 0:
                     want = want + experts[s].deltas[m.name].matmul_reference(x[r : r + 1])[0]
                 assert rel_err(y[r], want) < 1e-5, (slots, m.name, r)
@@ -627,3 +634,7 @@ def test_fused_linears_equal_each_linear_alone(bias, bits, monkeypatch):
         assert rel_err(kw[r], want) < 1e-5, r
     monkeypatch.setattr(layers, "FUSE_LINEARS", False)
     assert fused(torch.randn(2, k), ExpertBatch.from_host(experts, [0, 1], "cpu")) is None
+    # weights larger than those whose deltas stack are not fused (their copy costs memory)
+    big = [layers.MultiExpertLinear(f"{n}.weight", torch.zeros(600, 512)) for n in "ab"]
+    assert layers.FusedLinears.of(big) is None
+    assert layers.FusedLinears.of([m for m in members[:2]]) is not None

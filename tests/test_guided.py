@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import sys
 
 import pytest
 import torch
@@ -839,7 +840,17 @@ def test_formats_take_what_pythons_own_writers_write():
         "time": ["24:00:00Z", "12:00:00", "12:60:00Z", "23:59:60Z"],
         "date-time": ["2024-01-01 00:00:00Z", "2024-01-01T00:00:00"],
         "uuid": ["1234", str(uuid.UUID(int=1)) + "0"],
-        "email": ["no-at.example.com", "a@b", "a@@b.com", "a..b@x.io", ".a@x.io", "a.@x.io"],
+        "email": [
+            "no-at.example.com",
+            "a@b",
+            "a@@b.com",
+            "a..b@x.io",
+            ".a@x.io",
+            "a.@x.io",
+            "a@ab--c.io",
+            "a" * 65 + "@x.io",
+            "a@x." + "b" * 64,
+        ],
         "ipv4": ["256.0.0.1", "1.2.3", "01.2.3.4"],
         "ipv6": [
             "1:2:3:4:5:6:7:8:9",
@@ -903,8 +914,10 @@ def test_every_whole_format_answer_is_valid_to_python(fmt):
 
     from pydantic import TypeAdapter
 
-    def both(kind):
+    def both(kind):  # (Python 3.10's fromisoformat takes 3 or 6 fraction digits only)
         pydantic = TypeAdapter(kind).validate_python
+        if sys.version_info < (3, 11):
+            return pydantic
         return lambda v: (pydantic(v), kind.fromisoformat(v.replace("Z", "+00:00")))
 
     check = {"ipv6": ipaddress.IPv6Address, "ipv4": ipaddress.IPv4Address,

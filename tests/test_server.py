@@ -512,7 +512,9 @@ def test_model_defaults_and_template_variables(family, reference, tmp_path):
     for text, says in (("{", "not valid JSON"), ('{"temperature": "hot"}', "not a number"),
                        ("[1]", "not a JSON object"),
                        ('{"max_new_tokens": 0}', "max_new_tokens is 0, not a positive"),
-                       ('{"max_new_tokens": 2.5}', "not a positive whole")):  # fmt: skip
+                       ('{"max_new_tokens": 2.5}', "not a positive whole"),
+                       ('{"max_new_tokens": Infinity}', "not a number"),
+                       ('{"temperature": NaN}', "not a number")):  # fmt: skip
         (tmp_path / "base" / "generation_config.json").write_text(text)
         with pytest.raises(ConfigError, match=says) as e:
             generation_defaults(tmp_path / "base")

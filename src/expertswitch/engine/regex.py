@@ -16,8 +16,10 @@ NFAs past MAX_STATES) is a ConfigError naming it.
 read: each month's own days, no leap second, no year 0000), uuid, email (a plain
 local@domain.tld subset), ipv4, ipv6 (groups, "::" compression; no IPv4 tail or zone),
 hostname, uri (scheme:rest, no blanks), duration (RFC 3339's ISO 8601 durations, numbers of
-up to 6 digits) — each as the pattern of the values it allows (FORMATS): a subset of what the
-format allows, every value of which a pydantic model's field takes.
+up to 6 digits) — each as the pattern of the values it allows (FORMATS), a subset of what the
+format allows. Every date, time, date-time, uuid, ipv4, ipv6 and duration value is one a
+pydantic model's field takes (tested); email and uri are looser than pydantic's EmailStr
+(email-validator refuses special-use names such as a@x.test) and AnyUrl.
 
 A state is the frozenset of NFA positions still alive (from which the end can be reached);
 a character that leaves none is refused, so a string never reaches a dead end. With
@@ -57,6 +59,7 @@ _DATE = (
     f"|02-(0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)"
 )
 _LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_MAIL_LABEL = "[A-Za-z0-9]{1,10}(-[A-Za-z0-9]{1,10}){0,2}"
 _HEX4 = "[0-9a-fA-F]{1,4}"
 # ipv6: eight groups, or "::" standing for one or more zero groups between L groups and R
 # (L + R <= 7), each form its own alternative (no embedded IPv4 tail, no zone)
@@ -74,8 +77,11 @@ FORMATS = {  # format → the pattern its values are written in (anchored)
     "time": f"^{_TIME}$",
     "date-time": f"^{_DATE}T{_TIME}$",
     "uuid": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
-    # (dots only between atoms: RFC 5321's dot-atom, as email-validator reads it)
-    "email": f"^[A-Za-z0-9_%+-]+(\\.[A-Za-z0-9_%+-]+)*@{_LABEL}(\\.{_LABEL})*\\.[A-Za-z]{{2,}}$",
+    # (RFC 5321's dot-atom, dots only between atoms; a local part of at most 64 characters,
+    # up to four domain labels of letters and digits joined by single hyphens, a top-level
+    # name of 2-63 letters: at most 250 characters in all)
+    "email": f"^[A-Za-z0-9_%+-]{{1,32}}(\\.[A-Za-z0-9_%+-]{{1,15}}){{0,2}}@{_MAIL_LABEL}"
+    f"(\\.{_MAIL_LABEL}){{0,2}}\\.[A-Za-z]{{2,63}}$",
     "ipv4": f"^({_OCTET}\\.){{3}}{_OCTET}$",
     "ipv6": f"^({_IPV6})$",
     "duration": f"^P({_DUR_DATE}|{_DUR_TIME}|{_N}W)$",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from expertswitch.compress.packed import PackedDelta
 from expertswitch.kernels.delta_cpu import (
+    STACK_MAX_WEIGHT,
     StackedDeltas,
     dequantized_body,
     int4_matmul,
@@ -358,11 +359,12 @@ class FusedLinears:
     sizes each torch op costs more than its arithmetic, and this turns 7 linears a layer into 4.
 
     The members keep their own names (the archives' and adapters' tensor names) and their
-    weights become views of the fused one (no second copy). A step runs member by member
-    (`__call__` returns None) on a GPU (one delta kernel launch per linear, graphs), when an
-    active expert replaces a member's weight or bias or is a LoRA adapter of it, when the
-    members' deltas do not stack alike (another format, int4 forms, a member an expert leaves
-    out), or when the rows are too unevenly spread to stack."""
+    weights become views of the fused one (no second copy); an expert's own biases are added
+    to its rows. A step runs member by member (`__call__` returns None) when an active expert
+    with rows replaces a member's weight or is a LoRA adapter of it, when the members' deltas
+    do not stack alike (another format, int4 forms, a member an expert leaves out), or when
+    the rows are too unevenly spread to stack. Only small CPU weights are fused (`of`): a GPU
+    applies each linear's deltas in one kernel launch (and replays graphs)."""
 
     def __init__(self, members: list[MultiExpertLinear]):
         self.members = members
@@ -381,10 +383,16 @@ class FusedLinears:
 
     @classmethod
     def of(cls, members: list) -> FusedLinears | None:
-        """The members fused, or None unless each is a MultiExpertLinear of one input size."""
+        """The members fused, or None unless each is a MultiExpertLinear of one input size, on
+        CPU, no larger than the weights whose deltas stack (STACK_MAX_WEIGHT): larger ones
+        run member by member anyway once an expert's rows are in the step, and their fused
+        copy would cost memory (a GPU's, or a CPU's memory-mapped checkpoint's pages)."""
         if not all(type(m) is MultiExpertLinear for m in members):
             return None
-        if len({m.weight.shape[1:] for m in members}) != 1:
+        w = members[0].weight
+        if len({m.weight.shape[1:] for m in members}) != 1 or w.device.type != "cpu":
+            return None
+        if any(m.weight.shape[0] * m.weight.shape[1] > STACK_MAX_WEIGHT for m in members):
             return None
         return cls(members)
 
@@ -394,8 +402,7 @@ class FusedLinears:
         if not (FUSE_LINEARS and self.usable and DELTA_PATH == "auto") or x.is_cuda:
             return None
         for m in self.members:
-            if (eb.users_of(m.name, "exact") or eb.users_of(m.lora_name, "lora")
-                    or (m.bias is not None and eb.users_of(m.bias_name, "exact"))):  # fmt: skip
+            if eb.users_of(m.name, "exact") or eb.users_of(m.lora_name, "lora"):
                 return None
         slots = tuple(s for s, _ in eb.users_of(self.names[0], "deltas"))
         if any(tuple(s for s, _ in eb.users_of(n, "deltas")) != slots for n in self.names[1:]):
@@ -411,7 +418,12 @@ class FusedLinears:
         if stack is not None:
             _add_stack(y, x, plan, stack)
         if self.bias is not None:  # (after the deltas: the members' order of additions)
-            y += self.bias
+            rows = [stacked_rows(eb, m.bias_name, m.bias) for m in self.members]
+            if all(r is None for r in rows):
+                y += self.bias
+            else:  # an expert's own biases for its rows (Qwen2's fine-tunes change them)
+                y += torch.cat([m.bias.expand(y.shape[0], -1) if r is None else r
+                                for m, r in zip(self.members, rows)], dim=1)  # fmt: skip
         return y
 
 

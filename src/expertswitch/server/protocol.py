@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -383,7 +384,7 @@ def generation_defaults(folder) -> dict:
         v = cfg.get(key)
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, int | float):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise ConfigError(f"{path}: {key} is {v!r}, not a number: {fix}")
         if key == "max_new_tokens":
             if v != int(v) or v < 1:
