@@ -5,10 +5,12 @@ checked."""
 
 from __future__ import annotations
 
+import decimal
 import json
 import pickle
 import re
 import sys
+from decimal import Decimal
 
 import pytest
 import torch
@@ -255,7 +257,7 @@ def test_whitespace_is_capped():
 
 
 @pytest.mark.parametrize("spec, says", [
-    ({"json": {"type": "array", "uniqueItems": True}}, "keyword 'uniqueItems'"),
+    ({"json": {"type": "integer", "multipleOf": 3}}, "keyword 'multipleOf'"),
     ({"json": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}},
      "start differently"),
     ({"json": {"$ref": "#/$defs/Nope"}}, "points nowhere"),
@@ -413,7 +415,8 @@ def test_allowed_tokens_are_every_token_one_by_one(engine):
         checked += len(brute) > 0
         state = g.step(state, ch)
     assert checked == len(answer)
-    # strings held to a pattern or format, and bounded numbers (no shortcut may skip them)
+    # strings held to a pattern or format, bounded numbers and unique items (no shortcut may
+    # skip them)
     held = {
         "type": "object",
         "required": ["d", "code", "p"],
@@ -421,10 +424,12 @@ def test_allowed_tokens_are_every_token_one_by_one(engine):
             "d": {"type": "string", "format": "date"},
             "code": {"type": "string", "pattern": "^[a-c]+-[0-9]{2}$"},
             "p": {"type": "number", "minimum": 0.1, "exclusiveMaximum": 1},
+            "u": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+            "n": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
         },
     }
     g = StructuredOutputsParams(json=held).grammar_
-    answer = '{"d": "2024-02-29", "code": "ab-07", "p": 0.1}'
+    answer = '{"d": "2024-02-29", "code": "ab-07", "p": 0.1, "u": ["a", "ab", "b"], "n": [1, 12]}'
     state = g.initial()
     for ch in answer:
         brute = sorted(i for i, t in index.text.items() if g.read(state, t) is not None)
@@ -463,6 +468,29 @@ def test_answers_follow_the_schema(engine):
     assert seeded.token_ids == outs[2].token_ids
     greedy = engine.generate(prompts, None, _sampling(so, 0.0))
     assert all(read(so.grammar_, o.text)[0] for o in greedy)
+
+
+def test_unique_items_through_the_engine(engine):
+    """A random model sampled hot under a pydantic model with set[str] and frozenset[int]
+    fields: every answer that ends reads back through the model with no item lost to a
+    repeat; one cut at max_tokens is a prefix the automaton reads."""
+    from pydantic import BaseModel
+
+    class Tags(BaseModel):
+        tags: set[str]
+        ids: frozenset[int]
+
+    so = StructuredOutputsParams(json=Tags.model_json_schema())
+    outs = engine.generate(["{"] * 6, None, [_sampling(so, 1.0, seed=s, max_tokens=60)
+                                              for s in range(6)])  # fmt: skip
+    assert all(o.finish_reason in ("stop", "length") for o in outs), [o.error for o in outs]
+    for o in outs:
+        if o.finish_reason == "stop":
+            raw = json.loads(o.text)
+            got = Tags.model_validate_json(o.text)
+            assert (len(got.tags), len(got.ids)) == (len(raw["tags"]), len(raw["ids"])), o.text
+        else:
+            assert read(so.grammar_, o.text)[0], o.text
 
 
 def test_choice_and_json_object(engine):
@@ -967,3 +995,102 @@ def test_any_pattern_compiles_or_says_why(pattern, value):
     except re.error:
         return
     assert rx.accepts(states) == bool(py.search(value)), (pattern, value)
+
+
+_EXACT = decimal.Context(Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
+
+
+def _same_json(a, b) -> bool:
+    """JSON schema's equality of two scalar JSON values (1 and 1.0 are one; true is not 1)."""
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a is b
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str) and a == b
+    with decimal.localcontext(_EXACT):
+        return a == b
+
+
+@pytest.mark.parametrize("items", [
+    {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"enum": ["x", "y", 1, 1.5]},
+    {"type": "boolean"}, {"anyOf": [{"type": "string"}, {"type": "null"}]},
+    {"type": "integer", "minimum": 0, "maximum": 30},
+    {"type": "string", "pattern": "^[ab]+$"}])  # fmt: skip
+def test_unique_items_are_never_repeated(items):
+    """uniqueItems (pydantic's set[X]): random walks through the array's answers; at every
+    point the answer may end, its items are pairwise different as JSON schema compares them
+    (1 and 1.0 equal, true and 1 not), counted against the text parsed by json; with
+    finitely many values (an enum, booleans) no walk strands, and none writes more items
+    than there are values."""
+    import random
+
+    schema = {"type": "array", "items": items, "uniqueItems": True, "maxItems": 6}
+    g = StructuredOutputsParams(json=schema).grammar_
+    rnd = random.Random(json.dumps(items))
+    alphabet = list('[]," 0123456789.-eEabxytruefalsn\\')
+    finite = "enum" in items or items.get("type") == "boolean"
+    ended = 0
+    for _ in range(250):
+        state, text = g.initial(), ""
+        for _ in range(60):
+            if g.accepts(state):  # (numbers exact: 2e999 and 3e999 are not one inf)
+                try:
+                    with decimal.localcontext(_EXACT):
+                        values = json.loads(text, parse_float=Decimal, parse_int=Decimal)
+                except decimal.InvalidOperation:  # (an exponent past Decimal's: not checked)
+                    values = None
+                if values is not None:
+                    assert isinstance(values, list) and len(values) <= 6, text
+                    for i, a in enumerate(values):
+                        assert not any(_same_json(a, b) for b in values[i + 1 :]), text
+                    ended += 1
+                if not state[0]:
+                    break
+            options = [(ch, nxt) for ch in alphabet if (nxt := g.step(state, ch))]
+            if not options:
+                assert not finite, text  # (finitely many values: never stranded)
+                break
+            ch, state = rnd.choice(options)
+            text += ch
+    assert ended > 20
+
+
+def test_unique_items_as_pydantic_writes_them_and_refusals():
+    """pydantic's set[str] / frozenset[int] fields: the answers their schema allows read back
+    through the model with every item kept; a repeated item is refused where it ends (a
+    string at its closing quote, a number at the character after it, an enum value before
+    it starts); objects or arrays as unique items, a minItems the values cannot fill, and a
+    uniqueItems that is not a boolean are refused by name."""
+    from pydantic import BaseModel
+
+    class Tags(BaseModel):
+        tags: set[str]
+        ids: frozenset[int]
+
+    g = StructuredOutputsParams(json=Tags.model_json_schema()).grammar_
+    good = '{"tags": ["a", "b", "a b"], "ids": [1, 10, -1, 0]}'
+    assert read(g, good) == (True, True, True)
+    parsed = Tags.model_validate_json(good)
+    assert len(parsed.tags) == 3 and len(parsed.ids) == 4
+    for bad in ('{"tags": ["a", "a"', '{"tags": ["a", "b", "a"', '{"tags": [], "ids": [1, 1,',
+                '{"tags": [], "ids": [1, 2, 1]', '{"tags": ["\\u0061", "a"'):  # fmt: skip
+        assert not read(g, bad)[0], bad
+    assert read(g, '{"tags": [], "ids": [1, 11, 111]}') == (True, True, True)
+    enum = StructuredOutputsParams(json={"type": "array", "items": {"enum": ["x", "y"]},
+                                         "uniqueItems": True}).grammar_  # fmt: skip
+    assert read(enum, '["x", "y"]')[1] and not read(enum, '["x", "x')[0]
+    nums = StructuredOutputsParams(json={"type": "array", "items": {"type": "number"},
+                                         "uniqueItems": True}).grammar_  # fmt: skip
+    for text, unique in (("[1, 1.0]", False), ("[100, 1e2]", False), ("[1, 10e-1]", False),
+                         ("[0, -0.0]", False), ("[0.5, 5E-1]", False), ("[12, 1.2]", True),
+                         ("[1e5, 1e-5, 15, 150]", True), ("[-1, 1]", True)):  # fmt: skip
+        assert read(nums, text)[1] == unique, text
+    assert not read(enum, '["x", "y",')[0]  # (no value left for a third item)
+    for schema, says in (
+        ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "not objects"),
+        ({"type": "array", "uniqueItems": True}, "not objects"),
+        ({"type": "array", "items": {"type": "boolean"}, "uniqueItems": True, "minItems": 3},
+         "take only 2 values"),
+        ({"type": "array", "items": {"type": "string"}, "uniqueItems": "yes"}, "true or false"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=says):
+            StructuredOutputsParams(json=schema).grammar_  # noqa: B018

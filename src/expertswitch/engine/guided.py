@@ -25,9 +25,13 @@ unions; vLLM's tool calls, `{"name": {"enum": ["add"]}, "parameters": ...}`), `$
 such numbers are written without an exponent), a string's `pattern` and `format` (date,
 time, date-time, uuid, email, ipv4, ipv6, hostname, uri, duration; "password" is any
 string): engine/regex.py
-(such strings are written without \\u escapes); annotations (`title`, `description`,
-`default`, ...) are ignored. Any other keyword (`multipleOf`, `uniqueItems`, another format,
-...) is refused with an error naming it: the answer would not be held to it.
+(such strings are written without \\u escapes), `uniqueItems` for items that are strings,
+numbers, booleans or null (pydantic's set[X]: an item equal to an earlier one, as JSON schema
+compares them, is refused where it would end, an enum value or literal already used before it
+starts; a string or bounded number whose every continuation repeats an earlier item, such as
+a maxLength-1 string with every letter used, ends the request with an error); annotations
+(`title`, `description`, `default`, ...) are ignored. Any other keyword (`multipleOf`,
+another format, ...) is refused with an error naming it: the answer would not be held to it.
 Tokens whose text is not whole characters (a lone byte of a UTF-8 sequence) are never allowed
 under a constraint. An answer starts with its value (no blanks first), and a request whose
 answer nothing can extend stops there, even before min_tokens or with ignore_eos. Keys and
@@ -43,6 +47,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -206,6 +211,9 @@ def _compiled(key: tuple, schema: dict | None = None) -> Grammar:
 #                                   "next"; `at` the next declared property; `value` the node
 #                                   of the value being read
 #   ("A", node, phase, count)       an array: phase "open" | "item" | "value" | "next"
+#   ("A", node, phase, count, seen, item)  an array of uniqueItems: also the values of its
+#                                   items so far (`_item_key`) and the text of the item being
+#                                   read (its last character too, while it is on top)
 # A "C" frame inside an object stands for a key: its candidates are `"name"` texts and the
 # object's next value node is found from which one was read.
 _NUM_NEXT = {  # phase -> {character class: next phase}
@@ -243,6 +251,10 @@ class _Node:
     # a number's bounds: (low, low exclusive, high, high exclusive), None ends unbounded
     bounds: tuple | None = None
     pattern: Regex | None = None  # a string's pattern or format
+    # uniqueItems: True; and, when the items can take only some texts (enum, const,
+    # booleans, null), those texts, so that no item may start once all are used
+    unique: bool = False
+    unique_pool: tuple | None = None
 
 
 def _fits(x: Fraction, bounds: tuple) -> bool:
@@ -296,6 +308,31 @@ def _reachable(text: str, bounds: tuple, integer: bool) -> bool:
     return False
 
 
+_DECODER = json.JSONDecoder()
+
+
+_NUMBER = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?(?:[eE]([+-]?[0-9]+))?")
+
+
+def _item_key(text: str):
+    """The JSON value an array item's text starts with, as uniqueItems compares values: by
+    type, and numbers by exact value (1, 1.0 and 10e-1 are one value: their significant
+    digits and decimal exponent, never expanded, so 1e999999999 costs what its text does);
+    the text may run on past the value (a number is known to end at the character after
+    it)."""
+    number = _NUMBER.match(text)
+    if number is None:
+        value, _ = _DECODER.raw_decode(text)
+        return ("string", value) if isinstance(value, str) else ("literal", value)
+    sign, whole, frac, exp = number.groups()
+    frac = frac or ""
+    digits = (whole + frac).lstrip("0")
+    if not digits:
+        return ("number", 0)
+    kept = digits.rstrip("0")
+    return ("number", sign, kept, int(exp or 0) - len(frac) + len(digits) - len(kept))
+
+
 class Grammar:
     """A compiled constraint: nodes (0 is any JSON value) and the root's first frame."""
 
@@ -339,6 +376,9 @@ class Grammar:
             return None
         top = stack[-1]
         kind = top[0]
+        if len(stack) > 1 and len(stack[-2]) == 6 and stack[-2][2] == "value":
+            arr = stack[-2]  # an item of a uniqueItems array: its text grows by ch
+            stack = stack[:-2] + (arr[:5] + (arr[5] + ch,), top)
         if ch in _WS and kind in "VOA":  # (an O or A frame on top is between tokens)
             if blanks >= self.whitespace or len(stack) == 1 and kind == "V":
                 return None  # (and the answer starts with its value, as clients expect)
@@ -369,13 +409,19 @@ class Grammar:
                 if nxt is not None:
                     return nxt
             return None
+        seen = below[-1][4] if below and len(below[-1]) == 6 else ()  # (a unique item)
         if node.choices is not None:
-            return self._choice(below + (("C", node.choices, ""),), ("C", node.choices, ""), ch)
+            cands = tuple(c for c in node.choices if _item_key(c) not in seen)
+            if not cands:
+                return None
+            return self._choice(below + (("C", cands, ""),), ("C", cands, ""), ch)
         types = node.types
         ok = (lambda t: True) if types is None else types.__contains__
         if ch == "{" and ok("object"):
             return below + (("O", nid, "open", 0, 0),), 0
         if ch == "[" and ok("array"):
+            if node.unique:
+                return below + (("A", nid, "open", 0, frozenset(), ""),), 0
             return below + (("A", nid, "open", 0),), 0
         if ch == '"' and ok("string"):
             if node.pattern is not None:
@@ -385,7 +431,7 @@ class Grammar:
             top = ("N", nid, "start") if node.bounds is None else ("N", nid, "start", "")
             return self._number(below + (top,), top, ch)
         for word, t in (("true", "boolean"), ("false", "boolean"), ("null", "null")):
-            if ch == word[0] and ok(t):
+            if ch == word[0] and ok(t) and _item_key(word) not in seen:
                 return below + (("L", word[1:]),), 0
         return None
 
@@ -399,10 +445,16 @@ class Grammar:
                 return stack, 0
             return stack[:-1] + (("O", top[1], "next", top[3], 0),), 0
         node = self.nodes[top[1]]
-        if node.max_items is None and node.min_items == 0:
+        rest = ()
+        if node.unique:  # the item just read must differ from every earlier one
+            key = _item_key(top[5])
+            if key in top[4]:
+                return None
+            rest = (top[4] | {key}, "")
+        if node.max_items is None and node.min_items == 0 and not node.unique:
             return stack[:-1] + (("A", top[1], "next", 0),), 0  # uncounted: states repeat
         cap = max(node.min_items, node.max_items or 0)  # counts past it change nothing
-        return stack[:-1] + (("A", top[1], "next", min(top[3] + 1, cap)),), 0
+        return stack[:-1] + (("A", top[1], "next", min(top[3] + 1, cap), *rest),), 0
 
     def _string(self, stack: tuple, top: tuple, ch: str) -> tuple | None:
         node = self.nodes[top[1]]
@@ -483,7 +535,8 @@ class Grammar:
                 return stack[:-1] + (("N", nid, nxt, text),), 0
         if phase in _NUM_END and stack[:-1] and (bounds is None or _fits(Fraction(top[3]),
                                                                          bounds)):  # fmt: skip
-            return self.step(self._done(stack[:-1]), ch)  # the number ended: ch is the next's
+            done = self._done(stack[:-1])  # the number ended: ch is the next's
+            return None if done is None else self.step(done, ch)
         return None
 
     def _choice(self, stack: tuple, top: tuple, ch: str) -> tuple | None:
@@ -505,7 +558,8 @@ class Grammar:
                 return self._done(below)
             return stack[:-1] + (("C", left, text),), 0
         if prefix in cands and stack[:-1] and not key:
-            return self.step(self._done(stack[:-1]), ch)  # e.g. 1 of enum [1, 12], then ","
+            done = self._done(stack[:-1])  # e.g. 1 of enum [1, 12], then ","
+            return None if done is None else self.step(done, ch)
         return None
 
     def _key(self, nid: int, text: str) -> tuple[int, int]:
@@ -551,7 +605,7 @@ class Grammar:
         return None
 
     def _array(self, stack: tuple, top: tuple, ch: str) -> tuple | None:
-        _, nid, phase, count = top
+        nid, phase, count, seen = top[1], top[2], top[3], top[4:5]
         node = self.nodes[nid]
         below = stack[:-1]
         if phase == "open" and ch == "]" and node.min_items == 0:
@@ -559,12 +613,16 @@ class Grammar:
         if phase in ("open", "item"):
             if phase == "open" and node.max_items == 0:
                 return None
-            return self._value(below + (("A", nid, "value", count),), node.items, ch)
+            item = (*seen, ch) if seen else ()  # (a unique item's text starts here)
+            return self._value(below + (("A", nid, "value", count, *item),), node.items, ch)
         if phase == "next":
             if ch == "]" and count >= node.min_items:
                 return self._done(below)
             if ch == "," and (node.max_items is None or count < node.max_items):
-                return below + (("A", nid, "item", count),), 0
+                pool = node.unique_pool  # (with every allowed value used, no more items)
+                if pool is not None and all(_item_key(t) in seen[0] for t in pool):
+                    return None
+                return below + (("A", nid, "item", count, *seen, *("",) * bool(seen)),), 0
         return None
 
     # where an answer may end -----------------------------------------------------------------
@@ -705,7 +763,8 @@ class _Compiler:
         known = _ANNOTATIONS | {"type", "enum", "const", "properties", "required",
                                 "additionalProperties", "items", "minItems", "maxItems",
                                 "minLength", "maxLength", "anyOf", "oneOf",
-                                "discriminator", "pattern", "format", *_BOUNDS}  # fmt: skip
+                                "discriminator", "pattern", "format", "uniqueItems",
+                                *_BOUNDS}  # fmt: skip
         unknown = sorted(set(s) - known)
         if unknown:
             raise ConfigError(f"JSON schema at {where}: keyword {unknown[0]!r} is not supported "
@@ -806,9 +865,55 @@ class _Compiler:
         if rx is not None and not rx.can_end(rx.initial(), 0, lo_s, hi_s):
             raise ConfigError(f"JSON schema at {where}: no string of its minLength / maxLength "
                               "matches its pattern or format")  # fmt: skip
+        unique, pool = self.unique(s, items, lo, where)
         return _Node(types=types, props=props, free_keys=free, extra=extra, items=items,
                      min_items=lo, max_items=hi, min_len=lo_s, max_len=hi_s,
-                     bounds=self.bounds(s, types, where), pattern=rx)  # fmt: skip
+                     bounds=self.bounds(s, types, where), pattern=rx, unique=unique,
+                     unique_pool=pool)  # fmt: skip
+
+    def unique(self, s: dict, items: int, least: int, where: str) -> tuple[bool, tuple | None]:
+        """uniqueItems: (True, the texts its items may take when they are finitely many) for
+        arrays of strings, numbers, booleans and null (enums of them too; pydantic's set[X]
+        and frozenset[X]); objects or arrays as items are refused, as is a minItems above the
+        number of values the items may take."""
+        flag = s.get("uniqueItems", False)
+        if not isinstance(flag, bool):
+            raise ConfigError(f"JSON schema at {where}: uniqueItems must be true or false")
+        if not flag:
+            return False, None
+        texts = self.scalar_texts(items, set())
+        if texts is False:
+            raise ConfigError(f"JSON schema at {where}: uniqueItems is supported for items "
+                              "that are strings, numbers, booleans or null (and enums of "
+                              "them), not objects, arrays or any JSON: the answer would not "
+                              "be held to it; remove it or narrow its items")  # fmt: skip
+        if texts is not None and least > len({_item_key(t) for t in texts}):
+            raise ConfigError(f"JSON schema at {where}: minItems {least} with uniqueItems, but "
+                              f"its items take only {len(texts)} values")  # fmt: skip
+        return True, texts
+
+    def scalar_texts(self, nid: int, busy: set):
+        """For an item node: False unless every value it takes is a string, number, boolean
+        or null; else the texts it takes when finitely many (enum / const, booleans, null),
+        None when not."""
+        if nid in busy:
+            return False
+        node = self.g.nodes[nid]
+        if node.alts is not None:
+            parts = [self.scalar_texts(a, busy | {nid}) for a in node.alts]
+            if any(p is False for p in parts):
+                return False
+            return None if any(p is None for p in parts) else tuple(t for p in parts for t in p)
+        if node.choices is not None:
+            if any(t[0] in "{[" for t in node.choices):
+                return False
+            return node.choices
+        if node.types is None or node.types & {"object", "array"}:
+            return False
+        if node.types <= {"boolean", "null"}:
+            words = {"boolean": ("true", "false"), "null": ("null",)}
+            return tuple(w for t in sorted(node.types) for w in words[t])
+        return None
 
     def pattern(self, s: dict, where: str) -> Regex | None:
         """A string's pattern, or its format's (engine/regex.py); None without either."""
