@@ -1082,8 +1082,28 @@ def test_unique_items_as_pydantic_writes_them_and_refusals():
                                          "uniqueItems": True}).grammar_  # fmt: skip
     for text, unique in (("[1, 1.0]", False), ("[100, 1e2]", False), ("[1, 10e-1]", False),
                          ("[0, -0.0]", False), ("[0.5, 5E-1]", False), ("[12, 1.2]", True),
-                         ("[1e5, 1e-5, 15, 150]", True), ("[-1, 1]", True)):  # fmt: skip
-        assert read(nums, text)[1] == unique, text
+                         ("[1e5, 1e-5, 15, 150]", True), ("[-1, 1]", True),
+                         ("[100, 1e+2]", False), ("[1e5, 1E+05]", False),
+                         ("[1e" + "7" * 5000 + ", 1e" + "7" * 5000 + "]", False),
+                         ("[1e" + "7" * 5000 + ", 1e" + "7" * 4999 + "]", True)):  # fmt: skip
+        assert read(nums, text)[1] == unique, text[:40]
+    mixed = StructuredOutputsParams(json={"type": "array", "uniqueItems": True, "items": {
+        "anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"},
+                  {"type": "null"}]}}).grammar_  # fmt: skip
+    for text, unique in (('[true, 1, null, "null", 0, false]', True), ('["/", "\\/"]', False),
+                         ('["a", "\\u0061"]', False), ("[null, null]", False)):  # fmt: skip
+        assert read(mixed, text)[1] == unique, text
+    for moot in ({"type": "array", "maxItems": 1, "uniqueItems": True},  # (nothing to hold)
+                 {"type": "string", "uniqueItems": True}):  # fmt: skip
+        text = '["x"]' if "maxItems" in moot else '"x"'
+        assert read(StructuredOutputsParams(json=moot).grammar_, text)[1], moot
+    nested = StructuredOutputsParams(
+        json={
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+        }
+    ).grammar_
+    assert read(nested, "[[1, 2], [1, 2], []]")[1] and not read(nested, "[[1, 2], [2, 2]")[0]
     assert not read(enum, '["x", "y",')[0]  # (no value left for a third item)
     for schema, says in (
         ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "not objects"),
@@ -1091,6 +1111,8 @@ def test_unique_items_as_pydantic_writes_them_and_refusals():
         ({"type": "array", "items": {"type": "boolean"}, "uniqueItems": True, "minItems": 3},
          "take only 2 values"),
         ({"type": "array", "items": {"type": "string"}, "uniqueItems": "yes"}, "true or false"),
+        ({"type": "array", "items": {"enum": [1, 1.0, "1"]}, "uniqueItems": True,
+          "minItems": 3}, "take only 2 values"),
     ):  # fmt: skip
         with pytest.raises(ConfigError, match=says):
             StructuredOutputsParams(json=schema).grammar_  # noqa: B018

@@ -251,10 +251,10 @@ class _Node:
     # a number's bounds: (low, low exclusive, high, high exclusive), None ends unbounded
     bounds: tuple | None = None
     pattern: Regex | None = None  # a string's pattern or format
-    # uniqueItems: True; and, when the items can take only some texts (enum, const,
-    # booleans, null), those texts, so that no item may start once all are used
+    # uniqueItems: True; and, when the items can take only some values (enum, const,
+    # booleans, null), those values' `_item_key`s, so that no item may start once all are used
     unique: bool = False
-    unique_pool: tuple | None = None
+    unique_pool: frozenset | None = None
 
 
 def _fits(x: Fraction, bounds: tuple) -> bool:
@@ -330,7 +330,18 @@ def _item_key(text: str):
     if not digits:
         return ("number", 0)
     kept = digits.rstrip("0")
-    return ("number", sign, kept, int(exp or 0) - len(frac) + len(digits) - len(kept))
+    return ("number", sign, kept, _exact_int(exp or "0") - len(frac) + len(digits) - len(kept))
+
+
+def _exact_int(text: str) -> int:
+    """int(text) for a signed run of digits of any length (int() refuses strings past 4300
+    digits: a model may write an exponent that long)."""
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    value = 0
+    for i in range(0, len(digits), 4000):
+        chunk = digits[i : i + 4000]
+        value = value * 10 ** len(chunk) + int(chunk)
+    return -value if text.startswith("-") else value
 
 
 class Grammar:
@@ -411,9 +422,11 @@ class Grammar:
             return None
         seen = below[-1][4] if below and len(below[-1]) == 6 else ()  # (a unique item)
         if node.choices is not None:
-            cands = tuple(c for c in node.choices if _item_key(c) not in seen)
-            if not cands:
-                return None
+            cands = node.choices
+            if seen:  # (values already used cannot start)
+                cands = tuple(c for c in cands if _item_key(c) not in seen)
+                if not cands:
+                    return None
             return self._choice(below + (("C", cands, ""),), ("C", cands, ""), ch)
         types = node.types
         ok = (lambda t: True) if types is None else types.__contains__
@@ -620,7 +633,7 @@ class Grammar:
                 return self._done(below)
             if ch == "," and (node.max_items is None or count < node.max_items):
                 pool = node.unique_pool  # (with every allowed value used, no more items)
-                if pool is not None and all(_item_key(t) in seen[0] for t in pool):
+                if pool is not None and pool <= seen[0]:
                     return None
                 return below + (("A", nid, "item", count, *seen, *("",) * bool(seen)),), 0
         return None
@@ -688,7 +701,9 @@ class Grammar:
                     todo.append((child, nxt))
         if ids:
             banned[torch.tensor(ids, dtype=torch.long)] = False
-        _MASKS.put(key, banned)
+        stack = state[0]
+        if not (len(stack) > 1 and len(stack[-2]) == 6 and stack[-2][2] == "value"):
+            _MASKS.put(key, banned)  # (an item of a uniqueItems array: its state never repeats)
         return banned
 
     def stuck(self, index: TokenIndex, state: tuple) -> bool:
@@ -865,21 +880,23 @@ class _Compiler:
         if rx is not None and not rx.can_end(rx.initial(), 0, lo_s, hi_s):
             raise ConfigError(f"JSON schema at {where}: no string of its minLength / maxLength "
                               "matches its pattern or format")  # fmt: skip
-        unique, pool = self.unique(s, items, lo, where)
+        unique, pool = self.unique(s, types, items, lo, hi, where)
         return _Node(types=types, props=props, free_keys=free, extra=extra, items=items,
                      min_items=lo, max_items=hi, min_len=lo_s, max_len=hi_s,
                      bounds=self.bounds(s, types, where), pattern=rx, unique=unique,
                      unique_pool=pool)  # fmt: skip
 
-    def unique(self, s: dict, items: int, least: int, where: str) -> tuple[bool, tuple | None]:
-        """uniqueItems: (True, the texts its items may take when they are finitely many) for
-        arrays of strings, numbers, booleans and null (enums of them too; pydantic's set[X]
-        and frozenset[X]); objects or arrays as items are refused, as is a minItems above the
-        number of values the items may take."""
+    def unique(self, s: dict, types, items: int, least: int, most: int | None,
+               where: str) -> tuple[bool, frozenset | None]:  # fmt: skip
+        """uniqueItems: (True, the keys of the values its items may take when they are
+        finitely many) for arrays of strings, numbers, booleans and null (enums of them too;
+        pydantic's set[X] and frozenset[X]); objects or arrays as items are refused, as is a
+        minItems above the number of values the items may take. Nothing to hold where the
+        node is no array or holds at most one item."""
         flag = s.get("uniqueItems", False)
         if not isinstance(flag, bool):
             raise ConfigError(f"JSON schema at {where}: uniqueItems must be true or false")
-        if not flag:
+        if not flag or (types is not None and "array" not in types) or most in (0, 1):
             return False, None
         texts = self.scalar_texts(items, set())
         if texts is False:
@@ -887,10 +904,11 @@ class _Compiler:
                               "that are strings, numbers, booleans or null (and enums of "
                               "them), not objects, arrays or any JSON: the answer would not "
                               "be held to it; remove it or narrow its items")  # fmt: skip
-        if texts is not None and least > len({_item_key(t) for t in texts}):
+        pool = None if texts is None else frozenset(_item_key(t) for t in texts)
+        if pool is not None and least > len(pool):
             raise ConfigError(f"JSON schema at {where}: minItems {least} with uniqueItems, but "
-                              f"its items take only {len(texts)} values")  # fmt: skip
-        return True, texts
+                              f"its items take only {len(pool)} values")  # fmt: skip
+        return True, pool
 
     def scalar_texts(self, nid: int, busy: set):
         """For an item node: False unless every value it takes is a string, number, boolean
